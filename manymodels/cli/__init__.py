@@ -1,0 +1,65 @@
+"""The ``manymodels`` command line: a thin shell over the library.
+
+Each sub-module registers its commands on :data:`app`. Every :class:`ManyModelsError`
+becomes one clear line on stderr and a non-zero exit code from :data:`EXIT_CODES`;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from manymodels.errors import (
+    BundleError,
+    DataError,
+    ManyModelsError,
+    ModelNotFound,
+    RegistryError,
+    SpecError,
+    TrainingError,
+)
+
+from . import batch, datasets, package, serve, train
+
+__all__ = ["EXIT_CODES", "app", "main"]
+
+app = typer.Typer(
+    name="manymodels",
+    help="One model per segment: segment, train, export to ONNX, package, serve, batch-score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Exit code per error class (first match in order wins); 1 for any other ManyModelsError.
+EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
+    (SpecError, 2),
+    (DataError, 3),
+    (BundleError, 4),
+    (ModelNotFound, 4),
+    (TrainingError, 5),
+    (RegistryError, 6),
+]
+
+for _module in (datasets, train, package, serve, batch):
+    _module.register(app)
+
+
+def exit_code_for(exc: ManyModelsError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(prog_name="manymodels")
+    except ManyModelsError as exc:
+        Console(stderr=True).print(f"[bold red]error[/] ({exc.code}): {exc}", highlight=False,
+                                   soft_wrap=True)
+        sys.exit(exit_code_for(exc))

@@ -1,0 +1,9 @@
+"""CLI commands: train (placeholder until its module lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``."""

@@ -1,0 +1,89 @@
+"""The scoring runtime: load a bundle, route rows to models, score them.
+
+This package imports nothing but the standard library, onnxruntime, numpy and pandas:
+``manymodels package`` copies it into every bundle (as ``code/manymodels_runtime``),
+where it backs the MLflow ``python_function`` flavor and the Azure ML ``score.py``.
+The server and batch scoring import it from the installed package. One implementation
+of routing and scoring, everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from .errors import (
+    BundleError,
+    DataError,
+    InputSchemaError,
+    ManyModelsError,
+    ModelLoadError,
+    ModelNotFound,
+    ScoringError,
+    SegmentNotFound,
+)
+from .manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    InputColumn,
+    Manifest,
+    ModelEntry,
+    normalise_key_value,
+    read_manifest,
+)
+from .scoring import Bundle, Routed, ScoreResult, sha256_file
+from .session import (
+    LoadedModel,
+    SessionCache,
+    estimate_resident_bytes,
+    load_model,
+    make_session_options,
+)
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "DataError",
+    "InputColumn",
+    "InputSchemaError",
+    "LoadedModel",
+    "ManyModelsError",
+    "Manifest",
+    "ModelEntry",
+    "ModelLoadError",
+    "ModelNotFound",
+    "PyFuncBundle",
+    "Routed",
+    "ScoreResult",
+    "ScoringError",
+    "SegmentNotFound",
+    "SessionCache",
+    "estimate_resident_bytes",
+    "load_model",
+    "make_session_options",
+    "normalise_key_value",
+    "read_manifest",
+    "sha256_file",
+]
+
+
+class PyFuncBundle:
+    """What ``mlflow.pyfunc.load_model`` returns for a bundle: routes and scores rows."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        model_name = (params or {}).get("model")
+        if model_name:
+            return self.bundle.score_model(str(model_name), frame).to_frame()
+        return self.bundle.predict(frame).reset_index(drop=True)
+
+
+def _load_pyfunc(data_path: str) -> PyFuncBundle:
+    """MLflow ``python_function`` loader hook (``loader_module: manymodels_runtime``)."""
+    return PyFuncBundle(Bundle(data_path))

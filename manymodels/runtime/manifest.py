@@ -1,0 +1,206 @@
+"""Read ``manifest.json``: the contract between training, packing and every scorer.
+
+A run directory (``manymodels train``) and a bundle directory (``manymodels package``)
+share this one schema, so every scorer reads both. Only the standard library is used:
+this file travels inside every bundle.
+
+Schema (version 1)::
+
+    {
+      "schema_version": 1,
+      "kind": "run" | "bundle",
+      "name": str | null, "version": str | null, "created_at": ISO-8601 str,
+      "run_id": str,
+      "target": str, "task": "regression" | "classification",
+      "segment_columns": [str, ...],
+      "levels": [[str, ...], ..., []],      # fallback chain, finest first, [] = global
+      "routes": [{"level": int, "key": [str, ...], "model": str}, ...],
+      "models": {name: {"file": "models/<name>.onnx", "sha256": str, "bytes": int,
+                        "level": int, "key": {col: str}, "algorithm": str,
+                        "inputs": [{"name": str, "dtype": "float32" | "string"}],
+                        "output": {"kind": "regression"} |
+                                  {"kind": "classification", "classes": [...]},
+                        "metrics": {...}, "rows": int, "fingerprint": str,
+                        "tags": {...}, "feature_stats": {...}}},
+      "failed": [{"key": {col: str}, "reason": str}, ...],
+    }
+
+Segment key values are stored as normalised strings (:func:`normalise_key_value`), so
+``42``, ``42.0`` and ``"42"`` name the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "InputColumn",
+    "Manifest",
+    "ModelEntry",
+    "normalise_key_value",
+    "read_manifest",
+]
+
+
+def normalise_key_value(value: Any) -> str:
+    """Turn one segment-key value into its canonical string.
+
+    Integral floats lose their ``.0`` (CSV readers and JSON clients turn ``42`` into
+    ``42.0``), booleans and everything else use ``str``. Nulls are refused by callers
+    before they get here.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if hasattr(value, "item"):  # numpy scalar
+        return normalise_key_value(value.item())
+    return str(value)
+
+
+@dataclass(frozen=True)
+class InputColumn:
+    """One raw column a model takes, with the ONNX element type it is fed as."""
+
+    name: str
+    dtype: str  # "float32" or "string"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the manifest says about one model file."""
+
+    name: str
+    file: str
+    inputs: tuple[InputColumn, ...]
+    kind: str
+    classes: tuple[Any, ...] | None
+    level: int
+    key: dict[str, str]
+    sha256: str | None
+    bytes: int
+    algorithm: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [c.name for c in self.inputs]
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest with its routing table indexed for lookups."""
+
+    root: Path
+    raw: dict[str, Any]
+    segment_columns: list[str]
+    levels: list[list[str]]
+    models: dict[str, ModelEntry]
+    routes: list[dict[str, str]]  # one dict per level: joined key -> model name
+
+    @property
+    def name(self) -> str:
+        return str(self.raw.get("name") or self.root.name)
+
+    @property
+    def task(self) -> str:
+        return str(self.raw.get("task", "regression"))
+
+    @property
+    def target(self) -> str:
+        return str(self.raw.get("target", "prediction"))
+
+    def level_key(self, level: int, full_key: Mapping[str, str]) -> str:
+        """Join the values of ``full_key`` for the columns of ``level`` into a lookup key."""
+        return "\x1f".join(full_key[c] for c in self.levels[level])
+
+    def resolve(self, full_key: Mapping[str, str]) -> tuple[str | None, bool]:
+        """Walk the fallback chain for one normalised segment key.
+
+        Returns the model name (or ``None`` when no level serves it) and whether a
+        coarser level than the segment itself was used.
+        """
+        for level, table in enumerate(self.routes):
+            name = table.get(self.level_key(level, full_key))
+            if name is not None:
+                return name, level > 0
+        return None, True
+
+
+def _parse_model(name: str, entry: Mapping[str, Any]) -> ModelEntry:
+    try:
+        inputs = tuple(InputColumn(str(i["name"]), str(i["dtype"])) for i in entry["inputs"])
+        output = entry.get("output", {"kind": "regression"})
+        classes = output.get("classes")
+        return ModelEntry(
+            name=name,
+            file=str(entry["file"]),
+            inputs=inputs,
+            kind=str(output.get("kind", "regression")),
+            classes=tuple(classes) if classes is not None else None,
+            level=int(entry.get("level", 0)),
+            key={str(k): str(v) for k, v in dict(entry.get("key", {})).items()},
+            sha256=entry.get("sha256"),
+            bytes=int(entry.get("bytes", 0)),
+            algorithm=str(entry.get("algorithm", "unknown")),
+            raw=dict(entry),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"manifest entry for model '{name}' is malformed: {exc!r}") from exc
+
+
+def _index_routes(raw_routes: Iterable[Mapping[str, Any]], levels: list[list[str]],
+                  models: Mapping[str, ModelEntry]) -> list[dict[str, str]]:
+    tables: list[dict[str, str]] = [{} for _ in levels]
+    for route in raw_routes:
+        level = int(route["level"])
+        key = [normalise_key_value(v) for v in route["key"]]
+        model = str(route["model"])
+        if not 0 <= level < len(levels) or len(key) != len(levels[level]):
+            raise BundleError(f"route {dict(route)} does not match the levels {levels}")
+        if model not in models:
+            raise BundleError(f"route {dict(route)} names model '{model}', not in the manifest")
+        tables[level]["\x1f".join(key)] = model
+    return tables
+
+
+def parse_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
+    """Validate the parts every scorer relies on and index the routing table."""
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{root}: manifest schema_version {version!r} is not supported "
+            f"(this runtime reads version {SCHEMA_VERSION})"
+        )
+    segment_columns = [str(c) for c in raw.get("segment_columns", [])]
+    levels = [[str(c) for c in lv] for lv in raw.get("levels", [segment_columns, []])]
+    models = {str(n): _parse_model(str(n), e) for n, e in dict(raw.get("models", {})).items()}
+    routes = _index_routes(raw.get("routes", []), levels, models)
+    return Manifest(root, raw, segment_columns, levels, models, routes)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and validate ``root/manifest.json`` of a run or bundle directory."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{root} is not a manymodels run or bundle: {MANIFEST_FILE} is missing")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} cannot be read as JSON: {exc}") from exc
+    return parse_manifest(root, raw)

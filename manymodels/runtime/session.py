@@ -1,0 +1,271 @@
+"""One onnxruntime session per model, and the byte-bounded cache that holds them.
+
+Everything that can be decided once per model (input names, element types, output
+names, cost in memory) is decided here when the model loads, so that scoring a request
+only looks the session up, builds the input arrays and calls ``run``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputSchemaError, ModelLoadError
+from .manifest import ModelEntry
+
+__all__ = [
+    "LoadedModel",
+    "SessionCache",
+    "estimate_resident_bytes",
+    "load_model",
+    "make_session_options",
+]
+
+#: Resident memory of a session ≈ SESSION_BASE_BYTES + SESSION_BYTES_PER_FILE_BYTE × file
+#: size, fitted on this project's models with the CPU arena off (see README, "Memory").
+SESSION_BASE_BYTES = 75_000
+SESSION_BYTES_PER_FILE_BYTE = 7.0
+
+
+def make_session_options(optimisation: str = "basic") -> ort.SessionOptions:
+    """Options for many small sessions in one process.
+
+    One intra-op thread and sequential execution: the models are tiny and parallelism
+    comes from requests, mini-batches and workers, not from inside one ``run``. The CPU
+    memory arena is off because with it resident memory grows under load/evict churn and
+    is not given back. Graph optimisation ``basic`` halves session creation time against
+    ``all`` at no measurable cost for tree and linear graphs.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    levels = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options.graph_optimization_level = levels[optimisation]
+    return options
+
+
+def estimate_resident_bytes(file_bytes: int) -> int:
+    """Resident memory a loaded session is expected to cost, from its file size."""
+    return int(SESSION_BASE_BYTES + SESSION_BYTES_PER_FILE_BYTE * file_bytes)
+
+
+def as_string_column(values: Any) -> np.ndarray:
+    """Values as an ONNX string column; integral numbers lose their ``.0`` like keys do."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        out = np.empty(arr.shape, dtype=object)
+        integral = np.isfinite(arr) & (arr == np.round(arr))
+        out[integral] = arr[integral].astype(np.int64).astype(str)
+        out[~integral] = arr[~integral].astype(str)
+        return out
+    if arr.dtype.kind in "iub":
+        return arr.astype(str).astype(object)
+    if arr.dtype.kind in "US":
+        return arr.astype(object)
+    return np.array([v if isinstance(v, str) else str(v) for v in arr.ravel()],
+                    dtype=object).reshape(arr.shape)
+
+
+def as_float_column(values: Any, column: str, model: "LoadedModel") -> np.ndarray:
+    """Values as float32, or an :class:`InputSchemaError` naming the column."""
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputSchemaError(
+            f"column '{column}' must be numeric for model '{model.name}' "
+            f"(schema: {model.schema_text()}): {exc}"
+        ) from None
+    return arr
+
+
+@dataclass
+class LoadedModel:
+    """A ready session plus everything resolved once at load time."""
+
+    name: str
+    session: ort.InferenceSession
+    entry: ModelEntry
+    input_names: tuple[str, ...]
+    string_inputs: frozenset[str]
+    output_names: tuple[str, ...]
+    cost_bytes: int
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    def schema_text(self) -> str:
+        return ", ".join(f"{c.name}:{c.dtype}" for c in self.entry.inputs)
+
+    def check_columns(self, columns: Sequence[str], allow_extra: bool = True) -> None:
+        """Raise :class:`InputSchemaError` naming missing (or extra) columns."""
+        present = set(columns)
+        missing = [c for c in self.input_names if c not in present]
+        if missing:
+            raise InputSchemaError(
+                f"missing column(s) {', '.join(missing)} for model '{self.name}' "
+                f"(schema: {self.schema_text()})"
+            )
+        if not allow_extra:
+            extra = [c for c in columns if c not in set(self.input_names)]
+            if extra:
+                raise InputSchemaError(
+                    f"unexpected column(s) {', '.join(extra)} for model '{self.name}' "
+                    f"(schema: {self.schema_text()})"
+                )
+
+    def build_feed(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Turn raw column values (lists or arrays of equal length) into ONNX inputs."""
+        feed: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            try:
+                values = columns[name]
+            except KeyError:
+                self.check_columns(list(columns))
+                raise
+            if name in self.string_inputs:
+                arr = as_string_column(values)
+            else:
+                arr = as_float_column(values, name, self)
+            feed[name] = arr.reshape(-1, 1)
+        return feed
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Score a feed: returns predictions (n,) and class probabilities (n, k) or None."""
+        outputs = self.session.run(None, dict(feed))
+        if self.entry.kind == "classification":
+            labels = np.asarray(outputs[0]).ravel()
+            probabilities = np.asarray(outputs[1], dtype=np.float64)
+            return labels, probabilities
+        return np.asarray(outputs[0], dtype=np.float64).ravel(), None
+
+    def predict_columns(self, columns: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.run(self.build_feed(columns))
+
+
+def load_model(entry: ModelEntry, path: str | os.PathLike[str],
+               options: ort.SessionOptions | None = None) -> LoadedModel:
+    """Create the session for one manifest entry and resolve its inputs and outputs."""
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=options or make_session_options(),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own non-exported exception types
+        raise ModelLoadError(f"model '{entry.name}' cannot be loaded from {path}: {exc}") from exc
+    onnx_inputs = {i.name: i.type for i in session.get_inputs()}
+    for column in entry.inputs:
+        if column.name not in onnx_inputs:
+            raise ModelLoadError(
+                f"model '{entry.name}': manifest input '{column.name}' is not an input of "
+                f"the ONNX graph ({', '.join(onnx_inputs)})"
+            )
+    string_inputs = frozenset(n for n, t in onnx_inputs.items() if t == "tensor(string)")
+    file_bytes = os.path.getsize(path)
+    return LoadedModel(
+        name=entry.name,
+        session=session,
+        entry=entry,
+        input_names=tuple(c.name for c in entry.inputs),
+        string_inputs=string_inputs,
+        output_names=tuple(o.name for o in session.get_outputs()),
+        cost_bytes=estimate_resident_bytes(file_bytes),
+    )
+
+
+class SessionCache:
+    """LRU cache of loaded models bounded by their resident cost in bytes.
+
+    ``max_bytes=None`` means unbounded. Pinned models (the fallbacks) are never evicted.
+    Each model has its own load lock, so concurrent first requests for one model load it
+    once, while loads of other models and hits proceed in parallel: the cache-wide lock
+    is only held for dictionary updates, never during a load.
+    """
+
+    def __init__(self, loader: Callable[[str], LoadedModel], max_bytes: int | None = None) -> None:
+        self._loader = loader
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+        self.bytes = 0
+        self.loads = 0
+        self.evictions = 0
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    def pin(self, name: str) -> LoadedModel:
+        """Load ``name`` and keep it resident whatever the budget."""
+        with self._lock:
+            self._pinned.add(name)
+        return self.get(name)
+
+    def get(self, name: str) -> LoadedModel:
+        """Return the loaded model, loading it (once) if needed."""
+        model = self._items.get(name)
+        if model is not None:
+            with self._lock:
+                if name in self._items:
+                    self._items.move_to_end(name)
+            return model
+        with self._lock:
+            load_lock = self._load_locks.setdefault(name, threading.Lock())
+        with load_lock:
+            model = self._items.get(name)
+            if model is not None:
+                return model
+            model = self._loader(name)
+            with self._lock:
+                self._items[name] = model
+                self.bytes += model.cost_bytes
+                self.loads += 1
+                self._evict_locked(keep=name)
+            return model
+
+    def unload(self, name: str) -> bool:
+        """Drop ``name`` from memory (it is reloaded on next use); False if not loaded."""
+        with self._lock:
+            self._pinned.discard(name)
+            model = self._items.pop(name, None)
+            if model is None:
+                return False
+            self.bytes -= model.cost_bytes
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+    def _evict_locked(self, keep: str) -> None:
+        if self.max_bytes is None:
+            return
+        for name in list(self._items):
+            if self.bytes <= self.max_bytes:
+                break
+            if name == keep or name in self._pinned:
+                continue
+            evicted = self._items.pop(name)
+            self.bytes -= evicted.cost_bytes
+            self.evictions += 1

@@ -1,0 +1,270 @@
+"""Pydantic models of the YAML catalogues (``segmenters/``, ``trainers/``, ``serving/``).
+
+Specs are resolved by name (``store_brand`` → ``segmenters/store_brand.yaml``) or by
+path, validated once here, and any problem becomes one :class:`SpecError` line that names
+the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from manymodels.errors import SpecError
+
+__all__ = [
+    "AnomalySpec",
+    "CandidateSpec",
+    "SegmenterSpec",
+    "TrainerSpec",
+    "ValidationSpec",
+    "catalogue_dir",
+    "load_segmenter",
+    "load_spec",
+    "load_trainer",
+    "spec_hash",
+]
+
+REGRESSION_METRICS = ("rmse", "mae", "wape", "mape")
+CLASSIFICATION_METRICS = ("logloss", "auc", "accuracy")
+ALGORITHMS = ("lightgbm", "ridge", "logistic", "decision_tree", "random_forest", "mean",
+              "hist_gradient_boosting")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnomalySpec(_Spec):
+    """Removal of target outliers within each segment before training."""
+
+    method: Literal["none", "iqr", "zscore"] = "none"
+    """``iqr`` drops rows outside [Q1 - k·IQR, Q3 + k·IQR]; ``zscore`` drops |z| > k."""
+    threshold: float = Field(3.0, gt=0)
+    """k above: 1.5–3 for IQR, 3–4 for z-scores."""
+
+
+class SegmenterSpec(_Spec):
+    """How a table is partitioned into segments."""
+
+    name: str = "segmenter"
+    """Name shown in reports and MLflow params."""
+    columns: list[str] = Field(min_length=1)
+    """Segment columns; the segment key is their values, e.g. ``[store, brand]``."""
+    min_rows: int = Field(30, ge=2)
+    """Segments with fewer rows than this are treated as small."""
+    small_segments: Literal["pool", "fallback", "skip"] = "pool"
+    """``pool``: one shared model for all small segments; ``fallback``: served by the
+    global model; ``skip``: not trained and not routed (unknown at serving time)."""
+    max_segments: int = Field(5000, ge=1)
+    """Refuse partitions with more segments than this (guards against ID columns)."""
+    anomalies: AnomalySpec = AnomalySpec()
+    """Target outlier removal inside each segment (off by default)."""
+    levels: list[list[str]] | None = None
+    """Coarser levels to compare each segment against, e.g. ``[[store, brand], [brand], []]``.
+    ``None`` means ``[columns, []]``: the segment itself, then the global model."""
+    gate: bool = True
+    """Route a segment to a coarser level's model unless its own model beats it by
+    ``min_gain``. Off keeps every segment on its own model."""
+    min_gain: float = Field(0.02, ge=0)
+    """Relative improvement the segment's own model needs over a coarser one."""
+
+    @field_validator("columns")
+    @classmethod
+    def _unique_columns(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"columns repeat a name: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _levels_nest(self) -> SegmenterSpec:
+        if self.levels is None:
+            return self
+        levels = self.levels
+        if not levels or levels[0] != self.columns:
+            raise ValueError(f"levels must start with the segment columns {self.columns}")
+        if levels[-1] != []:
+            raise ValueError("levels must end with [] (the global model)")
+        for finer, coarser in itertools.pairwise(levels):
+            if not set(coarser) < set(finer):
+                raise ValueError(f"level {coarser} is not strictly coarser than {finer}")
+        return self
+
+    @property
+    def resolved_levels(self) -> list[list[str]]:
+        return [list(lv) for lv in self.levels] if self.levels else [list(self.columns), []]
+
+
+class CandidateSpec(_Spec):
+    """One candidate model family, with fixed params or a small grid."""
+
+    name: str | None = None
+    """Label in reports; defaults to the algorithm (plus grid values)."""
+    algorithm: str
+    """One of: lightgbm, ridge, logistic, decision_tree, random_forest, mean,
+    hist_gradient_boosting."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the estimator."""
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """Each combination becomes a candidate of its own (merged over ``params``)."""
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm '{value}'; choose one of {', '.join(ALGORITHMS)}")
+        return value
+
+    def expand(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, params) for every grid point."""
+        if not self.grid:
+            return [(self.name or self.algorithm, dict(self.params))]
+        keys = sorted(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            params = {**self.params, **dict(zip(keys, values, strict=True))}
+            suffix = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+            out.append((f"{self.name or self.algorithm}[{suffix}]", params))
+        return out
+
+
+class ValidationSpec(_Spec):
+    """How each candidate is scored before the winner is chosen."""
+
+    method: Literal["auto", "time", "shuffle", "kfold"] = "auto"
+    """``auto``: time-ordered holdout when a time column is named, else shuffled."""
+    holdout: float = Field(0.2, gt=0, lt=0.9)
+    """Fraction of each segment's rows held out (latest rows for ``time``)."""
+    folds: int = Field(3, ge=2, le=20)
+    """Folds for ``kfold``."""
+
+
+class TrainerSpec(_Spec):
+    """The candidate models fitted for every segment, and how the winner is chosen."""
+
+    name: str = "trainer"
+    """Name shown in reports and MLflow params."""
+    target: str
+    """Column to predict."""
+    task: Literal["regression", "classification"] = "regression"
+    """Regression or (binary / multi-class) classification."""
+    time_column: str | None = None
+    """Column that orders rows in time; enables the time-ordered holdout."""
+    time_as_feature: bool = False
+    """Also feed the time column to the models (trend); off by default."""
+    features: list[str] | None = None
+    """Feature columns; default: every column but the target, the segment columns and
+    the time column."""
+    exclude: list[str] = Field(default_factory=list)
+    """Columns never used as features (IDs, leakage)."""
+    metric: str = "rmse"
+    """Selection metric: rmse, mae, wape, mape (regression); logloss, auc, accuracy."""
+    validation: ValidationSpec = ValidationSpec()
+    """Holdout settings."""
+    candidates: list[CandidateSpec] = Field(min_length=1)
+    """Candidate families; every grid point is fitted for every segment."""
+    seed: int = 0
+    """Seed of every random choice (split, estimators)."""
+    parity_tolerance: float = Field(1e-3, gt=0)
+    """Max abs difference between ONNX and native predictions on the holdout rows
+    (relative to the target's scale for regression; absolute for probabilities)."""
+    segment_timeout_s: float = Field(300.0, gt=0)
+    """A segment whose candidates take longer than this is recorded as failed."""
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> TrainerSpec:
+        allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
+        if self.metric not in allowed:
+            raise ValueError(f"metric '{self.metric}' does not fit task '{self.task}'; "
+                             f"choose one of {', '.join(allowed)}")
+        bad = [c.algorithm for c in self.candidates
+               if (self.task == "regression" and c.algorithm == "logistic")
+               or (self.task == "classification" and c.algorithm == "ridge")]
+        if bad:
+            raise ValueError(f"candidate algorithm(s) {bad} do not fit task '{self.task}'")
+        return self
+
+
+_S = TypeVar("_S", bound=BaseModel)
+
+_KIND_DIRS = {"segmenter": "segmenters", "trainer": "trainers", "serving": "serving"}
+
+
+def catalogue_dir(kind: str) -> Path:
+    """Where named specs of ``kind`` live: ``$MANYMODELS_HOME/<dir>`` or ``./<dir>``,
+    falling back to the catalogue shipped next to the package source."""
+    folder = _KIND_DIRS[kind]
+    home = os.environ.get("MANYMODELS_HOME")
+    candidates = [Path(home) / folder] if home else []
+    candidates += [Path.cwd() / folder, Path(__file__).resolve().parent.parent / folder]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return candidates[-1]
+
+
+def _resolve(kind: str, name_or_path: str | os.PathLike[str]) -> Path:
+    text = os.fspath(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or os.sep in text or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"{kind} spec file {path} does not exist")
+        return path
+    folder = catalogue_dir(kind)
+    for suffix in (".yaml", ".yml"):
+        candidate = folder / f"{text}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in folder.glob("*.y*ml")) if folder.is_dir() else []
+    raise SpecError(f"no {kind} spec named '{text}' in {folder} (known: {', '.join(known) or 'none'})")
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        problems.append(f"{where}: {err['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_spec(kind: str, model: type[_S], source: str | os.PathLike[str] | dict[str, Any] | _S) -> _S:
+    """Load a spec of ``kind`` from a name, a path, a dict or an instance."""
+    if isinstance(source, model):
+        return source
+    if isinstance(source, dict):
+        data, label = source, f"{kind} spec"
+    else:
+        path = _resolve(kind, source)  # type: ignore[arg-type]
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{path} must hold a mapping of fields, not {type(data).__name__}")
+        data.setdefault("name", path.stem)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(label, exc)) from None
+
+
+def load_segmenter(source: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec) -> SegmenterSpec:
+    return load_spec("segmenter", SegmenterSpec, source)
+
+
+def load_trainer(source: str | os.PathLike[str] | dict[str, Any] | TrainerSpec) -> TrainerSpec:
+    return load_spec("trainer", TrainerSpec, source)
+
+
+def spec_hash(spec: BaseModel) -> str:
+    """Short stable hash of a spec's content, stamped on every model it produced."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,136 @@
+"""Build small but real bundles fast, for tests and benchmarks of the scoring side.
+
+Each segment gets a real scikit-learn Ridge pipeline converted with skl2onnx, and the
+manifest follows the schema of :mod:`manymodels.runtime.manifest`, so serve and batch
+can be exercised on hundreds or thousands of models without running the full trainer.
+The graph of the first segment is reused for the others with their own weights written
+in (the same structure, only the numbers differ), which makes 10,000 models take seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pandas as pd
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+NUMERIC = ["price", "feat"]
+SEGMENT_COLUMNS = ["store", "brand"]
+BRANDS = ["dominicks", "minute.maid", "tropicana"]
+
+
+def make_rows(n_stores: int, rows_per_segment: int, seed: int = 0) -> pd.DataFrame:
+    """A small table with a different price elasticity for every (store, brand)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for store in range(1, n_stores + 1):
+        for b, brand in enumerate(BRANDS):
+            price = rng.uniform(1.0, 4.0, rows_per_segment)
+            feat = rng.integers(0, 2, rows_per_segment).astype(float)
+            elasticity = -1.0 - 0.02 * store - 0.5 * b
+            qty = 9 + elasticity * np.log(price) + 0.4 * feat + rng.normal(0, 0.1, rows_per_segment)
+            frames.append(pd.DataFrame({"store": store, "brand": brand, "price": price,
+                                        "feat": feat, "quantity": qty}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _segment_pipeline() -> Pipeline:
+    prep = ColumnTransformer([("num", StandardScaler(), NUMERIC)])
+    return Pipeline([("prep", prep), ("model", Ridge(alpha=1.0))])
+
+
+def _global_pipeline() -> Pipeline:
+    prep = ColumnTransformer([("num", StandardScaler(), NUMERIC),
+                              ("cat", OneHotEncoder(handle_unknown="ignore"), SEGMENT_COLUMNS)])
+    return Pipeline([("prep", prep), ("model", Ridge(alpha=1.0))])
+
+
+def _to_onnx(pipe: Pipeline, numeric: list[str], strings: list[str], name: str) -> onnx.ModelProto:
+    types: list[tuple[str, Any]] = [(c, FloatTensorType([None, 1])) for c in numeric]
+    types += [(c, StringTensorType([None, 1])) for c in strings]
+    return convert_sklearn(pipe, name=name, initial_types=types,
+                           target_opset={"": 17, "ai.onnx.ml": 3})
+
+
+def _set_weights(model: onnx.ModelProto, pipe: Pipeline) -> onnx.ModelProto:
+    """Copy a template graph and write one segment's scaler and Ridge weights into it."""
+    out = copy.deepcopy(model)
+    scaler: StandardScaler = pipe.named_steps["prep"].named_transformers_["num"]
+    ridge: Ridge = pipe.named_steps["model"]
+    for node in out.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Scaler" and attr.name == "offset":
+                attr.floats[:] = [float(v) for v in scaler.mean_]
+            elif node.op_type == "Scaler" and attr.name == "scale":
+                attr.floats[:] = [float(v) for v in 1.0 / scaler.scale_]
+            elif node.op_type == "LinearRegressor" and attr.name == "coefficients":
+                attr.floats[:] = [float(v) for v in np.ravel(ridge.coef_)]
+            elif node.op_type == "LinearRegressor" and attr.name == "intercepts":
+                attr.floats[:] = [float(v) for v in np.ravel(ridge.intercept_)]
+    return out
+
+
+def _write(model: onnx.ModelProto, path: Path, meta: dict[str, str]) -> tuple[str, int]:
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def build_bundle(root: str | os.PathLike[str], n_stores: int = 10, rows_per_segment: int = 40,
+                 seed: int = 0, with_global: bool = True) -> tuple[Path, pd.DataFrame]:
+    """Write a bundle of ``3 × n_stores`` Ridge models (+ a global one) to ``root``.
+
+    Returns the bundle path and the training rows (useful as scoring input).
+    """
+    root = Path(root)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    rows = make_rows(n_stores, rows_per_segment, seed)
+    models: dict[str, dict[str, Any]] = {}
+    routes: list[dict[str, Any]] = []
+    template: onnx.ModelProto | None = None
+    seg_inputs = [{"name": c, "dtype": "float32"} for c in NUMERIC]
+    for (store, brand), part in rows.groupby(SEGMENT_COLUMNS, sort=True):
+        pipe = _segment_pipeline().fit(part[NUMERIC], part["quantity"])
+        name = f"quantity__store={store}__brand={brand}"
+        if template is None:
+            template = _to_onnx(pipe, NUMERIC, [], "segment")
+        sha, size = _write(_set_weights(template, pipe), root / "models" / f"{name}.onnx",
+                           {"name": name, "store": str(store), "brand": str(brand)})
+        models[name] = {"file": f"models/{name}.onnx", "sha256": sha, "bytes": size, "level": 0,
+                        "key": {"store": str(store), "brand": str(brand)}, "algorithm": "ridge",
+                        "inputs": seg_inputs, "output": {"kind": "regression"},
+                        "rows": len(part), "metrics": {}}
+        routes.append({"level": 0, "key": [str(store), str(brand)], "model": name})
+    if with_global:
+        pipe = _global_pipeline().fit(rows[NUMERIC + SEGMENT_COLUMNS].astype(
+            {"store": str}), rows["quantity"])
+        name = "quantity__global"
+        sha, size = _write(_to_onnx(pipe, NUMERIC, SEGMENT_COLUMNS, "global"),
+                           root / "models" / f"{name}.onnx", {"name": name})
+        models[name] = {"file": f"models/{name}.onnx", "sha256": sha, "bytes": size, "level": 1,
+                        "key": {}, "algorithm": "ridge",
+                        "inputs": seg_inputs + [{"name": c, "dtype": "string"}
+                                                for c in SEGMENT_COLUMNS],
+                        "output": {"kind": "regression"}, "rows": len(rows), "metrics": {}}
+        routes.append({"level": 1, "key": [], "model": name})
+    manifest = {"schema_version": 1, "kind": "bundle", "name": root.name, "version": "1",
+                "created_at": "2026-11-27T00:00:00+00:00", "run_id": "handmade",
+                "target": "quantity", "task": "regression", "segment_columns": SEGMENT_COLUMNS,
+                "levels": [SEGMENT_COLUMNS, []], "routes": routes, "models": models, "failed": []}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root, rows
