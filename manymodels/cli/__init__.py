@@ -44,6 +44,13 @@ EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
     (RegistryError, 6),
 ]
 
+
+
+@app.callback()
+def _root() -> None:
+    """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
+
+
 for _module in (datasets, train, package, serve, batch):
     _module.register(app)
 

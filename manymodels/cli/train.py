@@ -1,9 +1,97 @@
-"""CLI commands: train (placeholder until its module lands)."""
+"""CLI: ``manymodels train``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from manymodels.errors import SpecError, TrainingError
+
+__all__ = ["print_summary", "register"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def print_summary(console: Console, report: Any, summary: dict[str, Any], run_dir: Path,
+                  limit: int = 20) -> None:
+    """Segments table (worst gains first), failures, level counts and the routed metric."""
+    metric = summary["metric"]
+    table = Table(title=f"segments ({len(report)}; {limit} shown)", show_lines=False)
+    for col in ("segment", "status", "winner", f"own {metric}", f"global {metric}", "level",
+                "rows"):
+        table.add_column(col)
+    shown = report.sort_values("status", key=lambda s: s != "failed").head(limit)
+    for row in shown.to_dict("records"):
+        table.add_row(row["segment"], row["status"], row["winner"] or "-",
+                      _fmt(row["metric_own"]), _fmt(row["metric_global"]), row["level"],
+                      str(row["rows"]))
+    console.print(table)
+    failed = report[report["status"] == "failed"]
+    for row in failed.head(10).to_dict("records"):
+        console.print(f"[red]failed[/] {row['segment']}: {row['reason']}", highlight=False)
+    levels = ", ".join(f"{k}: {v}" for k, v in sorted(summary["levels"].items()))
+    console.print(f"segments: {summary['segments']}  trained: {summary['trained']}  "
+                  f"failed: {summary['failed']}  small: {summary['small']}  routing: {levels}")
+    holdout = summary["holdout"]
+    if holdout:
+        console.print(f"holdout {metric}: routed {_fmt(holdout.get('routed'))}  vs global-only "
+                      f"{_fmt(holdout.get('global_only'))}  vs own-only "
+                      f"{_fmt(holdout.get('own_only'))}  "
+                      f"(own model beats global in {summary['own_beats_global']} of "
+                      f"{summary['compared_with_global']} segments)")
+    if not summary.get("segmenting_pays_off", True):
+        console.print("[yellow]The global model wins most segments: segmenting by these columns "
+                      "does not pay off on this data.[/]")
+    console.print(f"run directory: {run_dir}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``train`` to ``app``."""
+
+    @app.command("train")
+    def train_command(
+        data: Path = typer.Option(..., "--data", "-d", help="Parquet or CSV table."),
+        segmenter: str = typer.Option("store_brand", help="Segmenter spec name or path."),
+        trainer: str = typer.Option("default", help="Trainer spec name or path."),
+        out: Path = typer.Option(Path("runs"), help="Parent folder of run directories."),
+        run_id: str = typer.Option(None, help="Run id (default: timestamp + random)."),
+        jobs: int = typer.Option(None, "--jobs", "-j", help="Workers (default: one per core)."),
+        backend: str = typer.Option("loky", help="loky (local processes) or dask."),
+        scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://host:8786)."),
+        gate: str = typer.Option(None, help="on/off: compare own vs pooled vs global models."),
+        max_failed: float = typer.Option(0.05, help="Allowed fraction of failed segments."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+        track: bool = typer.Option(True, help="Log the run to MLflow."),
+        log_segments: bool = typer.Option(False, help="One MLflow child run per segment."),
+    ) -> None:
+        """Segment the table, fit the candidates per segment in parallel, export ONNX."""
+        from manymodels.train import train
+
+        if gate not in (None, "on", "off"):
+            raise SpecError(f"--gate must be 'on' or 'off', not '{gate}'")
+        console = Console()
+        error: TrainingError | None = None
+        try:
+            result = train(data, segmenter, trainer, out=out, run_id=run_id, jobs=jobs,
+                           backend=backend, scheduler=scheduler,
+                           gate=None if gate is None else gate == "on", max_failed=max_failed,
+                           progress=not quiet, track=track, log_segments=log_segments)
+        except TrainingError as exc:
+            error = exc
+            result = getattr(exc, "result", None)
+        if result is not None and not quiet:
+            print_summary(console, result.report, result.summary, result.run_dir)
+        elif result is not None:
+            console.print(str(result.run_dir))
+        if error is not None:
+            raise error

@@ -1,0 +1,144 @@
+"""Candidate models: scikit-learn pipelines built from a trainer spec, and their metrics.
+
+Preprocessing is part of every candidate's pipeline (scaling for numeric columns,
+one-hot for categorical ones), so the exported ONNX model takes raw columns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.compose import ColumnTransformer
+from sklearn.dummy import DummyClassifier, DummyRegressor
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+from manymodels.errors import SpecError
+from manymodels.specs import TrainerSpec
+
+__all__ = ["Candidate", "build_candidates", "build_pipeline", "higher_is_better", "score_metric"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One grid point of one candidate family: enough to build a fresh pipeline."""
+
+    label: str
+    algorithm: str
+    params: dict[str, Any]
+
+
+def _estimator(algorithm: str, task: str, params: dict[str, Any], seed: int) -> BaseEstimator:
+    regression = task == "regression"
+    if algorithm == "lightgbm":
+        import lightgbm as lgb
+
+        base = {"n_estimators": 50, "num_leaves": 15, "learning_rate": 0.1, "min_child_samples": 5,
+                "random_state": seed, "n_jobs": 1, "verbose": -1}
+        cls = lgb.LGBMRegressor if regression else lgb.LGBMClassifier
+        return cls(**{**base, **params})
+    factories: dict[str, Callable[..., BaseEstimator]] = {
+        "ridge": Ridge,
+        "logistic": lambda **p: LogisticRegression(**{"max_iter": 500, **p}),
+        "decision_tree": lambda **p: (DecisionTreeRegressor if regression else DecisionTreeClassifier)(
+            **{"random_state": seed, "max_depth": 6, **p}),
+        "random_forest": lambda **p: (RandomForestRegressor if regression else RandomForestClassifier)(
+            **{"random_state": seed, "n_estimators": 50, "max_depth": 8, "n_jobs": 1, **p}),
+        "hist_gradient_boosting": lambda **p: (
+            HistGradientBoostingRegressor if regression else HistGradientBoostingClassifier)(
+            **{"random_state": seed, **p}),
+        "mean": lambda **p: (DummyRegressor(strategy="mean") if regression
+                             else DummyClassifier(strategy="prior")),
+    }
+    try:
+        return factories[algorithm](**params)
+    except TypeError as exc:
+        raise SpecError(f"candidate '{algorithm}': bad params {params}: {exc}") from None
+
+
+def build_pipeline(candidate: Candidate, numeric: list[str], categorical: list[str], task: str,
+                   seed: int) -> Pipeline:
+    """A fresh, unfitted pipeline: column preprocessing then the estimator."""
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if numeric:
+        transformers.append(("num", StandardScaler(), list(numeric)))
+    if categorical:
+        transformers.append(("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                             list(categorical)))
+    prep = ColumnTransformer(transformers, remainder="drop")
+    model = _estimator(candidate.algorithm, task, candidate.params, seed)
+    return Pipeline([("prep", prep), ("model", model)])
+
+
+def build_candidates(spec: TrainerSpec) -> list[Candidate]:
+    """Every grid point of every candidate family in the spec, labels unique."""
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for family in spec.candidates:
+        for label, params in family.expand():
+            if label in seen:
+                raise SpecError(f"trainer '{spec.name}': candidate label '{label}' appears twice; "
+                                f"give the candidates distinct names")
+            seen.add(label)
+            out.append(Candidate(label, family.algorithm, params))
+    return out
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in ("auc", "accuracy")
+
+
+def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
+                 proba: np.ndarray | None = None, classes: np.ndarray | None = None) -> float:
+    """Compute ``metric``; probabilities are needed for logloss and auc."""
+    y_true = np.asarray(y_true)
+    if metric in ("rmse", "mae", "wape", "mape"):
+        err = np.asarray(prediction, dtype=float) - y_true.astype(float)
+        if metric == "rmse":
+            return float(np.sqrt(np.mean(err**2)))
+        if metric == "mae":
+            return float(np.mean(np.abs(err)))
+        if metric == "wape":
+            denom = float(np.sum(np.abs(y_true)))
+            return float(np.sum(np.abs(err)) / denom) if denom else float("inf")
+        nonzero = y_true != 0
+        if not nonzero.any():
+            return float("inf")
+        return float(np.mean(np.abs(err[nonzero] / y_true[nonzero].astype(float))))
+    if metric == "accuracy":
+        return float(accuracy_score(y_true, prediction))
+    if proba is None or classes is None:
+        raise SpecError(f"metric '{metric}' needs class probabilities")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if metric == "logloss":
+            return float(log_loss(y_true, proba, labels=list(classes)))
+        if len(np.unique(y_true)) < 2:
+            return float("nan")
+        if proba.shape[1] == 2:
+            return float(roc_auc_score(y_true == classes[1], proba[:, 1]))
+        return float(roc_auc_score(y_true, proba, multi_class="ovr", labels=list(classes)))
+
+
+def predict_with(pipeline: Pipeline, frame: pd.DataFrame, task: str
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Predictions, class probabilities (classification) and the class order."""
+    prediction = pipeline.predict(frame)
+    if task == "classification":
+        return prediction, pipeline.predict_proba(frame), pipeline.classes_
+    return prediction, None, None

@@ -1,0 +1,342 @@
+"""Export a segment's winning pipeline to ONNX, proven equal to the native model.
+
+:func:`export_model` turns a fitted ``Pipeline([("prep", ColumnTransformer), ("model",
+estimator)])`` into one ONNX file with one input per raw column, checks on a frame of
+real rows that onnxruntime gives the same answers as scikit-learn (the *parity check*),
+writes the metadata the bundle and the registry need into the file, and saves it
+atomically. A model that fails to convert or to match raises
+:class:`~manymodels.errors.ExportError`, so the trainer can fall back to the next-best
+candidate that exports.
+
+Conversion is fast when segments share a structure: see :mod:`._templates`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+
+from manymodels.errors import ExportError
+from manymodels.runtime.session import as_string_column, make_session_options
+
+from ._convert import TARGET_OPSET, convert_full, ensure_registered
+from ._templates import TemplateCache, fill_template, structure_key
+
+__all__ = [
+    "TARGET_OPSET",
+    "ExportedModel",
+    "clear_template_cache",
+    "conversion_stats",
+    "export_model",
+    "read_metadata",
+]
+
+_TEMPLATES = TemplateCache()
+_STATS_LOCK = threading.Lock()
+_STATS: dict[str, dict[str, list[float]]] = {}
+
+
+@dataclass
+class ExportedModel:
+    """One exported model file and what the manifest needs to know about it."""
+
+    name: str
+    path: Path
+    sha256: str
+    bytes: int
+    #: ``[{"name": column, "dtype": "float32" | "string"}]`` in graph input order.
+    inputs: list[dict[str, str]]
+    #: ``{"kind": "regression"}`` or ``{"kind": "classification", "classes": [...]}``.
+    output: dict[str, Any]
+    #: Largest absolute difference between native and ONNX outputs on the check frame
+    #: (predictions for regression, probabilities for classification).
+    parity: float
+    #: Seconds spent converting, checking and writing this model.
+    seconds: float
+    #: True when the graph came from a cached template rather than a fresh skl2onnx run.
+    fast_path: bool = False
+
+
+def clear_template_cache() -> None:
+    """Forget every cached template and the conversion timings (tests, benchmarks)."""
+    _TEMPLATES.clear()
+    with _STATS_LOCK:
+        _STATS.clear()
+
+
+def conversion_stats() -> dict[str, dict[str, dict[str, float]]]:
+    """Per algorithm and path (``fast``/``full``): count and mean conversion milliseconds.
+
+    Conversion only (graph building), not the parity check or the write; counted in this
+    process since the last :func:`clear_template_cache`.
+    """
+    with _STATS_LOCK:
+        return {
+            algorithm: {path: {"count": v[0], "mean_ms": 1000.0 * v[1] / max(v[0], 1.0)}
+                        for path, v in paths.items()}
+            for algorithm, paths in _STATS.items()
+        }
+
+
+def _record(algorithm: str, path: str, seconds: float) -> None:
+    with _STATS_LOCK:
+        entry = _STATS.setdefault(algorithm, {}).setdefault(path, [0.0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+
+
+def _is_classifier(task: str, name: str) -> bool:
+    if task not in ("regression", "classification"):
+        raise ExportError(f"model '{name}': task must be 'regression' or 'classification', "
+                          f"not {task!r}")
+    return task == "classification"
+
+
+def _json_label(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _convert(pipeline: Any, name: str, numeric: list[str], categorical: list[str],
+             classifier: bool) -> onnx.ModelProto:
+    algorithm = type(pipeline.steps[-1][1]).__name__
+    started = time.perf_counter()
+    try:
+        model = convert_full(pipeline, numeric, categorical, classifier)
+    except Exception as exc:  # skl2onnx raises bare RuntimeError/ValueError/KeyError...
+        raise ExportError(
+            f"model '{name}': {algorithm} cannot be converted to ONNX "
+            f"({type(exc).__name__}: {str(exc)[:300]}); choose another candidate"
+        ) from exc
+    _record(algorithm, "full", time.perf_counter() - started)
+    return model
+
+
+def _fast(template: onnx.ModelProto, pipeline: Any) -> onnx.ModelProto | None:
+    started = time.perf_counter()
+    try:
+        model = fill_template(template, pipeline)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+    _record(type(pipeline.steps[-1][1]).__name__, "fast", time.perf_counter() - started)
+    return model
+
+
+def _feed(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> dict[str, Any]:
+    """Inputs as the scoring runtime builds them: float32 and string columns of shape (n, 1)."""
+    feed: dict[str, Any] = {}
+    for column in numeric:
+        feed[column] = np.asarray(frame[column], dtype=np.float32).reshape(-1, 1)
+    for column in categorical:
+        feed[column] = as_string_column(frame[column].to_numpy()).reshape(-1, 1)
+    return feed
+
+
+def _native_frame(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> pd.DataFrame:
+    """The check rows as the native model sees them: numerics rounded through float32."""
+    native = frame[numeric + categorical].copy()
+    for column in numeric:
+        native[column] = np.asarray(frame[column], dtype=np.float32).astype(np.float64)
+    for column in categorical:
+        native[column] = as_string_column(frame[column].to_numpy())
+    return native
+
+
+def _run_onnx(data: bytes, feed: Mapping[str, Any], name: str) -> list[Any]:
+    try:
+        session = ort.InferenceSession(data, sess_options=make_session_options(),
+                                       providers=["CPUExecutionProvider"])
+        return list(session.run(None, dict(feed)))
+    except Exception as exc:  # onnxruntime raises its own non-exported exception types
+        raise ExportError(f"model '{name}': the exported ONNX graph does not run in "
+                          f"onnxruntime ({str(exc)[:300]})") from exc
+
+
+def _parity(pipeline: Any, outputs: list[Any], native_frame: pd.DataFrame, classifier: bool,
+            tolerance: float, name: str) -> float:
+    """Largest difference native vs ONNX; raises ExportError above the bound.
+
+    Regression: ``max |predict - onnx|`` must stay within
+    ``tolerance * max(1, std(native predictions))``, so targets in the thousands are not
+    held to an absolute bound meant for unit-scale ones. Classification: probabilities
+    within ``tolerance`` absolutely, and labels equal wherever the two most probable
+    classes are more than ``2 * tolerance`` apart (a near tie may break either way).
+    """
+    algorithm = type(pipeline.steps[-1][1]).__name__
+    if classifier:
+        native = np.asarray(pipeline.predict_proba(native_frame), dtype=np.float64)
+        if len(outputs) < 2:
+            raise ExportError(f"model '{name}' ({algorithm}): the ONNX graph has no "
+                              "probabilities output")
+        got = np.asarray(outputs[1], dtype=np.float64)
+        if got.shape != native.shape:
+            raise ExportError(f"model '{name}' ({algorithm}): ONNX probabilities have shape "
+                              f"{got.shape}, the native model {native.shape}")
+        diff = float(np.max(np.abs(got - native))) if native.size else 0.0
+        bound = tolerance
+        labels = np.asarray(pipeline.predict(native_frame))
+        onnx_labels = np.asarray(outputs[0]).ravel()
+        ordered = np.sort(native, axis=1)
+        margin = ordered[:, -1] - ordered[:, -2] if native.shape[1] > 1 else np.ones(len(native))
+        wrong = (labels.astype(str) != onnx_labels.astype(str)) & (margin > 2 * tolerance)
+        if wrong.any():
+            raise ExportError(
+                f"model '{name}' ({algorithm}): ONNX labels differ from the native model on "
+                f"{int(wrong.sum())} of {len(labels)} check rows; not exported"
+            )
+    else:
+        native = np.asarray(pipeline.predict(native_frame), dtype=np.float64).ravel()
+        got = np.asarray(outputs[0], dtype=np.float64).ravel()
+        if got.shape != native.shape:
+            raise ExportError(f"model '{name}' ({algorithm}): ONNX predictions have shape "
+                              f"{got.shape}, the native model {native.shape}")
+        diff = float(np.max(np.abs(got - native))) if native.size else 0.0
+        bound = tolerance * max(1.0, float(np.std(native)))
+    if not np.isfinite(diff) or diff > bound:
+        raise ExportError(
+            f"model '{name}' ({algorithm}): ONNX and native outputs differ by {diff:.3g} "
+            f"(allowed {bound:.3g}) on {len(native_frame)} check rows; not exported"
+        )
+    return diff
+
+
+def _inputs(model: onnx.ModelProto) -> list[dict[str, str]]:
+    result = []
+    for item in model.graph.input:
+        elem = item.type.tensor_type.elem_type
+        result.append({"name": item.name,
+                       "dtype": "string" if elem == onnx.TensorProto.STRING else "float32"})
+    return result
+
+
+def _stamp(model: onnx.ModelProto, name: str, inputs: list[dict[str, str]],
+           metadata: Mapping[str, str], algorithm: str, task: str) -> None:
+    """Write metadata, names and the input schema into the model (in place)."""
+    from manymodels import __version__
+
+    entries = {str(k): str(v) for k, v in metadata.items()}
+    entries["input_schema"] = json.dumps(inputs, separators=(",", ":"))
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    model.graph.name = name
+    model.producer_name = "manymodels"
+    model.producer_version = __version__
+    model.doc_string = f"manymodels {task} model '{name}' ({algorithm})"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path`` and rename it over: never a half-written model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: list[str],
+                 task: str, check_frame: pd.DataFrame, metadata: Mapping[str, str],
+                 tolerance: float, path: Path) -> ExportedModel:
+    """Convert a fitted pipeline to ONNX, check parity, stamp metadata, write atomically.
+
+    Parameters
+    ----------
+    pipeline
+        ``Pipeline([("prep", ColumnTransformer), ("model", estimator)])``, fitted.
+    name
+        Model name, used in the graph, the doc string and every error message.
+    numeric, categorical
+        Raw input columns; they become graph inputs in this order (float32, then string).
+    task
+        ``"regression"`` (output ``(n, 1)`` predictions) or ``"classification"``
+        (outputs ``label`` and ``(n, classes)`` ``probabilities``).
+    check_frame
+        Real rows to compare native and ONNX outputs on (at least one row).
+    metadata
+        Entries written into ``metadata_props`` (plus ``input_schema``, added here).
+    tolerance
+        Parity bound: regression predictions may differ by at most
+        ``tolerance * max(1, std(native predictions))``, probabilities by ``tolerance``.
+    path
+        Destination file, written through a temp file in the same directory.
+
+    Raises
+    ------
+    ExportError
+        The pipeline does not convert, the graph does not run, or parity fails. The
+        message names the model and the algorithm.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    classifier = _is_classifier(task, name)
+    if len(check_frame) == 0:
+        raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
+                          "one row of training data as check_frame")
+    missing = [c for c in numeric + categorical if c not in check_frame.columns]
+    if missing:
+        raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
+    ensure_registered()
+    algorithm = type(pipeline.steps[-1][1]).__name__
+    feed = _feed(check_frame, numeric, categorical)
+    native_frame = _native_frame(check_frame, numeric, categorical)
+    key = structure_key(pipeline, numeric, categorical, classifier)
+    template = _TEMPLATES.get(key) if key is not None else None
+    model = _fast(template, pipeline) if template is not None else None
+    fast = model is not None
+    attempts = [fast, False] if fast else [False]
+    for attempt_fast in attempts:
+        if not attempt_fast:
+            model = _convert(pipeline, name, numeric, categorical, classifier)
+        assert model is not None
+        inputs = _inputs(model)
+        _stamp(model, name, inputs, metadata, algorithm, task)
+        data = model.SerializeToString()
+        try:
+            outputs = _run_onnx(data, feed, name)
+            parity = _parity(pipeline, outputs, native_frame, classifier, tolerance, name)
+        except ExportError:
+            if attempt_fast:
+                continue  # a wrong fast path is not the model's fault: convert in full
+            raise
+        if not attempt_fast and key is not None:
+            _TEMPLATES.put(key, model)
+        fast = attempt_fast
+        break
+    output: dict[str, Any] = {"kind": "regression"}
+    if classifier:
+        classes = np.asarray(pipeline.steps[-1][1].classes_).ravel()
+        output = {"kind": "classification", "classes": [_json_label(c) for c in classes]}
+    _write_atomic(path, data)
+    return ExportedModel(
+        name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+        inputs=inputs, output=output, parity=parity,
+        seconds=time.perf_counter() - started, fast_path=fast,
+    )
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read back through onnxruntime."""
+    try:
+        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own non-exported exception types
+        raise ExportError(f"cannot read metadata of {path}: {str(exc)[:300]}") from exc
+    return dict(session.get_modelmeta().custom_metadata_map)

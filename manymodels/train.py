@@ -1,0 +1,508 @@
+"""``manymodels train``: segment, fit candidates in parallel, gate by level, export, report.
+
+Orchestrates :mod:`segment` (partition), :mod:`fit` (per-model work, run by
+:mod:`engine` on local processes or Dask) and :mod:`export` (ONNX), then writes the run
+directory: ``models/*.onnx``, ``manifest.json`` (the schema every scorer reads),
+``report.parquet`` and the specs used. Only this process writes files, atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from manymodels import __version__
+from manymodels.candidates import build_candidates, higher_is_better, score_metric
+from manymodels.data import read_table
+from manymodels.engine import chunk_jobs, default_jobs, run_chunks
+from manymodels.errors import TrainingError
+from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
+from manymodels.io import atomic_write_bytes, atomic_write_text
+from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
+from manymodels.segment import (
+    FeatureSet,
+    Segment,
+    Segmentation,
+    assign_holdout,
+    check_table,
+    model_name,
+    partition,
+    prepare_frame,
+    resolve_features,
+)
+from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer, spec_hash
+
+__all__ = ["TrainResult", "choose_level", "train"]
+
+LEVEL_NAMES = {"own": "own", "pool": "pool", "global": "global"}
+
+
+@dataclass
+class TrainResult:
+    """Where the run went and what it found."""
+
+    run_id: str
+    run_dir: Path
+    report: pd.DataFrame
+    summary: dict[str, Any]
+    results: dict[str, FitResult] = field(repr=False, default_factory=dict)
+
+    @property
+    def failed_fraction(self) -> float:
+        return float(self.summary["failed_fraction"])
+
+
+def new_run_id() -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{now}-{uuid.uuid4().hex[:6]}"
+
+
+# -- building jobs ----------------------------------------------------------------------------
+
+def _segment_job(frame: pd.DataFrame, seg: Segment, features: FeatureSet, columns: list[str]
+                 ) -> FitJob:
+    return FitJob(seg.name, 0, seg.key, frame.iloc[seg.rows][columns].reset_index(drop=True),
+                  seg.holdout, features)
+
+
+def _pooled_job(frame: pd.DataFrame, name: str, level: int, key: dict[str, str],
+                members: list[tuple[int, Segment]], features: FeatureSet, columns: list[str]
+                ) -> FitJob:
+    rows = np.concatenate([seg.rows for _, seg in members])
+    holdout = np.concatenate([seg.holdout for _, seg in members])
+    owner = np.concatenate([np.full(len(seg.rows), i) for i, seg in members])
+    return FitJob(name, level, key, frame.iloc[rows][columns].reset_index(drop=True), holdout,
+                  features, segment_of_row=owner)
+
+
+def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: SegmenterSpec,
+                trainer: TrainerSpec, features: FeatureSet) -> tuple[list[FitJob], dict[str, Any]]:
+    """Jobs for every own model, the small-segment pool, each coarser level and the global."""
+    seg_cols = segmentation.columns
+    extra = [trainer.target] + ([trainer.time_column] if trainer.time_column else [])
+    jobs: list[FitJob] = []
+    layout: dict[str, Any] = {"pools": {}, "small_pool": None}
+    own_cols = list(dict.fromkeys(features.columns + extra))
+    for seg in segmentation.trainable:
+        jobs.append(_segment_job(frame, seg, features, own_cols))
+    indexed = [(i, s) for i, s in enumerate(segmentation.segments)]
+    policy = segmenter.small_segments
+    served = [(i, s) for i, s in indexed if not (s.small and policy == "skip")]
+    small = [(i, s) for i, s in indexed if s.small]
+    if small and policy == "pool":
+        pool_features = features.for_level(seg_cols, [])
+        cols = list(dict.fromkeys(pool_features.columns + extra))
+        name = f"{model_name(trainer.target, {})[:-len('__global')]}__small_pool"
+        jobs.append(_pooled_job(frame, name, 0, {}, small, pool_features, cols))
+        layout["small_pool"] = name
+    levels = segmenter.resolved_levels
+    for level, level_cols in enumerate(levels[1:], start=1):
+        level_features = features.for_level(seg_cols, level_cols)
+        cols = list(dict.fromkeys(level_features.columns + extra))
+        groups: dict[tuple[str, ...], list[tuple[int, Segment]]] = {}
+        for i, seg in served:
+            groups.setdefault(tuple(seg.key[c] for c in level_cols), []).append((i, seg))
+        for values, members in groups.items():
+            key = dict(zip(level_cols, values, strict=True))
+            name = model_name(trainer.target, key)
+            jobs.append(_pooled_job(frame, name, level, key, members, level_features, cols))
+            layout["pools"][name] = (level, values)
+    return jobs, layout
+
+
+# -- the gate -----------------------------------------------------------------------------------
+
+def choose_level(metrics: list[float | None], metric: str, min_gain: float) -> int | None:
+    """Index of the level to serve a segment from (0 = its own model).
+
+    ``metrics`` go from finest (own) to coarsest (global); ``None`` means no model at
+    that level. The coarsest available model is the default, and a finer one replaces it
+    only when it is better by more than ``min_gain`` (relative), because fewer models
+    are cheaper to serve and less likely to overfit.
+    """
+    available = [i for i, m in enumerate(metrics) if m is not None and np.isfinite(m)]
+    if not available:
+        return None
+    best = available[-1]
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    for level in reversed(available[:-1]):
+        candidate, current = metrics[level], metrics[best]
+        assert candidate is not None and current is not None
+        gain = sign * (candidate - current) / max(abs(current), 1e-12)
+        if gain > min_gain:
+            best = level
+    return best
+
+
+def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob], n_segments: int
+                    ) -> dict[str, dict[int, np.ndarray]]:
+    """For each pooled model: segment index -> positions within its holdout predictions."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for name, job in jobs.items():
+        if job.segment_of_row is None or results[name].status != "ok":
+            continue
+        owners = job.segment_of_row[job.holdout]
+        order = np.argsort(owners, kind="stable")
+        bounds = np.searchsorted(owners[order], np.arange(n_segments + 1))
+        out[name] = {i: order[bounds[i]:bounds[i + 1]] for i in range(n_segments)
+                     if bounds[i + 1] > bounds[i]}
+    return out
+
+
+@dataclass
+class _SegmentEval:
+    """Holdout truth and each level's holdout predictions for one segment."""
+
+    truth: np.ndarray
+    predictions: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+
+
+def _evaluate_segments(frame: pd.DataFrame, segmentation: Segmentation, trainer: TrainerSpec,
+                       results: dict[str, FitResult], jobs: dict[str, FitJob],
+                       layout: dict[str, Any]) -> list[_SegmentEval]:
+    slices = _holdout_slices(results, jobs, len(segmentation.segments))
+    target = frame[trainer.target].to_numpy()
+    evals = []
+    for i, seg in enumerate(segmentation.segments):
+        ev = _SegmentEval(target[seg.rows][seg.holdout])
+        own = results.get(seg.name)
+        if own is not None and own.status == "ok" and own.holdout_prediction is not None:
+            ev.predictions[seg.name] = (own.holdout_prediction, own.holdout_proba)
+        for name, positions in slices.items():
+            if i in positions:
+                res = results[name]
+                assert res.holdout_prediction is not None
+                proba = None if res.holdout_proba is None else res.holdout_proba[positions[i]]
+                ev.predictions[name] = (res.holdout_prediction[positions[i]], proba)
+        evals.append(ev)
+    return evals
+
+
+def _metric_of(trainer: TrainerSpec, truth: np.ndarray, pred: tuple[np.ndarray, np.ndarray | None],
+               classes: list[Any] | None) -> float:
+    if len(truth) == 0:
+        return float("nan")
+    cls = np.asarray(classes) if classes is not None else None
+    return score_metric(trainer.metric, truth, pred[0], pred[1], cls)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def _chain_for(seg: Segment, levels: list[list[str]], target: str) -> list[str]:
+    """Names of the coarser models this segment falls back to, finest first."""
+    return [model_name(target, {c: seg.key[c] for c in cols}) for cols in levels[1:]]
+
+
+def _decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer: TrainerSpec,
+                   results: dict[str, FitResult], evals: list[_SegmentEval],
+                   layout: dict[str, Any], gate: bool) -> list[dict[str, Any]]:
+    """One report row per segment, with the metric at each level and the routing choice."""
+    rows = []
+    levels = segmenter.resolved_levels
+    classes = next((r.classes for r in results.values() if r.classes is not None), None)
+    for seg, ev in zip(segmentation.segments, evals, strict=True):
+        own_name = layout["small_pool"] if seg.small else seg.name
+        chain = _chain_for(seg, levels, trainer.target)
+        names = [own_name] + chain
+        metrics: list[float | None] = []
+        for name in names:
+            pred = ev.predictions.get(name) if name else None
+            ok = name is not None and name in results and results[name].status == "ok"
+            metrics.append(_metric_of(trainer, ev.truth, pred, classes) if pred is not None and ok
+                           else None)
+        if seg.small and segmenter.small_segments != "pool":
+            metrics[0] = None
+        own = results.get(seg.name)
+        status = "ok" if own is not None and own.status == "ok" else (
+            "small" if seg.small else "failed")
+        if seg.small and segmenter.small_segments == "skip":
+            status = "skipped"
+        routed = status == "ok" or (status == "small" and segmenter.small_segments == "pool")
+        if not routed:  # served down the fallback chain: the first coarser model that exists
+            chosen = next((i for i, m in enumerate(metrics) if i > 0 and m is not None), None)
+        elif gate:
+            chosen = choose_level(metrics, trainer.metric, segmenter.min_gain)
+        else:
+            chosen = 0 if metrics[0] is not None else None
+        rows.append({
+            **{f"key.{c}": seg.key[c] for c in segmentation.columns},
+            "segment": seg.name, "status": status,
+            "reason": own.reason if own is not None and own.status != "ok" else (
+                f"{len(seg.rows)} rows < min_rows={segmenter.min_rows}" if seg.small else ""),
+            "rows": int(len(seg.rows)), "holdout_rows": int(seg.holdout.sum()),
+            "anomalies_removed": seg.anomalies_removed,
+            "winner": own.winner if own is not None else "",
+            "algorithm": own.algorithm if own is not None else "",
+            "metric_own": metrics[0], "runner_up": own.runner_up if own is not None else "",
+            "runner_up_metric": own.runner_up_metric if own is not None else None,
+            "metric_pool": metrics[1] if len(metrics) > 2 else None,
+            "metric_global": metrics[-1],
+            "level": (["own"] + ["pool"] * (len(levels) - 2) + ["global"])[chosen]
+            if chosen is not None and routed else "fallback",
+            "model": names[chosen] if chosen is not None else None,
+            "routed": routed and chosen is not None,
+            "fit_seconds": own.fit_seconds if own is not None else 0.0,
+            "export_seconds": own.export_seconds if own is not None else 0.0,
+            "parity": own.export.get("parity") if own is not None else None,
+            "export_notes": "; ".join(own.export_notes) if own is not None else "",
+            "candidates": json.dumps(own.candidates) if own is not None else "{}",
+        })
+    return rows
+
+
+def _routed_metrics(trainer: TrainerSpec, segmentation: Segmentation, evals: list[_SegmentEval],
+                    report: list[dict[str, Any]], results: dict[str, FitResult],
+                    global_name: str) -> dict[str, float]:
+    """Holdout metric of the routed whole against global-only and own-only, same rows."""
+    classes = next((r.classes for r in results.values() if r.classes is not None), None)
+    parts: dict[str, list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray | None]]]] = {
+        "routed": [], "global_only": [], "own_only": []}
+    for seg, ev, row in zip(segmentation.segments, evals, report, strict=True):
+        own_pred = ev.predictions.get(seg.name)
+        glob = ev.predictions.get(global_name)
+        if own_pred is None or glob is None or len(ev.truth) == 0:
+            continue  # compare like with like: only segments every variant can score
+        routed = ev.predictions.get(row["model"]) if row["model"] else None
+        parts["routed"].append((ev.truth, routed or glob))
+        parts["global_only"].append((ev.truth, glob))
+        parts["own_only"].append((ev.truth, own_pred))
+    out = {}
+    for label, items in parts.items():
+        if not items:
+            continue
+        truth = np.concatenate([t for t, _ in items])
+        pred = np.concatenate([p[0] for _, p in items])
+        probas = [p[1] for _, p in items]
+        proba = None if any(p is None for p in probas) else np.concatenate(probas)  # type: ignore[arg-type]
+        out[label] = _metric_of(trainer, truth, (pred, proba), classes)
+    return out
+
+
+def _model_entry(res: FitResult, trainer: TrainerSpec, seg_cols: list[str], job: FitJob
+                 ) -> dict[str, Any]:
+    return {
+        "file": f"models/{res.name}.onnx", "sha256": res.export["sha256"],
+        "bytes": res.export["bytes"], "level": res.level, "key": res.key,
+        "algorithm": res.algorithm, "candidate": res.winner,
+        "inputs": res.export["inputs"], "output": res.export["output"],
+        "metrics": {trainer.metric: res.metric, "parity_max_abs_diff": res.export["parity"]},
+        "rows": res.rows, "fingerprint": res.fingerprint, "feature_stats": res.feature_stats,
+        "tags": {"algorithm": res.algorithm, "candidate": res.winner, "level": str(res.level),
+                 **{f"key.{k}": v for k, v in res.key.items()}},
+        "pooled_over": [c for c in seg_cols if c not in res.key] if job.segment_of_row is not None
+        else [],
+    }
+
+
+def _write_run(run_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
+               used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
+               trainer: TrainerSpec) -> None:
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    (run_dir / "specs").mkdir(exist_ok=True)
+    for name in sorted(used):
+        onnx_bytes = results[name].onnx
+        assert onnx_bytes is not None
+        atomic_write_bytes(run_dir / "models" / f"{name}.onnx", onnx_bytes)
+    atomic_write_text(run_dir / "specs" / "segmenter.yaml",
+                      yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(run_dir / "specs" / "trainer.yaml",
+                      yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
+    tmp = run_dir / ".report.parquet.tmp"
+    report.to_parquet(tmp, index=False)
+    os.replace(tmp, run_dir / "report.parquet")
+    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _data_window(frame: pd.DataFrame, trainer: TrainerSpec) -> dict[str, Any] | None:
+    if not trainer.time_column:
+        return None
+    col = frame[trainer.time_column]
+    return {"column": trainer.time_column, "min": _json_default(col.min()) if isinstance(
+        col.min(), np.generic) else col.min(), "max": _json_default(col.max()) if isinstance(
+        col.max(), np.generic) else col.max()}
+
+
+def train(data: str | os.PathLike[str] | pd.DataFrame,
+          segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec = "store_brand",
+          trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec = "default", *,
+          out: str | os.PathLike[str] = "runs", run_id: str | None = None,
+          jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
+          gate: bool | None = None, max_failed: float = 0.05, progress: bool = False,
+          track: bool = True, log_segments: bool = False,
+          on_progress: Callable[[int, int, int], None] | None = None) -> TrainResult:
+    """Train one model per segment and write a run directory.
+
+    Parameters
+    ----------
+    data
+        A DataFrame or a Parquet/CSV path.
+    segmenter, trainer
+        Spec names (resolved in ``segmenters/`` and ``trainers/``), paths, dicts or specs.
+    out
+        Parent folder of run directories; the run goes to ``out/<run_id>``.
+    jobs, backend, scheduler
+        Parallelism: ``jobs`` workers (default: one per core) on ``loky`` processes, or
+        ``dask`` (a cluster at ``scheduler``, or a local one).
+    gate
+        Override the segmenter's ``gate`` (compare own vs pooled vs global models).
+    max_failed
+        Fraction of segments allowed to fail before :class:`TrainingError` is raised
+        (the run directory is written either way).
+    progress
+        Show a rich progress bar (segments done / failed / ETA).
+    track, log_segments
+        Log an MLflow run (and per-segment child runs).
+    """
+    seg_spec = load_segmenter(segmenter)
+    tr_spec = load_trainer(trainer)
+    gate = seg_spec.gate if gate is None else gate
+    raw = read_table(data)
+    check_table(raw, seg_spec, tr_spec)
+    features = resolve_features(raw, seg_spec, tr_spec)
+    frame = prepare_frame(raw, features, seg_spec, tr_spec)
+    segmentation = partition(frame, seg_spec, tr_spec)
+    for seg in segmentation.segments:
+        seg.holdout = assign_holdout(frame, seg.rows, tr_spec, seg.key)
+    fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features)
+    run_id = run_id or new_run_id()
+    run_dir = Path(out) / run_id
+    context = FitContext(tr_spec, build_candidates(tr_spec), {
+        "manymodels_version": __version__, "run_id": run_id, "target": tr_spec.target,
+        "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
+        "metric": tr_spec.metric})
+    workers = jobs or default_jobs()
+    results = _run_jobs(fit_jobs, context, workers, backend, scheduler, progress, on_progress)
+    job_by_name = {j.name: j for j in fit_jobs}
+    evals = _evaluate_segments(frame, segmentation, tr_spec, results, job_by_name, layout)
+    rows = _decide_routes(segmentation, seg_spec, tr_spec, results, evals, layout, gate)
+    global_name = model_name(tr_spec.target, {})
+    if results.get(global_name) is None or results[global_name].status != "ok":
+        reason = results[global_name].reason if global_name in results else "not trained"
+        raise TrainingError(f"the global model failed, so nothing can serve unknown segments: "
+                            f"{reason}")
+    summary = _summarise(rows, results, tr_spec, segmentation, evals, global_name, gate)
+    manifest, used = _manifest(run_id, rows, results, job_by_name, layout, seg_spec, tr_spec,
+                               frame, summary)
+    report = pd.DataFrame(rows)
+    _write_run(run_dir, manifest, results, used, report, seg_spec, tr_spec)
+    result = TrainResult(run_id, run_dir, report, summary, results)
+    if track:
+        from manymodels.tracking import log_training_run
+
+        log_training_run(result, seg_spec, tr_spec, log_segments=log_segments)
+    if summary["failed_fraction"] > max_failed:
+        error = TrainingError(
+            f"{summary['failed']} of {summary['segments']} segments failed "
+            f"({summary['failed_fraction']:.1%} > max_failed={max_failed:.1%}); the run is in "
+            f"{run_dir} and report.parquet says why each failed")
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result
+
+
+def _run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend: str,
+              scheduler: str | None, progress: bool,
+              on_progress: Callable[[int, int, int], None] | None) -> dict[str, FitResult]:
+    chunks = chunk_jobs(fit_jobs, workers)
+    total = len(fit_jobs)
+    counts = {"done": 0, "failed": 0}
+    bar = None
+    if progress:
+        from manymodels.progress import TrainProgress
+
+        bar = TrainProgress(total)
+    def on_done(done: list[FitResult]) -> None:
+        counts["done"] += len(done)
+        counts["failed"] += sum(r.status != "ok" for r in done)
+        if bar is not None:
+            bar.update(counts["done"], counts["failed"])
+        if on_progress is not None:
+            on_progress(counts["done"], counts["failed"], total)
+
+    try:
+        done = run_chunks(run_chunk, chunks, context, workers, backend, scheduler, on_done)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {r.name: r for r in done}
+
+
+def _summarise(rows: list[dict[str, Any]], results: dict[str, FitResult], trainer: TrainerSpec,
+               segmentation: Segmentation, evals: list[_SegmentEval], global_name: str,
+               gate: bool) -> dict[str, Any]:
+    levels = pd.Series([r["level"] for r in rows]).value_counts().to_dict()
+    failed = sum(r["status"] == "failed" for r in rows)
+    own_vs_global = [(r["metric_own"], r["metric_global"]) for r in rows
+                     if r["metric_own"] is not None and r["metric_global"] is not None
+                     and r["status"] == "ok"]
+    sign = 1 if higher_is_better(trainer.metric) else -1
+    wins = sum(sign * (o - g) > 0 for o, g in own_vs_global)
+    summary = {
+        "segments": len(rows), "trained": sum(r["status"] == "ok" for r in rows),
+        "failed": failed, "failed_fraction": failed / max(len(rows), 1),
+        "small": sum(r["status"] in ("small", "skipped") for r in rows),
+        "levels": {str(k): int(v) for k, v in levels.items()}, "gate": gate,
+        "metric": trainer.metric, "own_beats_global": wins,
+        "compared_with_global": len(own_vs_global),
+        "holdout": _routed_metrics(trainer, segmentation, evals, rows, results, global_name),
+        "fit_seconds": float(sum(r.fit_seconds + r.export_seconds for r in results.values())),
+    }
+    summary["segmenting_pays_off"] = levels.get("global", 0) <= len(rows) / 2
+    return summary
+
+
+def _manifest(run_id: str, rows: list[dict[str, Any]], results: dict[str, FitResult],
+              jobs: dict[str, FitJob], layout: dict[str, Any], segmenter: SegmenterSpec,
+              trainer: TrainerSpec, frame: pd.DataFrame, summary: dict[str, Any]
+              ) -> tuple[dict[str, Any], set[str]]:
+    seg_cols = list(segmenter.columns)
+    levels = segmenter.resolved_levels
+    routes: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for row in rows:
+        if row["routed"]:
+            routes.append({"level": 0, "key": [row[f"key.{c}"] for c in seg_cols],
+                           "model": row["model"]})
+            used.add(row["model"])
+    for name, (level, values) in layout["pools"].items():
+        if results[name].status == "ok":
+            routes.append({"level": level, "key": list(values), "model": name})
+            used.add(name)
+    models = {name: _model_entry(results[name], trainer, seg_cols, jobs[name]) for name in
+              sorted(used)}
+    failed = [{"key": {c: r[f"key.{c}"] for c in seg_cols}, "reason": r["reason"],
+               "segment": r["segment"]} for r in rows if r["status"] == "failed"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "kind": "run", "name": None, "version": None,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id, "target": trainer.target, "task": trainer.task,
+        "segment_columns": seg_cols, "levels": levels, "routes": routes, "models": models,
+        "failed": failed, "data_window": _data_window(frame, trainer),
+        "metric": trainer.metric, "summary": summary,
+        "manymodels_version": __version__,
+    }
+    return manifest, used
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run directory (used by tests and ``--overwrite`` style cleanups)."""
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,65 @@
+"""Shared fixtures: one real, small training run and its data, built once per session.
+
+Everything is real: generated data, real candidate fits, real ONNX export. The run is
+small (a few stores) so the whole suite stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from manymodels.datasets import make_oj
+
+FAST_TRAINER = {
+    "name": "test-fast",
+    "target": "quantity",
+    "time_column": "week",
+    "metric": "rmse",
+    "candidates": [
+        {"algorithm": "lightgbm", "params": {"n_estimators": 20, "num_leaves": 7}},
+        {"algorithm": "ridge", "params": {"alpha": 1.0}},
+        {"algorithm": "decision_tree", "params": {"max_depth": 4}},
+        {"algorithm": "mean"},
+    ],
+}
+
+SEGMENTER = {"name": "test-store-brand", "columns": ["store", "brand"], "min_rows": 20,
+             "levels": [["store", "brand"], ["brand"], []]}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def oj_small() -> pd.DataFrame:
+    """Generated orange-juice demand for 6 stores × 3 brands × 52 weeks."""
+    return make_oj(stores=6, weeks=52, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained_run(oj_small: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real training run directory (18 segments, brand pools, global model)."""
+    from manymodels.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    result = train(oj_small, SEGMENTER, FAST_TRAINER, out=out, run_id="fixture", jobs=1,
+                   track=False)
+    return result.run_dir
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own MLflow SQLite store unless it sets one itself."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    yield
