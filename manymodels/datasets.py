@@ -19,7 +19,7 @@ per-segment models beat one global model on these tables.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,9 @@ import pandas as pd
 from manymodels.errors import DataError, SpecError
 
 __all__ = [
-    "OJ_BRANDS",
     "CHURN_REGIONS",
+    "OJ_BRANDS",
+    "SEGMENT_COLUMNS",
     "make_churn",
     "make_mixed",
     "make_oj",
@@ -53,6 +54,14 @@ CHURN_REGIONS: tuple[str, ...] = (
 )
 _CHURN_CONTRACTS = np.array(["month-to-month", "one-year", "two-year"], dtype=object)
 
+#: Number of parent groups of :func:`make_mixed` (fewer when there are fewer segments).
+_MIXED_GROUPS = 4
+#: The segment columns of each generated table, for messages and examples.
+SEGMENT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "oj": ("store", "brand"),
+    "churn": ("region",),
+    "mixed": ("segment",),
+}
 #: Weeks in a (simulated) year; seasonality repeats with this period.
 _WEEKS_PER_YEAR = 52
 
@@ -124,13 +133,15 @@ def make_oj(stores: int = 100, weeks: int = 120, seed: int = 0) -> pd.DataFrame:
     price, feat = _oj_prices(rng, seg_brand, weeks)
     noise = rng.normal(0.0, 0.25, size=(n_seg, weeks))
 
-    log_rel_price = np.log(price / _OJ_BRAND_PRICE[seg_brand][:, None])
+    # Semi-log demand: log sales fall linearly in the price relative to the brand's
+    # list price, so ``elasticity`` is the elasticity at that price.
+    rel_price = price / _OJ_BRAND_PRICE[seg_brand][:, None] - 1.0
     season = coef["amplitude"][:, None] * np.sin(
         2 * np.pi * (week_of_year[None, :] - coef["phase"][:, None]) / _WEEKS_PER_YEAR
     )
     quantity = (
         coef["level"][:, None]
-        + coef["elasticity"][:, None] * log_rel_price
+        + coef["elasticity"][:, None] * rel_price
         + coef["lift"][:, None] * feat
         + season
         + noise
@@ -341,8 +352,11 @@ def make_mixed(
     linear pattern with strongly different coefficients each: only their own model
     fits them. The rest share ONE nonlinear pattern with more noise: each has too few
     rows to learn it alone, so a model fitted on the pooled rows of all of them beats
-    their own models. Segments are spread round-robin over ``n_groups = 4`` parent
-    groups (``g0``..``g3``), so every group holds both kinds.
+    their own models. Segments fall in contiguous blocks into four parent groups
+    (``g0``..``g3``); with ``own_fraction=0.5`` the groups ``g0``, ``g1`` hold the own
+    segments and ``g2``, ``g3`` the shared ones, so a model pooled over a shared
+    segment's group sees only its common pattern, while a global model also sees the
+    conflicting own segments.
 
     Parameters
     ----------
@@ -394,7 +408,8 @@ def make_mixed(
     y = np.where(is_own, own, shared)
 
     names = np.array([_segment_name(i, segments) for i in range(segments)], dtype=object)
-    groups = np.array([f"g{i % 4}" for i in range(segments)], dtype=object)
+    groups = np.array([f"g{i * _MIXED_GROUPS // segments}" for i in range(segments)],
+                      dtype=object)
     rows = segments * rows_per_segment
     return pd.DataFrame(
         {
@@ -444,11 +459,11 @@ def write_dataset(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     if suffix not in {".parquet", ".pq", ".csv"}:
         raise SpecError(f"cannot write '{target}': the suffix must be .parquet, .pq or .csv "
                         f"(got '{target.suffix or 'none'}')")
+    # A fresh name in the same directory (not mkstemp, whose 0600 mode would survive the
+    # rename): the file is created by the writer with the usual umask-based mode.
+    tmp_name = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                        dir=target.parent)
-        os.close(fd)
     except OSError as exc:
         raise DataError(f"cannot write '{target}': {exc.strerror or exc}; "
                         "choose a writable directory") from exc

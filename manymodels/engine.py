@@ -8,6 +8,7 @@ and first so they never become the tail of the run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
@@ -79,7 +80,7 @@ def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
             raise SpecError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, silence_logs=logging.WARNING)
         client = Client(cluster)
     try:
         with joblib.parallel_config(backend="dask"):

@@ -31,6 +31,10 @@ class Routed:
     model: np.ndarray  # object array of model names (None where rejected)
     fallback: np.ndarray  # bool
     rejected: dict[int, str]  # row position -> reason
+    #: Per row, the position of its model in :attr:`model_names` (-1 where rejected): lets
+    #: batch scoring write a dictionary-encoded model column without touching the names.
+    model_index: np.ndarray | None = None
+    model_names: list[str] | None = None
 
 
 @dataclass
@@ -98,7 +102,8 @@ class Bundle:
         entry = self.manifest.models[name]
         path = self.root / entry.file
         if not path.is_file():
-            raise BundleError(f"model file {entry.file} of model '{name}' is missing in {self.root}")
+            raise BundleError(
+                f"model file {entry.file} of model '{name}' is missing in {self.root}")
         return load_model(entry, path, self._options)
 
     def model(self, name: str) -> LoadedModel:
@@ -130,41 +135,58 @@ class Bundle:
     def route_frame(self, frame: pd.DataFrame) -> Routed:
         """Group the rows of ``frame`` by the model that serves them (fallback chain)."""
         self._check_segment_columns(list(frame.columns))
-        n = len(frame)
+        return self.route_columns({c: frame[c] for c in self.segment_columns}, len(frame))
+
+    def route_columns(self, keys: Mapping[str, Any], n: int) -> Routed:
+        """Group ``n`` rows by model, given their segment columns as arrays or Series.
+
+        Vectorised: each segment column is factorised once, the codes are combined into
+        one code per distinct segment key, only the distinct keys walk the fallback chain,
+        and rows are grouped with one stable sort on small integer model codes. Row order
+        inside each group is ascending, as callers expect.
+        """
+        self._check_segment_columns(list(keys))
         model = np.full(n, None, dtype=object)
         fallback = np.zeros(n, dtype=bool)
-        rejected: dict[int, str] = {}
-        groups: dict[str, list[np.ndarray]] = {}
         if n == 0:
-            return Routed({}, model, fallback, rejected)
+            return Routed({}, model, fallback, {}, np.full(0, -1, dtype=np.int32), [])
         cols = self.segment_columns
         if not cols:
             name, _ = self.manifest.resolve({})
             if name is None:
                 raise SegmentNotFound({})
             model[:] = name
-            return Routed({name: np.arange(n)}, model, fallback, rejected)
-        indices = frame.groupby(cols if len(cols) > 1 else cols[0], sort=False,
-                                dropna=False).indices
-        for key, rows in indices.items():
-            values = key if isinstance(key, tuple) else (key,)
-            if any(pd.isna(v) for v in values):
-                reason = "null segment key in " + ", ".join(
-                    c for c, v in zip(cols, values, strict=True) if pd.isna(v))
-                for r in rows:
-                    rejected[int(r)] = reason
+            return Routed({name: np.arange(n)}, model, fallback, {},
+                          np.zeros(n, dtype=np.int32), [name])
+        combo, key_values = _factorise_keys([keys[c] for c in cols], n)
+        names: list[str] = []
+        positions: dict[str, int] = {}
+        combo_model = np.full(len(key_values), -1, dtype=np.int32)
+        combo_fallback = np.zeros(len(key_values), dtype=bool)
+        combo_reason: dict[int, str] = {}
+        for k, values in enumerate(key_values):
+            nulls = [c for c, v in zip(cols, values, strict=True) if _is_null(v)]
+            if nulls:
+                combo_reason[k] = "null segment key in " + ", ".join(nulls)
                 continue
             name, used_fallback = self.resolve_key(values)
             if name is None:
-                reason = str(SegmentNotFound(dict(zip(cols, values, strict=True))))
-                for r in rows:
-                    rejected[int(r)] = reason
+                combo_reason[k] = str(SegmentNotFound(dict(zip(cols, values, strict=True))))
                 continue
-            model[rows] = name
-            fallback[rows] = used_fallback
-            groups.setdefault(name, []).append(rows)
-        merged = {k: (v[0] if len(v) == 1 else np.sort(np.concatenate(v))) for k, v in groups.items()}
-        return Routed(merged, model, fallback, rejected)
+            if name not in positions:
+                positions[name] = len(names)
+                names.append(name)
+            combo_model[k] = positions[name]
+            combo_fallback[k] = used_fallback
+        index = combo_model[combo]
+        fallback = combo_fallback[combo]
+        model = np.array([*names, None], dtype=object)[index]
+        rejected: dict[int, str] = {}
+        if combo_reason:
+            bad = np.flatnonzero(index < 0)
+            reasons = [combo_reason[int(k)] for k in combo[bad]]
+            rejected = dict(zip(bad.tolist(), reasons, strict=True))
+        return Routed(_group_rows(index, names), model, fallback, rejected, index, names)
 
     # -- scoring --------------------------------------------------------------------------
     def _empty_prediction(self, n: int) -> np.ndarray:
@@ -219,3 +241,42 @@ class Bundle:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Route and score a DataFrame; returns prediction, model and fallback per row."""
         return self.score_frame(frame).to_frame().set_axis(frame.index)
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or bool(pd.isna(value))
+
+
+def _factorise_keys(columns: Sequence[Any], n: int) -> tuple[np.ndarray, list[tuple[Any, ...]]]:
+    """One code per row for its segment key, and the key values of each code.
+
+    Nulls get their own code (they are rejected later, with a reason naming the column).
+    Codes are combined column by column and re-factorised, so they never overflow.
+    """
+    per_column: list[tuple[np.ndarray, Any]] = []
+    combo = np.zeros(n, dtype=np.int64)
+    for values in columns:
+        codes, uniques = pd.factorize(values, use_na_sentinel=False)
+        codes = np.asarray(codes, dtype=np.int64)
+        per_column.append((codes, uniques))
+        if len(per_column) == 1:
+            combo = codes
+        else:
+            combo = np.asarray(pd.factorize(combo * len(uniques) + codes)[0], dtype=np.int64)
+    k = int(combo.max()) + 1
+    first = np.empty(k, dtype=np.int64)
+    first[combo[::-1]] = np.arange(n - 1, -1, -1)  # last write wins: first occurrence
+    picked = [(codes[first], uniques) for codes, uniques in per_column]
+    key_values = [tuple(u[int(c[j])] for c, u in picked) for j in range(k)]
+    return combo, key_values
+
+
+def _group_rows(index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Row positions per model from one stable sort of the (small integer) model codes."""
+    if not names:
+        return {}
+    small = index.astype(np.int16) if len(names) < 32_000 else index
+    order = np.argsort(small, kind="stable")
+    counts = np.bincount(index + 1, minlength=len(names) + 1)
+    bounds = np.cumsum(counts)
+    return {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}

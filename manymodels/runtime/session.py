@@ -221,6 +221,15 @@ class SessionCache:
             self._pinned.add(name)
         return self.get(name)
 
+    def peek(self, name: str) -> LoadedModel | None:
+        """The model if it is resident (marked as just used), else ``None``; never loads."""
+        model = self._items.get(name)
+        if model is not None:
+            with self._lock:
+                if name in self._items:
+                    self._items.move_to_end(name)
+        return model
+
     def get(self, name: str) -> LoadedModel:
         """Return the loaded model, loading it (once) if needed."""
         model = self._items.get(name)

@@ -1,0 +1,130 @@
+"""Read input pieces in bounded chunks and write Parquet parts, with pyarrow only.
+
+Files are never read whole: Parquet pieces are read a few row groups at a time (up to
+``chunk_rows``), CSV files are streamed block by block. Only the columns scoring needs
+are read. Hive partition values are added as constant columns when the file lacks them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+__all__ = ["Chunk", "PartWriter", "read_chunks"]
+
+#: CSV columns read as strings: scoring validates and converts them row by row, so one
+#: bad value rejects one row instead of failing the whole file half-way.
+CSV_BLOCK_BYTES = 8 << 20
+
+
+class Chunk:
+    """Rows of one piece: the table and the input row number of its first row."""
+
+    __slots__ = ("offset", "table")
+
+    def __init__(self, table: pa.Table, offset: int) -> None:
+        self.table = table
+        self.offset = offset
+
+
+def _with_partitions(table: pa.Table, partitions: dict[str, str]) -> pa.Table:
+    """Add each hive ``key=value`` of the path as a constant (dictionary) column."""
+    for key, value in partitions.items():
+        if key not in table.column_names:
+            codes = pa.array(np.zeros(table.num_rows, dtype=np.int32))
+            table = table.append_column(key, pa.DictionaryArray.from_arrays(codes, [value]))
+    return table
+
+
+def read_parquet_chunks(path: Path, start: int, stop: int, columns: Sequence[str],
+                        partitions: dict[str, str], chunk_rows: int) -> Iterator[Chunk]:
+    """Row groups ``[start, stop)`` of a Parquet file, a few groups per chunk."""
+    handle = pq.ParquetFile(path)
+    meta = handle.metadata
+    present = [c for c in columns if c in set(handle.schema_arrow.names)]
+    offset = sum(meta.row_group(i).num_rows for i in range(start))
+    group: list[int] = []
+    rows = 0
+    for i in range(start, stop):
+        group.append(i)
+        rows += meta.row_group(i).num_rows
+        if rows >= chunk_rows or i == stop - 1:
+            table = handle.read_row_groups(group, columns=present)
+            yield Chunk(_with_partitions(table, partitions), offset)
+            offset += table.num_rows
+            group, rows = [], 0
+
+
+def read_csv_chunks(path: Path, columns: Sequence[str], partitions: dict[str, str],
+                    chunk_rows: int) -> Iterator[Chunk]:
+    """A CSV file streamed in blocks, regrouped into chunks of about ``chunk_rows``."""
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                   strings_can_be_null=True)
+    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                            convert_options=convert)
+    offset = 0
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in reader:
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= chunk_rows:
+            table = pa.Table.from_batches(pending)
+            yield Chunk(_with_partitions(table, partitions), offset)
+            offset += rows
+            pending, rows = [], 0
+    if pending:
+        yield Chunk(_with_partitions(pa.Table.from_batches(pending), partitions), offset)
+
+
+def read_chunks(path: Path, fmt: str, start: int, stop: int, columns: Sequence[str],
+                partitions: dict[str, str], chunk_rows: int) -> Iterator[Chunk]:
+    """The rows of one piece in chunks of about ``chunk_rows`` (bounded memory)."""
+    if fmt == "parquet":
+        return read_parquet_chunks(path, start, stop, columns, partitions, chunk_rows)
+    return read_csv_chunks(path, columns, partitions, chunk_rows)
+
+
+class PartWriter:
+    """Write one Parquet part chunk by chunk, fsynced on close (opened lazily)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        elif table.schema != self._writer.schema:
+            table = table.cast(self._writer.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> Path | None:
+        """Finish the file and make it durable; ``None`` when nothing was written."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is discarded anyway
+                pass
+        self.path.unlink(missing_ok=True)

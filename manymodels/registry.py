@@ -1,0 +1,334 @@
+"""The MLflow model registry for bundles: one registered-model version per bundle.
+
+Thousands of segment models would drown a registry if each were registered; a bundle is
+registered once, as one version of one registered model, with the numbers that matter as
+version tags. Everything goes through :class:`mlflow.MlflowClient`; MLflow errors become
+:class:`~manymodels.errors.RegistryError` here, at the boundary.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, otherwise ``sqlite:///mlruns.db`` in the
+working directory, with the artifacts beside the database (``mlartifacts/``).
+
+:func:`resolve_bundle` is how every later step (serve, batch, inspect, validate) opens a
+bundle: a directory path, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Registry
+versions are downloaded once into a local cache and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from manymodels.bundle import BundleSummary, summarise
+from manymodels.errors import BundleError, RegistryError
+from manymodels.runtime import MANIFEST_FILE, read_manifest
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = [
+    "ARTIFACT_PATH",
+    "DEFAULT_TRACKING_URI",
+    "EXPERIMENT",
+    "ModelSummary",
+    "RegisteredBundle",
+    "cache_dir",
+    "list_models",
+    "parse_models_uri",
+    "promote",
+    "register_bundle",
+    "resolve_bundle",
+    "resolve_version",
+    "tracking_uri",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+#: Experiment that holds the MLflow runs logging bundles.
+EXPERIMENT = "manymodels"
+#: Artifact path of the bundle directory inside its MLflow run.
+ARTIFACT_PATH = "bundle"
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The MLflow store to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the local SQLite."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    """Directory of a ``sqlite:///`` database file (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):])).expanduser().resolve().parent
+
+
+@contextmanager
+def _mlflow_errors(action: str) -> Iterator[None]:
+    """Turn MLflow's exceptions into one RegistryError that says what was being done."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow registry failed to {action}: {exc.message}") from exc
+    except OSError as exc:
+        raise RegistryError(f"MLflow registry failed to {action}: {exc}") from exc
+
+
+def _client(uri: str | None) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    with _mlflow_errors(f"open the store {resolved}"):
+        return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+def _experiment_id(client: MlflowClient, uri: str) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    db_dir = _sqlite_dir(uri)
+    # With a local SQLite store MLflow would put artifacts under the *current* directory;
+    # keep them next to the database instead, so the store is one self-contained place.
+    location = (db_dir / "mlartifacts").as_uri() if db_dir is not None else None
+    return str(client.create_experiment(EXPERIMENT, artifact_location=location))
+
+
+# -- register -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegisteredBundle:
+    """One registered-model version holding a bundle."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    alias: str | None
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _data_window(raw: Mapping[str, Any]) -> str | None:
+    """The training data's time window, if the run recorded one."""
+    window = raw.get("data_window")
+    if window is None and isinstance(raw.get("data"), Mapping):
+        window = raw["data"].get("window")
+    if isinstance(window, Mapping):
+        start = window.get("start", window.get("min"))
+        end = window.get("end", window.get("max"))
+        if start is None and end is None:
+            return None
+        column = f"{window['column']} " if window.get("column") else ""
+        return f"{column}{start}..{end}"
+    if isinstance(window, list | tuple) and len(window) == 2:
+        return f"{window[0]}..{window[1]}"
+    return str(window) if window else None
+
+
+def version_tags(summary: BundleSummary, raw: Mapping[str, Any]) -> dict[str, str]:
+    """Tags of a registered version: the numbers a user compares versions by."""
+    tags = {
+        "manymodels.models": str(len(summary.models)),
+        "manymodels.segment_models": str(summary.segment_models),
+        "manymodels.failed_segments": str(len(summary.failed)),
+        "manymodels.bundle_version": summary.version,
+        "manymodels.segment_columns": ",".join(summary.segment_columns),
+        "manymodels.bytes": str(summary.total_bytes),
+    }
+    if summary.run_id:
+        tags["manymodels.run_id"] = str(summary.run_id)
+    window = _data_window(raw)
+    if window:
+        tags["manymodels.data_window"] = window
+    if summary.metric_name:
+        for stat, value in summary.metric_summary().items():
+            tags[f"manymodels.{summary.metric_name}.{stat}"] = f"{value:.6g}"
+    return tags
+
+
+def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
+                    alias: str | None = None, uri: str | None = None) -> RegisteredBundle:
+    """Log ``bundle_dir`` as the artifacts of one MLflow run and register it as one version.
+
+    Parameters
+    ----------
+    bundle_dir
+        A bundle written by :func:`manymodels.bundle.package_run`.
+    name
+        Registered-model name (default: the bundle's name).
+    alias
+        Alias to point at the new version (e.g. ``champion``).
+    uri
+        Tracking/registry URI (default: :func:`tracking_uri`).
+    """
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    if manifest.raw.get("kind") != "bundle":
+        raise BundleError(f"{root} is a '{manifest.raw.get('kind')}' directory, not a bundle; "
+                          "run `manymodels package` first")
+    summary = summarise(manifest)
+    model_name = name or manifest.name
+    tags = version_tags(summary, manifest.raw)
+    resolved = tracking_uri(uri)
+    client = _client(resolved)
+    with _mlflow_errors(f"register {root} as '{model_name}'"):
+        run = client.create_run(_experiment_id(client, resolved),
+                                run_name=f"{model_name}-{summary.version}", tags=tags)
+        run_id = run.info.run_id
+        client.log_artifacts(run_id, str(root), ARTIFACT_PATH)
+        client.set_terminated(run_id)
+        if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+            client.create_registered_model(
+                model_name, description="A manymodels bundle: one ONNX model per segment.")
+        source = f"runs:/{run_id}/{ARTIFACT_PATH}"
+        version = client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+        if alias:
+            client.set_registered_model_alias(model_name, alias, version.version)
+    return RegisteredBundle(model_name, str(version.version), run_id, source, alias, tags)
+
+
+# -- list / promote -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSummary:
+    """One registered model: its versions and aliases."""
+
+    name: str
+    versions: list[str]
+    latest: str | None
+    aliases: dict[str, str]  # alias -> version
+    tags: dict[str, str]  # tags of the latest version
+
+
+def list_models(uri: str | None = None) -> list[ModelSummary]:
+    """Every registered model of the store with its versions and aliases."""
+    client = _client(uri)
+    out: list[ModelSummary] = []
+    with _mlflow_errors("list registered models"):
+        for model in client.search_registered_models(max_results=1000):
+            versions = sorted(client.search_model_versions(f"name = '{model.name}'"),
+                              key=lambda v: int(v.version))
+            latest = versions[-1] if versions else None
+            out.append(ModelSummary(
+                name=model.name, versions=[str(v.version) for v in versions],
+                latest=str(latest.version) if latest else None,
+                aliases={str(a): str(v) for a, v in (model.aliases or {}).items()},
+                tags=dict(latest.tags) if latest else {},
+            ))
+    return sorted(out, key=lambda m: m.name)
+
+
+def promote(name: str, version: str | int, alias: str = "champion",
+            uri: str | None = None) -> str | None:
+    """Point ``alias`` of registered model ``name`` at ``version``.
+
+    Returns the version the alias pointed at before (None if it is new), so the caller
+    can say what changed and how to roll back.
+    """
+    client = _client(uri)
+    with _mlflow_errors(f"set alias '{alias}' of '{name}' to version {version}"):
+        client.get_model_version(name, str(version))  # a clear error for a missing version
+        aliases = client.get_registered_model(name).aliases or {}
+        previous = aliases.get(alias)
+        client.set_registered_model_alias(name, alias, str(version))
+    return str(previous) if previous is not None else None
+
+
+# -- resolve ------------------------------------------------------------------------------
+def parse_models_uri(source: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` into (name, version, alias)."""
+    match = _MODELS_URI.match(source)
+    if match is None:
+        raise BundleError(f"'{source}' is not a registry URI; use models:/NAME/VERSION or "
+                          "models:/NAME@ALIAS")
+    return match["name"], match["version"], match["alias"]
+
+
+def resolve_version(source: str, uri: str | None = None) -> RegisteredBundle:
+    """Look up the registered version a ``models:/`` URI names (aliases resolved)."""
+    name, version, alias = parse_models_uri(source)
+    client = _client(uri)
+    with _mlflow_errors(f"find {source}"):
+        mv = (client.get_model_version_by_alias(name, alias) if alias
+              else client.get_model_version(name, str(version)))
+    return RegisteredBundle(name, str(mv.version), str(mv.run_id or ""), str(mv.source), alias,
+                            dict(mv.tags))
+
+
+def cache_dir() -> Path:
+    """Where registry downloads are kept: ``MANYMODELS_CACHE_DIR`` or ``~/.cache/manymodels``."""
+    explicit = os.environ.get("MANYMODELS_CACHE_DIR")
+    return Path(explicit) if explicit else Path.home() / ".cache" / "manymodels"
+
+
+def _download(found: RegisteredBundle, uri: str, target: Path) -> Path:
+    """Download a version's bundle into ``target`` through a temp dir and a rename."""
+    import mlflow.artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with _mlflow_errors(f"download models:/{found.name}/{found.version}"):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=found.source, dst_path=str(tmp), tracking_uri=uri))
+        if not (local / MANIFEST_FILE).is_file():
+            raise BundleError(f"models:/{found.name}/{found.version} (source {found.source}) "
+                              f"holds no {MANIFEST_FILE}; it was not registered by manymodels")
+        try:
+            os.replace(local, target)
+        except OSError:
+            if not (target / MANIFEST_FILE).is_file():  # not a concurrent download: real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
+                   cache: str | os.PathLike[str] | None = None) -> Path:
+    """A local directory that :class:`manymodels.runtime.Bundle` can open.
+
+    Parameters
+    ----------
+    source
+        A bundle (or run) directory, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``.
+    uri
+        Tracking/registry URI for ``models:/`` sources (default: :func:`tracking_uri`).
+    cache
+        Download cache (default: :func:`cache_dir`). A version's content never changes,
+        so a version downloaded once is reused; an alias is looked up on every call.
+    """
+    text = os.fspath(source)
+    if not text.startswith("models:"):
+        path = Path(text)
+        if not (path / MANIFEST_FILE).is_file():
+            raise BundleError(f"{path} is not a bundle directory ({MANIFEST_FILE} is missing) "
+                              "and not a models:/NAME/VERSION or models:/NAME@ALIAS URI")
+        return path
+    resolved = tracking_uri(uri)
+    found = resolve_version(text, resolved)
+    store = hashlib.sha256(_store_identity(resolved).encode()).hexdigest()[:12]
+    target = Path(cache or cache_dir()) / "registry" / store / found.name / found.version
+    if (target / MANIFEST_FILE).is_file():
+        return target
+    return _download(found, resolved, target)
+
+
+def _store_identity(uri: str) -> str:
+    """One string per store, so two stores' ``oj-sales/3`` never share a cache entry."""
+    db_dir = _sqlite_dir(uri)
+    if db_dir is not None:
+        return f"sqlite:{db_dir / Path(urlparse(uri).path).name}"
+    return uri

@@ -1,0 +1,273 @@
+"""The FastAPI application: every model of a bundle behind one endpoint.
+
+Routes are thin: read the body (:func:`~.dataplane.read_json`), call the data plane,
+return orjson bytes. Handlers are ``async def`` and score small requests on the event
+loop (tens of microseconds), because a thread hop per request doubles the CPU cost;
+model loads and large requests go to a thread pool, so they never stall other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.requests import Request
+from starlette.responses import Response
+
+from manymodels.errors import BundleError
+
+from . import schemas
+from .dataplane import (
+    Prediction,
+    Table,
+    dumps,
+    parse_table,
+    read_json,
+    route_rows,
+    score_groups,
+    score_model,
+)
+from .errors import MalformedBody, install_error_handlers
+from .registry import ModelRegistry, ServedModel
+from .settings import ServeSettings
+from .v2 import make_v2_router
+
+__all__ = ["create_app", "create_app_from_env", "resolve_source"]
+
+log = logging.getLogger("manymodels.serve")
+
+SCORE_FIELDS = ("data", "dataframe_split", "dataframe_records")
+INVOCATION_FIELDS = ("dataframe_split", "dataframe_records", "instances")
+JSON = "application/json"
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A bundle directory from a path or a registry URI (``models:/name@alias``)."""
+    text = os.fspath(source)
+    if text.startswith("models:/"):
+        from manymodels.registry import resolve_bundle  # lazy: MLflow only when asked for
+
+        return Path(resolve_bundle(text))
+    path = Path(text)
+    if not path.is_dir():
+        raise BundleError(f"bundle directory {path} does not exist; pass a directory made by "
+                          f"`manymodels package` or a registry URI models:/<name>@<alias>")
+    return path
+
+
+async def models_for(registry: ModelRegistry, names: Iterable[str]) -> dict[str, ServedModel]:
+    """The served models ``names``: hits at once, misses loaded in parallel off the loop."""
+    out: dict[str, ServedModel] = {}
+    misses = []
+    for name in names:
+        hit = registry.cached(name)
+        if hit is None:
+            misses.append(name)
+        else:
+            out[name] = hit
+    if misses:
+        loaded = await asyncio.gather(*(registry.get(n) for n in misses))
+        out.update(zip(misses, loaded, strict=True))
+    return out
+
+
+class Scorer:
+    """The two ways to address a model, shared by ``/score`` and ``/invocations``."""
+
+    def __init__(self, registry: ModelRegistry, inline_rows: int) -> None:
+        self.registry = registry
+        self.inline_rows = inline_rows
+        self.task = registry.bundle.manifest.task
+
+    async def named(self, name: Any, table: Table) -> Prediction:
+        if not isinstance(name, str):
+            raise MalformedBody(f"'model' must be a model name (a string), not {name!r}")
+        served = await self.registry.get(name)
+        if table.n > self.inline_rows:
+            return await self.registry.run_in_thread(score_model, served, table)  # type: ignore[no-any-return]
+        return score_model(served, table)
+
+    async def routed(self, table: Table) -> tuple[Prediction, list[str], list[bool]]:
+        routing = route_rows(self.registry, table)
+        models = await models_for(self.registry, routing.groups)
+        if table.n > self.inline_rows:
+            prediction = await self.registry.run_in_thread(score_groups, models, routing, table,
+                                                           self.task)
+        else:
+            prediction = score_groups(models, routing, table, self.task)
+        return prediction, routing.model, routing.fallback
+
+
+def _with_classes(payload: dict[str, Any], prediction: Prediction) -> dict[str, Any]:
+    if prediction.probabilities is not None:
+        payload["probabilities"] = prediction.probabilities
+        payload["classes"] = list(prediction.classes or [])
+    return payload
+
+
+def _model_list(registry: ModelRegistry) -> dict[str, Any]:
+    manifest = registry.bundle.manifest
+    return {
+        "bundle": manifest.name, "version": registry.version,
+        "segment_columns": list(manifest.segment_columns),
+        "models": [{"name": name, "level": e.level, "segment": e.key, "algorithm": e.algorithm,
+                    "kind": e.kind, "inputs": [{"name": c.name, "dtype": c.dtype}
+                                               for c in e.inputs],
+                    "tags": e.raw.get("tags", {}), "loaded": name in registry.cache}
+                   for name, e in manifest.models.items()],
+    }
+
+
+def _add_routes(app: FastAPI, registry: ModelRegistry, settings: ServeSettings) -> None:
+    scorer = Scorer(registry, settings.inline_rows)
+    limit = settings.max_body_bytes
+    process = psutil.Process()
+
+    @app.post("/score", tags=["scoring"], response_class=Response,
+              summary="Score rows with a named model, or route them by segment key",
+              openapi_extra=schemas.body("ScoreRequest"),
+              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
+    async def score(request: Request) -> Response:
+        """Azure-ML style scoring.
+
+        With ``"model"``, every row is scored by that model and the reply is
+        ``{"model", "predictions"}``. Without it, each row's segment columns pick its
+        model down the fallback chain and the reply gives, per row in input order, the
+        prediction, the model that produced it and whether a fallback was used.
+        """
+        body = await read_json(request, limit)
+        if not isinstance(body, dict):
+            raise MalformedBody("the body must be a JSON object with 'data' or "
+                                "'dataframe_split' (and optionally 'model')")
+        table = parse_table(body, SCORE_FIELDS)
+        name = body.get("model")
+        if name is not None:
+            prediction = await scorer.named(name, table)
+            payload = {"model": name, "predictions": prediction.prediction}
+        else:
+            prediction, models, fallback = await scorer.routed(table)
+            payload = {"predictions": prediction.prediction, "model": models,
+                       "fallback": fallback}
+        return Response(dumps(_with_classes(payload, prediction)), media_type=JSON)
+
+    @app.post("/invocations", tags=["scoring"], response_class=Response,
+              summary="MLflow scoring-server protocol, routed by segment columns",
+              openapi_extra=schemas.body("InvocationsRequest"),
+              responses=schemas.reply("InvocationsResponse", 400, 404, 413, 415, 422, 503))
+    async def invocations(request: Request) -> Response:
+        """Takes ``dataframe_split``, ``dataframe_records`` or ``instances`` like
+        ``mlflow models serve``; ``"params": {"model": name}`` skips the routing."""
+        body = await read_json(request, limit)
+        if not isinstance(body, dict):
+            raise MalformedBody("the body must be a JSON object with 'dataframe_split' or "
+                                "'dataframe_records'")
+        table = parse_table(body, INVOCATION_FIELDS)
+        params = body.get("params") or {}
+        name = params.get("model") if isinstance(params, dict) else None
+        if name is not None:
+            prediction = await scorer.named(name, table)
+            models, fallback = [name] * table.n, [False] * table.n
+        else:
+            prediction, models, fallback = await scorer.routed(table)
+        values = prediction.prediction.tolist()
+        records = [{"prediction": p, "model": m, "fallback": f}
+                   for p, m, f in zip(values, models, fallback, strict=True)]
+        return Response(dumps({"predictions": records}), media_type=JSON)
+
+    @app.get("/models", tags=["models"], response_class=Response,
+             summary="List the models: names, segments, tags, loaded or not",
+             responses=schemas.reply("ModelList"))
+    async def list_models() -> Response:
+        return Response(dumps(_model_list(registry)), media_type=JSON)
+
+    @app.get("/stats", tags=["health"], response_class=Response,
+             summary="Model cache and process memory (resident bytes)")
+    async def stats() -> Response:
+        return Response(dumps({**registry.stats(), "rss": process.memory_info().rss,
+                               "pid": os.getpid()}), media_type=JSON)
+
+    @app.get("/ping", tags=["health"], response_class=Response,
+             summary="Liveness, as MLflow's scoring server answers it")
+    @app.get("/health", tags=["health"], response_class=Response, include_in_schema=True,
+             summary="Liveness")
+    async def ping() -> Response:
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+
+def _custom_openapi(app: FastAPI) -> Any:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version,
+                                   description=app.description, routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(
+                schemas.COMPONENTS)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    return openapi
+
+
+def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the application for ``settings.bundle`` (or a ready ``registry``)."""
+    if registry is None:
+        if settings.bundle is None:
+            raise BundleError("no bundle to serve: pass a bundle directory or models:/ URI "
+                              "(or set MANYMODELS_BUNDLE)")
+        registry = ModelRegistry(resolve_source(settings.bundle), max_bytes=settings.max_bytes,
+                                 optimisation=settings.optimisation,
+                                 load_threads=settings.load_threads)
+    preload = registry.preload_names(settings.preload)
+    started = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.pin_fallbacks:
+            await registry.run_in_thread(registry.pin_fallbacks)
+        task = None
+        if preload:
+            registry.preloading = True
+            task = asyncio.ensure_future(registry.run_in_thread(registry.preload, preload))
+        started["ready"] = True
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            registry.close()
+
+    app = FastAPI(title="manymodels", version=_version(), lifespan=lifespan,
+                  description=f"Serves the {len(registry.bundle.manifest.models)} models of "
+                  f"bundle '{registry.bundle.manifest.name}' by name, by segment key and "
+                  f"over the Open Inference Protocol (V2).")
+    app.state.registry = registry
+    app.state.settings = settings
+    install_error_handlers(app)
+    _add_routes(app, registry, settings)
+    app.include_router(make_v2_router(registry, settings.max_body_bytes,
+                                      lambda: started["ready"] and not registry.preloading))
+    app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("manymodels")
+    except PackageNotFoundError:
+        return "0"
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings from the ``MANYMODELS_*`` environment."""
+    settings = ServeSettings()
+    logging.getLogger("manymodels").setLevel(settings.log_level.upper())
+    return create_app(settings)

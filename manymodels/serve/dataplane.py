@@ -1,0 +1,372 @@
+"""Request bodies → checked numpy inputs → predictions, independent of the HTTP routes.
+
+This is the hot path, so it does no per-request work that can be done when a model
+loads, and no pandas: the JSON body is parsed by orjson, columns become numpy arrays
+directly, rows are grouped by the model that serves them in one pass, and each group
+goes through one ``session.run``. Every rule of "bad input" is still checked here:
+missing, extra and wrongly typed columns raise :class:`InputSchemaError` naming the
+column and the model's schema; a body of the wrong shape raises :class:`MalformedBody`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+
+from manymodels.errors import InputSchemaError, ScoringError, SegmentNotFound
+from manymodels.runtime.session import as_string_column
+
+from .errors import BodyTooLarge, MalformedBody, UnsupportedMediaType
+from .registry import ModelRegistry, ServedModel
+
+__all__ = [
+    "Prediction",
+    "Table",
+    "parse_table",
+    "read_json",
+    "route_rows",
+    "score_groups",
+    "score_model",
+    "to_float_column",
+    "to_string_column",
+]
+
+Columns = dict[str, Sequence[Any]]
+
+
+# -- body -----------------------------------------------------------------------------------
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
+    """The parsed JSON body, after the content type and size checks (415, 413, 400).
+
+    An empty body is an error unless ``empty`` gives the value to use instead.
+    """
+    content_type = length = None
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            content_type = value
+        elif key == b"content-length":
+            length = value
+    if content_type is not None and not _is_json(content_type):
+        raise UnsupportedMediaType(content_type.decode("latin-1"))
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise MalformedBody(f"Content-Length '{length.decode('latin-1')}' is not a number") \
+                from None
+        if declared > limit:
+            raise BodyTooLarge(limit)
+        body = await request.body()
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    if not body:
+        if empty is not None:
+            return empty
+        raise MalformedBody("the request body is empty; send a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"the request body is not valid JSON: {exc}") from None
+
+
+# -- tables ---------------------------------------------------------------------------------
+@dataclass
+class Table:
+    """Rows of a request as columns of equal length."""
+
+    columns: Columns
+    n: int
+
+
+def _records(records: list[Any], field: str) -> Table:
+    if not records:
+        raise MalformedBody(f"'{field}' holds no rows")
+    first = records[0]
+    if not isinstance(first, dict):
+        raise MalformedBody(f"'{field}' must be a list of row objects "
+                            f"({{column: value}}), not a list of {type(first).__name__}")
+    keys = first.keys()
+    for i, row in enumerate(records):
+        if not isinstance(row, dict) or row.keys() != keys:
+            if not isinstance(row, dict):
+                raise MalformedBody(f"row {i} of '{field}' is a {type(row).__name__}, "
+                                    f"not an object")
+            missing = sorted(set(keys) - set(row))
+            extra = sorted(set(row) - set(keys))
+            raise InputSchemaError(
+                f"row {i} of '{field}' has different columns than row 0"
+                + (f"; it lacks {', '.join(missing)}" if missing else "")
+                + (f"; it adds {', '.join(extra)}" if extra else ""))
+    return Table({k: [row[k] for row in records] for k in keys}, len(records))
+
+
+def _column_dict(data: dict[str, Any], field: str) -> Table:
+    lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in data.items()}
+    if not lengths:
+        raise MalformedBody(f"'{field}' holds no columns")
+    bad = [k for k, n in lengths.items() if n < 0]
+    if bad:
+        raise MalformedBody(f"column '{bad[0]}' of '{field}' must be a list of values")
+    n = next(iter(lengths.values()))
+    uneven = [k for k, m in lengths.items() if m != n]
+    if uneven:
+        raise InputSchemaError(f"column '{uneven[0]}' of '{field}' has {lengths[uneven[0]]} "
+                               f"values, the first column has {n}; columns must be equally long")
+    if n == 0:
+        raise MalformedBody(f"'{field}' holds no rows")
+    return Table(data, n)
+
+
+def _split(split: Any) -> Table:
+    if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
+            or not isinstance(split.get("data"), list):
+        raise MalformedBody("'dataframe_split' must be an object with 'columns' (a list of "
+                            "names) and 'data' (a list of rows, each a list of values)")
+    names, rows = split["columns"], split["data"]
+    if not rows:
+        raise MalformedBody("'dataframe_split' holds no rows")
+    width = len(names)
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != width:
+            raise InputSchemaError(f"row {i} of 'dataframe_split' has "
+                                   f"{len(row) if isinstance(row, list) else 'no list of'} "
+                                   f"values for {width} columns ({', '.join(map(str, names))})")
+    if len(set(names)) != width:
+        raise InputSchemaError(f"'dataframe_split' repeats a column name: {names}")
+    return Table({str(c): list(v) for c, v in zip(names, zip(*rows, strict=True),
+                                                  strict=True)}, len(rows))
+
+
+def parse_table(body: Mapping[str, Any], fields: Sequence[str]) -> Table:
+    """The rows of ``body`` from the first of ``fields`` it has.
+
+    ``data`` / ``dataframe_records`` / ``instances`` hold a list of row objects (or, for
+    ``data``, an object of column lists); ``dataframe_split`` holds columns + rows.
+    """
+    for field in fields:
+        if field not in body:
+            continue
+        value = body[field]
+        if field == "dataframe_split":
+            return _split(value)
+        if isinstance(value, list):
+            return _records(value, field)
+        if isinstance(value, dict) and field == "data":
+            return _column_dict(value, field)
+        raise MalformedBody(f"'{field}' must be a list of row objects, not "
+                            f"{type(value).__name__}")
+    raise MalformedBody(f"the body must hold one of: {', '.join(fields)}")
+
+
+# -- typed columns --------------------------------------------------------------------------
+def _schema_error(served: ServedModel, column: str, problem: str) -> InputSchemaError:
+    return InputSchemaError(f"column '{column}' {problem} for model '{served.name}' "
+                            f"(schema: {served.loaded.schema_text()})")
+
+
+def _as_array(values: Any, column: str, served: ServedModel) -> np.ndarray:
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError):
+        raise _schema_error(served, column, "must hold one scalar per row") from None
+    if arr.ndim != 1:
+        raise _schema_error(served, column, "must hold one scalar per row, not lists")
+    return arr
+
+
+def to_float_column(values: Any, column: str, served: ServedModel) -> np.ndarray:
+    """Numbers as float32 (null → NaN); strings, objects and lists are refused (422)."""
+    arr = _as_array(values, column, served)
+    kind = arr.dtype.kind
+    if kind in "fiub":
+        return arr.astype(np.float32)
+    if kind == "O":
+        for i, v in enumerate(arr):
+            if v is not None and (isinstance(v, str) or not isinstance(v, int | float)):
+                raise _schema_error(served, column, f"must be numeric; row {i} holds {v!r}")
+        return np.array([math.nan if v is None else v for v in arr], dtype=np.float32)
+    first = next((v for v in arr if not isinstance(v, int | float)), arr[0])
+    raise _schema_error(served, column, f"must be numeric; it holds {first!r}")
+
+
+def to_string_column(values: Any, column: str, served: ServedModel) -> np.ndarray:
+    """Strings (numbers become their key form, ``42.0`` → ``"42"``); null is refused."""
+    arr = _as_array(values, column, served)
+    if arr.dtype.kind == "O":
+        for i, v in enumerate(arr):
+            if v is None or isinstance(v, dict | list):
+                raise _schema_error(served, column, f"must be a string; row {i} holds {v!r}")
+    return as_string_column(arr)
+
+
+def _check_missing(served: ServedModel, present: Mapping[str, Any]) -> None:
+    missing = [c for c in served.loaded.input_names if c not in present]
+    if missing:
+        raise InputSchemaError(
+            f"missing column(s) {', '.join(missing)} for model '{served.name}' "
+            f"(schema: {served.loaded.schema_text()})")
+
+
+def check_columns(served: ServedModel, present: Mapping[str, Any]) -> None:
+    _check_missing(served, present)
+    extra = [c for c in present if c not in served.allowed]
+    if extra:
+        raise InputSchemaError(
+            f"unexpected column(s) {', '.join(extra)} for model '{served.name}' "
+            f"(schema: {served.loaded.schema_text()}; segment columns are also accepted)")
+
+
+class FeedBuilder:
+    """Typed columns of one request, converted once however many models use them."""
+
+    def __init__(self, columns: Columns) -> None:
+        self.columns = columns
+        self._floats: dict[str, np.ndarray] = {}
+        self._strings: dict[str, np.ndarray] = {}
+
+    def feed(self, served: ServedModel, rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        strings = served.loaded.string_inputs
+        for name in served.loaded.input_names:
+            if name in strings:
+                arr = self._strings.get(name)
+                if arr is None:
+                    arr = self._strings[name] = to_string_column(self.columns[name], name, served)
+            else:
+                arr = self._floats.get(name)
+                if arr is None:
+                    arr = self._floats[name] = to_float_column(self.columns[name], name, served)
+            out[name] = (arr if rows is None else arr[rows]).reshape(-1, 1)
+        return out
+
+
+# -- scoring --------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """Predictions of one request in input row order."""
+
+    prediction: np.ndarray
+    probabilities: np.ndarray | None = None
+    classes: Sequence[Any] | None = None
+
+
+def _run(served: ServedModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        return served.loaded.run(feed)
+    except Exception as exc:  # onnxruntime raises its own non-exported exception types
+        if type(exc).__name__ in ("InvalidArgument", "InvalidArgumentError"):
+            raise InputSchemaError(f"model '{served.name}' rejected the input "
+                                   f"(schema: {served.loaded.schema_text()}): {exc}") from exc
+        raise ScoringError(f"model '{served.name}' failed to score: {exc}") from exc
+
+
+def score_model(served: ServedModel, table: Table) -> Prediction:
+    """Score every row of ``table`` with one model (schema checked: 422 on mismatch)."""
+    check_columns(served, table.columns)
+    labels, proba = _run(served, FeedBuilder(table.columns).feed(served, None))
+    return Prediction(labels, proba, served.loaded.entry.classes)
+
+
+@dataclass
+class Routing:
+    """Model per row and the rows of each model, from the fallback chain."""
+
+    groups: dict[str, list[int]]
+    model: list[str]
+    fallback: list[bool]
+
+
+def route_rows(registry: ModelRegistry, table: Table) -> Routing:
+    """Group rows by the model their segment key routes to (unknown keys fall back)."""
+    segment_columns = registry.segment_columns
+    bundle = registry.bundle
+    missing = [c for c in segment_columns if c not in table.columns]
+    if missing:
+        raise InputSchemaError(
+            f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
+            f"(segment columns: {', '.join(segment_columns)}); or name the model with "
+            f"\"model\"")
+    extra = [c for c in table.columns if c not in registry.bundle_columns]
+    if extra:
+        raise InputSchemaError(
+            f"unexpected column(s) {', '.join(extra)}: no model of the bundle takes them "
+            f"(columns: {', '.join(sorted(registry.bundle_columns))})")
+    n = table.n
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    try:
+        for i, key in enumerate(zip(*(table.columns[c] for c in segment_columns), strict=True)):
+            rows = by_key.get(key)
+            if rows is None:
+                by_key[key] = [i]
+            else:
+                rows.append(i)
+    except TypeError:
+        raise InputSchemaError(f"segment columns ({', '.join(segment_columns)}) must hold "
+                               f"strings or numbers") from None
+    if not segment_columns:
+        by_key = {(): list(range(n))}
+    groups: dict[str, list[int]] = {}
+    model: list[str] = [""] * n
+    fallback = [False] * n
+    for key, rows in by_key.items():
+        if any(v is None for v in key):
+            nulls = [c for c, v in zip(segment_columns, key, strict=True) if v is None]
+            raise InputSchemaError(f"row {rows[0]} has a null segment key in "
+                                   f"{', '.join(nulls)}; every row needs a segment key")
+        name, used_fallback = bundle.resolve_key(key)
+        if name is None:
+            raise SegmentNotFound(dict(zip(segment_columns, key, strict=True)))
+        groups.setdefault(name, []).extend(rows)
+        for r in rows:
+            model[r] = name
+            if used_fallback:
+                fallback[r] = True
+    return Routing(groups, model, fallback)
+
+
+def score_groups(models: Mapping[str, ServedModel], routing: Routing, table: Table,
+                 task: str) -> Prediction:
+    """Score each group of routed rows with its model, one ``run`` per group."""
+    n = table.n
+    builder = FeedBuilder(table.columns)
+    classification = task == "classification"
+    prediction = np.full(n, None, dtype=object) if classification else np.empty(n)
+    probabilities: np.ndarray | None = None
+    classes: Sequence[Any] | None = None
+    single = len(routing.groups) == 1
+    for name, rows in routing.groups.items():
+        served = models[name]
+        _check_missing(served, table.columns)
+        index = None if single else np.asarray(rows)
+        labels, proba = _run(served, builder.feed(served, index))
+        target: Any = slice(None) if index is None else index
+        prediction[target] = labels
+        if proba is not None:
+            if probabilities is None:
+                classes = served.loaded.entry.classes
+                probabilities = np.full((n, proba.shape[1]), np.nan)
+            if proba.shape[1] == probabilities.shape[1]:
+                probabilities[target] = proba
+    return Prediction(prediction, probabilities, classes)
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON bytes of a response (numpy arrays serialised natively, NaN → null)."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,155 @@
+"""One table from error class to HTTP status, and the two JSON shapes errors take.
+
+Every failure a request can meet is a :class:`~manymodels.errors.ManyModelsError`;
+:data:`HTTP_STATUS` maps each class to one status (first match in order wins) and the
+handlers below render it once: as an RFC 9457 problem body on the plain routes, as
+``{"error": "..."}`` on the Open Inference Protocol (``/v2``) routes, whose clients
+expect that shape. Foreign exceptions never reach a client with their stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from manymodels.errors import (
+    BundleError,
+    DataError,
+    InputSchemaError,
+    ManyModelsError,
+    ModelLoadError,
+    ModelNotFound,
+    RegistryError,
+    ScoringError,
+    SegmentNotFound,
+    SpecError,
+)
+
+__all__ = [
+    "HTTP_STATUS",
+    "BodyTooLarge",
+    "MalformedBody",
+    "ModelUnavailable",
+    "UnsupportedMediaType",
+    "error_response",
+    "install_error_handlers",
+    "status_for",
+]
+
+log = logging.getLogger("manymodels.serve")
+
+
+class MalformedBody(DataError):
+    """The request body is not JSON, or not the JSON shape the route takes."""
+
+    code = "malformed_body"
+
+
+class UnsupportedMediaType(DataError):
+    """The request's content type is not JSON."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, content_type: str) -> None:
+        super().__init__(f"content type '{content_type}' is not supported; "
+                         f"send the body as JSON with 'Content-Type: application/json'")
+
+
+class BodyTooLarge(DataError):
+    """The body is larger than ``max_body_mb`` allows."""
+
+    code = "body_too_large"
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"request body is larger than {limit_bytes} bytes (--max-body-mb); "
+                         f"split the rows over several requests")
+
+
+class ModelUnavailable(ModelLoadError):
+    """A model of the bundle exists but failed to load; only that model answers 503."""
+
+    code = "model_unavailable"
+
+
+#: Status per error class; the first class that matches wins, so subclasses come first.
+HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
+    (BodyTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (MalformedBody, 400),
+    (InputSchemaError, 422),
+    (ModelNotFound, 404),
+    (SegmentNotFound, 404),
+    (DataError, 422),
+    (SpecError, 400),
+    (ModelLoadError, 503),
+    (BundleError, 503),
+    (RegistryError, 503),
+    (ScoringError, 500),
+]
+
+
+def status_for(exc: ManyModelsError) -> int:
+    """HTTP status of ``exc`` from :data:`HTTP_STATUS` (500 for an unmapped class)."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+_TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           413: "Content Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Content", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+
+
+def _is_v2(request: Request) -> bool:
+    return request.scope.get("path", "").startswith("/v2")
+
+
+def error_response(request: Request, status: int, code: str, message: str) -> Response:
+    """Render one error in the shape the route's clients expect."""
+    if _is_v2(request):
+        body = orjson.dumps({"error": message})
+        return Response(body, status_code=status, media_type="application/json")
+    body = orjson.dumps({"type": f"urn:manymodels:error:{code}",
+                         "title": _TITLES.get(status, "Error"), "status": status,
+                         "detail": message, "code": code})
+    return Response(body, status_code=status, media_type="application/problem+json")
+
+
+async def _handle_manymodels(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ManyModelsError)
+    status = status_for(exc)
+    if status >= 500:
+        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
+    return error_response(request, status, exc.code, exc.message)
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    detail = str(exc.detail)
+    if exc.status_code == 404:
+        detail = f"no route {request.method} {request.url.path}; GET /docs lists the routes"
+    response = error_response(request, exc.status_code, code, detail)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(request, 500, "internal_error",
+                          f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: object) -> None:
+    """Register the handlers on a FastAPI/Starlette app."""
+    add = app.add_exception_handler  # type: ignore[attr-defined]
+    add(ManyModelsError, _handle_manymodels)
+    add(StarletteHTTPException, _handle_http)
+    add(Exception, _handle_unexpected)

@@ -1,0 +1,252 @@
+"""Model name → ready session, loaded lazily off the event loop, bounded in bytes.
+
+The registry wraps a :class:`~manymodels.runtime.Bundle` and gives its session cache a
+loader that also prepares what the HTTP routes need per model (allowed columns, the V2
+metadata body), so that per request the server only looks the model up. A hit is a
+dictionary lookup on the event loop; a miss creates the session in a small thread pool,
+and concurrent first requests for one model share a single load. A model that fails to
+load is remembered with its reason and answers 503, while every other model keeps
+serving; an explicit load retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from manymodels.errors import BundleError, ModelLoadError, ModelNotFound, SpecError
+from manymodels.runtime import Bundle, LoadedModel, SessionCache, load_model
+
+from .errors import ModelUnavailable
+
+__all__ = ["ModelRegistry", "ServedModel", "v2_datatype"]
+
+log = logging.getLogger("manymodels.serve")
+
+_ONNX_TO_V2 = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
+               "tensor(int32)": "INT32", "tensor(string)": "BYTES", "tensor(bool)": "BOOL",
+               "tensor(float16)": "FP16"}
+_NUMPY_TO_V2 = {"f": {4: "FP32", 8: "FP64", 2: "FP16"}, "i": {8: "INT64", 4: "INT32",
+                2: "INT16", 1: "INT8"}, "u": {8: "UINT64", 4: "UINT32", 2: "UINT16",
+                1: "UINT8"}, "b": {1: "BOOL"}}
+
+
+def v2_datatype(arr: np.ndarray) -> str:
+    """Open Inference Protocol datatype of a numpy array (``BYTES`` for strings/objects)."""
+    return _NUMPY_TO_V2.get(arr.dtype.kind, {}).get(arr.dtype.itemsize, "BYTES")
+
+
+def _dims(shape: Iterable[Any]) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+@dataclass
+class ServedModel:
+    """A loaded model plus what the routes need, all computed once at load time."""
+
+    loaded: LoadedModel
+    allowed: frozenset[str]
+    """Columns a request naming this model may carry: its inputs and the segment columns."""
+    float_inputs: tuple[str, ...]
+    v2_metadata: bytes
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def cost_bytes(self) -> int:
+        return self.loaded.cost_bytes
+
+
+class _ServedLoaded(LoadedModel):
+    """A :class:`LoadedModel` that carries its :class:`ServedModel` for the cache."""
+
+    served: ServedModel
+
+
+def _prepare(loaded: LoadedModel, segment_columns: Iterable[str], version: str) -> _ServedLoaded:
+    session = loaded.session
+    metadata = {
+        "name": loaded.name, "versions": [version], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": i.name, "datatype": _ONNX_TO_V2.get(i.type, "BYTES"),
+                    "shape": _dims(i.shape)} for i in session.get_inputs()],
+        "outputs": [{"name": o.name, "datatype": _ONNX_TO_V2.get(o.type, "BYTES"),
+                     "shape": _dims(o.shape)} for o in session.get_outputs()],
+        "parameters": {"kind": loaded.entry.kind, "level": loaded.entry.level,
+                       "segment": loaded.entry.key, "algorithm": loaded.entry.algorithm},
+    }
+    out = _ServedLoaded(**{f: getattr(loaded, f) for f in loaded.__dataclass_fields__})
+    out.served = ServedModel(
+        loaded=out,
+        allowed=frozenset(loaded.input_names) | frozenset(segment_columns),
+        float_inputs=tuple(n for n in loaded.input_names if n not in loaded.string_inputs),
+        v2_metadata=orjson.dumps(metadata),
+    )
+    return out
+
+
+class ModelRegistry:
+    """The models of one bundle, served by name.
+
+    Parameters
+    ----------
+    root
+        Bundle directory.
+    max_bytes
+        Budget of the cache in estimated resident bytes (``None``: unbounded).
+    optimisation
+        onnxruntime graph optimisation level.
+    load_threads
+        Threads that create sessions.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int | None = None,
+                 optimisation: str = "basic", load_threads: int = 2) -> None:
+        self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation)
+        manifest = self.bundle.manifest
+        self.version = str(manifest.raw.get("version") or "1")
+        self.segment_columns = tuple(manifest.segment_columns)
+        self.bundle_columns = frozenset(self.segment_columns).union(
+            *(e.input_names for e in manifest.models.values()))
+        self.cache = SessionCache(self._load, max_bytes=max_bytes)
+        self.bundle.cache = self.cache  # one cache: Bundle's scoring helpers see the same
+        self.failed: dict[str, str] = {}
+        self.pinned: tuple[str, ...] = ()
+        self.preloading = False
+        self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
+        self._inflight: dict[str, asyncio.Future[ServedModel]] = {}
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self, name: str) -> LoadedModel:
+        entry = self.bundle.manifest.models[name]
+        path = self.bundle.root / entry.file
+        if not path.is_file():
+            raise BundleError(f"model file {entry.file} of model '{name}' is missing in "
+                              f"{self.bundle.root}")
+        loaded = load_model(entry, path, self.bundle._options)
+        return _prepare(loaded, self.segment_columns, self.version)
+
+    def knows(self, name: str) -> bool:
+        return name in self.bundle.manifest.models
+
+    def load_sync(self, name: str) -> ServedModel:
+        """Load (or find) ``name`` in the calling thread; raise 404/503-mapped errors."""
+        if not self.knows(name):
+            raise ModelNotFound(name, known=len(self.bundle.manifest.models))
+        try:
+            loaded = self.cache.get(name)
+        except (ModelLoadError, BundleError) as exc:
+            with self._lock:
+                self.failed[name] = exc.message
+            log.warning("model %s failed to load: %s", name, exc.message)
+            raise ModelUnavailable(f"model '{name}' is unavailable: {exc.message}") from exc
+        if name in self.failed:
+            with self._lock:
+                self.failed.pop(name, None)
+        return loaded.served  # type: ignore[attr-defined, no-any-return]
+
+    def cached(self, name: str) -> ServedModel | None:
+        """The model if it is resident (and marked as just used), else ``None``."""
+        loaded = self.cache.peek(name)
+        return None if loaded is None else loaded.served  # type: ignore[attr-defined]
+
+    async def get(self, name: str) -> ServedModel:
+        """The served model ``name``; a miss loads it in a thread, once for all callers."""
+        hit = self.cached(name)
+        if hit is not None:
+            return hit
+        if not self.knows(name):
+            raise ModelNotFound(name, known=len(self.bundle.manifest.models))
+        future = self._inflight.get(name)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = asyncio.ensure_future(loop.run_in_executor(self._executor, self.load_sync,
+                                                                name))
+            self._inflight[name] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(name, None))
+        return await asyncio.shield(future)
+
+    async def run_in_thread(self, func: Any, *args: Any) -> Any:
+        """Run blocking work (a large request, a bulk load) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def unload(self, name: str) -> bool:
+        if not self.knows(name):
+            raise ModelNotFound(name, known=len(self.bundle.manifest.models))
+        return self.cache.unload(name)
+
+    # -- start-up --------------------------------------------------------------------------
+    def pin_fallbacks(self) -> list[str]:
+        """Load the fallback models and keep them resident; returns those that loaded."""
+        pinned = []
+        for name in self.bundle.fallback_models():
+            try:
+                self.cache.pin(name)
+                pinned.append(name)
+            except (ModelLoadError, BundleError) as exc:
+                self.failed[name] = exc.message
+                log.warning("fallback model %s failed to load: %s", name, exc.message)
+        self.pinned = tuple(pinned)
+        return pinned
+
+    def preload_names(self, preload: str) -> list[str]:
+        """Model names that ``--preload`` asks for (``all``, ``none`` or a file of names)."""
+        if preload == "none":
+            return []
+        if preload == "all":
+            return self.bundle.model_names
+        lines = Path(preload).read_text(encoding="utf-8").splitlines()
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        unknown = [n for n in names if not self.knows(n)]
+        if unknown:
+            raise SpecError(f"preload file {preload} names {len(unknown)} model(s) the bundle "
+                            f"does not have, e.g. '{unknown[0]}'; GET /models lists the names")
+        return names
+
+    def preload(self, names: Iterable[str]) -> int:
+        """Load ``names`` in the calling thread; models that fail are recorded, not raised."""
+        self.preloading = True
+        done = 0
+        try:
+            for name in names:
+                try:
+                    self.load_sync(name)
+                    done += 1
+                except ModelUnavailable:
+                    pass
+        finally:
+            self.preloading = False
+        return done
+
+    # -- reporting -------------------------------------------------------------------------
+    def state(self, name: str) -> tuple[str, str]:
+        """V2 repository state and reason of one model."""
+        if name in self.cache:
+            return "READY", ""
+        if name in self._inflight:
+            return "LOADING", ""
+        if name in self.failed:
+            return "UNAVAILABLE", self.failed[name]
+        return "UNAVAILABLE", "not loaded; loads on first request"
+
+    def stats(self) -> dict[str, Any]:
+        return {"models": len(self.bundle.manifest.models), "loaded": len(self.cache),
+                "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes,
+                "loads": self.cache.loads, "evictions": self.cache.evictions,
+                "pinned": list(self.pinned), "failed": len(self.failed)}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,112 @@
+"""Server settings: flags over ``MANYMODELS_*`` environment variables over a ``serving/`` spec.
+
+One pydantic-settings class holds every knob of ``manymodels serve``. A spec such as
+``serving/default.yaml`` sets the same fields by name (loaded and checked through
+:func:`manymodels.specs.load_spec`, so a typo is one :class:`SpecError` naming the
+field); environment variables override the spec, and command-line flags override both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from manymodels.specs import load_spec
+
+__all__ = ["ServeSettings", "load_settings"]
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``manymodels serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="MANYMODELS_", extra="forbid",
+                                      validate_default=True)
+
+    name: str = "default"
+    """Name of the settings (the spec's file name when loaded from ``serving/``)."""
+    bundle: str | None = None
+    """Bundle directory, or a registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<v>``."""
+    host: str = "127.0.0.1"
+    """Interface to listen on; ``0.0.0.0`` to accept connections from other machines."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port (0 picks a free one)."""
+    workers: int = Field(1, ge=1, le=64)
+    """uvicorn worker processes. Each holds its own model cache, so memory grows with
+    every worker; on a 2-core box one worker leaves a core to the load client, the OS
+    and model loading threads (see serving/README.md for the measured trade-off)."""
+    max_memory_mb: float | None = Field(None, gt=0)
+    """Budget of the model cache in MB of estimated resident memory, per worker;
+    ``None`` keeps every model that was used. Least recently used models are evicted."""
+    max_body_mb: float = Field(16.0, gt=0)
+    """Largest request body accepted; larger ones get 413."""
+    preload: str = "none"
+    """``none`` (load on first use), ``all``, or a file listing model names one per line."""
+    pin_fallbacks: bool = True
+    """Load the fallback models (pooled and global levels) at start-up and never evict them."""
+    optimisation: Literal["none", "basic", "all"] = "basic"
+    """onnxruntime graph optimisation level for every session."""
+    inline_rows: int = Field(2048, ge=1)
+    """Requests with at most this many rows are scored on the event loop (microseconds);
+    larger ones go to a worker thread so they never stall other requests."""
+    load_threads: int = Field(2, ge=1, le=64)
+    """Threads that create sessions off the event loop."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"
+    """uvicorn and manymodels log level."""
+    access_log: bool = False
+    """One log line per request (costs about 10% of throughput on single-row requests)."""
+
+    @field_validator("preload")
+    @classmethod
+    def _preload_known(cls, value: str) -> str:
+        if value not in ("all", "none") and not Path(value).is_file():
+            raise ValueError(f"preload must be 'all', 'none' or an existing file of model "
+                             f"names, not '{value}'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Init arguments (flags) first, then the environment; no dotenv or secret files."""
+        return init_settings, env_settings
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_memory_mb is None else int(self.max_memory_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``MANYMODELS_*`` variables, for worker processes to re-read."""
+        out: dict[str, str] = {}
+        for key, value in self.model_dump().items():
+            if value is not None:
+                out[f"MANYMODELS_{key.upper()}"] = str(value).lower() if isinstance(
+                    value, bool) else str(value)
+        return out
+
+
+def load_settings(spec: str | os.PathLike[str] | None = None, **overrides: Any) -> ServeSettings:
+    """Settings from a ``serving/`` spec (name or path), the environment and ``overrides``.
+
+    Parameters
+    ----------
+    spec
+        Spec name (``default`` → ``serving/default.yaml``) or path; ``None`` for none.
+    **overrides
+        Values from the command line; ``None`` means "not given" and is skipped.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    base: dict[str, Any] = {}
+    if spec is not None:
+        base = load_spec("serving", ServeSettings, spec).model_dump(exclude_unset=True)
+    from_env = ServeSettings().model_dump(exclude_unset=True)
+    return ServeSettings(**{**base, **from_env, **given})

@@ -1,0 +1,87 @@
+"""Tests of the CLI shell: ``manymodels train`` end to end and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import FAST_TRAINER, SEGMENTER
+from typer.testing import CliRunner
+
+from manymodels.cli import app, exit_code_for
+from manymodels.errors import DataError, ManyModelsError, SpecError, TrainingError
+
+
+@pytest.fixture()
+def specs(tmp_path: Path) -> tuple[Path, Path]:
+    seg, tr = tmp_path / "seg.yaml", tmp_path / "tr.yaml"
+    seg.write_text(yaml.safe_dump(SEGMENTER))
+    tr.write_text(yaml.safe_dump(FAST_TRAINER))
+    return seg, tr
+
+
+def test_train_command_writes_a_run_and_prints_the_summary(oj_small: pd.DataFrame, tmp_path: Path,
+                                                           specs: tuple[Path, Path]) -> None:
+    """Check that `manymodels train` trains, prints the comparison with global, and tracks."""
+    data = tmp_path / "oj.parquet"
+    oj_small.to_parquet(data)
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(data), "--segmenter", str(specs[0]), "--trainer", str(specs[1]),
+        "--out", str(tmp_path / "runs"), "--run-id", "cli", "--jobs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "cli" / "manifest.json").is_file()
+    assert result.output.strip().endswith("cli")
+    verbose = CliRunner().invoke(app, [
+        "train", "--data", str(data), "--segmenter", str(specs[0]), "--trainer", str(specs[1]),
+        "--out", str(tmp_path / "runs"), "--jobs", "1", "--no-track"])
+    assert verbose.exit_code == 0, verbose.output
+    assert "vs global-only" in verbose.output and "routing:" in verbose.output
+
+
+def test_train_logs_one_mlflow_run(oj_small: pd.DataFrame, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that a training run appears once in a real MLflow SQLite store with its report."""
+    import mlflow
+
+    from manymodels.train import train
+
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = train(oj_small, SEGMENTER, FAST_TRAINER, out=tmp_path / "runs", jobs=1, track=True)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["manymodels"])
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert row["tags.manymodels.run_id"] == result.run_id
+    assert row["params.segmenter.columns"] == "['store', 'brand']"
+    assert row["metrics.segments"] == 18
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(row["run_id"])}
+    assert {"report.parquet", "manifest.json"} <= names
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["train", "--data", "missing.parquet"], 3, "data file missing.parquet does not exist"),
+    (["train", "--data", "x.parquet", "--trainer", "nope"], 2, "no trainer spec named 'nope'"),
+])
+def test_errors_become_one_line_and_an_exit_code(tmp_path: Path, args: list[str], code: int,
+                                                 message: str) -> None:
+    """Check that the console script prints one clear line (no traceback) and exits non-zero."""
+    (tmp_path / "x.parquet").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "manymodels", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_exit_codes_cover_the_error_tree() -> None:
+    """Check that each error family maps to its own exit code and others to 1."""
+    assert exit_code_for(SpecError("x")) == 2
+    assert exit_code_for(DataError("x")) == 3
+    assert exit_code_for(TrainingError("x")) == 5
+    assert exit_code_for(ManyModelsError("x")) == 1

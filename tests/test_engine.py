@@ -1,0 +1,59 @@
+"""Tests of the fan-out engine: chunking and the loky / threading backends."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from manymodels.engine import chunk_jobs, run_chunks
+from manymodels.errors import SpecError
+
+
+@dataclass
+class Job:
+    cost: int
+    ident: int
+
+
+def _square_chunk(chunk: list[Job], context: int) -> list[tuple[int, int, int]]:
+    return [(job.ident, job.ident * job.ident + context, os.getpid()) for job in chunk]
+
+
+def test_tiny_jobs_are_batched_into_few_chunks() -> None:
+    """Check that 10,000 tiny jobs become a few dozen chunks, each job exactly once."""
+    jobs = [Job(1, i) for i in range(10_000)]
+    chunks = chunk_jobs(jobs, workers=2)
+    assert 10 <= len(chunks) <= 250
+    assert sorted(j.ident for c in chunks for j in c) == list(range(10_000))
+
+
+def test_big_jobs_run_alone_and_first() -> None:
+    """Check that a job bigger than the per-chunk share gets its own, first chunk."""
+    jobs = [Job(1, i) for i in range(100)] + [Job(10_000, 999)]
+    chunks = chunk_jobs(jobs, workers=2)
+    assert [j.ident for j in chunks[0]] == [999]
+
+
+@pytest.mark.parametrize(("backend", "workers"), [("loky", 1), ("loky", 2), ("threading", 2)])
+def test_run_chunks_returns_every_result(backend: str, workers: int) -> None:
+    """Check that every backend returns each job's result once, and loky uses other processes."""
+    jobs = [Job(1, i) for i in range(40)]
+    seen: list[int] = []
+    results = run_chunks(_square_chunk, chunk_jobs(jobs, workers), 1, workers, backend,
+                         on_done=lambda done: seen.extend(r[0] for r in done))
+    assert sorted(r[0] for r in results) == list(range(40))
+    assert all(r[1] == r[0] ** 2 + 1 for r in results)
+    assert sorted(seen) == list(range(40))
+    pids = {r[2] for r in results}
+    if backend == "loky" and workers == 2:
+        assert os.getpid() not in pids
+    else:
+        assert pids == {os.getpid()}
+
+
+def test_unknown_backend_is_a_spec_error() -> None:
+    """Check that a backend name typo gives a clear SpecError."""
+    with pytest.raises(SpecError, match="unknown backend 'ray'"):
+        run_chunks(_square_chunk, [[Job(1, 0)]], 0, 2, "ray")
