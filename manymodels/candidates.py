@@ -31,7 +31,7 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 from manymodels.errors import SpecError
 from manymodels.specs import TrainerSpec
 
-__all__ = ["Candidate", "build_candidates", "build_pipeline", "higher_is_better", "score_metric"]
+__all__ = ["Candidate", "build_candidates", "build_estimator", "build_pipeline", "build_prep", "higher_is_better", "score_metric"]
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,31 @@ def _estimator(algorithm: str, task: str, params: dict[str, Any], seed: int) -> 
         raise SpecError(f"candidate '{algorithm}': bad params {params}: {exc}") from None
 
 
-def build_pipeline(candidate: Candidate, numeric: list[str], categorical: list[str], task: str,
-                   seed: int) -> Pipeline:
-    """A fresh, unfitted pipeline: column preprocessing then the estimator."""
+def build_prep(numeric: list[str], categorical: list[str]) -> ColumnTransformer:
+    """Column preprocessing shared by every candidate: scale numbers, one-hot categories.
+
+    Every candidate of a segment gets the same preprocessing, so the trainer fits it once
+    per split and reuses the transformed arrays for all candidates.
+    """
     transformers: list[tuple[str, Any, list[str]]] = []
     if numeric:
         transformers.append(("num", StandardScaler(), list(numeric)))
     if categorical:
         transformers.append(("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
                              list(categorical)))
-    prep = ColumnTransformer(transformers, remainder="drop")
-    model = _estimator(candidate.algorithm, task, candidate.params, seed)
-    return Pipeline([("prep", prep), ("model", model)])
+    return ColumnTransformer(transformers, remainder="drop")
+
+
+def build_estimator(candidate: Candidate, task: str, seed: int) -> BaseEstimator:
+    """A fresh, unfitted estimator for ``candidate``."""
+    return _estimator(candidate.algorithm, task, candidate.params, seed)
+
+
+def build_pipeline(candidate: Candidate, numeric: list[str], categorical: list[str], task: str,
+                   seed: int) -> Pipeline:
+    """A fresh, unfitted pipeline: column preprocessing then the estimator."""
+    return Pipeline([("prep", build_prep(numeric, categorical)),
+                     ("model", build_estimator(candidate, task, seed))])
 
 
 def build_candidates(spec: TrainerSpec) -> list[Candidate]:
@@ -135,7 +148,7 @@ def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
         return float(roc_auc_score(y_true, proba, multi_class="ovr", labels=list(classes)))
 
 
-def predict_with(pipeline: Pipeline, frame: pd.DataFrame, task: str
+def predict_with(pipeline: Any, frame: Any, task: str
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Predictions, class probabilities (classification) and the class order."""
     prediction = pipeline.predict(frame)

@@ -212,7 +212,7 @@ def _oj_segment_coefficients(
 def _oj_prices(
     rng: np.random.Generator, seg_brand: np.ndarray, weeks: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Weekly shelf prices (in cents) and ad flags per segment.
+    """Weekly shelf prices (dollars, rounded to cents) and ad flags per segment.
 
     A featured week comes with a deep discount, and unadvertised price cuts happen
     too, so ``price`` and ``feat`` are correlated but not collinear: a model can tell

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
+from sklearn.pipeline import Pipeline
 
 from manymodels.candidates import (
     Candidate,
-    build_pipeline,
+    build_estimator,
+    build_prep,
     higher_is_better,
     predict_with,
     score_metric,
@@ -136,24 +137,41 @@ class _Scored:
     classes: np.ndarray | None
 
 
-def _score_candidate(candidate: Candidate, job: FitJob, ctx: FitContext,
-                     masks: list[np.ndarray]) -> _Scored:
+def _score_candidates(job: FitJob, ctx: FitContext, masks: list[np.ndarray],
+                      result: FitResult, started: float) -> list[_Scored]:
+    """Fit every candidate on the training rows of each split and score the held-out rows.
+
+    The preprocessing is fitted once per split and its output shared by all candidates:
+    it is the same for every candidate, and refitting it per candidate was most of the
+    per-segment cost on small segments.
+    """
     trainer = ctx.trainer
     x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
-    values = []
-    kept: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
-    for i, mask in enumerate(masks):
-        pipe = build_pipeline(candidate, job.features.numeric, job.features.categorical,
-                              trainer.task, trainer.seed)
-        pipe.fit(x[~mask], y[~mask])
-        prediction, proba, classes = predict_with(pipe, x[mask], trainer.task)
-        values.append(score_metric(trainer.metric, y[mask], prediction, proba, classes))
-        if i == 0:
-            kept = (prediction, proba, classes)
-    assert kept is not None
-    metric = float(np.mean(values))
-    return _Scored(candidate, metric, kept[0], kept[1], kept[2])
+    values: dict[str, list[float]] = {c.label: [] for c in ctx.candidates}
+    first: dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
+    for mask in masks:
+        prep = build_prep(job.features.numeric, job.features.categorical)
+        train_x = prep.fit_transform(x[~mask])
+        test_x = prep.transform(x[mask])
+        for candidate in ctx.candidates:
+            if candidate.label in result.candidate_errors:
+                continue
+            if time.perf_counter() - started > trainer.segment_timeout_s:
+                raise TrainingError(f"timeout: over {trainer.segment_timeout_s:g} s while "
+                                    f"fitting '{candidate.label}'")
+            try:
+                model = build_estimator(candidate, trainer.task, trainer.seed)
+                model.fit(train_x, y[~mask])
+                prediction, proba, classes = predict_with(model, test_x, trainer.task)
+                values[candidate.label].append(
+                    score_metric(trainer.metric, y[mask], prediction, proba, classes))
+            except Exception as exc:  # one candidate failing must not fail the segment
+                result.candidate_errors[candidate.label] = f"{type(exc).__name__}: {exc}"
+                continue
+            first.setdefault(candidate.label, (prediction, proba, classes))
+    return [_Scored(c, float(np.mean(values[c.label])), *first[c.label])
+            for c in ctx.candidates if c.label not in result.candidate_errors]
 
 
 def _rank(scored: list[_Scored], metric: str) -> list[_Scored]:
@@ -174,11 +192,12 @@ def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: Fi
     x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
     holdout_x = x[job.holdout] if job.holdout.any() else x.head(50)
+    prep = build_prep(job.features.numeric, job.features.categorical).fit(x)
+    all_x = prep.transform(x)
     with tempfile.TemporaryDirectory(prefix="mm-export-") as tmp:
         for scored in ranked:
-            pipe = build_pipeline(scored.candidate, job.features.numeric, job.features.categorical,
-                                  trainer.task, trainer.seed)
-            pipe = clone(pipe).fit(x, y)
+            model = build_estimator(scored.candidate, trainer.task, trainer.seed).fit(all_x, y)
+            pipe = Pipeline([("prep", prep), ("model", model)])
             metadata = {**ctx.metadata, **_job_metadata(job, scored, result)}
             try:
                 exported = export_model(
@@ -224,15 +243,7 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
         y = job.frame[trainer.target].to_numpy()
         _check_learnable(y[~job.holdout], trainer.task)
         masks = _folds(job, trainer)
-        scored: list[_Scored] = []
-        for candidate in ctx.candidates:
-            if time.perf_counter() - started > trainer.segment_timeout_s:
-                raise TrainingError(f"timeout: over {trainer.segment_timeout_s:g} s after "
-                                    f"{len(scored)} of {len(ctx.candidates)} candidates")
-            try:
-                scored.append(_score_candidate(candidate, job, ctx, masks))
-            except Exception as exc:  # one candidate failing must not fail the segment
-                result.candidate_errors[candidate.label] = f"{type(exc).__name__}: {exc}"
+        scored = _score_candidates(job, ctx, masks, result, started)
         if not scored:
             raise TrainingError("every candidate failed: " + "; ".join(
                 f"{k}: {v}" for k, v in result.candidate_errors.items()))

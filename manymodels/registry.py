@@ -6,7 +6,9 @@ version tags. Everything goes through :class:`mlflow.MlflowClient`; MLflow error
 :class:`~manymodels.errors.RegistryError` here, at the boundary.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, otherwise ``sqlite:///mlruns.db`` in the
-working directory, with the artifacts beside the database (``mlartifacts/``).
+working directory; when this module creates the experiment, artifacts go beside the
+database (``mlartifacts/``). Store and experiment are the ones :mod:`manymodels.tracking`
+logs training runs to, so a training run and the bundles packed from it sit side by side.
 
 :func:`resolve_bundle` is how every later step (serve, batch, inspect, validate) opens a
 bundle: a directory path, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Registry
@@ -30,6 +32,7 @@ from urllib.parse import unquote, urlparse
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
 from manymodels.runtime import MANIFEST_FILE, read_manifest
+from manymodels.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -50,9 +53,6 @@ __all__ = [
     "tracking_uri",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
-#: Experiment that holds the MLflow runs logging bundles.
-EXPERIMENT = "manymodels"
 #: Artifact path of the bundle directory inside its MLflow run.
 ARTIFACT_PATH = "bundle"
 

@@ -26,7 +26,7 @@ from manymodels import __version__
 from manymodels.candidates import build_candidates, higher_is_better, score_metric
 from manymodels.data import read_table
 from manymodels.engine import chunk_jobs, default_jobs, run_chunks
-from manymodels.errors import TrainingError
+from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
 from manymodels.io import atomic_write_bytes, atomic_write_text
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
@@ -305,9 +305,35 @@ def _model_entry(res: FitResult, trainer: TrainerSpec, seg_cols: list[str], job:
     }
 
 
-def _write_run(run_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
+def _write_run(final_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
                used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
-               trainer: TrainerSpec) -> None:
+               trainer: TrainerSpec, overwrite: bool) -> None:
+    """Write the whole run into a hidden sibling directory, then rename it into place.
+
+    A crash leaves no half-written run directory; with ``overwrite`` the old run is
+    moved aside first and deleted only once the new one is in place.
+    """
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
+    try:
+        _write_run_files(run_dir, manifest, results, used, report, segmenter, trainer)
+        old = None
+        if final_dir.exists():
+            if not overwrite:
+                raise SpecError(f"run directory {final_dir} already exists; choose another "
+                                f"run id or pass overwrite")
+            old = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.old"
+            os.replace(final_dir, old)
+        os.replace(run_dir, final_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _write_run_files(run_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
+                     used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
+                     trainer: TrainerSpec) -> None:
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "specs").mkdir(exist_ok=True)
     for name in sorted(used):
@@ -348,6 +374,7 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
           jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
           gate: bool | None = None, max_failed: float = 0.05, progress: bool = False,
           track: bool = True, log_segments: bool = False,
+          overwrite: bool = False,
           on_progress: Callable[[int, int, int], None] | None = None) -> TrainResult:
     """Train one model per segment and write a run directory.
 
@@ -371,6 +398,8 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
         Show a rich progress bar (segments done / failed / ETA).
     track, log_segments
         Log an MLflow run (and per-segment child runs).
+    overwrite
+        Replace an existing run directory of the same id (atomically).
     """
     seg_spec = load_segmenter(segmenter)
     tr_spec = load_trainer(trainer)
@@ -385,6 +414,9 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features)
     run_id = run_id or new_run_id()
     run_dir = Path(out) / run_id
+    if run_dir.exists() and not overwrite:
+        raise SpecError(f"run directory {run_dir} already exists; choose another run id "
+                        f"or pass overwrite (--overwrite)")
     context = FitContext(tr_spec, build_candidates(tr_spec), {
         "manymodels_version": __version__, "run_id": run_id, "target": tr_spec.target,
         "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
@@ -403,7 +435,7 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     manifest, used = _manifest(run_id, rows, results, job_by_name, layout, seg_spec, tr_spec,
                                frame, summary)
     report = pd.DataFrame(rows)
-    _write_run(run_dir, manifest, results, used, report, seg_spec, tr_spec)
+    _write_run(run_dir, manifest, results, used, report, seg_spec, tr_spec, overwrite)
     result = TrainResult(run_id, run_dir, report, summary, results)
     if track:
         from manymodels.tracking import log_training_run
@@ -501,8 +533,3 @@ def _manifest(run_id: str, rows: list[dict[str, Any]], results: dict[str, FitRes
         "manymodels_version": __version__,
     }
     return manifest, used
-
-
-def remove_run(run_dir: Path) -> None:
-    """Delete a run directory (used by tests and ``--overwrite`` style cleanups)."""
-    shutil.rmtree(run_dir, ignore_errors=True)

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 
 __all__ = ["Chunk", "PartWriter", "read_chunks"]
 
-#: CSV columns read as strings: scoring validates and converts them row by row, so one
-#: bad value rejects one row instead of failing the whole file half-way.
+#: Bytes per CSV block read by the streaming reader.
 CSV_BLOCK_BYTES = 8 << 20
 
 
@@ -61,10 +60,15 @@ def read_parquet_chunks(path: Path, start: int, stop: int, columns: Sequence[str
             group, rows = [], 0
 
 
-def read_csv_chunks(path: Path, columns: Sequence[str], partitions: dict[str, str],
+def read_csv_chunks(path: Path, text_columns: Sequence[str], partitions: dict[str, str],
                     chunk_rows: int) -> Iterator[Chunk]:
-    """A CSV file streamed in blocks, regrouped into chunks of about ``chunk_rows``."""
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+    """A CSV file streamed in blocks, regrouped into chunks of about ``chunk_rows``.
+
+    ``text_columns`` (segment keys and model inputs) are read as strings: scoring
+    validates and converts them row by row, so one bad value rejects one row instead of
+    failing the whole file half-way. Other columns (the id column) keep inferred types.
+    """
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
                                    strings_can_be_null=True)
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                             convert_options=convert)
@@ -84,11 +88,15 @@ def read_csv_chunks(path: Path, columns: Sequence[str], partitions: dict[str, st
 
 
 def read_chunks(path: Path, fmt: str, start: int, stop: int, columns: Sequence[str],
-                partitions: dict[str, str], chunk_rows: int) -> Iterator[Chunk]:
-    """The rows of one piece in chunks of about ``chunk_rows`` (bounded memory)."""
+                text_columns: Sequence[str], partitions: dict[str, str],
+                chunk_rows: int) -> Iterator[Chunk]:
+    """The rows of one piece in chunks of about ``chunk_rows`` (bounded memory).
+
+    Parquet reads only ``columns``; CSV reads every column, ``text_columns`` as strings.
+    """
     if fmt == "parquet":
         return read_parquet_chunks(path, start, stop, columns, partitions, chunk_rows)
-    return read_csv_chunks(path, columns, partitions, chunk_rows)
+    return read_csv_chunks(path, text_columns, partitions, chunk_rows)
 
 
 class PartWriter:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -23,11 +23,12 @@ models_app = typer.Typer(help="The MLflow model registry: list bundles, promote 
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n = n / 1024  # type: ignore[assignment]
-    return f"{n} B"
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
 
 
 def _print_pack(result: PackResult) -> None:
@@ -48,19 +49,22 @@ def _print_pack(result: PackResult) -> None:
 
 def package(
     run_dir: Path = typer.Argument(..., help="Run directory written by `manymodels train`."),
-    name: str = typer.Option(None, "--name", help="Bundle and registered-model name."),
-    out: Path = typer.Option(None, "--out", help="Bundle directory (default: bundles/NAME)."),
-    version: str = typer.Option(None, "--version", help="Bundle version (default: a digest)."),
+    name: str | None = typer.Option(None, "--name", help="Bundle and registered-model name."),
+    out: Path | None = typer.Option(None, "--out", help="Bundle dir (default: bundles/NAME)."),
+    version: str | None = typer.Option(None, "--version", help="Default: a content digest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     register: bool = typer.Option(False, "--register", help="Register it in MLflow."),
-    alias: str = typer.Option(None, "--alias", help="With --register: alias, e.g. champion."),
+    alias: str | None = typer.Option(None, "--alias", help="Register with this alias."),
 ) -> None:
     """Pack a training run into one bundle directory (optionally registered in MLflow)."""
     from manymodels.bundle import package_run
 
-    if out is None and name is None:
+    if out is not None:
+        target = out
+    elif name is not None:
+        target = Path("bundles") / name
+    else:
         raise typer.BadParameter("give --name or --out", param_hint="--name")
-    target = out if out is not None else Path("bundles") / name
     result = package_run(run_dir, target, name=name, version=version, overwrite=overwrite)
     _print_pack(result)
     if register or alias:
@@ -74,9 +78,11 @@ def package(
 def _summary_table(summary: BundleSummary) -> Table:
     metric = summary.metric_name or "metric"
     table = Table(title=f"{summary.name} {summary.version} ({summary.kind})", show_lines=False)
-    for column, justify in (("segment", "left"), ("algorithm", "left"), (metric, "right"),
-                            ("rows", "right"), ("size", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    columns: list[tuple[str, JustifyMethod]] = [("segment", "left"), ("algorithm", "left"),
+                                                (metric, "right"), ("rows", "right"),
+                                                ("size", "right")]
+    for column, justify in columns:
+        table.add_column(column, justify=justify)
     for row in summary.models:
         table.add_row(row.segment, row.algorithm,
                       "" if row.metric is None else f"{row.metric:.4g}",

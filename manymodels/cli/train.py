@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
         track: bool = typer.Option(True, help="Log the run to MLflow."),
         log_segments: bool = typer.Option(False, help="One MLflow child run per segment."),
+        overwrite: bool = typer.Option(False, help="Replace an existing run of the same id."),
     ) -> None:
         """Segment the table, fit the candidates per segment in parallel, export ONNX."""
         from manymodels.train import train
@@ -85,7 +86,8 @@ def register(app: typer.Typer) -> None:
             result = train(data, segmenter, trainer, out=out, run_id=run_id, jobs=jobs,
                            backend=backend, scheduler=scheduler,
                            gate=None if gate is None else gate == "on", max_failed=max_failed,
-                           progress=not quiet, track=track, log_segments=log_segments)
+                           progress=not quiet, track=track, log_segments=log_segments,
+                           overwrite=overwrite)
         except TrainingError as exc:
             error = exc
             result = getattr(exc, "result", None)

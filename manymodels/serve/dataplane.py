@@ -202,7 +202,7 @@ def to_float_column(values: Any, column: str, served: ServedModel) -> np.ndarray
             if v is not None and (isinstance(v, str) or not isinstance(v, int | float)):
                 raise _schema_error(served, column, f"must be numeric; row {i} holds {v!r}")
         return np.array([math.nan if v is None else v for v in arr], dtype=np.float32)
-    first = next((v for v in arr if not isinstance(v, int | float)), arr[0])
+    first = next((v for v in values if not isinstance(v, int | float)), arr[0])
     raise _schema_error(served, column, f"must be numeric; it holds {first!r}")
 
 

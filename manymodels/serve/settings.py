@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from manymodels.errors import SpecError
 from manymodels.specs import load_spec
 
 __all__ = ["ServeSettings", "load_settings"]
@@ -32,16 +33,16 @@ class ServeSettings(BaseSettings):
     """Bundle directory, or a registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<v>``."""
     host: str = "127.0.0.1"
     """Interface to listen on; ``0.0.0.0`` to accept connections from other machines."""
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     """TCP port (0 picks a free one)."""
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(default=1, ge=1, le=64)
     """uvicorn worker processes. Each holds its own model cache, so memory grows with
     every worker; on a 2-core box one worker leaves a core to the load client, the OS
     and model loading threads (see serving/README.md for the measured trade-off)."""
-    max_memory_mb: float | None = Field(None, gt=0)
+    max_memory_mb: float | None = Field(default=None, gt=0)
     """Budget of the model cache in MB of estimated resident memory, per worker;
     ``None`` keeps every model that was used. Least recently used models are evicted."""
-    max_body_mb: float = Field(16.0, gt=0)
+    max_body_mb: float = Field(default=16.0, gt=0)
     """Largest request body accepted; larger ones get 413."""
     preload: str = "none"
     """``none`` (load on first use), ``all``, or a file listing model names one per line."""
@@ -49,10 +50,10 @@ class ServeSettings(BaseSettings):
     """Load the fallback models (pooled and global levels) at start-up and never evict them."""
     optimisation: Literal["none", "basic", "all"] = "basic"
     """onnxruntime graph optimisation level for every session."""
-    inline_rows: int = Field(2048, ge=1)
+    inline_rows: int = Field(default=2048, ge=1)
     """Requests with at most this many rows are scored on the event loop (microseconds);
     larger ones go to a worker thread so they never stall other requests."""
-    load_threads: int = Field(2, ge=1, le=64)
+    load_threads: int = Field(default=2, ge=1, le=64)
     """Threads that create sessions off the event loop."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"
     """uvicorn and manymodels log level."""
@@ -108,5 +109,10 @@ def load_settings(spec: str | os.PathLike[str] | None = None, **overrides: Any) 
     base: dict[str, Any] = {}
     if spec is not None:
         base = load_spec("serving", ServeSettings, spec).model_dump(exclude_unset=True)
-    from_env = ServeSettings().model_dump(exclude_unset=True)
-    return ServeSettings(**{**base, **from_env, **given})
+    try:
+        from_env = ServeSettings().model_dump(exclude_unset=True)
+        return ServeSettings(**{**base, **from_env, **given})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise SpecError(f"serve settings (flags or MANYMODELS_* variables): {problems}") from None

@@ -9,7 +9,7 @@ on these routes are ``{"error": "..."}`` with the status of :mod:`.errors`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ def parse_infer_request(served: ServedModel, body: Any) -> tuple[Table, list[str
             or not body["inputs"]:
         raise MalformedBody("the body must be an object with 'inputs': a non-empty list of "
                             "tensors {name, shape, datatype, data}")
-    columns: dict[str, list[Any]] = {}
+    columns: dict[str, Sequence[Any]] = {}
     n = None
     for tensor in body["inputs"]:
         name, data, rows = _tensor(served, tensor)

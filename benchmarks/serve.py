@@ -1,0 +1,475 @@
+"""Benchmark of ``manymodels serve`` against its floor, its limit and two peers.
+
+One run, one table. On one generated bundle (300 Ridge models + a global fallback):
+
+* model limit: onnxruntime ``session.run`` in this process, no HTTP;
+* HTTP floor: a bare ASGI app answering fixed JSON (``benchmarks/peers/floor.py``);
+* ours: ``manymodels serve BUNDLE`` (one worker), ``POST /score`` naming the model;
+* ``mlflow models serve -m BUNDLE --env-manager local`` (its defaults), ``/invocations``;
+* the Azure sample pattern: FastAPI + joblib scikit-learn models + ``pd.DataFrame``.
+
+Each server gets single-row and 100-row requests at concurrency 1 and 16, a fixed number
+of requests per cell, from a load client in its own process (raw HTTP/1.1 keep-alive on
+uvloop, so the client costs little CPU). Server CPU per request comes from the server's
+process tree. The machine is shared: compare the ratios measured within one run.
+
+``--scale`` adds the scale mode: 10,000 models served with ``--max-memory-mb 512`` under
+random-model traffic; it reports the resident memory against budget + base, checks every
+answer against in-process scoring, and gives the latency of requests that load a model.
+
+Usage: ``python benchmarks/serve.py [--quick] [--scale] [--skip-peers]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+BIN = str(Path(PY).parent)
+UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level",
+                 "warning", "--no-server-header", "--no-date-header"]
+
+
+# -- load client (runs in its own process) -------------------------------------------------
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that waits for one response at a time."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is None:
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        if at >= 0:
+            length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0
+                              else len(head)])
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            body = bytes(self.buffer[end + 4:total])
+        else:  # chunked
+            close = self.buffer.find(b"\r\n0\r\n\r\n", end)
+            if close < 0:
+                return
+            total = close + 7
+            body = bytes(self.buffer[end + 4:total])
+        del self.buffer[:total]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("server closed the connection"))
+
+
+async def _drive(port: int, path: str, bodies: list[bytes], n: int, concurrency: int,
+                 keep: bool) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    requests = [f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+    latencies = np.zeros(n)
+    statuses = np.zeros(n, dtype=np.int32)
+    replies: list[bytes | None] = [None] * n
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
+        for i in counter:
+            conn.waiter = loop.create_future()
+            t0 = time.perf_counter()
+            conn.transport.write(requests[i % len(requests)])
+            status, body = await conn.waiter
+            latencies[i] = time.perf_counter() - t0
+            statuses[i] = status
+            if keep:
+                replies[i] = body
+        conn.transport.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {"latencies": latencies.tolist(), "statuses": statuses.tolist(), "wall": wall,
+            "replies": [r.decode() for r in replies] if keep else None}
+
+
+def client_main(args: argparse.Namespace) -> None:
+    import uvloop
+
+    bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines()]
+    result = uvloop.run(_drive(args.port, args.path, bodies, args.n, args.c, args.keep))
+    Path(args.out).write_text(json.dumps(result))
+
+
+# -- servers -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server process (tree) on a free port, with its CPU time and resident memory."""
+
+    def __init__(self, name: str, argv: list[str], health: str, env: dict[str, str] | None = None,
+                 method: str = "GET") -> None:
+        import httpx
+        import psutil
+
+        self.name, self.port = name, free_port()
+        argv = [a.replace("{port}", str(self.port)) for a in argv]
+        full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+        self.process = subprocess.Popen(argv, env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        self.ps = psutil.Process(self.process.pid)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.request(method, f"http://127.0.0.1:{self.port}{health}",
+                                 timeout=5).status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name} did not start: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+            time.sleep(0.2)
+
+    def tree(self) -> list[Any]:
+        import psutil
+
+        procs = [self.ps]
+        try:
+            procs += self.ps.children(recursive=True)
+        except psutil.Error:
+            pass
+        return procs
+
+    def cpu(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:
+                pass
+        return total
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.tree())
+
+    def stop(self) -> None:
+        for p in reversed(self.tree()):
+            try:
+                p.terminate()
+            except Exception:
+                pass
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def load(server: Server, path: str, bodies: list[bytes], n: int, c: int, workdir: Path,
+         keep: bool = False) -> dict[str, Any]:
+    """Run the load client against ``server``; latencies, req/s and server CPU/request."""
+    body_file = workdir / "bodies.txt"
+    body_file.write_bytes(b"\n".join(bodies))
+    out = workdir / "result.json"
+    cpu0 = server.cpu()
+    subprocess.run([PY, __file__, "client", "--port", str(server.port), "--path", path,
+                    "--bodies", str(body_file), "--n", str(n), "--c", str(c), "--out", str(out)]
+                   + (["--keep"] if keep else []), check=True)
+    cpu = server.cpu() - cpu0
+    result: dict[str, Any] = json.loads(out.read_text())
+    lat = np.array(result["latencies"])
+    bad = sum(1 for s in result["statuses"] if s != 200)
+    result.update(p50=np.percentile(lat, 50) * 1e3, p99=np.percentile(lat, 99) * 1e3,
+                  rps=n / result["wall"], cpu_us=cpu / n * 1e6, errors=bad, n=n)
+    return result
+
+
+# -- fixtures ------------------------------------------------------------------------------
+def write_mlmodel(bundle: Path) -> None:
+    """Make the bundle loadable by MLflow: MLmodel + the runtime as its code."""
+    if (bundle / "MLmodel").is_file():
+        return
+    shutil.copytree(ROOT / "manymodels" / "runtime", bundle / "code" / "manymodels_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (bundle / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    loader_module: manymodels_runtime\n"
+        "    code: code\n    python_version: 3.11\n")
+
+
+def write_joblib_models(rows: Any, names: dict[tuple[Any, Any], str], folder: Path) -> None:
+    """The same per-segment scikit-learn pipelines, saved the way the Azure sample loads them."""
+    import joblib
+    from builders import NUMERIC, SEGMENT_COLUMNS, _segment_pipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, part in rows.groupby(SEGMENT_COLUMNS, sort=True):
+        pipe = _segment_pipeline().fit(part[NUMERIC], part["quantity"])
+        joblib.dump(pipe, folder / f"{names[key]}.joblib")
+
+
+def make_bodies(rows: Any, names: dict[tuple[Any, Any], str], n_rows: int, count: int,
+                seed: int) -> tuple[list[bytes], list[bytes], list[tuple[str, Any]]]:
+    """Request bodies naming a model (ours, floor, Azure) and routed ones (MLflow)."""
+    import orjson
+
+    rng = np.random.default_rng(seed)
+    keys = list(names)
+    named, routed, plan = [], [], []
+    for _ in range(count):
+        key = keys[rng.integers(len(keys))]
+        price = rng.uniform(1, 4, n_rows).round(3)
+        feat = rng.integers(0, 2, n_rows).astype(float)
+        data = [{"price": float(p), "feat": float(f)} for p, f in zip(price, feat, strict=True)]
+        named.append(orjson.dumps({"model": names[key], "data": data}))
+        routed.append(orjson.dumps({"dataframe_records": [
+            {"store": int(key[0]), "brand": key[1], **d} for d in data]}))
+        plan.append((names[key], {"price": price, "feat": feat}))
+    return named, routed, plan
+
+
+def session_limit(bundle: Path, plan: list[tuple[str, Any]], n: int) -> dict[str, Any]:
+    """onnxruntime ``session.run`` in-process on the same rows: the model limit."""
+    from manymodels.runtime import Bundle
+
+    scorer = Bundle(bundle)
+    feeds = [(scorer.model(name).session, scorer.model(name).build_feed(cols))
+             for name, cols in plan]
+    lat = np.zeros(n)
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    for i in range(n):
+        session, feed = feeds[i % len(feeds)]
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        lat[i] = time.perf_counter() - t0
+    wall = time.perf_counter() - start
+    return {"p50": np.percentile(lat, 50) * 1e3, "p99": np.percentile(lat, 99) * 1e3,
+            "rps": n / wall, "cpu_us": (time.process_time() - cpu0) / n * 1e6, "errors": 0,
+            "n": n}
+
+
+# -- main benchmark ------------------------------------------------------------------------
+def start_servers(bundle: Path, joblib_dir: Path, skip_peers: bool) -> dict[str, tuple[Any, str]]:
+    uvicorn = [PY, "-m", "uvicorn", "--port", "{port}", *UVICORN_FLAGS]
+    servers: dict[str, tuple[Any, str]] = {
+        "HTTP floor (bare ASGI)": (Server("floor", [*uvicorn, "benchmarks.peers.floor:app"],
+                                          "/", method="POST"), "named"),
+        "ours (manymodels serve)": (Server("ours", [PY, "-m", "manymodels", "serve", str(bundle),
+                                                    "--port", "{port}"], "/ping"), "named"),
+    }
+    if not skip_peers:
+        servers["mlflow models serve"] = (Server(
+            "mlflow", [f"{BIN}/mlflow", "models", "serve", "-m", str(bundle), "--env-manager",
+                       "local", "-p", "{port}"], "/ping"), "routed")
+        servers["Azure sample pattern"] = (Server(
+            "azure", [*uvicorn, "benchmarks.peers.azure_pattern:app"], "/",
+            env={"AZUREML_MODEL_DIR": str(joblib_dir)}), "named")
+    return servers
+
+
+def run_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from builders import build_bundle
+
+    bundle, rows = build_bundle(work / "bundle", n_stores=args.stores, rows_per_segment=40)
+    write_mlmodel(bundle)
+    names = {(int(s), b): f"quantity__store={s}__brand={b}"
+             for s, b in rows[["store", "brand"]].drop_duplicates().itertuples(index=False)}
+    if not args.skip_peers:
+        write_joblib_models(rows, names, work / "joblib")
+    print(f"bundle: {len(names) + 1} models in {bundle}", flush=True)
+    servers = start_servers(bundle, work / "joblib", args.skip_peers)
+    fast_n = {1: args.n, 100: args.n // 2}
+    slow_n = {1: max(200, args.n // 5), 100: max(100, args.n // 10)}
+    results = []
+    try:
+        for n_rows in (1, 100):
+            named, routed, plan = make_bodies(rows, names, n_rows, 256, seed=n_rows)
+            limit = session_limit(bundle, plan, fast_n[n_rows] * 4)
+            results.append({"server": "model limit (session.run)", "rows": n_rows, "c": 1,
+                             **limit})
+            for label, (server, style) in servers.items():
+                bodies = named if style == "named" else routed
+                path = "/invocations" if style == "routed" else "/score"
+                slow = label in ("mlflow models serve", "Azure sample pattern")
+                for c in (1, 16):
+                    n = (slow_n if slow else fast_n)[n_rows]
+                    load(server, path, bodies, min(n, 300), c, work)  # warm up, load models
+                    res = load(server, path, bodies, n, c, work)
+                    results.append({"server": label, "rows": n_rows, "c": c,
+                                    **{k: res[k] for k in ("p50", "p99", "rps", "cpu_us",
+                                                           "errors", "n")}})
+                    print_row(results[-1])
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+    return results
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(f"  {r['server']:<28} rows={r['rows']:<3} c={r['c']:<2} n={r['n']:<6} "
+          f"p50={r['p50']:8.3f} ms p99={r['p99']:8.3f} ms {r['rps']:9.0f} req/s "
+          f"cpu={r['cpu_us']:8.0f} us/req errors={r['errors']}", flush=True)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print("\n| server | rows | conc. | requests | p50 ms | p99 ms | req/s | server CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['server']} | {r['rows']} | {r['c']} | {r['n']} | {r['p50']:.3f} | "
+              f"{r['p99']:.3f} | {r['rps']:,.0f} | {r['cpu_us']:,.0f} |")
+    get = {(r["server"], r["rows"], r["c"]): r for r in results}
+    ours = "ours (manymodels serve)"
+    print("\nBars (ratios within this run):")
+    for peer, rows, bar in (("mlflow models serve", 1, 10), ("Azure sample pattern", 1, 10),
+                            ("mlflow models serve", 100, 8), ("Azure sample pattern", 100, 8)):
+        if (peer, rows, 16) in get:
+            ratio = get[(ours, rows, 16)]["rps"] / get[(peer, rows, 16)]["rps"]
+            verdict = "PASS" if ratio >= bar else "FAIL"
+            print(f"- {rows}-row c=16: ours / {peer} = {ratio:.1f}x (bar >= {bar}x) {verdict}")
+    floor = get[(ours, 1, 16)]["rps"] / get[("HTTP floor (bare ASGI)", 1, 16)]["rps"]
+    print(f"- 1-row c=16: ours / HTTP floor = {floor:.0%} (bar >= 50%) "
+          f"{'PASS' if floor >= 0.5 else 'FAIL'}")
+    p50 = get[(ours, 1, 1)]["p50"]
+    print(f"- 1-row c=1: ours p50 = {p50:.3f} ms (bar <= 1 ms) {'PASS' if p50 <= 1 else 'FAIL'}")
+    errors = sum(r["errors"] for r in results)
+    print(f"- non-200 answers over all runs: {errors}")
+
+
+# -- scale mode ----------------------------------------------------------------------------
+def run_scale(args: argparse.Namespace, work: Path) -> None:
+    import httpx
+    import orjson
+    from builders import build_bundle
+
+    from manymodels.runtime import Bundle
+
+    t0 = time.perf_counter()
+    bundle, _ = build_bundle(work / "scale", n_stores=args.scale_stores, rows_per_segment=12)
+    names = [n for n in Bundle(bundle).model_names if n != "quantity__global"]
+    print(f"\nscale: {len(names) + 1} models built in {time.perf_counter() - t0:.1f} s", flush=True)
+    budget_mb = 512
+    server = Server("ours-scale", [PY, "-m", "manymodels", "serve", str(bundle), "--port",
+                                   "{port}", "--max-memory-mb", str(budget_mb)], "/ping")
+    try:
+        stats = httpx.get(f"http://127.0.0.1:{server.port}/stats").json()
+        base = server.rss() - stats["bytes"]  # the process without its models (fallback out)
+        rng = np.random.default_rng(7)
+        peak = [server.rss()]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak.append(server.rss())
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        phases = {"cold (first request of each model)": list(rng.permutation(names)),
+                  "random traffic": list(rng.choice(names, args.scale_requests))}
+        outcomes = []
+        for label, order in phases.items():
+            price = rng.uniform(1, 4, len(order)).round(3)
+            bodies = [orjson.dumps({"model": m, "data": [{"price": float(p), "feat": 1.0}]})
+                      for m, p in zip(order, price, strict=True)]
+            res = load(server, "/score", bodies, len(bodies), 16, work, keep=True)
+            outcomes.append((label, order, price, res))
+        stop.set()
+        sampler.join()
+        stats = httpx.get(f"http://127.0.0.1:{server.port}/stats").json()
+    finally:
+        server.stop()
+    wrong = check_scale_answers(bundle, outcomes)
+    limit = (base + budget_mb * 2**20) * 1.15
+    print("\n| scale phase | requests | p50 ms | p99 ms | req/s | non-200 | wrong |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (label, _, _, res), bad in zip(outcomes, wrong, strict=True):
+        print(f"| {label} | {res['n']} | {res['p50']:.3f} | {res['p99']:.3f} | "
+              f"{res['rps']:,.0f} | {res['errors']} | {bad} |")
+    mb = 2**20
+    print(f"\nscale memory: budget {budget_mb} MB, base {base / mb:.0f} MB, peak RSS "
+          f"{max(peak) / mb:.0f} MB, limit (budget + base) x 1.15 = {limit / mb:.0f} MB "
+          f"{'PASS' if max(peak) <= limit else 'FAIL'}; cache {stats['loaded']} models, "
+          f"{stats['bytes'] / mb:.0f} MB counted, {stats['loads']} loads, "
+          f"{stats['evictions']} evictions")
+
+
+def check_scale_answers(bundle: Path, outcomes: list[Any]) -> list[int]:
+    """Score every request in-process and count answers that differ from the server's."""
+    from manymodels.runtime import Bundle
+
+    scorer = Bundle(bundle, max_bytes=64 * 2**20)
+    wrong = []
+    for _, order, price, res in outcomes:
+        bad = 0
+        by_model: dict[str, list[int]] = {}
+        for i, m in enumerate(order):
+            by_model.setdefault(m, []).append(i)
+        for m, idx in by_model.items():
+            want = scorer.score_model(m, {"price": price[idx], "feat": np.ones(len(idx))})
+            for i, w in zip(idx, want.prediction, strict=True):
+                reply = res["replies"][i]
+                got = json.loads(reply)["predictions"][0] if res["statuses"][i] == 200 else None
+                bad += got != float(w)
+        wrong.append(bad)
+    return wrong
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode")
+    client = sub.add_parser("client")
+    for flag, kind in (("--port", int), ("--path", str), ("--bodies", str), ("--n", int),
+                       ("--c", int), ("--out", str)):
+        client.add_argument(flag, type=kind, required=True)
+    client.add_argument("--keep", action="store_true")
+    parser.add_argument("--n", type=int, default=4000, help="requests per cell (fast servers)")
+    parser.add_argument("--stores", type=int, default=100, help="3 models per store")
+    parser.add_argument("--skip-peers", action="store_true", help="no mlflow / Azure peers")
+    parser.add_argument("--scale", action="store_true", help="also run the 10,000-model mode")
+    parser.add_argument("--scale-only", action="store_true")
+    parser.add_argument("--scale-stores", type=int, default=3334)
+    parser.add_argument("--scale-requests", type=int, default=20000)
+    args = parser.parse_args()
+    if args.mode == "client":
+        client_main(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="mm-bench-serve-") as tmp:
+        work = Path(tmp)
+        if not args.scale_only:
+            print_table(run_matrix(args, work))
+        if args.scale or args.scale_only:
+            run_scale(args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""``score_batch``: plan, run the units on a backend, commit each one, summarise.
+
+Only this (parent) process writes the transaction log; workers stage files and return.
+Backends: ``local`` (in this process for one worker, else a pool of forked worker
+processes, each keeping its sessions across units) and ``dask`` (an existing
+distributed cluster, or a LocalCluster). The exactly-once guarantee is the same for all
+because it lives in the commit, not in the executor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manymodels.errors import DataError, SpecError
+from manymodels.runtime import read_manifest, sha256_file
+
+from .plan import (
+    InputFile,
+    MiniBatch,
+    Unit,
+    describe_file,
+    list_inputs,
+    make_units,
+    parse_mini_batch,
+)
+from .score import FileInfo, UnitResult, UnitTask, score_unit
+from .txlog import TxLog
+
+__all__ = ["BatchSummary", "ErrorThresholdExceeded", "choose_workers", "score_batch"]
+
+DEFAULT_MINI_BATCH_ROWS = 500_000
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Below this many rows one process wins: starting workers and creating every session
+#: again in each of them costs more than the second core gives back.
+PARALLEL_MIN_ROWS = 2_000_000
+#: Test hook: "POINT:K" kills this process with SIGKILL at the K-th time it reaches POINT
+#: (``before_commit``, ``after_rename``, ``after_commit``), for crash tests.
+KILL_ENV = "MANYMODELS_BATCH_TEST_KILL"
+
+
+class ErrorThresholdExceeded(DataError):
+    """More rows or files failed than ``--error-threshold`` allows; carries the summary."""
+
+    code = "error_threshold"
+
+    def __init__(self, summary: BatchSummary) -> None:
+        super().__init__(
+            f"{summary.errors} {summary.error_unit} failed validation or could not be read, "
+            f"more than --error-threshold {summary.error_threshold}; the run stopped. Fix the "
+            f"input (see {summary.output / 'rejected'}) and rerun the same command to resume, "
+            f"or raise the threshold (-1 never stops)"
+        )
+        self.summary = summary
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did, and what OUTPUT now holds."""
+
+    output: Path
+    files: int
+    rows_scored: int  # rows in OUTPUT/predictions (all runs)
+    rows_rejected: int  # rows in OUTPUT/rejected (all runs)
+    models: dict[str, int]  # rows per model in OUTPUT
+    fallbacks: int
+    pieces_total: int
+    pieces_skipped: int  # already committed by an earlier run
+    pieces_committed: int  # committed by this run
+    pieces_retracted: int  # withdrawn because their input changed or disappeared
+    failed_files: list[tuple[str, str]]
+    rows_this_run: int
+    errors: int
+    error_unit: str
+    error_threshold: int
+    threshold_passed: bool
+    workers: int
+    backend: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        """True when every input row is either scored or rejected in OUTPUT."""
+        return not self.failed_files and not self.threshold_passed
+
+
+def _resolve_bundle(source: str | os.PathLike[str]) -> Path:
+    text = os.fspath(source)
+    if text.startswith("models:/"):
+        from manymodels.registry import resolve_bundle  # lazy: pulls in MLflow
+
+        return Path(resolve_bundle(text))
+    return Path(text)
+
+
+def choose_workers(total_rows: int, units: int, backend: str) -> int:
+    """Default worker count: one process for small inputs, else one per core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    if units < 2 or (backend == "local" and total_rows < PARALLEL_MIN_ROWS):
+        return 1
+    return max(1, min(cores, units))
+
+
+class _KillHook:
+    """Crash on purpose at a chosen point (tests of the exactly-once guarantee)."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        point, _, count = spec.partition(":")
+        self.point = point
+        self.left = int(count or 1) if point else 0
+
+    def __call__(self, point: str) -> None:
+        if point == self.point:
+            self.left -= 1
+            if self.left <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- executors -------------------------------------------------------------------------
+def _run_inline(tasks: list[UnitTask]) -> Iterator[UnitResult]:
+    for task in tasks:
+        yield score_unit(task)
+
+
+def _init_pool_worker() -> None:
+    """Die with the parent (a kill -9 of the run must not leave scorers behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    try:
+        import pyarrow as pa
+
+        pa.set_cpu_count(1)  # the cores belong to the worker processes
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _run_pool(tasks: list[UnitTask], workers: int, stop: Callable[[], bool]
+              ) -> Iterator[UnitResult]:
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                             initializer=_init_pool_worker) as pool:
+        futures = [pool.submit(score_unit, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+                if stop():
+                    break
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _run_dask(tasks: list[UnitTask], workers: int, scheduler: Any,
+              stop: Callable[[], bool]) -> Iterator[UnitResult]:
+    try:
+        from distributed import Client, LocalCluster
+        from distributed import as_completed as dask_completed
+    except ImportError as exc:  # pragma: no cover
+        raise SpecError("--backend dask needs dask[distributed]: pip install "
+                        "'dask[distributed]'") from exc
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    elif isinstance(scheduler, str):
+        client = Client(scheduler)
+    else:
+        client = scheduler  # an existing distributed.Client
+    try:
+        futures = client.map(score_unit, tasks, pure=False)
+        try:
+            for future in dask_completed(futures):
+                yield future.result()
+                if stop():
+                    break
+        finally:
+            client.cancel(futures)
+    finally:
+        if scheduler is None or isinstance(scheduler, str):
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# -- progress --------------------------------------------------------------------------
+class _Progress:
+    """A rich bar with rows done, rows/s and ETA on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self._bar: Any = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+            TextColumn("{task.fields[rate]:>12} rows/s"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self._task = self._bar.add_task("scoring", total=max(total, 1), rate="-")
+        self._start = time.perf_counter()
+        self._done = 0
+        self._bar.start()
+
+    def advance(self, rows: int) -> None:
+        if self._bar is None:
+            return
+        self._done += rows
+        rate = self._done / max(time.perf_counter() - self._start, 1e-9)
+        self._bar.update(self._task, completed=self._done, rate=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, total=max(self._done, 1))
+            self._bar.stop()
+
+
+# -- the run ---------------------------------------------------------------------------
+def _check_paths(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    if src == out or src in out.parents and not source.is_dir():
+        raise SpecError(f"OUTPUT {output} must not be the input itself")
+    if out in src.parents:
+        raise SpecError(f"INPUT {source} lies inside OUTPUT {output}; choose another OUTPUT")
+
+
+def _describe(files: list[InputFile]) -> list[InputFile]:
+    return [describe_file(f) for f in files]
+
+
+def _errors(log: TxLog, failed: list[tuple[str, str]], mini_batch: MiniBatch) -> int:
+    if mini_batch.unit == "files":
+        bad = {p.rel for p in log.pieces.values() if p.rejected} | {f for f, _ in failed}
+        return len(bad)
+    return sum(p.rejected for p in log.pieces.values()) + len(failed)
+
+
+def score_batch(
+    bundle: str | os.PathLike[str],
+    input: str | os.PathLike[str],  # noqa: A002 - the CLI argument's name
+    output: str | os.PathLike[str],
+    *,
+    mini_batch_size: int | str = DEFAULT_MINI_BATCH_ROWS,
+    workers: int | None = None,
+    error_threshold: int = -1,
+    id_column: str | None = None,
+    overwrite: bool = False,
+    backend: str = "local",
+    scheduler: Any = None,
+    progress: bool = False,
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+) -> BatchSummary:
+    """Score every row of ``input`` through ``bundle`` into ``output``, exactly once.
+
+    Parameters
+    ----------
+    bundle
+        A bundle (or run) directory, or a registry URI ``models:/name@alias``.
+    input
+        A CSV or Parquet file, or a folder of them (hive ``key=value`` folders become
+        columns).
+    output
+        Folder for ``predictions/``, ``rejected/`` and the transaction log. Rerunning
+        into the same folder resumes; only missing or changed pieces are scored.
+    mini_batch_size
+        Rows per unit (whole Parquet row groups; a CSV file is one unit), or ``"N files"``.
+    workers
+        Parallel workers; ``None`` picks one process for small inputs, else one per core.
+    error_threshold
+        Rows (or files, with a files mini-batch) allowed to fail before the run stops
+        with :class:`ErrorThresholdExceeded`; ``-1`` never stops.
+    id_column
+        Input column that identifies a row; without it, ``source_file`` + ``row_number``.
+    overwrite
+        Delete earlier results in ``output`` and start over.
+    backend, scheduler
+        ``local`` or ``dask``; for Dask, a scheduler address or a ``distributed.Client``
+        (``None`` starts a LocalCluster).
+    progress
+        Show a progress bar (rows, rows/s, ETA) on stderr.
+    cache_bytes
+        Session-cache budget per worker, in estimated resident bytes.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if backend not in ("local", "dask"):
+        raise SpecError(f"--backend must be 'local' or 'dask', got {backend!r}")
+    if workers is not None and workers < 1:
+        raise SpecError(f"--workers must be at least 1, got {workers}")
+    mini_batch = parse_mini_batch(mini_batch_size)
+    root = _resolve_bundle(bundle)
+    manifest = read_manifest(root)
+    source, out = Path(input), Path(output)
+    _check_paths(source, out)
+    header = {"bundle_sha256": sha256_file(root / "manifest.json"), "id_column": id_column}
+    files = list_inputs(source, exclude=out.resolve())
+    log = TxLog(out, header, overwrite=overwrite)
+    try:
+        files = _describe(files)
+        timings["plan"] = time.perf_counter() - start
+        checksums = {f.rel: f.sha256 for f in files if f.sha256}
+        retracted = log.retract(log.stale(checksums))
+        log.clean()
+        skipped = len(log.pieces)
+        units = make_units(files, log.committed_ranges(checksums), mini_batch)
+        failed = [(f.rel, f.error) for f in files if f.error is not None]
+        n_workers = workers or choose_workers(sum(u.rows for u in units), len(units), backend)
+        summary = _execute(root, manifest.name, files, units, log, out, mini_batch, n_workers,
+                           error_threshold, id_column, backend, scheduler, progress,
+                           cache_bytes, failed, timings)
+    finally:
+        log.close()
+    summary.pieces_skipped, summary.pieces_retracted = skipped, retracted
+    summary.seconds = time.perf_counter() - start
+    if summary.threshold_passed:
+        raise ErrorThresholdExceeded(summary)
+    return summary
+
+
+def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit], log: TxLog,
+             out: Path, mini_batch: MiniBatch, workers: int, error_threshold: int,
+             id_column: str | None, backend: str, scheduler: Any, progress: bool,
+             cache_bytes: int | None, failed: list[tuple[str, str]],
+             timings: dict[str, float]) -> BatchSummary:
+    infos = {f.rel: FileInfo(str(f.path), f.format, f.partitions) for f in files}
+    chunk_rows = mini_batch.size if mini_batch.unit == "rows" else DEFAULT_MINI_BATCH_ROWS
+    token = uuid.uuid4().hex[:12]
+    tasks = [UnitTask(str(root.resolve()), cache_bytes, str(log.staging.resolve()), token,
+                      id_column, chunk_rows, unit, {p.rel: infos[p.rel] for p in unit.pieces})
+             for unit in units]
+    hook = _KillHook()
+    bar = _Progress(progress, sum(u.rows for u in units))
+    stopped = False
+    rows_now = committed_now = 0
+
+    def passed() -> bool:
+        return error_threshold >= 0 and _errors(log, failed, mini_batch) > error_threshold
+
+    if passed():
+        stopped = True
+        tasks = []
+    if not tasks:
+        results: Iterator[UnitResult] = iter(())
+    elif backend == "dask":
+        results = _run_dask(tasks, workers, scheduler, passed)
+    elif workers == 1:
+        results = _run_inline(tasks)
+    else:
+        results = _run_pool(tasks, workers, passed)
+    run_start = time.perf_counter()
+    try:
+        for result in results:
+            good = [o for o in result.outcomes if o.committed is not None]
+            failed.extend((o.piece.rel, o.error) for o in result.outcomes if o.error)
+            hook("before_commit")
+            log.commit(((o.committed, _path(o.staged), _path(o.staged_rejected))
+                        for o in good if o.committed is not None), hook=hook)
+            hook("after_commit")
+            committed_now += len(good)
+            rows = sum(o.committed.rows + o.committed.rejected for o in good if o.committed)
+            rows_now += rows
+            bar.advance(rows or sum(o.piece.rows for o in result.outcomes))
+            if passed():
+                stopped = True
+                break
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+        bar.close()
+    timings["score"] = time.perf_counter() - run_start
+    return _summarise(log, out, len(files), committed_now, failed, rows_now, mini_batch,
+                      error_threshold, stopped, workers, backend, timings)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _summarise(log: TxLog, out: Path, n_files: int, committed_now: int,
+               failed: list[tuple[str, str]], rows_now: int, mini_batch: MiniBatch,
+               error_threshold: int, stopped: bool, workers: int, backend: str,
+               timings: dict[str, float]) -> BatchSummary:
+    models: dict[str, int] = {}
+    for piece in log.pieces.values():
+        for model, count in piece.models.items():
+            models[model] = models.get(model, 0) + count
+    unique_failed = list(dict.fromkeys(failed))
+    return BatchSummary(
+        output=out, files=n_files,
+        rows_scored=sum(p.rows for p in log.pieces.values()),
+        rows_rejected=sum(p.rejected for p in log.pieces.values()),
+        models=dict(sorted(models.items(), key=lambda kv: -kv[1])),
+        fallbacks=sum(p.fallbacks for p in log.pieces.values()),
+        pieces_total=len(log.pieces), pieces_skipped=0, pieces_committed=committed_now,
+        pieces_retracted=0, failed_files=unique_failed, rows_this_run=rows_now,
+        errors=_errors(log, unique_failed, mini_batch),
+        error_unit="files" if mini_batch.unit == "files" else "rows",
+        error_threshold=error_threshold, threshold_passed=stopped, workers=workers,
+        backend=backend, seconds=0.0, timings=timings)

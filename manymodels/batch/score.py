@@ -1,0 +1,365 @@
+"""Score one unit (mini-batch) in a worker: read chunks, validate, route, score, stage.
+
+This is the code every backend runs (in-process, worker processes, Dask workers). The
+bundle is opened once per process and kept in :data:`_BUNDLES`, so sessions are created
+once per worker and reused across units; only the parent commits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from manymodels.errors import BundleError, DataError, ModelLoadError
+from manymodels.runtime import Bundle, Routed
+
+from .io import PartWriter, read_chunks
+from .plan import Piece, Unit
+from .txlog import CommittedPiece
+
+__all__ = ["FileInfo", "PieceOutcome", "ScoringPlan", "UnitTask", "score_chunk", "score_unit"]
+
+#: Test hook: seconds to sleep per piece, so that tests can kill a run mid-way.
+SLEEP_ENV = "MANYMODELS_BATCH_TEST_SLEEP"
+
+_BUNDLES: dict[tuple[str, int | None], tuple[Bundle, ScoringPlan]] = {}
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What a worker needs to read one input file."""
+
+    path: str
+    format: str
+    partitions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """Everything one worker call needs (small and picklable)."""
+
+    bundle_root: str
+    cache_bytes: int | None
+    staging: str
+    run_token: str
+    id_column: str | None
+    chunk_rows: int
+    unit: Unit
+    files: dict[str, FileInfo]
+
+
+@dataclass
+class PieceOutcome:
+    """A scored piece waiting for commit, or the reason it failed."""
+
+    piece: Piece
+    committed: CommittedPiece | None = None
+    staged: str | None = None
+    staged_rejected: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class UnitResult:
+    """The outcomes of one unit and how long it took in the worker."""
+
+    outcomes: list[PieceOutcome]
+    seconds: float
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Per-bundle facts decided once: which columns to read and how to convert them."""
+
+    segment_columns: tuple[str, ...]
+    float_columns: frozenset[str]
+    string_columns: frozenset[str]
+    model_inputs: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> ScoringPlan:
+        floats: set[str] = set()
+        strings: set[str] = set()
+        for entry in bundle.manifest.models.values():
+            for column in entry.inputs:
+                (strings if column.dtype == "string" else floats).add(column.name)
+        return cls(tuple(bundle.segment_columns), frozenset(floats), frozenset(strings - floats),
+                   {n: tuple(e.input_names) for n, e in bundle.manifest.models.items()})
+
+    def columns(self, id_column: str | None) -> list[str]:
+        wanted = [*self.segment_columns, *sorted(self.float_columns | self.string_columns)]
+        if id_column:
+            wanted.append(id_column)
+        return list(dict.fromkeys(wanted))
+
+
+def open_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
+    """The bundle of this process (opened on first use, then reused by every unit)."""
+    key = (root, cache_bytes)
+    hit = _BUNDLES.get(key)
+    if hit is None:
+        bundle = Bundle(root, max_bytes=cache_bytes)
+        for name in bundle.fallback_models():
+            bundle.cache.pin(name)
+        hit = _BUNDLES[key] = (bundle, ScoringPlan.of(bundle))
+    return hit
+
+
+# -- conversion and validation ---------------------------------------------------------
+class _Rejections:
+    """Per-row reason codes (0 = fine); the first reason found for a row wins."""
+
+    def __init__(self, n: int) -> None:
+        self.code = np.zeros(n, dtype=np.int32)
+        self.reasons: list[str] = [""]
+
+    def add(self, rows: np.ndarray, reason: str) -> None:
+        """Reject ``rows`` (bool mask or positions) unless they already are."""
+        if isinstance(rows, np.ndarray) and rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if len(rows) == 0:
+            return
+        fresh = rows[self.code[rows] == 0]
+        if len(fresh):
+            self.reasons.append(reason)
+            self.code[fresh] = len(self.reasons) - 1
+
+    def reject_all(self, reason: str) -> None:
+        self.add(np.arange(len(self.code)), reason)
+
+
+def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
+
+
+def _key_values(column: pa.ChunkedArray) -> Any:
+    """Segment-key values in a form ``pd.factorize`` handles fast (nulls kept as nulls)."""
+    column = _plain(column)
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        return column.to_numpy()
+    return column.to_pandas()
+
+
+def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> np.ndarray:
+    """A model input as float32 (nulls as NaN); rows with non-numeric text are rejected."""
+    column = _plain(column)
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
+            or pa.types.is_decimal(kind) or pa.types.is_null(kind):
+        return np.asarray(column.cast(pa.float32()).to_numpy(), dtype=np.float32)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            return np.asarray(pc.cast(column, pa.float32()).to_numpy(), dtype=np.float32)
+        except pa.ArrowInvalid:
+            text = column.to_pandas()
+            values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+            bad = np.isnan(values) & text.notna().to_numpy()
+            rejections.add(bad, f"column '{name}' has a non-numeric value")
+            return values.astype(np.float32)
+    rejections.reject_all(f"column '{name}' has type {kind}, expected numbers")
+    return np.full(len(column), np.nan, dtype=np.float32)
+
+
+class _Columns(Mapping[str, Any]):
+    """Model inputs of one chunk, converted on first use (string inputs are rarely needed)."""
+
+    def __init__(self, table: pa.Table, floats: dict[str, np.ndarray]) -> None:
+        self._table = table
+        self._values: dict[str, Any] = dict(floats)
+        self._names = set(table.column_names) | set(floats)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            if name not in self._names:
+                raise KeyError(name)
+            column = _plain(self._table[name])
+            numeric = pa.types.is_integer(column.type) and column.null_count == 0
+            self._values[name] = (column.to_numpy() if numeric
+                                  else np.asarray(column.to_pandas().astype(object)))
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
+# -- scoring one chunk -----------------------------------------------------------------
+@dataclass
+class ChunkResult:
+    """Scored and rejected rows of one chunk, as Arrow tables, plus counts."""
+
+    scored: pa.Table | None
+    rejected: pa.Table | None
+    models: dict[str, int]
+    fallbacks: int
+
+
+def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
+           rejections: _Rejections) -> Routed | None:
+    names = set(table.column_names)
+    missing = [c for c in plan.segment_columns if c not in names]
+    if missing:
+        rejections.reject_all(f"missing segment column(s) {', '.join(missing)}")
+        return None
+    keys = {c: _key_values(table[c]) for c in plan.segment_columns}
+    routed = bundle.route_columns(keys, table.num_rows)
+    if routed.rejected:
+        by_reason: dict[str, list[int]] = {}
+        for row, reason in routed.rejected.items():
+            by_reason.setdefault(reason, []).append(row)
+        for reason, rows in by_reason.items():
+            rejections.add(np.asarray(rows, dtype=np.int64), reason)
+    return routed
+
+
+def _check_groups(plan: ScoringPlan, routed: Routed, names: set[str],
+                  rejections: _Rejections) -> dict[str, np.ndarray]:
+    """Groups whose model has every input column, minus rows rejected so far."""
+    groups: dict[str, np.ndarray] = {}
+    for model, rows in routed.groups.items():
+        missing = [c for c in plan.model_inputs[model] if c not in names]
+        if missing:
+            rejections.add(rows, f"missing column(s) {', '.join(missing)} needed by model "
+                                 f"'{model}'")
+            continue
+        keep = rows[rejections.code[rows] == 0]
+        if len(keep):
+            groups[model] = keep
+    return groups
+
+
+def _id_columns(table: pa.Table, rows: np.ndarray, rel: str, offset: int,
+                id_column: str | None) -> dict[str, pa.Array]:
+    if id_column:
+        return {id_column: table[id_column].take(pa.array(rows)).combine_chunks()}
+    source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), dtype=np.int32)), [rel])
+    return {"source_file": source, "row_number": pa.array(rows + offset, pa.int64())}
+
+
+def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
+                id_column: str | None) -> ChunkResult:
+    """Validate, route and score one chunk; rows that fail validation get a reason."""
+    n = table.num_rows
+    rejections = _Rejections(n)
+    names = set(table.column_names)
+    if id_column and id_column not in names:
+        rejections.reject_all(f"missing id column '{id_column}'")
+    routed = _route(bundle, plan, table, rejections)
+    floats = {c: _to_float32(table[c], c, rejections)
+              for c in sorted(plan.float_columns & names)}
+    models: dict[str, int] = {}
+    fallbacks = 0
+    scored: pa.Table | None = None
+    if routed is not None and routed.model_index is not None and routed.model_names is not None:
+        groups = _check_groups(plan, routed, names, rejections)
+        result = bundle.score_routed(_Columns(table, floats), Routed(
+            groups, routed.model, routed.fallback, {}, routed.model_index, routed.model_names))
+        keep = np.flatnonzero(rejections.code == 0)
+        index = routed.model_index[keep]
+        columns = _id_columns(table, keep, rel, offset, id_column)
+        prediction = result.prediction[keep]
+        columns["prediction"] = pa.array(prediction if prediction.dtype != object
+                                         else prediction.tolist())
+        columns["model"] = pa.DictionaryArray.from_arrays(
+            pa.array(index, pa.int32()), pa.array(routed.model_names, pa.string()))
+        fallback = routed.fallback[keep]
+        columns["fallback"] = pa.array(fallback, pa.bool_())
+        if result.probabilities is not None and result.classes is not None:
+            for i, label in enumerate(result.classes):
+                columns[f"proba_{label}"] = pa.array(result.probabilities[keep, i])
+        scored = pa.table(columns)
+        counts = np.bincount(index, minlength=len(routed.model_names))
+        models = {routed.model_names[i]: int(c) for i, c in enumerate(counts) if c}
+        fallbacks = int(fallback.sum())
+    return ChunkResult(scored, _rejected_table(table, rejections, rel, offset, id_column),
+                       models, fallbacks)
+
+
+def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: int,
+                    id_column: str | None) -> pa.Table | None:
+    rows = np.flatnonzero(rejections.code)
+    if len(rows) == 0:
+        return None
+    columns: dict[str, pa.Array] = {}
+    if id_column:
+        if id_column in table.column_names:
+            values = _plain(table[id_column]).take(pa.array(rows)).combine_chunks()
+            columns[id_column] = values.cast(pa.string())
+        else:
+            columns[id_column] = pa.nulls(len(rows), pa.string())
+    columns["source_file"] = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(len(rows), dtype=np.int32)), [rel])
+    columns["row_number"] = pa.array(rows + offset, pa.int64())
+    columns["reason"] = pa.DictionaryArray.from_arrays(
+        pa.array(rejections.code[rows] - 1, pa.int32()), rejections.reasons[1:])
+    return pa.table(columns)
+
+
+# -- scoring one unit ------------------------------------------------------------------
+def _score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece) -> PieceOutcome:
+    info = task.files[piece.rel]
+    stem = Path(task.staging) / f"{task.run_token}-{piece.id}"
+    writer = PartWriter(stem.with_name(stem.name + ".parquet"))
+    rejected_writer = PartWriter(stem.with_name(stem.name + ".rejected.parquet"))
+    rows = rejected = fallbacks = 0
+    models: dict[str, int] = {}
+    try:
+        for chunk in read_chunks(Path(info.path), info.format, piece.start, piece.stop,
+                                 plan.columns(task.id_column), plan.columns(None),
+                                 info.partitions, task.chunk_rows):
+            result = score_chunk(bundle, plan, chunk.table, piece.rel, chunk.offset,
+                                 task.id_column)
+            if result.scored is not None:
+                writer.write(result.scored)
+                rows += result.scored.num_rows
+            if result.rejected is not None:
+                rejected_writer.write(result.rejected)
+                rejected += result.rejected.num_rows
+            fallbacks += result.fallbacks
+            for name, count in result.models.items():
+                models[name] = models.get(name, 0) + count
+        staged, staged_rejected = writer.close(), rejected_writer.close()
+    except (BundleError, ModelLoadError):
+        writer.abort()
+        rejected_writer.abort()
+        raise
+    except (pa.ArrowException, OSError, DataError, ValueError) as exc:
+        writer.abort()
+        rejected_writer.abort()
+        return PieceOutcome(piece, error=f"{piece.rel}: {type(exc).__name__}: {exc}")
+    committed = CommittedPiece(
+        piece.id, piece.rel, piece.sha256, piece.start, piece.stop, rows, rejected, fallbacks,
+        models, f"part-{piece.id}.parquet" if staged else None,
+        f"part-{piece.id}.parquet" if staged_rejected else None)
+    return PieceOutcome(piece, committed, str(staged) if staged else None,
+                        str(staged_rejected) if staged_rejected else None)
+
+
+def score_unit(task: UnitTask) -> UnitResult:
+    """Score every piece of one unit into the staging area (the parent commits)."""
+    start = time.perf_counter()
+    bundle, plan = open_bundle(task.bundle_root, task.cache_bytes)
+    delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    outcomes = []
+    for piece in task.unit.pieces:
+        if delay:
+            time.sleep(delay)
+        outcomes.append(_score_piece(bundle, plan, task, piece))
+    return UnitResult(outcomes, time.perf_counter() - start)

@@ -1,0 +1,129 @@
+"""Summarise a bundle or run directory: its models, the selection metric, totals."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from manymodels.runtime import Manifest, read_manifest
+
+__all__ = ["BundleSummary", "ModelRow", "format_key", "inspect_bundle", "selection_metric",
+           "summarise"]
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model of a bundle as :func:`inspect_bundle` shows it."""
+
+    name: str
+    segment: str
+    level: int
+    algorithm: str
+    metric: float | None
+    rows: int | None
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    """A bundle at a glance: its models and totals."""
+
+    path: Path
+    name: str
+    version: str
+    kind: str
+    created_at: str
+    run_id: str | None
+    segment_columns: list[str]
+    levels: list[list[str]]
+    metric_name: str | None
+    models: list[ModelRow]
+    failed: list[dict[str, Any]]
+    routes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.bytes for m in self.models)
+
+    @property
+    def segment_models(self) -> int:
+        return sum(1 for m in self.models if m.level == 0)
+
+    @property
+    def algorithms(self) -> dict[str, int]:
+        return dict(Counter(m.algorithm for m in self.models).most_common())
+
+    def metric_summary(self) -> dict[str, float]:
+        """Median, min and max of the selection metric over the segment models."""
+        values = [m.metric for m in self.models if m.level == 0 and m.metric is not None]
+        if not values:
+            return {}
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def format_key(key: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key.items()) or "(global)"
+
+
+def selection_metric(manifest: Manifest) -> str | None:
+    """The metric the trainer selected winners by, or the first metric models report."""
+    for key in ("metric", "selection_metric"):
+        if isinstance(manifest.raw.get(key), str):
+            return str(manifest.raw[key])
+    trainer = manifest.raw.get("trainer")
+    if isinstance(trainer, Mapping) and isinstance(trainer.get("metric"), str):
+        return str(trainer["metric"])
+    for entry in manifest.models.values():
+        metrics = entry.raw.get("metrics") or {}
+        numeric = [k for k, v in metrics.items() if isinstance(v, int | float)]
+        if numeric:
+            return str(numeric[0])
+    return None
+
+
+def _metric_value(entry_raw: Mapping[str, Any], metric: str | None) -> float | None:
+    value = (entry_raw.get("metrics") or {}).get(metric) if metric else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def summarise(manifest: Manifest) -> BundleSummary:
+    """Build the :class:`BundleSummary` of an already parsed manifest."""
+    metric = selection_metric(manifest)
+    rows = []
+    for model_name, entry in manifest.models.items():
+        segment = format_key(entry.key)
+        if entry.level > 0 and entry.key:
+            segment = f"{segment} (pooled)"
+        raw_rows = entry.raw.get("rows")
+        rows.append(ModelRow(
+            name=model_name, segment=segment, level=entry.level, algorithm=entry.algorithm,
+            metric=_metric_value(entry.raw, metric),
+            rows=int(raw_rows) if isinstance(raw_rows, int | float) else None,
+            bytes=entry.bytes or _file_size(manifest.root / entry.file),
+        ))
+    rows.sort(key=lambda r: (r.level, r.segment))
+    raw = manifest.raw
+    return BundleSummary(
+        path=manifest.root, name=manifest.name, version=str(raw.get("version") or "?"),
+        kind=str(raw.get("kind", "?")), created_at=str(raw.get("created_at", "?")),
+        run_id=raw.get("run_id"), segment_columns=manifest.segment_columns,
+        levels=manifest.levels, metric_name=metric, models=rows,
+        failed=list(raw.get("failed", [])), routes=sum(len(t) for t in manifest.routes),
+    )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def inspect_bundle(path: str | os.PathLike[str]) -> BundleSummary:
+    """Read the manifest of a bundle (or run) directory and summarise its models."""
+    return summarise(read_manifest(Path(path)))
