@@ -27,12 +27,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
 from manymodels.runtime import MANIFEST_FILE, read_manifest
-from manymodels.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
+from manymodels.tracking import (
+    DEFAULT_TRACKING_URI,
+    EXPERIMENT,
+    experiment_id,
+    sqlite_dir,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -59,18 +65,6 @@ ARTIFACT_PATH = "bundle"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
 
 
-def tracking_uri(uri: str | None = None) -> str:
-    """The MLflow store to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the local SQLite."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def _sqlite_dir(uri: str) -> Path | None:
-    """Directory of a ``sqlite:///`` database file (None for other stores)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(unquote(uri[len("sqlite:///"):])).expanduser().resolve().parent
-
-
 @contextmanager
 def _mlflow_errors(action: str) -> Iterator[None]:
     """Turn MLflow's exceptions into one RegistryError that says what was being done."""
@@ -90,17 +84,6 @@ def _client(uri: str | None) -> MlflowClient:
     resolved = tracking_uri(uri)
     with _mlflow_errors(f"open the store {resolved}"):
         return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
-
-
-def _experiment_id(client: MlflowClient, uri: str) -> str:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    db_dir = _sqlite_dir(uri)
-    # With a local SQLite store MLflow would put artifacts under the *current* directory;
-    # keep them next to the database instead, so the store is one self-contained place.
-    location = (db_dir / "mlartifacts").as_uri() if db_dir is not None else None
-    return str(client.create_experiment(EXPERIMENT, artifact_location=location))
 
 
 # -- register -----------------------------------------------------------------------------
@@ -184,7 +167,7 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
     resolved = tracking_uri(uri)
     client = _client(resolved)
     with _mlflow_errors(f"register {root} as '{model_name}'"):
-        run = client.create_run(_experiment_id(client, resolved),
+        run = client.create_run(experiment_id(client, resolved),
                                 run_name=f"{model_name}-{summary.version}", tags=tags)
         run_id = run.info.run_id
         client.log_artifacts(run_id, str(root), ARTIFACT_PATH)
@@ -328,7 +311,7 @@ def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
 
 def _store_identity(uri: str) -> str:
     """One string per store, so two stores' ``oj-sales/3`` never share a cache entry."""
-    db_dir = _sqlite_dir(uri)
+    db_dir = sqlite_dir(uri)
     if db_dir is not None:
         return f"sqlite:{db_dir / Path(urlparse(uri).path).name}"
     return uri

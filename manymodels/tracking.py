@@ -10,22 +10,56 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from manymodels.errors import RegistryError
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from manymodels.train import TrainResult
 
-__all__ = ["DEFAULT_TRACKING_URI", "EXPERIMENT", "log_training_run", "tracking_uri"]
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "EXPERIMENT",
+    "experiment_id",
+    "log_training_run",
+    "sqlite_dir",
+    "tracking_uri",
+]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 EXPERIMENT = "manymodels"
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def tracking_uri(uri: str | None = None) -> str:
+    """The MLflow store to use: ``uri``, else ``MLFLOW_TRACKING_URI``, else the local SQLite."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_dir(uri: str) -> Path | None:
+    """Directory of a ``sqlite:///`` database file (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):])).expanduser().resolve().parent
+
+
+def experiment_id(client: MlflowClient, uri: str) -> str:
+    """Id of the ``manymodels`` experiment, created on first use.
+
+    With a local SQLite store MLflow would put artifacts under the *current* directory;
+    they go next to the database instead (``mlartifacts/``), so the store is one
+    self-contained place whoever creates the experiment first (training or registry).
+    """
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    db_dir = sqlite_dir(uri)
+    location = (db_dir / "mlartifacts").as_uri() if db_dir is not None else None
+    return str(client.create_experiment(EXPERIMENT, artifact_location=location))
 
 
 def _flat_params(prefix: str, spec: SegmenterSpec | TrainerSpec) -> dict[str, str]:
@@ -47,10 +81,11 @@ def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: Tra
     import mlflow
 
     try:
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_experiment(EXPERIMENT)
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        experiment = experiment_id(mlflow.MlflowClient(tracking_uri=uri), uri)
         summary = result.summary
-        with mlflow.start_run(run_name=f"train-{result.run_id}") as run:
+        with mlflow.start_run(experiment_id=experiment, run_name=f"train-{result.run_id}") as run:
             mlflow.set_tags({"manymodels.run_id": result.run_id,
                              "manymodels.run_dir": str(result.run_dir.resolve())})
             mlflow.log_params({**_flat_params("segmenter", segmenter),

@@ -358,6 +358,24 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "onnxruntime",
+                     "numpy", "pandas", "joblib")
+
+
+def training_environment() -> dict[str, Any]:
+    """Python and package versions that produced the models (the bundle records them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in TRAINING_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"python": platform.python_version(), "packages": packages}
+
+
 def _data_window(frame: pd.DataFrame, trainer: TrainerSpec) -> dict[str, Any] | None:
     if not trainer.time_column:
         return None
@@ -530,6 +548,6 @@ def _manifest(run_id: str, rows: list[dict[str, Any]], results: dict[str, FitRes
         "segment_columns": seg_cols, "levels": levels, "routes": routes, "models": models,
         "failed": failed, "data_window": _data_window(frame, trainer),
         "metric": trainer.metric, "summary": summary,
-        "manymodels_version": __version__,
+        "manymodels_version": __version__, "environment": training_environment(),
     }
     return manifest, used

@@ -111,7 +111,12 @@ class PartWriter:
         if table.num_rows == 0:
             return
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, table.schema)
+            # Dictionary encoding only where it pays (model names, file names, reasons):
+            # trying it on float predictions costs time and is abandoned anyway.
+            dictionary = [f.name for f in table.schema if pa.types.is_dictionary(f.type)]
+            self._writer = pq.ParquetWriter(self.path, table.schema, use_dictionary=dictionary,
+                                            write_statistics=[f.name for f in table.schema
+                                                              if f.name != "prediction"])
         elif table.schema != self._writer.schema:
             table = table.cast(self._writer.schema)
         self._writer.write_table(table)

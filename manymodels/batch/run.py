@@ -36,7 +36,7 @@ from .txlog import TxLog
 
 __all__ = ["BatchSummary", "ErrorThresholdExceeded", "choose_workers", "score_batch"]
 
-DEFAULT_MINI_BATCH_ROWS = 500_000
+DEFAULT_MINI_BATCH_ROWS = 1_000_000
 DEFAULT_CACHE_BYTES = 1 << 30
 #: Below this many rows one process wins: starting workers and creating every session
 #: again in each of them costs more than the second core gives back.

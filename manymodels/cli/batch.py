@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Argument(
             ..., help="Output folder: predictions/, rejected/ and the transaction log."),
         mini_batch_size: str = typer.Option(
-            "500000", "--mini-batch-size",
+            "1000000", "--mini-batch-size",
             help="Rows per mini-batch (whole row groups), or 'N files'."),
         workers: int = typer.Option(
             0, "--workers", help="Worker processes; 0 = choose from the input size."),

@@ -146,18 +146,16 @@ class Bundle:
         inside each group is ascending, as callers expect.
         """
         self._check_segment_columns(list(keys))
-        model = np.full(n, None, dtype=object)
-        fallback = np.zeros(n, dtype=bool)
         if n == 0:
-            return Routed({}, model, fallback, {}, np.full(0, -1, dtype=np.int32), [])
+            return Routed({}, np.full(0, None, dtype=object), np.zeros(0, dtype=bool), {},
+                          np.full(0, -1, dtype=np.int32), [])
         cols = self.segment_columns
         if not cols:
             name, _ = self.manifest.resolve({})
             if name is None:
                 raise SegmentNotFound({})
-            model[:] = name
-            return Routed({name: np.arange(n)}, model, fallback, {},
-                          np.zeros(n, dtype=np.int32), [name])
+            return Routed({name: np.arange(n)}, np.full(n, name, dtype=object),
+                          np.zeros(n, dtype=bool), {}, np.zeros(n, dtype=np.int32), [name])
         combo, key_values = _factorise_keys([keys[c] for c in cols], n)
         names: list[str] = []
         positions: dict[str, int] = {}
@@ -206,28 +204,67 @@ class Bundle:
         return self.score_routed(frame, routed)
 
     def score_routed(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed) -> ScoreResult:
-        """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays."""
+        """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays.
+
+        Each input column that many rows need is gathered once into model order, so every
+        group is a contiguous slice (no copy) fed to one ``session.run``; columns only a
+        few groups need (e.g. the fallback's categorical inputs) are taken per group.
+        """
         n = len(routed.model)
         prediction = self._empty_prediction(n)
         probabilities: np.ndarray | None = None
         classes: Sequence[Any] | None = None
-        arrays: dict[str, np.ndarray] = {}
-        for name, rows in routed.groups.items():
+        if not routed.groups:
+            return ScoreResult(prediction, routed.model, routed.fallback, None, None)
+        parts = list(routed.groups.values())
+        order = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+        gathered = self._gather_plan(routed.groups, frame, len(order))
+        sorted_columns: dict[str, np.ndarray] = {}
+        raw: dict[str, np.ndarray] = {}
+        labels_sorted: np.ndarray | None = None
+        proba_sorted: np.ndarray | None = None
+        for i, (name, rows) in enumerate(routed.groups.items()):
             loaded = self.model(name)
+            start, stop = int(bounds[i]), int(bounds[i + 1])
+            columns: dict[str, Any] = {}
             for column in loaded.input_names:
-                if column not in arrays:
-                    if column not in frame:
-                        loaded.check_columns(list(frame.keys()))
-                    arrays[column] = np.asarray(frame[column])
-            columns = {c: arrays[c][rows] for c in loaded.input_names}
+                if column not in frame:
+                    loaded.check_columns(list(frame.keys()))
+                if column not in raw:
+                    raw[column] = np.asarray(frame[column])
+                if column in gathered:
+                    if column not in sorted_columns:
+                        sorted_columns[column] = raw[column][order]
+                    columns[column] = sorted_columns[column][start:stop]
+                else:
+                    columns[column] = raw[column][rows]
             labels, proba = loaded.predict_columns(columns)
-            prediction[rows] = labels
+            if labels_sorted is None:
+                labels_sorted = self._empty_prediction(len(order))
+            labels_sorted[start:stop] = labels
             if proba is not None:
-                if probabilities is None:
+                if proba_sorted is None:
                     classes = loaded.entry.classes
-                    probabilities = np.full((n, proba.shape[1]), np.nan)
-                probabilities[rows] = proba
+                    proba_sorted = np.full((len(order), proba.shape[1]), np.nan)
+                proba_sorted[start:stop] = proba
+        if labels_sorted is not None:
+            prediction[order] = labels_sorted
+        if proba_sorted is not None:
+            probabilities = np.full((n, proba_sorted.shape[1]), np.nan)
+            probabilities[order] = proba_sorted
         return ScoreResult(prediction, routed.model, routed.fallback, probabilities, classes)
+
+    def _gather_plan(self, groups: Mapping[str, np.ndarray], frame: Any, total: int) -> set[str]:
+        """Columns worth gathering whole into model order: needed by most routed rows."""
+        need: dict[str, int] = {}
+        for name, rows in groups.items():
+            entry = self.manifest.models.get(name)
+            if entry is None:
+                raise ModelNotFound(name, known=len(self.manifest.models))
+            for column in entry.input_names:
+                need[column] = need.get(column, 0) + len(rows)
+        return {c for c, k in need.items() if k * 4 >= total and c in frame}
 
     def score_model(self, name: str, columns: Mapping[str, Any]) -> ScoreResult:
         """Score rows with the model called ``name`` (no routing)."""
@@ -251,22 +288,40 @@ def _factorise_keys(columns: Sequence[Any], n: int) -> tuple[np.ndarray, list[tu
     """One code per row for its segment key, and the key values of each code.
 
     Nulls get their own code (they are rejected later, with a reason naming the column).
-    Codes are combined column by column and re-factorised, so they never overflow.
+    When the product of the per-column cardinalities is small (the usual case: stores ×
+    brands), codes are combined arithmetically and compacted with one ``bincount``;
+    otherwise column by column with a re-factorisation, so they never overflow.
     """
     per_column: list[tuple[np.ndarray, Any]] = []
-    combo = np.zeros(n, dtype=np.int64)
     for values in columns:
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
-        codes = np.asarray(codes, dtype=np.int64)
-        per_column.append((codes, uniques))
-        if len(per_column) == 1:
-            combo = codes
-        else:
+        per_column.append((np.asarray(codes, dtype=np.int64), uniques))
+    radices = [max(len(u), 1) for _, u in per_column]
+    space = int(np.prod(radices, dtype=np.float64))
+    if space <= max(4 * n, 1 << 16) and space <= 1 << 24:
+        combo = np.zeros(n, dtype=np.int64)
+        for (codes, _), radix in zip(per_column, radices, strict=True):
+            combo = combo * radix + codes
+        present = np.flatnonzero(np.bincount(combo, minlength=space))
+        remap = np.full(space, -1, dtype=np.int64)
+        remap[present] = np.arange(len(present))
+        digits: list[np.ndarray] = []
+        rest = present.copy()
+        for radix in reversed(radices):
+            digits.append(rest % radix)
+            rest //= radix
+        digits.reverse()
+        picked = [(d, u) for d, (_, u) in zip(digits, per_column, strict=True)]
+        combo = remap[combo]
+    else:
+        combo = per_column[0][0]
+        for codes, uniques in per_column[1:]:
             combo = np.asarray(pd.factorize(combo * len(uniques) + codes)[0], dtype=np.int64)
-    k = int(combo.max()) + 1
-    first = np.empty(k, dtype=np.int64)
-    first[combo[::-1]] = np.arange(n - 1, -1, -1)  # last write wins: first occurrence
-    picked = [(codes[first], uniques) for codes, uniques in per_column]
+        k = int(combo.max()) + 1
+        first = np.empty(k, dtype=np.int64)
+        first[combo[::-1]] = np.arange(n - 1, -1, -1)  # last write wins: first occurrence
+        picked = [(codes[first], uniques) for codes, uniques in per_column]
+    k = len(picked[0][0])
     key_values = [tuple(u[int(c[j])] for c, u in picked) for j in range(k)]
     return combo, key_values
 

@@ -29,7 +29,10 @@ __all__ = [
     "Prediction",
     "Table",
     "parse_table",
+    "check_headers",
+    "parse_json",
     "read_json",
+    "receive_body",
     "route_rows",
     "score_groups",
     "score_model",
@@ -46,36 +49,31 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
-    """The parsed JSON body, after the content type and size checks (415, 413, 400).
-
-    An empty body is an error unless ``empty`` gives the value to use instead.
-    """
+def check_headers(headers: Sequence[tuple[bytes, bytes]], limit: int) -> int | None:
+    """Content type (415) and declared size (413) of a request; its Content-Length."""
     content_type = length = None
-    for key, value in request.scope["headers"]:
+    for key, value in headers:
         if key == b"content-type":
             content_type = value
         elif key == b"content-length":
             length = value
     if content_type is not None and not _is_json(content_type):
         raise UnsupportedMediaType(content_type.decode("latin-1"))
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise MalformedBody(f"Content-Length '{length.decode('latin-1')}' is not a number") \
-                from None
-        if declared > limit:
-            raise BodyTooLarge(limit)
-        body = await request.body()
-    else:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(limit)
-            chunks.append(chunk)
-        body = b"".join(chunks)
+    if length is None:
+        return None
+    try:
+        declared = int(length)
+    except ValueError:
+        raise MalformedBody(f"Content-Length '{length.decode('latin-1')}' is not a number") \
+            from None
+    if declared > limit:
+        raise BodyTooLarge(limit)
+    return declared
+
+
+def parse_json(body: bytes, empty: Any = None) -> Any:
+    """The parsed body (400 if it is not JSON); an empty body is an error unless
+    ``empty`` gives the value to use instead."""
     if not body:
         if empty is not None:
             return empty
@@ -84,6 +82,37 @@ async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedBody(f"the request body is not valid JSON: {exc}") from None
+
+
+async def receive_body(receive: Any, limit: int) -> bytes:
+    """Read an ASGI request body, refusing it (413) as soon as it passes ``limit``."""
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+        return body  # type: ignore[no-any-return]
+    chunks, size = [body], len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
+    """The parsed JSON body of a Starlette request, after the 415/413/400 checks."""
+    check_headers(request.scope["headers"], limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks), empty)
 
 
 # -- tables ---------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ __all__ = [
     "ModelUnavailable",
     "UnsupportedMediaType",
     "error_response",
+    "render_error",
+    "render_exception",
     "install_error_handlers",
     "status_for",
 ]
@@ -106,27 +108,36 @@ _TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            503: "Service Unavailable"}
 
 
-def _is_v2(request: Request) -> bool:
-    return request.scope.get("path", "").startswith("/v2")
+def render_error(path: str, status: int, code: str, message: str) -> tuple[bytes, str]:
+    """Body and media type of one error, in the shape the route's clients expect."""
+    if path.startswith("/v2"):
+        return orjson.dumps({"error": message}), "application/json"
+    return orjson.dumps({"type": f"urn:manymodels:error:{code}",
+                         "title": _TITLES.get(status, "Error"), "status": status,
+                         "detail": message, "code": code}), "application/problem+json"
+
+
+def render_exception(path: str, exc: Exception) -> tuple[int, bytes, str]:
+    """Status, body and media type for any exception raised while serving ``path``."""
+    if isinstance(exc, ManyModelsError):
+        status = status_for(exc)
+        if status >= 500:
+            log.warning("%s -> %d %s: %s", path, status, exc.code, exc)
+        return (status, *render_error(path, status, exc.code, exc.message))
+    log.error("unexpected error on %s", path, exc_info=exc)
+    return (500, *render_error(path, 500, "internal_error",
+                               f"internal error ({type(exc).__name__}); see the server log"))
 
 
 def error_response(request: Request, status: int, code: str, message: str) -> Response:
-    """Render one error in the shape the route's clients expect."""
-    if _is_v2(request):
-        body = orjson.dumps({"error": message})
-        return Response(body, status_code=status, media_type="application/json")
-    body = orjson.dumps({"type": f"urn:manymodels:error:{code}",
-                         "title": _TITLES.get(status, "Error"), "status": status,
-                         "detail": message, "code": code})
-    return Response(body, status_code=status, media_type="application/problem+json")
+    """Render one error as a Starlette response."""
+    body, media = render_error(request.scope.get("path", ""), status, code, message)
+    return Response(body, status_code=status, media_type=media)
 
 
 async def _handle_manymodels(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ManyModelsError)
-    status = status_for(exc)
-    if status >= 500:
-        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
-    return error_response(request, status, exc.code, exc.message)
+    status, body, media = render_exception(request.scope.get("path", ""), exc)
+    return Response(body, status_code=status, media_type=media)
 
 
 async def _handle_http(request: Request, exc: Exception) -> Response:
@@ -142,9 +153,8 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(request, 500, "internal_error",
-                          f"internal error ({type(exc).__name__}); see the server log")
+    status, body, media = render_exception(request.scope.get("path", ""), exc)
+    return Response(body, status_code=status, media_type=media)
 
 
 def install_error_handlers(app: object) -> None:

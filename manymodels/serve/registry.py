@@ -110,10 +110,13 @@ class ModelRegistry:
         onnxruntime graph optimisation level.
     load_threads
         Threads that create sessions.
+    inline_rows
+        Requests with more rows than this are scored in a thread, off the event loop.
     """
 
     def __init__(self, root: str | Path, max_bytes: int | None = None,
-                 optimisation: str = "basic", load_threads: int = 2) -> None:
+                 optimisation: str = "basic", load_threads: int = 2,
+                 inline_rows: int = 2048) -> None:
         self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation)
         manifest = self.bundle.manifest
         self.version = str(manifest.raw.get("version") or "1")
@@ -125,6 +128,7 @@ class ModelRegistry:
         self.failed: dict[str, str] = {}
         self.pinned: tuple[str, ...] = ()
         self.preloading = False
+        self.inline_rows = inline_rows
         self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
         self._inflight: dict[str, asyncio.Future[ServedModel]] = {}
         self._lock = threading.Lock()

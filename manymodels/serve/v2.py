@@ -24,7 +24,7 @@ from .dataplane import FeedBuilder, Table, check_columns, dumps, read_json
 from .errors import MalformedBody
 from .registry import ModelRegistry, ServedModel, v2_datatype
 
-__all__ = ["make_v2_router", "parse_infer_request"]
+__all__ = ["infer_reply", "make_v2_router", "parse_infer_request", "split_infer_path"]
 
 JSON = "application/json"
 NUMERIC_TYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
@@ -123,15 +123,46 @@ def infer(served: ServedModel, table: Table, wanted: list[str] | None) -> list[d
     return tensors
 
 
+def check_version(registry: ModelRegistry, name: str, model_version: str | None) -> None:
+    """404 for a version other than the bundle's (a bundle carries one version)."""
+    if model_version is not None and model_version != registry.version:
+        raise ModelNotFound(f"{name}' version '{model_version}")
+
+
+async def infer_reply(registry: ModelRegistry, name: str, model_version: str | None,
+                      body: Any) -> dict[str, Any]:
+    """The V2 inference response for ``body`` sent to model ``name``."""
+    check_version(registry, name, model_version)
+    served = await registry.get(name)
+    table, wanted = parse_infer_request(served, body)
+    if table.n > registry.inline_rows:
+        outputs = await registry.run_in_thread(infer, served, table, wanted)
+    else:
+        outputs = infer(served, table, wanted)
+    reply: dict[str, Any] = {"model_name": name, "model_version": registry.version,
+                             "outputs": outputs}
+    if isinstance(body.get("id"), str):
+        reply["id"] = body["id"]
+    return reply
+
+
+def split_infer_path(path: str) -> tuple[str, str | None] | None:
+    """``(name, version)`` of ``/v2/models/{name}[/versions/{v}]/infer``, else ``None``."""
+    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
 def make_v2_router(registry: ModelRegistry, limit: int,
                    is_ready: Callable[[], bool]) -> APIRouter:
     """The V2 routes over ``registry``; ``is_ready`` says whether start-up is complete."""
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
     version = registry.version
-
-    def check_version(name: str, model_version: str | None) -> None:
-        if model_version is not None and model_version != version:
-            raise ModelNotFound(f"{name}' version '{model_version}")
 
     @router.get("", response_class=Response, summary="Server metadata",
                 responses=schemas.reply("V2ServerMetadata"))
@@ -154,12 +185,12 @@ def make_v2_router(registry: ModelRegistry, limit: int,
         return Response(dumps({"ready": ok}), status_code=200 if ok else 503, media_type=JSON)
 
     async def model_metadata(name: str, model_version: str | None = None) -> Response:
-        check_version(name, model_version)
+        check_version(registry, name, model_version)
         served = await registry.get(name)
         return Response(served.v2_metadata, media_type=JSON)
 
     async def model_ready(name: str, model_version: str | None = None) -> Response:
-        check_version(name, model_version)
+        check_version(registry, name, model_version)
         if not registry.knows(name):
             raise ModelNotFound(name, known=len(registry.bundle.manifest.models))
         failed = registry.failed.get(name)
@@ -170,16 +201,9 @@ def make_v2_router(registry: ModelRegistry, limit: int,
 
     async def model_infer(request: Request, name: str,
                           model_version: str | None = None) -> Response:
-        check_version(name, model_version)
         body = await read_json(request, limit)
-        served = await registry.get(name)
-        table, wanted = parse_infer_request(served, body)
-        outputs = infer(served, table, wanted)
-        reply: dict[str, Any] = {"model_name": name, "model_version": version,
-                                 "outputs": outputs}
-        if isinstance(body.get("id"), str):
-            reply["id"] = body["id"]
-        return Response(dumps(reply), media_type=JSON)
+        return Response(dumps(await infer_reply(registry, name, model_version, body)),
+                        media_type=JSON)
 
     meta_doc = schemas.reply("V2ModelMetadata", 404, 503, v2=True)
     ready_doc = schemas.reply("V2Ready", 404, 503, v2=True)
