@@ -223,7 +223,7 @@ def write_mlmodel(bundle: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     (bundle / "MLmodel").write_text(
         "flavors:\n  python_function:\n    loader_module: manymodels_runtime\n"
-        "    code: code\n    python_version: 3.11\n")
+        "    code: code\n    python_version: \"3.11\"\n")
 
 
 def write_joblib_models(rows: Any, names: dict[tuple[Any, Any], str], folder: Path) -> None:

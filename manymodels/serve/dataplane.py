@@ -131,7 +131,19 @@ def _records(records: list[Any], field: str) -> Table:
     if not isinstance(first, dict):
         raise MalformedBody(f"'{field}' must be a list of row objects "
                             f"({{column: value}}), not a list of {type(first).__name__}")
-    keys = first.keys()
+    keys = list(first)
+    try:  # fast path: every row has the same keys (checked by count, C-level loops)
+        columns = {k: [row[k] for row in records] for k in keys}
+        if len(set(map(len, records))) == 1:
+            return Table(columns, len(records))
+    except (KeyError, TypeError, IndexError):
+        pass
+    _diagnose_records(records, first.keys(), field)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _diagnose_records(records: list[Any], keys: Any, field: str) -> None:
+    """Raise the error that names the first row whose columns differ from row 0's."""
     for i, row in enumerate(records):
         if not isinstance(row, dict) or row.keys() != keys:
             if not isinstance(row, dict):
@@ -143,7 +155,6 @@ def _records(records: list[Any], field: str) -> Table:
                 f"row {i} of '{field}' has different columns than row 0"
                 + (f"; it lacks {', '.join(missing)}" if missing else "")
                 + (f"; it adds {', '.join(extra)}" if extra else ""))
-    return Table({k: [row[k] for row in records] for k in keys}, len(records))
 
 
 def _column_dict(data: dict[str, Any], field: str) -> Table:

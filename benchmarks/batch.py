@@ -1,0 +1,305 @@
+"""Benchmark ``manymodels batch`` against the floor and the hand-written pattern.
+
+Usage::
+
+    .venv/bin/python benchmarks/batch.py            # 1M rows in one file
+    .venv/bin/python benchmarks/batch.py --ten-m    # ... and 10M rows in 10 files
+
+Over 1,000 models (334 stores × 3 brands of Ridge pipelines + a global fallback, built
+by tests/builders.py), every contender runs file to file in its own fresh process:
+
+- floor: create every session, read the Parquet with pyarrow, run each model's rows on
+  pre-grouped arrays, write the predictions with pyarrow (grouping is timed apart: the
+  floor assumes it is free);
+- ours: ``manymodels batch`` with ``--workers 1``, ``--workers 2`` and the default;
+- hand-written: pandas ``read_parquet`` + ``groupby`` over the segment columns, each
+  group's native scikit-learn pipeline ``joblib.load``-ed (once) and ``predict``-ed,
+  ``to_parquet``.
+
+Wall time includes interpreter start and imports for all (the floor's grouping time is
+subtracted from its wall time, since the floor assumes pre-grouped arrays). Peak memory is the sum of
+resident memory over the process tree, sampled every 20 ms. The machine is shared, so
+compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+N_STORES = 334
+ROW_GROUP = 131_072
+ROWS_PER_FILE = 1_000_000
+UNKNOWN_SHARE = 0.001  # rows of unknown stores: they go to the global fallback
+
+
+# -- setup -----------------------------------------------------------------------------
+def build_inputs(work: Path, ten_m: bool) -> dict[str, Path]:
+    """Bundle, native joblib models and the Parquet inputs (reused when present)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from builders import build_bundle
+
+    bundle = work / "bundle"
+    if not (bundle / "manifest.json").exists():
+        build_bundle(bundle, n_stores=N_STORES)
+    from builders import make_rows
+
+    rows = make_rows(N_STORES, 40, seed=0)
+    native = work / "native"
+    if not (native / "global.joblib").exists():
+        fit_native(rows, native)
+    sizes = {"1M": (work / "in-1m", 1)}
+    if ten_m:
+        sizes["10M"] = (work / "in-10m", 10)
+    rng = np.random.default_rng(0)
+    for folder, n_files in sizes.values():
+        if folder.exists() and len(list(folder.glob("*.parquet"))) == n_files:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_files):
+            idx = rng.integers(0, len(rows), ROWS_PER_FILE)
+            store = rows["store"].to_numpy()[idx].copy()
+            store[rng.random(ROWS_PER_FILE) < UNKNOWN_SHARE] = 9_999
+            table = pa.table({
+                "store": store,
+                "brand": rows["brand"].to_numpy()[idx].astype(str),
+                "price": rows["price"].to_numpy()[idx] * rng.uniform(0.9, 1.1, ROWS_PER_FILE),
+                "feat": rows["feat"].to_numpy()[idx],
+            })
+            pq.write_table(table, folder / f"part-{i:02d}.parquet", row_group_size=ROW_GROUP)
+    return {"bundle": bundle, "native": native, **{k: v[0] for k, v in sizes.items()}}
+
+
+def fit_native(rows: Any, folder: Path) -> None:
+    """One scikit-learn Ridge pipeline per segment (+ global), saved with joblib."""
+    import joblib
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    folder.mkdir(parents=True, exist_ok=True)
+    numeric = ["price", "feat"]
+    for (store, brand), part in rows.groupby(["store", "brand"]):
+        pipe = Pipeline([("prep", ColumnTransformer([("num", StandardScaler(), numeric)])),
+                         ("model", Ridge(alpha=1.0))]).fit(part[numeric], part["quantity"])
+        joblib.dump(pipe, folder / f"{store}__{brand}.joblib")
+    prep = ColumnTransformer([("num", StandardScaler(), numeric),
+                              ("cat", OneHotEncoder(handle_unknown="ignore"),
+                               ["store", "brand"])])
+    frame = rows.astype({"store": str})
+    pipe = Pipeline([("prep", prep), ("model", Ridge(alpha=1.0))]).fit(
+        frame[numeric + ["store", "brand"]], frame["quantity"])
+    joblib.dump(pipe, folder / "global.joblib")
+
+
+# -- contenders (each runs in its own process) -----------------------------------------
+def run_floor(bundle: Path, source: Path, out: Path) -> dict[str, float]:
+    """The unavoidable work: sessions, pyarrow read, session.run on pre-grouped arrays, write."""
+    import onnxruntime as ort
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = {"sessions": 0.0, "read": 0.0, "group (not counted)": 0.0, "run": 0.0, "write": 0.0}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    t = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {name: ort.InferenceSession(str(bundle / m["file"]), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+                for name, m in manifest["models"].items()}
+    parts["sessions"] = time.perf_counter() - t
+    route = {f"{r['key'][0]}\x1f{r['key'][1]}": r["model"] for r in manifest["routes"]
+             if r["level"] == 0}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.parquet")):
+        t = time.perf_counter()
+        table = pq.read_table(path, columns=["store", "brand", "price", "feat"])
+        parts["read"] += time.perf_counter() - t
+        t = time.perf_counter()
+        store = table["store"].to_numpy()
+        brand_enc = table["brand"].combine_chunks().dictionary_encode()
+        brands = brand_enc.dictionary.to_pylist()
+        code = store * len(brands) + brand_enc.indices.to_numpy()
+        uniq, inverse = np.unique(code, return_inverse=True)
+        names = [route.get(f"{u // len(brands)}\x1f{brands[u % len(brands)]}",
+                           "quantity__global") for u in uniq]
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse))])
+        price = table["price"].to_numpy().astype(np.float32)[order].reshape(-1, 1)
+        feat = table["feat"].to_numpy().astype(np.float32)[order].reshape(-1, 1)
+        store_s = store.astype(str).astype(object)[order].reshape(-1, 1)
+        brand_s = np.asarray(brands, dtype=object)[brand_enc.indices.to_numpy()[order]]
+        brand_s = brand_s.reshape(-1, 1)
+        parts["group (not counted)"] += time.perf_counter() - t
+        t = time.perf_counter()
+        pred = np.empty(len(order), dtype=np.float32)
+        for i, name in enumerate(names):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            feed = {"price": price[a:b], "feat": feat[a:b]}
+            if name == "quantity__global":
+                feed.update(store=store_s[a:b], brand=brand_s[a:b])
+            pred[a:b] = sessions[name].run(None, feed)[0].ravel()
+        parts["run"] += time.perf_counter() - t
+        t = time.perf_counter()
+        result = np.empty(len(order), dtype=np.float64)
+        result[order] = pred
+        pq.write_table(pa.table({"prediction": result}), out / path.name)
+        parts["write"] += time.perf_counter() - t
+    return parts
+
+
+def run_handwritten(native: Path, source: Path, out: Path) -> dict[str, float]:
+    """pandas groupby + joblib-loaded native models + predict, file to file."""
+    import joblib
+    import pandas as pd
+
+    parts = {"read": 0.0, "load": 0.0, "predict": 0.0, "write": 0.0}
+    models: dict[str, Any] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.parquet")):
+        t = time.perf_counter()
+        frame = pd.read_parquet(path)
+        parts["read"] += time.perf_counter() - t
+        prediction = np.empty(len(frame))
+        used = np.empty(len(frame), dtype=object)
+        for (store, brand), idx in frame.groupby(["store", "brand"]).indices.items():
+            key = f"{store}__{brand}"
+            t = time.perf_counter()
+            if key not in models:
+                file = native / f"{key}.joblib"
+                models[key] = joblib.load(file if file.exists() else native / "global.joblib")
+            parts["load"] += time.perf_counter() - t
+            t = time.perf_counter()
+            group = frame.iloc[idx]
+            if (native / f"{key}.joblib").exists():
+                prediction[idx] = models[key].predict(group[["price", "feat"]])
+            else:
+                prediction[idx] = models[key].predict(group.astype({"store": str}))
+            used[idx] = key
+            parts["predict"] += time.perf_counter() - t
+        t = time.perf_counter()
+        pd.DataFrame({"row_number": np.arange(len(frame)), "prediction": prediction,
+                      "model": used}).to_parquet(out / path.name)
+        parts["write"] += time.perf_counter() - t
+    return parts
+
+
+# -- measuring -------------------------------------------------------------------------
+def measure(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak resident MB of the process tree (sampled), stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    peak = 0
+    handle = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [handle, *handle.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    return seconds, peak / 1e6, stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ten-m", action="store_true", help="also run 10M rows in 10 files")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mm-batch-bench")
+    args = parser.parse_args()
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    paths = build_inputs(work, args.ten_m)
+    print(f"setup (bundle, native models, data): {time.perf_counter() - t:.1f} s", flush=True)
+    python = sys.executable
+    cli = [str(Path(python).parent / "manymodels"), "batch"]
+    results: dict[str, dict[str, tuple[float, float, str]]] = {}
+    for size in [s for s in ("1M", "10M") if s in paths]:
+        source = paths[size]
+        runs: dict[str, list[str]] = {
+            "floor": [python, __file__, "_floor", str(paths["bundle"]), str(source)],
+            "ours --workers 1": [*cli, str(paths["bundle"]), str(source), "{out}",
+                                 "--workers", "1", "--no-progress"],
+            "ours --workers 2": [*cli, str(paths["bundle"]), str(source), "{out}",
+                                 "--workers", "2", "--no-progress"],
+            "ours default": [*cli, str(paths["bundle"]), str(source), "{out}", "--no-progress"],
+            "hand-written": [python, __file__, "_handwritten", str(paths["native"]),
+                             str(source)],
+        }
+        results[size] = {}
+        for name, command in runs.items():
+            out = work / "out" / f"{size}-{name.replace(' ', '_')}"
+            shutil.rmtree(out, ignore_errors=True)
+            command = [c.replace("{out}", str(out)) for c in command]
+            if "_floor" in command or "_handwritten" in command:
+                command.append(str(out))
+            seconds, peak, stdout = measure(command)
+            if name == "floor":  # the floor assumes pre-grouped arrays: grouping is free
+                seconds -= json.loads(stdout)["group (not counted)"]
+            results[size][name] = (seconds, peak, stdout)
+            print(f"  {size:>4} {name:<18} {seconds:7.2f} s  peak {peak:7.0f} MB", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    report(results)
+
+
+def report(results: dict[str, dict[str, tuple[float, float, str]]]) -> None:
+    print()
+    print(f"{'size':>5} | {'contender':<18} | {'wall s':>7} | {'M rows/s':>8} | "
+          f"{'peak MB':>7} | parts (s)")
+    print("-" * 100)
+    for size, runs in results.items():
+        rows = ROWS_PER_FILE * (10 if size == "10M" else 1)
+        for name, (seconds, peak, stdout) in runs.items():
+            parts = ""
+            if stdout.strip().startswith("{"):
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in json.loads(stdout).items())
+            print(f"{size:>5} | {name:<18} | {seconds:7.2f} | {rows / seconds / 1e6:8.2f} | "
+                  f"{peak:7.0f} | {parts}")
+    print()
+    checks = []
+    if "10M" in results:
+        r = {k: v[0] for k, v in results["10M"].items()}
+        checks += [
+            ("10M: ours w2 >= 3x hand-written", r["hand-written"] / r["ours --workers 2"], 3.0),
+            ("10M: ours w2 >= 1.6x ours w1", r["ours --workers 1"] / r["ours --workers 2"], 1.6),
+            ("10M: ours w1 within 1.3x of floor", r["floor"] * 1.3 / r["ours --workers 1"], 1.0),
+        ]
+    r1 = {k: v[0] for k, v in results["1M"].items()}
+    checks.append(("1M: ours default >= 2x hand-written", r1["hand-written"] / r1["ours default"],
+                   2.0))
+    for label, value, bar in checks:
+        print(f"{label:<40} {value:5.2f} (bar {bar}) {'PASS' if value >= bar else 'FAIL'}")
+    if "10M" in results:
+        for name in ("ours --workers 1", "ours --workers 2"):
+            print(f"peak RSS {name}: 1M {results['1M'][name][1]:.0f} MB, "
+                  f"10M {results['10M'][name][1]:.0f} MB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("_floor", "_handwritten"):
+        runner = run_floor if sys.argv[1] == "_floor" else run_handwritten
+        print(json.dumps(runner(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))))
+    else:
+        main()
