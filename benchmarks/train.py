@@ -24,7 +24,7 @@ import pandas as pd
 from manymodels.candidates import build_candidates, build_pipeline, predict_with, score_metric
 from manymodels.datasets import make_oj
 from manymodels.specs import load_trainer
-from manymodels.train import train
+from manymodels.training import train
 
 
 def sequential_loop(frame: pd.DataFrame, trainer_name: str) -> tuple[float, int]:

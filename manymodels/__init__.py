@@ -1,9 +1,61 @@
-"""manymodels: one model per segment, trained in parallel, exported to ONNX, served as one."""
+"""manymodels: one model per segment, trained in parallel, exported to ONNX, served as one.
+
+The public API is ``__all__``. Training entry points are imported lazily, so that
+serving and batch scoring never pay for (or need) the training libraries.
+"""
 
 from __future__ import annotations
 
-from manymodels.errors import ManyModelsError
+from typing import TYPE_CHECKING, Any
+
+from manymodels.errors import (
+    BundleError,
+    DataError,
+    ExportError,
+    InputSchemaError,
+    ManyModelsError,
+    ModelLoadError,
+    ModelNotFound,
+    RegistryError,
+    ScoringError,
+    SegmentationError,
+    SegmentNotFound,
+    SpecError,
+    TrainingError,
+)
+from manymodels.runtime import Bundle
+
+if TYPE_CHECKING:
+    from manymodels.training import TrainResult, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ManyModelsError", "__version__"]
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "DataError",
+    "ExportError",
+    "InputSchemaError",
+    "ManyModelsError",
+    "ModelLoadError",
+    "ModelNotFound",
+    "RegistryError",
+    "ScoringError",
+    "SegmentNotFound",
+    "SegmentationError",
+    "SpecError",
+    "TrainResult",
+    "TrainingError",
+    "__version__",
+    "train",
+]
+
+_LAZY = {"train": "manymodels.training", "TrainResult": "manymodels.training"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'manymodels' has no attribute {name!r}")

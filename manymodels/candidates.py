@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier, DummyRegressor
@@ -31,7 +30,16 @@ from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 from manymodels.errors import SpecError
 from manymodels.specs import TrainerSpec
 
-__all__ = ["Candidate", "build_candidates", "build_estimator", "build_pipeline", "build_prep", "higher_is_better", "score_metric"]
+__all__ = [
+    "Candidate",
+    "build_candidates",
+    "build_estimator",
+    "build_pipeline",
+    "build_prep",
+    "higher_is_better",
+    "predict_with",
+    "score_metric",
+]
 
 
 @dataclass(frozen=True)

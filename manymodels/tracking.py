@@ -20,7 +20,7 @@ from manymodels.specs import SegmenterSpec, TrainerSpec
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from manymodels.train import TrainResult
+    from manymodels.training import TrainResult
 
 __all__ = [
     "DEFAULT_TRACKING_URI",

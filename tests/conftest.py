@@ -49,7 +49,7 @@ def oj_small() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def trained_run(oj_small: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real training run directory (18 segments, brand pools, global model)."""
-    from manymodels.train import train
+    from manymodels.training import train
 
     out = tmp_path_factory.mktemp("runs")
     result = train(oj_small, SEGMENTER, FAST_TRAINER, out=out, run_id="fixture", jobs=1,

@@ -47,7 +47,7 @@ def test_train_logs_one_mlflow_run(oj_small: pd.DataFrame, tmp_path: Path,
     """Check that a training run appears once in a real MLflow SQLite store with its report."""
     import mlflow
 
-    from manymodels.train import train
+    from manymodels.training import train
 
     uri = f"sqlite:///{tmp_path / 'track.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

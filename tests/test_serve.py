@@ -581,3 +581,47 @@ def test_memory_estimate_tracks_measured_rss(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_declared_routes_answer_like_the_fast_lane(server: Running) -> None:
+    """Check that the FastAPI-declared /score and V2 infer routes answer as the fast lane does."""
+    from fastapi import FastAPI
+
+    registry = server.app.state.registry
+    registry.load_sync(SEG)
+    registry.load_sync(GLOBAL)
+
+    async def through_fastapi(scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(server.app, scope, receive, send)
+
+    requests = [
+        ("/score", {"model": SEG, "data": [{"price": 1.5, "feat": 1.0}]}),
+        ("/score", {"data": [{"store": 9, "brand": "x", "price": 1.5, "feat": 0.0}]}),
+        ("/score", {"model": SEG, "data": [{"price": "x", "feat": 1.0}]}),
+        ("/score", {"model": "nope", "data": [{"price": 1.5, "feat": 1.0}]}),
+        (f"/v2/models/{SEG}/infer", {"inputs": v2_inputs(
+            pd.DataFrame({"price": [1.5], "feat": [1.0]}), ["price", "feat"])}),
+        (f"/v2/models/{SEG}/infer", {"inputs": []}),
+    ]
+
+    async def both() -> list[tuple[httpx.Response, httpx.Response]]:
+        transport = httpx.ASGITransport(app=through_fastapi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://asgi") as declared, \
+                httpx.AsyncClient(base_url=server.url) as fast:
+            return [(await declared.post(p, json=b), await fast.post(p, json=b))
+                    for p, b in requests]
+
+    for slow_reply, fast_reply in asyncio.run(both()):
+        assert slow_reply.status_code == fast_reply.status_code
+        assert slow_reply.json() == fast_reply.json()
+        assert slow_reply.headers["content-type"] == fast_reply.headers["content-type"]
+
+
+def test_serve_imports_no_training_library() -> None:
+    """Check that importing the server pulls in no training or conversion library."""
+    code = ("import sys, manymodels.serve, manymodels.serve.app; "
+            "print([m for m in ('sklearn', 'lightgbm', 'skl2onnx', 'onnxmltools', "
+            "'manymodels.train', 'manymodels.export', 'manymodels.candidates') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

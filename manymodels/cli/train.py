@@ -76,12 +76,13 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="Replace an existing run of the same id."),
     ) -> None:
         """Segment the table, fit the candidates per segment in parallel, export ONNX."""
-        from manymodels.train import train
+        from manymodels.training import TrainResult, train
 
         if gate not in (None, "on", "off"):
             raise SpecError(f"--gate must be 'on' or 'off', not '{gate}'")
         console = Console()
         error: TrainingError | None = None
+        result: TrainResult | None
         try:
             result = train(data, segmenter, trainer, out=out, run_id=run_id, jobs=jobs,
                            backend=backend, scheduler=scheduler,

@@ -10,8 +10,9 @@ millisecond). What makes two pipelines share a structure is spelled out by
 on every model, and a fast-path model that fails it is converted again in full.
 
 Tree ensembles from scikit-learn are rebuilt here with NumPy, attribute for attribute
-as skl2onnx's ``add_tree_to_attribute_pairs`` writes them (a test compares the two).
-LightGBM always takes the full conversion.
+as skl2onnx's ``add_tree_to_attribute_pairs`` writes them, and LightGBM boosters from
+their text dump as onnxmltools' ``convert_lightgbm`` writes them (:mod:`._lightgbm`);
+tests compare both with full conversions attribute by attribute.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+from ._lightgbm import LIGHTGBM_TYPES, lightgbm_arrays, lightgbm_key
 
 __all__ = ["TemplateCache", "fill_template", "strip_template", "structure_key"]
 
@@ -51,6 +54,15 @@ _TREE_ARRAYS = (
     "nodes_hitrates", "target_treeids", "target_nodeids", "target_ids", "target_weights",
     "class_treeids", "class_nodeids", "class_ids", "class_weights",
 )
+
+
+def _kind(estimator: Any) -> str | None:
+    """The weight writer for ``estimator``; LightGBM is matched by name (imported lazily)."""
+    kind = _KINDS.get(type(estimator))
+    if kind is None and type(estimator).__name__ in LIGHTGBM_TYPES \
+            and type(estimator).__module__.startswith("lightgbm"):
+        return "lightgbm"
+    return kind
 
 
 def _plain(value: Any) -> Hashable:
@@ -93,7 +105,7 @@ def structure_key(pipeline: Any, numeric: list[str], categorical: list[str],
     if not steps or len(steps) != 2:
         return None
     prep, estimator = steps[0][1], steps[1][1]
-    kind = _KINDS.get(type(estimator))
+    kind = _kind(estimator)
     if kind is None or not hasattr(prep, "transformers_"):
         return None
     prep_key = _prep_key(prep)
@@ -110,6 +122,11 @@ def structure_key(pipeline: Any, numeric: list[str], categorical: list[str],
         if int(estimator.n_outputs_) != 1:
             return None
         extra += (len(trees),)
+    elif kind == "lightgbm":
+        lightgbm = lightgbm_key(estimator)
+        if lightgbm is None:
+            return None
+        extra += lightgbm  # tree and node counts may differ: every fill writes whole lists
     elif kind == "linear_classifier":
         extra += (np.shape(estimator.coef_),)
     elif kind == "dummy_classifier" and estimator.strategy != "prior":
@@ -218,7 +235,15 @@ def _write_trees(node: onnx.NodeProto, estimator: Any) -> None:
         weight = 1.0 / len(trees)
     else:
         trees, weight = [estimator.tree_], 1.0
-    arrays = tree_attributes(trees, weight, classifier, leaf_counts=classifier)
+    _write_arrays(node, tree_attributes(trees, weight, classifier, leaf_counts=classifier))
+
+
+def _write_lightgbm(node: onnx.NodeProto, estimator: Any) -> None:
+    _write_arrays(node, lightgbm_arrays(estimator, node.op_type == "TreeEnsembleClassifier"))
+
+
+def _write_arrays(node: onnx.NodeProto, arrays: dict[str, list[Any]]) -> None:
+    """Replace the TreeEnsemble node's arrays; every array must already be an attribute."""
     seen = set()
     for attr in node.attribute:
         values = arrays.get(attr.name)
@@ -250,7 +275,7 @@ def fill_template(template: onnx.ModelProto, pipeline: Any) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(template)
     prep, estimator = pipeline.steps[0][1], pipeline.steps[-1][1]
-    kind = _KINDS[type(estimator)]
+    kind = _kind(estimator)
     writers: dict[str, Callable[[onnx.NodeProto], None]] = {
         "Scaler": lambda node: _write_scaler(node, prep),
         "OneHotEncoder": lambda node: _write_onehot(node, prep),
@@ -262,6 +287,9 @@ def fill_template(template: onnx.ModelProto, pipeline: Any) -> onnx.ModelProto:
     elif kind == "tree":
         for op in _TREE_OPS:
             writers[op] = lambda node: _write_trees(node, estimator)
+    elif kind == "lightgbm":
+        for op in _TREE_OPS:
+            writers[op] = lambda node: _write_lightgbm(node, estimator)
     elif kind == "dummy_regressor":
         writers["Expand"] = lambda node: _write_constant(
             model, node, np.asarray(estimator.constant_))

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -266,11 +266,11 @@ class Bundle:
                 need[column] = need.get(column, 0) + len(rows)
         return {c for c, k in need.items() if k * 4 >= total and c in frame}
 
-    def score_model(self, name: str, columns: Mapping[str, Any]) -> ScoreResult:
+    def score_model(self, name: str, columns: Mapping[str, Any] | pd.DataFrame) -> ScoreResult:
         """Score rows with the model called ``name`` (no routing)."""
         loaded = self.model(name)
         loaded.check_columns(list(columns.keys()))
-        labels, proba = loaded.predict_columns(columns)
+        labels, proba = loaded.predict_columns(cast(Mapping[str, Any], columns))
         n = len(labels)
         return ScoreResult(labels, np.full(n, name, dtype=object), np.zeros(n, dtype=bool), proba,
                            loaded.entry.classes)

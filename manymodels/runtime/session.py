@@ -80,7 +80,7 @@ def as_string_column(values: Any) -> np.ndarray:
                     dtype=object).reshape(arr.shape)
 
 
-def as_float_column(values: Any, column: str, model: "LoadedModel") -> np.ndarray:
+def as_float_column(values: Any, column: str, model: LoadedModel) -> np.ndarray:
     """Values as float32, or an :class:`InputSchemaError` naming the column."""
     try:
         arr = np.asarray(values, dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Tests of ``manymodels.train``: real fits, real ONNX export, real routing."""
+"""Tests of ``manymodels.training``: real fits, real ONNX export, real routing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from manymodels.datasets import make_mixed, mixed_own_segments
 from manymodels.errors import DataError, SegmentationError, TrainingError
 from manymodels.export import read_metadata
 from manymodels.runtime import Bundle, read_manifest, sha256_file
-from manymodels.train import choose_level, train
+from manymodels.training import choose_level, train
 
 
 def _train(frame: pd.DataFrame, tmp_path: Path, **kwargs: object):  # noqa: ANN202

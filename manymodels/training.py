@@ -283,8 +283,8 @@ def _routed_metrics(trainer: TrainerSpec, segmentation: Segmentation, evals: lis
             continue
         truth = np.concatenate([t for t, _ in items])
         pred = np.concatenate([p[0] for _, p in items])
-        probas = [p[1] for _, p in items]
-        proba = None if any(p is None for p in probas) else np.concatenate(probas)  # type: ignore[arg-type]
+        probas = [p[1] for _, p in items if p[1] is not None]
+        proba: np.ndarray | None = np.concatenate(probas) if len(probas) == len(items) else None
         out[label] = _metric_of(trainer, truth, (pred, proba), classes)
     return out
 
