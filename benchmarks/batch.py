@@ -17,9 +17,9 @@ by tests/builders.py), every contender runs file to file in its own fresh proces
   ``to_parquet``.
 
 Wall time includes interpreter start and imports for all (the floor's grouping time is
-subtracted from its wall time, since the floor assumes pre-grouped arrays). Peak memory is the sum of
-resident memory over the process tree, sampled every 20 ms. The machine is shared, so
-compare ratios within one run.
+subtracted from its wall time, since the floor assumes pre-grouped arrays). Peak memory
+is the sum of resident memory over the process tree, sampled every 20 ms. The machine
+is shared, so compare ratios within one run.
 """
 
 from __future__ import annotations

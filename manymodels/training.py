@@ -28,7 +28,6 @@ from manymodels.data import read_table
 from manymodels.engine import chunk_jobs, default_jobs, run_chunks
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
-from manymodels.io import atomic_write_bytes, atomic_write_text
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
 from manymodels.segment import (
     FeatureSet,
@@ -334,20 +333,19 @@ def _write_run(final_dir: Path, manifest: dict[str, Any], results: dict[str, Fit
 def _write_run_files(run_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
                      used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
                      trainer: TrainerSpec) -> None:
+    """Plain writes: the directory is private until :func:`_write_run` renames it."""
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "specs").mkdir(exist_ok=True)
     for name in sorted(used):
         onnx_bytes = results[name].onnx
         assert onnx_bytes is not None
-        atomic_write_bytes(run_dir / "models" / f"{name}.onnx", onnx_bytes)
-    atomic_write_text(run_dir / "specs" / "segmenter.yaml",
-                      yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
-    atomic_write_text(run_dir / "specs" / "trainer.yaml",
-                      yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
-    tmp = run_dir / ".report.parquet.tmp"
-    report.to_parquet(tmp, index=False)
-    os.replace(tmp, run_dir / "report.parquet")
-    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, default=_json_default))
+        (run_dir / "models" / f"{name}.onnx").write_bytes(onnx_bytes)
+    (run_dir / "specs" / "segmenter.yaml").write_text(
+        yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "specs" / "trainer.yaml").write_text(
+        yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
+    report.to_parquet(run_dir / "report.parquet", index=False)
+    (run_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

@@ -200,7 +200,8 @@ def test_hive_partitioned_folder(bundle: tuple[Path, pd.DataFrame], tmp_path: Pa
 
 
 # -- exactly once ----------------------------------------------------------------------
-@pytest.mark.parametrize("kill", ["before_commit:2", "after_rename:2", "after_commit:4", "poll:3"])
+@pytest.mark.parametrize("kill", ["before_commit:2", "after_rename:2", "after_commit:4", "poll:3",
+                                  "poll:2:workers"])
 def test_kill_9_then_rerun_is_exactly_once(bundle: tuple[Path, pd.DataFrame], tmp_path: Path,
                                            kill: str) -> None:
     """Check that a run killed with SIGKILL mid-way, then rerun, scores each row exactly once."""
@@ -208,6 +209,8 @@ def test_kill_9_then_rerun_is_exactly_once(bundle: tuple[Path, pd.DataFrame], tm
     frames = _write_files(rows, tmp_path / "in")
     out = tmp_path / "out"
     args = _cli(str(root), str(tmp_path / "in"), str(out), "--mini-batch-size", "400")
+    if kill.endswith(":workers"):  # a pool of worker processes: they must die with the run
+        args += ["--workers", "2"]
     if kill.startswith("poll"):
         wanted = int(kill.split(":")[1])
         proc = subprocess.Popen(args, env=_env(MANYMODELS_BATCH_TEST_SLEEP="0.3"),

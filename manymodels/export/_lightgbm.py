@@ -24,15 +24,19 @@ attribute by attribute):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from typing import Any
-
-import numpy as np
 
 __all__ = ["LIGHTGBM_TYPES", "lightgbm_arrays", "lightgbm_key"]
 
 #: Estimator class names this module handles (module ``lightgbm``).
 LIGHTGBM_TYPES = ("LGBMRegressor", "LGBMClassifier")
+
+#: The arrays built, leaf ones named ``leaf_*`` until they become ``class_*``/``target_*``.
+_ARRAYS = ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_modes", "nodes_values",
+           "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true",
+           "nodes_hitrates", "leaf_treeids", "leaf_nodeids", "leaf_ids", "leaf_weights")
 
 #: LightGBM text-format fields read per tree.
 _FIELDS = ("num_leaves", "num_cat", "split_feature", "threshold", "decision_type",
@@ -75,96 +79,105 @@ def lightgbm_key(estimator: Any) -> tuple[Hashable, ...] | None:
     return ("lightgbm", family)
 
 
-def _parse_model(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """Header fields and one dict of raw field strings per tree, from the text format."""
-    header: dict[str, str] = {}
-    trees: list[dict[str, str]] = []
-    current = header
-    for line in text.split("\n"):
-        if line.startswith("Tree="):
-            current = {}
-            trees.append(current)
-            continue
-        if line.startswith("end of trees"):
-            break
-        key, sep, value = line.partition("=")
-        if sep and (current is header or key in _FIELDS):
-            current[key] = value
-    return header, trees
+_LINE = re.compile(r"^(\w+)=(.*)$", re.MULTILINE)
+_TREE_LINE = re.compile(rf"^({'|'.join(_FIELDS)})=(.*)$", re.MULTILINE)
 
 
-def _ints(tree: dict[str, str], field: str) -> list[int]:
-    return [int(v) for v in tree.get(field, "").split()]
+def _parse_model(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Header fields, and per tree field the raw strings of every tree in tree order.
 
-
-def _walk(left: list[int], right: list[int], n_leaves: int) -> tuple[list[int], list[int],
-                                                                     list[int], list[int]]:
-    """onnxmltools' node ids: for splits (indexed as LightGBM does) and leaves, leaf order.
-
-    Returns ``(split_ids, split_left_ids, leaf_ids, leaf_order)`` where ``split_ids[i]``
-    is the ONNX id of LightGBM split ``i``, ``split_left_ids[i]`` the id of its left child
-    (the right child is always that plus one), ``leaf_ids[j]`` the id of leaf ``j`` and
-    ``leaf_order`` the leaves in depth-first order.
+    One regular expression over the trees section (C speed) rather than a Python loop
+    over its lines: the text runs to thousands of lines for a multiclass model.
     """
-    if n_leaves <= 1:
-        return [], [], [0], [0]
-    split_ids = [0] * (n_leaves - 1)
-    split_left = [0] * (n_leaves - 1)
-    leaf_ids = [0] * n_leaves
-    leaf_order: list[int] = []
-    visited = 0
-    stack = [(0, 0)]  # (LightGBM child code: >= 0 split, < 0 leaf ~index; ONNX id)
-    while stack:
-        code, node_id = stack.pop()
-        if code < 0:
-            leaf_ids[~code] = node_id
-            leaf_order.append(~code)
-            continue
-        split_ids[code] = node_id
-        first = 2 * visited + 1
-        visited += 1
-        split_left[code] = first
-        stack.append((right[code], first + 1))
-        stack.append((left[code], first))
-    return split_ids, split_left, leaf_ids, leaf_order
+    start = text.find("\nTree=")
+    end = text.find("\nend of trees", max(start, 0))
+    if start < 0 or end < 0:
+        raise ValueError("LightGBM model text has no trees")
+    header = dict(_LINE.findall(text[:start]))
+    fields: dict[str, list[str]] = {name: [] for name in _FIELDS}
+    for key, value in _TREE_LINE.findall(text, start, end):
+        fields[key].append(value)
+    return header, fields
 
 
-def _tree_arrays(tree: dict[str, str], tree_id: int, class_id: int,
-                 out: dict[str, list[Any]]) -> None:
-    """Append one tree's node and leaf arrays to ``out`` (lists, in onnxmltools' order)."""
-    if tree.get("num_cat", "0") != "0" or tree.get("is_linear", "0") != "0":
-        raise ValueError(f"LightGBM tree {tree_id} has categorical or linear splits")
-    n_leaves = int(tree["num_leaves"])
-    leaf_values = [float(v) for v in tree["leaf_value"].split()]
-    left, right = _ints(tree, "left_child"), _ints(tree, "right_child")
-    features, decisions = _ints(tree, "split_feature"), _ints(tree, "decision_type")
-    raw = np.array(tree.get("threshold", "").split(), dtype=np.float64)
-    thresholds = np.clip(np.nan_to_num(raw, nan=0.0), -_BIG, _BIG).tolist()
-    n_splits = n_leaves - 1
-    if not (len(leaf_values) == n_leaves and len(left) == len(right) == len(features)
-            == len(decisions) == len(thresholds) == n_splits):
-        raise ValueError(f"LightGBM tree {tree_id} has inconsistent array lengths")
-    split_ids, split_left, leaf_ids, leaf_order = _walk(left, right, n_leaves)
-    size = n_splits + n_leaves
+def _flat(values: list[str], kind: type) -> list[Any]:
+    return list(map(kind, " ".join(values).split()))
+
+
+def _threshold(value: float) -> float:
+    """What LightGBM's JSON dump prints for a threshold (``Common::AvoidInf``)."""
+    if value != value:
+        return 0.0
+    return min(max(value, -_BIG), _BIG)
+
+
+def _tree_arrays(fields: dict[str, list[str]], n_classes: int) -> dict[str, list[Any]]:
+    """Node and leaf arrays of every tree, in onnxmltools' order (leaf arrays ``leaf_*``)."""
+    n_leaves = [int(v) for v in fields["num_leaves"]]
+    n_trees = len(n_leaves)
+    if not n_trees:
+        raise ValueError("LightGBM booster has no trees")
+    if any(v != "0" for v in fields["num_cat"] + fields["is_linear"]):
+        raise ValueError("LightGBM trees with categorical or linear splits have no fast path")
+    features = _flat(fields["split_feature"], int)
+    decisions = _flat(fields["decision_type"], int)
+    lefts = _flat(fields["left_child"], int)
+    rights = _flat(fields["right_child"], int)
+    thresholds = [_threshold(v) for v in _flat(fields["threshold"], float)]
+    leaf_values = _flat(fields["leaf_value"], float)
+    n_splits = sum(n_leaves) - n_trees
+    if not (len(fields["leaf_value"]) == len(fields["threshold"]) == n_trees
+            and len(leaf_values) == n_splits + n_trees and len(features) == len(decisions)
+            == len(lefts) == len(rights) == len(thresholds) == n_splits):
+        raise ValueError("LightGBM model text has inconsistent tree arrays")
+    if any(d & _CATEGORICAL_MASK for d in decisions):
+        raise ValueError("LightGBM trees with categorical splits have no fast path")
+    out: dict[str, list[Any]] = {name: [] for name in _ARRAYS}
+    split_base = leaf_base = 0
+    for tree_id, leaves in enumerate(n_leaves):
+        _one_tree(tree_id, tree_id % n_classes, leaves, split_base, leaf_base, features,
+                  decisions, lefts, rights, thresholds, leaf_values, out)
+        split_base += leaves - 1
+        leaf_base += leaves
+    return out
+
+
+def _one_tree(tree_id: int, class_id: int, leaves: int, split_base: int, leaf_base: int,
+              features: list[int], decisions: list[int], lefts: list[int], rights: list[int],
+              thresholds: list[float], leaf_values: list[float],
+              out: dict[str, list[Any]]) -> None:
+    """Append one tree: walk it depth first assigning onnxmltools' ids, then fill arrays."""
+    size = 2 * leaves - 1
     featureids = [0] * size
     modes = [b"LEAF"] * size
     values = [0.0] * size
     true_ids = [0] * size
     false_ids = [0] * size
     tracks = [0] * size
-    for i in range(n_splits):
-        decision = decisions[i]
-        if decision & _CATEGORICAL_MASK:
-            raise ValueError(f"LightGBM tree {tree_id} has a categorical split")
-        node = split_ids[i]
+    leaf_ids: list[int] = []
+    weights: list[float] = []
+    visited = 0
+    stack = [(0, 0)] if leaves > 1 else [(-1, 0)]  # (split >= 0 or ~leaf, ONNX id)
+    while stack:
+        code, node = stack.pop()
+        if code < 0:
+            leaf_ids.append(node)
+            weights.append(leaf_values[leaf_base + ~code])
+            continue
+        i = split_base + code
+        first = 2 * visited + 1
+        visited += 1
         featureids[node] = features[i]
         modes[node] = b"BRANCH_LEQ"
         values[node] = thresholds[i]
-        true_ids[node] = split_left[i]
-        false_ids[node] = split_left[i] + 1
-        if decision & _DEFAULT_LEFT_MASK:
-            missing_none = (decision >> 2) & 3 == _MISSING_NONE
-            tracks[node] = 0 if missing_none and thresholds[i] < 0.0 else 1
+        true_ids[node] = first
+        false_ids[node] = first + 1
+        decision = decisions[i]
+        if decision & _DEFAULT_LEFT_MASK and not (
+                (decision >> 2) & 3 == _MISSING_NONE and thresholds[i] < 0.0):
+            tracks[node] = 1
+        stack.append((rights[i], first + 1))
+        stack.append((lefts[i], first))
     out["nodes_treeids"] += [tree_id] * size
     out["nodes_nodeids"] += range(size)
     out["nodes_featureids"] += featureids
@@ -174,10 +187,10 @@ def _tree_arrays(tree: dict[str, str], tree_id: int, class_id: int,
     out["nodes_falsenodeids"] += false_ids
     out["nodes_missing_value_tracks_true"] += tracks
     out["nodes_hitrates"] += [1.0] * size
-    out["leaf_treeids"] += [tree_id] * n_leaves
-    out["leaf_nodeids"] += [leaf_ids[j] for j in leaf_order]
-    out["leaf_ids"] += [class_id] * n_leaves
-    out["leaf_weights"] += [leaf_values[j] for j in leaf_order]
+    out["leaf_treeids"] += [tree_id] * leaves
+    out["leaf_nodeids"] += leaf_ids
+    out["leaf_ids"] += [class_id] * leaves
+    out["leaf_weights"] += weights
 
 
 def lightgbm_arrays(estimator: Any, classifier: bool) -> dict[str, list[Any]]:
@@ -189,19 +202,12 @@ def lightgbm_arrays(estimator: Any, classifier: bool) -> dict[str, list[Any]]:
     (categorical or linear trees, an unexpected objective); the caller then converts in
     full.
     """
-    header, trees = _parse_model(estimator.booster_.model_to_string(num_iteration=None))
+    header, fields = _parse_model(estimator.booster_.model_to_string(num_iteration=None))
     family = _family(header.get("objective", ""))
     if family is None or (family != "regression") != classifier:
         raise ValueError(f"LightGBM objective {header.get('objective')!r} has no fast path")
     n_classes = int(header["num_class"]) if family == "multiclass" else 1
-    out: dict[str, list[Any]] = {name: [] for name in (
-        "nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_modes", "nodes_values",
-        "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true",
-        "nodes_hitrates", "leaf_treeids", "leaf_nodeids", "leaf_ids", "leaf_weights")}
-    if not trees:
-        raise ValueError("LightGBM booster has no trees")
-    for tree_id, tree in enumerate(trees):
-        _tree_arrays(tree, tree_id, tree_id % n_classes, out)
+    out = _tree_arrays(fields, n_classes)
     prefix = "class" if classifier else "target"
     return {(prefix + name[4:] if name.startswith("leaf_") else name): values
             for name, values in out.items()}

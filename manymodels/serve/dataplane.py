@@ -133,7 +133,7 @@ def _records(records: list[Any], field: str) -> Table:
                             f"({{column: value}}), not a list of {type(first).__name__}")
     keys = list(first)
     try:  # fast path: every row has the same keys (checked by count, C-level loops)
-        columns = {k: [row[k] for row in records] for k in keys}
+        columns: Columns = {k: [row[k] for row in records] for k in keys}
         if len(set(map(len, records))) == 1:
             return Table(columns, len(records))
     except (KeyError, TypeError, IndexError):
