@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,57 @@ def _native_frame(frame: pd.DataFrame, numeric: list[str], categorical: list[str
     return pd.DataFrame(columns, index=frame.index)
 
 
+#: The one warning the direct transform below provokes: the transformers were fitted on a
+#: DataFrame and are given arrays. Filtered by its exact text only.
+_FEATURE_NAMES_WARNING = "X does not have valid feature names"
+
+
+def _direct_parts(prep: Any) -> list[tuple[Any, list[str]]] | None:
+    """The (transformer, columns) a ColumnTransformer would apply, if it can be done directly.
+
+    Only for the shape the candidates build: StandardScaler and dense OneHotEncoder
+    blocks, the remainder dropped, no pandas output. Anything else returns None and the
+    ColumnTransformer itself runs.
+    """
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    if not hasattr(prep, "transformers_") or getattr(prep, "_sklearn_output_config", {}):
+        return None
+    parts: list[tuple[Any, list[str]]] = []
+    for label, transformer, columns in prep.transformers_:
+        if isinstance(transformer, str):
+            if transformer != "drop":
+                return None
+            continue
+        dense = isinstance(transformer, StandardScaler) or (
+            isinstance(transformer, OneHotEncoder) and not transformer.sparse_output)
+        if not dense or getattr(transformer, "_sklearn_output_config", {}) \
+                or not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+            return None
+        if columns:
+            parts.append((transformer, columns))
+    return parts or None
+
+
+def _native_features(prep: Any, frame: pd.DataFrame) -> Any:
+    """``prep.transform(frame)``, computed by the fitted transformers themselves.
+
+    The ColumnTransformer costs ~2 ms per call here in column routing, DataFrame
+    validation and joblib dispatch — most of a Ridge export. For the candidates' shape
+    (see :func:`_direct_parts`) each fitted transformer's own ``transform`` runs on its
+    columns as arrays and the blocks are stacked in ``transformers_`` order, exactly as
+    the ColumnTransformer stacks them (a test checks the two are equal); ~3× cheaper.
+    """
+    parts = _direct_parts(prep)
+    if parts is None:
+        return prep.transform(frame)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FEATURE_NAMES_WARNING, category=UserWarning)
+        blocks = [transformer.transform(frame[columns].to_numpy())
+                  for transformer, columns in parts]
+    return blocks[0] if len(blocks) == 1 else np.hstack(blocks)
+
+
 def _run_onnx(data: bytes, feed: Mapping[str, Any], name: str) -> list[Any]:
     try:
         session = ort.InferenceSession(data, sess_options=make_session_options(),
@@ -176,10 +228,11 @@ def _parity(pipeline: Any, outputs: list[Any], native_frame: pd.DataFrame, class
     """
     estimator = pipeline.steps[-1][1]
     algorithm = type(estimator).__name__
-    # Transform once and call the estimator directly: the ColumnTransformer costs more
-    # than everything else in the check, and predict + predict_proba would run it twice.
+    # Transform once and call the estimator directly: the preprocessing costs more than
+    # everything else in the check, and predict + predict_proba would run it twice.
     try:
-        features = pipeline[:-1].transform(native_frame)
+        features = _native_features(pipeline.steps[0][1], native_frame) \
+            if len(pipeline.steps) == 2 else pipeline[:-1].transform(native_frame)
         native = np.asarray(estimator.predict_proba(features) if classifier
                             else estimator.predict(features), dtype=np.float64)
         labels = np.asarray(estimator.predict(features)) if classifier else native
