@@ -436,7 +436,8 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     context = FitContext(tr_spec, build_candidates(tr_spec), {
         "manymodels_version": __version__, "run_id": run_id, "target": tr_spec.target,
         "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
-        "metric": tr_spec.metric})
+        "metric": tr_spec.metric,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     workers = jobs or default_jobs()
     results = _run_jobs(fit_jobs, context, workers, backend, scheduler, progress, on_progress)
     job_by_name = {j.name: j for j in fit_jobs}

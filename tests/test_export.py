@@ -271,6 +271,96 @@ def test_fast_path_matches_full_for_each_kind(make: Callable[[], Any], kind: str
     assert results == [False, True, True]
 
 
+def _lightgbm_splits(pipeline: Pipeline) -> dict[str, int]:
+    """Counts of the split kinds whose missing-value direction onnxmltools special-cases."""
+    text = pipeline.steps[-1][1].booster_.model_to_string()
+    lines = [line.partition("=") for line in text.split("\n")]
+    decision = np.array(" ".join(v for k, _, v in lines if k == "decision_type").split(), int)
+    threshold = np.array(" ".join(v for k, _, v in lines if k == "threshold").split(), float)
+    left, missing = (decision & 2) > 0, (decision >> 2) & 3
+    return {"nan_left": int(((missing == 2) & left).sum()),
+            "nan_right": int(((missing == 2) & ~left).sum()),
+            "none_left_negative": int(((missing == 0) & left & (threshold < 0)).sum())}
+
+
+def _tree_node(model: onnx.ModelProto) -> dict[str, Any]:
+    node = next(n for n in model.graph.node if n.op_type.startswith("TreeEnsemble"))
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.mark.parametrize("with_nan", [False, True], ids=["complete", "nan"])
+@pytest.mark.parametrize("kind", ["regression", "binary", "multiclass"])
+def test_lightgbm_fast_path_equals_onnxmltools(kind: str, with_nan: bool,
+                                               tmp_path: Path) -> None:
+    """Check that LightGBM fast-path graphs equal onnxmltools' exactly, NaN routing included."""
+    export.clear_template_cache()
+    task = "regression" if kind == "regression" else "classification"
+    make = LGBMRegressor if kind == "regression" else LGBMClassifier
+    fast_paths = []
+    for segment in range(3):
+        frame = make_frame(n=80, seed=segment)
+        y = make_target(frame, kind, seed=segment)
+        if with_nan:
+            frame.loc[frame.index[segment::4], "promo"] = np.nan
+        estimator = make(n_estimators=15 + 5 * segment, num_leaves=7, min_child_samples=5,
+                         verbose=-1, n_jobs=1)
+        pipeline = make_pipeline(estimator).fit(frame, y)
+        result = run_export(pipeline, frame, tmp_path / f"s{segment}.onnx", task)
+        fast_paths.append(result.fast_path)
+        fast = onnx.load(str(result.path))
+        full = convert_full(pipeline, NUMERIC, CATEGORICAL, classifier=task == "classification")
+        _assert_same_graph(fast, full)
+        assert _tree_node(fast) == _tree_node(full)  # exactly, floats and node order too
+        splits = _lightgbm_splits(pipeline)
+        assert splits["none_left_negative"] > 0
+        if with_nan:
+            assert splits["nan_left"] > 0 and splits["nan_right"] > 0
+            loaded = load_for_scoring(result)
+            rows = frame[frame["promo"].isna()]
+            predictions, probabilities = loaded.predict_columns(
+                {c: rows[c].tolist() for c in rows})
+            if task == "regression":
+                np.testing.assert_allclose(predictions, pipeline.predict(rows), atol=1e-3)
+            else:
+                np.testing.assert_allclose(probabilities, pipeline.predict_proba(rows),
+                                           atol=TOLERANCE)
+    assert fast_paths == [False, True, True]
+    stats = export.conversion_stats()[type(estimator).__name__]
+    assert stats["fast"]["count"] == 2 and stats["full"]["count"] == 1
+
+
+def test_lightgbm_other_objectives_take_full_conversion(tmp_path: Path) -> None:
+    """Check that a LightGBM objective whose graph differs (poisson adds Exp) is never templated."""
+    export.clear_template_cache()
+    results = []
+    for segment in range(2):
+        frame = make_frame(seed=segment)
+        y = np.exp(make_target(frame, "regression", seed=segment) / 100.0)
+        pipeline = make_pipeline(LGBMRegressor(objective="poisson", n_estimators=10,
+                                               min_child_samples=5, verbose=-1)).fit(frame, y)
+        results.append(run_export(pipeline, frame, tmp_path / f"p{segment}.onnx", "regression"))
+    assert [r.fast_path for r in results] == [False, False]
+    assert "Exp" in [n.op_type for n in onnx.load(str(results[1].path)).graph.node]
+
+
+def test_direct_preprocessing_equals_column_transformer() -> None:
+    """Check that the parity check's direct transform equals ColumnTransformer.transform."""
+    frame = make_frame()
+    pipeline = make_pipeline(Ridge()).fit(frame, make_target(frame, "regression"))
+    rows = make_frame(n=7, seed=5)
+    rows["region"] = ["nowhere", "r1", "mars", "r0", "r2", "r1", "r9"]
+    rows.loc[rows.index[2], "price"] = np.nan
+    native = export._native_frame(rows, NUMERIC, CATEGORICAL)
+    prep = pipeline.steps[0][1]
+    np.testing.assert_array_equal(export._native_features(prep, native), prep.transform(native))
+    sparse = ColumnTransformer([("num", StandardScaler(), NUMERIC),
+                                ("cat", OneHotEncoder(handle_unknown="ignore"), CATEGORICAL)],
+                               remainder="passthrough").fit(frame)
+    assert export._direct_parts(sparse) is None  # anything unusual runs the real thing
+    np.testing.assert_array_equal(export._native_features(sparse, native),
+                                  sparse.transform(native))
+
+
 def test_numeric_only_and_categorical_only_pipelines(tmp_path: Path) -> None:
     """Check that pipelines with only numeric or only categorical inputs export."""
     frame = make_frame()

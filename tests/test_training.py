@@ -50,6 +50,8 @@ def test_onnx_metadata_round_trip(trained_run: Path) -> None:
     assert meta["key.store"] == entry.key["store"]
     assert json.loads(meta["input_schema"]) == [{"name": c.name, "dtype": c.dtype}
                                                 for c in entry.inputs]
+    assert float(meta["fit_seconds"]) > 0 and meta["trained_at"].startswith("20")
+    assert len(meta["fingerprint"]) == 16 and len(meta["trainer_hash"]) == 12
     session = ort.InferenceSession(str(trained_run / entry.file))
     assert session.get_modelmeta().custom_metadata_map["run_id"] == "fixture"
 

@@ -172,7 +172,7 @@ def _direct_parts(prep: Any) -> list[tuple[Any, list[str]]] | None:
     if not hasattr(prep, "transformers_") or getattr(prep, "_sklearn_output_config", {}):
         return None
     parts: list[tuple[Any, list[str]]] = []
-    for label, transformer, columns in prep.transformers_:
+    for _label, transformer, columns in prep.transformers_:
         if isinstance(transformer, str):
             if transformer != "drop":
                 return None

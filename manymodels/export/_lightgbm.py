@@ -193,14 +193,19 @@ def _one_tree(tree_id: int, class_id: int, leaves: int, split_base: int, leaf_ba
     out["leaf_weights"] += weights
 
 
-def lightgbm_arrays(estimator: Any, classifier: bool) -> dict[str, list[Any]]:
-    """The TreeEnsemble arrays of a fitted LGBMRegressor/LGBMClassifier.
+#: onnxmltools' ``post_transform`` per objective family.
+_POST_TRANSFORM = {"regression": "NONE", "binary": "LOGISTIC", "multiclass": "SOFTMAX"}
+
+
+def lightgbm_arrays(estimator: Any, classifier: bool) -> tuple[dict[str, list[Any]], str]:
+    """The TreeEnsemble arrays of a fitted LGBMRegressor/LGBMClassifier, and its post_transform.
 
     Reads the trees up to the booster's best iteration, as onnxmltools and ``predict``
     do. Leaf arrays are named ``class_*`` for classifiers and ``target_*`` for
-    regressors. Raises ValueError for anything this reader does not reproduce exactly
-    (categorical or linear trees, an unexpected objective); the caller then converts in
-    full.
+    regressors. The post_transform is what onnxmltools writes for the booster's
+    objective (the template must already carry it). Raises ValueError for anything this
+    reader does not reproduce exactly (categorical or linear trees, an unexpected
+    objective); the caller then converts in full.
     """
     header, fields = _parse_model(estimator.booster_.model_to_string(num_iteration=None))
     family = _family(header.get("objective", ""))
@@ -209,5 +214,6 @@ def lightgbm_arrays(estimator: Any, classifier: bool) -> dict[str, list[Any]]:
     n_classes = int(header["num_class"]) if family == "multiclass" else 1
     out = _tree_arrays(fields, n_classes)
     prefix = "class" if classifier else "target"
-    return {(prefix + name[4:] if name.startswith("leaf_") else name): values
-            for name, values in out.items()}
+    arrays = {(prefix + name[4:] if name.startswith("leaf_") else name): values
+              for name, values in out.items()}
+    return arrays, _POST_TRANSFORM[family]

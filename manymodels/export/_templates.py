@@ -239,7 +239,11 @@ def _write_trees(node: onnx.NodeProto, estimator: Any) -> None:
 
 
 def _write_lightgbm(node: onnx.NodeProto, estimator: Any) -> None:
-    _write_arrays(node, lightgbm_arrays(estimator, node.op_type == "TreeEnsembleClassifier"))
+    arrays, post_transform = lightgbm_arrays(estimator, node.op_type == "TreeEnsembleClassifier")
+    written = next((a.s for a in node.attribute if a.name == "post_transform"), b"NONE")
+    if written.decode() != post_transform:
+        raise ValueError(f"template post_transform {written!r}, booster needs {post_transform}")
+    _write_arrays(node, arrays)
 
 
 def _write_arrays(node: onnx.NodeProto, arrays: dict[str, list[Any]]) -> None:
