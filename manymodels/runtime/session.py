@@ -268,7 +268,7 @@ class SessionCache:
             self.bytes = 0
 
     def _evict_locked(self, keep: str) -> None:
-        if self.max_bytes is None:
+        if self.max_bytes is None or self.bytes <= self.max_bytes:
             return
         for name in list(self._items):
             if self.bytes <= self.max_bytes:
