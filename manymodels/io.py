@@ -1,29 +1,56 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never a mix."""
+"""Atomic writes: a crash leaves the old result or the new one, never a mix."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
+import uuid
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "swap_directory_into_place"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temp file in the same directory, fsync it, then rename."""
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over.
+
+    The temp file is created with a fresh name rather than :func:`tempfile.mkstemp`, whose
+    0600 mode would survive the rename and hide the file from other users (a server
+    running as another account, say).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def swap_directory_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out``.
+
+    An existing ``out`` is moved aside first and removed only once the new one is in
+    place (and put back if the rename fails), so readers see the old directory or the
+    new one, never a mix.
+    """
+    old: Path | None = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

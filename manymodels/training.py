@@ -28,6 +28,7 @@ from manymodels.data import read_table
 from manymodels.engine import chunk_jobs, default_jobs, run_chunks
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
+from manymodels.io import swap_directory_into_place
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
 from manymodels.segment import (
     FeatureSet,
@@ -316,16 +317,10 @@ def _write_run(final_dir: Path, manifest: dict[str, Any], results: dict[str, Fit
     run_dir = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
     try:
         _write_run_files(run_dir, manifest, results, used, report, segmenter, trainer)
-        old = None
-        if final_dir.exists():
-            if not overwrite:
-                raise SpecError(f"run directory {final_dir} already exists; choose another "
-                                f"run id or pass overwrite")
-            old = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.old"
-            os.replace(final_dir, old)
-        os.replace(run_dir, final_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if final_dir.exists() and not overwrite:
+            raise SpecError(f"run directory {final_dir} already exists; choose another "
+                            f"run id or pass overwrite")
+        swap_directory_into_place(run_dir, final_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

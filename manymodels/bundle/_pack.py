@@ -18,6 +18,7 @@ from typing import Any
 
 from manymodels import runtime
 from manymodels.errors import BundleError
+from manymodels.io import swap_directory_into_place
 from manymodels.runtime import MANIFEST_FILE, SCHEMA_VERSION, Manifest, read_manifest
 
 from ._inspect import format_key
@@ -92,7 +93,7 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         _copy_runtime(tmp)
         _copy_score_script(tmp)
         _write_mlmodel(tmp, bundle_name, bundle_version)
-        _swap_into_place(tmp, out_path)
+        swap_directory_into_place(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -285,17 +286,3 @@ def _write_mlmodel(tmp: Path, name: str, version: str) -> None:
     model.save(str(tmp / "MLmodel"))
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    old: Path | None = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +30,7 @@ import onnxruntime as ort
 import pandas as pd
 
 from manymodels.errors import ExportError
+from manymodels.io import atomic_write_bytes
 from manymodels.runtime.session import as_string_column, make_session_options
 
 from ._convert import TARGET_OPSET, convert_full, ensure_registered
@@ -299,22 +299,6 @@ def _stamp(model: onnx.ModelProto, name: str, inputs: list[dict[str, str]],
     model.doc_string = f"manymodels {task} model '{name}' ({algorithm})"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path`` and rename it over: never a half-written model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: list[str],
                  task: str, check_frame: pd.DataFrame, metadata: Mapping[str, str],
                  tolerance: float, path: Path) -> ExportedModel:
@@ -390,7 +374,7 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
     if classifier:
         classes = np.asarray(pipeline.steps[-1][1].classes_).ravel()
         output = {"kind": "classification", "classes": [_json_label(c) for c in classes]}
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return ExportedModel(
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output=output, parity=parity,
