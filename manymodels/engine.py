@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -17,7 +18,7 @@ import joblib
 
 from manymodels.errors import SpecError
 
-__all__ = ["chunk_jobs", "default_jobs", "run_chunks"]
+__all__ = ["chunk_jobs", "default_jobs", "run_chunks", "start_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -89,6 +90,34 @@ def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _warm_worker() -> int:
+    """Import the training stack in a worker so its first real chunk starts at once."""
+    import manymodels.export  # noqa: F401  (registers the ONNX converters)
+    import manymodels.fit  # noqa: F401
+
+    return os.getpid()
+
+
+def start_workers(workers: int, backend: str = "loky") -> threading.Thread | None:
+    """Start the local worker processes in the background while the caller prepares data.
+
+    Starting loky workers and importing scikit-learn, LightGBM and skl2onnx in them takes
+    1–2 s; overlapping it with the parent's data preparation hides most of it. The later
+    :func:`run_chunks` call reuses the same executor.
+    """
+    if backend != "loky" or workers < 2:
+        return None
+
+    def warm() -> None:
+        with contextlib.suppress(Exception):  # a failed warm-up only costs the overlap
+            joblib.Parallel(n_jobs=workers, backend="loky")(
+                joblib.delayed(_warm_worker)() for _ in range(workers))
+
+    thread = threading.Thread(target=warm, name="manymodels-warm-workers", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], context: Any,

@@ -25,7 +25,7 @@ import yaml
 from manymodels import __version__
 from manymodels.candidates import build_candidates, higher_is_better, score_metric
 from manymodels.data import read_table
-from manymodels.engine import chunk_jobs, default_jobs, run_chunks
+from manymodels.engine import chunk_jobs, default_jobs, run_chunks, start_workers
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
 from manymodels.io import swap_directory_into_place
@@ -70,9 +70,8 @@ def new_run_id() -> str:
 
 # -- building jobs ----------------------------------------------------------------------------
 
-def _segment_job(frame: pd.DataFrame, seg: Segment, features: FeatureSet, columns: list[str]
-                 ) -> FitJob:
-    return FitJob(seg.name, 0, seg.key, frame.iloc[seg.rows][columns].reset_index(drop=True),
+def _segment_job(frame: pd.DataFrame, seg: Segment, features: FeatureSet) -> FitJob:
+    return FitJob(seg.name, 0, seg.key, frame.take(seg.rows).reset_index(drop=True),
                   seg.holdout, features)
 
 
@@ -93,9 +92,9 @@ def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: Segm
     extra = [trainer.target] + ([trainer.time_column] if trainer.time_column else [])
     jobs: list[FitJob] = []
     layout: dict[str, Any] = {"pools": {}, "small_pool": None}
-    own_cols = list(dict.fromkeys(features.columns + extra))
+    own_frame = frame[list(dict.fromkeys(features.columns + extra))]  # select columns once
     for seg in segmentation.trainable:
-        jobs.append(_segment_job(frame, seg, features, own_cols))
+        jobs.append(_segment_job(own_frame, seg, features))
     indexed = [(i, s) for i, s in enumerate(segmentation.segments)]
     policy = segmenter.small_segments
     served = [(i, s) for i, s in indexed if not (s.small and policy == "skip")]
@@ -305,42 +304,38 @@ def _model_entry(res: FitResult, trainer: TrainerSpec, seg_cols: list[str], job:
     }
 
 
-def _write_run(final_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
-               used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
-               trainer: TrainerSpec, overwrite: bool) -> None:
-    """Write the whole run into a hidden sibling directory, then rename it into place.
+def _staging_dir(final_dir: Path) -> Path:
+    """A hidden sibling of the run directory; private until renamed into place."""
+    staging = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
+    (staging / "models").mkdir(parents=True)
+    return staging
 
-    A crash leaves no half-written run directory; with ``overwrite`` the old run is
-    moved aside first and deleted only once the new one is in place.
+
+def _write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: set[str],
+               report: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerSpec,
+               overwrite: bool) -> None:
+    """Finish the staged run and rename it into place.
+
+    The ONNX files are already in ``staging/models`` (written as results arrived, while
+    the workers were still busy); models the routing does not use are removed. A crash
+    leaves no half-written run directory; with ``overwrite`` the old run is moved aside
+    first and deleted only once the new one is in place. Plain writes suffice here: the
+    directory is private until the rename.
     """
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_dir = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
-    try:
-        _write_run_files(run_dir, manifest, results, used, report, segmenter, trainer)
-        if final_dir.exists() and not overwrite:
-            raise SpecError(f"run directory {final_dir} already exists; choose another "
-                            f"run id or pass overwrite")
-        swap_directory_into_place(run_dir, final_dir)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _write_run_files(run_dir: Path, manifest: dict[str, Any], results: dict[str, FitResult],
-                     used: set[str], report: pd.DataFrame, segmenter: SegmenterSpec,
-                     trainer: TrainerSpec) -> None:
-    """Plain writes: the directory is private until :func:`_write_run` renames it."""
-    (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    (run_dir / "specs").mkdir(exist_ok=True)
-    for name in sorted(used):
-        onnx_bytes = results[name].onnx
-        assert onnx_bytes is not None
-        (run_dir / "models" / f"{name}.onnx").write_bytes(onnx_bytes)
-    (run_dir / "specs" / "segmenter.yaml").write_text(
+    for path in (staging / "models").glob("*.onnx"):
+        if path.stem not in used:
+            path.unlink()
+    (staging / "specs").mkdir(exist_ok=True)
+    (staging / "specs" / "segmenter.yaml").write_text(
         yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
-    (run_dir / "specs" / "trainer.yaml").write_text(
+    (staging / "specs" / "trainer.yaml").write_text(
         yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
-    report.to_parquet(run_dir / "report.parquet", index=False)
-    (run_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default))
+    report.to_parquet(staging / "report.parquet", index=False)
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default))
+    if final_dir.exists() and not overwrite:
+        raise SpecError(f"run directory {final_dir} already exists; choose another "
+                        f"run id or pass overwrite")
+    swap_directory_into_place(staging, final_dir)
 
 
 def _json_default(value: Any) -> Any:
@@ -415,6 +410,8 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     seg_spec = load_segmenter(segmenter)
     tr_spec = load_trainer(trainer)
     gate = seg_spec.gate if gate is None else gate
+    workers = jobs or default_jobs()
+    warming = start_workers(workers, backend)
     raw = read_table(data)
     check_table(raw, seg_spec, tr_spec)
     features = resolve_features(raw, seg_spec, tr_spec)
@@ -433,8 +430,37 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
         "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
         "metric": tr_spec.metric,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    workers = jobs or default_jobs()
-    results = _run_jobs(fit_jobs, context, workers, backend, scheduler, progress, on_progress)
+    if warming is not None:
+        warming.join()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging_dir(run_dir)
+    try:
+        results = _run_jobs(fit_jobs, context, workers, backend, scheduler, progress,
+                            on_progress, staging / "models")
+        result = _conclude(results, fit_jobs, frame, segmentation, seg_spec, tr_spec, layout,
+                           gate, run_id, run_dir, staging, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if track:
+        from manymodels.tracking import log_training_run
+
+        log_training_run(result, seg_spec, tr_spec, log_segments=log_segments)
+    summary = result.summary
+    if summary["failed_fraction"] > max_failed:
+        error = TrainingError(
+            f"{summary['failed']} of {summary['segments']} segments failed "
+            f"({summary['failed_fraction']:.1%} > max_failed={max_failed:.1%}); the run is in "
+            f"{run_dir} and report.parquet says why each failed")
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result
+
+
+def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], frame: pd.DataFrame,
+              segmentation: Segmentation, seg_spec: SegmenterSpec, tr_spec: TrainerSpec,
+              layout: dict[str, Any], gate: bool, run_id: str, run_dir: Path, staging: Path,
+              overwrite: bool) -> TrainResult:
+    """Compare levels, route, summarise and write the run directory."""
     job_by_name = {j.name: j for j in fit_jobs}
     evals = _evaluate_segments(frame, segmentation, tr_spec, results, job_by_name, layout)
     rows = _decide_routes(segmentation, seg_spec, tr_spec, results, evals, layout, gate)
@@ -447,25 +473,15 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     manifest, used = _manifest(run_id, rows, results, job_by_name, layout, seg_spec, tr_spec,
                                frame, summary)
     report = pd.DataFrame(rows)
-    _write_run(run_dir, manifest, results, used, report, seg_spec, tr_spec, overwrite)
-    result = TrainResult(run_id, run_dir, report, summary, results)
-    if track:
-        from manymodels.tracking import log_training_run
-
-        log_training_run(result, seg_spec, tr_spec, log_segments=log_segments)
-    if summary["failed_fraction"] > max_failed:
-        error = TrainingError(
-            f"{summary['failed']} of {summary['segments']} segments failed "
-            f"({summary['failed_fraction']:.1%} > max_failed={max_failed:.1%}); the run is in "
-            f"{run_dir} and report.parquet says why each failed")
-        error.result = result  # type: ignore[attr-defined]
-        raise error
-    return result
+    _write_run(staging, run_dir, manifest, used, report, seg_spec, tr_spec, overwrite)
+    return TrainResult(run_id, run_dir, report, summary, results)
 
 
 def _run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend: str,
               scheduler: str | None, progress: bool,
-              on_progress: Callable[[int, int, int], None] | None) -> dict[str, FitResult]:
+              on_progress: Callable[[int, int, int], None] | None,
+              models_dir: Path) -> dict[str, FitResult]:
+    """Run every job; each ONNX file is written to ``models_dir`` as its chunk returns."""
     chunks = chunk_jobs(fit_jobs, workers)
     total = len(fit_jobs)
     counts = {"done": 0, "failed": 0}
@@ -474,7 +490,12 @@ def _run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend
         from manymodels.progress import TrainProgress
 
         bar = TrainProgress(total)
+
     def on_done(done: list[FitResult]) -> None:
+        for res in done:
+            if res.onnx is not None:
+                (models_dir / f"{res.name}.onnx").write_bytes(res.onnx)
+                res.onnx = None  # on disk now: the parent need not hold every model
         counts["done"] += len(done)
         counts["failed"] += sum(r.status != "ok" for r in done)
         if bar is not None:
