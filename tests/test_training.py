@@ -257,3 +257,21 @@ def test_no_compared_model_sees_the_holdout_rows(tmp_path: Path) -> None:
     for name, res in a.results.items():
         assert res.holdout_prediction is not None
         np.testing.assert_allclose(res.holdout_prediction, b.results[name].holdout_prediction)
+
+
+def test_classification_per_region_routes_labels_and_probabilities(tmp_path: Path) -> None:
+    """Check that churn classification trains per region and scores labels with probabilities."""
+    from manymodels.datasets import make_churn
+
+    frame = make_churn(regions=3, customers_per_region=200, seed=2)
+    result = train(frame, "region", "churn", out=tmp_path, jobs=1, track=False)
+    report = result.report
+    assert (report["status"] == "ok").all() and len(report) == 3
+    assert report["metric_own"].between(0, 5).all()
+    scored = Bundle(result.run_dir).score_frame(frame)
+    assert set(np.unique(scored.prediction)) <= {0, 1}
+    assert scored.probabilities is not None and scored.probabilities.shape == (len(frame), 2)
+    np.testing.assert_allclose(scored.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = float((scored.prediction == frame["churned"].to_numpy()).mean())
+    majority = max(frame["churned"].mean(), 1 - frame["churned"].mean())
+    assert accuracy > majority  # better than always predicting the majority class
