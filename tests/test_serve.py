@@ -626,3 +626,47 @@ def test_serve_imports_no_training_library() -> None:
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- real trained runs ---------------------------------------------------------------------
+def test_trained_run_served_equals_bundle(trained_run: Path, oj_small: pd.DataFrame) -> None:
+    """Check that a real trained run (LightGBM, Ridge, pools, global) answers over HTTP as in-process."""
+    running = Running(ServeSettings(bundle=str(trained_run)))
+    try:
+        rows = oj_small.drop(columns=["quantity", "week"]).head(60)
+        unknown = rows.head(3).assign(store=999)
+        frame = pd.concat([rows, unknown], ignore_index=True)
+        reply = running.client.post("/score", json={"data": frame.to_dict(orient="records")})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        want = Bundle(trained_run).score_frame(frame)
+        np.testing.assert_allclose(body["predictions"], want.prediction, rtol=1e-6)
+        assert body["model"] == list(want.model)
+        assert body["fallback"] == list(want.fallback) and body["fallback"][-1] is True
+    finally:
+        running.stop()
+
+
+def test_classification_bundle_serves_labels(tmp_path: Path) -> None:
+    """Check that a churn classification run answers labels equal to the in-process bundle."""
+    from manymodels.datasets import make_churn
+    from manymodels.training import train
+
+    frame = make_churn(regions=2, customers_per_region=120, seed=4)
+    run = train(frame, "region", "churn", out=tmp_path, jobs=1, track=False).run_dir
+    running = Running(ServeSettings(bundle=str(run)))
+    try:
+        rows = frame.drop(columns=["churned", "customer_id"]).head(40)
+        reply = running.client.post("/score", json={"data": rows.to_dict(orient="records")})
+        assert reply.status_code == 200, reply.text
+        want = Bundle(run).score_frame(rows)
+        assert [int(v) for v in reply.json()["predictions"]] == [int(v) for v in want.prediction]
+        mlflow_style = running.client.post(
+            "/invocations", json={"dataframe_records": rows.to_dict(orient="records")})
+        assert mlflow_style.status_code == 200, mlflow_style.text
+        body = mlflow_style.json()
+        labels = body["predictions"] if isinstance(body["predictions"], list) else []
+        flat = [p["prediction"] if isinstance(p, dict) else p for p in labels]
+        assert [int(v) for v in flat] == [int(v) for v in want.prediction]
+    finally:
+        running.stop()

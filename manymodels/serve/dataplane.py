@@ -407,6 +407,15 @@ def score_groups(models: Mapping[str, ServedModel], routing: Routing, table: Tab
     return Prediction(prediction, probabilities, classes)
 
 
+def _json_fallback(value: Any) -> Any:
+    """What orjson cannot serialise natively: object arrays (class labels), numpy scalars."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def dumps(payload: Any) -> bytes:
     """JSON bytes of a response (numpy arrays serialised natively, NaN → null)."""
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_fallback)
