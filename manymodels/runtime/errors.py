@@ -96,7 +96,8 @@ class ModelNotFound(ManyModelsError, KeyError):
     code = "model_not_found"
 
     def __init__(self, name: str, known: int | None = None) -> None:
-        tail = f" (the bundle has {known} models; GET /models lists them)" if known else ""
+        tail = (f" (the bundle has {known} models; `manymodels inspect` or GET /models lists them)"
+                if known else "")
         super().__init__(f"model '{name}' not found{tail}")
         self.name = name
 
