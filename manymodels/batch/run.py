@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from manymodels.errors import DataError, SpecError
-from manymodels.runtime import read_manifest, sha256_file
+from manymodels.runtime import sha256_file
 
 from .plan import (
     InputFile,
@@ -31,7 +31,7 @@ from .plan import (
     make_units,
     parse_mini_batch,
 )
-from .score import FileInfo, UnitResult, UnitTask, score_unit
+from .score import FileInfo, UnitResult, UnitTask, open_bundle, score_unit
 from .txlog import TxLog
 
 __all__ = ["BatchSummary", "ErrorThresholdExceeded", "choose_workers", "score_batch"]
@@ -255,7 +255,14 @@ def _check_paths(source: Path, output: Path) -> None:
 
 
 def _describe(files: list[InputFile]) -> list[InputFile]:
-    return [describe_file(f) for f in files]
+    """Checksum and read the footers of the files on two threads (hashlib and pyarrow
+    release the GIL while they work), in input order."""
+    if len(files) < 2:
+        return [describe_file(f) for f in files]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(describe_file, files))
 
 
 def _errors(log: TxLog, failed: list[tuple[str, str]], mini_batch: MiniBatch) -> int:
@@ -319,7 +326,7 @@ def score_batch(
         raise SpecError(f"--workers must be at least 1, got {workers}")
     mini_batch = parse_mini_batch(mini_batch_size)
     root = _resolve_bundle(bundle)
-    manifest = read_manifest(root)
+    manifest = open_bundle(str(root.resolve()), cache_bytes)[0].manifest
     source, out = Path(input), Path(output)
     _check_paths(source, out)
     header = {"bundle_sha256": sha256_file(root / "manifest.json"), "id_column": id_column}

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -36,6 +35,8 @@ SLEEP_ENV = "MANYMODELS_BATCH_TEST_SLEEP"
 OPTIMISATION = "none"
 
 _BUNDLES: dict[tuple[str, int | None], tuple[Bundle, ScoringPlan]] = {}
+#: Which process pinned the fallbacks of each bundle (forked workers pin their own).
+_PINNED: dict[tuple[str, int | None], int] = {}
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,27 @@ class ScoringPlan:
 
 
 def open_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
-    """The bundle of this process (opened on first use, then reused by every unit)."""
+    """The bundle of this process (opened on first use, then reused by every unit).
+
+    The parent opens it before it forks workers (it needs the manifest anyway), so
+    workers inherit the parsed manifest; sessions are created only in the process that
+    scores, where the fallbacks are pinned on its first unit (:func:`_ready_bundle`).
+    """
     key = (root, cache_bytes)
     hit = _BUNDLES.get(key)
     if hit is None:
         bundle = Bundle(root, max_bytes=cache_bytes, optimisation=OPTIMISATION)
-        for name in bundle.fallback_models():
-            bundle.cache.pin(name)
         hit = _BUNDLES[key] = (bundle, ScoringPlan.of(bundle))
     return hit
+
+
+def _ready_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
+    bundle, plan = open_bundle(root, cache_bytes)
+    if _PINNED.get((root, cache_bytes)) != os.getpid():
+        for name in bundle.fallback_models():
+            bundle.cache.pin(name)
+        _PINNED[(root, cache_bytes)] = os.getpid()
+    return bundle, plan
 
 
 # -- conversion and validation ---------------------------------------------------------
@@ -148,12 +161,46 @@ def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
-def _key_values(column: pa.ChunkedArray) -> Any:
-    """Segment-key values in a form ``pd.factorize`` handles fast (nulls kept as nulls)."""
-    column = _plain(column)
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return column.to_numpy()
-    return column.to_pandas()
+def _key_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
+    """One integer code per row (``-1`` = null) and the value of each code.
+
+    What the router needs, straight from Arrow without Python objects per row: the
+    indices of a dictionary column (strings are read as dictionaries), ``value - min``
+    for integers of a small range, else Arrow's hash-based dictionary encoding.
+    """
+    kind = column.type
+    if pa.types.is_integer(kind) and column.null_count == 0 and n:
+        values = column.to_numpy()
+        low, high = int(values.min()), int(values.max())
+        if high - low < max(4 * n, 1 << 16):
+            return values - low, list(range(low, high + 1))
+    if not pa.types.is_dictionary(kind):
+        column = pc.dictionary_encode(column)
+    return _dictionary_codes(column, n)
+
+
+def _dictionary_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
+    """Codes into one merged dictionary for a chunked dictionary column (each row group
+    brings its own dictionary); null indices become ``-1``."""
+    merged: dict[Any, int] = {}
+    uniques: list[Any] = []
+    codes = np.empty(n, dtype=np.int64)
+    at = 0
+    for chunk in column.chunks:
+        local = chunk.dictionary.to_pylist()
+        remap = np.empty(len(local) + 1, dtype=np.int64)
+        for i, value in enumerate(local):
+            if value not in merged:
+                merged[value] = len(uniques)
+                uniques.append(value)
+            remap[i] = merged[value]
+        remap[-1] = -1
+        indices = chunk.indices
+        if indices.null_count:
+            indices = indices.fill_null(len(local))
+        codes[at:at + len(chunk)] = remap[indices.to_numpy()]
+        at += len(chunk)
+    return codes, uniques
 
 
 def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> np.ndarray:
@@ -167,6 +214,8 @@ def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> 
         try:
             return np.asarray(pc.cast(column, pa.float32()).to_numpy(), dtype=np.float32)
         except pa.ArrowInvalid:
+            import pandas as pd  # only for the rare column with bad text
+
             text = column.to_pandas()
             values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
             bad = np.isnan(values) & text.notna().to_numpy()
@@ -182,14 +231,14 @@ def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
     With ``rows``, only those rows are converted (the others stay ``None``): a column
     that only the fallback model reads is needed for a few rows, not for the chunk.
     """
-    plain = _plain(column)
-    if pa.types.is_integer(plain.type) and plain.null_count == 0:
-        return np.asarray(plain.to_numpy())
+    if pa.types.is_integer(column.type) and column.null_count == 0:
+        return np.asarray(column.to_numpy())
     if rows is not None:
-        out = np.empty(len(plain), dtype=object)
-        out[rows] = np.array(plain.take(pa.array(rows)).to_pylist() + [None],
+        out = np.empty(len(column), dtype=object)
+        out[rows] = np.array(column.take(pa.array(rows)).to_pylist() + [None],
                              dtype=object)[:-1]
         return out
+    plain = _plain(column)
     encoded = plain.combine_chunks().dictionary_encode()
     values = np.array([*encoded.dictionary.to_pylist(), None], dtype=object)
     codes = encoded.indices.fill_null(len(values) - 1).to_numpy()
@@ -243,8 +292,9 @@ def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
     if missing:
         rejections.reject_all(f"missing segment column(s) {', '.join(missing)}")
         return None
-    keys = {c: _key_values(table[c]) for c in plan.segment_columns}
-    routed = bundle.route_columns(keys, table.num_rows)
+    n = table.num_rows
+    codes, uniques = zip(*(_key_codes(table[c], n) for c in plan.segment_columns), strict=True)
+    routed = bundle.route_codes(codes, uniques, n, with_names=False)
     if routed.rejected:
         by_reason: dict[str, list[int]] = {}
         for row, reason in routed.rejected.items():
@@ -258,21 +308,25 @@ def _check_groups(plan: ScoringPlan, routed: Routed, names: set[str],
                   rejections: _Rejections) -> dict[str, np.ndarray]:
     """Groups whose model has every input column, minus rows rejected so far."""
     groups: dict[str, np.ndarray] = {}
+    clean = not rejections.code.any()
     for model, rows in routed.groups.items():
         missing = [c for c in plan.model_inputs[model] if c not in names]
         if missing:
             rejections.add(rows, f"missing column(s) {', '.join(missing)} needed by model "
                                  f"'{model}'")
+            clean = False
             continue
-        keep = rows[rejections.code[rows] == 0]
+        keep = rows if clean else rows[rejections.code[rows] == 0]
         if len(keep):
             groups[model] = keep
     return groups
 
 
 def _id_columns(table: pa.Table, rows: np.ndarray, rel: str, offset: int,
-                id_column: str | None) -> dict[str, pa.Array]:
+                id_column: str | None, every_row: bool) -> dict[str, pa.Array]:
     if id_column:
+        if every_row:
+            return {id_column: table[id_column].combine_chunks()}
         return {id_column: table[id_column].take(pa.array(rows)).combine_chunks()}
     source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), dtype=np.int32)), [rel])
     return {"source_file": source, "row_number": pa.array(rows + offset, pa.int64())}
@@ -300,25 +354,29 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
-        result = bundle.score_routed(_Columns(table, floats, needing), Routed(
-            groups, routed.model, routed.fallback, {}, routed.model_index, routed.model_names))
-        keep = np.flatnonzero(rejections.code == 0)
-        index = routed.model_index[keep]
-        columns = _id_columns(table, keep, rel, offset, id_column)
-        prediction = result.prediction[keep]
+        prediction, probabilities, classes = bundle.score_groups(
+            _Columns(table, floats, needing),
+            Routed(groups, None, routed.fallback, {}, routed.model_index, routed.model_names))
+        # Without rejections (the usual case) every array is written as it is: no copies.
+        keep = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
+        index = routed.model_index if keep is None else routed.model_index[keep]
+        fallback = routed.fallback if keep is None else routed.fallback[keep]
+        rows_kept = np.arange(n) if keep is None else keep
+        columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
+        prediction = prediction if keep is None else prediction[keep]
         columns["prediction"] = pa.array(prediction if prediction.dtype != object
                                          else prediction.tolist())
         columns["model"] = pa.DictionaryArray.from_arrays(
             pa.array(index, pa.int32()), pa.array(routed.model_names, pa.string()))
-        fallback = routed.fallback[keep]
         columns["fallback"] = pa.array(fallback, pa.bool_())
-        if result.probabilities is not None and result.classes is not None:
-            for i, label in enumerate(result.classes):
-                columns[f"proba_{label}"] = pa.array(result.probabilities[keep, i])
+        if probabilities is not None and classes is not None:
+            for i, label in enumerate(classes):
+                values = probabilities[:, i] if keep is None else probabilities[keep, i]
+                columns[f"proba_{label}"] = pa.array(values)
         scored = pa.table(columns)
         counts = np.bincount(index, minlength=len(routed.model_names))
         models = {routed.model_names[i]: int(c) for i, c in enumerate(counts) if c}
-        fallbacks = int(fallback.sum())
+        fallbacks = int(np.count_nonzero(fallback))
     return ChunkResult(scored, _rejected_table(table, rejections, rel, offset, id_column),
                        models, fallbacks)
 
@@ -354,7 +412,8 @@ def _score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece
     try:
         for chunk in read_chunks(Path(info.path), info.format, piece.start, piece.stop,
                                  plan.columns(task.id_column), plan.columns(None),
-                                 info.partitions, task.chunk_rows):
+                                 info.partitions, task.chunk_rows,
+                                 [*plan.segment_columns, *sorted(plan.string_columns)]):
             result = score_chunk(bundle, plan, chunk.table, piece.rel, chunk.offset,
                                  task.id_column)
             if result.scored is not None:
@@ -386,7 +445,7 @@ def _score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece
 def score_unit(task: UnitTask) -> UnitResult:
     """Score every piece of one unit into the staging area (the parent commits)."""
     start = time.perf_counter()
-    bundle, plan = open_bundle(task.bundle_root, task.cache_bytes)
+    bundle, plan = _ready_bundle(task.bundle_root, task.cache_bytes)
     delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
     outcomes = []
     for piece in task.unit.pieces:

@@ -8,13 +8,16 @@ goes through one vectorised ``session.run`` call.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: batch scoring never needs it
+    import pandas as pd
 
 from .errors import BundleError, DataError, InputSchemaError, ModelNotFound, SegmentNotFound
 from .manifest import Manifest, normalise_key_value, read_manifest
@@ -28,7 +31,9 @@ class Routed:
     """Where each row goes: a model name per row (None = rejected) and a fallback flag."""
 
     groups: dict[str, np.ndarray]  # model name -> row positions
-    model: np.ndarray  # object array of model names (None where rejected)
+    #: Object array of model names (None where rejected); ``None`` when the router was
+    #: asked not to build it (batch scoring uses :attr:`model_index` instead).
+    model: np.ndarray | None
     fallback: np.ndarray  # bool
     rejected: dict[int, str]  # row position -> reason
     #: Per row, the position of its model in :attr:`model_names` (-1 where rejected): lets
@@ -48,6 +53,8 @@ class ScoreResult:
     classes: Sequence[Any] | None = None
 
     def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         frame = pd.DataFrame({"prediction": self.prediction, "model": self.model,
                               "fallback": self.fallback})
         if self.probabilities is not None and self.classes is not None:
@@ -140,12 +147,32 @@ class Bundle:
     def route_columns(self, keys: Mapping[str, Any], n: int) -> Routed:
         """Group ``n`` rows by model, given their segment columns as arrays or Series.
 
-        Vectorised: each segment column is factorised once, the codes are combined into
-        one code per distinct segment key, only the distinct keys walk the fallback chain,
-        and rows are grouped with one stable sort on small integer model codes. Row order
-        inside each group is ascending, as callers expect.
+        Each segment column is factorised once (nulls get code -1) and the codes go to
+        :meth:`route_codes`. Row order inside each group is ascending, as callers expect.
         """
         self._check_segment_columns(list(keys))
+        codes: list[np.ndarray] = []
+        uniques: list[Sequence[Any]] = []
+        if n:
+            import pandas as pd
+
+            for column in self.segment_columns:
+                code, unique = pd.factorize(keys[column], use_na_sentinel=True)
+                codes.append(np.asarray(code, dtype=np.int64))
+                uniques.append(list(unique))
+        return self.route_codes(codes, uniques, n)
+
+    def route_codes(self, codes: Sequence[np.ndarray], uniques: Sequence[Sequence[Any]],
+                    n: int, with_names: bool = True) -> Routed:
+        """Group ``n`` rows by model, given one integer code per row and segment column.
+
+        ``codes[i][r]`` indexes ``uniques[i]`` (``-1`` = null) for segment column ``i``.
+        Vectorised: the per-column codes are combined into one code per segment key,
+        only the distinct keys present walk the fallback chain (memoised across calls),
+        a lookup table maps every row to its model in one gather, and rows are grouped
+        with one stable sort of small integer model codes. ``with_names=False`` skips
+        the per-row object array of model names (:attr:`Routed.model`).
+        """
         if n == 0:
             return Routed({}, np.full(0, None, dtype=object), np.zeros(0, dtype=bool), {},
                           np.full(0, -1, dtype=np.int32), [])
@@ -154,15 +181,16 @@ class Bundle:
             name, _ = self.manifest.resolve({})
             if name is None:
                 raise SegmentNotFound({})
-            return Routed({name: np.arange(n)}, np.full(n, name, dtype=object),
-                          np.zeros(n, dtype=bool), {}, np.zeros(n, dtype=np.int32), [name])
-        combo, key_values = _factorise_keys([keys[c] for c in cols], n)
+            model = np.full(n, name, dtype=object) if with_names else None
+            return Routed({name: np.arange(n)}, model, np.zeros(n, dtype=bool), {},
+                          np.zeros(n, dtype=np.int32), [name])
+        combo, key_values, size = _combine_codes(codes, uniques, n)
         names: list[str] = []
         positions: dict[str, int] = {}
-        combo_model = np.full(len(key_values), -1, dtype=np.int32)
-        combo_fallback = np.zeros(len(key_values), dtype=bool)
+        combo_model = np.full(size, -1, dtype=np.int32)
+        combo_fallback = np.zeros(size, dtype=bool)
         combo_reason: dict[int, str] = {}
-        for k, values in enumerate(key_values):
+        for k, values in key_values.items():
             nulls = [c for c, v in zip(cols, values, strict=True) if _is_null(v)]
             if nulls:
                 combo_reason[k] = "null segment key in " + ", ".join(nulls)
@@ -178,7 +206,7 @@ class Bundle:
             combo_fallback[k] = used_fallback
         index = combo_model[combo]
         fallback = combo_fallback[combo]
-        model = np.array([*names, None], dtype=object)[index]
+        model = np.array([*names, None], dtype=object)[index] if with_names else None
         rejected: dict[int, str] = {}
         if combo_reason:
             bad = np.flatnonzero(index < 0)
@@ -204,21 +232,33 @@ class Bundle:
         return self.score_routed(frame, routed)
 
     def score_routed(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed) -> ScoreResult:
-        """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays.
+        """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays."""
+        prediction, probabilities, classes = self.score_groups(frame, routed)
+        return ScoreResult(prediction, _model_names(routed), routed.fallback, probabilities,
+                           classes)
 
-        Each input column that many rows need is gathered once into model order, so every
-        group is a contiguous slice (no copy) fed to one ``session.run``; columns only a
-        few groups need (e.g. the fallback's categorical inputs) are taken per group.
+    def score_groups(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed
+                     ) -> tuple[np.ndarray, np.ndarray | None, Sequence[Any] | None]:
+        """Predictions (and class probabilities, classes) of pre-routed rows, in row order.
+
+        What :meth:`score_routed` returns without the per-row model names, which batch
+        scoring writes from :attr:`Routed.model_index` instead.
+
+        Each input column that many rows need is gathered once into model order as a
+        contiguous ``(n, 1)`` array (float inputs cast to float32 on the way), so every
+        group's feed is a slice of it (no copy) and goes to one ``session.run``; columns
+        only a few groups need (e.g. the fallback's categorical inputs) are taken per
+        group and converted by the model.
         """
-        n = len(routed.model)
+        n = len(routed.fallback)
         prediction = self._empty_prediction(n)
         probabilities: np.ndarray | None = None
         classes: Sequence[Any] | None = None
         if not routed.groups:
-            return ScoreResult(prediction, routed.model, routed.fallback, None, None)
+            return prediction, None, None
         parts = list(routed.groups.values())
         order = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
         gathered = self._gather_plan(routed.groups, frame, len(order))
         sorted_columns: dict[str, np.ndarray] = {}
         raw: dict[str, np.ndarray] = {}
@@ -226,20 +266,28 @@ class Bundle:
         proba_sorted: np.ndarray | None = None
         for i, (name, rows) in enumerate(routed.groups.items()):
             loaded = self.model(name)
-            start, stop = int(bounds[i]), int(bounds[i + 1])
+            start, stop = bounds[i], bounds[i + 1]
+            feed: dict[str, np.ndarray] = {}
             columns: dict[str, Any] = {}
             for column in loaded.input_names:
                 if column not in frame:
                     loaded.check_columns(list(frame.keys()))
                 if column not in raw:
                     raw[column] = np.asarray(frame[column])
-                if column in gathered:
+                if column in gathered and column not in loaded.string_inputs:
+                    if column not in sorted_columns:
+                        sorted_columns[column] = _gather_float32(raw[column], order, column,
+                                                                 loaded)
+                    feed[column] = sorted_columns[column][start:stop]
+                elif column in gathered:
                     if column not in sorted_columns:
                         sorted_columns[column] = raw[column][order]
                     columns[column] = sorted_columns[column][start:stop]
                 else:
                     columns[column] = raw[column][rows]
-            labels, proba = loaded.predict_columns(columns)
+            if columns:
+                feed.update(loaded.build_feed({**columns, **feed}))
+            labels, proba = loaded.run(feed)
             if labels_sorted is None:
                 labels_sorted = self._empty_prediction(len(order))
             labels_sorted[start:stop] = labels
@@ -253,7 +301,7 @@ class Bundle:
         if proba_sorted is not None:
             probabilities = np.full((n, proba_sorted.shape[1]), np.nan)
             probabilities[order] = proba_sorted
-        return ScoreResult(prediction, routed.model, routed.fallback, probabilities, classes)
+        return prediction, probabilities, classes
 
     def _gather_plan(self, groups: Mapping[str, np.ndarray], frame: Any, total: int) -> set[str]:
         """Columns worth gathering whole into model order: needed by most routed rows."""
@@ -281,49 +329,81 @@ class Bundle:
 
 
 def _is_null(value: Any) -> bool:
-    return value is None or bool(pd.isna(value))
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (str, int, np.integer)):
+        return False
+    import pandas as pd  # pd.NA, NaT and friends, from DataFrame callers
+
+    return bool(pd.isna(value))
 
 
-def _factorise_keys(columns: Sequence[Any], n: int) -> tuple[np.ndarray, list[tuple[Any, ...]]]:
-    """One code per row for its segment key, and the key values of each code.
+def _model_names(routed: Routed) -> np.ndarray:
+    """The per-row model names of ``routed``, built from its codes when it has none."""
+    if routed.model is not None:
+        return routed.model
+    names = [*(routed.model_names or []), None]
+    index = routed.model_index if routed.model_index is not None else \
+        np.full(len(routed.fallback), -1)
+    return np.array(names, dtype=object)[index]
 
-    Nulls get their own code (they are rejected later, with a reason naming the column).
-    When the product of the per-column cardinalities is small (the usual case: stores ×
-    brands), codes are combined arithmetically and compacted with one ``bincount``;
-    otherwise column by column with a re-factorisation, so they never overflow.
+
+def _gather_float32(values: np.ndarray, order: np.ndarray, column: str,
+                    model: LoadedModel) -> np.ndarray:
+    """``values[order]`` as a contiguous float32 ``(n, 1)`` array (one pass for float32)."""
+    if values.dtype == np.float32:
+        out = np.empty((len(order), 1), dtype=np.float32)
+        np.take(values, order, out=out[:, 0])
+        return out
+    if values.dtype.kind in "fiub":
+        return np.asarray(values[order], dtype=np.float32).reshape(-1, 1)
+    return model.build_feed({column: values[order]})[column]
+
+
+def _combine_codes(codes: Sequence[np.ndarray], uniques: Sequence[Sequence[Any]], n: int
+                   ) -> tuple[np.ndarray, dict[int, tuple[Any, ...]], int]:
+    """One code per row for its segment key, the key values of each code present, and
+    the size of the code space (for lookup tables indexed by code).
+
+    Code ``-1`` (null) becomes its own digit, whose value is ``None`` (rejected later,
+    with a reason naming the column). When the product of the per-column cardinalities
+    is small (the usual case: stores × brands) the digits are combined arithmetically
+    and the combined code indexes lookup tables directly; otherwise the combination is
+    compacted column by column with ``np.unique``, so it never overflows.
     """
-    per_column: list[tuple[np.ndarray, Any]] = []
-    for values in columns:
-        codes, uniques = pd.factorize(values, use_na_sentinel=False)
-        per_column.append((np.asarray(codes, dtype=np.int64), uniques))
-    radices = [max(len(u), 1) for _, u in per_column]
+    radices = [len(u) + 1 for u in uniques]  # + 1: the null digit
+    digits = [np.where(c < 0, len(u), c) if c.size and c.min() < 0 else c
+              for c, u in zip(codes, uniques, strict=True)]
     space = int(np.prod(radices, dtype=np.float64))
     if space <= max(4 * n, 1 << 16) and space <= 1 << 24:
-        combo = np.zeros(n, dtype=np.int64)
-        for (codes, _), radix in zip(per_column, radices, strict=True):
-            combo = combo * radix + codes
+        combo = digits[0].astype(np.int64, copy=len(digits) > 1)
+        for d, radix in zip(digits[1:], radices[1:], strict=True):
+            combo *= radix
+            combo += d
         present = np.flatnonzero(np.bincount(combo, minlength=space))
-        remap = np.full(space, -1, dtype=np.int64)
-        remap[present] = np.arange(len(present))
-        digits: list[np.ndarray] = []
         rest = present.copy()
+        picked: list[np.ndarray] = []
         for radix in reversed(radices):
-            digits.append(rest % radix)
+            picked.append(rest % radix)
             rest //= radix
-        digits.reverse()
-        picked = [(d, u) for d, (_, u) in zip(digits, per_column, strict=True)]
-        combo = remap[combo]
-    else:
-        combo = per_column[0][0]
-        for codes, uniques in per_column[1:]:
-            combo = np.asarray(pd.factorize(combo * len(uniques) + codes)[0], dtype=np.int64)
-        k = int(combo.max()) + 1
-        first = np.empty(k, dtype=np.int64)
-        first[combo[::-1]] = np.arange(n - 1, -1, -1)  # last write wins: first occurrence
-        picked = [(codes[first], uniques) for codes, uniques in per_column]
-    k = len(picked[0][0])
-    key_values = [tuple(u[int(c[j])] for c, u in picked) for j in range(k)]
-    return combo, key_values
+        picked.reverse()
+        values = [[*u, None] for u in uniques]
+        keys = {int(k): tuple(values[i][int(p[j])] for i, p in enumerate(picked))
+                for j, k in enumerate(present)}
+        return combo, keys, space
+    combo = digits[0].astype(np.int64)
+    for d, radix in zip(digits[1:], radices[1:], strict=True):
+        _, combo = np.unique(combo * radix + d, return_inverse=True)
+        combo = combo.astype(np.int64).ravel()
+    k = int(combo.max()) + 1
+    first = np.empty(k, dtype=np.int64)
+    first[combo[::-1]] = np.arange(n - 1, -1, -1)  # last write wins: first occurrence
+    values = [[*u, None] for u in uniques]
+    keys = {j: tuple(values[i][int(d[first[j]])] for i, d in enumerate(digits))
+            for j in range(k)}
+    return combo, keys, k
 
 
 def _group_rows(index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
