@@ -8,12 +8,14 @@ into one line and exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
 from rich.console import Console
 
-from manymodels import datasets as ds
+if TYPE_CHECKING:
+    import pandas as pd
 
 _console = Console(highlight=False)
 
@@ -21,9 +23,16 @@ _OUT_HELP = "Parquet (.parquet) or CSV (.csv) file to write; parent folders are 
 _SEED_HELP = "Seed of the random generator: the same options give the same table."
 
 
+def _ds() -> ModuleType:
+    """The generators, imported on use: other commands should not pay for pandas."""
+    from manymodels import datasets
+
+    return datasets
+
+
 def _report(frame: pd.DataFrame, kind: str, path: Path) -> None:
     """Print rows and segments written, naming the segment columns to train on."""
-    columns = list(ds.SEGMENT_COLUMNS[kind])
+    columns = list(_ds().SEGMENT_COLUMNS[kind])
     segments = len(frame.drop_duplicates(columns))
     _console.print(
         f"wrote {len(frame):,} rows, {segments:,} segments ({', '.join(columns)}) to {path}"
@@ -39,6 +48,7 @@ def make_oj(
     ),
 ) -> None:
     """Orange-juice sales per store and brand; the target quantity is log units sold."""
+    ds = _ds()
     frame = ds.make_oj(stores=stores, weeks=weeks, seed=seed)
     path = ds.write_dataset(frame, out or Path("datasets") / f"oj_sales_{stores}.parquet")
     _report(frame, "oj", path)
@@ -53,6 +63,7 @@ def make_churn(
     ),
 ) -> None:
     """Customers per region with a 0/1 churned target."""
+    ds = _ds()
     frame = ds.make_churn(regions=regions, customers_per_region=customers_per_region, seed=seed)
     default = Path("datasets") / f"churn_{regions}x{customers_per_region}.parquet"
     path = ds.write_dataset(frame, out or default)
@@ -71,6 +82,7 @@ def make_mixed(
     ),
 ) -> None:
     """Segments with their own pattern mixed with segments that share one pattern."""
+    ds = _ds()
     frame = ds.make_mixed(segments=segments, rows_per_segment=rows_per_segment,
                           own_fraction=own_fraction, seed=seed)
     path = ds.write_dataset(frame, out or Path("datasets") / f"mixed_{segments}.parquet")

@@ -9,9 +9,7 @@ of routing and scoring, everywhere.
 
 from __future__ import annotations
 
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BundleError,
@@ -70,6 +68,10 @@ __all__ = [
 ]
 
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+
 class PyFuncBundle:
     """What ``mlflow.pyfunc.load_model`` returns for a bundle: routes and scores rows."""
 
@@ -77,6 +79,8 @@ class PyFuncBundle:
         self.bundle = bundle
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import pandas as pd  # here, not at import: batch and the CLI start faster without it
+
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         model_name = (params or {}).get("model")
         if model_name:
