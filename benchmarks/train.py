@@ -86,7 +86,7 @@ def main() -> None:
     print(f"| {'variant':<48} | {'wall s':>7} | {'speed-up':>8} | {'efficiency':>10} |")
     print(f"|{'-' * 50}|{'-' * 9}|{'-' * 10}|{'-' * 12}|")
     for label, seconds, ratio, eff in rows:
-        eff_text = "-" if eff != eff else f"{eff:.2f}"
+        eff_text = "-" if eff != eff else f"{eff:.3f}"
         print(f"| {label:<48} | {seconds:>7.1f} | {ratio:>7.2f}x | {eff_text:>10} |")
     print()
     print(f"sum of per-model fit+export seconds: {work:.1f} s; models: {len(result.results)}; "
