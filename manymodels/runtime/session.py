@@ -232,11 +232,8 @@ class SessionCache:
 
     def get(self, name: str) -> LoadedModel:
         """Return the loaded model, loading it (once) if needed."""
-        model = self._items.get(name)
+        model = self.peek(name)
         if model is not None:
-            with self._lock:
-                if name in self._items:
-                    self._items.move_to_end(name)
             return model
         with self._lock:
             load_lock = self._load_locks.setdefault(name, threading.Lock())
