@@ -45,8 +45,6 @@ from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_tr
 
 __all__ = ["TrainResult", "choose_level", "train"]
 
-LEVEL_NAMES = {"own": "own", "pool": "pool", "global": "global"}
-
 
 @dataclass
 class TrainResult:
@@ -168,8 +166,8 @@ class _SegmentEval:
 
 
 def _evaluate_segments(frame: pd.DataFrame, segmentation: Segmentation, trainer: TrainerSpec,
-                       results: dict[str, FitResult], jobs: dict[str, FitJob],
-                       layout: dict[str, Any]) -> list[_SegmentEval]:
+                       results: dict[str, FitResult], jobs: dict[str, FitJob]
+                       ) -> list[_SegmentEval]:
     slices = _holdout_slices(results, jobs, len(segmentation.segments))
     target = frame[trainer.target].to_numpy()
     evals = []
@@ -331,19 +329,28 @@ def _write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: s
     (staging / "specs" / "trainer.yaml").write_text(
         yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
     report.to_parquet(staging / "report.parquet", index=False)
-    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=_json_default))
+    (staging / MANIFEST_FILE).write_text(json.dumps(_plain(manifest), indent=1, allow_nan=False))
     if final_dir.exists() and not overwrite:
         raise SpecError(f"run directory {final_dir} already exists; choose another "
                         f"run id or pass overwrite")
     swap_directory_into_place(staging, final_dir)
 
 
-def _json_default(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """JSON-ready value: numpy scalars become Python ones, NaN and infinities null.
+
+    ``json.dumps`` would write NaN as the bare token ``NaN``, which is not JSON and breaks
+    readers other than Python's.
+    """
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return value
 
 
 TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "onnxruntime",
@@ -367,10 +374,8 @@ def training_environment() -> dict[str, Any]:
 def _data_window(frame: pd.DataFrame, trainer: TrainerSpec) -> dict[str, Any] | None:
     if not trainer.time_column:
         return None
-    col = frame[trainer.time_column]
-    return {"column": trainer.time_column, "min": _json_default(col.min()) if isinstance(
-        col.min(), np.generic) else col.min(), "max": _json_default(col.max()) if isinstance(
-        col.max(), np.generic) else col.max()}
+    column = frame[trainer.time_column]
+    return {"column": trainer.time_column, "min": _plain(column.min()), "max": _plain(column.max())}
 
 
 def train(data: str | os.PathLike[str] | pd.DataFrame,
@@ -462,7 +467,7 @@ def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], frame: pd.D
               overwrite: bool) -> TrainResult:
     """Compare levels, route, summarise and write the run directory."""
     job_by_name = {j.name: j for j in fit_jobs}
-    evals = _evaluate_segments(frame, segmentation, tr_spec, results, job_by_name, layout)
+    evals = _evaluate_segments(frame, segmentation, tr_spec, results, job_by_name)
     rows = _decide_routes(segmentation, seg_spec, tr_spec, results, evals, layout, gate)
     global_name = model_name(tr_spec.target, {})
     if results.get(global_name) is None or results[global_name].status != "ok":
