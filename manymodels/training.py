@@ -350,6 +350,8 @@ def _plain(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
+    if hasattr(value, "isoformat"):  # dates and timestamps of a time column
+        return value.isoformat()
     return value
 
 

@@ -275,3 +275,12 @@ def test_classification_per_region_routes_labels_and_probabilities(tmp_path: Pat
     accuracy = float((scored.prediction == frame["churned"].to_numpy()).mean())
     majority = max(frame["churned"].mean(), 1 - frame["churned"].mean())
     assert accuracy > majority  # better than always predicting the majority class
+
+
+def test_datetime_time_column(oj_small: pd.DataFrame, tmp_path: Path) -> None:
+    """Check that a datetime time column orders the holdout and lands in the manifest as ISO text."""
+    frame = oj_small.assign(week=pd.Timestamp("2024-01-01") + pd.to_timedelta(oj_small["week"] * 7, "D"))
+    result = _train(frame, tmp_path)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["data_window"]["min"].startswith("2024-01-08")
+    assert (result.report["holdout_rows"] == 10).all()
