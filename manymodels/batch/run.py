@@ -359,7 +359,8 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit], l
              id_column: str | None, backend: str, scheduler: Any, progress: bool,
              cache_bytes: int | None, failed: list[tuple[str, str]],
              timings: dict[str, float]) -> BatchSummary:
-    infos = {f.rel: FileInfo(str(f.path), f.format, f.partitions) for f in files}
+    # absolute paths: workers of a remote Dask cluster do not share our working directory
+    infos = {f.rel: FileInfo(str(f.path.resolve()), f.format, f.partitions) for f in files}
     chunk_rows = mini_batch.size if mini_batch.unit == "rows" else DEFAULT_MINI_BATCH_ROWS
     token = uuid.uuid4().hex[:12]
     tasks = [UnitTask(str(root.resolve()), cache_bytes, str(log.staging.resolve()), token,
