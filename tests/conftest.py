@@ -63,3 +63,44 @@ def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     if "MLFLOW_TRACKING_URI" not in os.environ:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     yield
+
+
+@pytest.fixture(scope="session")
+def external_dask(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `dask scheduler` + `dask worker` in their own processes and directory.
+
+    Unlike a LocalCluster, these workers do not share the test's working directory or
+    imports, as on a real cluster. Yields the scheduler address.
+    """
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    elsewhere = tmp_path_factory.mktemp("dask-elsewhere")
+    dask = str(Path(sys.executable).parent / "dask")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": elsewhere}
+    scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                  str(port), "--no-dashboard"], **quiet)  # type: ignore[call-overload]
+    worker = subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                               "--no-dashboard"], **quiet)  # type: ignore[call-overload]
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:  # wait until both worker processes have joined
+            try:
+                with Client(address, timeout="5s") as client:
+                    if len(client.scheduler_info()["workers"]) >= 2:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the external Dask cluster did not start")
+            time.sleep(0.5)
+        yield address
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+            process.wait(timeout=30)

@@ -328,38 +328,17 @@ def test_worker_processes_and_dask_give_identical_output(bundle: tuple[Path, pd.
 
 
 def test_external_dask_cluster_with_relative_paths(bundle: tuple[Path, pd.DataFrame],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, external_dask: str) -> None:
     """Check that `--scheduler ADDRESS` works with workers started elsewhere (other cwd).
 
-    A real `dask scheduler` and `dask worker` run as separate processes in their own
-    directory; the command is given relative paths, which the workers cannot resolve
-    from their working directory unless batch hands them absolute ones.
+    The command is given relative paths, which workers running in another directory
+    cannot resolve unless batch hands them absolute ones.
     """
-    import socket
-
     root, rows = bundle
     frames = _write_files(rows, tmp_path / "job" / "in")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    bin_dir = Path(sys.executable).parent
-    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1",
-                                  "--port", str(port), "--no-dashboard"], cwd=elsewhere,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "1",
-                               "--nthreads", "1", "--no-dashboard"], cwd=elsewhere,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        result = subprocess.run(
-            _cli(str(root), "in", "out", "--backend", "dask", "--scheduler", address,
-                 "--mini-batch-size", "1 file"),
-            cwd=tmp_path / "job", capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
-        _assert_exactly_once(tmp_path / "job" / "out", _expected(root, frames))
-    finally:
-        for process in (worker, scheduler):
-            process.terminate()
-            process.wait(timeout=30)
+    result = subprocess.run(
+        _cli(str(root), "in", "out", "--backend", "dask", "--scheduler", external_dask,
+             "--mini-batch-size", "1 file"),
+        cwd=tmp_path / "job", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_exactly_once(tmp_path / "job" / "out", _expected(root, frames))

@@ -182,6 +182,16 @@ def test_dask_gives_the_same_winners_as_local_processes(oj_small: pd.DataFrame,
                                   Bundle(dask.run_dir).predict(oj_small)["prediction"])
 
 
+def test_external_dask_scheduler_gives_the_same_winners(oj_small: pd.DataFrame, tmp_path: Path,
+                                                        external_dask: str) -> None:
+    """Check that `--scheduler ADDRESS` (workers in other processes) picks the same winners."""
+    local = _train(oj_small, tmp_path / "local", jobs=1)
+    remote = _train(oj_small, tmp_path / "remote", jobs=2, backend="dask",
+                    scheduler=external_dask)
+    cols = ["segment", "winner", "metric_own", "metric_global", "level", "model"]
+    pd.testing.assert_frame_equal(local.report[cols], remote.report[cols])
+
+
 def test_choose_level_prefers_coarser_models_on_ties() -> None:
     """Check that the gate keeps the coarser model unless a finer one gains over min_gain."""
     assert choose_level([1.0, 1.0, 1.0], "rmse", 0.02) == 2
