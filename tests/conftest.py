@@ -81,10 +81,11 @@ def external_dask(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     elsewhere = tmp_path_factory.mktemp("dask-elsewhere")
     dask = str(Path(sys.executable).parent / "dask")
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": elsewhere}
-    scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
-                                  str(port), "--no-dashboard"], **quiet)  # type: ignore[call-overload]
-    worker = subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
-                               "--no-dashboard"], **quiet)  # type: ignore[call-overload]
+    loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]  # nothing on 0.0.0.0
+    scheduler = subprocess.Popen([dask, "scheduler", *loopback, "--port", str(port)],
+                                 **quiet)  # type: ignore[call-overload]
+    worker = subprocess.Popen([dask, "worker", address, *loopback, "--nworkers", "2",
+                               "--nthreads", "1"], **quiet)  # type: ignore[call-overload]
     try:
         from distributed import Client
 
