@@ -112,12 +112,13 @@ def feature_stats(frame: pd.DataFrame, features: FeatureSet) -> dict[str, Any]:
 
 
 def _check_learnable(y: np.ndarray, task: str) -> None:
+    first = y[0].item() if isinstance(y[0], np.generic) else y[0]  # 3.0, not np.float64(3.0)
     if task == "regression":
         if np.nanstd(y.astype(float)) == 0:
-            raise TrainingError(f"target is constant ({y[0]!r} in all {len(y)} training rows): "
+            raise TrainingError(f"target is constant ({first!r} in all {len(y)} training rows): "
                                 "nothing to learn; the fallback model serves this segment")
     elif len(pd.unique(y)) < 2:
-        raise TrainingError(f"only one class ({y[0]!r}) in {len(y)} training rows; "
+        raise TrainingError(f"only one class ({first!r}) in {len(y)} training rows; "
                             "the fallback model serves this segment")
 
 
