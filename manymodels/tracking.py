@@ -98,18 +98,19 @@ def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: Tra
             mlflow.log_artifact(str(result.run_dir / "report.parquet"))
             mlflow.log_artifact(str(result.run_dir / "manifest.json"))
             if log_segments:
-                _log_segment_children(result)
+                _log_segment_children(result, experiment)
             return str(run.info.run_id)
     except Exception as exc:  # MLflow raises many types; one clear line for the user
         raise RegistryError(f"MLflow tracking at {tracking_uri()} failed: {exc}") from exc
 
 
-def _log_segment_children(result: TrainResult) -> None:
+def _log_segment_children(result: TrainResult, experiment: str) -> None:
     import mlflow
 
     metric_cols = ["metric_own", "metric_pool", "metric_global", "rows", "fit_seconds"]
     for row in result.report.to_dict("records"):
-        with mlflow.start_run(run_name=str(row["segment"]), nested=True):
+        with mlflow.start_run(experiment_id=experiment, run_name=str(row["segment"]),
+                              nested=True):
             mlflow.log_params({k: row[k] for k in ("segment", "status", "winner", "level")
                                if k in row})
             mlflow.log_metrics(_finite({k: row.get(k) for k in metric_cols}))

@@ -85,3 +85,23 @@ def test_exit_codes_cover_the_error_tree() -> None:
     assert exit_code_for(DataError("x")) == 3
     assert exit_code_for(TrainingError("x")) == 5
     assert exit_code_for(ManyModelsError("x")) == 1
+
+
+def test_log_segments_adds_one_child_run_per_segment(oj_small: pd.DataFrame, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that --log-segments nests one MLflow child run per segment under the training run."""
+    import mlflow
+
+    from manymodels.training import train
+
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    train(oj_small, SEGMENTER, FAST_TRAINER, out=tmp_path / "runs", jobs=1, track=True,
+          log_segments=True)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["manymodels"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(children) == 18
+    assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    assert children["metrics.metric_own"].notna().all()
