@@ -294,3 +294,15 @@ def test_datetime_time_column(oj_small: pd.DataFrame, tmp_path: Path) -> None:
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["data_window"]["min"].startswith("2024-01-08")
     assert (result.report["holdout_rows"] == 10).all()
+
+
+@pytest.mark.parametrize("method", ["kfold", "shuffle"])
+def test_kfold_and_shuffled_validation(oj_small: pd.DataFrame, tmp_path: Path, method: str) -> None:
+    """Check that k-fold and shuffled holdouts train, score and compare with global."""
+    trainer = {**FAST_TRAINER, "validation": {"method": method, "folds": 3, "holdout": 0.25}}
+    result = _train(oj_small, tmp_path, trainer=trainer)
+    report = result.report
+    assert (report["status"] == "ok").all()
+    assert report["metric_own"].notna().all() and report["metric_global"].notna().all()
+    expected = 18 if method == "kfold" else 13  # fold 0 of 52 rows, or 25% of 52
+    assert (report["holdout_rows"] == expected).all()
