@@ -34,6 +34,9 @@ __all__ = [
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
+#: A text feature with more distinct values than this is refused (dense one-hot, ID-like).
+MAX_FEATURE_CATEGORIES = 1000
+
 
 @dataclass(frozen=True)
 class FeatureSet:
@@ -46,9 +49,17 @@ class FeatureSet:
     def columns(self) -> list[str]:
         return self.numeric + self.categorical
 
-    def for_level(self, segment_columns: list[str], level_columns: list[str]) -> FeatureSet:
-        """A coarser model also sees the segment columns it pools over, as categories."""
-        extra = [c for c in segment_columns if c not in level_columns and c not in self.categorical]
+    def for_level(self, segment_columns: list[str], level_columns: list[str],
+                  cardinality: dict[str, int], max_categories: int) -> FeatureSet:
+        """A coarser model also sees the segment columns it pools over, as categories.
+
+        Only those with at most ``max_categories`` values: the one-hot encoding is dense,
+        so a store or SKU column with thousands of values would make the pooled and
+        global models huge (10,000 segments × 240,000 rows is 19 GB) while adding
+        little — segment identity at that grain is what the segments' own models are for.
+        """
+        extra = [c for c in segment_columns if c not in level_columns
+                 and c not in self.categorical and cardinality[c] <= max_categories]
         return FeatureSet(list(self.numeric), list(self.categorical) + extra)
 
 
@@ -129,6 +140,13 @@ def resolve_features(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: Tra
                         "columns; list them under 'features' in the trainer spec")
     numeric = [c for c in columns if frame[c].dtype.kind in "iufb"]
     categorical = [c for c in columns if c not in numeric]
+    for column in categorical:
+        distinct = int(frame[column].nunique())
+        if distinct > MAX_FEATURE_CATEGORIES:
+            raise DataError(
+                f"categorical feature '{column}' has {distinct:,} distinct values, over "
+                f"{MAX_FEATURE_CATEGORIES:,}: one-hot encoding it would not fit in memory and "
+                f"it looks like an ID; list it under 'exclude' in the trainer spec")
     return FeatureSet(numeric, categorical)
 
 

@@ -75,6 +75,9 @@ class SegmenterSpec(_Spec):
     ``min_gain``. Off keeps every segment on its own model."""
     min_gain: float = Field(0.02, ge=0)
     """Relative improvement the segment's own model needs over a coarser one."""
+    pooled_key_max_categories: int = Field(100, ge=0)
+    """A pooled or global model sees a segment column it pools over (e.g. ``store``) as a
+    one-hot feature only if the column has at most this many values."""
 
     @field_validator("columns")
     @classmethod

@@ -95,17 +95,19 @@ def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: Segm
         jobs.append(_segment_job(own_frame, seg, features))
     indexed = [(i, s) for i, s in enumerate(segmentation.segments)]
     policy = segmenter.small_segments
+    cardinality = {c: int(frame[c].nunique()) for c in seg_cols}
+    cap = segmenter.pooled_key_max_categories
     served = [(i, s) for i, s in indexed if not (s.small and policy == "skip")]
     small = [(i, s) for i, s in indexed if s.small]
     if small and policy == "pool":
-        pool_features = features.for_level(seg_cols, [])
+        pool_features = features.for_level(seg_cols, [], cardinality, cap)
         cols = list(dict.fromkeys(pool_features.columns + extra))
         name = f"{model_name(trainer.target, {})[:-len('__global')]}__small_pool"
         jobs.append(_pooled_job(frame, name, 0, {}, small, pool_features, cols))
         layout["small_pool"] = name
     levels = segmenter.resolved_levels
     for level, level_cols in enumerate(levels[1:], start=1):
-        level_features = features.for_level(seg_cols, level_cols)
+        level_features = features.for_level(seg_cols, level_cols, cardinality, cap)
         cols = list(dict.fromkeys(level_features.columns + extra))
         groups: dict[tuple[str, ...], list[tuple[int, Segment]]] = {}
         for i, seg in served:

@@ -306,3 +306,22 @@ def test_kfold_and_shuffled_validation(oj_small: pd.DataFrame, tmp_path: Path, m
     assert report["metric_own"].notna().all() and report["metric_global"].notna().all()
     expected = 18 if method == "kfold" else 13  # fold 0 of 52 rows, or 25% of 52
     assert (report["holdout_rows"] == expected).all()
+
+
+def test_high_cardinality_keys_stay_out_of_pooled_models(oj_small: pd.DataFrame,
+                                                         tmp_path: Path) -> None:
+    """Check that a segment column with more values than the cap is not one-hot in the global model."""
+    segmenter = {**SEGMENTER, "pooled_key_max_categories": 3}  # 6 stores > 3, 3 brands <= 3
+    result = _train(oj_small, tmp_path, segmenter=segmenter)
+    manifest = read_manifest(result.run_dir)
+    global_inputs = manifest.models["quantity__global"].input_names
+    assert "brand" in global_inputs and "store" not in global_inputs
+
+
+def test_id_like_text_feature_is_refused(oj_small: pd.DataFrame, tmp_path: Path) -> None:
+    """Check that a text feature with thousands of values is refused with a hint, not an OOM."""
+    frame = pd.concat([oj_small] * 2, ignore_index=True)
+    frame["order_id"] = [f"o{i}" for i in range(len(frame))]
+    with pytest.raises(DataError, match=r"categorical feature 'order_id' has 1,872 distinct "
+                                        r"values.*'exclude'"):
+        _train(frame, tmp_path)
