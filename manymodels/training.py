@@ -419,28 +419,32 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     seg_spec = load_segmenter(segmenter)
     tr_spec = load_trainer(trainer)
     gate = seg_spec.gate if gate is None else gate
-    workers = jobs or default_jobs()
-    warming = start_workers(workers, backend)
     raw = read_table(data)
     check_table(raw, seg_spec, tr_spec)
     features = resolve_features(raw, seg_spec, tr_spec)
-    frame = prepare_frame(raw, features, seg_spec, tr_spec)
-    segmentation = partition(frame, seg_spec, tr_spec)
-    for seg in segmentation.segments:
-        seg.holdout = assign_holdout(frame, seg.rows, tr_spec, seg.key)
-    fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features)
+    candidates = build_candidates(tr_spec)
     run_id = run_id or new_run_id()
     run_dir = Path(out) / run_id
     if run_dir.exists() and not overwrite:
         raise SpecError(f"run directory {run_dir} already exists; choose another run id "
                         f"or pass overwrite (--overwrite)")
-    context = FitContext(tr_spec, build_candidates(tr_spec), {
+    workers = jobs or default_jobs()
+    # The input is valid: start the worker processes while the rows are prepared.
+    warming = start_workers(workers, backend)
+    try:
+        frame = prepare_frame(raw, features, seg_spec, tr_spec)
+        segmentation = partition(frame, seg_spec, tr_spec)
+        for seg in segmentation.segments:
+            seg.holdout = assign_holdout(frame, seg.rows, tr_spec, seg.key)
+        fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features)
+    finally:
+        if warming is not None:  # also on errors: workers must not be left half-started
+            warming.join()
+    context = FitContext(tr_spec, candidates, {
         "manymodels_version": __version__, "run_id": run_id, "target": tr_spec.target,
         "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
         "metric": tr_spec.metric,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    if warming is not None:
-        warming.join()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(run_dir)
     try:
