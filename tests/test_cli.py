@@ -105,3 +105,21 @@ def test_log_segments_adds_one_child_run_per_segment(oj_small: pd.DataFrame, tmp
     assert len(parents) == 1 and len(children) == 18
     assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
     assert children["metrics.metric_own"].notna().all()
+
+
+def test_refused_partition_prints_one_line_only(tmp_path: Path) -> None:
+    """Check that an ID-like partition is refused with one line: no worker or Python traceback."""
+    import numpy as np
+
+    frame = pd.DataFrame({"sku_id": np.arange(6000), "x": np.arange(6000.0),
+                          "y": np.arange(6000.0)})
+    frame.to_parquet(tmp_path / "sku.parquet")
+    (tmp_path / "seg.yaml").write_text("columns: [sku_id]\n")
+    (tmp_path / "tr.yaml").write_text("target: y\ncandidates:\n  - algorithm: mean\n")
+    proc = subprocess.run([sys.executable, "-m", "manymodels", "train", "--data", "sku.parquet",
+                           "--segmenter", "seg.yaml", "--trainer", "tr.yaml", "--jobs", "2",
+                           "--no-track"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3
+    assert "partitioning on sku_id would create 6,000 segments" in proc.stderr
+    assert "Traceback" not in proc.stderr and "LokyProcess" not in proc.stderr
