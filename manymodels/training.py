@@ -144,18 +144,22 @@ def choose_level(metrics: list[float | None], metric: str, min_gain: float) -> i
     return best
 
 
-def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob], n_segments: int
+def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob]
                     ) -> dict[str, dict[int, np.ndarray]]:
-    """For each pooled model: segment index -> positions within its holdout predictions."""
+    """For each pooled model: segment index -> positions within its holdout predictions.
+
+    Only the segments a model covers are visited (a brand pool covers a third of the
+    stores), so the cost is the number of holdout rows, not models × segments.
+    """
     out: dict[str, dict[int, np.ndarray]] = {}
     for name, job in jobs.items():
         if job.segment_of_row is None or results[name].status != "ok":
             continue
         owners = job.segment_of_row[job.holdout]
         order = np.argsort(owners, kind="stable")
-        bounds = np.searchsorted(owners[order], np.arange(n_segments + 1))
-        out[name] = {i: order[bounds[i]:bounds[i + 1]] for i in range(n_segments)
-                     if bounds[i + 1] > bounds[i]}
+        segments, starts = np.unique(owners[order], return_index=True)
+        stops = [*starts[1:].tolist(), len(order)]
+        out[name] = {int(i): order[a:b] for i, a, b in zip(segments, starts, stops, strict=True)}
     return out
 
 
@@ -170,21 +174,23 @@ class _SegmentEval:
 def _evaluate_segments(frame: pd.DataFrame, segmentation: Segmentation, trainer: TrainerSpec,
                        results: dict[str, FitResult], jobs: dict[str, FitJob]
                        ) -> list[_SegmentEval]:
-    slices = _holdout_slices(results, jobs, len(segmentation.segments))
+    slices = _holdout_slices(results, jobs)
     target = frame[trainer.target].to_numpy()
     evals = []
-    for i, seg in enumerate(segmentation.segments):
+    for seg in segmentation.segments:
         ev = _SegmentEval(target[seg.rows][seg.holdout])
         own = results.get(seg.name)
         if own is not None and own.status == "ok" and own.holdout_prediction is not None:
             ev.predictions[seg.name] = (own.holdout_prediction, own.holdout_proba)
-        for name, positions in slices.items():
-            if i in positions:
-                res = results[name]
-                assert res.holdout_prediction is not None
-                proba = None if res.holdout_proba is None else res.holdout_proba[positions[i]]
-                ev.predictions[name] = (res.holdout_prediction[positions[i]], proba)
         evals.append(ev)
+    # each pooled model hands its holdout predictions to the segments it covers: one pass
+    # per model over its own segments, not every model checked for every segment
+    for name, by_segment in slices.items():
+        res = results[name]
+        assert res.holdout_prediction is not None
+        for i, positions in by_segment.items():
+            proba = None if res.holdout_proba is None else res.holdout_proba[positions]
+            evals[i].predictions[name] = (res.holdout_prediction[positions], proba)
     return evals
 
 
