@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .arrow import dictionary_of
+
 __all__ = ["Chunk", "PartWriter", "read_chunks"]
 
 #: Bytes per CSV block read by the streaming reader.
@@ -36,8 +38,8 @@ def _with_partitions(table: pa.Table, partitions: dict[str, str]) -> pa.Table:
     """Add each hive ``key=value`` of the path as a constant (dictionary) column."""
     for key, value in partitions.items():
         if key not in table.column_names:
-            codes = pa.array(np.zeros(table.num_rows, dtype=np.int32))
-            table = table.append_column(key, pa.DictionaryArray.from_arrays(codes, [value]))
+            codes = np.zeros(table.num_rows, dtype=np.int32)
+            table = table.append_column(key, dictionary_of(codes, [value]))
     return table
 
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed
 
+from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
 from .io import PartWriter, read_chunks
 from .plan import Piece, Unit
 from .txlog import CommittedPiece
@@ -170,7 +171,7 @@ def _key_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
     """
     kind = column.type
     if pa.types.is_integer(kind) and column.null_count == 0 and n:
-        values = column.to_numpy()
+        values = numpy_of(column)
         low, high = int(values.min()), int(values.max())
         if high - low < max(4 * n, 1 << 16):
             return values - low, list(range(low, high + 1))
@@ -195,10 +196,11 @@ def _dictionary_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list
                 uniques.append(value)
             remap[i] = merged[value]
         remap[-1] = -1
-        indices = chunk.indices
-        if indices.null_count:
-            indices = indices.fill_null(len(local))
-        codes[at:at + len(chunk)] = remap[indices.to_numpy()]
+        indices = numpy_of(chunk.indices)
+        present = valid_mask(chunk.indices)
+        if present is not None:
+            indices = np.where(present, indices, len(local))
+        codes[at:at + len(chunk)] = remap[indices]
         at += len(chunk)
     return codes, uniques
 
@@ -209,10 +211,10 @@ def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> 
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
             or pa.types.is_decimal(kind) or pa.types.is_null(kind):
-        return np.asarray(column.cast(pa.float32()).to_numpy(), dtype=np.float32)
+        return _float32_of(column.cast(pa.float32()))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            return np.asarray(pc.cast(column, pa.float32()).to_numpy(), dtype=np.float32)
+            return _float32_of(pc.cast(column, pa.float32()))
         except pa.ArrowInvalid:
             import pandas as pd  # only for the rare column with bad text
 
@@ -225,6 +227,27 @@ def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> 
     return np.full(len(column), np.nan, dtype=np.float32)
 
 
+def _float32_of(column: pa.ChunkedArray) -> np.ndarray:
+    """A float32 column as numpy with nulls as NaN (a copy only when there are nulls)."""
+    if column.null_count == len(column):
+        return np.full(len(column), np.nan, dtype=np.float32)
+    values = numpy_of(column)
+    present = valid_mask(column)
+    if present is not None:
+        values = np.where(present, values, np.float32(np.nan))
+    return values
+
+
+def _prediction_array(prediction: np.ndarray) -> pa.Array:
+    """Predictions as Arrow: floats through their buffer, class labels as strings."""
+    if prediction.dtype != object:
+        return array_of(np.asarray(prediction, dtype=np.float64))
+    labels = prediction.tolist()
+    if all(isinstance(v, str) for v in labels):
+        return string_array(labels)
+    return pa.array(labels)
+
+
 def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
     """A column as numpy for the runtime: integers as they are, the rest as objects.
 
@@ -232,16 +255,19 @@ def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
     that only the fallback model reads is needed for a few rows, not for the chunk.
     """
     if pa.types.is_integer(column.type) and column.null_count == 0:
-        return np.asarray(column.to_numpy())
+        return numpy_of(column)
     if rows is not None:
         out = np.empty(len(column), dtype=object)
-        out[rows] = np.array(column.take(pa.array(rows)).to_pylist() + [None],
+        out[rows] = np.array(column.take(array_of(rows)).to_pylist() + [None],
                              dtype=object)[:-1]
         return out
     plain = _plain(column)
     encoded = plain.combine_chunks().dictionary_encode()
     values = np.array([*encoded.dictionary.to_pylist(), None], dtype=object)
-    codes = encoded.indices.fill_null(len(values) - 1).to_numpy()
+    codes = numpy_of(encoded.indices)
+    present = valid_mask(encoded.indices)
+    if present is not None:
+        codes = np.where(present, codes, len(values) - 1)
     return np.asarray(values[codes])
 
 
@@ -327,9 +353,9 @@ def _id_columns(table: pa.Table, rows: np.ndarray, rel: str, offset: int,
     if id_column:
         if every_row:
             return {id_column: table[id_column].combine_chunks()}
-        return {id_column: table[id_column].take(pa.array(rows)).combine_chunks()}
-    source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), dtype=np.int32)), [rel])
-    return {"source_file": source, "row_number": pa.array(rows + offset, pa.int64())}
+        return {id_column: table[id_column].take(array_of(rows)).combine_chunks()}
+    source = dictionary_of(np.zeros(len(rows), dtype=np.int32), [rel])
+    return {"source_file": source, "row_number": array_of((rows + offset).astype(np.int64))}
 
 
 def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
@@ -364,15 +390,13 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
         rows_kept = np.arange(n) if keep is None else keep
         columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
         prediction = prediction if keep is None else prediction[keep]
-        columns["prediction"] = pa.array(prediction if prediction.dtype != object
-                                         else prediction.tolist())
-        columns["model"] = pa.DictionaryArray.from_arrays(
-            pa.array(index, pa.int32()), pa.array(routed.model_names, pa.string()))
-        columns["fallback"] = pa.array(fallback, pa.bool_())
+        columns["prediction"] = _prediction_array(prediction)
+        columns["model"] = dictionary_of(index, routed.model_names)
+        columns["fallback"] = array_of(np.asarray(fallback, dtype=bool))
         if probabilities is not None and classes is not None:
             for i, label in enumerate(classes):
                 values = probabilities[:, i] if keep is None else probabilities[keep, i]
-                columns[f"proba_{label}"] = pa.array(values)
+                columns[f"proba_{label}"] = array_of(np.asarray(values, dtype=np.float64))
         scored = pa.table(columns)
         counts = np.bincount(index, minlength=len(routed.model_names))
         models = {routed.model_names[i]: int(c) for i, c in enumerate(counts) if c}
@@ -389,15 +413,13 @@ def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: 
     columns: dict[str, pa.Array] = {}
     if id_column:
         if id_column in table.column_names:
-            values = _plain(table[id_column]).take(pa.array(rows)).combine_chunks()
+            values = _plain(table[id_column]).take(array_of(rows)).combine_chunks()
             columns[id_column] = values.cast(pa.string())
         else:
             columns[id_column] = pa.nulls(len(rows), pa.string())
-    columns["source_file"] = pa.DictionaryArray.from_arrays(
-        pa.array(np.zeros(len(rows), dtype=np.int32)), [rel])
-    columns["row_number"] = pa.array(rows + offset, pa.int64())
-    columns["reason"] = pa.DictionaryArray.from_arrays(
-        pa.array(rejections.code[rows] - 1, pa.int32()), rejections.reasons[1:])
+    columns["source_file"] = dictionary_of(np.zeros(len(rows), dtype=np.int32), [rel])
+    columns["row_number"] = array_of((rows + offset).astype(np.int64))
+    columns["reason"] = dictionary_of(rejections.code[rows] - 1, rejections.reasons[1:])
     return pa.table(columns)
 
 
