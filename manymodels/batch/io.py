@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .arrow import dictionary_of
+from .arrow import dictionary_of, numpy_of
 
 __all__ = ["Chunk", "PartWriter", "read_chunks"]
 
@@ -133,6 +133,24 @@ def _writer_options(table: pa.Table) -> dict[str, object]:
             "column_encoding": encoding}
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` cast to the schema of the part being written, refusing a lossy cast.
+
+    A part's prediction column is float32 when its first chunk's models all compute in
+    float32; a later chunk routed to a float64 model must not be rounded silently.
+    """
+    cast = table.cast(schema)
+    for name in table.column_names:
+        before, after = table.schema.field(name).type, schema.field(name).type
+        if pa.types.is_float64(before) and pa.types.is_float32(after):
+            wide = numpy_of(table[name].combine_chunks().fill_null(0.0))
+            if not np.array_equal(wide.astype(np.float32).astype(np.float64), wide,
+                                  equal_nan=True):
+                raise ValueError(f"column '{name}' holds float64 values that float32 would "
+                                 f"round; score this input with a smaller --mini-batch-size")
+    return cast
+
+
 class PartWriter:
     """Write one Parquet part chunk by chunk, fsynced on close (opened lazily)."""
 
@@ -147,7 +165,7 @@ class PartWriter:
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.path, table.schema, **_writer_options(table))
         elif table.schema != self._writer.schema:
-            table = table.cast(self._writer.schema)
+            table = _conform(table, self._writer.schema)
         self._writer.write_table(table)
         self.rows += table.num_rows
 

@@ -241,7 +241,8 @@ def _float32_of(column: pa.ChunkedArray) -> np.ndarray:
 def _prediction_array(prediction: np.ndarray) -> pa.Array:
     """Predictions as Arrow: floats through their buffer, class labels as strings."""
     if prediction.dtype != object:
-        return array_of(np.asarray(prediction, dtype=np.float64))
+        return array_of(prediction if prediction.dtype == np.float32
+                        else np.asarray(prediction, dtype=np.float64))
     labels = prediction.tolist()
     if all(isinstance(v, str) for v in labels):
         return string_array(labels)
@@ -390,6 +391,9 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
         rows_kept = np.arange(n) if keep is None else keep
         columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
         prediction = prediction if keep is None else prediction[keep]
+        if prediction.dtype == np.float64 and all(bundle.model(m).float32_output
+                                                  for m in groups):
+            prediction = prediction.astype(np.float32)  # what the models computed, exactly
         columns["prediction"] = _prediction_array(prediction)
         columns["model"] = dictionary_of(index, routed.model_names)
         columns["fallback"] = array_of(np.asarray(fallback, dtype=bool))

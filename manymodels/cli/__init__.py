@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -66,7 +67,18 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app(prog_name="manymodels")
+    except SystemExit as exc:
+        if batch.QUICK_EXIT["ok"] and exc.code in (0, None):
+            _quick_exit()
+        raise
     except ManyModelsError as exc:
         Console(stderr=True).print(f"[bold red]error[/] ({exc.code}): {exc}", highlight=False,
                                    soft_wrap=True)
         sys.exit(exit_code_for(exc))
+
+
+def _quick_exit() -> None:
+    """End now with status 0, skipping interpreter teardown (see ``batch.QUICK_EXIT``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,7 +11,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,24 @@ class LoadedModel:
     string_inputs: frozenset[str]
     output_names: tuple[str, ...]
     cost_bytes: int
+    #: ``outputs(feed)``: the session's raw outputs for a ready feed (the hot path).
+    outputs: Callable[[dict[str, np.ndarray]], list[Any]] = field(init=False, repr=False)
+    classifier: bool = field(init=False)
+    #: The first output is float32 (every converted regressor): float64 adds no digits.
+    float32_output: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
+        # output list on every call (~4 us): its pybind session takes the call directly
+        # (the public path is kept for builds without it).
+        raw = getattr(self.session, "_sess", None)
+        names = list(self.output_names)
+        self.classifier = self.entry.kind == "classification"
+        first = self.session.get_outputs()[:1]
+        self.float32_output = bool(first) and first[0].type == "tensor(float)"
+        self.outputs = (
+            (lambda feed: raw.run(names, feed, None)) if raw is not None and names
+            else (lambda feed: self.session.run(None, feed)))
 
     @property
     def kind(self) -> str:
@@ -146,8 +164,8 @@ class LoadedModel:
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Score a feed: returns predictions (n,) and class probabilities (n, k) or None."""
-        outputs = self.session.run(None, dict(feed))
-        if self.entry.kind == "classification":
+        outputs = self.outputs(dict(feed))
+        if self.classifier:
             labels = np.asarray(outputs[0]).ravel()
             probabilities = np.asarray(outputs[1], dtype=np.float64)
             return labels, probabilities
