@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +28,13 @@ CSV_BLOCK_BYTES = 8 << 20
 class Chunk:
     """Rows of one piece: the table and the input row number of its first row."""
 
-    __slots__ = ("offset", "table")
+    __slots__ = ("offset", "prepared", "table")
 
     def __init__(self, table: pa.Table, offset: int) -> None:
         self.table = table
         self.offset = offset
+        #: Set by a pipelined reader that validated and routed the chunk already.
+        self.prepared: Any = None
 
 
 def _with_partitions(table: pa.Table, partitions: dict[str, str]) -> pa.Table:

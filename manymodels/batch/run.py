@@ -134,8 +134,9 @@ class _KillHook:
 
 # -- executors -------------------------------------------------------------------------
 def _run_inline(tasks: list[UnitTask]) -> Iterator[UnitResult]:
-    for task in tasks:
-        yield score_unit(task)
+    from .pipeline import run_pipelined
+
+    yield from run_pipelined(tasks)
 
 
 def _init_pool_worker() -> None:

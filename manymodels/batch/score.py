@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,23 @@ from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed
 
 from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
-from .io import PartWriter, read_chunks
+from .io import Chunk, PartWriter, read_chunks
 from .plan import Piece, Unit
 from .txlog import CommittedPiece
 
-__all__ = ["FileInfo", "PieceOutcome", "ScoringPlan", "UnitTask", "score_chunk", "score_unit"]
+__all__ = [
+    "FileInfo",
+    "PieceOutcome",
+    "ScoringPlan",
+    "UnitTask",
+    "PreparedChunk",
+    "piece_chunks",
+    "prepare_chunk",
+    "ready_bundle",
+    "score_chunk",
+    "score_piece",
+    "score_unit",
+]
 
 #: Test hook: seconds to sleep per piece, so that tests can kill a run mid-way.
 SLEEP_ENV = "MANYMODELS_BATCH_TEST_SLEEP"
@@ -114,7 +127,7 @@ def open_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan
 
     The parent opens it before it forks workers (it needs the manifest anyway), so
     workers inherit the parsed manifest; sessions are created only in the process that
-    scores, where the fallbacks are pinned on its first unit (:func:`_ready_bundle`).
+    scores, where the fallbacks are pinned on its first unit (:func:`ready_bundle`).
     """
     key = (root, cache_bytes)
     hit = _BUNDLES.get(key)
@@ -124,7 +137,7 @@ def open_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan
     return hit
 
 
-def _ready_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
+def ready_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
     bundle, plan = open_bundle(root, cache_bytes)
     if _PINNED.get((root, cache_bytes)) != os.getpid():
         for name in bundle.fallback_models():
@@ -359,9 +372,25 @@ def _id_columns(table: pa.Table, rows: np.ndarray, rel: str, offset: int,
     return {"source_file": source, "row_number": array_of((rows + offset).astype(np.int64))}
 
 
-def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
-                id_column: str | None) -> ChunkResult:
-    """Validate, route and score one chunk; rows that fail validation get a reason."""
+@dataclass
+class PreparedChunk:
+    """A chunk validated and routed, its numeric inputs converted: ready for ``run``.
+
+    Preparing is numpy and Arrow work that the pipelined worker does on its reader
+    thread while the previous chunk runs through the sessions.
+    """
+
+    table: pa.Table
+    rejections: _Rejections
+    routed: Routed | None
+    floats: dict[str, np.ndarray]
+    groups: dict[str, np.ndarray]
+    needing: dict[str, np.ndarray]
+
+
+def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
+                  id_column: str | None) -> PreparedChunk:
+    """Validate and route one chunk; rows that fail validation get a reason."""
     n = table.num_rows
     rejections = _Rejections(n)
     names = set(table.column_names)
@@ -370,9 +399,8 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
     routed = _route(bundle, plan, table, rejections)
     floats = {c: _to_float32(table[c], c, rejections)
               for c in sorted(plan.float_columns & names)}
-    models: dict[str, int] = {}
-    fallbacks = 0
-    scored: pa.Table | None = None
+    groups: dict[str, np.ndarray] = {}
+    needing: dict[str, np.ndarray] = {}
     if routed is not None and routed.model_index is not None and routed.model_names is not None:
         groups = _check_groups(plan, routed, names, rejections)
         rows_needing: dict[str, list[np.ndarray]] = {}
@@ -381,8 +409,21 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
+    return PreparedChunk(table, rejections, routed, floats, groups, needing)
+
+
+def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
+                id_column: str | None, prepared: PreparedChunk | None = None) -> ChunkResult:
+    """Score one chunk (prepared here unless ``prepared`` is given) into Arrow tables."""
+    ready = prepared or prepare_chunk(bundle, plan, table, id_column)
+    table, rejections, routed, groups = ready.table, ready.rejections, ready.routed, ready.groups
+    n = table.num_rows
+    models: dict[str, int] = {}
+    fallbacks = 0
+    scored: pa.Table | None = None
+    if routed is not None and routed.model_index is not None and routed.model_names is not None:
         prediction, probabilities, classes = bundle.score_groups(
-            _Columns(table, floats, needing),
+            _Columns(table, ready.floats, ready.needing),
             Routed(groups, None, routed.fallback, {}, routed.model_index, routed.model_names))
         # Without rejections (the usual case) every array is written as it is: no copies.
         keep = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
@@ -428,54 +469,106 @@ def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: 
 
 
 # -- scoring one unit ------------------------------------------------------------------
-def _score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece) -> PieceOutcome:
+def piece_chunks(plan: ScoringPlan, task: UnitTask, piece: Piece) -> Iterator[Chunk]:
+    """The input rows of ``piece`` in chunks of at most ``task.chunk_rows``."""
     info = task.files[piece.rel]
+    return read_chunks(Path(info.path), info.format, piece.start, piece.stop,
+                       plan.columns(task.id_column), plan.columns(None), info.partitions,
+                       task.chunk_rows, [*plan.segment_columns, *sorted(plan.string_columns)])
+
+
+class _Inline:
+    """Runs a "submitted" write at once: the executor of the plain (unpipelined) path."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+            future.set_exception(exc)
+        return future
+
+
+_PIECE_ERRORS = (pa.ArrowException, OSError, DataError, ValueError)
+
+
+def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
+                chunks: Iterable[Chunk] | None = None, writes: Any = None
+                ) -> Callable[[], PieceOutcome]:
+    """Score one piece into staging; returns a function that waits for its writes.
+
+    ``chunks`` defaults to reading the piece here; ``writes`` (an executor with one
+    thread, so writes keep their order) takes the Parquet writing off this thread.
+    The returned function gives the outcome once the part files are closed and
+    fsynced, or an error outcome (and no staged files) if reading or writing failed.
+    """
     stem = Path(task.staging) / f"{task.run_token}-{piece.id}"
     writer = PartWriter(stem.with_name(stem.name + ".parquet"))
     rejected_writer = PartWriter(stem.with_name(stem.name + ".rejected.parquet"))
+    executor = writes or _Inline()
+    pending: list[Future[Any]] = []
     rows = rejected = fallbacks = 0
     models: dict[str, int] = {}
+
+    def failed(exc: BaseException) -> Callable[[], PieceOutcome]:
+        for future in pending:  # let queued writes finish before the files go
+            future.exception()
+        writer.abort()
+        rejected_writer.abort()
+        outcome = PieceOutcome(piece, error=f"{piece.rel}: {type(exc).__name__}: {exc}")
+        return lambda: outcome
+
     try:
-        for chunk in read_chunks(Path(info.path), info.format, piece.start, piece.stop,
-                                 plan.columns(task.id_column), plan.columns(None),
-                                 info.partitions, task.chunk_rows,
-                                 [*plan.segment_columns, *sorted(plan.string_columns)]):
+        for chunk in chunks if chunks is not None else piece_chunks(plan, task, piece):
             result = score_chunk(bundle, plan, chunk.table, piece.rel, chunk.offset,
-                                 task.id_column)
+                                 task.id_column, chunk.prepared)
             if result.scored is not None:
-                writer.write(result.scored)
+                pending.append(executor.submit(writer.write, result.scored))
                 rows += result.scored.num_rows
             if result.rejected is not None:
-                rejected_writer.write(result.rejected)
+                pending.append(executor.submit(rejected_writer.write, result.rejected))
                 rejected += result.rejected.num_rows
             fallbacks += result.fallbacks
             for name, count in result.models.items():
                 models[name] = models.get(name, 0) + count
-        staged, staged_rejected = writer.close(), rejected_writer.close()
     except (BundleError, ModelLoadError):
-        writer.abort()
-        rejected_writer.abort()
+        failed(RuntimeError("bundle failure"))
         raise
-    except (pa.ArrowException, OSError, DataError, ValueError) as exc:
-        writer.abort()
-        rejected_writer.abort()
-        return PieceOutcome(piece, error=f"{piece.rel}: {type(exc).__name__}: {exc}")
-    committed = CommittedPiece(
-        piece.id, piece.rel, piece.sha256, piece.start, piece.stop, rows, rejected, fallbacks,
-        models, f"part-{piece.id}.parquet" if staged else None,
-        f"part-{piece.id}.parquet" if staged_rejected else None)
-    return PieceOutcome(piece, committed, str(staged) if staged else None,
-                        str(staged_rejected) if staged_rejected else None)
+    except _PIECE_ERRORS as exc:
+        return failed(exc)
+    closing = executor.submit(lambda: (writer.close(), rejected_writer.close()))
+
+    def finish() -> PieceOutcome:
+        for future in [*pending, closing]:
+            error = future.exception()
+            if error is not None:
+                if not isinstance(error, _PIECE_ERRORS):
+                    raise error
+                return failed(error)()
+        staged, staged_rejected = closing.result()
+        committed = CommittedPiece(
+            piece.id, piece.rel, piece.sha256, piece.start, piece.stop, rows, rejected,
+            fallbacks, models, f"part-{piece.id}.parquet" if staged else None,
+            f"part-{piece.id}.parquet" if staged_rejected else None)
+        return PieceOutcome(piece, committed, str(staged) if staged else None,
+                            str(staged_rejected) if staged_rejected else None)
+
+    return finish
+
+
+def pause_for_tests() -> None:
+    """Sleep ``MANYMODELS_BATCH_TEST_SLEEP`` seconds (tests kill runs mid-way)."""
+    delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
 
 
 def score_unit(task: UnitTask) -> UnitResult:
     """Score every piece of one unit into the staging area (the parent commits)."""
     start = time.perf_counter()
-    bundle, plan = _ready_bundle(task.bundle_root, task.cache_bytes)
-    delay = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    bundle, plan = ready_bundle(task.bundle_root, task.cache_bytes)
     outcomes = []
     for piece in task.unit.pieces:
-        if delay:
-            time.sleep(delay)
-        outcomes.append(_score_piece(bundle, plan, task, piece))
+        pause_for_tests()
+        outcomes.append(score_piece(bundle, plan, task, piece)())
     return UnitResult(outcomes, time.perf_counter() - start)

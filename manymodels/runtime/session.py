@@ -107,7 +107,7 @@ class LoadedModel:
     outputs: Callable[[dict[str, np.ndarray]], list[Any]] = field(init=False, repr=False)
     classifier: bool = field(init=False)
     #: The first output is float32 (every converted regressor): float64 adds no digits.
-    float32_output: bool = field(init=False)
+    float32_output: bool = False
 
     def __post_init__(self) -> None:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
@@ -116,8 +116,6 @@ class LoadedModel:
         raw = getattr(self.session, "_sess", None)
         names = list(self.output_names)
         self.classifier = self.entry.kind == "classification"
-        first = self.session.get_outputs()[:1]
-        self.float32_output = bool(first) and first[0].type == "tensor(float)"
         self.outputs = (
             (lambda feed: raw.run(names, feed, None)) if raw is not None and names
             else (lambda feed: self.session.run(None, feed)))
@@ -192,14 +190,16 @@ def load_model(entry: ModelEntry, path: str | os.PathLike[str],
             )
     string_inputs = frozenset(n for n, t in onnx_inputs.items() if t == "tensor(string)")
     file_bytes = os.path.getsize(path)
+    outputs = session.get_outputs()
     return LoadedModel(
         name=entry.name,
         session=session,
         entry=entry,
         input_names=tuple(c.name for c in entry.inputs),
         string_inputs=string_inputs,
-        output_names=tuple(o.name for o in session.get_outputs()),
+        output_names=tuple(o.name for o in outputs),
         cost_bytes=estimate_resident_bytes(file_bytes),
+        float32_output=bool(outputs) and outputs[0].type == "tensor(float)",
     )
 
 
