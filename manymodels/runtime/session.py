@@ -113,12 +113,15 @@ class LoadedModel:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
         # output list on every call (~4 us): its pybind session takes the call directly
         # (the public path is kept for builds without it).
-        raw = getattr(self.session, "_sess", None)
+        # Neither closure refers to ``self``: a cycle would leave evicted sessions to the
+        # cyclic garbage collector (see ``serve.registry.ServedModel``).
+        session = self.session
+        raw = getattr(session, "_sess", None)
         names = list(self.output_names)
         self.classifier = self.entry.kind == "classification"
         self.outputs = (
             (lambda feed: raw.run(names, feed, None)) if raw is not None and names
-            else (lambda feed: self.session.run(None, feed)))
+            else (lambda feed: session.run(None, feed)))
 
     @property
     def kind(self) -> str:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def _prepare(loaded: LoadedModel, segment_columns: Iterable[str], version: str) 
         "parameters": {"kind": loaded.entry.kind, "level": loaded.entry.level,
                        "segment": loaded.entry.key, "algorithm": loaded.entry.algorithm},
     }
-    base = {f: getattr(loaded, f) for f in LoadedModel.__dataclass_fields__}
+    base = {f.name: getattr(loaded, f.name) for f in fields(LoadedModel) if f.init}
     return ServedModel(
         **base,
         allowed=frozenset(loaded.input_names) | frozenset(segment_columns),
