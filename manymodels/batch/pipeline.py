@@ -3,7 +3,7 @@
 Reading (pyarrow decoding) and writing (Parquet encoding, fsync) release the GIL, so a
 single worker can keep them off the scoring thread: while piece *k* is scored, piece
 *k + 1* is read on a reader thread and piece *k - 1* is written on a writer thread. What
-is in memory stays bounded: at most two chunks read ahead and two pieces' output in
+is in memory stays bounded: at most one chunk read ahead and two pieces' output in
 flight. Units come out in input order and only after their part files are closed and
 fsynced, so the parent commits exactly what it would have without the pipeline.
 """
@@ -32,7 +32,7 @@ from .score import (
 __all__ = ["run_pipelined"]
 
 #: Chunks the reader may hold ready ahead of the scorer.
-READ_AHEAD = 2
+READ_AHEAD = 1
 _END = object()
 
 

@@ -25,11 +25,13 @@ __all__ = [
     "MiniBatch",
     "Piece",
     "Unit",
+    "checksum_file",
     "describe_file",
     "list_inputs",
     "make_units",
     "parse_mini_batch",
     "piece_id",
+    "read_layout",
 ]
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -160,11 +162,15 @@ def list_inputs(source: str | os.PathLike[str], exclude: Path | None = None) -> 
 
 def describe_file(item: InputFile) -> InputFile:
     """Fill checksum, size, row groups and columns; a broken file gets ``error`` set."""
+    return checksum_file(read_layout(item))
+
+
+def read_layout(item: InputFile) -> InputFile:
+    """Fill size, row groups and columns from the footer (fast: no data is read)."""
     import pyarrow.parquet as pq
 
     try:
         item.bytes = item.path.stat().st_size
-        item.sha256 = sha256_file(item.path)
     except OSError as exc:
         item.error = f"cannot read {item.rel}: {exc}"
         return item
@@ -176,7 +182,21 @@ def describe_file(item: InputFile) -> InputFile:
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for corrupt files
             item.error = f"{item.rel} is not a readable Parquet file: {exc}"
     else:
-        item.row_groups = [_estimate_csv_rows(item.path, item.bytes)]
+        try:
+            item.row_groups = [_estimate_csv_rows(item.path, item.bytes)]
+        except OSError as exc:
+            item.error = f"cannot read {item.rel}: {exc}"
+    return item
+
+
+def checksum_file(item: InputFile) -> InputFile:
+    """Fill the checksum (also of a corrupt file: its old results must be withdrawn)."""
+    if item.error is not None and item.error.startswith("cannot read"):
+        return item
+    try:
+        item.sha256 = sha256_file(item.path)
+    except OSError as exc:
+        item.error = f"cannot read {item.rel}: {exc}"
     return item
 
 

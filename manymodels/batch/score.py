@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed
+from manymodels.runtime.scoring import GroupRun
 
 from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
 from .io import Chunk, PartWriter, read_chunks
@@ -33,8 +34,10 @@ __all__ = [
     "ScoringPlan",
     "UnitTask",
     "PreparedChunk",
+    "assemble_chunk",
     "piece_chunks",
     "prepare_chunk",
+    "run_chunk",
     "ready_bundle",
     "score_chunk",
     "score_piece",
@@ -374,7 +377,7 @@ def _id_columns(table: pa.Table, rows: np.ndarray, rel: str, offset: int,
 
 @dataclass
 class PreparedChunk:
-    """A chunk validated and routed, its numeric inputs converted: ready for ``run``.
+    """A chunk validated and routed, its numeric inputs gathered into model order.
 
     Preparing is numpy and Arrow work that the pipelined worker does on its reader
     thread while the previous chunk runs through the sessions.
@@ -383,14 +386,15 @@ class PreparedChunk:
     table: pa.Table
     rejections: _Rejections
     routed: Routed | None
-    floats: dict[str, np.ndarray]
+    columns: _Columns
     groups: dict[str, np.ndarray]
-    needing: dict[str, np.ndarray]
+    order_bounds: tuple[np.ndarray, list[int]] | None
+    presorted: dict[str, np.ndarray]
 
 
 def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                   id_column: str | None) -> PreparedChunk:
-    """Validate and route one chunk; rows that fail validation get a reason."""
+    """Validate and route one chunk (rows that fail get a reason) and gather its inputs."""
     n = table.num_rows
     rejections = _Rejections(n)
     names = set(table.column_names)
@@ -409,22 +413,60 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
-    return PreparedChunk(table, rejections, routed, floats, groups, needing)
+    columns = _Columns(table, floats, needing)
+    order_bounds = bundle.group_order(groups) if groups else None
+    presorted: dict[str, np.ndarray] = {}
+    if order_bounds is not None:
+        order = order_bounds[0]
+        for column in bundle.gather_plan(groups, columns, len(order)) & floats.keys():
+            out = np.empty((len(order), 1), dtype=np.float32)
+            np.take(floats[column], order, out=out[:, 0])
+            presorted[column] = out
+    return PreparedChunk(table, rejections, routed, columns, groups, order_bounds, presorted)
 
 
-def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
-                id_column: str | None, prepared: PreparedChunk | None = None) -> ChunkResult:
-    """Score one chunk (prepared here unless ``prepared`` is given) into Arrow tables."""
-    ready = prepared or prepare_chunk(bundle, plan, table, id_column)
-    table, rejections, routed, groups = ready.table, ready.rejections, ready.routed, ready.groups
+def run_chunk(bundle: Bundle, ready: PreparedChunk) -> GroupRun | None:
+    """Run a prepared chunk's groups through their sessions (the scoring thread's part)."""
+    routed = ready.routed
+    if routed is None or routed.model_index is None or routed.model_names is None:
+        return None
+    return bundle.run_groups(
+        ready.columns,
+        Routed(ready.groups, None, routed.fallback, {}, routed.model_index, routed.model_names),
+        ready.presorted, ready.order_bounds)
+
+
+def _in_row_order(bundle: Bundle, ready: PreparedChunk, ran: GroupRun
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions (float32 when every model computed float32) and probabilities by row."""
+    n = ready.table.num_rows
+    labels = ran.labels
+    if labels is not None and labels.dtype == np.float64 and all(
+            bundle.model(m).float32_output for m in ready.groups):
+        prediction = np.full(n, np.nan, dtype=np.float32)  # what the models computed, exactly
+    else:
+        prediction = bundle.empty_prediction(n)
+    if labels is not None:
+        prediction[ran.order] = labels
+    probabilities = None
+    if ran.probabilities is not None:
+        probabilities = np.full((n, ran.probabilities.shape[1]), np.nan)
+        probabilities[ran.order] = ran.probabilities
+    return prediction, probabilities
+
+
+def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, rel: str,
+                   offset: int, id_column: str | None) -> ChunkResult:
+    """The output tables of a scored chunk (the writer thread's part): row ids,
+    predictions in row order, model, fallback, probabilities; and the rejected rows."""
+    table, rejections, routed = ready.table, ready.rejections, ready.routed
     n = table.num_rows
     models: dict[str, int] = {}
     fallbacks = 0
     scored: pa.Table | None = None
-    if routed is not None and routed.model_index is not None and routed.model_names is not None:
-        prediction, probabilities, classes = bundle.score_groups(
-            _Columns(table, ready.floats, ready.needing),
-            Routed(groups, None, routed.fallback, {}, routed.model_index, routed.model_names))
+    if ran is not None and routed is not None and routed.model_index is not None \
+            and routed.model_names is not None:
+        prediction, probabilities = _in_row_order(bundle, ready, ran)
         # Without rejections (the usual case) every array is written as it is: no copies.
         keep = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
         index = routed.model_index if keep is None else routed.model_index[keep]
@@ -432,14 +474,11 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
         rows_kept = np.arange(n) if keep is None else keep
         columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
         prediction = prediction if keep is None else prediction[keep]
-        if prediction.dtype == np.float64 and all(bundle.model(m).float32_output
-                                                  for m in groups):
-            prediction = prediction.astype(np.float32)  # what the models computed, exactly
         columns["prediction"] = _prediction_array(prediction)
         columns["model"] = dictionary_of(index, routed.model_names)
         columns["fallback"] = array_of(np.asarray(fallback, dtype=bool))
-        if probabilities is not None and classes is not None:
-            for i, label in enumerate(classes):
+        if probabilities is not None and ran.classes is not None:
+            for i, label in enumerate(ran.classes):
                 values = probabilities[:, i] if keep is None else probabilities[keep, i]
                 columns[f"proba_{label}"] = array_of(np.asarray(values, dtype=np.float64))
         scored = pa.table(columns)
@@ -448,6 +487,13 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
         fallbacks = int(np.count_nonzero(fallback))
     return ChunkResult(scored, _rejected_table(table, rejections, rel, offset, id_column),
                        models, fallbacks)
+
+
+def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
+                id_column: str | None) -> ChunkResult:
+    """Validate, route and score one chunk into Arrow tables, all on this thread."""
+    ready = prepare_chunk(bundle, plan, table, id_column)
+    return assemble_chunk(bundle, ready, run_chunk(bundle, ready), rel, offset, id_column)
 
 
 def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: int,
@@ -507,8 +553,6 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
     rejected_writer = PartWriter(stem.with_name(stem.name + ".rejected.parquet"))
     executor = writes or _Inline()
     pending: list[Future[Any]] = []
-    rows = rejected = fallbacks = 0
-    models: dict[str, int] = {}
 
     def failed(exc: BaseException) -> Callable[[], PieceOutcome]:
         for future in pending:  # let queued writes finish before the files go
@@ -520,17 +564,11 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
 
     try:
         for chunk in chunks if chunks is not None else piece_chunks(plan, task, piece):
-            result = score_chunk(bundle, plan, chunk.table, piece.rel, chunk.offset,
-                                 task.id_column, chunk.prepared)
-            if result.scored is not None:
-                pending.append(executor.submit(writer.write, result.scored))
-                rows += result.scored.num_rows
-            if result.rejected is not None:
-                pending.append(executor.submit(rejected_writer.write, result.rejected))
-                rejected += result.rejected.num_rows
-            fallbacks += result.fallbacks
-            for name, count in result.models.items():
-                models[name] = models.get(name, 0) + count
+            ready = chunk.prepared or prepare_chunk(bundle, plan, chunk.table, task.id_column)
+            ran = run_chunk(bundle, ready)
+            pending.append(executor.submit(_write_chunk, bundle, ready, ran, piece.rel,
+                                           chunk.offset, task.id_column, writer,
+                                           rejected_writer))
     except (BundleError, ModelLoadError):
         failed(RuntimeError("bundle failure"))
         raise
@@ -546,6 +584,15 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
                     raise error
                 return failed(error)()
         staged, staged_rejected = closing.result()
+        rows = rejected = fallbacks = 0
+        models: dict[str, int] = {}
+        for future in pending:
+            result: ChunkResult = future.result()
+            rows += result.scored.num_rows if result.scored is not None else 0
+            rejected += result.rejected.num_rows if result.rejected is not None else 0
+            fallbacks += result.fallbacks
+            for name, count in result.models.items():
+                models[name] = models.get(name, 0) + count
         committed = CommittedPiece(
             piece.id, piece.rel, piece.sha256, piece.start, piece.stop, rows, rejected,
             fallbacks, models, f"part-{piece.id}.parquet" if staged else None,
@@ -554,6 +601,17 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
                             str(staged_rejected) if staged_rejected else None)
 
     return finish
+
+
+def _write_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, rel: str,
+                 offset: int, id_column: str | None, writer: PartWriter,
+                 rejected_writer: PartWriter) -> ChunkResult:
+    result = assemble_chunk(bundle, ready, ran, rel, offset, id_column)
+    if result.scored is not None:
+        writer.write(result.scored)
+    if result.rejected is not None:
+        rejected_writer.write(result.rejected)
+    return result
 
 
 def pause_for_tests() -> None:

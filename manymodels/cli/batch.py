@@ -82,6 +82,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score CSV/Parquet rows through a bundle into Parquet, exactly once (resumable)."""
         from manymodels.batch import ErrorThresholdExceeded, score_batch
+        from manymodels.batch.run import reuse_freed_memory
+
+        reuse_freed_memory()
 
         if scheduler and backend != "dask":
             raise SpecError("--scheduler needs --backend dask")

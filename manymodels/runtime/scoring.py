@@ -24,7 +24,7 @@ from .errors import BundleError, DataError, InputSchemaError, ModelNotFound, Seg
 from .manifest import Manifest, normalise_key_value, read_manifest
 from .session import LoadedModel, SessionCache, load_model, make_session_options
 
-__all__ = ["Bundle", "Routed", "ScoreResult"]
+__all__ = ["Bundle", "GroupRun", "Routed", "ScoreResult"]
 
 
 @dataclass
@@ -41,6 +41,17 @@ class Routed:
     #: batch scoring write a dictionary-encoded model column without touching the names.
     model_index: np.ndarray | None = None
     model_names: list[str] | None = None
+
+
+@dataclass
+class GroupRun:
+    """Outputs of :meth:`Bundle.run_groups` in model order: row ``order[i]`` got
+    ``labels[i]`` (and ``probabilities[i]``)."""
+
+    order: np.ndarray
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    classes: Sequence[Any] | None
 
 
 @dataclass
@@ -217,7 +228,7 @@ class Bundle:
         return Routed(_group_rows(index, names), model, fallback, rejected, index, names)
 
     # -- scoring --------------------------------------------------------------------------
-    def _empty_prediction(self, n: int) -> np.ndarray:
+    def empty_prediction(self, n: int) -> np.ndarray:
         return (np.full(n, None, dtype=object) if self.manifest.task == "classification"
                 else np.full(n, np.nan))
 
@@ -245,27 +256,47 @@ class Bundle:
 
         What :meth:`score_routed` returns without the per-row model names, which batch
         scoring writes from :attr:`Routed.model_index` instead.
+        """
+        n = len(routed.fallback)
+        prediction = self.empty_prediction(n)
+        ran = self.run_groups(frame, routed)
+        if ran.labels is not None:
+            prediction[ran.order] = ran.labels
+        probabilities = None
+        if ran.probabilities is not None:
+            probabilities = np.full((n, ran.probabilities.shape[1]), np.nan)
+            probabilities[ran.order] = ran.probabilities
+        return prediction, probabilities, ran.classes
+
+    def group_order(self, groups: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """The rows of ``groups`` one model after another, and where each model starts."""
+        parts = list(groups.values())
+        order = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(int).tolist()
+        return order, bounds
+
+    def run_groups(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed,
+                   presorted: Mapping[str, np.ndarray] | None = None,
+                   order_bounds: tuple[np.ndarray, list[int]] | None = None) -> GroupRun:
+        """Run every group of pre-routed rows through its model; results in model order.
 
         Each input column that many rows need is gathered once into model order as a
         contiguous ``(n, 1)`` array (float inputs cast to float32 on the way), so every
         group's feed is a slice of it (no copy) and goes to one ``session.run``; columns
         only a few groups need (e.g. the fallback's categorical inputs) are taken per
-        group and converted by the model.
+        group and converted by the model. ``presorted`` gives float32 ``(n, 1)`` columns
+        already gathered in the order of ``order_bounds`` (from :meth:`group_order`):
+        batch scoring gathers them on another thread.
         """
-        n = len(routed.fallback)
-        prediction = self._empty_prediction(n)
-        probabilities: np.ndarray | None = None
-        classes: Sequence[Any] | None = None
         if not routed.groups:
-            return prediction, None, None
-        parts = list(routed.groups.values())
-        order = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
-        gathered = self._gather_plan(routed.groups, frame, len(order))
-        sorted_columns: dict[str, np.ndarray] = {}
+            return GroupRun(np.zeros(0, dtype=np.int64), None, None, None)
+        order, bounds = order_bounds or self.group_order(routed.groups)
+        gathered = self.gather_plan(routed.groups, frame, len(order))
+        sorted_columns: dict[str, np.ndarray] = dict(presorted or {})
         raw: dict[str, np.ndarray] = {}
         labels_sorted: np.ndarray | None = None
         proba_sorted: np.ndarray | None = None
+        classes: Sequence[Any] | None = None
         for i, (name, rows) in enumerate(routed.groups.items()):
             loaded = self.model(name)
             start, stop = bounds[i], bounds[i + 1]
@@ -295,7 +326,7 @@ class Bundle:
             if columns:
                 feed.update(loaded.build_feed({**columns, **feed}))
             if labels_sorted is None:
-                labels_sorted = self._empty_prediction(len(order))
+                labels_sorted = self.empty_prediction(len(order))
             if not loaded.classifier:  # float32 (n, 1) output straight into the float64 slice
                 labels_sorted[start:stop] = loaded.outputs(feed)[0].reshape(-1)
                 continue
@@ -306,14 +337,9 @@ class Bundle:
                     classes = loaded.entry.classes
                     proba_sorted = np.full((len(order), proba.shape[1]), np.nan)
                 proba_sorted[start:stop] = proba
-        if labels_sorted is not None:
-            prediction[order] = labels_sorted
-        if proba_sorted is not None:
-            probabilities = np.full((n, proba_sorted.shape[1]), np.nan)
-            probabilities[order] = proba_sorted
-        return prediction, probabilities, classes
+        return GroupRun(order, labels_sorted, proba_sorted, classes)
 
-    def _gather_plan(self, groups: Mapping[str, np.ndarray], frame: Any, total: int) -> set[str]:
+    def gather_plan(self, groups: Mapping[str, np.ndarray], frame: Any, total: int) -> set[str]:
         """Columns worth gathering whole into model order: needed by most routed rows."""
         need: dict[str, int] = {}
         for name, rows in groups.items():
