@@ -117,12 +117,20 @@ def _resolve_bundle(source: str | os.PathLike[str]) -> Path:
 
 
 def choose_workers(total_rows: int, units: int, backend: str) -> int:
-    """Default worker count: one process for small inputs, else one per core."""
+    """Default worker count: one for small inputs or two cores, else one per core.
+
+    A single local worker is a pipeline (reader, scorer and writer threads) that keeps
+    about two cores busy, so on two cores a second process only duplicates start-up and
+    sessions (measured: 10M rows, 1.22 s with one worker, 1.23 s with two). Pool and
+    Dask workers score one mini-batch at a time: one per core.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         cores = os.cpu_count() or 1
     if units < 2 or (backend == "local" and total_rows < PARALLEL_MIN_ROWS):
+        return 1
+    if backend == "local" and cores <= 2:
         return 1
     return max(1, min(cores, units))
 
