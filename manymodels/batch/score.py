@@ -391,6 +391,12 @@ class PreparedChunk:
     order_bounds: tuple[np.ndarray, list[int]] | None
     presorted: dict[str, np.ndarray]
 
+    def release_inputs(self) -> None:
+        """Drop the model inputs once scored (the chunk then waits for its writer)."""
+        self.presorted = {}
+        self.columns = _Columns(self.table, {}, {})
+        self.order_bounds = None
+
 
 def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                   id_column: str | None) -> PreparedChunk:
@@ -566,6 +572,7 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
         for chunk in chunks if chunks is not None else piece_chunks(plan, task, piece):
             ready = chunk.prepared or prepare_chunk(bundle, plan, chunk.table, task.id_column)
             ran = run_chunk(bundle, ready)
+            ready.release_inputs()  # the writer needs ids and routes, not model inputs
             pending.append(executor.submit(_write_chunk, bundle, ready, ran, piece.rel,
                                            chunk.offset, task.id_column, writer,
                                            rejected_writer))
