@@ -400,3 +400,31 @@ def test_arrow_buffers_round_trip() -> None:
     assert string_array(["a", "", "ünï"]).to_pylist() == ["a", "", "ünï"]
     assert dictionary_of(np.array([2, 0, 2]), ["x", "y", "z"]).to_pylist() == ["z", "x", "z"]
     assert valid_mask(pa.array([1, 2])) is None
+
+
+def test_tiny_session_cache_still_scores_everything(bundle: tuple[Path, pd.DataFrame],
+                                                    tmp_path: Path) -> None:
+    """Check that a cache smaller than the bundle (warm-up stops, sessions are evicted and
+    reloaded) gives the same rows as an unbounded one, in one pipelined worker and in two
+    forked workers that inherit the warmed sessions."""
+    root, rows = bundle
+    frames = _write_files(rows, tmp_path / "in")
+    want = _expected(root, frames)
+    for workers in (1, 2):
+        out = tmp_path / f"out-{workers}"
+        summary = score_batch(root, tmp_path / "in", out, mini_batch_size=400,
+                              workers=workers, cache_bytes=200_000)
+        assert summary.workers == workers and summary.rows_scored == len(want)
+        _assert_exactly_once(out, want)
+
+
+def test_default_workers_follow_size_and_cores() -> None:
+    """Check the default worker count: one for small inputs and on two cores."""
+    from manymodels.batch.run import PARALLEL_MIN_ROWS, choose_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert choose_workers(PARALLEL_MIN_ROWS - 1, 10, "local") == 1
+    assert choose_workers(10 * PARALLEL_MIN_ROWS, 1, "local") == 1
+    big = choose_workers(10 * PARALLEL_MIN_ROWS, 10, "local")
+    assert big == (1 if cores <= 2 else min(cores, 10))
+    assert choose_workers(10 * PARALLEL_MIN_ROWS, 10, "dask") == min(cores, 10)
