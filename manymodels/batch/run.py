@@ -456,7 +456,8 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit], l
                       id_column, chunk_rows, unit, {p.rel: infos[p.rel] for p in unit.pieces})
              for unit in units]
     hook = _KillHook()
-    bar = _Progress(progress, sum(u.rows for u in units))
+    total_rows = sum(u.rows for u in units)
+    bar = _Progress(progress and total_rows > 0, total_rows)  # nothing left: no empty bar
     stopped = False
     rows_now = committed_now = 0
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed
@@ -192,7 +191,7 @@ def _key_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
         if high - low < max(4 * n, 1 << 16):
             return values - low, list(range(low, high + 1))
     if not pa.types.is_dictionary(kind):
-        column = pc.dictionary_encode(column)
+        column = column.dictionary_encode()
     return _dictionary_codes(column, n)
 
 
@@ -221,8 +220,21 @@ def _dictionary_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list
     return codes, uniques
 
 
+#: Arrow types converted to float32 in numpy, straight from their buffers.
+_NUMPY_FLOAT_SOURCES = frozenset([
+    pa.float64(), pa.float32(), pa.int64(), pa.int32(), pa.int16(), pa.int8(),
+    pa.uint64(), pa.uint32(), pa.uint16(), pa.uint8(), pa.bool_()])
+
+
 def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> np.ndarray:
     """A model input as float32 (nulls as NaN); rows with non-numeric text are rejected."""
+    if column.type in _NUMPY_FLOAT_SOURCES and column.null_count < len(column):
+        # through the buffer: no Arrow kernel (and no pyarrow.compute import, 24 ms)
+        values = numpy_of(column).astype(np.float32)
+        present = valid_mask(column)
+        if present is not None:
+            values[~present] = np.nan
+        return values
     column = _plain(column)
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
@@ -230,7 +242,7 @@ def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> 
         return _float32_of(column.cast(pa.float32()))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            return _float32_of(pc.cast(column, pa.float32()))
+            return _float32_of(column.cast(pa.float32()))
         except pa.ArrowInvalid:
             import pandas as pd  # only for the rare column with bad text
 
@@ -273,6 +285,14 @@ def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
     """
     if pa.types.is_integer(column.type) and column.null_count == 0:
         return numpy_of(column)
+    if pa.types.is_dictionary(column.type):  # text keys: values looked up by code
+        codes, uniques = _dictionary_codes(column, len(column))
+        values = np.array([*uniques, None], dtype=object)  # code -1 (null) -> None
+        if rows is None:
+            return np.asarray(values[codes])
+        out = np.empty(len(column), dtype=object)
+        out[rows] = values[codes[rows]]
+        return out
     if rows is not None:
         out = np.empty(len(column), dtype=object)
         out[rows] = np.array(column.take(array_of(rows)).to_pylist() + [None],
