@@ -174,6 +174,35 @@ def test_invocations_mlflow_formats(server: Running, bundle: Any, expected: pd.D
     assert "store" in named.json()["detail"]
 
 
+def test_invocations_takes_csv_like_mlflow(server: Running, bundle: Any,
+                                          expected: pd.DataFrame) -> None:
+    """Check that a text/csv body on /invocations scores like the JSON formats do."""
+    _, rows = bundle
+    part = rows.iloc[:7][["store", "brand", "price", "feat"]]
+    csv = part.to_csv(index=False).encode()
+    reply = server.client.post("/invocations", content=csv,
+                               headers={"Content-Type": "text/csv; charset=utf-8"})
+    assert reply.status_code == 200, reply.text
+    records = reply.json()["predictions"]
+    assert [r["prediction"] for r in records] == expected["prediction"].iloc[:7].tolist()
+    assert [r["model"] for r in records] == expected["model"].iloc[:7].tolist()
+    named = server.client.post(f"/invocations?model={SEG}", content=csv,
+                               headers={"Content-Type": "text/csv"})
+    assert named.status_code == 200, named.text
+    assert {r["model"] for r in named.json()["predictions"]} == {SEG}
+    for body, status in ((b"store,brand,price,feat\n1,tropicana\n1,a,2,0,9\n", 400),
+                         (b"store,brand,price,feat\n", 400), (b"", 400)):
+        bad = server.client.post("/invocations", content=body,
+                                 headers={"Content-Type": "text/csv"})
+        assert bad.status_code == status, (body, bad.text)
+        assert bad.json()["detail"]
+    plain = server.client.post("/invocations", content=csv,
+                               headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415
+    score_csv = server.client.post("/score", content=csv, headers={"Content-Type": "text/csv"})
+    assert score_csv.status_code == 415  # only the MLflow protocol takes CSV
+
+
 def test_models_lists_names_segments_and_tags(server: Running, bundle: Any) -> None:
     """Check that GET /models lists every model with its segment, level and loaded state."""
     root, _ = bundle

@@ -30,8 +30,10 @@ from .dataplane import (
     Table,
     check_headers,
     dumps,
+    is_csv,
     parse_json,
     parse_table,
+    read_csv_table,
     read_json,
     receive_body,
     route_rows,
@@ -125,14 +127,17 @@ class Scorer:
                        "fallback": fallback}
         return _with_classes(payload, prediction)
 
-    async def invocations_reply(self, body: Any) -> dict[str, Any]:
-        """The ``/invocations`` (MLflow) response for a parsed body."""
-        if not isinstance(body, dict):
-            raise MalformedBody("the body must be a JSON object with 'dataframe_split' or "
-                                "'dataframe_records'")
-        table = parse_table(body, INVOCATION_FIELDS)
-        params = body.get("params") or {}
-        name = params.get("model") if isinstance(params, dict) else None
+    async def invocations_reply(self, body: Any, table: Table | None = None,
+                                name: Any = None) -> dict[str, Any]:
+        """The ``/invocations`` (MLflow) response for a parsed JSON body, or for a
+        ``table`` read from CSV (``name`` then comes from the ``model`` query parameter)."""
+        if table is None:
+            if not isinstance(body, dict):
+                raise MalformedBody("the body must be a JSON object with 'dataframe_split' "
+                                    "or 'dataframe_records'")
+            table = parse_table(body, INVOCATION_FIELDS)
+            params = body.get("params") or {}
+            name = params.get("model") if isinstance(params, dict) else None
         if name is not None:
             prediction = await self.named(name, table)
             models, fallback = [name] * table.n, [False] * table.n
@@ -231,12 +236,18 @@ def _add_routes(app: ManyModelsAPI, registry: ModelRegistry, settings: ServeSett
 
     @app.post("/invocations", tags=["scoring"], response_class=Response,
               summary="MLflow scoring-server protocol, routed by segment columns",
-              openapi_extra=schemas.body("InvocationsRequest"),
+              openapi_extra=schemas.body("InvocationsRequest", csv=True),
               responses=schemas.reply("InvocationsResponse", 400, 404, 413, 415, 422, 503))
     async def invocations(request: Request) -> Response:
         """Takes ``dataframe_split``, ``dataframe_records`` or ``instances`` like
-        ``mlflow models serve``; ``"params": {"model": name}`` skips the routing."""
-        reply = await scorer.invocations_reply(await read_json(request, limit))
+        ``mlflow models serve``, or a ``text/csv`` body; ``"params": {"model": name}``
+        (``?model=name`` with CSV) skips the routing."""
+        if is_csv(request.scope["headers"]):
+            table = await read_csv_table(request, limit)
+            reply = await scorer.invocations_reply(None, table,
+                                                   request.query_params.get("model"))
+        else:
+            reply = await scorer.invocations_reply(await read_json(request, limit))
         return Response(dumps(reply), media_type=JSON)
 
     @app.get("/models", tags=["models"], response_class=Response,

@@ -38,6 +38,8 @@ __all__ = [
     "score_model",
     "to_float_column",
     "to_string_column",
+    "is_csv",
+    "read_csv_table",
 ]
 
 Columns = dict[str, Sequence[Any]]
@@ -49,15 +51,27 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-def check_headers(headers: Sequence[tuple[bytes, bytes]], limit: int) -> int | None:
-    """Content type (415) and declared size (413) of a request; its Content-Length."""
+def is_csv(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """The request declares a CSV body (``text/csv``, as ``mlflow models serve`` takes)."""
+    for key, value in headers:
+        if key == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/csv"
+    return False
+
+
+def check_headers(headers: Sequence[tuple[bytes, bytes]], limit: int,
+                  csv: bool = False) -> int | None:
+    """Content type (415) and declared size (413) of a request; its Content-Length.
+
+    ``csv`` also accepts ``text/csv`` (``/invocations`` only)."""
     content_type = length = None
     for key, value in headers:
         if key == b"content-type":
             content_type = value
         elif key == b"content-length":
             length = value
-    if content_type is not None and not _is_json(content_type):
+    if content_type is not None and not _is_json(content_type) \
+            and not (csv and is_csv([(b"content-type", content_type)])):
         raise UnsupportedMediaType(content_type.decode("latin-1"))
     if length is None:
         return None
@@ -106,13 +120,39 @@ async def receive_body(receive: Any, limit: int) -> bytes:
 async def read_json(request: Request, limit: int, empty: Any = None) -> Any:
     """The parsed JSON body of a Starlette request, after the 415/413/400 checks."""
     check_headers(request.scope["headers"], limit)
+    return parse_json(await _read_body(request, limit), empty)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
-    return parse_json(b"".join(chunks), empty)
+    return b"".join(chunks)
+
+
+async def read_csv_table(request: Request, limit: int) -> Table:
+    """A ``text/csv`` body (header row, then one row per line) as a table, after the
+    413 checks; numbers are parsed as pandas (and so MLflow) does, empty cells are null."""
+    check_headers(request.scope["headers"], limit, csv=True)
+    body = await _read_body(request, limit)
+    if not body.strip():
+        raise MalformedBody("the request body is empty; send a header row and data rows")
+    import io
+
+    import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
+
+    try:
+        frame = pd.read_csv(io.BytesIO(body))
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise MalformedBody(f"the CSV body cannot be parsed: {exc}") from None
+    if frame.empty:
+        raise MalformedBody("the CSV body has a header row but no data rows")
+    columns: Columns = {str(c): frame[c].astype(object).where(frame[c].notna(), None).tolist()
+                        for c in frame.columns}
+    return Table(columns, len(frame))
 
 
 # -- tables ---------------------------------------------------------------------------------

@@ -188,10 +188,15 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def body(name: str, required: bool = True) -> dict[str, Any]:
-    """``openapi_extra`` documenting a JSON request body of schema ``name``."""
-    return {"requestBody": {"required": required,
-                            "content": {"application/json": {"schema": _ref(name)}}}}
+def body(name: str, required: bool = True, csv: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON request body of schema ``name`` (and, with
+    ``csv``, a ``text/csv`` one: a header row, then one row per line)."""
+    content: dict[str, Any] = {"application/json": {"schema": _ref(name)}}
+    if csv:
+        content["text/csv"] = {"schema": {"type": "string",
+                                          "example": "store,brand,price,feat\n"
+                                                     "2,tropicana,2.99,0\n"}}
+    return {"requestBody": {"required": required, "content": content}}
 
 
 def reply(name: str | None, *errors: int, v2: bool = False, array: bool = False,
