@@ -386,7 +386,8 @@ def score_batch(
     mini_batch_size
         Rows per unit (whole Parquet row groups; a CSV file is one unit), or ``"N files"``.
     workers
-        Parallel workers; ``None`` picks one process for small inputs, else one per core.
+        Parallel workers; ``None`` picks one (pipelined) process for small inputs and
+        on two cores, else one process per core (see :func:`choose_workers`).
     error_threshold
         Rows (or files, with a files mini-batch) allowed to fail before the run stops
         with :class:`ErrorThresholdExceeded`; ``-1`` never stops.

@@ -65,7 +65,9 @@ def register(app: typer.Typer) -> None:
             "1000000", "--mini-batch-size",
             help="Rows per mini-batch (whole row groups), or 'N files'."),
         workers: int = typer.Option(
-            0, "--workers", help="Worker processes; 0 = choose from the input size."),
+            0, "--workers",
+            help="Worker processes (one is a pipelined process using about two cores); "
+                 "0 = choose from the input size and the cores."),
         error_threshold: int = typer.Option(
             -1, "--error-threshold",
             help="Rows (files with 'N files') allowed to fail before stopping; -1 never."),
