@@ -254,6 +254,67 @@ def test_score_py_errors_are_json_objects(packed: Path, monkeypatch: pytest.Monk
     assert answer["error"]["code"] == "input_schema" and "price" in answer["error"]["message"]
 
 
+@pytest.fixture(scope="module")
+def azure_server(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Azure ML's own local inference server (``azmlinfsrv``) running the bundle's
+    score.py, laid out as a deployment mounts a registered model, in a venv that has only
+    the bundle's requirements.txt and the server."""
+    root = tmp_path_factory.mktemp("azure")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--disable-pip-version-check", "-r", str(packed / "requirements.txt"),
+                    "azureml-inference-server-http>=1.3,<2"], check=True, capture_output=True)
+    deploy = root / "azureml-models" / "oj-sales" / "1"
+    shutil.copytree(packed, deploy / "oj-sales")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "azmlinfsrv"), "--entry_script", str(deploy / "oj-sales" / "score.py"),
+         "--port", str(port)],
+        env={"AZUREML_MODEL_DIR": str(deploy), "PATH": f"{venv / 'bin'}{os.pathsep}"
+             f"{os.environ['PATH']}", "HOME": str(root)},
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"azmlinfsrv exited: {proc.stderr.read()!r}")
+            try:
+                if httpx.get(f"{url}/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("azmlinfsrv did not answer within 90 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_azure_inference_server_runs_score_py(azure_server: str, trained_run: Path,
+                                               rows: pd.DataFrame) -> None:
+    """Check score.py under Azure ML's inference server: answers equal the run's, and
+    errors are JSON objects with the right HTTP status (not JSON strings, not 200)."""
+    records = json.loads(rows.head(20).to_json(orient="records"))
+    reply = httpx.post(f"{azure_server}/score", json={"data": records}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = Bundle(trained_run).score_frame(rows.head(20))
+    np.testing.assert_allclose(body["predictions"], expected.prediction, rtol=1e-6)
+    assert body["models"] == list(expected.model)
+    unknown = httpx.post(f"{azure_server}/score",
+                         json={"model": "no-such-model", "data": records[:1]}, timeout=30)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    short = httpx.post(f"{azure_server}/score", json={"data": [{"store": 1}]}, timeout=30)
+    assert short.status_code == 400
+    assert short.json()["error"]["code"] in {"input_schema", "invalid_data"}
+
+
 @pytest.fixture
 def mlflow_server(packed: Path) -> Iterator[str]:
     """`mlflow models serve` on the bundle, on a free loopback port."""

@@ -155,7 +155,7 @@ def _error(code: str, message: str) -> Any:
         from azureml.contrib.services.aml_response import AMLResponse
     except ImportError:
         return body
-    return AMLResponse(json.dumps(body), _STATUS.get(code, 500), json_str=True)
+    return AMLResponse(body, _STATUS.get(code, 500), json_str=True)  # it JSON-encodes body
 
 
 def run(raw_data: Any) -> Any:
