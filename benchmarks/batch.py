@@ -11,7 +11,9 @@ by tests/builders.py), every contender runs file to file in its own fresh proces
 - floor: create every session, read the Parquet with pyarrow, run each model's rows on
   pre-grouped arrays, write the predictions with pyarrow (grouping is timed apart: the
   floor assumes it is free);
-- ours: ``manymodels batch`` with ``--workers 1``, ``--workers 2`` and the default;
+- ours: ``manymodels batch`` with ``--workers 1``, ``--workers 2`` and the default (and,
+  at 10M rows, ``--workers 1`` with 250k-row mini-batches, to show that memory follows
+  the mini-batch size rather than the input);
 - hand-written: pandas ``read_parquet`` + ``groupby`` over the segment columns, each
   group's native scikit-learn pipeline ``joblib.load``-ed (once) and ``predict``-ed,
   ``to_parquet``.
