@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -248,8 +249,10 @@ def run_handwritten(native: Path, source: Path, out: Path) -> dict[str, float]:
 
 
 # -- measuring -------------------------------------------------------------------------
-def measure(command: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak resident MB of the process tree (sampled), stdout."""
+def measure(command: list[str]) -> tuple[float, float, str, float]:
+    """Wall seconds, peak resident MB of the process tree (sampled), stdout, and the CPU
+    seconds (user + system) of the whole tree: with two cores, wall ≥ CPU / 2."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
@@ -264,9 +267,11 @@ def measure(command: list[str]) -> tuple[float, float, str]:
         time.sleep(0.02)
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the tree, once reaped
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
-    return seconds, peak / 1e6, stdout
+    return seconds, peak / 1e6, stdout, cpu
 
 
 def main() -> None:
@@ -281,7 +286,7 @@ def main() -> None:
     print(f"setup (bundle, native models, data): {time.perf_counter() - t:.1f} s", flush=True)
     python = sys.executable
     cli = [str(Path(python).parent / "manymodels"), "batch"]
-    results: dict[str, dict[str, tuple[float, float, str]]] = {}
+    results: dict[str, dict[str, tuple[float, float, str, float]]] = {}
     for size in [s for s in ("1M", "10M") if s in paths]:
         source = paths[size]
         runs: dict[str, list[str]] = {
@@ -305,28 +310,29 @@ def main() -> None:
             command = [c.replace("{out}", str(out)) for c in command]
             if "_floor" in command or "_handwritten" in command:
                 command.append(str(out))
-            seconds, peak, stdout = measure(command)
+            seconds, peak, stdout, cpu = measure(command)
             if name == "floor":  # the floor assumes pre-grouped arrays: grouping is free
                 seconds -= json.loads(stdout)["group (not counted)"]
-            results[size][name] = (seconds, peak, stdout)
-            print(f"  {size:>4} {name:<18} {seconds:7.2f} s  peak {peak:7.0f} MB", flush=True)
+            results[size][name] = (seconds, peak, stdout, cpu)
+            print(f"  {size:>4} {name:<18} {seconds:7.2f} s  peak {peak:7.0f} MB  "
+                  f"CPU {cpu:5.2f} s", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     report(results)
 
 
-def report(results: dict[str, dict[str, tuple[float, float, str]]]) -> None:
+def report(results: dict[str, dict[str, tuple[float, float, str, float]]]) -> None:
     print()
     print(f"{'size':>5} | {'contender':<18} | {'wall s':>7} | {'M rows/s':>8} | "
-          f"{'peak MB':>7} | parts (s)")
-    print("-" * 100)
+          f"{'peak MB':>7} | {'CPU s':>6} | {'cores':>5} | parts (s)")
+    print("-" * 116)
     for size, runs in results.items():
         rows = ROWS_PER_FILE * (10 if size == "10M" else 1)
-        for name, (seconds, peak, stdout) in runs.items():
+        for name, (seconds, peak, stdout, cpu) in runs.items():
             parts = ""
             if stdout.strip().startswith("{"):
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in json.loads(stdout).items())
             print(f"{size:>5} | {name:<18} | {seconds:7.2f} | {rows / seconds / 1e6:8.2f} | "
-                  f"{peak:7.0f} | {parts}")
+                  f"{peak:7.0f} | {cpu:6.2f} | {cpu / seconds:5.2f} | {parts}")
     print()
     checks = []
     if "10M" in results:

@@ -277,16 +277,18 @@ def _prediction_array(prediction: np.ndarray) -> pa.Array:
     return pa.array(labels)
 
 
-def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
+def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None,
+                key_codes: tuple[np.ndarray, list[Any]] | None = None) -> np.ndarray:
     """A column as numpy for the runtime: integers as they are, the rest as objects.
 
     With ``rows``, only those rows are converted (the others stay ``None``): a column
     that only the fallback model reads is needed for a few rows, not for the chunk.
+    ``key_codes`` are the codes routing computed for a segment column (reused).
     """
     if pa.types.is_integer(column.type) and column.null_count == 0:
         return numpy_of(column)
     if pa.types.is_dictionary(column.type):  # text keys: values looked up by code
-        codes, uniques = _dictionary_codes(column, len(column))
+        codes, uniques = key_codes or _dictionary_codes(column, len(column))
         values = np.array([*uniques, None], dtype=object)  # code -1 (null) -> None
         if rows is None:
             return np.asarray(values[codes])
@@ -312,11 +314,13 @@ class _Columns(Mapping[str, Any]):
     """Model inputs of one chunk, converted on first use (string inputs are rarely needed)."""
 
     def __init__(self, table: pa.Table, floats: dict[str, np.ndarray],
-                 rows_needing: dict[str, np.ndarray]) -> None:
+                 rows_needing: dict[str, np.ndarray],
+                 key_codes: dict[str, tuple[np.ndarray, list[Any]]] | None = None) -> None:
         self._table = table
         self._values: dict[str, Any] = dict(floats)
         self._names = set(table.column_names) | set(floats)
         self._rows_needing = rows_needing
+        self._key_codes = key_codes or {}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._values:
@@ -324,8 +328,15 @@ class _Columns(Mapping[str, Any]):
                 raise KeyError(name)
             rows = self._rows_needing.get(name)
             few = rows is not None and len(rows) * 4 < self._table.num_rows
-            self._values[name] = _as_objects(self._table[name], rows if few else None)
+            self._values[name] = _as_objects(self._table[name], rows if few else None,
+                                             self._key_codes.get(name))
         return self._values[name]
+
+    def convert_needed(self) -> None:
+        """Convert now the text inputs some groups need (on the thread that prepares)."""
+        for name in self._rows_needing:
+            if name in self._names:
+                self[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -348,15 +359,18 @@ class ChunkResult:
     fallbacks: int
 
 
-def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
-           rejections: _Rejections) -> Routed | None:
+def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Rejections,
+           key_codes: dict[str, tuple[np.ndarray, list[Any]]]) -> Routed | None:
+    """Route a chunk's rows; fills ``key_codes`` with each segment column's codes."""
     names = set(table.column_names)
     missing = [c for c in plan.segment_columns if c not in names]
     if missing:
         rejections.reject_all(f"missing segment column(s) {', '.join(missing)}")
         return None
     n = table.num_rows
-    codes, uniques = zip(*(_key_codes(table[c], n) for c in plan.segment_columns), strict=True)
+    for column in plan.segment_columns:
+        key_codes[column] = _key_codes(table[column], n)
+    codes, uniques = zip(*(key_codes[c] for c in plan.segment_columns), strict=True)
     routed = bundle.route_codes(codes, uniques, n, with_names=False)
     if routed.rejected:
         by_reason: dict[str, list[int]] = {}
@@ -426,7 +440,8 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
     names = set(table.column_names)
     if id_column and id_column not in names:
         rejections.reject_all(f"missing id column '{id_column}'")
-    routed = _route(bundle, plan, table, rejections)
+    key_codes: dict[str, tuple[np.ndarray, list[Any]]] = {}
+    routed = _route(bundle, plan, table, rejections, key_codes)
     floats = {c: _to_float32(table[c], c, rejections)
               for c in sorted(plan.float_columns & names)}
     groups: dict[str, np.ndarray] = {}
@@ -439,7 +454,8 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
-    columns = _Columns(table, floats, needing)
+    columns = _Columns(table, floats, needing, key_codes)
+    columns.convert_needed()
     order_bounds = bundle.group_order(groups) if groups else None
     presorted: dict[str, np.ndarray] = {}
     if order_bounds is not None:
