@@ -483,9 +483,10 @@ def _in_row_order(bundle: Bundle, ready: PreparedChunk, ran: GroupRun
     """Predictions (float32 when every model computed float32) and probabilities by row."""
     n = ready.table.num_rows
     labels = ran.labels
-    if labels is not None and labels.dtype == np.float64 and all(
-            bundle.model(m).float32_output for m in ready.groups):
-        prediction = np.full(n, np.nan, dtype=np.float32)  # what the models computed, exactly
+    if labels is not None and labels.dtype == np.float32:  # what the models computed
+        every_row = len(ran.order) == n  # then each slot is written below
+        prediction = (np.empty(n, dtype=np.float32) if every_row
+                      else np.full(n, np.nan, dtype=np.float32))
     else:
         prediction = bundle.empty_prediction(n)
     if labels is not None:

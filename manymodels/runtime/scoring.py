@@ -228,6 +228,23 @@ class Bundle:
         return Routed(_group_rows(index, names), model, fallback, rejected, index, names)
 
     # -- scoring --------------------------------------------------------------------------
+    def _labels_buffer(self, models: Sequence[LoadedModel], n: int) -> np.ndarray:
+        """Room for ``n`` predictions in model order, every slot written by a group: float32
+        when every model computes float32 (regression), else what :meth:`empty_prediction`
+        gives."""
+        if self.manifest.task == "classification" or not models:
+            return self.empty_prediction(n)
+        if all(m.float32_output for m in models):
+            return np.empty(n, dtype=np.float32)
+        return np.empty(n, dtype=np.float64)
+
+    def models(self, names: Sequence[str]) -> list[LoadedModel]:
+        """The loaded models called ``names`` (loading those not resident), in order."""
+        for name in names:
+            if name not in self.manifest.models:
+                raise ModelNotFound(name, known=len(self.manifest.models))
+        return self.cache.get_many(names)
+
     def empty_prediction(self, n: int) -> np.ndarray:
         return (np.full(n, None, dtype=object) if self.manifest.task == "classification"
                 else np.full(n, np.nan))
@@ -294,11 +311,12 @@ class Bundle:
         gathered = self.gather_plan(routed.groups, frame, len(order))
         sorted_columns: dict[str, np.ndarray] = dict(presorted or {})
         raw: dict[str, np.ndarray] = {}
-        labels_sorted: np.ndarray | None = None
         proba_sorted: np.ndarray | None = None
         classes: Sequence[Any] | None = None
-        for i, (name, rows) in enumerate(routed.groups.items()):
-            loaded = self.model(name)
+        models = self.models(list(routed.groups))
+        labels_sorted = self._labels_buffer(models, len(order))
+        for i, rows in enumerate(routed.groups.values()):
+            loaded = models[i]
             start, stop = bounds[i], bounds[i + 1]
             feed: dict[str, np.ndarray] = {}
             columns: dict[str, Any] = {}
@@ -325,8 +343,6 @@ class Bundle:
                     columns[column] = raw[column][rows]
             if columns:
                 feed.update(loaded.build_feed({**columns, **feed}))
-            if labels_sorted is None:
-                labels_sorted = self.empty_prediction(len(order))
             if not loaded.classifier:  # float32 (n, 1) output straight into the float64 slice
                 labels_sorted[start:stop] = loaded.outputs(feed)[0].reshape(-1)
                 continue
