@@ -10,6 +10,7 @@ fsynced, so the parent commits exactly what it would have without the pipeline.
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -106,6 +107,11 @@ def run_pipelined(tasks: list[UnitTask]) -> Iterator[UnitResult]:
     reader = _Reader(tasks)
     writes = ThreadPoolExecutor(1, thread_name_prefix="manymodels-batch-writer")
     previous: tuple[float, list[Callable[[], PieceOutcome]]] | None = None
+    # The cyclic collector would walk every session and manifest object again and again
+    # (thousands of feed dicts per chunk trigger it) while scoring makes no cycles worth
+    # collecting: it waits until the run is over.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for task in tasks:
             start = time.perf_counter()
@@ -123,6 +129,8 @@ def run_pipelined(tasks: list[UnitTask]) -> Iterator[UnitResult]:
     finally:
         reader.close()
         writes.shutdown(wait=True)
+        if collecting:
+            gc.enable()
 
 
 def _finish(start: float, finishers: list[Callable[[], PieceOutcome]]) -> UnitResult:
