@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed
-from manymodels.runtime.scoring import GroupRun
+from manymodels.runtime.scoring import GroupLayout, GroupRun
 
 from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
 from .io import Chunk, PartWriter, read_chunks
@@ -422,14 +422,12 @@ class PreparedChunk:
     routed: Routed | None
     columns: _Columns
     groups: dict[str, np.ndarray]
-    order_bounds: tuple[np.ndarray, list[int]] | None
-    presorted: dict[str, np.ndarray]
+    layout: GroupLayout | None
 
     def release_inputs(self) -> None:
         """Drop the model inputs once scored (the chunk then waits for its writer)."""
-        self.presorted = {}
         self.columns = _Columns(self.table, {}, {})
-        self.order_bounds = None
+        self.layout = None
 
 
 def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
@@ -456,15 +454,13 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
     columns = _Columns(table, floats, needing, key_codes)
     columns.convert_needed()
-    order_bounds = bundle.group_order(groups) if groups else None
-    presorted: dict[str, np.ndarray] = {}
-    if order_bounds is not None:
-        order = order_bounds[0]
-        for column in bundle.gather_plan(groups, columns, len(order)) & floats.keys():
-            out = np.empty((len(order), 1), dtype=np.float32)
-            np.take(floats[column], order, out=out[:, 0])
-            presorted[column] = out
-    return PreparedChunk(table, rejections, routed, columns, groups, order_bounds, presorted)
+    layout = bundle.layout(groups, columns) if groups else None
+    if layout is not None:
+        for column in layout.gathered & floats.keys():
+            out = np.empty((len(layout.order), 1), dtype=np.float32)
+            np.take(floats[column], layout.order, out=out[:, 0])
+            layout.sorted_columns[column] = out
+    return PreparedChunk(table, rejections, routed, columns, groups, layout)
 
 
 def run_chunk(bundle: Bundle, ready: PreparedChunk) -> GroupRun | None:
@@ -475,27 +471,7 @@ def run_chunk(bundle: Bundle, ready: PreparedChunk) -> GroupRun | None:
     return bundle.run_groups(
         ready.columns,
         Routed(ready.groups, None, routed.fallback, {}, routed.model_index, routed.model_names),
-        ready.presorted, ready.order_bounds)
-
-
-def _in_row_order(bundle: Bundle, ready: PreparedChunk, ran: GroupRun
-                  ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predictions (float32 when every model computed float32) and probabilities by row."""
-    n = ready.table.num_rows
-    labels = ran.labels
-    if labels is not None and labels.dtype == np.float32:  # what the models computed
-        every_row = len(ran.order) == n  # then each slot is written below
-        prediction = (np.empty(n, dtype=np.float32) if every_row
-                      else np.full(n, np.nan, dtype=np.float32))
-    else:
-        prediction = bundle.empty_prediction(n)
-    if labels is not None:
-        prediction[ran.order] = labels
-    probabilities = None
-    if ran.probabilities is not None:
-        probabilities = np.full((n, ran.probabilities.shape[1]), np.nan)
-        probabilities[ran.order] = ran.probabilities
-    return prediction, probabilities
+        ready.layout)
 
 
 def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, rel: str,
@@ -509,7 +485,7 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
     scored: pa.Table | None = None
     if ran is not None and routed is not None and routed.model_index is not None \
             and routed.model_names is not None:
-        prediction, probabilities = _in_row_order(bundle, ready, ran)
+        prediction, probabilities = bundle.in_row_order(ran, n, keep_float32=True)
         # Without rejections (the usual case) every array is written as it is: no copies.
         keep = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
         index = routed.model_index if keep is None else routed.model_index[keep]

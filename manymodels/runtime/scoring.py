@@ -24,7 +24,7 @@ from .errors import BundleError, DataError, InputSchemaError, ModelNotFound, Seg
 from .manifest import Manifest, normalise_key_value, read_manifest
 from .session import LoadedModel, SessionCache, load_model, make_session_options
 
-__all__ = ["Bundle", "GroupRun", "Routed", "ScoreResult"]
+__all__ = ["Bundle", "GroupLayout", "GroupRun", "Routed", "ScoreResult"]
 
 
 @dataclass
@@ -41,6 +41,22 @@ class Routed:
     #: batch scoring write a dictionary-encoded model column without touching the names.
     model_index: np.ndarray | None = None
     model_names: list[str] | None = None
+
+
+@dataclass
+class GroupLayout:
+    """Routed rows laid out one model after another (:meth:`Bundle.layout`).
+
+    ``order`` lists the rows model by model, model ``i`` owning ``bounds[i]:bounds[i+1]``;
+    ``gathered`` are the input columns worth gathering whole into that order, and
+    ``sorted_columns`` holds those already gathered (float32 ``(n, 1)``): batch scoring
+    fills it on another thread, :meth:`Bundle.run_groups` fills the rest.
+    """
+
+    order: np.ndarray
+    bounds: list[int]
+    gathered: set[str]
+    sorted_columns: dict[str, np.ndarray]
 
 
 @dataclass
@@ -274,42 +290,53 @@ class Bundle:
         What :meth:`score_routed` returns without the per-row model names, which batch
         scoring writes from :attr:`Routed.model_index` instead.
         """
-        n = len(routed.fallback)
-        prediction = self.empty_prediction(n)
         ran = self.run_groups(frame, routed)
-        if ran.labels is not None:
-            prediction[ran.order] = ran.labels
+        prediction, probabilities = self.in_row_order(ran, len(routed.fallback))
+        return prediction, probabilities, ran.classes
+
+    def in_row_order(self, ran: GroupRun, n: int, keep_float32: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predictions and class probabilities of ``n`` rows back in row order (rows no
+        model scored stay NaN / None). ``keep_float32`` keeps float32 labels as they are
+        instead of widening them (what the models computed, half the bytes)."""
+        labels = ran.labels
+        if keep_float32 and labels is not None and labels.dtype == np.float32:
+            prediction = (np.empty(n, dtype=np.float32) if len(ran.order) == n
+                          else np.full(n, np.nan, dtype=np.float32))  # every slot written
+        else:
+            prediction = self.empty_prediction(n)
+        if labels is not None:
+            prediction[ran.order] = labels
         probabilities = None
         if ran.probabilities is not None:
             probabilities = np.full((n, ran.probabilities.shape[1]), np.nan)
             probabilities[ran.order] = ran.probabilities
-        return prediction, probabilities, ran.classes
+        return prediction, probabilities
 
-    def group_order(self, groups: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[int]]:
-        """The rows of ``groups`` one model after another, and where each model starts."""
+    def layout(self, groups: Mapping[str, np.ndarray], frame: Any) -> GroupLayout:
+        """The rows of ``groups`` one model after another, where each model starts, and
+        the columns worth gathering whole into that order."""
         parts = list(groups.values())
         order = parts[0] if len(parts) == 1 else np.concatenate(parts)
         bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(int).tolist()
-        return order, bounds
+        return GroupLayout(order, bounds, self.gather_plan(groups, frame, len(order)), {})
 
     def run_groups(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed,
-                   presorted: Mapping[str, np.ndarray] | None = None,
-                   order_bounds: tuple[np.ndarray, list[int]] | None = None) -> GroupRun:
+                   layout: GroupLayout | None = None) -> GroupRun:
         """Run every group of pre-routed rows through its model; results in model order.
 
         Each input column that many rows need is gathered once into model order as a
         contiguous ``(n, 1)`` array (float inputs cast to float32 on the way), so every
         group's feed is a slice of it (no copy) and goes to one ``session.run``; columns
         only a few groups need (e.g. the fallback's categorical inputs) are taken per
-        group and converted by the model. ``presorted`` gives float32 ``(n, 1)`` columns
-        already gathered in the order of ``order_bounds`` (from :meth:`group_order`):
-        batch scoring gathers them on another thread.
+        group and converted by the model. ``layout`` (from :meth:`layout`) may come with
+        columns already gathered: batch scoring prepares it on another thread.
         """
         if not routed.groups:
             return GroupRun(np.zeros(0, dtype=np.int64), None, None, None)
-        order, bounds = order_bounds or self.group_order(routed.groups)
-        gathered = self.gather_plan(routed.groups, frame, len(order))
-        sorted_columns: dict[str, np.ndarray] = dict(presorted or {})
+        layout = layout or self.layout(routed.groups, frame)
+        order, bounds, gathered = layout.order, layout.bounds, layout.gathered
+        sorted_columns = layout.sorted_columns
         raw: dict[str, np.ndarray] = {}
         proba_sorted: np.ndarray | None = None
         classes: Sequence[Any] | None = None
