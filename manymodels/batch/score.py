@@ -228,13 +228,8 @@ _NUMPY_FLOAT_SOURCES = frozenset([
 
 def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> np.ndarray:
     """A model input as float32 (nulls as NaN); rows with non-numeric text are rejected."""
-    if column.type in _NUMPY_FLOAT_SOURCES and column.null_count < len(column):
-        # through the buffer: no Arrow kernel (and no pyarrow.compute import, 24 ms)
-        values = numpy_of(column).astype(np.float32)
-        present = valid_mask(column)
-        if present is not None:
-            values[~present] = np.nan
-        return values
+    if column.type in _NUMPY_FLOAT_SOURCES:  # no Arrow kernel, no pyarrow.compute import
+        return _float32_of(column)
     column = _plain(column)
     kind = column.type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
@@ -256,10 +251,11 @@ def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> 
 
 
 def _float32_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A float32 column as numpy with nulls as NaN (a copy only when there are nulls)."""
+    """A fixed-width numeric column as float32 numpy, nulls as NaN, through its buffers
+    (no copy for a float32 column without nulls)."""
     if column.null_count == len(column):
         return np.full(len(column), np.nan, dtype=np.float32)
-    values = numpy_of(column)
+    values = numpy_of(column).astype(np.float32, copy=False)
     present = valid_mask(column)
     if present is not None:
         values = np.where(present, values, np.float32(np.nan))
@@ -287,27 +283,19 @@ def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None,
     """
     if pa.types.is_integer(column.type) and column.null_count == 0:
         return numpy_of(column)
-    if pa.types.is_dictionary(column.type):  # text keys: values looked up by code
-        codes, uniques = key_codes or _dictionary_codes(column, len(column))
-        values = np.array([*uniques, None], dtype=object)  # code -1 (null) -> None
-        if rows is None:
-            return np.asarray(values[codes])
-        out = np.empty(len(column), dtype=object)
-        out[rows] = values[codes[rows]]
-        return out
-    if rows is not None:
+    dictionary = pa.types.is_dictionary(column.type)
+    if rows is not None and not dictionary and key_codes is None:  # a few rows of plain text
         out = np.empty(len(column), dtype=object)
         out[rows] = np.array(column.take(array_of(rows)).to_pylist() + [None],
                              dtype=object)[:-1]
         return out
-    plain = _plain(column)
-    encoded = plain.combine_chunks().dictionary_encode()
-    values = np.array([*encoded.dictionary.to_pylist(), None], dtype=object)
-    codes = numpy_of(encoded.indices)
-    present = valid_mask(encoded.indices)
-    if present is not None:
-        codes = np.where(present, codes, len(values) - 1)
-    return np.asarray(values[codes])
+    codes, uniques = key_codes or _key_codes(column, len(column))  # values looked up by code
+    values = np.array([*uniques, None], dtype=object)  # code -1 (null) -> None
+    if rows is None:
+        return np.asarray(values[codes])
+    out = np.empty(len(column), dtype=object)
+    out[rows] = values[codes[rows]]
+    return out
 
 
 class _Columns(Mapping[str, Any]):
