@@ -190,13 +190,12 @@ def read_layout(item: InputFile) -> InputFile:
 
 
 def checksum_file(item: InputFile) -> InputFile:
-    """Fill the checksum (also of a corrupt file: its old results must be withdrawn)."""
-    if item.error is not None and item.error.startswith("cannot read"):
-        return item
+    """Fill the checksum (also of a corrupt file: its old results must be withdrawn);
+    an unreadable file keeps the first error found."""
     try:
         item.sha256 = sha256_file(item.path)
     except OSError as exc:
-        item.error = f"cannot read {item.rel}: {exc}"
+        item.error = item.error or f"cannot read {item.rel}: {exc}"
     return item
 
 

@@ -46,16 +46,24 @@ Columns = dict[str, Sequence[Any]]
 
 
 # -- body -----------------------------------------------------------------------------------
+def _media(content_type: bytes) -> bytes:
+    return content_type.split(b";", 1)[0].strip().lower()
+
+
 def _is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";", 1)[0].strip().lower()
+    media = _media(content_type)
     return media == b"application/json" or media.endswith(b"+json")
+
+
+def _is_csv(content_type: bytes) -> bool:
+    return _media(content_type) == b"text/csv"
 
 
 def is_csv(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """The request declares a CSV body (``text/csv``, as ``mlflow models serve`` takes)."""
     for key, value in headers:
         if key == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/csv"
+            return _is_csv(value)
     return False
 
 
@@ -71,7 +79,7 @@ def check_headers(headers: Sequence[tuple[bytes, bytes]], limit: int,
         elif key == b"content-length":
             length = value
     if content_type is not None and not _is_json(content_type) \
-            and not (csv and is_csv([(b"content-type", content_type)])):
+            and not (csv and _is_csv(content_type)):
         raise UnsupportedMediaType(content_type.decode("latin-1"))
     if length is None:
         return None
