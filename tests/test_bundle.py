@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -178,16 +179,48 @@ def test_pyfunc_routes_rows_like_the_run_models(packed: Path, trained_run: Path,
     assert set(named["model"]) == {one}
 
 
-@pytest.fixture(scope="module")
-def serving_python(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with only the bundle's requirements.txt installed (no pip, no sklearn)."""
-    venv = tmp_path_factory.mktemp("serving") / "venv"
+def _bundle_venv(venv: Path, packed: Path, *extra: str) -> Path:
+    """A fresh venv (no pip) with only the bundle's requirements.txt and ``extra``
+    installed; returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--disable-pip-version-check", "-r", str(packed / "requirements.txt")],
-                   check=True, capture_output=True)
+                    "--disable-pip-version-check", "-r", str(packed / "requirements.txt"),
+                    *extra], check=True, capture_output=True)
     return python
+
+
+@contextlib.contextmanager
+def _answering(command: list[str], probe: str, what: str, **popen: Any) -> Iterator[str]:
+    """Start a server on a free loopback port (``{port}`` in ``command``), wait until
+    ``probe`` answers 200, yield its URL, and stop the whole process group after."""
+    port = free_port()
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what} exited: {proc.stderr.read()!r}")
+            try:
+                if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError(f"{what} did not answer {probe} within 90 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def serving_python(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only the bundle's requirements.txt installed (no pip, no sklearn)."""
+    return _bundle_venv(tmp_path_factory.mktemp("serving") / "venv", packed)
 
 
 SCORE_DRIVER = """
@@ -260,38 +293,16 @@ def azure_server(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     score.py, laid out as a deployment mounts a registered model, in a venv that has only
     the bundle's requirements.txt and the server."""
     root = tmp_path_factory.mktemp("azure")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--disable-pip-version-check", "-r", str(packed / "requirements.txt"),
-                    "azureml-inference-server-http>=1.3,<2"], check=True, capture_output=True)
+    bin_dir = _bundle_venv(root / "venv", packed,
+                           "azureml-inference-server-http>=1.3,<2").parent
     deploy = root / "azureml-models" / "oj-sales" / "1"
     shutil.copytree(packed, deploy / "oj-sales")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(venv / "bin" / "azmlinfsrv"), "--entry_script", str(deploy / "oj-sales" / "score.py"),
-         "--port", str(port)],
-        env={"AZUREML_MODEL_DIR": str(deploy), "PATH": f"{venv / 'bin'}{os.pathsep}"
-             f"{os.environ['PATH']}", "HOME": str(root)},
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"azmlinfsrv exited: {proc.stderr.read()!r}")
-            try:
-                if httpx.get(f"{url}/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            raise AssertionError("azmlinfsrv did not answer within 90 s")
+    with _answering([str(bin_dir / "azmlinfsrv"), "--entry_script",
+                     str(deploy / "oj-sales" / "score.py"), "--port", "{port}"], "/",
+                    "azmlinfsrv", cwd=root,
+                    env={"AZUREML_MODEL_DIR": str(deploy), "HOME": str(root),
+                         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -318,30 +329,12 @@ def test_azure_inference_server_runs_score_py(azure_server: str, trained_run: Pa
 @pytest.fixture
 def mlflow_server(packed: Path) -> Iterator[str]:
     """`mlflow models serve` on the bundle, on a free loopback port."""
-    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", str(packed), "--env-manager", "local",
-         "-p", str(port), "-h", "127.0.0.1", "-w", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited: {proc.stderr.read()!r}")
-            try:
-                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            raise AssertionError("mlflow models serve did not answer /ping within 90 s")
+    with _answering([str(bin_dir / "mlflow"), "models", "serve", "-m", str(packed),
+                     "--env-manager", "local", "-p", "{port}", "-h", "127.0.0.1", "-w", "1"],
+                    "/ping", "mlflow models serve", env=env) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
