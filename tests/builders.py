@@ -134,3 +134,28 @@ def build_bundle(root: str | os.PathLike[str], n_stores: int = 10, rows_per_segm
                 "levels": [SEGMENT_COLUMNS, []], "routes": routes, "models": models, "failed": []}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root, rows
+
+
+def derive_bundle(source: str | os.PathLike[str], root: str | os.PathLike[str],
+                  changed: list[str], shift: float = 1.0, version: str = "2") -> Path:
+    """A copy of bundle ``source`` as a new version whose models ``changed`` predict
+    ``shift`` more (their Ridge intercept moved); every other model file is identical, so
+    the two bundles share those files byte for byte (and by sha256)."""
+    import shutil
+
+    source, root = Path(source), Path(root)
+    shutil.copytree(source, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for name in changed:
+        entry = manifest["models"][name]
+        model = onnx.load(root / entry["file"])
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if node.op_type == "LinearRegressor" and attr.name == "intercepts":
+                    attr.floats[:] = [v + shift for v in attr.floats]
+        data = model.SerializeToString()
+        (root / entry["file"]).write_bytes(data)
+        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    manifest["version"] = version
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root

@@ -43,9 +43,10 @@ def free_port() -> int:
 class Running:
     """A uvicorn server in a background thread of the test process."""
 
-    def __init__(self, settings: ServeSettings, registry: ModelRegistry | None = None) -> None:
+    def __init__(self, settings: ServeSettings, registry: ModelRegistry | None = None,
+                 spec: Any = None) -> None:
         settings = settings.model_copy(update={"port": free_port()})
-        self.app = create_app(settings, registry)
+        self.app = create_app(settings, registry, spec)
         self.server = uvicorn.Server(uvicorn.Config(self.app, **uvicorn_options(settings)))  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -503,14 +504,15 @@ def test_slow_load_does_not_block_other_models(bundle: Any) -> None:
     """Check that a model whose load is slow does not stall requests to loaded models."""
     registry = ModelRegistry(bundle[0])
     slow = "quantity__store=4__brand=dominicks"
-    real_load = registry._load
+    real_load = registry.shared.cache._loader  # the shared cache loads by file sha256
+    slow_key = registry.cache.key(slow)
 
-    def slow_load(name: str) -> Any:
-        if name == slow:
+    def slow_load(key: str) -> Any:
+        if key == slow_key:
             time.sleep(1.5)
-        return real_load(name)
+        return real_load(key)
 
-    registry.cache._loader = slow_load
+    registry.shared.cache._loader = slow_load
     running = Running(ServeSettings(bundle=str(bundle[0])), registry)
     try:
         running.client.post("/score", json={"model": SEG, "data": [{"price": 1, "feat": 0}]})
@@ -621,6 +623,10 @@ def test_declared_routes_answer_like_the_fast_lane(server: Running) -> None:
     registry.load_sync(GLOBAL)
 
     async def through_fastapi(scope: Any, receive: Any, send: Any) -> None:
+        from manymodels.serve.app import DEPLOYMENT_STATE  # what ManyModelsAPI.serve sets
+
+        scope.setdefault("state", {})[DEPLOYMENT_STATE] = server.app.endpoint.deployments[
+            "default"]
         await FastAPI.__call__(server.app, scope, receive, send)
 
     requests = [

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+
+from manymodels.errors import SpecError
+
+if TYPE_CHECKING:
+    from manymodels.serve.endpoint import EndpointSpec
 
 __all__ = ["register"]
 
@@ -32,20 +39,81 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="critical|error|warning|info|debug")] = None,
     access_log: Annotated[bool | None, typer.Option(
         "--access-log/--no-access-log", help="One log line per request (default off)")] = None,
+    deployment: Annotated[list[str] | None, typer.Option(
+        help="NAME=BUNDLE, once per deployment (e.g. blue=models:/oj-sales/3)")] = None,
+    traffic: Annotated[str | None, typer.Option(
+        help="Live traffic, e.g. blue=90,green=10 (default: all to the first deployment)")
+    ] = None,
+    mirror: Annotated[str | None, typer.Option(
+        help="Mirrored traffic NAME=PERCENT (at most 50) to a deployment with no live traffic")
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="Endpoint file: loaded if it exists, else written; rewritten on every change")
+    ] = None,
 ) -> None:
-    """Serve a bundle over HTTP: /score, /invocations, /models and the V2 protocol."""
+    """Serve bundles over HTTP: /score, /invocations, /models, the V2 protocol, /admin."""
     from manymodels.serve import load_settings, run  # FastAPI/uvicorn only when serving
 
     settings = load_settings(spec, bundle=source, host=host, port=port, workers=workers,
                              max_memory_mb=max_memory_mb, max_body_mb=max_body_mb,
                              preload=preload, pin_fallbacks=pin_fallbacks, log_level=log_level,
-                             access_log=access_log)
+                             access_log=access_log, endpoint=endpoint)
+    plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
+                         settings.endpoint)
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
+    what = ", ".join(f"{n}={d.bundle}" for n, d in plan.deployments.items()) if plan else (
+        settings.endpoint if settings.bundle is None else settings.bundle)
     Console(stderr=True).print(
-        f"serving [bold]{settings.bundle}[/] on http://{settings.host}:{settings.port} "
+        f"serving [bold]{what}[/] on http://{settings.host}:{settings.port} "
         f"(workers {settings.workers}, cache {budget}, preload {settings.preload}); "
         f"docs at /docs", highlight=False, soft_wrap=True)
-    run(settings)
+    run(settings, plan)
+
+
+def endpoint_plan(bundle: str | None, deployments: list[str], traffic: str | None,
+                  mirror: str | None, endpoint_file: str | None) -> EndpointSpec | None:
+    """The endpoint the ``--deployment`` / ``--traffic`` / ``--mirror`` flags describe,
+    or ``None`` when they are not used (one bundle, or the endpoint file's state)."""
+    from manymodels.serve.endpoint import (
+        DeploymentSpec,
+        EndpointSpec,
+        MirrorSpec,
+        check_rules,
+        parse_weights,
+    )
+
+    if not deployments:
+        if traffic or mirror:
+            raise SpecError("--traffic and --mirror need --deployment NAME=BUNDLE flags")
+        return None
+    if bundle is not None:
+        raise SpecError("pass either a bundle argument or --deployment flags, not both")
+    if endpoint_file is not None and Path(endpoint_file).is_file():
+        raise SpecError(f"endpoint file {endpoint_file} already lists the deployments; drop "
+                        f"the --deployment flags (or change them with `manymodels endpoint`)")
+    found: dict[str, DeploymentSpec] = {}
+    for item in deployments:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise SpecError(f"--deployment '{item}' must be NAME=BUNDLE, e.g. "
+                            f"blue=models:/oj-sales/3")
+        if name in found:
+            raise SpecError(f"--deployment names '{name}' twice")
+        found[name] = DeploymentSpec(bundle=source)
+    weights = parse_weights(traffic) if traffic else {next(iter(found)): 100}
+    shadow = None
+    if mirror:
+        (target, percent), *rest = parse_weights(mirror).items()
+        if rest:
+            raise SpecError("--mirror takes one NAME=PERCENT")
+        shadow = MirrorSpec.model_construct(deployment=target, percent=percent)
+    check_rules(list(found), weights, shadow)
+    try:
+        return EndpointSpec(deployments=found, traffic=weights,
+                            mirror=None if shadow is None else MirrorSpec(
+                                deployment=shadow.deployment, percent=shadow.percent))
+    except ValidationError as exc:
+        raise SpecError(f"--deployment/--traffic/--mirror: {exc.errors()[0]['msg']}") from None
 
 
 def register(app: typer.Typer) -> None:

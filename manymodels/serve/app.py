@@ -1,5 +1,11 @@
 """The FastAPI application: every model of a bundle behind one endpoint.
 
+Before any route runs, :class:`ManyModelsAPI` asks the :class:`~.endpoint.Endpoint`
+which deployment answers the request (pinned by header, else by weight), puts it in the
+ASGI scope's state (``state["deployment"]`` is its name, for logs and metrics) and adds
+the ``x-manymodels-deployment`` header to the answer; handlers take the deployment from
+the request and never branch on which one it is.
+
 Routes are thin: read the body (:func:`~.dataplane.read_json`), call the data plane,
 return orjson bytes. Handlers are ``async def`` and score small requests on the event
 loop (tens of microseconds), because a thread hop per request doubles the CPU cost;
@@ -14,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from fastapi import FastAPI
@@ -45,7 +51,12 @@ from .registry import ModelRegistry, ServedModel
 from .settings import ServeSettings
 from .v2 import infer_reply, make_v2_router, split_infer_path
 
-__all__ = ["ManyModelsAPI", "create_app", "create_app_from_env", "resolve_source"]
+if TYPE_CHECKING:
+    from .endpoint import Deployment, Endpoint, EndpointSpec
+    from .mirror import Mirror
+
+__all__ = ["DEPLOYMENT_STATE", "ManyModelsAPI", "create_app", "create_app_from_env",
+           "deployment_of", "resolve_source"]
 
 log = logging.getLogger("manymodels.serve")
 
@@ -53,6 +64,15 @@ SCORE_FIELDS = ("data", "dataframe_split", "dataframe_records")
 INVOCATION_FIELDS = ("dataframe_split", "dataframe_records", "instances")
 JSON = "application/json"
 JSON_BYTES = b"application/json"
+#: Scope-state key of the :class:`~.endpoint.Deployment` answering a request.
+DEPLOYMENT_STATE = "manymodels.deployment"
+#: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
+DATA_PLANE = ("/score", "/invocations", "/models", "/stats", "/v2/models/", "/v2/repository/")
+
+
+def deployment_of(request: Request) -> Deployment:
+    """The deployment the endpoint chose for ``request``."""
+    return request.scope["state"][DEPLOYMENT_STATE]  # type: ignore[no-any-return]
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -149,49 +169,92 @@ class Scorer:
 
 
 class ManyModelsAPI(FastAPI):
-    """FastAPI with a fast lane for the two hot routes.
+    """FastAPI with a deployment chosen per request and a fast lane for the hot routes.
 
     ``POST /score`` and ``POST /v2/models/{name}/infer`` are answered straight from the
     ASGI call: same body checks, same data plane, same error table as the declared
     routes (which stay, for the OpenAPI page and for any caller that mounts the router),
     but without routing, dependency solving and the middleware stack, which cost about
     50 µs per request, four times the scoring itself. Every other route goes through
-    FastAPI as usual.
+    FastAPI as usual. Both lanes get their deployment from :meth:`serve`.
     """
 
-    scorer: Scorer
+    endpoint: Endpoint
+    mirror: Mirror
     body_limit: int
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            if path == "/score":
-                await self._fast(scope, receive, send, None)
-                return
-            target = split_infer_path(path)
-            if target is not None:
-                await self._fast(scope, receive, send, target)
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http" or not scope["path"].startswith(DATA_PLANE):
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            choice = self.endpoint.choose(scope["headers"])
+        except Exception as exc:  # an unknown pinned deployment, no live traffic
+            await _send_error(send, scope["path"], exc, ())
+            return
+        shadow = None if choice.pinned else self.mirror.sample(scope["method"], scope["path"])
+        if shadow is None:
+            await self.serve(scope, receive, send, choice.deployment)
+        else:
+            await self.mirror.serve(scope, receive, send, choice.deployment, shadow)
+
+    async def serve(self, scope: Any, receive: Any, send: Any, deployment: Deployment) -> None:
+        """Answer one request on ``deployment`` (live, pinned, or a mirrored copy)."""
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["deployment"] = deployment.name
+        state[DEPLOYMENT_STATE] = deployment
+        deployment.inflight += 1
+        try:
+            if scope["method"] == "POST":
+                path = scope["path"]
+                if path == "/score":
+                    await self._fast(scope, receive, send, None, deployment)
+                    return
+                target = split_infer_path(path)
+                if target is not None:
+                    await self._fast(scope, receive, send, target, deployment)
+                    return
+            header = deployment.header
+
+            async def send_named(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), header]
+                await send(message)
+
+            await super().__call__(scope, receive, send_named)
+        finally:
+            deployment.inflight -= 1
 
     async def _fast(self, scope: Any, receive: Any, send: Any,
-                    target: tuple[str, str | None] | None) -> None:
+                    target: tuple[str, str | None] | None, deployment: Deployment) -> None:
         status, media = 200, JSON_BYTES
         try:
             check_headers(scope["headers"], self.body_limit)
             body = parse_json(await receive_body(receive, self.body_limit))
             if target is None:
-                reply = await self.scorer.score_reply(body)
+                reply = await deployment.scorer.score_reply(body)
             else:
-                reply = await infer_reply(self.scorer.registry, target[0], target[1], body)
+                reply = await infer_reply(deployment.registry, target[0], target[1], body)
             content = dumps(reply)
         except Exception as exc:  # every failure becomes one mapped answer, never a crash
-            status, content, media_text = render_exception(scope["path"], exc)
-            media = media_text.encode()
+            await _send_error(send, scope["path"], exc, (deployment.header,))
+            return
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", media),
-                                (b"content-length", str(len(content)).encode())]})
+                                (b"content-length", str(len(content)).encode()),
+                                deployment.header]})
         await send({"type": "http.response.body", "body": content})
+
+
+async def _send_error(send: Any, path: str, exc: Exception,
+                      extra: tuple[tuple[bytes, bytes], ...]) -> None:
+    status, content, media = render_exception(path, exc)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", media.encode()),
+                            (b"content-length", str(len(content)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": content})
 
 
 def _with_classes(payload: dict[str, Any], prediction: Prediction) -> dict[str, Any]:
@@ -214,8 +277,7 @@ def _model_list(registry: ModelRegistry) -> dict[str, Any]:
     }
 
 
-def _add_routes(app: ManyModelsAPI, registry: ModelRegistry, settings: ServeSettings) -> None:
-    scorer = app.scorer
+def _add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
     limit = settings.max_body_bytes
     process = psutil.Process()
 
@@ -231,6 +293,7 @@ def _add_routes(app: ManyModelsAPI, registry: ModelRegistry, settings: ServeSett
         model down the fallback chain and the reply gives, per row in input order, the
         prediction, the model that produced it and whether a fallback was used.
         """
+        scorer = deployment_of(request).scorer
         reply = await scorer.score_reply(await read_json(request, limit))
         return Response(dumps(reply), media_type=JSON)
 
@@ -242,6 +305,7 @@ def _add_routes(app: ManyModelsAPI, registry: ModelRegistry, settings: ServeSett
         """Takes ``dataframe_split``, ``dataframe_records`` or ``instances`` like
         ``mlflow models serve``, or a ``text/csv`` body; ``"params": {"model": name}``
         (``?model=name`` with CSV) skips the routing."""
+        scorer = deployment_of(request).scorer
         if is_csv(request.scope["headers"]):
             table = await read_csv_table(request, limit)
             reply = await scorer.invocations_reply(None, table,
@@ -253,14 +317,19 @@ def _add_routes(app: ManyModelsAPI, registry: ModelRegistry, settings: ServeSett
     @app.get("/models", tags=["models"], response_class=Response,
              summary="List the models: names, segments, tags, loaded or not",
              responses=schemas.reply("ModelList"))
-    async def list_models() -> Response:
-        return Response(dumps(_model_list(registry)), media_type=JSON)
+    async def list_models(request: Request) -> Response:
+        return Response(dumps(_model_list(deployment_of(request).registry)), media_type=JSON)
 
     @app.get("/stats", tags=["health"], response_class=Response,
              summary="Model cache and process memory (resident bytes)")
-    async def stats() -> Response:
-        return Response(dumps({**registry.stats(), "rss": process.memory_info().rss,
-                               "pid": os.getpid()}), media_type=JSON)
+    async def stats(request: Request) -> Response:
+        """The answering deployment's models; ``shared``: the session cache every
+        deployment shares (by model file sha256); ``rss``: the whole process."""
+        deployment = deployment_of(request)
+        return Response(dumps({**deployment.registry.stats(), "deployment": deployment.name,
+                               "shared": app.endpoint.shared.stats(),
+                               "rss": process.memory_info().rss, "pid": os.getpid()}),
+                        media_type=JSON)
 
     @app.get("/ping", tags=["health"], response_class=Response,
              summary="Liveness, as MLflow's scoring server answers it")
@@ -283,47 +352,89 @@ def _custom_openapi(app: FastAPI) -> Any:
     return openapi
 
 
-def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -> FastAPI:
-    """Build the application for ``settings.bundle`` (or a ready ``registry``)."""
-    if registry is None:
+def build_endpoint(settings: ServeSettings, spec: EndpointSpec | None = None,
+                   registry: ModelRegistry | None = None) -> Endpoint:
+    """The endpoint to serve: a ready ``registry`` (one deployment), an endpoint
+    ``spec``, the endpoint file of ``settings`` (loaded if it exists, else written from
+    the spec or the bundle), or ``settings.bundle`` as the one deployment ``default``."""
+    from .endpoint import DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
+
+    path = Path(settings.endpoint) if settings.endpoint else None
+    if registry is not None:
+        endpoint = Endpoint(settings, path)
+        endpoint.shared = registry.shared
+        endpoint.deployments["default"] = endpoint.deployment("default",
+                                                              str(registry.bundle.root), registry)
+        endpoint._apply({"default": 100}, None)
+        return endpoint
+    if spec is None and path is not None and path.is_file():
+        if settings.bundle is not None:
+            raise BundleError(f"endpoint file {path} already lists the deployments; drop the "
+                              f"bundle argument (or change them with `manymodels endpoint`)")
+        return Endpoint.from_spec(load_endpoint_spec(path), settings, path)
+    if spec is None:
         if settings.bundle is None:
             raise BundleError("no bundle to serve: pass a bundle directory or models:/ URI "
-                              "(or set MANYMODELS_BUNDLE)")
-        registry = ModelRegistry(resolve_source(settings.bundle), max_bytes=settings.max_bytes,
-                                 optimisation=settings.optimisation,
-                                 load_threads=settings.load_threads,
-                                 inline_rows=settings.inline_rows)
-    preload = registry.preload_names(settings.preload)
+                              "(or set MANYMODELS_BUNDLE), --deployment NAME=BUNDLE, or "
+                              "--endpoint FILE")
+        spec = EndpointSpec(deployments={"default": DeploymentSpec(bundle=settings.bundle)},
+                            traffic={"default": 100})
+    endpoint = Endpoint.from_spec(spec, settings, path)
+    if path is not None:
+        endpoint.write()
+    return endpoint
+
+
+def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
+               spec: EndpointSpec | None = None) -> FastAPI:
+    """Build the application for ``settings`` (see :func:`build_endpoint`)."""
+    from .admin import make_admin_router
+    from .mirror import Mirror
+
+    endpoint = build_endpoint(settings, spec, registry)
     started = {"ready": False}
+
+    def registries() -> list[ModelRegistry]:
+        return [d.registry for d in endpoint.deployments.values()]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if settings.pin_fallbacks:
-            await registry.run_in_thread(registry.pin_fallbacks)
-        task = None
-        if preload:
-            registry.preloading = True
-            task = asyncio.ensure_future(registry.run_in_thread(registry.preload, preload))
+        tasks = []
+        for each in registries():
+            if settings.pin_fallbacks:
+                await each.run_in_thread(each.pin_fallbacks)
+            preload = each.preload_names(settings.preload)
+            if preload:
+                each.preloading = True
+                tasks.append(asyncio.ensure_future(each.run_in_thread(each.preload, preload)))
         started["ready"] = True
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
-            registry.close()
+            app.mirror.close()
+            endpoint.close()
 
+    for each in registries():  # a bad preload file fails here, before the server starts
+        each.preload_names(settings.preload)
+    names = ", ".join(endpoint.deployments) or "none"
     app = ManyModelsAPI(title="manymodels", version=_version(), lifespan=lifespan,
-                  description=f"Serves the {len(registry.bundle.manifest.models)} models of "
-                  f"bundle '{registry.bundle.manifest.name}' by name, by segment key and "
-                  f"over the Open Inference Protocol (V2).")
-    app.scorer = Scorer(registry)
+                        description=f"Serves the models of the deployments {names} by name, "
+                        f"by segment key and over the Open Inference Protocol (V2).")
+    app.endpoint = endpoint
+    app.mirror = Mirror(endpoint, app, settings.mirror_queue)
     app.body_limit = settings.max_body_bytes
-    app.state.registry = registry
+    app.state.endpoint = endpoint
     app.state.settings = settings
+    if "default" in endpoint.deployments:
+        app.state.registry = endpoint.deployments["default"].registry
     install_error_handlers(app)
-    _add_routes(app, registry, settings)
-    app.include_router(make_v2_router(registry, settings.max_body_bytes,
-                                      lambda: started["ready"] and not registry.preloading))
+    _add_routes(app, settings)
+    app.include_router(make_v2_router(
+        lambda request: deployment_of(request).registry, settings.max_body_bytes,
+        lambda: started["ready"] and not any(r.preloading for r in registries())))
+    app.include_router(make_admin_router(app, settings))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app
 

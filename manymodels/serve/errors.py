@@ -32,7 +32,11 @@ from manymodels.errors import (
 __all__ = [
     "HTTP_STATUS",
     "BodyTooLarge",
+    "DeploymentNotFound",
+    "DeploymentRefused",
+    "EndpointConflict",
     "MalformedBody",
+    "NoLiveTraffic",
     "ModelUnavailable",
     "UnsupportedMediaType",
     "error_response",
@@ -77,8 +81,39 @@ class ModelUnavailable(ModelLoadError):
     code = "model_unavailable"
 
 
+class DeploymentNotFound(ModelNotFound):
+    """A request or an admin call names a deployment the endpoint does not host."""
+
+    code = "deployment_not_found"
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        ManyModelsError.__init__(self, f"no deployment '{name}' on this endpoint (deployments: "
+                                 f"{', '.join(known or []) or 'none'}); GET /admin/deployments "
+                                 f"lists them")
+        self.name = name
+
+
+class DeploymentRefused(DataError):
+    """A bundle offered as a new deployment failed its checks; traffic stays where it was."""
+
+    code = "deployment_refused"
+
+
+class EndpointConflict(SpecError):
+    """An admin change that breaks the endpoint's rules (traffic sums, mirror, removal)."""
+
+    code = "endpoint_conflict"
+
+
+class NoLiveTraffic(ModelLoadError):
+    """Every live weight is 0 and the request pins no deployment."""
+
+    code = "no_live_traffic"
+
+
 #: Status per error class; the first class that matches wins, so subclasses come first.
 HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
+    (EndpointConflict, 409),
     (BodyTooLarge, 413),
     (UnsupportedMediaType, 415),
     (MalformedBody, 400),
@@ -103,7 +138,7 @@ def status_for(exc: ManyModelsError) -> int:
 
 
 _TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Content Too Large", 415: "Unsupported Media Type",
+           409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 500: "Internal Server Error",
            503: "Service Unavailable"}
 

@@ -16,7 +16,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,10 +27,11 @@ import orjson
 
 from manymodels.errors import BundleError, ModelLoadError, ModelNotFound, SpecError
 from manymodels.runtime import Bundle, LoadedModel, SessionCache, load_model
+from manymodels.runtime.manifest import ModelEntry
 
 from .errors import ModelUnavailable
 
-__all__ = ["ModelRegistry", "ServedModel", "v2_datatype"]
+__all__ = ["ModelRegistry", "ServedModel", "SharedSessions", "SharedView", "v2_datatype"]
 
 log = logging.getLogger("manymodels.serve")
 
@@ -84,24 +85,199 @@ class ServedModel(LoadedModel):
         return self
 
 
-def _prepare(loaded: LoadedModel, segment_columns: Iterable[str], version: str) -> ServedModel:
+def _prepare(loaded: LoadedModel, entry: ModelEntry, segment_columns: Iterable[str],
+             version: str) -> ServedModel:
+    """The served model of manifest ``entry`` over the session of ``loaded`` (which
+    another bundle's entry for the same file may have loaded)."""
     session = loaded.session
     metadata = {
-        "name": loaded.name, "versions": [version], "platform": "onnxruntime_onnx",
+        "name": entry.name, "versions": [version], "platform": "onnxruntime_onnx",
         "inputs": [{"name": i.name, "datatype": _ONNX_TO_V2.get(i.type, "BYTES"),
                     "shape": _dims(i.shape)} for i in session.get_inputs()],
         "outputs": [{"name": o.name, "datatype": _ONNX_TO_V2.get(o.type, "BYTES"),
                      "shape": _dims(o.shape)} for o in session.get_outputs()],
-        "parameters": {"kind": loaded.entry.kind, "level": loaded.entry.level,
-                       "segment": loaded.entry.key, "algorithm": loaded.entry.algorithm},
+        "parameters": {"kind": entry.kind, "level": entry.level,
+                       "segment": entry.key, "algorithm": entry.algorithm},
     }
     base = {f.name: getattr(loaded, f.name) for f in fields(LoadedModel) if f.init}
+    base.update(name=entry.name, entry=entry,
+                input_names=tuple(c.name for c in entry.inputs))
     return ServedModel(
         **base,
         allowed=frozenset(loaded.input_names) | frozenset(segment_columns),
         float_inputs=tuple(n for n in loaded.input_names if n not in loaded.string_inputs),
-        v2_metadata=orjson.dumps(metadata),
+        # an exact-size copy: orjson's bytes keep a 4 KB buffer, 10x what one holds
+        v2_metadata=bytes(memoryview(orjson.dumps(metadata))),
     )
+
+
+@dataclass
+class _Resident(LoadedModel):
+    """One session in the shared cache, with the served model each registry made of it.
+
+    The views hang off the cache entry (not the other way round), so evicting the entry
+    frees the session and every view at once, without a reference cycle.
+    """
+
+    views: dict[tuple[int, str], ServedModel] = field(default_factory=dict)
+
+
+def _file_key(entry: ModelEntry, root: Path) -> str:
+    """The shared-cache key of a model file: its sha256 (a path if the manifest has none)."""
+    return entry.sha256 or f"path:{(root / entry.file).resolve()}"
+
+
+class SharedSessions:
+    """One byte-bounded session cache for every deployment, keyed by model file sha256.
+
+    Registries register where each file of theirs lives; the first load of a file by any
+    deployment serves all of them, and pins (fallback models) are counted per registry so
+    a file stays pinned while any deployment pins it.
+    """
+
+    def __init__(self, max_bytes: int | None = None, load_threads: int = 2) -> None:
+        self.cache = SessionCache(self._load, max_bytes=max_bytes)
+        #: Threads that create sessions, for every deployment (one pool, not one each).
+        self.executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
+        self._sources: dict[str, dict[int, tuple[ModelEntry, Path, Any]]] = {}
+        self._pins: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, token: int, key: str, entry: ModelEntry, path: Path,
+                 options: Any) -> None:
+        with self._lock:
+            self._sources.setdefault(key, {})[token] = (entry, path, options)
+
+    def _load(self, key: str) -> LoadedModel:
+        with self._lock:
+            sources = list(self._sources.get(key, {}).values())
+        if not sources:
+            raise BundleError(f"no deployment serves model file {key} any more")
+        entry, path, options = sources[0]
+        if not path.is_file():
+            raise BundleError(f"model file {entry.file} of model '{entry.name}' is missing in "
+                              f"{path.parent.parent}")
+        loaded = load_model(entry, path, options)
+        base = {f.name: getattr(loaded, f.name) for f in fields(LoadedModel) if f.init}
+        return _Resident(**base)
+
+    def pin(self, token: int, key: str) -> LoadedModel:
+        with self._lock:
+            self._pins.setdefault(key, set()).add(token)
+        return self.cache.pin(key)
+
+    def release(self, token: int) -> None:
+        """Forget a closed registry: its views, its files and pins no other registry holds.
+
+        A removed deployment's models leave memory at once, except the files another
+        deployment also serves, which stay loaded for it."""
+        drop = []
+        with self._lock:
+            for key, sources in list(self._sources.items()):
+                if sources.pop(token, None) is None:
+                    continue
+                resident = self.cache._items.get(key)  # no LRU bump for a leaving registry
+                if isinstance(resident, _Resident):
+                    for view in [v for v in resident.views if v[0] == token]:
+                        resident.views.pop(view, None)
+                if not sources:
+                    del self._sources[key]
+                    drop.append(key)
+            for key, owners in list(self._pins.items()):
+                if token in owners and len(owners) == 1:
+                    del self._pins[key]
+                    drop.append(key)  # unpinned the only way the cache knows: reload on use
+                owners.discard(token)
+        for key in set(drop):
+            self.cache.unload(key)
+
+    def resident(self, key: str) -> LoadedModel | None:
+        """The session of a file if it is loaded, without marking it used."""
+        return self.cache._items.get(key)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"files": len(self._sources), "loaded": len(self.cache), "bytes": self.cache.bytes,
+                "max_bytes": self.cache.max_bytes, "loads": self.cache.loads,
+                "evictions": self.cache.evictions}
+
+
+class SharedView:
+    """The :class:`SessionCache` interface by model name, for one registry, over the
+    shared cache: a hit is two dictionary lookups and the view of that registry."""
+
+    _tokens = iter(range(1, 1 << 62))
+
+    def __init__(self, shared: SharedSessions, bundle: Bundle,
+                 prepare: Callable[[LoadedModel, ModelEntry], ServedModel]) -> None:
+        self.shared = shared
+        self.token = next(self._tokens)
+        self._cache = shared.cache
+        self._entries = bundle.manifest.models
+        self._prepare = prepare
+        self._keys: dict[str, str] = {}
+        for name, entry in self._entries.items():
+            key = self._keys[name] = _file_key(entry, bundle.root)
+            shared.register(self.token, key, entry, bundle.root / entry.file, bundle._options)
+
+    def _view(self, resident: LoadedModel, name: str) -> ServedModel:
+        assert isinstance(resident, _Resident)
+        view = resident.views.get((self.token, name))
+        if view is None:
+            view = resident.views[(self.token, name)] = self._prepare(resident,
+                                                                      self._entries[name])
+        return view
+
+    def __contains__(self, name: object) -> bool:
+        return self._keys.get(name) in self._cache  # type: ignore[call-overload]
+
+    def __len__(self) -> int:
+        return sum(1 for key in self._keys.values() if key in self._cache)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._cache.max_bytes
+
+    @property
+    def bytes(self) -> int:
+        return self._cache.bytes
+
+    @property
+    def loads(self) -> int:
+        return self._cache.loads
+
+    @property
+    def evictions(self) -> int:
+        return self._cache.evictions
+
+    def key(self, name: str) -> str:
+        return self._keys[name]
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, key in self._keys.items() if key in self._cache]
+
+    def peek(self, name: str) -> ServedModel | None:
+        key = self._keys.get(name)
+        resident = None if key is None else self._cache.peek(key)
+        return None if resident is None else self._view(resident, name)
+
+    def get(self, name: str) -> ServedModel:
+        return self._view(self._cache.get(self._keys[name]), name)
+
+    def get_many(self, names: Sequence[str]) -> list[ServedModel]:
+        found = self._cache.get_many([self._keys[n] for n in names])
+        return [self._view(r, n) for r, n in zip(found, names, strict=True)]
+
+    def pin(self, name: str) -> ServedModel:
+        return self._view(self.shared.pin(self.token, self._keys[name]), name)
+
+    def unload(self, name: str) -> bool:
+        return self._cache.unload(self._keys[name])
+
+    def close(self) -> None:
+        self.shared.release(self.token)
 
 
 class ModelRegistry:
@@ -119,37 +295,36 @@ class ModelRegistry:
         Threads that create sessions.
     inline_rows
         Requests with more rows than this are scored in a thread, off the event loop.
+    shared
+        The session cache of the endpoint, when several deployments share one (then
+        ``max_bytes`` is that cache's budget, not this registry's).
     """
 
     def __init__(self, root: str | Path, max_bytes: int | None = None,
                  optimisation: str = "basic", load_threads: int = 2,
-                 inline_rows: int = 2048) -> None:
+                 inline_rows: int = 2048, shared: SharedSessions | None = None) -> None:
         self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation)
         manifest = self.bundle.manifest
         self.version = str(manifest.raw.get("version") or "1")
         self.segment_columns = tuple(manifest.segment_columns)
         self.bundle_columns = frozenset(self.segment_columns).union(
             *(e.input_names for e in manifest.models.values()))
-        self.cache = SessionCache(self._load, max_bytes=max_bytes)
-        self.bundle.cache = self.cache  # one cache: Bundle's scoring helpers see the same
+        self._owns_shared = shared is None
+        self.shared = shared if shared is not None else SharedSessions(max_bytes, load_threads)
+        self.cache = SharedView(self.shared, self.bundle, self._prepare)
+        self.bundle.cache = self.cache  # type: ignore[assignment]  # Bundle's helpers see it too
         self.failed: dict[str, str] = {}
         self.pinned: tuple[str, ...] = ()
         self.preloading = False
         self.inline_rows = inline_rows
-        self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
+        self._executor = self.shared.executor
         self._inflight: dict[str, asyncio.Future[ServedModel]] = {}
         self._lock = threading.Lock()
         self._trimmed_at = 0
 
     # -- loading ---------------------------------------------------------------------------
-    def _load(self, name: str) -> LoadedModel:
-        entry = self.bundle.manifest.models[name]
-        path = self.bundle.root / entry.file
-        if not path.is_file():
-            raise BundleError(f"model file {entry.file} of model '{name}' is missing in "
-                              f"{self.bundle.root}")
-        loaded = load_model(entry, path, self.bundle._options)
-        return _prepare(loaded, self.segment_columns, self.version)
+    def _prepare(self, loaded: LoadedModel, entry: ModelEntry) -> ServedModel:
+        return _prepare(loaded, entry, self.segment_columns, self.version)
 
     def _trim_after_evictions(self) -> None:
         """Give freed session memory back to the OS every :data:`TRIM_EVERY` evictions.
@@ -279,5 +454,13 @@ class ModelRegistry:
                 "loads": self.cache.loads, "evictions": self.cache.evictions,
                 "pinned": list(self.pinned), "failed": len(self.failed)}
 
+    def trim(self) -> None:
+        """Give freed heap memory back to the OS (after a burst of loads and drops)."""
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Let go of this registry's models; the shared pool and cache stay for the others."""
+        self.cache.close()
+        if self._owns_shared:
+            self.shared.close()

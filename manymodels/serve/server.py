@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import uvicorn
 
+from manymodels.errors import SpecError
+
 from .app import create_app, resolve_source
 from .settings import ServeSettings
+
+if TYPE_CHECKING:
+    from .endpoint import EndpointSpec
 
 __all__ = ["run", "uvicorn_config", "uvicorn_options"]
 
@@ -27,20 +33,25 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, object]:
             "timeout_keep_alive": 30}
 
 
-def uvicorn_config(settings: ServeSettings) -> uvicorn.Config:
-    """A uvicorn config serving ``settings.bundle`` in this process (one worker)."""
-    return uvicorn.Config(create_app(settings), **uvicorn_options(settings))  # type: ignore[arg-type]
+def uvicorn_config(settings: ServeSettings, spec: EndpointSpec | None = None) -> uvicorn.Config:
+    """A uvicorn config serving ``settings`` (or the endpoint ``spec``) in this process."""
+    return uvicorn.Config(create_app(settings, spec=spec), **uvicorn_options(settings))  # type: ignore[arg-type]
 
 
-def run(settings: ServeSettings) -> None:
-    """Serve until interrupted. A registry URI is resolved once, before workers start."""
+def run(settings: ServeSettings, spec: EndpointSpec | None = None) -> None:
+    """Serve until interrupted. A registry URI is resolved once, before workers start;
+    several workers read the deployments from the endpoint file."""
     logging.getLogger("manymodels").setLevel(settings.log_level.upper())
     if settings.bundle is not None:
         settings = settings.model_copy(update={"bundle": str(resolve_source(settings.bundle))})
     if settings.workers == 1:
-        uvicorn.Server(uvicorn_config(settings)).run()
+        uvicorn.Server(uvicorn_config(settings, spec)).run()
         return
-    create_app(settings)  # fail here, once, on a bad bundle rather than in every worker
+    if spec is not None and settings.endpoint is None:
+        raise SpecError("several deployments with --workers > 1 need --endpoint FILE, so "
+                        "every worker reads the same deployments")
+    create_app(settings, spec=spec)  # fail here, once, on a bad bundle, not in every worker
+    settings = settings.model_copy(update={"bundle": None}) if settings.endpoint else settings
     os.environ.update(settings.to_env())
     uvicorn.run("manymodels.serve.app:create_app_from_env", factory=True,
                 workers=settings.workers, **uvicorn_options(settings))  # type: ignore[arg-type]

@@ -31,6 +31,12 @@ class ServeSettings(BaseSettings):
     """Name of the settings (the spec's file name when loaded from ``serving/``)."""
     bundle: str | None = None
     """Bundle directory, or a registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<v>``."""
+    endpoint: str | None = None
+    """Endpoint file (YAML: deployments, traffic, mirror). Loaded at start if it exists,
+    else written from the bundle or ``--deployment`` flags; rewritten on every change."""
+    mirror_queue: int = Field(default=1024, ge=1)
+    """Mirrored copies waiting for the shadow deployment; a copy that finds it full is
+    dropped (and counted), so mirroring never holds a live request back."""
     host: str = "127.0.0.1"
     """Interface to listen on; ``0.0.0.0`` to accept connections from other machines."""
     port: int = Field(default=8000, ge=0, le=65535)

@@ -158,11 +158,11 @@ def split_infer_path(path: str) -> tuple[str, str | None] | None:
     return None
 
 
-def make_v2_router(registry: ModelRegistry, limit: int,
+def make_v2_router(registry_of: Callable[[Request], ModelRegistry], limit: int,
                    is_ready: Callable[[], bool]) -> APIRouter:
-    """The V2 routes over ``registry``; ``is_ready`` says whether start-up is complete."""
+    """The V2 routes over the registry ``registry_of(request)`` gives (the deployment
+    chosen for the request); ``is_ready`` says whether start-up is complete."""
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
-    version = registry.version
 
     @router.get("", response_class=Response, summary="Server metadata",
                 responses=schemas.reply("V2ServerMetadata"))
@@ -184,12 +184,16 @@ def make_v2_router(registry: ModelRegistry, limit: int,
         ok = is_ready()
         return Response(dumps({"ready": ok}), status_code=200 if ok else 503, media_type=JSON)
 
-    async def model_metadata(name: str, model_version: str | None = None) -> Response:
+    async def model_metadata(request: Request, name: str,
+                             model_version: str | None = None) -> Response:
+        registry = registry_of(request)
         check_version(registry, name, model_version)
         served = await registry.get(name)
         return Response(served.v2_metadata, media_type=JSON)
 
-    async def model_ready(name: str, model_version: str | None = None) -> Response:
+    async def model_ready(request: Request, name: str,
+                          model_version: str | None = None) -> Response:
+        registry = registry_of(request)
         check_version(registry, name, model_version)
         if not registry.knows(name):
             raise ModelNotFound(name, known=len(registry.bundle.manifest.models))
@@ -202,7 +206,8 @@ def make_v2_router(registry: ModelRegistry, limit: int,
     async def model_infer(request: Request, name: str,
                           model_version: str | None = None) -> Response:
         body = await read_json(request, limit)
-        return Response(dumps(await infer_reply(registry, name, model_version, body)),
+        return Response(dumps(await infer_reply(registry_of(request), name, model_version,
+                                                body)),
                         media_type=JSON)
 
     meta_doc = schemas.reply("V2ModelMetadata", 404, 503, v2=True)
@@ -229,6 +234,8 @@ def make_v2_router(registry: ModelRegistry, limit: int,
         if not isinstance(body, dict):
             raise MalformedBody("the body must be a JSON object such as {\"ready\": true}")
         only_ready = body.get("ready") is True
+        registry = registry_of(request)
+        version = registry.version
         entries = []
         for name in registry.bundle.manifest.models:
             state, reason = registry.state(name)
@@ -243,15 +250,15 @@ def make_v2_router(registry: ModelRegistry, limit: int,
     @router.post("/repository/models/{name}/load", response_class=Response,
                  summary="Load a model now (retries one that failed)",
                  responses=schemas.reply(None, 404, 503, v2=True))
-    async def repository_load(name: str) -> Response:
-        await registry.get(name)
+    async def repository_load(request: Request, name: str) -> Response:
+        await registry_of(request).get(name)
         return Response(dumps({"name": name, "state": "READY"}), media_type=JSON)
 
     @router.post("/repository/models/{name}/unload", response_class=Response,
                  summary="Drop a model from memory (it reloads on its next request)",
                  responses=schemas.reply(None, 404, v2=True))
-    async def repository_unload(name: str) -> Response:
-        registry.unload(name)
+    async def repository_unload(request: Request, name: str) -> Response:
+        registry_of(request).unload(name)
         return Response(dumps({"name": name, "state": "UNAVAILABLE"}), media_type=JSON)
 
     return router

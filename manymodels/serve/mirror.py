@@ -1,0 +1,307 @@
+"""Mirrored (shadow) traffic: copies of live requests answered by a deployment that takes
+no live traffic, and the two answers compared per model.
+
+A mirrored request is answered by its live deployment exactly as it would be without
+mirroring; only then is a copy (the request body and the live answer, both already in
+memory) put on a bounded queue. One task on the event loop replays each copy through
+the same app, pinned to the shadow deployment, and compares the answers. A full queue
+drops the copy and counts it, and every failure of the shadow is caught and counted, so
+a shadow can neither slow a live request beyond the enqueue nor fail one.
+
+For each mirrored request the answers are paired row by row with the model the live
+deployment used: per model the rows compared, how many differ, mean and max absolute
+difference (regression) or the disagreement rate (class labels), and how many rows the
+shadow sent to another model; per deployment the shadow's errors by status, and the
+latency of both sides and the shadow's CPU time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .v2 import split_infer_path
+
+if TYPE_CHECKING:
+    from .endpoint import Deployment, Endpoint
+
+__all__ = ["Mirror", "MirrorStats", "paired_rows"]
+
+log = logging.getLogger("manymodels.serve")
+
+#: Latencies kept per side for the percentiles (a sliding window of recent copies).
+LATENCY_WINDOW = 4096
+
+
+def is_mirrored_route(method: str, path: str) -> bool:
+    """Scoring routes only: copies of GETs or of repository loads would be side effects."""
+    return method == "POST" and (path in ("/score", "/invocations")
+                                 or split_infer_path(path) is not None)
+
+
+def paired_rows(path: str, live: Any, shadow: Any) -> list[tuple[str, Any, str, Any]]:
+    """``(live model, live value, shadow model, shadow value)`` per row of two answers of
+    the same route; ``ValueError`` if the shadow's answer does not have the live shape."""
+    if path == "/score":
+        sides = [_score_rows(live), _score_rows(shadow)]
+    elif path == "/invocations":
+        sides = [[(p["model"], p["prediction"]) for p in reply["predictions"]]
+                 for reply in (live, shadow)]
+    else:  # V2 inference: the first output holds the predictions (or the labels)
+        sides = [[(reply["model_name"], v) for v in reply["outputs"][0]["data"]]
+                 for reply in (live, shadow)]
+    if len(sides[0]) != len(sides[1]):
+        raise ValueError(f"{len(sides[1])} rows in the shadow's answer, {len(sides[0])} live")
+    return [(lm, lv, sm, sv) for (lm, lv), (sm, sv) in zip(sides[0], sides[1], strict=True)]
+
+
+def _score_rows(reply: dict[str, Any]) -> list[tuple[str, Any]]:
+    values = reply["predictions"]
+    models = reply["model"]
+    if isinstance(models, str):
+        models = [models] * len(values)
+    return list(zip(models, values, strict=True))
+
+
+@dataclass
+class ModelDiff:
+    """Differences between the live and the shadow answers of one model."""
+
+    rows: int = 0
+    differing: int = 0
+    rerouted: int = 0
+    abs_sum: float = 0.0
+    abs_max: float = 0.0
+
+    def add(self, live_value: Any, shadow_value: Any, labels: bool, rerouted: bool) -> None:
+        self.rows += 1
+        self.rerouted += rerouted
+        if live_value == shadow_value:
+            return
+        self.differing += 1
+        if not labels and isinstance(live_value, int | float) \
+                and isinstance(shadow_value, int | float):
+            gap = abs(float(live_value) - float(shadow_value))
+            self.abs_sum += gap
+            self.abs_max = max(self.abs_max, gap)
+
+    def as_dict(self, labels: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": self.rows, "differing": self.differing,
+                               "rerouted": self.rerouted}
+        if labels:
+            out["disagreement_rate"] = self.differing / self.rows if self.rows else 0.0
+        else:
+            out["mean_abs_diff"] = self.abs_sum / self.rows if self.rows else 0.0
+            out["max_abs_diff"] = self.abs_max
+        return out
+
+
+def _latency(values: deque[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 4)  # noqa: E731
+    return {"mean": round(sum(ordered) / len(ordered) * 1e3, 4), "p50": pick(0.5),
+            "p99": pick(0.99)}
+
+
+@dataclass
+class MirrorStats:
+    """What mirroring to one deployment has seen since that deployment was added."""
+
+    labels: bool = False
+    mirrored: int = 0
+    compared: int = 0
+    dropped: int = 0
+    errors: int = 0
+    mismatched: int = 0
+    live_errors: int = 0
+    errors_by_status: Counter[int] = field(default_factory=Counter)
+    shadow_cpu_seconds: float = 0.0
+    live_latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    shadow_latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    models: dict[str, ModelDiff] = field(default_factory=dict)
+
+    def as_dict(self, name: str) -> dict[str, Any]:
+        replayed = self.compared + self.errors + self.mismatched + self.live_errors
+        return {
+            "deployment": name, "mirrored": self.mirrored, "compared": self.compared,
+            "dropped": self.dropped, "errors": self.errors, "mismatched": self.mismatched,
+            "live_errors": self.live_errors,
+            "errors_by_status": {str(k): v for k, v in sorted(self.errors_by_status.items())},
+            "latency_ms": {"live": _latency(self.live_latency),
+                           "shadow": _latency(self.shadow_latency)},
+            "shadow_cpu_ms_per_request": round(self.shadow_cpu_seconds / replayed * 1e3, 4)
+            if replayed else None,
+            "models": {m: d.as_dict(self.labels) for m, d in sorted(self.models.items())},
+        }
+
+
+@dataclass
+class _Copy:
+    """One mirrored request: what the shadow replays and the live answer to compare."""
+
+    scope: dict[str, Any]
+    body: bytes
+    live_status: int
+    live_body: bytes
+    live_seconds: float
+    shadow: Deployment
+
+
+class _Recorder:
+    """Passes a live request through while keeping its body and its answer."""
+
+    def __init__(self, receive: Any, send: Any) -> None:
+        self._receive, self._send = receive, send
+        self.body: list[bytes] = []
+        self.reply: list[bytes] = []
+        self.status = 0
+
+    async def receive(self) -> Any:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.body.append(message.get("body", b""))
+        return message
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.reply.append(message.get("body", b""))
+        await self._send(message)
+
+
+class _Capture:
+    """The ASGI ``send`` of a replay: keeps the shadow's answer, sends nothing."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body: list[bytes] = []
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.body.append(message.get("body", b""))
+
+
+class Mirror:
+    """The queue of mirrored copies and the task that replays and compares them."""
+
+    def __init__(self, endpoint: Endpoint, app: Any, queue_size: int) -> None:
+        self.endpoint = endpoint
+        self.app = app
+        self.queue_size = queue_size
+        self.stats: dict[str, MirrorStats] = {}
+        self._queue: asyncio.Queue[_Copy] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def sample(self, method: str, path: str) -> Deployment | None:
+        """The shadow deployment if this (unpinned) request is to be copied."""
+        target = self.endpoint.mirror_target()
+        if target is None or random.random() * 100 >= target[1] \
+                or not is_mirrored_route(method, path):
+            return None
+        return target[0]
+
+    def stats_for(self, deployment: Deployment) -> MirrorStats:
+        stats = self.stats.get(deployment.name)
+        if stats is None:
+            labels = deployment.registry.bundle.manifest.task == "classification"
+            stats = self.stats[deployment.name] = MirrorStats(labels=labels)
+        return stats
+
+    def forget(self, name: str) -> None:
+        self.stats.pop(name, None)
+
+    async def serve(self, scope: Any, receive: Any, send: Any, live: Deployment,
+                    shadow: Deployment) -> None:
+        """Answer the request on ``live`` as usual, then queue a copy for ``shadow``."""
+        recorder = _Recorder(receive, send)
+        started = time.perf_counter()
+        await self.app.serve(scope, recorder.receive, recorder.send, live)
+        elapsed = time.perf_counter() - started
+        copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
+                                                                 "endpoint", "route")}
+        self.offer(_Copy(copy_scope, b"".join(recorder.body), recorder.status,
+                         b"".join(recorder.reply), elapsed, shadow))
+
+    def offer(self, copy: _Copy) -> None:
+        stats = self.stats_for(copy.shadow)
+        stats.mirrored += 1
+        if self._queue is None:
+            self._queue = asyncio.Queue(self.queue_size)
+        try:
+            self._queue.put_nowait(copy)
+        except asyncio.QueueFull:
+            stats.dropped += 1
+            return
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            copy = await self._queue.get()
+            try:
+                await self._replay(copy)
+            except Exception:  # a shadow must never take the mirror down
+                log.exception("mirrored request to %s failed to replay", copy.shadow.name)
+            await asyncio.sleep(0)  # let live requests in between two copies
+
+    async def _replay(self, copy: _Copy) -> None:
+        stats = self.stats_for(copy.shadow)
+        if self.endpoint.deployments.get(copy.shadow.name) is not copy.shadow:
+            stats.dropped += 1  # removed while the copy waited
+            return
+        capture = _Capture()
+        sent = {"done": False}
+
+        async def receive() -> dict[str, Any]:
+            if sent["done"]:
+                return {"type": "http.disconnect"}
+            sent["done"] = True
+            return {"type": "http.request", "body": copy.body, "more_body": False}
+
+        scope = {**copy.scope, "state": {}}
+        cpu, started = time.thread_time(), time.perf_counter()
+        await self.app.serve(scope, receive, capture.send, copy.shadow)
+        stats.shadow_latency.append(time.perf_counter() - started)
+        stats.live_latency.append(copy.live_seconds)
+        self._compare(stats, scope["path"], copy, capture)
+        stats.shadow_cpu_seconds += time.thread_time() - cpu
+
+    @staticmethod
+    def _compare(stats: MirrorStats, path: str, copy: _Copy, capture: _Capture) -> None:
+        if copy.live_status != 200:
+            stats.live_errors += 1
+            return
+        if capture.status != 200:
+            stats.errors += 1
+            stats.errors_by_status[capture.status] += 1
+            return
+        try:
+            rows = paired_rows(path, orjson.loads(copy.live_body),
+                               orjson.loads(b"".join(capture.body)))
+        except (ValueError, KeyError, TypeError, IndexError):
+            stats.mismatched += 1
+            return
+        stats.compared += 1
+        labels = stats.labels
+        for live_model, live_value, shadow_model, shadow_value in rows:
+            diff = stats.models.get(live_model)
+            if diff is None:
+                diff = stats.models[live_model] = ModelDiff()
+            diff.add(live_value, shadow_value, labels, live_model != shadow_model)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
