@@ -26,6 +26,7 @@ from manymodels.errors import (
 from manymodels.runtime import Bundle
 
 if TYPE_CHECKING:
+    from manymodels.report import build_report
     from manymodels.training import TrainResult, train
 
 __version__ = "0.1.0"
@@ -47,10 +48,12 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "__version__",
+    "build_report",
     "train",
 ]
 
-_LAZY = {"train": "manymodels.training", "TrainResult": "manymodels.training"}
+_LAZY = {"train": "manymodels.training", "TrainResult": "manymodels.training",
+         "build_report": "manymodels.report"}
 
 
 def __getattr__(name: str) -> Any:

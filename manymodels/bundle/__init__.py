@@ -19,6 +19,7 @@ Layout of a bundle::
       MLmodel              python_function flavor, loader_module manymodels_runtime
       code/manymodels_runtime/   copy of manymodels.runtime (the one scoring code path)
       score.py             Azure ML online endpoint entry script (init / run)
+      report.parquet       the run's per-segment training report (``manymodels report``)
 """
 
 from __future__ import annotations

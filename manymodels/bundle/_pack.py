@@ -92,6 +92,7 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         _write_environment(tmp, env)
         _copy_runtime(tmp)
         _copy_score_script(tmp)
+        _copy_training_report(run_root, tmp)
         _write_mlmodel(tmp, bundle_name, bundle_version)
         swap_directory_into_place(tmp, out_path)
     except BaseException:
@@ -266,6 +267,13 @@ def _copy_runtime(tmp: Path) -> None:
 
 def _copy_score_script(tmp: Path) -> None:
     shutil.copyfile(Path(__file__).parent.parent / "templates" / "score.py", tmp / "score.py")
+
+
+def _copy_training_report(run_root: Path, tmp: Path) -> None:
+    """Carry the run's per-segment ``report.parquet`` along, for ``manymodels report``."""
+    source = run_root / "report.parquet"
+    if source.is_file():
+        shutil.copyfile(source, tmp / "report.parquet")
 
 
 def _write_mlmodel(tmp: Path, name: str, version: str) -> None:

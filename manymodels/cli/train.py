@@ -53,6 +53,10 @@ def print_summary(console: Console, report: Any, summary: dict[str, Any], run_di
         console.print("[yellow]The global model wins most segments: segmenting by these columns "
                       "does not pay off on this data.[/]")
     console.print(f"run directory: {run_dir}")
+    from .report import report_command_line
+
+    console.print(f"report: {report_command_line(run_dir, Path(run_dir) / 'report.html')}",
+                  highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
