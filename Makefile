@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean bench
+.PHONY: install demo test lint clean bench notebooks notebooks-sync
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check manymodels tests benchmarks
 	$(BIN)/mypy
 
+# Open the notebooks in Jupyter (installs the `notebooks` extra once). Each .ipynb is paired
+# with a .py (jupytext percent format): edit either, then `make notebooks-sync`.
+$(VENV)/.notebooks: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,dev,notebooks]"
+	touch $@
+
+notebooks: $(VENV)/.notebooks
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/jupyter notebook notebooks/
+
+notebooks-sync: $(STAMP)
+	$(BIN)/jupytext --sync notebooks/*.py
+	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) runs bundles mlruns.db mlartifacts .pytest_cache
+	rm -rf $(VENV) runs bundles mlruns.db mlartifacts .pytest_cache test-artifacts notebooks/notebook_out
