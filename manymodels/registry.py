@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
 from manymodels.runtime import MANIFEST_FILE, read_manifest
+from manymodels.storage import cache_root, fetch_bundle, is_remote
 from manymodels.tracking import (
     DEFAULT_TRACKING_URI,
     EXPERIMENT,
@@ -251,8 +252,7 @@ def resolve_version(source: str, uri: str | None = None) -> RegisteredBundle:
 
 def cache_dir() -> Path:
     """Where registry downloads are kept: ``MANYMODELS_CACHE_DIR`` or ``~/.cache/manymodels``."""
-    explicit = os.environ.get("MANYMODELS_CACHE_DIR")
-    return Path(explicit) if explicit else Path.home() / ".cache" / "manymodels"
+    return cache_root()
 
 
 def _download(found: RegisteredBundle, uri: str, target: Path) -> Path:
@@ -286,7 +286,8 @@ def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
     Parameters
     ----------
     source
-        A bundle (or run) directory, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``.
+        A bundle (or run) directory, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or
+        an object-store URL (``s3://bucket/path``, see :mod:`manymodels.storage`).
     uri
         Tracking/registry URI for ``models:/`` sources (default: :func:`tracking_uri`).
     cache
@@ -294,6 +295,8 @@ def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
         so a version downloaded once is reused; an alias is looked up on every call.
     """
     text = os.fspath(source)
+    if is_remote(text):
+        return fetch_bundle(text)
     if not text.startswith("models:"):
         path = Path(text)
         if not (path / MANIFEST_FILE).is_file():

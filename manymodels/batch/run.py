@@ -9,6 +9,7 @@ because it lives in the commit, not in the executor.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -22,8 +23,11 @@ from typing import Any
 
 from manymodels.errors import DataError, SpecError
 from manymodels.runtime import sha256_file
+from manymodels.storage import cache_root, is_remote, mirror_inputs
 
+from .objlog import ObjectTxLog
 from .plan import (
+    SUFFIXES,
     InputFile,
     MiniBatch,
     Unit,
@@ -34,7 +38,7 @@ from .plan import (
     read_layout,
 )
 from .score import FileInfo, UnitResult, UnitTask, open_bundle, ready_bundle, score_unit
-from .txlog import TxLog
+from .txlog import PieceLog, TxLog
 
 __all__ = [
     "BatchSummary",
@@ -66,7 +70,7 @@ class ErrorThresholdExceeded(DataError):
         super().__init__(
             f"{summary.errors} {summary.error_unit} failed validation or could not be read, "
             f"more than --error-threshold {summary.error_threshold}; the run stopped. Fix the "
-            f"input (see {summary.output / 'rejected'}) and rerun the same command to resume, "
+            f"input (see {summary.output}/rejected) and rerun the same command to resume, "
             f"or raise the threshold (-1 never stops)"
         )
         self.summary = summary
@@ -76,7 +80,7 @@ class ErrorThresholdExceeded(DataError):
 class BatchSummary:
     """What a batch run did, and what OUTPUT now holds."""
 
-    output: Path
+    output: Path | str  # a URL for an object-store OUTPUT
     files: int
     rows_scored: int  # rows in OUTPUT/predictions (all runs)
     rows_rejected: int  # rows in OUTPUT/rejected (all runs)
@@ -108,12 +112,26 @@ class BatchSummary:
 
 
 def _resolve_bundle(source: str | os.PathLike[str]) -> Path:
-    text = os.fspath(source)
-    if text.startswith("models:/"):
-        from manymodels.registry import resolve_bundle  # lazy: pulls in MLflow
+    from manymodels.storage import resolve_bundle_source
 
-        return Path(resolve_bundle(text))
-    return Path(text)
+    return resolve_bundle_source(source)
+
+
+def _open_log(output: str, header: dict[str, Any], overwrite: bool) -> PieceLog:
+    """The local transaction log, or the object-store one for an ``s3://`` OUTPUT."""
+    if is_remote(output):
+        return ObjectTxLog(output, header, overwrite=overwrite)
+    return TxLog(Path(output), header, overwrite=overwrite)
+
+
+def _local_input(source: str, output: str) -> Path:
+    """The input to plan from: a local path, or a local mirror of an ``s3://`` input
+    (kept between runs under ``$MANYMODELS_CACHE_DIR/inputs``: unchanged files are not
+    downloaded again, and checksums are taken from the bytes actually scored)."""
+    if not is_remote(source):
+        return Path(source)
+    key = hashlib.sha256(f"{source}\x00{output}".encode()).hexdigest()[:24]
+    return mirror_inputs(source, cache_root() / "inputs" / key, tuple(SUFFIXES))
 
 
 def choose_workers(total_rows: int, units: int, backend: str) -> int:
@@ -349,7 +367,7 @@ class _Warmer:
             self._thread.join()
 
 
-def _errors(log: TxLog, failed: list[tuple[str, str]], mini_batch: MiniBatch) -> int:
+def _errors(log: PieceLog, failed: list[tuple[str, str]], mini_batch: MiniBatch) -> int:
     if mini_batch.unit == "files":
         bad = {p.rel for p in log.pieces.values() if p.rejected} | {f for f, _ in failed}
         return len(bad)
@@ -412,11 +430,14 @@ def score_batch(
     mini_batch = parse_mini_batch(mini_batch_size)
     root = _resolve_bundle(bundle)
     manifest = open_bundle(str(root.resolve()), cache_bytes)[0].manifest
-    source, out = Path(input), Path(output)
-    _check_paths(source, out)
+    remote_out = is_remote(output)
+    source = _local_input(os.fspath(input), os.fspath(output))
+    out: Path | str = os.fspath(output) if remote_out else Path(output)
+    if isinstance(out, Path):
+        _check_paths(source, out)
     header = {"bundle_sha256": sha256_file(root / "manifest.json"), "id_column": id_column}
-    files = list_inputs(source, exclude=out.resolve())
-    log = TxLog(out, header, overwrite=overwrite)
+    files = list_inputs(source, exclude=out.resolve() if isinstance(out, Path) else None)
+    log = _open_log(os.fspath(output), header, overwrite)
     warmer = _Warmer(str(root.resolve()), cache_bytes) if backend == "local" else None
     try:
         files = _describe(files, warmer)
@@ -444,8 +465,9 @@ def score_batch(
     return summary
 
 
-def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit], log: TxLog,
-             out: Path, mini_batch: MiniBatch, workers: int, error_threshold: int,
+def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
+             log: PieceLog, out: Path | str, mini_batch: MiniBatch, workers: int,
+             error_threshold: int,
              id_column: str | None, backend: str, scheduler: Any, progress: bool,
              cache_bytes: int | None, failed: list[tuple[str, str]],
              timings: dict[str, float]) -> BatchSummary:
@@ -506,7 +528,7 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def _summarise(log: TxLog, out: Path, n_files: int, committed_now: int,
+def _summarise(log: PieceLog, out: Path | str, n_files: int, committed_now: int,
                failed: list[tuple[str, str]], rows_now: int, mini_batch: MiniBatch,
                error_threshold: int, stopped: bool, workers: int, backend: str,
                timings: dict[str, float]) -> BatchSummary:

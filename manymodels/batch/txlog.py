@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from manymodels.errors import SpecError
 
@@ -36,7 +36,7 @@ try:  # flock keeps two runs from writing the same OUTPUT; absent on Windows
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CommittedPiece", "TxLog", "fsync_dir"]
+__all__ = ["CommittedPiece", "PieceLog", "TxLog", "fsync_dir"]
 
 STATE_DIR = "_manymodels_batch"
 PREDICTIONS_DIR = "predictions"
@@ -87,6 +87,29 @@ class CommittedPiece:
                    int(raw["rows"]), int(raw["rejected"]), int(raw.get("fallbacks", 0)),
                    {str(k): int(v) for k, v in dict(raw.get("models", {})).items()},
                    raw.get("part"), raw.get("rejected_part"))
+
+
+class PieceLog(Protocol):
+    """What a batch run needs of its OUTPUT's commit log: :class:`TxLog` for a folder,
+    :class:`~.objlog.ObjectTxLog` for an object store. Both make a piece committed at one
+    atomic step (a fsynced log line; a write-once marker) and trust nothing else."""
+
+    pieces: dict[str, CommittedPiece]
+    staging: Path
+
+    def committed_ranges(self, checksums: Mapping[str, str]
+                         ) -> dict[str, list[tuple[int, int]]]: ...
+
+    def stale(self, checksums: Mapping[str, str]) -> list[CommittedPiece]: ...
+
+    def retract(self, pieces: Iterable[CommittedPiece]) -> int: ...
+
+    def clean(self) -> int: ...
+
+    def commit(self, pieces: Iterable[tuple[CommittedPiece, Path | None, Path | None]],
+               hook: Any = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TxLog:

@@ -7,10 +7,11 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,7 @@ from manymodels import runtime
 from manymodels.errors import BundleError
 from manymodels.io import swap_directory_into_place
 from manymodels.runtime import MANIFEST_FILE, SCHEMA_VERSION, Manifest, read_manifest
+from manymodels.storage import filesystem, is_remote, upload_bundle
 
 from ._inspect import format_key
 
@@ -38,7 +40,7 @@ TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onn
 class PackResult:
     """What :func:`package_run` wrote."""
 
-    path: Path
+    path: Path | str  # a URL when packed to an object store
     name: str
     version: str
     models: int
@@ -72,7 +74,12 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         models always give the same version).
     overwrite
         Replace an existing ``out``; without it an existing non-empty ``out`` is an error.
+
+    ``out`` may be an object-store URL (``s3://bucket/bundles/oj``): the bundle is packed
+    locally, then uploaded with its manifest last (:func:`manymodels.storage.upload_bundle`).
     """
+    if is_remote(out):
+        return _package_to_store(run_dir, os.fspath(out), name, version, overwrite)
     run_root = Path(run_dir)
     run = read_manifest(run_root)
     out_path = Path(out).resolve()
@@ -106,6 +113,18 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         failed=list(run.raw.get("failed", [])),
         dropped=sorted(set(run.models) - set(used)),
     )
+
+
+def _package_to_store(run_dir: str | os.PathLike[str], url: str, name: str | None,
+                      version: str | None, overwrite: bool) -> PackResult:
+    fs, base = filesystem(url)
+    if fs.exists(f"{base}/{MANIFEST_FILE}") and not overwrite:  # refuse before packing
+        raise BundleError(f"--out {url} already holds a bundle; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="manymodels-pack-") as tmp:
+        local = Path(tmp) / (base.rsplit("/", 1)[-1] or "bundle")
+        result = package_run(run_dir, local, name=name, version=version)
+        upload_bundle(local, url, overwrite=overwrite)
+    return replace(result, path=url.rstrip("/"))
 
 
 def _routed_models(run: Manifest) -> list[str]:

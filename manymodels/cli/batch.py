@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -56,11 +54,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("batch")
     def batch(
-        bundle: str = typer.Argument(..., help="Bundle directory or models:/name@alias."),
-        input: Path = typer.Argument(  # noqa: A002
-            ..., help="CSV or Parquet file, or a folder of them (hive key=value folders ok)."),
-        output: Path = typer.Argument(
-            ..., help="Output folder: predictions/, rejected/ and the transaction log."),
+        bundle: str = typer.Argument(
+            ..., help="Bundle directory, models:/name@alias or s3://bucket/path."),
+        input: str = typer.Argument(  # noqa: A002
+            ..., help="CSV or Parquet file, or a folder of them (hive key=value folders ok); "
+                      "local or s3://..."),
+        output: str = typer.Argument(
+            ..., help="Output folder (local or s3://...): predictions/, rejected/ and the "
+                      "commit log."),
         mini_batch_size: str = typer.Option(
             "1000000", "--mini-batch-size",
             help="Rows per mini-batch (whole row groups), or 'N files'."),

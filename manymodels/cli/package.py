@@ -50,7 +50,8 @@ def _print_pack(result: PackResult) -> None:
 def package(
     run_dir: Path = typer.Argument(..., help="Run directory written by `manymodels train`."),
     name: str | None = typer.Option(None, "--name", help="Bundle and registered-model name."),
-    out: Path | None = typer.Option(None, "--out", help="Bundle dir (default: bundles/NAME)."),
+    out: str | None = typer.Option(
+        None, "--out", help="Bundle dir or s3://bucket/path (default: bundles/NAME)."),
     version: str | None = typer.Option(None, "--version", help="Default: a content digest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     register: bool = typer.Option(False, "--register", help="Register it in MLflow."),
@@ -59,6 +60,7 @@ def package(
     """Pack a training run into one bundle directory (optionally registered in MLflow)."""
     from manymodels.bundle import package_run
 
+    target: str | Path
     if out is not None:
         target = out
     elif name is not None:
@@ -68,9 +70,10 @@ def package(
     result = package_run(run_dir, target, name=name, version=version, overwrite=overwrite)
     _print_pack(result)
     if register or alias:
-        from manymodels.registry import register_bundle, tracking_uri
+        from manymodels.registry import register_bundle, resolve_bundle, tracking_uri
 
-        registered = register_bundle(result.path, name=result.name, alias=alias)
+        local = resolve_bundle(result.path)  # an s3:// bundle registers its verified copy
+        registered = register_bundle(local, name=result.name, alias=alias)
         tail = f" with alias [bold]{alias}[/]" if alias else ""
         console.print(f"[green]registered[/] {registered.uri}{tail} in {tracking_uri()}")
 

@@ -76,17 +76,11 @@ def deployment_of(request: Request) -> Deployment:
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A bundle directory from a path or a registry URI (``models:/name@alias``)."""
-    text = os.fspath(source)
-    if text.startswith("models:/"):
-        from manymodels.registry import resolve_bundle  # lazy: MLflow only when asked for
+    """A bundle directory from a path, a registry URI (``models:/name@alias``) or an
+    object-store URL (``s3://...``, downloaded once into the verified local cache)."""
+    from manymodels.storage import resolve_bundle_source
 
-        return Path(resolve_bundle(text))
-    path = Path(text)
-    if not path.is_dir():
-        raise BundleError(f"bundle directory {path} does not exist; pass a directory made by "
-                          f"`manymodels package` or a registry URI models:/<name>@<alias>")
-    return path
+    return resolve_bundle_source(source)
 
 
 async def models_for(registry: ModelRegistry, names: Iterable[str]) -> dict[str, ServedModel]:
