@@ -13,11 +13,16 @@ of requests per cell, from a load client in its own process (raw HTTP/1.1 keep-a
 uvloop, so the client costs little CPU). Server CPU per request comes from the server's
 process tree. The machine is shared: compare the ratios measured within one run.
 
+``--rollout`` adds the rollout rows: single-row requests at concurrency 16 against one
+deployment, two deployments 90/10, and two deployments 90/10 with 10% mirrored to a
+third (shadow) deployment, run round-robin, median of the rounds; it reports the ratio to
+one deployment and the mirror's CPU per mirrored request.
+
 ``--scale`` adds the scale mode: 10,000 models served with ``--max-memory-mb 512`` under
 random-model traffic; it reports the resident memory against budget + base, checks every
 answer against in-process scoring, and gives the latency of requests that load a model.
 
-Usage: ``python benchmarks/serve.py [--quick] [--scale] [--skip-peers]``
+Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers]``
 """
 
 from __future__ import annotations
@@ -445,6 +450,81 @@ def check_scale_answers(bundle: Path, outcomes: list[Any]) -> list[int]:
     return wrong
 
 
+
+# -- rollout mode --------------------------------------------------------------------------
+def run_rollout(args: argparse.Namespace, work: Path) -> None:
+    """One deployment vs two at 90/10 vs two at 90/10 + 10% mirrored, interleaved."""
+    import httpx
+    from builders import build_bundle, derive_bundle
+
+    from manymodels.runtime import Bundle
+
+    blue, rows = build_bundle(work / "rollout-blue", n_stores=args.stores, rows_per_segment=40)
+    models = Bundle(blue).model_names
+    green = derive_bundle(blue, work / "rollout-green", models[::20])
+    shadow = derive_bundle(blue, work / "rollout-shadow", models[1::20], version="3")
+    names = {(int(s), b): f"quantity__store={s}__brand={b}"
+             for s, b in rows[["store", "brand"]].drop_duplicates().itertuples(index=False)}
+    named, _, _ = make_bodies(rows, names, 1, 256, seed=11)
+    serve = [PY, "-m", "manymodels", "serve", "--port", "{port}"]
+    two = [*serve, "--deployment", f"blue={blue}", "--deployment", f"green={green}",
+           "--deployment", f"shadow={shadow}", "--traffic", "blue=90,green=10,shadow=0"]
+    contenders = {
+        "one deployment": Server("one", [*serve, str(blue)], "/ping"),
+        "two deployments 90/10": Server("two", two, "/ping"),
+        "90/10 + 10% mirrored": Server("mirrored", [*two, "--mirror", "shadow=10"], "/ping"),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in contenders}
+    try:
+        for server in contenders.values():
+            load(server, "/score", named, 2000, 16, work)  # warm up: every model loaded
+        mirror_url = f"http://127.0.0.1:{contenders['90/10 + 10% mirrored'].port}"
+        before = httpx.get(f"{mirror_url}/admin/deployments/shadow/mirror").json()
+        order = list(contenders)
+        for round_ in range(args.rounds):
+            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+                res = load(contenders[label], "/score", named, args.n, 16, work)
+                runs[label].append(res)
+                print(f"  round {round_ + 1} {label:<24} {res['rps']:9.0f} req/s "
+                      f"cpu={res['cpu_us']:6.0f} us/req errors={res['errors']}", flush=True)
+        time.sleep(1.0)  # let the last mirrored copies be replayed
+        after = httpx.get(f"{mirror_url}/admin/deployments/shadow/mirror").json()
+    finally:
+        for server in contenders.values():
+            server.stop()
+    print_rollout(runs, before, after)
+
+
+def print_rollout(runs: dict[str, list[dict[str, Any]]], before: dict[str, Any],
+                  after: dict[str, Any]) -> None:
+    median = {label: {k: float(np.median([r[k] for r in results]))
+                      for k in ("rps", "cpu_us", "p50", "p99")}
+              for label, results in runs.items()}
+    base = median["one deployment"]
+    n = sum(r["n"] for r in runs["one deployment"]) // len(runs["one deployment"])
+    print(f"\n| rollout (1-row, c=16, median of {len(runs['one deployment'])} interleaved runs)"
+          f" | requests | p50 ms | p99 ms | req/s | vs one | server CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, m in median.items():
+        print(f"| {label} | {n} | {m['p50']:.3f} | {m['p99']:.3f} | {m['rps']:,.0f} | "
+              f"{m['rps'] / base['rps']:.0%} | {m['cpu_us']:,.0f} |")
+    mirrored = after["mirrored"] - before["mirrored"]
+    total = sum(r["n"] for r in runs["90/10 + 10% mirrored"])
+    errors = sum(r["errors"] for results in runs.values() for r in results)
+    cpu_gap = (median["90/10 + 10% mirrored"]["cpu_us"]
+               - median["two deployments 90/10"]["cpu_us"]) * total / max(mirrored, 1)
+    ratio = median["90/10 + 10% mirrored"]["rps"] / base["rps"]
+    print(f"\n- 90/10 + 10% mirrored / one deployment = {ratio:.0%} (bar >= 90%) "
+          f"{'PASS' if ratio >= 0.9 else 'FAIL'}")
+    print(f"- mirrored {mirrored} of {total} requests ({mirrored / total:.1%}), dropped "
+          f"{after['dropped'] - before['dropped']}, shadow errors "
+          f"{after['errors'] - before['errors']}, compared {after['compared'] - before['compared']}")
+    print(f"- mirror CPU per mirrored request: {after['shadow_cpu_ms_per_request'] * 1e3:.0f} µs "
+          f"measured by the server around each replay; {cpu_gap:.0f} µs from the server CPU "
+          f"gap between the mirrored and unmirrored 90/10 runs")
+    print(f"- non-200 answers over all rollout runs: {errors}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode")
@@ -460,14 +540,19 @@ def main() -> None:
     parser.add_argument("--scale-only", action="store_true")
     parser.add_argument("--scale-stores", type=int, default=3334)
     parser.add_argument("--scale-requests", type=int, default=20000)
+    parser.add_argument("--rollout", action="store_true", help="also run the rollout rows")
+    parser.add_argument("--rollout-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rollout rounds")
     args = parser.parse_args()
     if args.mode == "client":
         client_main(args)
         return
     with tempfile.TemporaryDirectory(prefix="mm-bench-serve-") as tmp:
         work = Path(tmp)
-        if not args.scale_only:
+        if not (args.scale_only or args.rollout_only):
             print_table(run_matrix(args, work))
+        if args.rollout or args.rollout_only:
+            run_rollout(args, work)
         if args.scale or args.scale_only:
             run_scale(args, work)
 

@@ -91,10 +91,34 @@ def _write(model: onnx.ModelProto, path: Path, meta: dict[str, str]) -> tuple[st
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+def _forest_template(rows: pd.DataFrame, trees: int) -> onnx.ModelProto:
+    """One random forest (scaler + ``trees`` trees) converted once: a file of the size
+    of a real segment model (~150 KB at 20 trees), where the Ridge graphs are ~1 KB."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    prep = ColumnTransformer([("num", StandardScaler(), NUMERIC)])
+    pipe = Pipeline([("prep", prep), ("model", RandomForestRegressor(
+        n_estimators=trees, max_depth=8, random_state=0))]).fit(rows[NUMERIC], rows["quantity"])
+    return _to_onnx(pipe, NUMERIC, [], "forest")
+
+
+def _scaled_forest(template: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """The template forest with its leaf values scaled: same structure, own numbers."""
+    out = copy.deepcopy(template)
+    for node in out.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "TreeEnsembleRegressor" and attr.name == "target_weights":
+                attr.floats[:] = [v * factor for v in attr.floats]
+    return out
+
+
 def build_bundle(root: str | os.PathLike[str], n_stores: int = 10, rows_per_segment: int = 40,
-                 seed: int = 0, with_global: bool = True) -> tuple[Path, pd.DataFrame]:
+                 seed: int = 0, with_global: bool = True,
+                 forest: int = 0) -> tuple[Path, pd.DataFrame]:
     """Write a bundle of ``3 × n_stores`` Ridge models (+ a global one) to ``root``.
 
+    ``forest > 0`` makes each segment model a forest of that many trees instead (one
+    template with per-segment leaf values), for tests whose subject is memory.
     Returns the bundle path and the training rows (useful as scoring input).
     """
     root = Path(root)
@@ -104,12 +128,15 @@ def build_bundle(root: str | os.PathLike[str], n_stores: int = 10, rows_per_segm
     routes: list[dict[str, Any]] = []
     template: onnx.ModelProto | None = None
     seg_inputs = [{"name": c, "dtype": "float32"} for c in NUMERIC]
-    for (store, brand), part in rows.groupby(SEGMENT_COLUMNS, sort=True):
+    trees = _forest_template(rows, forest) if forest else None
+    for i, ((store, brand), part) in enumerate(rows.groupby(SEGMENT_COLUMNS, sort=True)):
         pipe = _segment_pipeline().fit(part[NUMERIC], part["quantity"])
         name = f"quantity__store={store}__brand={brand}"
         if template is None:
             template = _to_onnx(pipe, NUMERIC, [], "segment")
-        sha, size = _write(_set_weights(template, pipe), root / "models" / f"{name}.onnx",
+        graph = _set_weights(template, pipe) if trees is None else _scaled_forest(
+            trees, 1 + 0.001 * i)
+        sha, size = _write(graph, root / "models" / f"{name}.onnx",
                            {"name": name, "store": str(store), "brand": str(brand)})
         models[name] = {"file": f"models/{name}.onnx", "sha256": sha, "bytes": size, "level": 0,
                         "key": {"store": str(store), "brand": str(brand)}, "algorithm": "ridge",
@@ -153,6 +180,8 @@ def derive_bundle(source: str | os.PathLike[str], root: str | os.PathLike[str],
             for attr in node.attribute:
                 if node.op_type == "LinearRegressor" and attr.name == "intercepts":
                     attr.floats[:] = [v + shift for v in attr.floats]
+            if node.op_type == "TreeEnsembleRegressor":
+                node.attribute.append(onnx.helper.make_attribute("base_values", [shift]))
         data = model.SerializeToString()
         (root / entry["file"]).write_bytes(data)
         entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)

@@ -6,11 +6,17 @@ small (a few stores) so the whole suite stays fast on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 
@@ -38,6 +44,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def answering(command: list[str], probe: str, what: str, **popen: Any) -> Iterator[str]:
+    """Start a server on a free loopback port (``{port}`` in ``command``), wait until
+    ``probe`` answers 200, yield its URL, and stop the whole process group after."""
+    port = free_port()
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what} exited: {proc.stderr.read()!r}")
+            try:
+                if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError(f"{what} did not answer {probe} within 90 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import answering as _answering
 from typer.testing import CliRunner
 
 import manymodels.bundle._pack as pack_module
@@ -188,33 +185,6 @@ def _bundle_venv(venv: Path, packed: Path, *extra: str) -> Path:
                     "--disable-pip-version-check", "-r", str(packed / "requirements.txt"),
                     *extra], check=True, capture_output=True)
     return python
-
-
-@contextlib.contextmanager
-def _answering(command: list[str], probe: str, what: str, **popen: Any) -> Iterator[str]:
-    """Start a server on a free loopback port (``{port}`` in ``command``), wait until
-    ``probe`` answers 200, yield its URL, and stop the whole process group after."""
-    port = free_port()
-    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in command],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, **popen)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what} exited: {proc.stderr.read()!r}")
-            try:
-                if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            raise AssertionError(f"{what} did not answer {probe} within 90 s")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 from builders import build_bundle, derive_bundle
+from conftest import answering
 from test_serve import Running
 
 from manymodels.runtime import Bundle
@@ -74,6 +75,18 @@ def serve(bundles: dict[str, Any]) -> Any:
 
 def one_row(bundles: dict[str, Any], i: int) -> dict[str, Any]:
     return {"data": [bundles["rows"][i % len(bundles["rows"])]]}
+
+
+def mixed_request(bundles: dict[str, Any], i: int) -> tuple[str, dict[str, Any]]:
+    """One row through each mirrored route in turn: /score, /invocations, V2 infer."""
+    row = bundles["rows"][i % len(bundles["rows"])]
+    if i % 3 == 0:
+        return "/score", {"data": [row]}
+    if i % 3 == 1:
+        return "/invocations", {"dataframe_records": [row]}
+    return f"/v2/models/{CHANGED}/infer", {"inputs": [
+        {"name": c, "shape": [1, 1], "datatype": "FP32", "data": [row[c]]}
+        for c in ("price", "feat")]}
 
 
 def wait_replayed(running: Running, name: str) -> dict[str, Any]:
@@ -173,14 +186,15 @@ def test_mirror_leaves_answers_byte_identical_and_counts_differences(
     run without mirroring, and that the comparison finds exactly the changed model."""
     running = serve({"blue": 100, "green": 0}, MirrorSpec(deployment="green", percent=50))
     n = 600
-    requests = [one_row(bundles, i) for i in range(n)]
-    mirrored = [running.client.post("/score", json=b) for b in requests]
+    requests = [mixed_request(bundles, i) for i in range(n)]
+    mirrored = [running.client.post(path, json=b) for path, b in requests]
     stats = wait_replayed(running, "green")
     assert running.client.put("/admin/mirror", json={"percent": 0}).status_code == 200
-    plain = [running.client.post("/score", json=b) for b in requests]
+    plain = [running.client.post(path, json=b) for path, b in requests]
     for on, off in zip(mirrored, plain, strict=True):
         assert on.status_code == off.status_code == 200
         assert on.content == off.content and on.headers[HEADER] == off.headers[HEADER] == "blue"
+    assert sum(1 for path, _ in requests if "/v2/" in path) == n // 3
     assert stats["dropped"] == stats["errors"] == stats["mismatched"] == 0
     assert abs(stats["mirrored"] - n / 2) <= binomial_bound(n, 0.5)
     assert stats["compared"] == stats["mirrored"]
@@ -194,8 +208,28 @@ def test_mirror_leaves_answers_byte_identical_and_counts_differences(
         if name != CHANGED:
             assert diff["differing"] == 0 and diff["max_abs_diff"] == 0.0, name
     assert stats["latency_ms"]["shadow"]["p50"] > 0
-    pinned = running.client.post("/score", json=requests[0], headers={HEADER: "blue"})
-    assert pinned.status_code == 200
+    before = stats["mirrored"]
+    running.client.put("/admin/mirror", json={"deployment": "green", "percent": 50})
+    for path, body in requests[:100]:
+        assert running.client.post(path, json=body, headers={HEADER: "blue"}).status_code == 200
+    assert wait_replayed(running, "green")["mirrored"] == before  # pinned: never mirrored
+
+
+def test_label_answers_compare_by_disagreement() -> None:
+    """Check that class labels are compared by disagreement, per model, rows rerouted."""
+    from manymodels.serve.mirror import Mirror, MirrorStats, _Capture, _Copy
+
+    stats = MirrorStats(labels=True)
+    live = {"model": ["a", "a", "a", "b"], "predictions": ["yes", "no", "no", "yes"]}
+    shadow = {"model": ["a", "a", "c", "b"], "predictions": ["yes", "yes", "no", "no"]}
+    capture = _Capture()
+    capture.status, capture.body = 200, [json.dumps(shadow).encode()]
+    copy = _Copy({}, b"", 200, json.dumps(live).encode(), 0.001, None)  # type: ignore[arg-type]
+    Mirror._compare(stats, "/score", copy, capture)
+    report = stats.as_dict("green")["models"]
+    assert report["a"] == {"rows": 3, "differing": 1, "rerouted": 1,
+                           "disagreement_rate": pytest.approx(1 / 3)}
+    assert report["b"] == {"rows": 1, "differing": 1, "rerouted": 0, "disagreement_rate": 1.0}
 
 
 def _broken_copy(bundles: dict[str, Any]) -> Path:
@@ -231,17 +265,27 @@ def test_failing_shadow_changes_no_live_answer(serve: Any, bundles: dict[str, An
 
 
 # -- admin changes under load --------------------------------------------------------------
-def test_swap_under_load_drops_nothing(serve: Any, bundles: dict[str, Any]) -> None:
+def test_swap_under_load_drops_nothing(bundles: dict[str, Any]) -> None:
     """Check that adding green, shifting traffic blue -> green and removing blue during a
     loop of 5,000 requests fails none, and each answer is wholly one deployment's."""
-    running = serve({"blue": 100})  # green is added live
-    rows, expected = bundles["rows"], bundles["expected"]
-    batch = {"data": rows}
+    import sys
+
+    command = [sys.executable, "-m", "manymodels", "serve", "--deployment",
+               f"blue={bundles['blue']}", "--port", "{port}"]  # green is added live
+    with answering(command, "/v2/health/ready", "manymodels serve") as url:
+        _swap_under_load(url, bundles)
+
+
+def _swap_under_load(url: str, bundles: dict[str, Any]) -> None:
+    picked = range(0, len(bundles["rows"]), 6)  # one row of each segment
+    batch = {"data": [bundles["rows"][i] for i in picked]}
+    expected = {name: [values[i] for i in picked]
+                for name, values in bundles["expected"].items()}
     results: list[tuple[int, str, list[float]]] = []
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=running.url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=60) as client:
             while not stop.is_set() or len(results) < 5000:
                 reply = client.post("/score", json=batch)
                 results.append((reply.status_code, reply.headers.get(HEADER, ""),
@@ -249,7 +293,7 @@ def test_swap_under_load_drops_nothing(serve: Any, bundles: dict[str, Any]) -> N
 
     thread = threading.Thread(target=load)
     thread.start()
-    admin = httpx.Client(base_url=running.url, timeout=120)
+    admin = httpx.Client(base_url=url, timeout=120)
     try:
         def after(count: int) -> None:
             while len(results) < count and thread.is_alive():
@@ -277,7 +321,7 @@ def test_swap_under_load_drops_nothing(serve: Any, bundles: dict[str, Any]) -> N
         assert predictions == expected[name]
     last_blue = max(i for i, name in enumerate(who) if name == "blue")
     assert all(name == "green" for name in who[last_blue + 1:])
-    assert running.client.get("/admin/deployments").json()["traffic"] == {"green": 100}
+    assert httpx.get(f"{url}/admin/deployments").json()["traffic"] == {"green": 100}
 
 
 def test_restart_restores_deployments_and_weights(bundles: dict[str, Any],
@@ -344,6 +388,41 @@ def test_corrupted_or_missing_bundle_is_refused(serve: Any, bundles: dict[str, A
     after = running.client.get("/admin/deployments").json()
     assert after["traffic"] == before["traffic"] == {"blue": 90, "green": 10}
     assert [d["name"] for d in after["deployments"]] == ["blue", "green"]
+
+
+# -- memory --------------------------------------------------------------------------------
+def test_two_deployments_sharing_95_percent_cost_at_most_115_percent(tmp_path: Path) -> None:
+    """Check in a real server process that a second deployment whose bundle shares 95%
+    of its model files adds at most 15% to the resident memory the first one costs."""
+    import sys
+
+    # forests of 20 trees: ~150 KB files, the size of real segment models (a Ridge file
+    # of ~1 KB would measure the manifest's ~3.5 KB per model rather than the sessions)
+    blue, _ = build_bundle(tmp_path / "blue", n_stores=20, rows_per_segment=12, forest=20)
+    names = Bundle(blue).model_names
+    changed = names[1::20]  # 3 of 61 files differ: the bundles share 95%
+    green = derive_bundle(blue, tmp_path / "green", changed)
+    command = [sys.executable, "-m", "manymodels", "serve", "--deployment", f"blue={blue}",
+               "--port", "{port}", "--no-pin-fallbacks"]
+    with answering(command, "/v2/health/ready", "manymodels serve") as url:
+        client = httpx.Client(base_url=url, timeout=60)
+
+        def load_all(deployment: str) -> dict[str, Any]:
+            for name in names:
+                assert client.post(f"/v2/repository/models/{name}/load",
+                                   headers={HEADER: deployment}).status_code == 200
+            return client.get("/stats", headers={HEADER: deployment}).json()  # type: ignore[no-any-return]
+
+        client.post(f"/v2/repository/models/{names[-1]}/load")  # warm the code paths
+        base = client.get("/stats").json()
+        one = load_all("blue")
+        assert client.post("/admin/deployments", json={"name": "green",
+                                                        "bundle": str(green)}).status_code == 201
+        two = load_all("green")
+        assert two["shared"]["loaded"] == len(names) + len(changed)
+        first, both = one["rss"] - base["rss"], two["rss"] - base["rss"]
+        assert first > 30e6, first  # the measurement is well above the noise
+        assert both <= 1.15 * first, (first, both, both / first)
 
 
 # -- the command line ----------------------------------------------------------------------

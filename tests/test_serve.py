@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import pandas as pd
 import pytest
 import uvicorn
 from builders import build_bundle
+from conftest import answering
 
 import manymodels.errors as mm_errors
 from manymodels.errors import ManyModelsError, SpecError
@@ -585,22 +585,10 @@ def test_settings_precedence_flags_env_spec(tmp_path: Path, monkeypatch: pytest.
 def test_memory_estimate_tracks_measured_rss(tmp_path: Path) -> None:
     """Check that the cache's byte estimate is within 2x of the RSS growth of a real server."""
     root, _ = build_bundle(tmp_path / "b100", n_stores=100, rows_per_segment=6)
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "manymodels", "serve", str(root), "--port", str(port),
-         "--no-pin-fallbacks"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        deadline = time.time() + 30
-        while True:
-            try:
-                if client.get("/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.time() < deadline, process.stderr
-            time.sleep(0.1)
+    command = [sys.executable, "-m", "manymodels", "serve", str(root), "--port", "{port}",
+               "--no-pin-fallbacks"]
+    with answering(command, "/v2/health/ready", "manymodels serve") as url:
+        client = httpx.Client(base_url=url, timeout=30)
         client.post(f"/v2/repository/models/{GLOBAL}/load")  # warm the code paths first
         before = client.get("/stats").json()
         for name in Bundle(root).model_names:
@@ -609,9 +597,6 @@ def test_memory_estimate_tracks_measured_rss(tmp_path: Path) -> None:
         grown, counted = after["rss"] - before["rss"], after["bytes"] - before["bytes"]
         assert after["loaded"] == 301
         assert 0.5 < grown / counted < 2.0, (grown, counted)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def test_declared_routes_answer_like_the_fast_lane(server: Running) -> None:
