@@ -50,6 +50,8 @@ def serve(
     endpoint: Annotated[str | None, typer.Option(
         help="Endpoint file: loaded if it exists, else written; rewritten on every change")
     ] = None,
+    monitor: Annotated[str | None, typer.Option(
+        help="`manymodels monitor` JSON output: its drift flags are shown on /ui")] = None,
 ) -> None:
     """Serve bundles over HTTP: /score, /invocations, /models, the V2 protocol, /admin."""
     from manymodels.serve import load_settings, run  # FastAPI/uvicorn only when serving
@@ -57,7 +59,7 @@ def serve(
     settings = load_settings(spec, bundle=source, host=host, port=port, workers=workers,
                              max_memory_mb=max_memory_mb, max_body_mb=max_body_mb,
                              preload=preload, pin_fallbacks=pin_fallbacks, log_level=log_level,
-                             access_log=access_log, endpoint=endpoint)
+                             access_log=access_log, endpoint=endpoint, monitor=monitor)
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
@@ -66,7 +68,7 @@ def serve(
     Console(stderr=True).print(
         f"serving [bold]{what}[/] on http://{settings.host}:{settings.port} "
         f"(workers {settings.workers}, cache {budget}, preload {settings.preload}); "
-        f"docs at /docs", highlight=False, soft_wrap=True)
+        f"docs at /docs, dashboard at /ui", highlight=False, soft_wrap=True)
     run(settings, plan)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from manymodels.io import atomic_write_text
 
-from ._data import REPORT_FILE, ReportData, load_monitor, load_report_data
+from ._data import REPORT_FILE, ReportData, load_monitor, load_report_data, monitor_records
 from ._html import render_html
 
 __all__ = ["REPORT_FILE", "ReportData", "build_report", "load_monitor", "load_report_data",
-           "render_html"]
+           "monitor_records", "render_html"]
 
 
 def build_report(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pandas as pd
 from manymodels.errors import BundleError, DataError
 from manymodels.runtime import MANIFEST_FILE
 
-__all__ = ["REPORT_FILE", "ReportData", "load_monitor", "load_report_data"]
+__all__ = ["REPORT_FILE", "ReportData", "load_monitor", "load_report_data", "monitor_records"]
 
 #: Per-segment training report inside a run directory (and copied into bundles).
 REPORT_FILE = "report.parquet"
@@ -151,6 +152,38 @@ def load_monitor(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DataError(f"monitor file {file} is not a JSON object (manymodels monitor output)")
     return raw
+
+
+def monitor_records(monitor: Mapping[str, Any], flatten: bool = True) -> list[dict[str, Any]]:
+    """Per-model records of monitor output (``models`` as a mapping or a list).
+
+    With ``flatten``, nested values become one ``key=value; ...`` string, so each record
+    is one table row.
+    """
+    models = monitor.get("models", monitor.get("results", []))
+    if isinstance(models, Mapping):
+        records = [{"model": name, **(dict(v) if isinstance(v, Mapping) else {"value": v})}
+                   for name, v in models.items()]
+    elif isinstance(models, list):
+        records = [dict(v) for v in models if isinstance(v, Mapping)]
+    else:
+        records = []
+    if not flatten:
+        return records
+    return [{k: v for k, v in r.items() if not isinstance(v, (Mapping, list))}
+            | {k: _flat(v) for k, v in r.items() if isinstance(v, (Mapping, list))}
+            for r in records]
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}={_text(v)}" for k, v in value.items()
+                         if not isinstance(v, (Mapping, list)))
+    return ", ".join(_text(v) for v in value if not isinstance(v, (Mapping, list)))
+
+
+def _text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 #: File names a bundle's ``manymodels monitor`` output is looked for under, in order.

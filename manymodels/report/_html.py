@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ._data import ReportData
+from ._data import ReportData, monitor_records
 
 __all__ = ["LEADERBOARD_LIMIT", "render_html"]
 
@@ -345,35 +345,13 @@ def _timings_section(data: ReportData) -> str:
             f'{_table(["segment", "winner", "rows", "seconds"], rows, "timings-table")}</section>')
 
 
-def _monitor_rows(monitor: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-model records of monitor output: ``models`` as a mapping or a list."""
-    models = monitor.get("models", monitor.get("results", []))
-    if isinstance(models, Mapping):
-        records = [{"model": name, **(dict(v) if isinstance(v, Mapping) else {"value": v})}
-                   for name, v in models.items()]
-    elif isinstance(models, list):
-        records = [dict(v) for v in models if isinstance(v, Mapping)]
-    else:
-        records = []
-    return [{k: v for k, v in r.items() if not isinstance(v, (Mapping, list))}
-            | {k: _flat(v) for k, v in r.items() if isinstance(v, (Mapping, list))}
-            for r in records]
-
-
-def _flat(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}={_fmt(v)}" for k, v in value.items()
-                         if not isinstance(v, (Mapping, list)))
-    return ", ".join(_fmt(v) for v in value if not isinstance(v, (Mapping, list)))
-
-
 def _monitor_section(data: ReportData) -> str:
     import plotly.graph_objects as go
 
     if data.monitor is None:
         return ""
     monitor = data.monitor
-    records = _monitor_rows(monitor)
+    records = monitor_records(monitor)
     header = {k: v for k, v in monitor.items() if not isinstance(v, (Mapping, list))}
     meta = _table(["", ""], header.items(), "monitor-meta", sortable=False) if header else ""
     if not records:

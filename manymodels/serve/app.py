@@ -384,6 +384,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     """Build the application for ``settings`` (see :func:`build_endpoint`)."""
     from .admin import make_admin_router
     from .mirror import Mirror
+    from .ui import make_ui_router
 
     endpoint = build_endpoint(settings, spec, registry)
     started = {"ready": False}
@@ -429,6 +430,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         lambda request: deployment_of(request).registry, settings.max_body_bytes,
         lambda: started["ready"] and not any(r.preloading for r in registries())))
     app.include_router(make_admin_router(app, settings))
+    app.include_router(make_ui_router(app, settings))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app
 

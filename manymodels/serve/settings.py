@@ -34,6 +34,9 @@ class ServeSettings(BaseSettings):
     endpoint: str | None = None
     """Endpoint file (YAML: deployments, traffic, mirror). Loaded at start if it exists,
     else written from the bundle or ``--deployment`` flags; rewritten on every change."""
+    monitor: str | None = None
+    """``manymodels monitor`` JSON output whose drift flags the ``/ui`` page shows (read
+    on every refresh of the page, so a scheduled monitor run shows up without a restart)."""
     mirror_queue: int = Field(default=1024, ge=1)
     """Mirrored copies waiting for the shadow deployment; a copy that finds it full is
     dropped (and counted), so mirroring never holds a live request back."""

@@ -1,0 +1,163 @@
+"""Tests of the endpoint's page ``GET /ui``: a real server on 127.0.0.1, a real Chromium.
+
+Three deployments of two small bundles (blue 80% / green 20% live, ``shadow`` receiving
+a mirrored share), traffic sent over HTTP while the page is open, and the rendered DOM
+read back: deployments with their shares, counters that move with the traffic, the
+session cache and the drift flags of a monitor file. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import Chromium
+from builders import build_bundle, derive_bundle
+from test_serve import Running
+
+from manymodels.serve import ServeSettings
+from manymodels.serve.endpoint import DeploymentSpec, EndpointSpec, MirrorSpec
+from manymodels.serve.ui import PAGE_HEADERS, monitor_flags
+
+MONITOR = {"bundle": "blue", "models": {
+    "quantity__store=1__brand=tropicana": {"psi_max": 0.41, "drifted": True, "rows": 120},
+    "quantity__store=2__brand=tropicana": {"psi_max": 0.03, "drifted": False, "rows": 80},
+    "quantity__global": {"psi": {"price": 0.27, "feat": 0.01}, "rows": 300}}}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("ui")
+    blue, rows = build_bundle(base / "blue", n_stores=2, rows_per_segment=6)
+    green = derive_bundle(blue, base / "green", ["quantity__store=1__brand=tropicana"])
+    monitor = base / "monitor.json"
+    monitor.write_text(json.dumps(MONITOR))
+    return {"blue": blue, "green": green, "monitor": monitor,
+            "rows": rows[["store", "brand", "price", "feat"]].to_dict(orient="records")}
+
+
+@pytest.fixture(scope="module")
+def running(bundles: dict[str, Any]) -> Any:
+    spec = EndpointSpec(
+        deployments={"blue": DeploymentSpec(bundle=str(bundles["blue"])),
+                      "green": DeploymentSpec(bundle=str(bundles["green"])),
+                      "shadow": DeploymentSpec(bundle=str(bundles["green"]))},
+        traffic={"blue": 80, "green": 20}, mirror=MirrorSpec(deployment="shadow", percent=50))
+    server = Running(ServeSettings(monitor=str(bundles["monitor"]), max_memory_mb=64), spec=spec)
+    yield server
+    server.stop()
+
+
+def test_state_lists_deployments_shares_cache_and_drift(running: Running) -> None:
+    """Check that /ui/state has each deployment's shares, the cache, drift flags, no paths."""
+    state = running.client.get("/ui/state").json()
+    shares = {d["name"]: (d["traffic"], d["mirror"]) for d in state["deployments"]}
+    assert shares == {"blue": (80, 0), "green": (20, 0), "shadow": (0, 50)}
+    assert all("path" not in d for d in state["deployments"]) and "persisted" not in state
+    assert {"loaded", "bytes", "max_bytes", "loads", "evictions"} <= set(state["cache"])
+    assert state["cache"]["max_bytes"] == 64 * 1024 * 1024
+    flagged = sorted(r["model"] for r in state["monitor"]["flagged"])
+    assert flagged == ["quantity__global", "quantity__store=1__brand=tropicana"]
+    assert state["monitor"]["models"] == 3
+
+
+def test_page_is_static_and_loads_nothing_from_elsewhere(running: Running) -> None:
+    """Check that /ui is one HTML file whose policy allows this origin only."""
+    reply = running.client.get("/ui")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+    assert reply.headers["content-security-policy"] == PAGE_HEADERS["content-security-policy"]
+    assert "connect-src 'self'" in reply.headers["content-security-policy"]
+    assert not re.search(r"(src|href)=\"(https?:)?//", reply.text)
+    assert not re.search(r"https?://", reply.text)
+    paths = set(running.client.get("/openapi.json").json()["paths"])
+    assert {"/ui", "/ui/state"} <= paths
+
+
+def test_unreadable_monitor_file_is_reported_not_raised(tmp_path: Path) -> None:
+    """Check that a missing or broken monitor file becomes an error entry for the page."""
+    assert "does not exist" in monitor_flags(tmp_path / "none.json")["error"]
+    (tmp_path / "bad.json").write_text("{")
+    assert "cannot be read as JSON" in monitor_flags(tmp_path / "bad.json")["error"]
+
+
+DOM = """(() => {
+  const rows = [...document.querySelectorAll('#deployments tbody tr')];
+  const field = (tr, f) => tr.querySelector(`[data-field="${f}"]`).textContent;
+  const num = (s) => Number(String(s).replace(/[^0-9.]/g, '')) || 0;
+  return {
+    status: document.querySelector('#status').getAttribute('data-state'),
+    deployments: Object.fromEntries(rows.map(tr => [tr.getAttribute('data-deployment'), {
+      traffic: field(tr, 'traffic'), mirror: field(tr, 'mirror'), loaded: num(field(tr, 'loaded')),
+      requests: field(tr, 'requests'), rps: field(tr, 'rps'), p50: field(tr, 'p50')}])),
+    bar: [...document.querySelectorAll('#traffic-bar div')].map(d => d.textContent),
+    mirrored: num(document.querySelector('#mirror [data-field=mirrored] b')?.textContent),
+    compared: num(document.querySelector('#mirror [data-field=compared] b')?.textContent),
+    cacheLoaded: num(document.querySelector('#cache [data-field=loaded]').textContent),
+    cacheLoads: num(document.querySelector('#cache [data-field=loads]').textContent),
+    budget: document.querySelector('#cache [data-field=budget]').textContent,
+    flagged: document.querySelector('#drift [data-field=flagged]')?.textContent,
+    flaggedModels: [...document.querySelectorAll('#drift tbody tr')].map(r => r.getAttribute('data-model')),
+    refreshes: Number(document.body.getAttribute('data-refreshes') || 0),
+  };
+})()"""
+
+
+def _dom(page: Any) -> dict[str, Any]:
+    return dict(page.evaluate(DOM))
+
+
+def _wait_dom(page: Any, test: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """The DOM as soon as ``test`` holds (the page refreshes itself twice a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dom = _dom(page)
+        if test(dom):
+            return dom
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page never showed what was expected: {dom}")
+        page.browser.pump(0.25)
+
+
+def test_page_shows_deployments_and_live_counters_in_chromium(running: Running,
+                                                              bundles: dict[str, Any]) -> None:
+    """Check in headless Chromium that /ui shows the deployments and counters move with traffic."""
+    state = running.client.get("/ui/state").json()
+    browser = Chromium()
+    try:
+        page = browser.new_page()
+        page.goto(f"{running.url}/ui?refresh=0.5")
+        first = _wait_dom(page, lambda d: d["refreshes"] >= 1 and len(d["deployments"]) == 3)
+        assert first["status"] == "live"
+        assert {n: (d["traffic"], d["mirror"]) for n, d in first["deployments"].items()} == {
+            "blue": ("80%", "0%"), "green": ("20%", "0%"), "shadow": ("0%", "50%")}
+        assert first["bar"] == ["blue 80%", "green 20%"]
+        assert first["budget"] == "64 MB"
+        assert first["flagged"] == "2"
+        assert sorted(first["flaggedModels"]) == ["quantity__global",
+                                                  "quantity__store=1__brand=tropicana"]
+        before = first["cacheLoads"]
+        sent = 60
+        for i in range(sent):
+            reply = running.client.post("/score", json={"data": [bundles["rows"][i % len(bundles["rows"])]]})
+            assert reply.status_code == 200
+        after = _wait_dom(page, lambda d: d["mirrored"] > 0 and d["compared"] > 0
+                          and d["cacheLoads"] > before
+                          and d["deployments"]["blue"]["loaded"] > 0)
+        live = running.client.get("/ui/state").json()
+        shadow = next(d for d in live["deployments"] if d["name"] == "shadow")
+        assert 0 < after["mirrored"] <= shadow["mirrored"]["mirrored"] <= sent
+        assert after["cacheLoaded"] <= live["cache"]["loaded"]
+        if state["metrics"]:  # requests/s and latency come from /metrics when it is exported
+            shown = _wait_dom(page, lambda d: sum(int(v["requests"].replace(",", "") or 0)
+                                                  for v in d["deployments"].values()
+                                                  if v["requests"] != "–") >= sent)
+            assert shown["deployments"]["blue"]["p50"] != "–"
+        page.screenshot("ui-endpoint.png")
+        assert page.console_errors() == []
+        assert [u for u in page.requested_urls() if not u.startswith(running.url)] == []
+    finally:
+        browser.close()
