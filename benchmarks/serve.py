@@ -22,7 +22,12 @@ one deployment and the mirror's CPU per mirrored request.
 random-model traffic; it reports the resident memory against budget + base, checks every
 answer against in-process scoring, and gives the latency of requests that load a model.
 
-Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers]``
+``--observe`` adds the cost of observability: the same server with metrics on and off
+(and with the JSON access log and prediction logging on top), single-row requests at
+concurrency 16, contenders interleaved round-robin, median of ``--rounds`` runs each;
+the bar is metrics on ≥ 95% of the requests/s of metrics off.
+
+Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers] [--observe]``
 """
 
 from __future__ import annotations
@@ -525,6 +530,98 @@ def print_rollout(runs: dict[str, list[dict[str, Any]]], before: dict[str, Any],
     print(f"- non-200 answers over all rollout runs: {errors}")
 
 
+# -- observability cost --------------------------------------------------------------------
+def run_observe(args: argparse.Namespace, work: Path) -> None:
+    from builders import build_bundle
+
+    bundle, rows = build_bundle(work / "observe", n_stores=args.stores, rows_per_segment=40)
+    names = {(int(s), b): f"quantity__store={s}__brand={b}"
+             for s, b in rows[["store", "brand"]].drop_duplicates().itertuples(index=False)}
+    named, _, _ = make_bodies(rows, names, 1, 256, seed=1)
+    base = [PY, "-m", "manymodels", "serve", str(bundle), "--port", "{port}"]
+    contenders = {"metrics off": [*base, "--no-metrics"], "metrics on (default)": base,
+                  "metrics + access log json + prediction log":
+                  [*base, "--access-log", "json", "--log-predictions", str(work / "predlog")]}
+    servers = {label: Server(label, argv, "/ping") for label, argv in contenders.items()}
+    rps: dict[str, list[float]] = {label: [] for label in servers}
+    cpu: dict[str, list[float]] = {label: [] for label in servers}
+    load_seen = []
+    try:
+        for server in servers.values():
+            load(server, "/score", named, 1000, 16, work)  # warm up: load every model
+        for _ in range(args.rounds):
+            for label, server in servers.items():  # round-robin: same noise for each
+                res = load(server, "/score", named, args.n, 16, work)
+                rps[label].append(res["rps"])
+                cpu[label].append(res["cpu_us"])
+                load_seen.append(os.getloadavg()[0])
+    finally:
+        for server in servers.values():
+            server.stop()
+    in_process = asgi_cost(bundle, named, args.rounds)
+    print(f"\nobservability cost: 1-row requests, c=16, {args.n} requests x {args.rounds} "
+          f"rounds per contender, interleaved; load average seen "
+          f"{min(load_seen):.1f}-{max(load_seen):.1f} on {os.cpu_count()} cores")
+    print("\n| contender | median req/s | runs req/s | median server CPU µs/req |")
+    print("|---|---:|---:|---:|")
+    for label in servers:
+        runs = ", ".join(f"{r:,.0f}" for r in rps[label])
+        print(f"| {label} | {np.median(rps[label]):,.0f} | {runs} | "
+              f"{np.median(cpu[label]):,.0f} |")
+    off = float(np.median(rps["metrics off"]))
+    on = float(np.median(rps["metrics on (default)"]))
+    print(f"\n- metrics on / off = {on / off:.1%} (bar >= 95%) "
+          f"{'PASS' if on >= 0.95 * off else 'FAIL'}")
+    everything = float(np.median(rps["metrics + access log json + prediction log"]))
+    print(f"- metrics + access log + prediction log / off = {everything / off:.1%} (no bar)")
+    server_cpu = float(np.median(cpu["metrics off"]))
+    extra = in_process["metrics on"] - in_process["metrics off"]
+    print(f"- in-process CPU per /score request through the ASGI app (no HTTP parsing), "
+          f"median of {args.rounds} interleaved runs: metrics off "
+          f"{in_process['metrics off']:.2f} µs, on {in_process['metrics on']:.2f} µs: "
+          f"+{extra:.2f} µs = {extra / server_cpu:.1%} of the server's {server_cpu:.0f} µs "
+          f"CPU per request (bar <= 5%) {'PASS' if extra <= 0.05 * server_cpu else 'FAIL'}")
+    whole = in_process["metrics on"] - in_process["no middleware"]
+    print(f"- the whole middleware (request ids, metrics; against none): +{whole:.2f} µs = "
+          f"{whole / server_cpu:.1%} of the server's CPU per request")
+
+
+def asgi_cost(bundle: Path, bodies: list[bytes], rounds: int, n: int = 20000) -> dict[str, float]:
+    """CPU µs per ``/score`` request through the whole ASGI application, in this process,
+    with metrics on and off: the instrumentation's cost without the network's noise."""
+    from manymodels.serve import ServeSettings, create_app
+
+    apps: dict[str, Any] = {label: create_app(ServeSettings(bundle=str(bundle), metrics=on))
+                            for label, on in (("metrics off", False), ("metrics on", True))}
+    apps["no middleware"] = apps["metrics off"]._dispatch  # request ids off too
+    scopes = [{"type": "http", "method": "POST", "path": "/score", "headers": [
+        (b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+        (b"content-length", str(len(b)).encode())], "state": {}} for b in bodies]
+
+    async def run(app: Any) -> float:
+        async def send(message: Any) -> None:
+            pass
+
+        def receiver(body: bytes) -> Any:
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+            return receive
+
+        for i in range(len(bodies)):  # warm up: load every model
+            await app(dict(scopes[i]), receiver(bodies[i]), send)
+        start = time.process_time()
+        for i in range(n):
+            j = i % len(bodies)
+            await app({**scopes[j], "state": {}}, receiver(bodies[j]), send)
+        return (time.process_time() - start) / n * 1e6
+
+    times: dict[str, list[float]] = {label: [] for label in apps}
+    for _ in range(rounds):
+        for label, app in apps.items():
+            times[label].append(asyncio.run(run(app)))
+    return {label: float(np.median(t)) for label, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode")
@@ -542,13 +639,17 @@ def main() -> None:
     parser.add_argument("--scale-requests", type=int, default=20000)
     parser.add_argument("--rollout", action="store_true", help="also run the rollout rows")
     parser.add_argument("--rollout-only", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rollout rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (--rollout, --observe)")
+    parser.add_argument("--observe", action="store_true", help="only the metrics-cost rows")
     args = parser.parse_args()
     if args.mode == "client":
         client_main(args)
         return
     with tempfile.TemporaryDirectory(prefix="mm-bench-serve-") as tmp:
         work = Path(tmp)
+        if args.observe:
+            run_observe(args, work)
+            return
         if not (args.scale_only or args.rollout_only):
             print_table(run_matrix(args, work))
         if args.rollout or args.rollout_only:

@@ -32,6 +32,7 @@ from manymodels.candidates import (
     score_metric,
 )
 from manymodels.errors import ExportError, TrainingError
+from manymodels.monitor.drift import numeric_bins
 from manymodels.segment import FeatureSet, fingerprint, kfold_assignment
 from manymodels.specs import TrainerSpec
 
@@ -96,7 +97,8 @@ class FitResult:
 
 
 def feature_stats(frame: pd.DataFrame, features: FeatureSet) -> dict[str, Any]:
-    """Per-feature quantiles and category frequencies, kept for later drift checks."""
+    """Per-feature quantiles, bins and category frequencies, for drift checks
+    (``manymodels monitor`` computes PSI on the bins)."""
     stats: dict[str, Any] = {}
     qs = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
     for column in features.numeric:
@@ -104,7 +106,8 @@ def feature_stats(frame: pd.DataFrame, features: FeatureSet) -> dict[str, Any]:
         finite = values[np.isfinite(values)]
         stats[column] = {"quantiles": dict(zip(map(str, qs), np.quantile(finite, qs).tolist(),
                                                strict=True)) if len(finite) else {},
-                         "null_fraction": float(1 - len(finite) / max(len(values), 1))}
+                         "null_fraction": float(1 - len(finite) / max(len(values), 1)),
+                         "bins": numeric_bins(finite)}
     for column in features.categorical:
         freq = frame[column].value_counts(normalize=True).head(20)
         stats[column] = {"frequencies": {str(k): float(v) for k, v in freq.items()}}

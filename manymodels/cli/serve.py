@@ -37,8 +37,19 @@ def serve(
         "--pin-fallbacks/--no-pin-fallbacks",
         help="Keep the fallback models resident (default on)")] = None,
     log_level: Annotated[str | None, typer.Option(help="critical|error|warning|info|debug")] = None,
-    access_log: Annotated[bool | None, typer.Option(
-        "--access-log/--no-access-log", help="One log line per request (default off)")] = None,
+    access_log: Annotated[str | None, typer.Option(
+        help="Access log on stdout, one line per request: json | plain | off (default off)")
+    ] = None,
+    metrics: Annotated[bool | None, typer.Option(
+        "--metrics/--no-metrics", help="Prometheus metrics at GET /metrics (default on)")] = None,
+    metrics_top_models: Annotated[int | None, typer.Option(
+        help="Busiest models with their own /metrics series; the rest are model=\"other\" "
+             "(default 50)")] = None,
+    log_predictions: Annotated[str | None, typer.Option(
+        help="Directory for the prediction log: Parquet files of inputs and predictions")
+    ] = None,
+    log_sample: Annotated[float | None, typer.Option(
+        help="Fraction 0..1 of scored rows written to the prediction log (default 1)")] = None,
     deployment: Annotated[list[str] | None, typer.Option(
         help="NAME=BUNDLE, once per deployment (e.g. blue=models:/oj-sales/3)")] = None,
     traffic: Annotated[str | None, typer.Option(
@@ -59,7 +70,9 @@ def serve(
     settings = load_settings(spec, bundle=source, host=host, port=port, workers=workers,
                              max_memory_mb=max_memory_mb, max_body_mb=max_body_mb,
                              preload=preload, pin_fallbacks=pin_fallbacks, log_level=log_level,
-                             access_log=access_log, endpoint=endpoint, monitor=monitor)
+                             access_log=access_log, endpoint=endpoint, monitor=monitor,
+                             metrics=metrics, metrics_top_models=metrics_top_models,
+                             log_predictions=log_predictions, log_sample=log_sample)
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"

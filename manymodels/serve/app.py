@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import Response
@@ -47,8 +48,11 @@ from .dataplane import (
     score_model,
 )
 from .errors import MalformedBody, install_error_handlers, render_exception
+from .metrics import Metrics
+from .observe import ObserveMiddleware, Telemetry
 from .registry import ModelRegistry, ServedModel
 from .settings import ServeSettings
+from .stats import make_observe_router
 from .v2 import infer_reply, make_v2_router, split_infer_path
 
 if TYPE_CHECKING:
@@ -64,6 +68,8 @@ SCORE_FIELDS = ("data", "dataframe_split", "dataframe_records")
 INVOCATION_FIELDS = ("dataframe_split", "dataframe_records", "instances")
 JSON = "application/json"
 JSON_BYTES = b"application/json"
+V2_INFER = "/v2/models/{name}/infer"
+V2_INFER_VERSION = "/v2/models/{name}/versions/{model_version}/infer"
 #: Scope-state key of the :class:`~.endpoint.Deployment` answering a request.
 DEPLOYMENT_STATE = "manymodels.deployment"
 #: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
@@ -110,20 +116,39 @@ class Scorer:
     async def named(self, name: Any, table: Table) -> Prediction:
         if not isinstance(name, str):
             raise MalformedBody(f"'model' must be a model name (a string), not {name!r}")
-        served = await self.registry.get(name)
-        if table.n > self.inline_rows:
-            return await self.registry.run_in_thread(score_model, served, table)  # type: ignore[no-any-return]
-        return score_model(served, table)
+        started = time.perf_counter_ns()
+        registry = self.registry
+        try:
+            served = await registry.get(name)
+            if table.n > self.inline_rows:
+                prediction: Prediction = await registry.run_in_thread(score_model, served, table)
+            else:
+                prediction = score_model(served, table)
+        except Exception:
+            registry.telemetry.named_failed(name, registry.knows(name), started)
+            raise
+        registry.telemetry.named(name, table.columns, table.n, prediction.prediction, started)
+        return prediction
 
     async def routed(self, table: Table) -> tuple[Prediction, list[str], list[bool]]:
-        routing = route_rows(self.registry, table)
-        models = await models_for(self.registry, routing.groups)
+        started = time.perf_counter_ns()
+        registry = self.registry
+        routing = route_rows(registry, table)
+        models = await models_for(registry, routing.groups)
         if table.n > self.inline_rows:
-            prediction = await self.registry.run_in_thread(score_groups, models, routing, table,
-                                                           self.task)
+            prediction = await registry.run_in_thread(score_groups, models, routing, table,
+                                                      self.task)
         else:
             prediction = score_groups(models, routing, table, self.task)
-        return prediction, routing.model, routing.fallback
+        ns = time.perf_counter_ns() - started
+        telemetry = registry.telemetry
+        fallback = routing.fallback
+        any_fallback = any(fallback)
+        for name, rows in routing.groups.items():
+            fell_back = sum(fallback[r] for r in rows) if any_fallback else 0
+            telemetry.scored(name, len(rows), ns, fell_back, models[name].loaded.entry.level)
+        telemetry.log(table.columns, table.n, prediction.prediction, routing.model, fallback)
+        return prediction, routing.model, fallback
 
     async def score_reply(self, body: Any) -> dict[str, Any]:
         """The ``/score`` response for a parsed body."""
@@ -177,7 +202,29 @@ class ManyModelsAPI(FastAPI):
     mirror: Mirror
     body_limit: int
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._entry: Any = self._dispatch
+        self._fast_routes: dict[str, Any] = {}
+
+    def wrap(self, layer: Callable[[Any], Any]) -> None:
+        """Wrap the whole application, fast lane included, in the ASGI middleware that
+        ``layer(inner)`` returns; the layer wrapped last is the outermost."""
+        self._entry = layer(self._entry)
+
+    def bind_fast_routes(self, *routers: APIRouter) -> None:
+        """Remember the declared routes the fast lane answers for (here or in an included
+        ``routers``), so that it sets ``scope["route"]`` as FastAPI does; outer layers
+        label requests by it."""
+        for route in [*self.routes, *(r for router in routers for r in router.routes)]:
+            path = getattr(route, "path", "")
+            if path in ("/score", V2_INFER, V2_INFER_VERSION):
+                self._fast_routes[path] = route
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(DATA_PLANE):
             await super().__call__(scope, receive, send)
             return
@@ -204,10 +251,13 @@ class ManyModelsAPI(FastAPI):
             if scope["method"] == "POST":
                 path = scope["path"]
                 if path == "/score":
+                    scope["route"] = self._fast_routes.get("/score")
                     await self._fast(scope, receive, send, None, deployment)
                     return
                 target = split_infer_path(path)
                 if target is not None:
+                    scope["route"] = self._fast_routes.get(
+                        V2_INFER if target[1] is None else V2_INFER_VERSION)
                     await self._fast(scope, receive, send, target, deployment)
                     return
             header = deployment.header
@@ -388,6 +438,18 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
 
     endpoint = build_endpoint(settings, spec, registry)
     started = {"ready": False}
+    metrics = Metrics(settings.metrics_top_models) if settings.metrics else None
+    predictions: dict[str, Any] = {"log": None}
+
+    def telemetry_for(name: str) -> Telemetry:
+        """The telemetry of deployment ``name`` (at start-up, or added through /admin)."""
+        return Telemetry(metrics, predictions=predictions["log"], deployment=name)
+
+    endpoint.telemetry_for = telemetry_for
+    for name, each_deployment in endpoint.deployments.items():
+        each_deployment.registry.telemetry = telemetry_for(name)
+    if metrics is not None:
+        endpoint.shared.on_load = metrics.model_loaded
 
     def registries() -> list[ModelRegistry]:
         return [d.registry for d in endpoint.deployments.values()]
@@ -395,9 +457,13 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         tasks = []
+        if settings.log_predictions is not None:
+            predictions["log"] = _prediction_log(settings, endpoint, metrics)
         for each in registries():
+            each.telemetry.attach_log(predictions["log"])
             if settings.pin_fallbacks:
                 await each.run_in_thread(each.pin_fallbacks)
+            each.shared.report(each.telemetry)
             preload = each.preload_names(settings.preload)
             if preload:
                 each.preloading = True
@@ -409,6 +475,11 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
             for task in tasks:
                 task.cancel()
             app.mirror.close()
+            log_writer, predictions["log"] = predictions["log"], None
+            for each in registries():
+                each.telemetry.attach_log(None)
+            if log_writer is not None:
+                await asyncio.get_running_loop().run_in_executor(None, log_writer.close)
             endpoint.close()
 
     for each in registries():  # a bad preload file fails here, before the server starts
@@ -426,13 +497,35 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         app.state.registry = endpoint.deployments["default"].registry
     install_error_handlers(app)
     _add_routes(app, settings)
-    app.include_router(make_v2_router(
+    app.include_router(make_observe_router(  # before /v2/models/{name}
+        lambda request: deployment_of(request).registry, metrics))
+    v2_router = make_v2_router(
         lambda request: deployment_of(request).registry, settings.max_body_bytes,
-        lambda: started["ready"] and not any(r.preloading for r in registries())))
+        lambda: started["ready"] and not any(r.preloading for r in registries()))
+    app.include_router(v2_router)
     app.include_router(make_admin_router(app, settings))
     app.include_router(make_ui_router(app, settings))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
+    app.bind_fast_routes(v2_router)
+    app.wrap(lambda inner: ObserveMiddleware(  # outermost: every request passes it
+        inner, metrics, settings.access_log, lambda: predictions["log"] is not None))
     return app
+
+
+def _prediction_log(settings: ServeSettings, endpoint: Endpoint,
+                    metrics: Metrics | None) -> Any:
+    """The prediction log of the endpoint (one for every deployment: rows name theirs)."""
+    from .predlog import PredictionLog  # pyarrow only when logging
+
+    assert settings.log_predictions is not None
+    manifests = [d.registry.bundle.manifest for d in endpoint.deployments.values()]
+    return PredictionLog(settings.log_predictions, manifests,
+                         sample=settings.log_sample,
+                         max_bytes=int(settings.log_max_mb * 2**20),
+                         max_seconds=settings.log_max_seconds,
+                         queue_rows=settings.log_queue_rows,
+                         on_written=metrics.log_rows.inc if metrics else None,
+                         on_dropped=metrics.log_dropped.inc if metrics else None)
 
 
 def _version() -> str:

@@ -264,6 +264,8 @@ class Endpoint:
     traffic: dict[str, int] = field(default_factory=dict)
     mirror: MirrorSpec | None = None
     shared: SharedSessions = field(init=False)
+    #: Gives each deployment's registry its telemetry (metrics, stats, prediction log).
+    telemetry_for: Any = None
     _table: list[Deployment] = field(default_factory=list, init=False)
     _lock: asyncio.Lock | None = field(default=None, init=False)
 
@@ -284,6 +286,8 @@ class Endpoint:
     def deployment(self, name: str, source: str, registry: ModelRegistry) -> Deployment:
         from .app import Scorer
 
+        if self.telemetry_for is not None:
+            registry.telemetry = self.telemetry_for(name)
         return Deployment(check_name(name), source, registry, Scorer(registry))
 
     @classmethod

@@ -18,6 +18,7 @@ latency of both sides and the shadow's CPU time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -245,7 +246,9 @@ class Mirror:
             stats.dropped += 1
             return
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+            # a fresh context: replays must not report into the request that started it
+            self._worker = asyncio.get_running_loop().create_task(
+                self._work(), context=contextvars.Context())
 
     async def _work(self) -> None:
         assert self._queue is not None

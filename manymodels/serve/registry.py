@@ -30,6 +30,7 @@ from manymodels.runtime import Bundle, LoadedModel, SessionCache, load_model
 from manymodels.runtime.manifest import ModelEntry
 
 from .errors import ModelUnavailable
+from .observe import Telemetry
 
 __all__ = ["ModelRegistry", "ServedModel", "SharedSessions", "SharedView", "v2_datatype"]
 
@@ -142,6 +143,9 @@ class SharedSessions:
         self._sources: dict[str, dict[int, tuple[ModelEntry, Path, Any]]] = {}
         self._pins: dict[str, set[int]] = {}
         self._lock = threading.Lock()
+        #: Called with the seconds each session took to create (the metrics' histogram).
+        self.on_load: Callable[[float], None] | None = None
+        self._reported_evictions = 0
 
     def register(self, token: int, key: str, entry: ModelEntry, path: Path,
                  options: Any) -> None:
@@ -157,9 +161,21 @@ class SharedSessions:
         if not path.is_file():
             raise BundleError(f"model file {entry.file} of model '{entry.name}' is missing in "
                               f"{path.parent.parent}")
+        started = time.perf_counter()
         loaded = load_model(entry, path, options)
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - started)
         base = {f.name: getattr(loaded, f.name) for f in fields(LoadedModel) if f.init}
         return _Resident(**base)
+
+    def report(self, telemetry: Telemetry) -> None:
+        """Tell ``telemetry`` what the cache holds now (after a load, eviction or unload);
+        evictions are counted once here, whichever deployment's load caused them."""
+        cache = self.cache
+        with self._lock:
+            new = cache.evictions - self._reported_evictions
+            self._reported_evictions = cache.evictions
+        telemetry.cache_state(len(cache), cache.bytes, cache.max_bytes, new)
 
     def pin(self, token: int, key: str) -> LoadedModel:
         with self._lock:
@@ -298,11 +314,14 @@ class ModelRegistry:
     shared
         The session cache of the endpoint, when several deployments share one (then
         ``max_bytes`` is that cache's budget, not this registry's).
+    telemetry
+        Where cache events and scored rows are reported (metrics, stats, prediction log).
     """
 
     def __init__(self, root: str | Path, max_bytes: int | None = None,
                  optimisation: str = "basic", load_threads: int = 2,
-                 inline_rows: int = 2048, shared: SharedSessions | None = None) -> None:
+                 inline_rows: int = 2048, shared: SharedSessions | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation)
         manifest = self.bundle.manifest
         self.version = str(manifest.raw.get("version") or "1")
@@ -321,6 +340,8 @@ class ModelRegistry:
         self._inflight: dict[str, asyncio.Future[ServedModel]] = {}
         self._lock = threading.Lock()
         self._trimmed_at = 0
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.load_failures = 0
 
     # -- loading ---------------------------------------------------------------------------
     def _prepare(self, loaded: LoadedModel, entry: ModelEntry) -> ServedModel:
@@ -354,20 +375,30 @@ class ModelRegistry:
             loaded = self.cache.get(name)
             self._trim_after_evictions()
         except (ModelLoadError, BundleError) as exc:
-            with self._lock:
-                self.failed[name] = exc.message
+            self._load_failed(name, exc.message)
             log.warning("model %s failed to load: %s", name, exc.message)
             raise ModelUnavailable(f"model '{name}' is unavailable: {exc.message}") from exc
+        finally:
+            self.shared.report(self.telemetry)
         if name in self.failed:
             with self._lock:
                 self.failed.pop(name, None)
         assert isinstance(loaded, ServedModel)
         return loaded
 
+    def _load_failed(self, name: str, message: str) -> None:
+        with self._lock:
+            self.failed[name] = message
+            self.load_failures += 1
+        self.telemetry.load_failed()
+
     def cached(self, name: str) -> ServedModel | None:
         """The model if it is resident (and marked as just used), else ``None``."""
         loaded = self.cache.peek(name)
-        return loaded if isinstance(loaded, ServedModel) else None
+        if loaded is None:
+            return None
+        self.telemetry.hit()
+        return loaded
 
     async def get(self, name: str) -> ServedModel:
         """The served model ``name``; a miss loads it in a thread, once for all callers."""
@@ -376,6 +407,7 @@ class ModelRegistry:
             return hit
         if not self.knows(name):
             raise ModelNotFound(name, known=len(self.bundle.manifest.models))
+        self.telemetry.miss()
         future = self._inflight.get(name)
         if future is None:
             loop = asyncio.get_running_loop()
@@ -392,7 +424,9 @@ class ModelRegistry:
     def unload(self, name: str) -> bool:
         if not self.knows(name):
             raise ModelNotFound(name, known=len(self.bundle.manifest.models))
-        return self.cache.unload(name)
+        unloaded = self.cache.unload(name)
+        self.shared.report(self.telemetry)
+        return unloaded
 
     # -- start-up --------------------------------------------------------------------------
     def pin_fallbacks(self) -> list[str]:
@@ -403,9 +437,10 @@ class ModelRegistry:
                 self.cache.pin(name)
                 pinned.append(name)
             except (ModelLoadError, BundleError) as exc:
-                self.failed[name] = exc.message
+                self._load_failed(name, exc.message)
                 log.warning("fallback model %s failed to load: %s", name, exc.message)
         self.pinned = tuple(pinned)
+        self.shared.report(self.telemetry)
         return pinned
 
     def preload_names(self, preload: str) -> list[str]:
@@ -452,6 +487,8 @@ class ModelRegistry:
         return {"models": len(self.bundle.manifest.models), "loaded": len(self.cache),
                 "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes,
                 "loads": self.cache.loads, "evictions": self.cache.evictions,
+                "hits": self.telemetry.stats.hits, "misses": self.telemetry.stats.misses,
+                "load_failures": self.load_failures,
                 "pinned": list(self.pinned), "failed": len(self.failed)}
 
     def trim(self) -> None:

@@ -3,13 +3,17 @@
 uvloop + httptools (2.3× the requests/s of asyncio + h11 here), no access log and no
 ``server``/``date`` headers by default. One worker serves from this process; several
 workers re-create the application from ``MANYMODELS_*`` variables in each process, and
-each then holds its own model cache.
+each then holds its own model cache. With several workers, Prometheus metrics use
+prometheus-client's multiprocess mode in a fresh directory (``PROMETHEUS_MULTIPROC_DIR``,
+removed at exit; set it yourself to keep the files, and empty it before each start).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -17,6 +21,7 @@ import uvicorn
 from manymodels.errors import SpecError
 
 from .app import create_app, resolve_source
+from .metrics import METRICS_DIR_ENV
 from .settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -29,7 +34,7 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, object]:
     """uvicorn keyword arguments shared by ``run``, the tests and the benchmark peers."""
     return {"host": settings.host, "port": settings.port, "loop": "uvloop",
             "http": "httptools", "log_level": settings.log_level,
-            "access_log": settings.access_log, "server_header": False, "date_header": False,
+            "access_log": False, "server_header": False, "date_header": False,
             "timeout_keep_alive": 30}
 
 
@@ -53,5 +58,14 @@ def run(settings: ServeSettings, spec: EndpointSpec | None = None) -> None:
     create_app(settings, spec=spec)  # fail here, once, on a bad bundle, not in every worker
     settings = settings.model_copy(update={"bundle": None}) if settings.endpoint else settings
     os.environ.update(settings.to_env())
-    uvicorn.run("manymodels.serve.app:create_app_from_env", factory=True,
-                workers=settings.workers, **uvicorn_options(settings))  # type: ignore[arg-type]
+    own_dir = None
+    if settings.metrics and not os.environ.get(METRICS_DIR_ENV):
+        own_dir = tempfile.mkdtemp(prefix="manymodels-metrics-")  # fresh: no stale counts
+        os.environ[METRICS_DIR_ENV] = own_dir  # read by prometheus-client in every worker
+    try:
+        uvicorn.run("manymodels.serve.app:create_app_from_env", factory=True,
+                    workers=settings.workers, **uvicorn_options(settings))  # type: ignore[arg-type]
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+            os.environ.pop(METRICS_DIR_ENV, None)

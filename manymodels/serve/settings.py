@@ -66,8 +66,34 @@ class ServeSettings(BaseSettings):
     """Threads that create sessions off the event loop."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"
     """uvicorn and manymodels log level."""
-    access_log: bool = False
-    """One log line per request (costs about 10% of throughput on single-row requests)."""
+    access_log: Literal["json", "plain", "off"] = "off"
+    """One line per request on stdout: ``json`` (time, request id, deployment, route,
+    rows, models, status, latency), ``plain`` (the same, readable) or ``off``."""
+    metrics: bool = True
+    """Count requests, models and cache events for ``GET /metrics`` (Prometheus)."""
+    metrics_top_models: int = Field(default=50, ge=1, le=100_000)
+    """Models with their own ``/metrics`` series (the busiest); the rest are summed
+    under ``model="other"``. ``/v2/models/{name}/stats`` has every model."""
+    log_predictions: str | None = None
+    """Directory for the prediction log (Parquet); ``None`` logs nothing."""
+    log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of scored rows written to the prediction log."""
+    log_max_mb: float = Field(default=64.0, gt=0)
+    """A prediction-log file is completed (made visible) past this size..."""
+    log_max_seconds: float = Field(default=300.0, gt=0)
+    """...or this age, and when the server stops."""
+    log_queue_rows: int = Field(default=100_000, ge=1)
+    """Rows that may wait for the log writer; more are dropped (and counted)."""
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log_mode(cls, value: Any) -> Any:
+        """``true``/``false`` (the former boolean setting) mean ``plain``/``off``."""
+        if isinstance(value, bool):
+            return "plain" if value else "off"
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return "plain" if value.lower() in ("true", "1") else "off"
+        return value
 
     @field_validator("preload")
     @classmethod

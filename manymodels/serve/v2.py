@@ -9,6 +9,7 @@ on these routes are ``{"error": "..."}`` with the status of :mod:`.errors`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -133,12 +134,18 @@ async def infer_reply(registry: ModelRegistry, name: str, model_version: str | N
                       body: Any) -> dict[str, Any]:
     """The V2 inference response for ``body`` sent to model ``name``."""
     check_version(registry, name, model_version)
-    served = await registry.get(name)
-    table, wanted = parse_infer_request(served, body)
-    if table.n > registry.inline_rows:
-        outputs = await registry.run_in_thread(infer, served, table, wanted)
-    else:
-        outputs = infer(served, table, wanted)
+    started = time.perf_counter_ns()
+    try:
+        served = await registry.get(name)
+        table, wanted = parse_infer_request(served, body)
+        if table.n > registry.inline_rows:
+            outputs = await registry.run_in_thread(infer, served, table, wanted)
+        else:
+            outputs = infer(served, table, wanted)
+    except Exception:
+        registry.telemetry.named_failed(name, registry.knows(name), started)
+        raise
+    registry.telemetry.named(name, table.columns, table.n, outputs[0]["data"], started)
     reply: dict[str, Any] = {"model_name": name, "model_version": registry.version,
                              "outputs": outputs}
     if isinstance(body.get("id"), str):

@@ -1,0 +1,42 @@
+"""Reading the prediction logs that ``manymodels serve --log-predictions DIR`` writes.
+
+Only complete files are named ``predictions-*.parquet``; the file being written is
+hidden (``.predictions-….tmp``), so whatever this reads is whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manymodels.errors import DataError
+
+__all__ = ["PREFIX", "SUFFIX", "log_files", "read_prediction_logs"]
+
+PREFIX = "predictions-"
+SUFFIX = ".parquet"
+
+
+def log_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The complete prediction-log files of ``directory``, oldest first."""
+    return sorted(Path(directory).glob(f"{PREFIX}*{SUFFIX}"))
+
+
+def read_prediction_logs(directory: str | os.PathLike[str]) -> pa.Table:
+    """Every complete prediction-log file of ``directory`` as one table."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise DataError(f"prediction log directory {path} does not exist; pass the DIR given "
+                        f"to `manymodels serve --log-predictions DIR`")
+    files = log_files(path)
+    if not files:
+        raise DataError(f"{path} holds no prediction-log files ({PREFIX}*{SUFFIX}); files "
+                        f"appear when the server completes one (size, age or shutdown)")
+    try:
+        return pa.concat_tables([pq.read_table(f) for f in files],
+                                promote_options="permissive")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"prediction logs in {path} cannot be read: {exc}") from exc
