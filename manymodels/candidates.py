@@ -28,6 +28,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 
 from manymodels.errors import SpecError
+from manymodels.monitor.accuracy import label_metric
 from manymodels.specs import TrainerSpec
 
 __all__ = [
@@ -129,18 +130,7 @@ def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
     """Compute ``metric``; probabilities are needed for logloss and auc."""
     y_true = np.asarray(y_true)
     if metric in ("rmse", "mae", "wape", "mape"):
-        err = np.asarray(prediction, dtype=float) - y_true.astype(float)
-        if metric == "rmse":
-            return float(np.sqrt(np.mean(err**2)))
-        if metric == "mae":
-            return float(np.mean(np.abs(err)))
-        if metric == "wape":
-            denom = float(np.sum(np.abs(y_true)))
-            return float(np.sum(np.abs(err)) / denom) if denom else float("inf")
-        nonzero = y_true != 0
-        if not nonzero.any():
-            return float("inf")
-        return float(np.mean(np.abs(err[nonzero] / y_true[nonzero].astype(float))))
+        return label_metric(metric, y_true, prediction)  # the same figure monitor computes
     if metric == "accuracy":
         return float(accuracy_score(y_true, prediction))
     if proba is None or classes is None:

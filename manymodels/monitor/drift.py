@@ -43,16 +43,24 @@ def numeric_bins(values: np.ndarray) -> dict[str, list[float]] | None:
     """Bins of a numeric training column: interior edges and the share of rows per bin.
 
     Bin ``i`` holds values in ``[edges[i-1], edges[i])`` (the first from −∞, the last to
-    +∞), so values beyond the training range land in the outer bins.
+    +∞), so values beyond the training range land in the outer bins. Values are binned
+    as the float32 the models take (:func:`_as_model_input`), so a training value and
+    the same value sent as JSON text fall in the same bin.
     """
-    finite = np.asarray(values, dtype=float)
-    finite = finite[np.isfinite(finite)]
+    finite = _as_model_input(values)
     if not len(finite):
         return None
     edges = np.unique(np.quantile(finite, BIN_QUANTILES))
     counts = np.bincount(np.searchsorted(edges, finite, side="right"),
                          minlength=len(edges) + 1)
     return {"edges": edges.tolist(), "fractions": (counts / len(finite)).tolist()}
+
+
+def _as_model_input(values: Any) -> np.ndarray:
+    """Finite values as the float32 a model is fed, widened back to float64."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        as32 = np.asarray(values, dtype=float).astype(np.float32).astype(float)
+    return as32[np.isfinite(as32)]
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,7 @@ def bins_of(stats: Mapping[str, Any]) -> Bins | None:
 def numeric_counts(bins: Bins, values: np.ndarray) -> np.ndarray:
     """Live rows per bin (nulls and non-finite values are left out)."""
     assert bins.edges is not None
-    finite = np.asarray(values, dtype=float)
-    finite = finite[np.isfinite(finite)]
+    finite = _as_model_input(values)
     return np.bincount(np.searchsorted(bins.edges, finite, side="right"),
                        minlength=len(bins.edges) + 1)
 
