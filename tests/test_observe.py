@@ -329,3 +329,38 @@ def test_two_workers_report_totals_of_both(bundle: tuple[Path, pd.DataFrame]) ->
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
+
+
+def test_two_deployments_are_labelled_apart(bundle: tuple[Path, pd.DataFrame],
+                                            tmp_path: Path) -> None:
+    """Check that with deployments blue (all live traffic) and green (pinned only) every
+    figure and logged row names the deployment that answered."""
+    from manymodels.monitor.logs import read_prediction_logs
+    from manymodels.serve.endpoint import DeploymentSpec, EndpointSpec
+
+    spec = EndpointSpec(deployments={"blue": DeploymentSpec(bundle=str(bundle[0])),
+                                     "green": DeploymentSpec(bundle=str(bundle[0]))},
+                        traffic={"blue": 100, "green": 0})
+    logs = tmp_path / "logs"
+    running = Running(ServeSettings(log_predictions=str(logs)), spec=spec)
+    try:
+        for _ in range(5):
+            assert running.client.post("/score", json={"model": SEG, "data": [ONE_ROW]}
+                                       ).status_code == 200
+        for _ in range(3):
+            reply = running.client.post("/score", json={"model": SEG, "data": [ONE_ROW] * 2},
+                                        headers={"x-manymodels-deployment": "green"})
+            assert reply.headers["x-manymodels-deployment"] == "green"
+        samples = scrape(running.client)
+        green_stats = running.client.get(f"/v2/models/{SEG}/stats", headers={
+            "x-manymodels-deployment": "green"}).json()["model_stats"][0]
+    finally:
+        running.stop()
+    for name, count in (("blue", 5), ("green", 3)):
+        assert value(samples, "manymodels_requests_total", route="/score", status="200",
+                     deployment=name) == count
+        assert series(samples, "manymodels_model_requests_total", name) == {SEG: count}
+    assert series(samples, "manymodels_model_rows_total", "green") == {SEG: 6}
+    assert green_stats["inference_stats"]["success"]["count"] == 3
+    logged = read_prediction_logs(logs).to_pandas()
+    assert logged.groupby("deployment").size().to_dict() == {"blue": 5, "green": 6}
