@@ -46,7 +46,8 @@ def _print(report: Any, show: int) -> None:
 
 
 def monitor(
-    bundle: Annotated[str, typer.Argument(help="The served bundle (directory or models:/ URI)")],
+    bundle: Annotated[str, typer.Argument(
+        help="The served bundle (directory, models:/ URI or s3:// URL)")],
     predictions: Annotated[str, typer.Option(
         help="The server's --log-predictions directory")],
     actuals: Annotated[str | None, typer.Option(

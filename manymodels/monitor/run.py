@@ -99,12 +99,11 @@ def _json_default(value: Any) -> Any:
 
 
 def _bundle_manifest(bundle: str | os.PathLike[str]) -> Manifest:
-    text = os.fspath(bundle)
-    if text.startswith("models:/"):
-        from manymodels.registry import resolve_bundle  # MLflow only for registry URIs
+    """The manifest of a bundle directory, ``models:/`` URI or ``s3://`` URL (resolved as
+    serve and batch resolve them)."""
+    from manymodels.storage import resolve_bundle_source
 
-        text = str(resolve_bundle(text))
-    return read_manifest(text)
+    return read_manifest(resolve_bundle_source(bundle))
 
 
 def _log_column(log: pd.DataFrame, name: str) -> str | None:
