@@ -159,6 +159,9 @@ def test_monitor_cli_flags_the_shifted_model_and_scores_accuracy(
     assert {e["model"] for e in report["accuracy"]} == set(models)
     summary = {m["model"]: m for m in report["models"]}
     assert summary[shifted]["alarm"] and "price" in summary[shifted]["drifted_features"]
+    from manymodels.serve.ui import monitor_flags  # the endpoint's page reads this file
+
+    assert [f["model"] for f in monitor_flags(out)["flagged"]] == [shifted]
 
 
 def test_monitor_without_alarms_exits_0_and_writes_parquet(

@@ -56,16 +56,18 @@ class MonitorReport:
         out: dict[str, dict[str, Any]] = {}
         for d in self.drift:
             rec = out.setdefault(d.model, {"model": d.model, "rows": d.rows, "max_psi": None,
-                                           "drifted_features": [], "alarm": False})
+                                           "drifted": False, "drifted_features": [],
+                                           "alarm": False})
             rec["rows"] = max(rec["rows"], d.rows)
             if d.psi is not None and (rec["max_psi"] is None or d.psi > rec["max_psi"]):
                 rec["max_psi"] = round(d.psi, 4)
-            if d.alarm:
+            if d.alarm:  # "drifted": the verdict /ui and the report show (not PSI >= 0.2)
                 rec["drifted_features"].append(d.feature)
-                rec["alarm"] = True
+                rec["drifted"] = rec["alarm"] = True
         for a in self.accuracy:
             rec = out.setdefault(a.model, {"model": a.model, "rows": a.rows, "max_psi": None,
-                                           "drifted_features": [], "alarm": False})
+                                           "drifted": False, "drifted_features": [],
+                                           "alarm": False})
             rec.update({"metric": a.metric, "live": a.value, "holdout": a.holdout,
                         "accuracy": a.verdict, "actual_rows": a.rows})
             rec["alarm"] = rec["alarm"] or a.alarm
