@@ -150,10 +150,15 @@ def test_bundle_without_report_rebuilds_segments_from_the_manifest(bundle_dir: P
     assert "summary" in parsed.sections and "leaderboard" in parsed.sections
 
 
-MONITOR = {"bundle": "oj", "window": "2026-11-01/2026-11-30", "rows": 1234,
-           "models": {"quantity__store=1__brand=tropicana": {"psi_max": 0.31, "drifted": True,
-                                                              "rmse": 0.41},
-                      "quantity__global": {"psi_max": 0.04, "drifted": False, "rmse": 0.52}}}
+# the shape of `manymodels monitor` JSON: one summary record per model under "models"
+MONITOR = {"bundle": "oj", "predictions": "logs/", "rows": 1234, "alarms": 1,
+           "models": [{"model": "quantity__store=1__brand=tropicana", "rows": 700,
+                       "max_psi": 0.31, "drifted": True, "drifted_features": ["price"],
+                       "metric": "rmse", "live": 0.41, "holdout": 0.30, "accuracy": "worse"},
+                      {"model": "quantity__global", "rows": 534, "max_psi": 0.04,
+                       "drifted": False, "drifted_features": [], "metric": "rmse",
+                       "live": 0.52, "holdout": 0.50, "accuracy": "ok"}],
+           "drift": [{"model": "quantity__global", "feature": "price", "psi": 0.04}]}
 
 
 def test_monitor_output_adds_drift_and_accuracy_per_model(bundle_dir: Path,
@@ -165,7 +170,8 @@ def test_monitor_output_adds_drift_and_accuracy_per_model(bundle_dir: Path,
     parsed = parse(html)
     assert "monitor" in parsed.sections
     assert parsed.stats["monitor-models"] == "2"
-    assert "quantity__store=1__brand=tropicana" in html and "psi_max" in html
+    assert "quantity__store=1__brand=tropicana" in html and "max_psi" in html
+    assert "fig-monitor" in html and ">worse<" in html
 
 
 def test_bad_sources_are_one_clear_error(tmp_path: Path, trained_run: Path) -> None:

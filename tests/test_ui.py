@@ -23,10 +23,18 @@ from manymodels.serve import ServeSettings
 from manymodels.serve.endpoint import DeploymentSpec, EndpointSpec, MirrorSpec
 from manymodels.serve.ui import PAGE_HEADERS, monitor_flags
 
-MONITOR = {"bundle": "blue", "models": {
-    "quantity__store=1__brand=tropicana": {"psi_max": 0.41, "drifted": True, "rows": 120},
-    "quantity__store=2__brand=tropicana": {"psi_max": 0.03, "drifted": False, "rows": 80},
-    "quantity__global": {"psi": {"price": 0.27, "feat": 0.01}, "rows": 300}}}
+# the shape of `manymodels monitor` JSON: one summary record per model under "models"
+MONITOR = {"bundle": "blue", "predictions": "logs/", "rows": 500, "alarms": 2, "models": [
+    {"model": "quantity__store=1__brand=tropicana", "rows": 120, "max_psi": 0.41,
+     "drifted": True, "drifted_features": ["price"], "alarm": True},
+    {"model": "quantity__store=2__brand=tropicana", "rows": 80, "max_psi": 0.03,
+     "drifted": False, "drifted_features": [], "alarm": False},
+    {"model": "quantity__global", "rows": 300, "max_psi": 0.27, "drifted": True,
+     "drifted_features": ["price", "feat"], "alarm": True}],
+    "drift": [{"model": "quantity__global", "feature": "price", "psi": 0.27}]}
+#: an older flat shape (a mapping of model -> figures, PSI nested) is read too
+MONITOR_MAPPING = {"models": {"quantity__store=1__brand=tropicana": {"psi": {"price": 0.3}},
+                              "quantity__global": {"psi": {"price": 0.05}}}}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,9 @@ def test_page_is_static_and_loads_nothing_from_elsewhere(running: Running) -> No
 
 def test_unreadable_monitor_file_is_reported_not_raised(tmp_path: Path) -> None:
     """Check that a missing or broken monitor file becomes an error entry for the page."""
+    (tmp_path / "mapping.json").write_text(json.dumps(MONITOR_MAPPING))
+    flags = monitor_flags(tmp_path / "mapping.json")
+    assert [r["model"] for r in flags["flagged"]] == ["quantity__store=1__brand=tropicana"]
     assert "does not exist" in monitor_flags(tmp_path / "none.json")["error"]
     (tmp_path / "bad.json").write_text("{")
     assert "cannot be read as JSON" in monitor_flags(tmp_path / "bad.json")["error"]
