@@ -2,7 +2,14 @@
 
 The classes live in the runtime package because the runtime is copied into every
 bundle and must raise the same errors there without importing the rest of manymodels;
-this module is the public name for them.
+this module is the public name for them. The credential errors below are raised only by
+the server (never inside a bundle), so they live here rather than in the runtime::
+
+    ManyModelsError
+    └── AuthError            unknown, revoked, expired or tampered credentials (HTTP 401)
+        ├── MissingCredentials   none at all (401, a bare ``WWW-Authenticate`` challenge)
+        ├── Forbidden        valid credentials without the scope the route needs (403)
+        └── RateLimited      the credential's request budget is spent for now (429)
 """
 
 from manymodels.runtime.errors import (
@@ -22,13 +29,17 @@ from manymodels.runtime.errors import (
 )
 
 __all__ = [
+    "AuthError",
     "BundleError",
     "DataError",
     "ExportError",
+    "Forbidden",
     "InputSchemaError",
     "ManyModelsError",
+    "MissingCredentials",
     "ModelLoadError",
     "ModelNotFound",
+    "RateLimited",
     "RegistryError",
     "ScoringError",
     "SegmentNotFound",
@@ -36,3 +47,38 @@ __all__ = [
     "SpecError",
     "TrainingError",
 ]
+
+
+class AuthError(ManyModelsError, PermissionError):
+    """The request carries no credentials, or ones that are unknown, revoked, expired or
+    tampered with. The message says which, and never repeats the credential itself."""
+
+    code = "invalid_token"
+
+
+class MissingCredentials(AuthError):
+    """The request carries no credentials at all."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(AuthError):
+    """The credentials are valid but lack the scope the route needs."""
+
+    code = "insufficient_scope"
+
+    def __init__(self, needed: str, held: "frozenset[str] | set[str]") -> None:
+        shown = ", ".join(sorted(held)) or "none"
+        super().__init__(f"this route needs scope '{needed}'; the credentials carry: {shown}")
+        self.needed = needed
+
+
+class RateLimited(AuthError):
+    """The credential has spent its request budget; retry after ``retry_after`` seconds."""
+
+    code = "rate_limited"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"request rate limit reached for these credentials; retry after "
+                         f"{retry_after} s")
+        self.retry_after = retry_after

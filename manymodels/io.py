@@ -10,18 +10,22 @@ from pathlib import Path
 __all__ = ["atomic_write_bytes", "atomic_write_text", "swap_directory_into_place"]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over.
 
     The temp file is created with a fresh name rather than :func:`tempfile.mkstemp`, whose
     0600 mode would survive the rename and hide the file from other users (a server
-    running as another account, say).
+    running as another account, say). ``mode`` (e.g. ``0o600`` for a key file) is set when
+    the temp file is created, so the content is never readable with a wider mode.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with open(tmp, "xb") as handle:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with os.fdopen(os.open(tmp, flags, 0o666 if mode is None else mode), "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)  # the umask cannot widen or narrow it
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -31,8 +35,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def swap_directory_into_place(tmp: Path, out: Path) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -47,21 +48,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def answering(command: list[str], probe: str, what: str, **popen: Any) -> Iterator[str]:
+def answering(command: list[str], probe: str, what: str, *, log: Path | None = None,
+              tls: ssl.SSLContext | None = None, **popen: Any) -> Iterator[str]:
     """Start a server on a free loopback port (``{port}`` in ``command``), wait until
-    ``probe`` answers 200, yield its URL, and stop the whole process group after."""
+    ``probe`` answers 200, yield its URL, and stop the whole process group after.
+
+    ``log`` receives the server's stdout and stderr (else stderr is kept for the failure
+    message);
+    ``tls`` is the client context of a server started with a certificate (https).
+    """
     port = free_port()
+    sink: Any = open(log, "wb") if log is not None else None  # noqa: SIM115
     proc = subprocess.Popen([c.replace("{port}", str(port)) for c in command],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdout=sink or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if sink else subprocess.PIPE,
                             start_new_session=True, **popen)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise AssertionError(f"{what} exited: {proc.stderr.read()!r}")
+                told = log.read_text() if log is not None else proc.stderr.read()  # type: ignore[union-attr]
+                raise AssertionError(f"{what} exited: {told!r}")
             try:
-                if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
+                if httpx.get(f"{url}{probe}", timeout=1, verify=tls or True).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -71,6 +81,8 @@ def answering(command: list[str], probe: str, what: str, **popen: Any) -> Iterat
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        if sink is not None:
+            sink.close()
 
 
 @pytest.fixture(scope="session")

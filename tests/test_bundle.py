@@ -267,7 +267,7 @@ def azure_server(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                            "azureml-inference-server-http>=1.3,<2").parent
     deploy = root / "azureml-models" / "oj-sales" / "1"
     shutil.copytree(packed, deploy / "oj-sales")
-    with _answering([str(bin_dir / "azmlinfsrv"), "--entry_script",
+    with answering([str(bin_dir / "azmlinfsrv"), "--entry_script",
                      str(deploy / "oj-sales" / "score.py"), "--port", "{port}"], "/",
                     "azmlinfsrv", cwd=root,
                     env={"AZUREML_MODEL_DIR": str(deploy), "HOME": str(root),
@@ -301,7 +301,7 @@ def mlflow_server(packed: Path) -> Iterator[str]:
     """`mlflow models serve` on the bundle, on a free loopback port."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    with _answering([str(bin_dir / "mlflow"), "models", "serve", "-m", str(packed),
+    with answering([str(bin_dir / "mlflow"), "models", "serve", "-m", str(packed),
                      "--env-manager", "local", "-p", "{port}", "-h", "127.0.0.1", "-w", "1"],
                     "/ping", "mlflow models serve", env=env) as url:
         yield url

@@ -23,7 +23,7 @@ from manymodels.errors import (
     TrainingError,
 )
 
-from . import batch, datasets, endpoint, monitor, package, report, serve, train
+from . import batch, datasets, endpoint, keys, monitor, package, report, serve, train
 
 __all__ = ["EXIT_CODES", "app", "main"]
 
@@ -52,7 +52,7 @@ def _root() -> None:
     """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
 
 
-for _module in (datasets, train, package, serve, endpoint, batch, report, monitor):
+for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor):
     _module.register(app)
 
 

@@ -63,25 +63,56 @@ def serve(
     ] = None,
     monitor: Annotated[str | None, typer.Option(
         help="`manymodels monitor` JSON output: its drift flags are shown on /ui")] = None,
+    auth: Annotated[str | None, typer.Option(
+        help="none | key | token (default: none on loopback, key on any other host)")] = None,
+    key_file: Annotated[str | None, typer.Option(
+        help="Key file of `manymodels keys` (default ~/.config/manymodels/keys.json)")] = None,
+    token_secret_file: Annotated[str | None, typer.Option(
+        help="HS256 secret of `manymodels token create` (default "
+             "~/.config/manymodels/token-secret)")] = None,
+    token_public_key_file: Annotated[str | None, typer.Option(
+        help="PEM public key (RS256/ES256) of a service that issues the tokens")] = None,
+    rate_limit: Annotated[float | None, typer.Option(
+        help="Requests/s per key or token subject, per worker (default: no limit)")] = None,
+    allow_unauthenticated: Annotated[bool | None, typer.Option(
+        "--allow-unauthenticated", help="Allow --auth none on a non-loopback host "
+        "(a gateway in front authenticates)")] = None,
+    ssl_certfile: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="PEM private key of the certificate")
+                           ] = None,
 ) -> None:
     """Serve bundles over HTTP: /score, /invocations, /models, the V2 protocol, /admin."""
     from manymodels.serve import load_settings, run  # FastAPI/uvicorn only when serving
+    from manymodels.serve.auth import auth_mode, is_loopback
 
     settings = load_settings(spec, bundle=source, host=host, port=port, workers=workers,
                              max_memory_mb=max_memory_mb, max_body_mb=max_body_mb,
                              preload=preload, pin_fallbacks=pin_fallbacks, log_level=log_level,
                              access_log=access_log, endpoint=endpoint, monitor=monitor,
                              metrics=metrics, metrics_top_models=metrics_top_models,
-                             log_predictions=log_predictions, log_sample=log_sample)
+                             log_predictions=log_predictions, log_sample=log_sample,
+                             ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                             auth={"mode": auth, "key_file": key_file,
+                                   "token_secret_file": token_secret_file,
+                                   "token_public_key_file": token_public_key_file,
+                                   "rate_limit": rate_limit,
+                                   "allow_unauthenticated": allow_unauthenticated})
+    mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
     what = ", ".join(f"{n}={d.bundle}" for n, d in plan.deployments.items()) if plan else (
         settings.endpoint if settings.bundle is None else settings.bundle)
-    Console(stderr=True).print(
-        f"serving [bold]{what}[/] on http://{settings.host}:{settings.port} "
-        f"(workers {settings.workers}, cache {budget}, preload {settings.preload}); "
+    scheme = "https" if settings.ssl_certfile else "http"
+    console = Console(stderr=True)
+    console.print(
+        f"serving [bold]{what}[/] on {scheme}://{settings.host}:{settings.port} "
+        f"(workers {settings.workers}, cache {budget}, preload {settings.preload}, auth {mode}); "
         f"docs at /docs, dashboard at /ui", highlight=False, soft_wrap=True)
+    if scheme == "http" and mode != "none" and not is_loopback(settings.host):
+        console.print("[yellow]warning[/]: credentials will cross the network in clear text; "
+                      "serve HTTPS with --ssl-certfile/--ssl-keyfile or terminate TLS in front",
+                      highlight=False, soft_wrap=True)
     run(settings, plan)
 
 

@@ -32,6 +32,7 @@ from starlette.responses import Response
 from manymodels.errors import BundleError
 
 from . import schemas
+from .auth import AuthMiddleware, build_guard, document_security
 from .dataplane import (
     Prediction,
     Table,
@@ -195,7 +196,9 @@ class ManyModelsAPI(FastAPI):
     routes (which stay, for the OpenAPI page and for any caller that mounts the router),
     but without routing, dependency solving and the middleware stack, which cost about
     50 µs per request, four times the scoring itself. Every other route goes through
-    FastAPI as usual. Both lanes get their deployment from :meth:`serve`.
+    FastAPI as usual. Both lanes get their deployment from :meth:`serve`. Cross-cutting
+    checks (credentials: :mod:`.auth`) are pure ASGI middlewares put around
+    :meth:`dispatch` with :meth:`wrap`, so neither lane can skip them.
     """
 
     endpoint: Endpoint
@@ -226,7 +229,7 @@ class ManyModelsAPI(FastAPI):
 
     async def _dispatch(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(DATA_PLANE):
-            await super().__call__(scope, receive, send)
+            await self._starlette(scope, receive, send)
             return
         try:
             choice = self.endpoint.choose(scope["headers"])
@@ -267,9 +270,21 @@ class ManyModelsAPI(FastAPI):
                     message["headers"] = [*message.get("headers", ()), header]
                 await send(message)
 
-            await super().__call__(scope, receive, send_named)
+            await self._starlette(scope, receive, send_named)
         finally:
             deployment.inflight -= 1
+
+    async def _starlette(self, scope: Any, receive: Any, send: Any) -> None:
+        """FastAPI's own handling (routing, dependencies, the error handlers)."""
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception:  # noqa: S110
+            # Starlette answers 500 through our handler (which logs one line), then
+            # re-raises so that servers can log it too; uvicorn would print the stack trace
+            pass
 
     async def _fast(self, scope: Any, receive: Any, send: Any,
                     target: tuple[str, str | None] | None, deployment: Deployment) -> None:
@@ -496,6 +511,9 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     if "default" in endpoint.deployments:
         app.state.registry = endpoint.deployments["default"].registry
     install_error_handlers(app)
+    guard = build_guard(settings)
+    if guard is not None:
+        app.wrap(lambda inner: AuthMiddleware(inner, guard))
     _add_routes(app, settings)
     app.include_router(make_observe_router(  # before /v2/models/{name}
         lambda request: deployment_of(request).registry, metrics))
@@ -506,6 +524,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     app.include_router(make_admin_router(app, settings))
     app.include_router(make_ui_router(app, settings))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
+    if guard is not None:
+        app.openapi = document_security(app.openapi, guard.mode)  # type: ignore[method-assign]
     app.bind_fast_routes(v2_router)
     app.wrap(lambda inner: ObserveMiddleware(  # outermost: every request passes it
         inner, metrics, settings.access_log, lambda: predictions["log"] is not None))

@@ -10,6 +10,8 @@ expect that shape. Foreign exceptions never reach a client with their stack trac
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 
 import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,12 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from manymodels.errors import (
+    AuthError,
     BundleError,
     DataError,
+    Forbidden,
     InputSchemaError,
     ManyModelsError,
     ModelLoadError,
     ModelNotFound,
+    RateLimited,
     RegistryError,
     ScoringError,
     SegmentNotFound,
@@ -114,6 +119,9 @@ class NoLiveTraffic(ModelLoadError):
 #: Status per error class; the first class that matches wins, so subclasses come first.
 HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
     (EndpointConflict, 409),
+    (RateLimited, 429),
+    (Forbidden, 403),
+    (AuthError, 401),
     (BodyTooLarge, 413),
     (UnsupportedMediaType, 415),
     (MalformedBody, 400),
@@ -140,6 +148,9 @@ def status_for(exc: ManyModelsError) -> int:
 _TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 500: "Internal Server Error",
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Content Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error",
            503: "Service Unavailable"}
 
 
@@ -152,6 +163,16 @@ def render_error(path: str, status: int, code: str, message: str) -> tuple[bytes
                          "detail": message, "code": code}), "application/problem+json"
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message (file:line in function)`` of the innermost frame: one log line,
+    never a multi-line stack trace in the server's log."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" \
+        if frames else ""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}{where}"
+
+
 def render_exception(path: str, exc: Exception) -> tuple[int, bytes, str]:
     """Status, body and media type for any exception raised while serving ``path``."""
     if isinstance(exc, ManyModelsError):
@@ -159,7 +180,7 @@ def render_exception(path: str, exc: Exception) -> tuple[int, bytes, str]:
         if status >= 500:
             log.warning("%s -> %d %s: %s", path, status, exc.code, exc)
         return (status, *render_error(path, status, exc.code, exc.message))
-    log.error("unexpected error on %s", path, exc_info=exc)
+    log.error("unexpected error on %s: %s", path, one_line(exc))
     return (500, *render_error(path, 500, "internal_error",
                                f"internal error ({type(exc).__name__}); see the server log"))
 

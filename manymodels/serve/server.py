@@ -35,7 +35,8 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, object]:
     return {"host": settings.host, "port": settings.port, "loop": "uvloop",
             "http": "httptools", "log_level": settings.log_level,
             "access_log": False, "server_header": False, "date_header": False,
-            "timeout_keep_alive": 30}
+            "timeout_keep_alive": 30, "ssl_certfile": settings.ssl_certfile,
+            "ssl_keyfile": settings.ssl_keyfile}
 
 
 def uvicorn_config(settings: ServeSettings, spec: EndpointSpec | None = None) -> uvicorn.Config:

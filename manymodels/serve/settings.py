@@ -1,6 +1,8 @@
 """Server settings: flags over ``MANYMODELS_*`` environment variables over a ``serving/`` spec.
 
-One pydantic-settings class holds every knob of ``manymodels serve``. A spec such as
+One pydantic-settings class holds every knob of ``manymodels serve`` (credentials in a
+nested :class:`AuthSettings`, ``auth:`` in a spec, ``MANYMODELS_AUTH__MODE`` in the
+environment). A spec such as
 ``serving/default.yaml`` sets the same fields by name (loaded and checked through
 :func:`manymodels.specs.load_spec`, so a typo is one :class:`SpecError` naming the
 field); environment variables override the spec, and command-line flags override both.
@@ -8,24 +10,61 @@ field); environment variables override the spec, and command-line flags override
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from manymodels.errors import SpecError
 from manymodels.specs import load_spec
 
-__all__ = ["ServeSettings", "load_settings"]
+__all__ = ["AuthSettings", "ServeSettings", "load_settings"]
+
+
+class AuthSettings(BaseModel):
+    """Who may call the endpoint (``auth:`` in a spec); see :mod:`manymodels.serve.auth`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "key", "token"] | None = None
+    """``none``, ``key`` (API keys from ``key_file``) or ``token`` (JWTs). Unset: ``none``
+    on a loopback host, ``key`` on any other."""
+    allow_unauthenticated: bool = False
+    """Let ``none`` listen on a non-loopback address (a gateway in front authenticates)."""
+    key_file: str | None = None
+    """Key file of ``manymodels keys`` (default ``~/.config/manymodels/keys.json``)."""
+    key_reload_seconds: float = Field(default=1.0, ge=0)
+    """How often at most the key file is checked for changes; a revoked key stops
+    working within this time."""
+    token_secret_file: str | None = None
+    """File holding the HS256 signing secret (default ``~/.config/manymodels/token-secret``,
+    made by ``manymodels token create``)."""
+    token_public_key_file: str | None = None
+    """PEM public key (RSA → RS256, EC P-256 → ES256) of another service that issues the
+    tokens; when set, HS256 tokens are refused."""
+    token_audience: str = "manymodels"
+    """Required ``aud`` claim."""
+    token_issuer: str | None = None
+    """Required ``iss`` claim, if set."""
+    token_leeway_seconds: float = Field(default=10.0, ge=0, le=300)
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+    token_cache_size: int = Field(default=10_000, ge=1)
+    """Verified tokens kept (until they expire) so a signature is checked once per token."""
+    rate_limit: float | None = Field(default=None, gt=0)
+    """Requests per second per credential (key or token subject), per worker; ``None``
+    for no limit. A key created with ``--rate-limit`` has its own."""
+    rate_burst: float | None = Field(default=None, ge=1)
+    """Bucket size of the rate limit (default: one second's worth)."""
 
 
 class ServeSettings(BaseSettings):
     """Everything ``manymodels serve`` can be told."""
 
     model_config = SettingsConfigDict(env_prefix="MANYMODELS_", extra="forbid",
-                                      validate_default=True)
+                                      validate_default=True, env_nested_delimiter="__")
 
     name: str = "default"
     """Name of the settings (the spec's file name when loaded from ``serving/``)."""
@@ -84,6 +123,12 @@ class ServeSettings(BaseSettings):
     """...or this age, and when the server stops."""
     log_queue_rows: int = Field(default=100_000, ge=1)
     """Rows that may wait for the log writer; more are dropped (and counted)."""
+    ssl_certfile: str | None = None
+    """PEM certificate (chain) to serve HTTPS with (uvicorn's ``--ssl-certfile``)."""
+    ssl_keyfile: str | None = None
+    """PEM private key of ``ssl_certfile``."""
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    """Credentials: mode, key file, token keys, rate limit."""
 
     @field_validator("access_log", mode="before")
     @classmethod
@@ -124,7 +169,9 @@ class ServeSettings(BaseSettings):
         """These settings as ``MANYMODELS_*`` variables, for worker processes to re-read."""
         out: dict[str, str] = {}
         for key, value in self.model_dump().items():
-            if value is not None:
+            if isinstance(value, dict):
+                out[f"MANYMODELS_{key.upper()}"] = json.dumps(value)
+            elif value is not None:
                 out[f"MANYMODELS_{key.upper()}"] = str(value).lower() if isinstance(
                     value, bool) else str(value)
         return out
@@ -138,16 +185,39 @@ def load_settings(spec: str | os.PathLike[str] | None = None, **overrides: Any) 
     spec
         Spec name (``default`` → ``serving/default.yaml``) or path; ``None`` for none.
     **overrides
-        Values from the command line; ``None`` means "not given" and is skipped.
+        Values from the command line; ``None`` means "not given" and is skipped
+        (``auth={"mode": "key"}`` sets one field of the ``auth`` section).
     """
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = _given(overrides)
     base: dict[str, Any] = {}
     if spec is not None:
         base = load_spec("serving", ServeSettings, spec).model_dump(exclude_unset=True)
     try:
         from_env = ServeSettings().model_dump(exclude_unset=True)
-        return ServeSettings(**{**base, **from_env, **given})
+        return ServeSettings(**_merged(_merged(base, from_env), given))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                              for e in exc.errors())
         raise SpecError(f"serve settings (flags or MANYMODELS_* variables): {problems}") from None
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the ``None`` ("not given") entries, nested sections included."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _given(value) or None
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """``high`` over ``low``, nested sections (``auth``) merged field by field."""
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        elif not isinstance(value, dict) or value:
+            out[key] = value
+    return out
