@@ -27,7 +27,11 @@ answer against in-process scoring, and gives the latency of requests that load a
 concurrency 16, contenders interleaved round-robin, median of ``--rounds`` runs each;
 the bar is metrics on ≥ 95% of the requests/s of metrics off.
 
-Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers] [--observe]``
+``--auth`` adds the cost of credentials: ``--auth none`` against ``--auth key`` and
+``--auth token`` (single-row requests, concurrency 16, interleaved rounds, median).
+
+Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers]
+[--observe] [--auth | --auth-only]``
 """
 
 from __future__ import annotations
@@ -100,10 +104,11 @@ class _Connection(asyncio.Protocol):
 
 
 async def _drive(port: int, path: str, bodies: list[bytes], n: int, concurrency: int,
-                 keep: bool) -> dict[str, Any]:
+                 keep: bool, header: str = "") -> dict[str, Any]:
     loop = asyncio.get_running_loop()
+    extra = f"{header}\r\n" if header else ""
     requests = [f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+                f"{extra}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
     latencies = np.zeros(n)
     statuses = np.zeros(n, dtype=np.int32)
     replies: list[bytes | None] = [None] * n
@@ -133,7 +138,8 @@ def client_main(args: argparse.Namespace) -> None:
     import uvloop
 
     bodies = [line.encode() for line in Path(args.bodies).read_text().splitlines()]
-    result = uvloop.run(_drive(args.port, args.path, bodies, args.n, args.c, args.keep))
+    header = Path(args.header_file).read_text().strip() if args.header_file else ""
+    result = uvloop.run(_drive(args.port, args.path, bodies, args.n, args.c, args.keep, header))
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -206,14 +212,20 @@ class Server:
 
 
 def load(server: Server, path: str, bodies: list[bytes], n: int, c: int, workdir: Path,
-         keep: bool = False) -> dict[str, Any]:
-    """Run the load client against ``server``; latencies, req/s and server CPU/request."""
+         keep: bool = False, header: str = "") -> dict[str, Any]:
+    """Run the load client against ``server``; latencies, req/s and server CPU/request.
+
+    ``header`` (``Name: value``) is sent with every request, e.g. the credentials; it
+    reaches the client through a file so it never shows in a process listing."""
     body_file = workdir / "bodies.txt"
     body_file.write_bytes(b"\n".join(bodies))
     out = workdir / "result.json"
+    header_file = workdir / "header.txt"
+    header_file.write_text(header)
     cpu0 = server.cpu()
     subprocess.run([PY, __file__, "client", "--port", str(server.port), "--path", path,
-                    "--bodies", str(body_file), "--n", str(n), "--c", str(c), "--out", str(out)]
+                    "--bodies", str(body_file), "--n", str(n), "--c", str(c), "--out", str(out),
+                    "--header-file", str(header_file)]
                    + (["--keep"] if keep else []), check=True)
     cpu = server.cpu() - cpu0
     result: dict[str, Any] = json.loads(out.read_text())
@@ -373,6 +385,76 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(f"- 1-row c=1: ours p50 = {p50:.3f} ms (bar <= 1 ms) {'PASS' if p50 <= 1 else 'FAIL'}")
     errors = sum(r["errors"] for r in results)
     print(f"- non-200 answers over all runs: {errors}")
+
+
+# -- auth mode -----------------------------------------------------------------------------
+def run_auth(args: argparse.Namespace, work: Path) -> None:
+    """``--auth none`` against ``key`` and ``token``: single-row /score at concurrency 16.
+
+    Three servers on one bundle, measured round-robin (the order rotates every round)
+    for ``--auth-rounds`` rounds; the median req/s of each is compared with ``none``'s.
+    """
+    import psutil
+    from builders import build_bundle
+
+    from manymodels.credentials import KeyFile, create_token, write_token_secret
+
+    bundle, rows = build_bundle(work / "auth-bundle", n_stores=args.stores, rows_per_segment=40)
+    names = {(int(s), b): f"quantity__store={s}__brand={b}"
+             for s, b in rows[["store", "brand"]].drop_duplicates().itertuples(index=False)}
+    key = KeyFile(work / "keys.json").create("bench", ["score"])[1]
+    write_token_secret(work / "token-secret")
+    token = create_token(["score"], 3600, subject="bench",
+                         key=(work / "token-secret").read_bytes().strip())
+    serve = [PY, "-m", "manymodels", "serve", str(bundle), "--port", "{port}"]
+    contenders = {
+        "none": (serve + ["--auth", "none"], ""),
+        "key": (serve + ["--auth", "key", "--key-file", str(work / "keys.json")],
+                f"Authorization: Bearer {key}"),
+        "token": (serve + ["--auth", "token", "--token-secret-file",
+                           str(work / "token-secret")], f"Authorization: Bearer {token}"),
+    }
+    servers = {label: Server(f"auth-{label}", argv, "/ping") for label, (argv, _) in
+               contenders.items()}
+    named, _, _ = make_bodies(rows, names, 1, 256, seed=1)
+    rps: dict[str, list[float]] = {label: [] for label in contenders}
+    cpu: dict[str, list[float]] = {label: [] for label in contenders}
+    bad = 0
+    load_seen = []
+    try:
+        for label, server in servers.items():  # warm up: load the models, fill the caches
+            load(server, "/score", named, 1000, 16, work, header=contenders[label][1])
+        order = list(contenders)
+        for r in range(args.auth_rounds):
+            psutil.cpu_percent(None)
+            for label in order[r % 3:] + order[:r % 3]:
+                res = load(servers[label], "/score", named, args.n, 16, work,
+                           header=contenders[label][1])
+                rps[label].append(res["rps"])
+                cpu[label].append(res["cpu_us"])
+                bad += res["errors"]
+            load_seen.append(psutil.cpu_percent(None))
+    finally:
+        for server in servers.values():
+            server.stop()
+    median = {label: float(np.median(v)) for label, v in rps.items()}
+    print(f"\n--auth comparison: single-row /score naming the model, concurrency 16, "
+          f"{args.n} requests per cell, {args.auth_rounds} interleaved rounds "
+          f"(machine CPU busy {np.median(load_seen):.0f}% while measuring, load average "
+          f"{os.getloadavg()[0]:.1f})")
+    print("\n| --auth | req/s (median) | req/s per round | server CPU µs/req | vs none |")
+    print("|---|---:|---|---:|---:|")
+    for label in contenders:
+        ratio = median[label] / median["none"]
+        rounds = ", ".join(f"{v:,.0f}" for v in rps[label])
+        print(f"| {label} | {median[label]:,.0f} | {rounds} | {np.median(cpu[label]):.0f} | "
+              f"{ratio:.2f} |")
+    print("\nBars (ratios within this run):")
+    for label in ("key", "token"):
+        ratio = median[label] / median["none"]
+        print(f"- --auth {label} / --auth none = {ratio:.2f} (bar >= 0.90) "
+              f"{'PASS' if ratio >= 0.90 else 'FAIL'}")
+    print(f"- non-200 answers: {bad}")
 
 
 # -- scale mode ----------------------------------------------------------------------------
@@ -630,6 +712,7 @@ def main() -> None:
                        ("--c", int), ("--out", str)):
         client.add_argument(flag, type=kind, required=True)
     client.add_argument("--keep", action="store_true")
+    client.add_argument("--header-file", default="")
     parser.add_argument("--n", type=int, default=4000, help="requests per cell (fast servers)")
     parser.add_argument("--stores", type=int, default=100, help="3 models per store")
     parser.add_argument("--skip-peers", action="store_true", help="no mlflow / Azure peers")
@@ -641,6 +724,10 @@ def main() -> None:
     parser.add_argument("--rollout-only", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (--rollout, --observe)")
     parser.add_argument("--observe", action="store_true", help="only the metrics-cost rows")
+    parser.add_argument("--auth", action="store_true",
+                        help="also run the --auth none|key|token comparison")
+    parser.add_argument("--auth-only", action="store_true")
+    parser.add_argument("--auth-rounds", type=int, default=5)
     args = parser.parse_args()
     if args.mode == "client":
         client_main(args)
@@ -650,10 +737,12 @@ def main() -> None:
         if args.observe:
             run_observe(args, work)
             return
-        if not (args.scale_only or args.rollout_only):
+        if not (args.scale_only or args.rollout_only or args.auth_only):
             print_table(run_matrix(args, work))
         if args.rollout or args.rollout_only:
             run_rollout(args, work)
+        if args.auth or args.auth_only:
+            run_auth(args, work)
         if args.scale or args.scale_only:
             run_scale(args, work)
 

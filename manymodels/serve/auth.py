@@ -140,7 +140,7 @@ class Guard:
     """Checks one request's credentials; what the middleware calls per request."""
 
     mode: str
-    verify: Callable[[str, float], Principal]
+    verify: Callable[[bytes, float], Principal]
     limiter: RateLimiter
 
     def authorize(self, headers: list[tuple[bytes, bytes]], needed: str) -> Principal:
@@ -157,15 +157,14 @@ class Guard:
         return principal
 
 
-def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The credential of an ``Authorization: Bearer ...`` header, if there is one."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, credential = value.partition(b" ")
             if scheme.lower() != b"bearer":
                 return None
-            text = credential.strip()
-            return text.decode("latin-1") if text else None
+            return credential.strip() or None
     return None
 
 
@@ -251,7 +250,7 @@ def build_guard(settings: ServeSettings) -> Guard | None:
     auth = settings.auth
     if mode == "none":
         return None
-    verify: Callable[[str, float], Principal]
+    verify: Callable[[bytes, float], Principal]
     if mode == "key":
         keys = KeyVerifier(Path(auth.key_file or default_key_file()), auth.key_reload_seconds)
         if keys.active_keys == 0:
