@@ -285,6 +285,26 @@ def test_rate_limit_answers_429_with_retry_after(key_servers: list[Live]) -> Non
                          json=_score_body()).status_code == 200
 
 
+def test_endpoint_cli_sends_manymodels_token(key_servers: list[Live],
+                                             certificate: tuple[Path, Path]) -> None:
+    """Check that `manymodels endpoint show` is refused without MANYMODELS_TOKEN (with a
+    hint), and works with an admin key, over HTTP and over HTTPS (SSL_CERT_FILE)."""
+    from typer.testing import CliRunner
+
+    from manymodels.cli import app
+
+    runner = CliRunner()
+    for live in key_servers:
+        env = {"SSL_CERT_FILE": str(certificate[0]), "MANYMODELS_TOKEN": ""}
+        refused = runner.invoke(app, ["endpoint", "show", "--url", live.url], env=env)
+        assert refused.exit_code != 0 and "MANYMODELS_TOKEN" in str(refused.exception)
+        live.sent.append(live.creds["admin"])
+        shown = runner.invoke(app, ["endpoint", "show", "--url", live.url],
+                              env={**env, "MANYMODELS_TOKEN": live.creds["admin"]})
+        assert shown.exit_code == 0, shown.output
+        assert "default" in shown.output and live.creds["admin"] not in shown.output
+
+
 def _bad_tokens(secret: bytes) -> dict[str, str]:
     now = time.time()
     good = create_token(["score"], 600, subject="a", key=secret)

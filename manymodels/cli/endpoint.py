@@ -1,6 +1,7 @@
 """CLI ``manymodels endpoint show|add|traffic|mirror|remove``: a running server's deployments.
 
-A thin client of the admin API (``/admin/...``): each command is one HTTP call, and the
+A thin client of the admin API (``/admin/...``): each command is one HTTP call (with
+``MANYMODELS_TOKEN`` as its Bearer credential when the server has ``--auth``), and the
 server's answer is printed as a table; a refusal (an unknown deployment, traffic that
 does not sum to 100, a bundle that fails its checks) is the server's reason on one line.
 """
@@ -27,10 +28,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 def _call(url: str, method: str, path: str, body: Any = None) -> Any:
     """One admin call; the server's refusal becomes one ManyModelsError line."""
+    import os
+
     import httpx
 
+    credential = os.environ.get("MANYMODELS_TOKEN")  # an admin key or token, as Bearer
+    headers = {"Authorization": f"Bearer {credential}"} if credential else {}
     try:
-        reply = httpx.request(method, url.rstrip("/") + path, json=body, timeout=600)
+        reply = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers,
+                              timeout=600)
     except httpx.HTTPError as exc:
         raise ManyModelsError(f"cannot reach the endpoint at {url}: {exc}") from None
     if reply.status_code >= 400:
@@ -38,6 +44,9 @@ def _call(url: str, method: str, path: str, body: Any = None) -> Any:
             detail = reply.json().get("detail") or reply.text
         except ValueError:
             detail = reply.text
+        if reply.status_code in (401, 403):
+            detail += ("; set MANYMODELS_TOKEN to a key or token with scope admin "
+                       "(`manymodels keys create --scope admin`)")
         error = BundleError if reply.status_code == 422 else (
             SpecError if reply.status_code < 500 else ManyModelsError)
         raise error(f"{method} {path} answered {reply.status_code}: {detail}")
