@@ -444,3 +444,28 @@ def test_rate_limiter_token_bucket() -> None:
         limiter.check(own, 1.0)
     assert slow.value.retry_after == 9
     RateLimiter(rate=None).check(who, 0.0)
+
+
+def test_auth_settings_reach_worker_processes(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Check that nested auth settings survive to_env (how --workers N passes them on),
+    and that MANYMODELS_AUTH__* variables and a spec's auth: section merge field by field."""
+    from manymodels.serve import load_settings
+
+    settings = ServeSettings(host="0.0.0.0", auth={"mode": "token", "rate_limit": 5.0,
+                                                   "token_secret_file": "/s"},
+                             ssl_certfile="/c.pem", ssl_keyfile="/k.pem")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert ServeSettings() == settings
+    for name in settings.to_env():
+        monkeypatch.delenv(name)
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("auth:\n  mode: key\n  rate_limit: 2\n")
+    monkeypatch.setenv("MANYMODELS_AUTH__RATE_LIMIT", "7")
+    merged = load_settings(spec, auth={"key_file": "/keys.json", "mode": None})
+    assert (merged.auth.mode, merged.auth.rate_limit, merged.auth.key_file) == \
+        ("key", 7.0, "/keys.json")
+    spec.write_text("auth:\n  mdoe: key\n")
+    with pytest.raises(SpecError, match="mdoe"):
+        load_settings(spec)
