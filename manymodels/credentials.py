@@ -255,6 +255,7 @@ class KeyVerifier:
         self._signature: tuple[int, int, int] | None = None
         self._next_check = 0.0
         self._by_id: dict[bytes, tuple[bytes, Principal]] = {}
+        self._seen: dict[bytes, bytes] = {}  # key id -> the key last verified under it
         self._dummy = hashlib.sha256(b"mmk_" + b"0" * 12 + b"_" + b"0" * 43).digest()
         self.reload(force=True)
 
@@ -286,6 +287,7 @@ class KeyVerifier:
                                                  scopes=expand_scopes(r.scopes),
                                                  rate_limit=r.rate_limit))
                        for r in records if r.active}
+        self._seen = {}
         self._signature = signature
         log.info("key file %s: %d active keys", self.path, len(self._by_id))
 
@@ -296,11 +298,19 @@ class KeyVerifier:
             self.reload()
         raw = key.encode() if isinstance(key, str) else key
         # mmk_<12 hex id>_<43 chars>: the id is sliced, not matched (this runs per request)
-        entry = self._by_id.get(raw[4:16]) if len(raw) == 60 and raw[:4] == b"mmk_" else None
+        key_id = raw[4:16]
+        entry = self._by_id.get(key_id) if len(raw) == 60 and raw[:4] == b"mmk_" else None
+        if entry is not None:
+            seen = self._seen.get(key_id)
+            # the key verified last under this id: a constant-time compare of the bytes
+            # replaces the SHA-256 (a third of the check's cost on the hot path)
+            if seen is not None and hmac.compare_digest(seen, raw):
+                return entry[1]
         # compare even when the id is unknown, so timing does not tell ids apart
         same = hmac.compare_digest(hashlib.sha256(raw).digest(),
                                    entry[0] if entry else self._dummy)
         if same and entry is not None:
+            self._seen[key_id] = raw
             return entry[1]
         raise AuthError("the API key is unknown or revoked")
 

@@ -147,13 +147,14 @@ class Guard:
         """The caller's principal if it may use a route needing ``needed``, else raise."""
         credential = bearer(headers)
         if credential is None:
-            raise MissingCredentials(f"this route needs credentials: send 'Authorization: Bearer "
-                            f"<{'API key' if self.mode == 'key' else 'token'}>'")
+            raise MissingCredentials(f"this route needs credentials: send 'Authorization: "
+                                     f"Bearer <{'API key' if self.mode == 'key' else 'token'}>'")
         now = time.time()
         principal = self.verify(credential, now)
         if needed not in principal.scopes:
             raise Forbidden(needed, principal.scopes)
-        self.limiter.check(principal, now)
+        if principal.rate_limit is not None or self.limiter.rate is not None:
+            self.limiter.check(principal, now)
         return principal
 
 
@@ -161,10 +162,9 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The credential of an ``Authorization: Bearer ...`` header, if there is one."""
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, credential = value.partition(b" ")
-            if scheme.lower() != b"bearer":
+            if value[:7].lower() != b"bearer ":
                 return None
-            return credential.strip() or None
+            return value[7:].strip() or None
     return None
 
 
