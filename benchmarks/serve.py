@@ -442,18 +442,24 @@ def run_auth(args: argparse.Namespace, work: Path) -> None:
           f"{args.n} requests per cell, {args.auth_rounds} interleaved rounds "
           f"(machine CPU busy {np.median(load_seen):.0f}% while measuring, load average "
           f"{os.getloadavg()[0]:.1f})")
-    print("\n| --auth | req/s (median) | req/s per round | server CPU µs/req | vs none |")
-    print("|---|---:|---|---:|---:|")
+    # the ratio of each round (cells measured back to back) resists the load of other jobs
+    paired = {label: float(np.median(np.array(rps[label]) / np.array(rps["none"])))
+              for label in contenders}
+    cpu_ratio = {label: float(np.median(cpu[label]) / np.median(cpu["none"]))
+                 for label in contenders}
+    print("\n| --auth | req/s (median) | vs none | vs none, per round (median) | "
+          "server CPU µs/req | CPU vs none |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label in contenders:
-        ratio = median[label] / median["none"]
-        rounds = ", ".join(f"{v:,.0f}" for v in rps[label])
-        print(f"| {label} | {median[label]:,.0f} | {rounds} | {np.median(cpu[label]):.0f} | "
-              f"{ratio:.2f} |")
+        print(f"| {label} | {median[label]:,.0f} | {median[label] / median['none']:.2f} | "
+              f"{paired[label]:.2f} | {np.median(cpu[label]):.0f} | {cpu_ratio[label]:.2f} |")
+    print("\nreq/s per round: " + "; ".join(
+        f"{label} " + ", ".join(f"{v:,.0f}" for v in rps[label]) for label in contenders))
     print("\nBars (ratios within this run):")
     for label in ("key", "token"):
         ratio = median[label] / median["none"]
-        print(f"- --auth {label} / --auth none = {ratio:.2f} (bar >= 0.90) "
-              f"{'PASS' if ratio >= 0.90 else 'FAIL'}")
+        print(f"- --auth {label} / --auth none = {ratio:.2f} (per round {paired[label]:.2f}; "
+              f"bar >= 0.90) {'PASS' if min(ratio, paired[label]) >= 0.90 else 'FAIL'}")
     print(f"- non-200 answers: {bad}")
 
 
@@ -727,7 +733,7 @@ def main() -> None:
     parser.add_argument("--auth", action="store_true",
                         help="also run the --auth none|key|token comparison")
     parser.add_argument("--auth-only", action="store_true")
-    parser.add_argument("--auth-rounds", type=int, default=5)
+    parser.add_argument("--auth-rounds", type=int, default=15)
     args = parser.parse_args()
     if args.mode == "client":
         client_main(args)
