@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from conftest import answering as _answering
+from conftest import answering
 from typer.testing import CliRunner
 
 import manymodels.bundle._pack as pack_module
