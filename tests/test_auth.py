@@ -41,8 +41,9 @@ SCORING = {"/score", "/invocations", "/v2/models/{name}/infer",
            "/v2/models/{name}/versions/{model_version}/infer", "/models/{name}/score",
            "/segments/score"}
 # Paths outside the OpenAPI document that must be guarded as well.
-EXTRA = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/nope"),
-         ("POST", "/admin/nope"), ("GET", "/score/"), ("POST", "/v2/models/a/b/infer")]
+EXTRA = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/ui"),
+         ("GET", "/nope"), ("POST", "/admin/nope"), ("GET", "/score/"),
+         ("POST", "/v2/models/a/b/infer")]
 
 
 def expected_scope(template: str) -> str | None:
