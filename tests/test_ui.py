@@ -113,6 +113,8 @@ DOM = """(() => {
     flagged: document.querySelector('#drift [data-field=flagged]')?.textContent,
     flaggedModels: [...document.querySelectorAll('#drift tbody tr')].map(r => r.getAttribute('data-model')),
     refreshes: Number(document.body.getAttribute('data-refreshes') || 0),
+    busiest: [...document.querySelectorAll('#models tbody tr')].map(r => r.getAttribute('data-model')),
+    hits: num(document.querySelector('#cache [data-field=hits]').textContent),
   };
 })()"""
 
@@ -162,11 +164,13 @@ def test_page_shows_deployments_and_live_counters_in_chromium(running: Running,
         shadow = next(d for d in live["deployments"] if d["name"] == "shadow")
         assert 0 < after["mirrored"] <= shadow["mirrored"]["mirrored"] <= sent
         assert after["cacheLoaded"] <= live["cache"]["loaded"]
-        if state["metrics"]:  # requests/s and latency come from /metrics when it is exported
-            shown = _wait_dom(page, lambda d: sum(int(v["requests"].replace(",", "") or 0)
-                                                  for v in d["deployments"].values()
-                                                  if v["requests"] != "–") >= sent)
-            assert shown["deployments"]["blue"]["p50"] != "–"
+        assert state["metrics"] is True  # requests/s and latency come from /metrics
+        shown = _wait_dom(page, lambda d: sum(int(v["requests"].replace(",", "") or 0)
+                                              for v in d["deployments"].values()
+                                              if v["requests"] != "–") >= sent)
+        assert shown["deployments"]["blue"]["p50"] != "–"
+        assert float(shown["deployments"]["blue"]["p50"]) > 0
+        assert shown["busiest"] and shown["hits"] > 0
         page.screenshot("ui-endpoint.png")
         assert page.console_errors() == []
         assert [u for u in page.requested_urls() if not u.startswith(running.url)] == []

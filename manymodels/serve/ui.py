@@ -34,7 +34,7 @@ from .settings import ServeSettings
 if TYPE_CHECKING:
     from .app import ManyModelsAPI
 
-__all__ = ["PAGE_HEADERS", "make_ui_router", "monitor_flags", "ui_page", "ui_state"]
+__all__ = ["PAGE_HEADERS", "has_route", "make_ui_router", "monitor_flags", "ui_page", "ui_state"]
 
 #: The page may load nothing from anywhere and talk to this origin only.
 PAGE_HEADERS = {
@@ -117,9 +117,21 @@ def ui_state(app: ManyModelsAPI, settings: ServeSettings, started: float,
         "server": {"pid": os.getpid(), "rss": process.memory_info().rss,
                    "uptime_seconds": round(time.monotonic() - started, 1),
                    "workers": settings.workers, "time": time.time()},
-        "metrics": any(getattr(r, "path", None) == "/metrics" for r in app.routes),
+        "metrics": has_route(app.routes, "/metrics"),
         "monitor": monitor_flags(settings.monitor) if settings.monitor else None,
     }
+
+
+def has_route(routes: Any, path: str) -> bool:
+    """Whether a route answers ``path``, looking inside included routers too (FastAPI
+    keeps an included router as one entry whose own routes hold the paths)."""
+    for route in routes:
+        if getattr(route, "path", None) == path:
+            return True
+        inner = getattr(getattr(route, "original_router", route), "routes", None)
+        if inner is not None and inner is not routes and has_route(inner, path):
+            return True
+    return False
 
 
 def make_ui_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
