@@ -92,6 +92,8 @@ class FitResult:
     export: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     feature_stats: dict[str, Any] = field(default_factory=dict)
+    #: Training medians of the numeric features (``missing: impute``), else empty.
+    impute: dict[str, float] = field(default_factory=dict)
     fit_seconds: float = 0.0
     export_seconds: float = 0.0
 
@@ -216,7 +218,8 @@ def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: Fi
             result.onnx = exported.path.read_bytes()
             result.export = {"sha256": exported.sha256, "bytes": exported.bytes,
                              "inputs": exported.inputs, "output": exported.output,
-                             "parity": exported.parity}
+                             "parity": exported.parity,
+                             "accepts_missing": exported.accepts_missing}
             return scored
     raise ExportError(f"model '{job.name}': no candidate exported and passed the parity check: "
                       + "; ".join(result.export_notes))
@@ -246,6 +249,8 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
                        train_rows=int((~job.holdout).sum()))
     try:
         result.fingerprint = fingerprint(job.frame)
+        if trainer.missing == "impute":
+            job, result.impute = _imputed(job)
         y = job.frame[trainer.target].to_numpy()
         _check_learnable(y[~job.holdout], trainer.task)
         masks = _folds(job, trainer)
@@ -273,6 +278,20 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
             f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2).splitlines()[-1]}")
         result.fit_seconds = time.perf_counter() - started
     return result
+
+
+def _imputed(job: FitJob) -> tuple[FitJob, dict[str, float]]:
+    """The job with missing numeric features filled by their training medians (what the
+    runtime fills at scoring time), and those medians."""
+    numeric = job.features.numeric
+    medians = {}
+    for column in numeric:
+        values = job.frame[column].to_numpy(dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        medians[column] = float(np.median(finite)) if len(finite) else 0.0
+    frame = job.frame.fillna(medians) if numeric else job.frame
+    return FitJob(job.name, job.level, job.key, frame, job.holdout, job.features,
+                  job.segment_of_row), medians
 
 
 def run_chunk(jobs: list[FitJob], ctx: FitContext) -> list[FitResult]:

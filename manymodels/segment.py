@@ -124,6 +124,23 @@ def check_table(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerS
     nulls = int(frame[trainer.target].isna().sum())
     if nulls:
         raise DataError(f"target '{trainer.target}' has {nulls:,} null value(s); drop those rows")
+    if trainer.task == "regression":
+        _check_numeric_target(frame[trainer.target], trainer.target)
+
+
+def _check_numeric_target(target: pd.Series, name: str) -> None:
+    """A regression target must hold numbers (numeric text is fine); name the first bad row."""
+    if target.dtype.kind in "iuf":
+        return
+    if target.dtype.kind == "b":
+        raise DataError(f"target '{name}' holds booleans; a regression trainer needs numbers "
+                        f"(use task: classification to predict labels)")
+    numbers = pd.to_numeric(target, errors="coerce")
+    bad = np.flatnonzero(numbers.isna().to_numpy())
+    if len(bad):
+        raise DataError(f"target '{name}' must be numeric for a regression trainer; row "
+                        f"{int(bad[0])} holds {target.iloc[int(bad[0])]!r} ({len(bad):,} "
+                        f"non-numeric value(s)); use task: classification to predict labels")
 
 
 def resolve_features(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerSpec) -> FeatureSet:

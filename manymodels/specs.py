@@ -180,6 +180,11 @@ class TrainerSpec(_Spec):
     (relative to the target's scale for regression; absolute for probabilities)."""
     segment_timeout_s: float = Field(300.0, gt=0)
     """A segment whose candidates take longer than this is recorded as failed."""
+    missing: Literal["native", "impute"] = "native"
+    """Missing numeric values at scoring time: ``native`` scores them where the exported
+    model handles NaN as its native self does (measured at export; LightGBM, the mean
+    baseline) and refuses the row elsewhere; ``impute`` fills them (in training too) with
+    each model's training median, stored in the manifest."""
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> TrainerSpec:

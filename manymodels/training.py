@@ -303,6 +303,8 @@ def _model_entry(res: FitResult, trainer: TrainerSpec, seg_cols: list[str], job:
         "inputs": res.export["inputs"], "output": res.export["output"],
         "metrics": {trainer.metric: res.metric, "parity_max_abs_diff": res.export["parity"]},
         "rows": res.rows, "fingerprint": res.fingerprint, "feature_stats": res.feature_stats,
+        "accepts_missing": bool(res.export.get("accepts_missing", False)),
+        "impute": res.impute,
         "tags": {"algorithm": res.algorithm, "candidate": res.winner, "level": str(res.level),
                  **{f"key.{k}": v for k, v in res.key.items()}},
         "pooled_over": [c for c in seg_cols if c not in res.key] if job.segment_of_row is not None

@@ -222,3 +222,82 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+#: The models of :func:`build_contract_bundle`: each takes missing values differently.
+CONTRACT_MODELS = {
+    "lightgbm": ("1", "tropicana"),   # accepts NaN (measured at export)
+    "ridge": ("1", "dominicks"),      # refuses NaN
+    "impute": ("2", "tropicana"),     # Ridge trained with missing: impute
+    "unicode": ("3", "Ünïcødé"),      # a unicode segment key
+}
+
+
+def build_contract_bundle(root: str | os.PathLike[str]) -> tuple[Path, dict[str, str]]:
+    """A real run, packed into a real bundle, whose models differ in how they take
+    missing values: LightGBM (accepts NaN), Ridge (refuses), Ridge with ``missing:
+    impute`` (training medians), a unicode segment, and a global Ridge fallback with
+    the segment columns one-hot encoded.
+
+    Each model goes through the trainer's own per-model code (:func:`manymodels.fit.run_job`:
+    fit, ONNX export, parity and missing-value probe) and its manifest entry through the
+    trainer's (:func:`manymodels.training._model_entry`); only the choice of algorithm
+    per segment is fixed here, so the test knows which model refuses what. Returns the
+    bundle and the model name of each :data:`CONTRACT_MODELS` role (plus ``global``).
+    """
+    from manymodels.bundle import package_run
+    from manymodels.candidates import build_candidates
+    from manymodels.datasets import make_oj
+    from manymodels.fit import FitContext, FitJob, run_job
+    from manymodels.segment import FeatureSet, model_name
+    from manymodels.specs import TrainerSpec
+    from manymodels.training import _model_entry
+
+    root = Path(root)
+    data = make_oj(stores=3, weeks=40, seed=5)
+    data["brand"] = data["brand"].astype(object)
+    data.loc[(data["store"] == 3) & (data["brand"] == "minute.maid"), "brand"] = "Ünïcødé"
+    frame = pd.DataFrame({"store": data["store"].astype(str), "brand": data["brand"],
+                          "price": data["price"].astype(np.float32).astype(float),
+                          "feat": data["feat"].astype(float), "quantity": data["quantity"]})
+    base = {"target": "quantity", "features": ["price", "feat"], "metric": "rmse"}
+    specs = {
+        "lightgbm": TrainerSpec(**base, candidates=[
+            {"algorithm": "lightgbm", "params": {"n_estimators": 20, "num_leaves": 7}}]),
+        "ridge": TrainerSpec(**base, candidates=[{"algorithm": "ridge"}]),
+        "impute": TrainerSpec(**base, missing="impute", candidates=[{"algorithm": "ridge"}]),
+        "unicode": TrainerSpec(**base, candidates=[{"algorithm": "ridge"}]),
+    }
+    jobs: list[tuple[str, FitJob, TrainerSpec]] = []
+    for role, (store, brand) in CONTRACT_MODELS.items():
+        part = frame[(frame["store"] == store) & (frame["brand"] == brand)].reset_index(drop=True)
+        holdout = np.arange(len(part)) >= int(len(part) * 0.8)
+        key = {"store": store, "brand": brand}
+        jobs.append((role, FitJob(model_name("quantity", key), 0, key, part, holdout,
+                                  FeatureSet(["price", "feat"], [])), specs[role]))
+    holdout = np.arange(len(frame)) % 5 == 0
+    jobs.append(("global", FitJob(model_name("quantity", {}), 1, {}, frame, holdout,
+                                  FeatureSet(["price", "feat"], ["store", "brand"]),
+                                  segment_of_row=np.zeros(len(frame), dtype=int)),
+                 specs["ridge"]))
+    run = root / "run"
+    (run / "models").mkdir(parents=True, exist_ok=True)
+    models: dict[str, Any] = {}
+    routes: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    for role, job, spec in jobs:
+        result = run_job(job, FitContext(spec, build_candidates(spec), {}))
+        assert result.status == "ok" and result.onnx is not None, result.reason
+        (run / "models" / f"{result.name}.onnx").write_bytes(result.onnx)
+        models[result.name] = _model_entry(result, spec, ["store", "brand"], job)
+        level = job.level
+        routes.append({"level": level, "key": list(job.key.values()), "model": result.name})
+        names[role] = result.name
+    manifest = {"schema_version": 1, "kind": "run", "name": None, "version": None,
+                "created_at": "2026-12-01T00:00:00+00:00", "run_id": "contract",
+                "target": "quantity", "task": "regression", "segment_columns": ["store", "brand"],
+                "levels": [["store", "brand"], []], "routes": routes, "models": models,
+                "failed": []}
+    (run / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    bundle = package_run(run, root / "contract", name="contract").path
+    return bundle, names

@@ -132,7 +132,8 @@ def test_vectorised_routing_matches_fallback_chain(bundle: tuple[Path, pd.DataFr
     manifest = Bundle(root).manifest
     for i, (store, brand) in enumerate(zip(frame["store"], frame["brand"], strict=True)):
         if store is None:
-            assert "null segment key in store" in routed.rejected[i]
+            assert routed.rejected[i][0] == "null_segment_key"
+            assert "null segment key in store" in routed.rejected[i][1]
             continue
         want, fallback = manifest.resolve({"store": str(int(store)), "brand": brand})
         assert routed.model[i] == want and routed.fallback[i] == fallback

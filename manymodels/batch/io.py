@@ -28,11 +28,16 @@ CSV_BLOCK_BYTES = 8 << 20
 class Chunk:
     """Rows of one piece: the table and the input row number of its first row."""
 
-    __slots__ = ("offset", "prepared", "table")
+    __slots__ = ("file_columns", "offset", "prepared", "table")
 
-    def __init__(self, table: pa.Table, offset: int) -> None:
+    def __init__(self, table: pa.Table, offset: int,
+                 file_columns: Sequence[str] | None = None) -> None:
         self.table = table
         self.offset = offset
+        #: Every column of the file (and its hive partitions), read or not: what
+        #: ``strict_columns`` checks for columns no model takes.
+        self.file_columns = tuple(file_columns if file_columns is not None
+                                  else table.column_names)
         #: Set by a pipelined reader that validated and routed the chunk already.
         self.prepared: Any = None
 
@@ -71,7 +76,8 @@ def read_parquet_chunks(path: Path, start: int, stop: int, columns: Sequence[str
         rows += meta.row_group(i).num_rows
         if rows >= chunk_rows or i == stop - 1:
             table = handle.read_row_groups(group, columns=present)
-            yield Chunk(_with_partitions(table, partitions), offset)
+            yield Chunk(_with_partitions(table, partitions), offset,
+                        [*schema.names, *partitions])
             offset += table.num_rows
             group, rows = [], 0
 

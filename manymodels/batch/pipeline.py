@@ -63,7 +63,7 @@ class _Reader:
                 try:
                     for chunk in piece_chunks(plan, task, piece):
                         chunk.prepared = prepare_chunk(bundle, plan, chunk.table,
-                                                       task.id_column)
+                                                       task.id_column, plan.extra(task, chunk))
                         if not self._put(chunk):
                             return
                 except BaseException as exc:  # noqa: BLE001 - the scorer decides

@@ -388,6 +388,7 @@ def score_batch(
     scheduler: Any = None,
     progress: bool = False,
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+    strict_columns: bool = False,
 ) -> BatchSummary:
     """Score every row of ``input`` through ``bundle`` into ``output``, exactly once.
 
@@ -420,6 +421,9 @@ def score_batch(
         Show a progress bar (rows, rows/s, ETA) on stderr.
     cache_bytes
         Session-cache budget per worker, in estimated resident bytes.
+    strict_columns
+        Reject the rows of files carrying columns no model takes (code
+        ``unexpected_column``); by default such columns are ignored, as online.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -435,7 +439,10 @@ def score_batch(
     out: Path | str = os.fspath(output) if remote_out else Path(output)
     if isinstance(out, Path):
         _check_paths(source, out)
-    header = {"bundle_sha256": sha256_file(root / "manifest.json"), "id_column": id_column}
+    header: dict[str, Any] = {"bundle_sha256": sha256_file(root / "manifest.json"),
+                              "id_column": id_column}
+    if strict_columns:
+        header["strict_columns"] = True
     files = list_inputs(source, exclude=out.resolve() if isinstance(out, Path) else None)
     log = _open_log(os.fspath(output), header, overwrite)
     warmer = _Warmer(str(root.resolve()), cache_bytes) if backend == "local" else None
@@ -453,7 +460,7 @@ def score_batch(
             warmer.join()  # forked workers inherit the sessions; never fork mid-creation
         summary = _execute(root, manifest.name, files, units, log, out, mini_batch, n_workers,
                            error_threshold, id_column, backend, scheduler, progress,
-                           cache_bytes, failed, timings)
+                           cache_bytes, failed, timings, strict_columns)
     finally:
         if warmer is not None:
             warmer.join()
@@ -470,13 +477,14 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
              error_threshold: int,
              id_column: str | None, backend: str, scheduler: Any, progress: bool,
              cache_bytes: int | None, failed: list[tuple[str, str]],
-             timings: dict[str, float]) -> BatchSummary:
+             timings: dict[str, float], strict_columns: bool = False) -> BatchSummary:
     # absolute paths: workers of a remote Dask cluster do not share our working directory
     infos = {f.rel: FileInfo(str(f.path.resolve()), f.format, f.partitions) for f in files}
     chunk_rows = mini_batch.size if mini_batch.unit == "rows" else DEFAULT_MINI_BATCH_ROWS
     token = uuid.uuid4().hex[:12]
     tasks = [UnitTask(str(root.resolve()), cache_bytes, str(log.staging.resolve()), token,
-                      id_column, chunk_rows, unit, {p.rel: infos[p.rel] for p in unit.pieces})
+                      id_column, chunk_rows, unit, {p.rel: infos[p.rel] for p in unit.pieces},
+                      strict_columns)
              for unit in units]
     hook = _KillHook()
     total_rows = sum(u.rows for u in units)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
-from manymodels.runtime import Bundle, Routed
+from manymodels.runtime import Bundle, Routed, contract
 from manymodels.runtime.scoring import GroupLayout, GroupRun
 
 from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
@@ -76,6 +76,7 @@ class UnitTask:
     chunk_rows: int
     unit: Unit
     files: dict[str, FileInfo]
+    strict_columns: bool = False
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ScoringPlan:
     float_columns: frozenset[str]
     string_columns: frozenset[str]
     model_inputs: dict[str, tuple[str, ...]]
+    allowed: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, bundle: Bundle) -> ScoringPlan:
@@ -115,7 +117,14 @@ class ScoringPlan:
             for column in entry.inputs:
                 (strings if column.dtype == "string" else floats).add(column.name)
         return cls(tuple(bundle.segment_columns), frozenset(floats), frozenset(strings - floats),
-                   {n: tuple(e.input_names) for n, e in bundle.manifest.models.items()})
+                   {n: tuple(e.input_names) for n, e in bundle.manifest.models.items()},
+                   bundle.allowed_columns)
+
+    def extra(self, task: UnitTask, chunk: Chunk) -> list[str]:
+        """The chunk's file columns no model takes, refused under ``strict_columns``."""
+        if not task.strict_columns:
+            return []
+        return [c for c in chunk.file_columns if c not in self.allowed and c != task.id_column]
 
     def columns(self, id_column: str | None) -> list[str]:
         wanted = [*self.segment_columns, *sorted(self.float_columns | self.string_columns)]
@@ -150,13 +159,15 @@ def ready_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPla
 
 # -- conversion and validation ---------------------------------------------------------
 class _Rejections:
-    """Per-row reason codes (0 = fine); the first reason found for a row wins."""
+    """Per-row rejections (0 = fine, else an index into :attr:`reasons`); the first
+    reason found for a row wins. Each reason has the input contract's stable code."""
 
     def __init__(self, n: int) -> None:
         self.code = np.zeros(n, dtype=np.int32)
         self.reasons: list[str] = [""]
+        self.codes: list[str] = [""]
 
-    def add(self, rows: np.ndarray, reason: str) -> None:
+    def add(self, rows: np.ndarray, reason: str, code: str) -> None:
         """Reject ``rows`` (bool mask or positions) unless they already are."""
         if isinstance(rows, np.ndarray) and rows.dtype == bool:
             rows = np.flatnonzero(rows)
@@ -165,10 +176,15 @@ class _Rejections:
         fresh = rows[self.code[rows] == 0]
         if len(fresh):
             self.reasons.append(reason)
+            self.codes.append(code)
             self.code[fresh] = len(self.reasons) - 1
 
-    def reject_all(self, reason: str) -> None:
-        self.add(np.arange(len(self.code)), reason)
+    def add_refusals(self, refusals: Iterable[contract.Refusal]) -> None:
+        for refusal in refusals:
+            self.add(refusal.rows, refusal.message, refusal.code)
+
+    def reject_all(self, reason: str, code: str) -> None:
+        self.add(np.arange(len(self.code)), reason, code)
 
 
 def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -220,46 +236,51 @@ def _dictionary_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list
     return codes, uniques
 
 
-#: Arrow types converted to float32 in numpy, straight from their buffers.
-_NUMPY_FLOAT_SOURCES = frozenset([
+#: Arrow types converted to numpy straight from their buffers.
+_NUMPY_SOURCES = frozenset([
     pa.float64(), pa.float32(), pa.int64(), pa.int32(), pa.int16(), pa.int8(),
     pa.uint64(), pa.uint32(), pa.uint16(), pa.uint8(), pa.bool_()])
 
 
-def _to_float32(column: pa.ChunkedArray, name: str, rejections: _Rejections) -> np.ndarray:
-    """A model input as float32 (nulls as NaN); rows with non-numeric text are rejected."""
-    if column.type in _NUMPY_FLOAT_SOURCES:  # no Arrow kernel, no pyarrow.compute import
-        return _float32_of(column)
+def _float_input(column: pa.ChunkedArray) -> contract.FloatColumn:
+    """A model input column checked by the input contract (nulls, text, overflow...).
+
+    Numbers go through their buffers; text (CSV reads inputs as text) is cast by Arrow
+    and, where that fails, each distinct value goes through the contract's own rule.
+    """
+    if column.type in _NUMPY_SOURCES:  # no Arrow kernel, no pyarrow.compute import
+        return _numeric_input(column)
     column = _plain(column)
     kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
-            or pa.types.is_decimal(kind) or pa.types.is_null(kind):
-        return _float32_of(column.cast(pa.float32()))
+    if pa.types.is_null(kind):
+        return contract.float_column(np.zeros(len(column)), np.ones(len(column), dtype=bool))
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        return _numeric_input(column.cast(pa.float64()))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            return _float32_of(column.cast(pa.float32()))
-        except pa.ArrowInvalid:
-            import pandas as pd  # only for the rare column with bad text
-
-            text = column.to_pandas()
-            values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-            bad = np.isnan(values) & text.notna().to_numpy()
-            rejections.add(bad, f"column '{name}' has a non-numeric value")
-            return values.astype(np.float32)
-    rejections.reject_all(f"column '{name}' has type {kind}, expected numbers")
-    return np.full(len(column), np.nan, dtype=np.float32)
+            return _numeric_input(column.cast(pa.float64()))
+        except pa.ArrowInvalid:  # some text is not a number: the contract names it
+            return _text_input(column)
+    return contract.refused_column(len(column), str(kind))  # dates, lists...: not numbers
 
 
-def _float32_of(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-width numeric column as float32 numpy, nulls as NaN, through its buffers
-    (no copy for a float32 column without nulls)."""
+def _numeric_input(column: pa.ChunkedArray) -> contract.FloatColumn:
     if column.null_count == len(column):
-        return np.full(len(column), np.nan, dtype=np.float32)
-    values = numpy_of(column).astype(np.float32, copy=False)
+        return contract.float_column(np.zeros(len(column)), np.ones(len(column), dtype=bool))
+    values = numpy_of(column)
     present = valid_mask(column)
-    if present is not None:
-        values = np.where(present, values, np.float32(np.nan))
-    return values
+    return contract.float_column(values, None if present is None else ~present)
+
+
+def _text_input(column: pa.ChunkedArray) -> contract.FloatColumn:
+    """Text through the contract's per-value rule, once per distinct value."""
+    codes, uniques = _dictionary_codes(column.dictionary_encode(), len(column))
+    parsed = contract.float_column(list(uniques) + [None])
+    lookup = codes.copy()
+    lookup[lookup < 0] = len(uniques)  # null -> the appended None
+    values = parsed.values[lookup]
+    row_codes = None if parsed.codes is None else parsed.codes[lookup]
+    return contract.FloatColumn(values, row_codes, parsed.examples)
 
 
 def _prediction_array(prediction: np.ndarray) -> pa.Array:
@@ -301,7 +322,7 @@ def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None,
 class _Columns(Mapping[str, Any]):
     """Model inputs of one chunk, converted on first use (string inputs are rarely needed)."""
 
-    def __init__(self, table: pa.Table, floats: dict[str, np.ndarray],
+    def __init__(self, table: pa.Table, floats: Mapping[str, Any],
                  rows_needing: dict[str, np.ndarray],
                  key_codes: dict[str, tuple[np.ndarray, list[Any]]] | None = None) -> None:
         self._table = table
@@ -353,7 +374,8 @@ def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Reje
     names = set(table.column_names)
     missing = [c for c in plan.segment_columns if c not in names]
     if missing:
-        rejections.reject_all(f"missing segment column(s) {', '.join(missing)}")
+        rejections.reject_all(f"missing segment column(s) {', '.join(missing)}",
+                              contract.MISSING_COLUMN)
         return None
     n = table.num_rows
     for column in plan.segment_columns:
@@ -361,11 +383,11 @@ def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Reje
     codes, uniques = zip(*(key_codes[c] for c in plan.segment_columns), strict=True)
     routed = bundle.route_codes(codes, uniques, n, with_names=False)
     if routed.rejected:
-        by_reason: dict[str, list[int]] = {}
-        for row, reason in routed.rejected.items():
-            by_reason.setdefault(reason, []).append(row)
-        for reason, rows in by_reason.items():
-            rejections.add(np.asarray(rows, dtype=np.int64), reason)
+        by_reason: dict[tuple[str, str], list[int]] = {}
+        for row, refusal in routed.rejected.items():
+            by_reason.setdefault(refusal, []).append(row)
+        for (code, reason), rows in by_reason.items():
+            rejections.add(np.asarray(rows, dtype=np.int64), reason, code)
     return routed
 
 
@@ -378,7 +400,7 @@ def _check_groups(plan: ScoringPlan, routed: Routed, names: set[str],
         missing = [c for c in plan.model_inputs[model] if c not in names]
         if missing:
             rejections.add(rows, f"missing column(s) {', '.join(missing)} needed by model "
-                                 f"'{model}'")
+                                 f"'{model}'", contract.MISSING_COLUMN)
             clean = False
             continue
         keep = rows if clean else rows[rejections.code[rows] == 0]
@@ -419,19 +441,27 @@ class PreparedChunk:
 
 
 def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
-                  id_column: str | None) -> PreparedChunk:
-    """Validate and route one chunk (rows that fail get a reason) and gather its inputs."""
+                  id_column: str | None, extra: Sequence[str] = ()) -> PreparedChunk:
+    """Validate and route one chunk (rows that fail get a reason) and gather its inputs.
+
+    Every value is checked by the runtime's input contract, as on the online paths;
+    ``extra`` lists the file's columns to refuse under ``strict_columns``.
+    """
     n = table.num_rows
     rejections = _Rejections(n)
     names = set(table.column_names)
+    if extra:
+        rejections.reject_all(f"unexpected column(s) {', '.join(extra)}: no model takes them "
+                              f"and they are not segment columns (strict columns)",
+                              contract.UNEXPECTED_COLUMN)
     if id_column and id_column not in names:
-        rejections.reject_all(f"missing id column '{id_column}'")
+        rejections.reject_all(f"missing id column '{id_column}'", contract.MISSING_COLUMN)
     key_codes: dict[str, tuple[np.ndarray, list[Any]]] = {}
     routed = _route(bundle, plan, table, rejections, key_codes)
-    floats = {c: _to_float32(table[c], c, rejections)
-              for c in sorted(plan.float_columns & names)}
+    inputs = {c: _float_input(table[c]) for c in sorted(plan.float_columns & names)}
     groups: dict[str, np.ndarray] = {}
     needing: dict[str, np.ndarray] = {}
+    floats: dict[str, np.ndarray] = {}
     if routed is not None and routed.model_index is not None and routed.model_names is not None:
         groups = _check_groups(plan, routed, names, rejections)
         rows_needing: dict[str, list[np.ndarray]] = {}
@@ -440,6 +470,14 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
+        checked = contract.check_inputs(_Columns(table, inputs, needing, key_codes), n, groups,
+                                        bundle.manifest.models,
+                                        checked_keys=frozenset(plan.segment_columns))
+        if checked.refusals:
+            rejections.add_refusals(checked.refusals)
+            kept = {m: r[rejections.code[r] == 0] for m, r in groups.items()}
+            groups = {m: r for m, r in kept.items() if len(r)}
+        floats = {c: v for c, v in checked.columns.items() if c in inputs}
     columns = _Columns(table, floats, needing, key_codes)
     columns.convert_needed()
     layout = bundle.layout(groups, columns) if groups else None
@@ -474,6 +512,7 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
     if ran is not None and routed is not None and routed.model_index is not None \
             and routed.model_names is not None:
         prediction, probabilities = bundle.in_row_order(ran, n, keep_float32=True)
+        _reject_non_finite(prediction, probabilities, routed, rejections)
         # Without rejections (the usual case) every array is written as it is: no copies.
         keep = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
         index = routed.model_index if keep is None else routed.model_index[keep]
@@ -494,6 +533,24 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
         fallbacks = int(np.count_nonzero(fallback))
     return ChunkResult(scored, _rejected_table(table, rejections, rel, offset, id_column),
                        models, fallbacks)
+
+
+def _reject_non_finite(prediction: np.ndarray, probabilities: np.ndarray | None,
+                       routed: Routed, rejections: _Rejections) -> None:
+    """Reject the scored rows whose prediction is not finite (never written as a result)."""
+    scored = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
+    if scored is None:
+        bad = contract.check_predictions(prediction, probabilities)
+    else:
+        bad = contract.check_predictions(
+            prediction[scored], None if probabilities is None else probabilities[scored])
+        bad = None if bad is None else scored[bad]
+    if bad is None or routed.model_index is None or routed.model_names is None:
+        return
+    index = routed.model_index[bad]
+    for i in np.unique(index).tolist():
+        refusal = contract.non_finite_refusal(bad[index == i], routed.model_names[i])
+        rejections.add(refusal.rows, refusal.message, refusal.code)
 
 
 def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, offset: int,
@@ -518,6 +575,7 @@ def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: 
     columns["source_file"] = dictionary_of(np.zeros(len(rows), dtype=np.int32), [rel])
     columns["row_number"] = array_of((rows + offset).astype(np.int64))
     columns["reason"] = dictionary_of(rejections.code[rows] - 1, rejections.reasons[1:])
+    columns["code"] = dictionary_of(rejections.code[rows] - 1, rejections.codes[1:])
     return pa.table(columns)
 
 
@@ -571,7 +629,8 @@ def score_piece(bundle: Bundle, plan: ScoringPlan, task: UnitTask, piece: Piece,
 
     try:
         for chunk in chunks if chunks is not None else piece_chunks(plan, task, piece):
-            ready = chunk.prepared or prepare_chunk(bundle, plan, chunk.table, task.id_column)
+            ready = chunk.prepared or prepare_chunk(bundle, plan, chunk.table, task.id_column,
+                                                    plan.extra(task, chunk))
             ran = run_chunk(bundle, ready)
             ready.release_inputs()  # the writer needs ids and routes, not model inputs
             pending.append(executor.submit(_write_chunk, bundle, ready, ran, piece.rel,

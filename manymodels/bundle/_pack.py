@@ -58,8 +58,9 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
 
     The bundle is assembled in a temporary directory next to ``out`` and renamed into
     place, so a crash never leaves half a bundle behind. Segments that failed in training
-    are listed in the manifest (the fallback chain serves them); a run where no segment
-    produced a model is refused.
+    are listed in the manifest (the fallback chain serves them); a run whose segments all
+    route to pooled or global models is packed with those models; a run where no
+    segment was trained and routed is refused.
 
     Parameters
     ----------
@@ -137,8 +138,14 @@ def _routed_models(run: Manifest) -> list[str]:
 
 
 def _refuse_empty_run(run: Manifest, used: list[str]) -> None:
-    """A run where no segment has its own model is refused (pools alone are not a result)."""
-    if any(run.models[name].level == 0 for name in used):
+    """A run where no segment was trained and routed is refused.
+
+    A run whose gate routed every segment to a pooled or the global model is a result
+    ("segmenting does not pay off"): its segment routes name those coarser models, and
+    the bundle holds them and the routing table. Only when no segment route exists
+    (every segment failed) is there nothing of this run's answer to deploy.
+    """
+    if used and run.routes and run.routes[0]:
         return
     failed = list(run.raw.get("failed", []))
     reasons = "; ".join(f"{format_key(f.get('key', {}))}: {f.get('reason', '?')}"

@@ -82,6 +82,9 @@ def register(app: typer.Typer) -> None:
         cache_mb: int = typer.Option(
             1024, "--cache-mb", help="Session cache budget per worker, in MB."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+        strict_columns: bool = typer.Option(
+            False, "--strict-columns",
+            help="Reject rows of files with columns no model takes (default: ignore them)."),
     ) -> None:
         """Score CSV/Parquet rows through a bundle into Parquet, exactly once (resumable)."""
         from manymodels.batch import ErrorThresholdExceeded, score_batch
@@ -97,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 workers=workers or None, error_threshold=error_threshold,
                 id_column=id_column or None, overwrite=overwrite, backend=backend,
                 scheduler=scheduler or None, progress=progress,
-                cache_bytes=cache_mb * (1 << 20))
+                cache_bytes=cache_mb * (1 << 20), strict_columns=strict_columns)
         except ErrorThresholdExceeded as exc:
             _print_summary(exc.summary)
             raise

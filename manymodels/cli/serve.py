@@ -80,6 +80,9 @@ def serve(
     ssl_certfile: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option(help="PEM private key of the certificate")
                            ] = None,
+    strict_columns: Annotated[bool | None, typer.Option(
+        "--strict-columns/--ignore-extra-columns",
+        help="422 for rows with columns no model takes (default: ignore them)")] = None,
 ) -> None:
     """Serve bundles over HTTP: /score, /invocations, /models, the V2 protocol, /admin."""
     from manymodels.serve import load_settings, run  # FastAPI/uvicorn only when serving
@@ -96,7 +99,8 @@ def serve(
                                    "token_secret_file": token_secret_file,
                                    "token_public_key_file": token_public_key_file,
                                    "rate_limit": rate_limit,
-                                   "allow_unauthenticated": allow_unauthenticated})
+                                   "allow_unauthenticated": allow_unauthenticated},
+                             strict_columns=strict_columns)
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)

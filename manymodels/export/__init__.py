@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,9 @@ class ExportedModel:
     seconds: float
     #: True when the graph came from a cached template rather than a fresh skl2onnx run.
     fast_path: bool = False
+    #: The graph, fed NaN in each numeric input, answers finite values equal to the
+    #: native model's (see :func:`_accepts_missing`): the runtime may then score nulls.
+    accepts_missing: bool = False
 
 
 def clear_template_cache() -> None:
@@ -206,14 +209,49 @@ def _native_features(prep: Any, frame: pd.DataFrame) -> Any:
     return blocks[0] if len(blocks) == 1 else np.hstack(blocks)
 
 
-def _run_onnx(data: bytes, feed: Mapping[str, Any], name: str) -> list[Any]:
+def _run_onnx(data: bytes, feeds: Sequence[Mapping[str, Any]], name: str) -> list[list[Any]]:
+    """The graph's outputs for each feed, from one session."""
     try:
         session = ort.InferenceSession(data, sess_options=make_session_options(),
                                        providers=["CPUExecutionProvider"])
-        return list(session.run(None, dict(feed)))
+        return [list(session.run(None, dict(feed))) for feed in feeds]
     except Exception as exc:  # onnxruntime raises its own non-exported exception types
         raise ExportError(f"model '{name}': the exported ONNX graph does not run in "
                           f"onnxruntime ({str(exc)[:300]})") from exc
+
+
+#: Estimators whose predictions are a function of every input: a NaN always propagates,
+#: so they never accept missing values and need no probe.
+_PROPAGATES_NAN = frozenset({"Ridge", "LogisticRegression", "LinearRegression"})
+
+
+def _nan_probe(check_frame: pd.DataFrame, numeric: list[str]) -> pd.DataFrame:
+    """Check rows with NaN in each numeric input in turn, and in all of them at once."""
+    base = check_frame.head(4)
+    blocks = []
+    for column in numeric:
+        blocks.append(base.assign(**{column: np.nan}))
+    blocks.append(base.assign(**{c: np.nan for c in numeric}))
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _accepts_missing(pipeline: Any, outputs: list[Any] | None, probe: pd.DataFrame | None,
+                     numeric: list[str], categorical: list[str], classifier: bool,
+                     tolerance: float, name: str) -> bool:
+    """Whether the graph scores NaN inputs as the native model does (the runtime's
+    ``accepts_missing``): finite answers within the parity bound on :func:`_nan_probe`.
+
+    LightGBM and the mean baseline pass; scikit-learn trees do not (their exported graph
+    sends NaN down another branch than the native tree), linear models cannot.
+    """
+    if outputs is None or probe is None:
+        return not numeric
+    try:
+        _parity(pipeline, outputs, _native_frame(probe, numeric, categorical), classifier,
+                tolerance, name)
+    except ExportError:
+        return False
+    return True
 
 
 def _parity(pipeline: Any, outputs: list[Any], native_frame: pd.DataFrame, classifier: bool,
@@ -344,6 +382,10 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
     algorithm = type(pipeline.steps[-1][1]).__name__
     feed = _feed(check_frame, numeric, categorical)
     native_frame = _native_frame(check_frame, numeric, categorical)
+    probe = None
+    if numeric and type(pipeline.steps[-1][1]).__name__ not in _PROPAGATES_NAN:
+        probe = _nan_probe(check_frame, numeric)
+    feeds = [feed] if probe is None else [feed, _feed(probe, numeric, categorical)]
     try:
         key = structure_key(pipeline, numeric, categorical, classifier)
     except (AttributeError, KeyError, TypeError, ValueError):
@@ -360,7 +402,8 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
         _stamp(model, name, inputs, metadata, algorithm, task)
         data = model.SerializeToString()
         try:
-            outputs = _run_onnx(data, feed, name)
+            ran = _run_onnx(data, feeds, name)
+            outputs = ran[0]
             parity = _parity(pipeline, outputs, native_frame, classifier, tolerance, name)
         except ExportError:
             if attempt_fast:
@@ -374,11 +417,13 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
     if classifier:
         classes = np.asarray(pipeline.steps[-1][1].classes_).ravel()
         output = {"kind": "classification", "classes": [_json_label(c) for c in classes]}
+    accepts = _accepts_missing(pipeline, ran[1] if probe is not None else None, probe,
+                               numeric, categorical, classifier, tolerance, name)
     atomic_write_bytes(path, data)
     return ExportedModel(
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output=output, parity=parity,
-        seconds=time.perf_counter() - started, fast_path=fast,
+        seconds=time.perf_counter() - started, fast_path=fast, accepts_missing=accepts,
     )
 
 

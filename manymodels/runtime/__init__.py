@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .contract import REASONS, InputRefused
 from .errors import (
     BundleError,
     DataError,
@@ -45,7 +46,9 @@ __all__ = [
     "Bundle",
     "BundleError",
     "DataError",
+    "REASONS",
     "InputColumn",
+    "InputRefused",
     "InputSchemaError",
     "LoadedModel",
     "ManyModelsError",

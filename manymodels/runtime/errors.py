@@ -85,9 +85,10 @@ class SegmentNotFound(ManyModelsError, KeyError):
 
     code = "segment_not_found"
 
-    def __init__(self, key: dict[str, object]) -> None:
+    def __init__(self, key: dict[str, object], message: str | None = None) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in key.items())
-        super().__init__(f"no model serves segment {shown or '(empty)'} and there is no fallback")
+        super().__init__(message or
+                         f"no model serves segment {shown or '(empty)'} and there is no fallback")
 
 
 class ModelNotFound(ManyModelsError, KeyError):

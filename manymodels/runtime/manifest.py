@@ -21,18 +21,26 @@ Schema (version 1)::
                         "output": {"kind": "regression"} |
                                   {"kind": "classification", "classes": [...]},
                         "metrics": {...}, "rows": int, "fingerprint": str,
-                        "tags": {...}, "feature_stats": {...}}},
+                        "tags": {...}, "feature_stats": {...},
+                        "accepts_missing": bool,        # NaN inputs scored as trained
+                        "impute": {col: float}}},       # training medians (missing: impute)
       "failed": [{"key": {col: str}, "reason": str}, ...],
     }
 
 Segment key values are stored as normalised strings (:func:`normalise_key_value`), so
 ``42``, ``42.0`` and ``"42"`` name the same store.
+
+``accepts_missing`` is measured at export (the ONNX graph, fed NaN, answers finite
+values equal to the native model's); manifests written before it existed get it from
+the algorithm (:data:`ACCEPTS_MISSING_BY_DEFAULT`: LightGBM and the mean baseline, the
+two whose exported graphs were measured to route NaN as the native model does).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +50,9 @@ from .errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+_INTEGRAL_TEXT = re.compile(r"-?[0-9]+\.0*")
+#: Algorithms whose models accept missing values when the manifest does not say.
+ACCEPTS_MISSING_BY_DEFAULT = frozenset({"lightgbm", "mean"})
 
 __all__ = [
     "MANIFEST_FILE",
@@ -58,10 +69,13 @@ def normalise_key_value(value: Any) -> str:
     """Turn one segment-key value into its canonical string.
 
     Integral floats lose their ``.0`` (CSV readers and JSON clients turn ``42`` into
-    ``42.0``), booleans and everything else use ``str``. Nulls are refused by callers
-    before they get here.
+    ``42.0``), and so does text spelling one (``"42.0"``, as a CSV read as text holds
+    it), booleans and everything else use ``str``. Nulls are refused by callers before
+    they get here.
     """
     if isinstance(value, str):
+        if "." in value and _INTEGRAL_TEXT.fullmatch(value):
+            return value.split(".", 1)[0]
         return value
     if isinstance(value, bool):
         return str(value)
@@ -95,10 +109,17 @@ class ModelEntry:
     bytes: int
     algorithm: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    #: The model scores NaN inputs as its native self would (measured at export).
+    accepts_missing: bool = False
+    #: Training medians that replace missing values (``missing: impute`` in the trainer).
+    impute: dict[str, float] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
         return [c.name for c in self.inputs]
+
+    def schema_text(self) -> str:
+        return ", ".join(f"{c.name}:{c.dtype}" for c in self.inputs)
 
 
 @dataclass
@@ -146,6 +167,8 @@ def _parse_model(name: str, entry: Mapping[str, Any]) -> ModelEntry:
         inputs = tuple(InputColumn(str(i["name"]), str(i["dtype"])) for i in entry["inputs"])
         output = entry.get("output", {"kind": "regression"})
         classes = output.get("classes")
+        algorithm = str(entry.get("algorithm", "unknown"))
+        accepts = entry.get("accepts_missing")
         return ModelEntry(
             name=name,
             file=str(entry["file"]),
@@ -156,8 +179,11 @@ def _parse_model(name: str, entry: Mapping[str, Any]) -> ModelEntry:
             key={str(k): str(v) for k, v in dict(entry.get("key", {})).items()},
             sha256=entry.get("sha256"),
             bytes=int(entry.get("bytes", 0)),
-            algorithm=str(entry.get("algorithm", "unknown")),
+            algorithm=algorithm,
             raw=dict(entry),
+            accepts_missing=bool(accepts) if accepts is not None
+            else algorithm in ACCEPTS_MISSING_BY_DEFAULT,
+            impute={str(k): float(v) for k, v in dict(entry.get("impute") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"manifest entry for model '{name}' is malformed: {exc!r}") from exc

@@ -8,7 +8,6 @@ goes through one vectorised ``session.run`` call.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import numpy as np
 if TYPE_CHECKING:  # pandas is imported where it is used: batch scoring never needs it
     import pandas as pd
 
-from .errors import BundleError, DataError, InputSchemaError, ModelNotFound, SegmentNotFound
+from . import contract
+from .errors import BundleError, ModelNotFound, SegmentNotFound
 from .manifest import Manifest, normalise_key_value, read_manifest
 from .session import LoadedModel, SessionCache, load_model, make_session_options
 
@@ -36,7 +36,7 @@ class Routed:
     #: asked not to build it (batch scoring uses :attr:`model_index` instead).
     model: np.ndarray | None
     fallback: np.ndarray  # bool
-    rejected: dict[int, str]  # row position -> reason
+    rejected: dict[int, tuple[str, str]]  # row position -> (reason code, message)
     #: Per row, the position of its model in :attr:`model_names` (-1 where rejected): lets
     #: batch scoring write a dictionary-encoded model column without touching the names.
     model_index: np.ndarray | None = None
@@ -110,11 +110,18 @@ class Bundle:
         Budget of the session cache in estimated resident bytes (``None``: unbounded).
     optimisation
         onnxruntime graph optimisation level: ``none``, ``basic`` or ``all``.
+    strict_columns
+        Refuse rows carrying columns that no model takes (default: ignore them, as
+        MLflow's scoring server does); ``None`` reads ``MANYMODELS_STRICT_COLUMNS``.
     """
 
     def __init__(self, root: str | Path, max_bytes: int | None = None,
-                 optimisation: str = "basic") -> None:
+                 optimisation: str = "basic", strict_columns: bool | None = None) -> None:
         self.root = Path(root)
+        if strict_columns is None:
+            strict_columns = os.environ.get("MANYMODELS_STRICT_COLUMNS", "").lower() in (
+                "1", "true", "yes", "on")
+        self.strict_columns = strict_columns
         self._root_text = os.fspath(self.root)
         self.manifest: Manifest = read_manifest(self.root)
         self._options = make_session_options(optimisation)
@@ -129,6 +136,13 @@ class Bundle:
     @property
     def segment_columns(self) -> list[str]:
         return self.manifest.segment_columns
+
+    @property
+    def allowed_columns(self) -> frozenset[str]:
+        """Columns a routed row may carry under ``strict_columns``: segment columns and
+        every model's inputs."""
+        return frozenset(self.segment_columns).union(
+            *(e.input_names for e in self.manifest.models.values()))
 
     def fallback_models(self) -> list[str]:
         """Models of the coarser levels (pools and global): the ones worth pinning."""
@@ -162,11 +176,11 @@ class Bundle:
     def _check_segment_columns(self, columns: Sequence[str]) -> None:
         missing = [c for c in self.segment_columns if c not in set(columns)]
         if missing:
-            raise InputSchemaError(
+            raise contract.InputRefused(
+                contract.MISSING_COLUMN,
                 f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
                 f"(segment columns: {', '.join(self.segment_columns)}); "
-                f"or name the model explicitly"
-            )
+                f"or name the model explicitly", 0, missing[0])
 
     def route_frame(self, frame: pd.DataFrame) -> Routed:
         """Group the rows of ``frame`` by the model that serves them (fallback chain)."""
@@ -218,15 +232,16 @@ class Bundle:
         positions: dict[str, int] = {}
         combo_model = np.full(size, -1, dtype=np.int32)
         combo_fallback = np.zeros(size, dtype=bool)
-        combo_reason: dict[int, str] = {}
+        combo_reason: dict[int, tuple[str, str]] = {}
         for k, values in key_values.items():
-            nulls = [c for c, v in zip(cols, values, strict=True) if _is_null(v)]
-            if nulls:
-                combo_reason[k] = "null segment key in " + ", ".join(nulls)
+            problem = _key_problem(cols, values)
+            if problem is not None:
+                combo_reason[k] = problem
                 continue
             name, used_fallback = self.resolve_key(values)
             if name is None:
-                combo_reason[k] = str(SegmentNotFound(dict(zip(cols, values, strict=True))))
+                combo_reason[k] = (contract.SEGMENT_NOT_FOUND, str(SegmentNotFound(
+                    dict(zip(cols, values, strict=True)))))
                 continue
             if name not in positions:
                 positions[name] = len(names)
@@ -236,7 +251,7 @@ class Bundle:
         index = combo_model[combo]
         fallback = combo_fallback[combo]
         model = np.array([*names, None], dtype=object)[index] if with_names else None
-        rejected: dict[int, str] = {}
+        rejected: dict[int, tuple[str, str]] = {}
         if combo_reason:
             bad = np.flatnonzero(index < 0)
             reasons = [combo_reason[int(k)] for k in combo[bad]]
@@ -268,14 +283,36 @@ class Bundle:
     def score_frame(self, frame: pd.DataFrame, strict: bool = True) -> ScoreResult:
         """Score every row of ``frame`` with the model its segment key routes to.
 
-        With ``strict`` a row that cannot be routed (null key, no fallback) raises
-        :class:`DataError`; otherwise its prediction is left empty (NaN / None).
+        Rows are checked by the input contract (:mod:`.contract`). With ``strict`` the
+        first refused row raises :class:`~.contract.InputRefused` (or
+        :class:`SegmentNotFound`) with its reason code; otherwise refused rows are left
+        empty (NaN / None) and the others scored.
         """
         routed = self.route_frame(frame)
         if strict and routed.rejected:
-            row, reason = next(iter(routed.rejected.items()))
-            raise DataError(f"{len(routed.rejected)} row(s) cannot be scored; row {row}: {reason}")
-        return self.score_routed(frame, routed)
+            row = min(routed.rejected)
+            raise refusal_error(*routed.rejected[row], row)
+        checked = self.check_routed(frame, routed, len(frame))
+        if checked.refusals:
+            if strict:
+                raise checked.first_error()
+            routed = _without_rows(routed, checked.refusals)
+        result = self.score_routed(checked.columns, routed)
+        bad = contract.check_predictions(result.prediction, result.probabilities)
+        if bad is not None:
+            if strict:
+                raise contract.non_finite_refusal(bad, str(result.model[bad[0]])).error()
+            result.prediction[bad] = None if result.prediction.dtype == object else np.nan
+        return result
+
+    def check_routed(self, columns: pd.DataFrame | Mapping[str, Any], routed: Routed,
+                     n: int) -> contract.CheckedInputs:
+        """The routed rows' model inputs checked by the input contract (row order)."""
+        unexpected = contract.extra_columns(columns.keys(), self.allowed_columns) \
+            if self.strict_columns else ()
+        return contract.check_inputs(cast(Mapping[str, Any], columns), n, routed.groups,
+                                     self.manifest.models,
+                                     unexpected, frozenset(self.segment_columns))
 
     def score_routed(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed) -> ScoreResult:
         """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays."""
@@ -394,10 +431,21 @@ class Bundle:
         return {c for c, k in need.items() if k * 4 >= total and c in frame}
 
     def score_model(self, name: str, columns: Mapping[str, Any] | pd.DataFrame) -> ScoreResult:
-        """Score rows with the model called ``name`` (no routing)."""
+        """Score rows with the model called ``name`` (no routing), checked by the input
+        contract: the first refused row raises :class:`~.contract.InputRefused`."""
         loaded = self.model(name)
-        loaded.check_columns(list(columns.keys()))
-        labels, proba = loaded.predict_columns(cast(Mapping[str, Any], columns))
+        n = len(columns) if hasattr(columns, "columns") else \
+            len(next(iter(columns.values()), ()))
+        unexpected = contract.extra_columns(
+            columns.keys(), frozenset(loaded.input_names) | set(self.segment_columns)) \
+            if self.strict_columns else ()
+        checked = contract.check_inputs(cast(Mapping[str, Any], columns), n, {name: None},
+                                        self.manifest.models, unexpected)
+        checked.raise_first()
+        labels, proba = loaded.predict_columns(checked.columns)
+        bad = contract.check_predictions(labels, proba)
+        if bad is not None:
+            raise contract.non_finite_refusal(bad, name).error()
         n = len(labels)
         return ScoreResult(labels, np.full(n, name, dtype=object), np.zeros(n, dtype=bool), proba,
                            loaded.entry.classes)
@@ -407,16 +455,35 @@ class Bundle:
         return self.score_frame(frame).to_frame().set_axis(frame.index)
 
 
-def _is_null(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, (str, int, np.integer)):
-        return False
-    import pandas as pd  # pd.NA, NaT and friends, from DataFrame callers
+def _key_problem(columns: Sequence[str], values: Sequence[Any]) -> tuple[str, str] | None:
+    """(reason code, message) when a segment key cannot route (null or not a value)."""
+    problems = [(c, p) for c, v in zip(columns, values, strict=True)
+                if (p := contract.key_problem(v)) is not None]
+    if not problems:
+        return None
+    code = problems[0][1]
+    named = ", ".join(c for c, p in problems if p == code)
+    if code == contract.NULL_SEGMENT_KEY:
+        return code, f"null segment key in {named}; every row needs a segment key"
+    return code, f"segment column(s) {named} must hold a string or a number"
 
-    return bool(pd.isna(value))
+
+def refusal_error(code: str, message: str, row: int | None = None) -> Exception:
+    """The exception an online path raises for a row refused by routing."""
+    text = message if row is None else f"row {row}: {message}"
+    if code == contract.SEGMENT_NOT_FOUND:
+        return SegmentNotFound({}, message=text)
+    return contract.InputRefused(code, text, row)
+
+
+def _without_rows(routed: Routed, refusals: Sequence[contract.Refusal]) -> Routed:
+    """``routed`` with the refused rows taken out of their groups (left unscored)."""
+    refused = np.zeros(len(routed.fallback), dtype=bool)
+    for refusal in refusals:
+        refused[refusal.rows] = True
+    groups = {name: rows[~refused[rows]] for name, rows in routed.groups.items()}
+    return Routed({n: r for n, r in groups.items() if len(r)}, routed.model, routed.fallback,
+                  routed.rejected, routed.model_index, routed.model_names)
 
 
 def _model_names(routed: Routed) -> np.ndarray:

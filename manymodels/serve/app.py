@@ -112,7 +112,6 @@ class Scorer:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.inline_rows = registry.inline_rows
-        self.task = registry.bundle.manifest.task
 
     async def named(self, name: Any, table: Table) -> Prediction:
         if not isinstance(name, str):
@@ -122,9 +121,10 @@ class Scorer:
         try:
             served = await registry.get(name)
             if table.n > self.inline_rows:
-                prediction: Prediction = await registry.run_in_thread(score_model, served, table)
+                prediction: Prediction = await registry.run_in_thread(
+                    score_model, registry, served, table)
             else:
-                prediction = score_model(served, table)
+                prediction = score_model(registry, served, table)
         except Exception:
             registry.telemetry.named_failed(name, registry.knows(name), started)
             raise
@@ -137,10 +137,10 @@ class Scorer:
         routing = route_rows(registry, table)
         models = await models_for(registry, routing.groups)
         if table.n > self.inline_rows:
-            prediction = await registry.run_in_thread(score_groups, models, routing, table,
-                                                      self.task)
+            prediction = await registry.run_in_thread(score_groups, registry, models, routing,
+                                                      table)
         else:
-            prediction = score_groups(models, routing, table, self.task)
+            prediction = score_groups(registry, models, routing, table)
         ns = time.perf_counter_ns() - started
         telemetry = registry.telemetry
         fallback = routing.fallback

@@ -3,14 +3,15 @@
 This is the hot path, so it does no per-request work that can be done when a model
 loads, and no pandas: the JSON body is parsed by orjson, columns become numpy arrays
 directly, rows are grouped by the model that serves them in one pass, and each group
-goes through one ``session.run``. Every rule of "bad input" is still checked here:
-missing, extra and wrongly typed columns raise :class:`InputSchemaError` naming the
-column and the model's schema; a body of the wrong shape raises :class:`MalformedBody`.
+goes through one ``session.run``. Every value is checked by the runtime's input
+contract (:mod:`manymodels.runtime.contract`), the same rules ``Bundle.predict``,
+``score.py`` and batch apply: a refused row raises
+:class:`~manymodels.runtime.contract.InputRefused` (422) with its reason code; a body of
+the wrong shape raises :class:`MalformedBody`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import orjson
 from starlette.requests import Request
 
 from manymodels.errors import InputSchemaError, ScoringError, SegmentNotFound
+from manymodels.runtime import contract
 from manymodels.runtime.session import as_string_column
 
 from .errors import BodyTooLarge, MalformedBody, UnsupportedMediaType
@@ -36,8 +38,8 @@ __all__ = [
     "route_rows",
     "score_groups",
     "score_model",
-    "to_float_column",
-    "to_string_column",
+    "check_table",
+    "feed_of",
     "is_csv",
     "read_csv_table",
 ]
@@ -263,86 +265,48 @@ def parse_table(body: Mapping[str, Any], fields: Sequence[str]) -> Table:
     raise MalformedBody(f"the body must hold one of: {', '.join(fields)}")
 
 
-# -- typed columns --------------------------------------------------------------------------
-def _schema_error(served: ServedModel, column: str, problem: str) -> InputSchemaError:
-    return InputSchemaError(f"column '{column}' {problem} for model '{served.name}' "
-                            f"(schema: {served.loaded.schema_text()})")
+# -- checked columns -----------------------------------------------------------------------
+def _refuse_extra(registry: ModelRegistry, present: Mapping[str, Any],
+                  allowed: frozenset[str]) -> Sequence[str]:
+    """Extra columns to refuse (``strict_columns``), else none: extras are ignored."""
+    if not registry.strict_columns:
+        return ()
+    return contract.extra_columns(present, allowed)
 
 
-def _as_array(values: Any, column: str, served: ServedModel) -> np.ndarray:
-    try:
-        arr = np.asarray(values)
-    except (ValueError, TypeError):
-        raise _schema_error(served, column, "must hold one scalar per row") from None
-    if arr.ndim != 1:
-        raise _schema_error(served, column, "must hold one scalar per row, not lists")
-    return arr
+def check_table(registry: ModelRegistry, table: Table, groups: Mapping[str, Any],
+                models: Mapping[str, ServedModel], allowed: frozenset[str],
+                routed: bool = True) -> contract.CheckedInputs:
+    """The model inputs of ``table`` checked by the runtime's input contract (422 on the
+    first refused row, with its reason code). ``routed``: the segment columns were
+    checked by routing."""
+    checked = contract.check_inputs(
+        table.columns, table.n, groups, {name: m.entry for name, m in models.items()},
+        _refuse_extra(registry, table.columns, allowed),
+        registry.key_columns if routed else frozenset())
+    checked.raise_first()
+    return checked
 
 
-def to_float_column(values: Any, column: str, served: ServedModel) -> np.ndarray:
-    """Numbers as float32 (null → NaN); strings, objects and lists are refused (422)."""
-    arr = _as_array(values, column, served)
-    kind = arr.dtype.kind
-    if kind in "fiub":
-        return arr.astype(np.float32)
-    if kind == "O":
-        for i, v in enumerate(arr):
-            if v is not None and (isinstance(v, str) or not isinstance(v, int | float)):
-                raise _schema_error(served, column, f"must be numeric; row {i} holds {v!r}")
-        return np.array([math.nan if v is None else v for v in arr], dtype=np.float32)
-    first = next((v for v in values if not isinstance(v, int | float)), arr[0])
-    raise _schema_error(served, column, f"must be numeric; it holds {first!r}")
+def feed_of(served: ServedModel, checked: contract.CheckedInputs, rows: np.ndarray | None
+          ) -> dict[str, np.ndarray]:
+    feed: dict[str, np.ndarray] = {}
+    strings = served.string_inputs
+    for name in served.input_names:
+        arr = checked.columns[name]
+        if name in strings:
+            arr = as_string_column(np.asarray(arr, dtype=object) if isinstance(arr, list)
+                                   else arr)
+        feed[name] = (arr if rows is None else arr[rows]).reshape(-1, 1)
+    return feed
 
 
-def to_string_column(values: Any, column: str, served: ServedModel) -> np.ndarray:
-    """Strings (numbers become their key form, ``42.0`` → ``"42"``); null is refused."""
-    arr = _as_array(values, column, served)
-    if arr.dtype.kind == "O":
-        for i, v in enumerate(arr):
-            if v is None or isinstance(v, dict | list):
-                raise _schema_error(served, column, f"must be a string; row {i} holds {v!r}")
-    return as_string_column(arr)
-
-
-def _check_missing(served: ServedModel, present: Mapping[str, Any]) -> None:
-    missing = [c for c in served.loaded.input_names if c not in present]
-    if missing:
-        raise InputSchemaError(
-            f"missing column(s) {', '.join(missing)} for model '{served.name}' "
-            f"(schema: {served.loaded.schema_text()})")
-
-
-def check_columns(served: ServedModel, present: Mapping[str, Any]) -> None:
-    _check_missing(served, present)
-    extra = [c for c in present if c not in served.allowed]
-    if extra:
-        raise InputSchemaError(
-            f"unexpected column(s) {', '.join(extra)} for model '{served.name}' "
-            f"(schema: {served.loaded.schema_text()}; segment columns are also accepted)")
-
-
-class FeedBuilder:
-    """Typed columns of one request, converted once however many models use them."""
-
-    def __init__(self, columns: Columns) -> None:
-        self.columns = columns
-        self._floats: dict[str, np.ndarray] = {}
-        self._strings: dict[str, np.ndarray] = {}
-
-    def feed(self, served: ServedModel, rows: np.ndarray | None) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        strings = served.loaded.string_inputs
-        for name in served.loaded.input_names:
-            if name in strings:
-                arr = self._strings.get(name)
-                if arr is None:
-                    arr = self._strings[name] = to_string_column(self.columns[name], name, served)
-            else:
-                arr = self._floats.get(name)
-                if arr is None:
-                    arr = self._floats[name] = to_float_column(self.columns[name], name, served)
-            out[name] = (arr if rows is None else arr[rows]).reshape(-1, 1)
-        return out
+def _check_outputs(served: ServedModel, labels: np.ndarray, proba: np.ndarray | None,
+                   rows: np.ndarray | None) -> None:
+    bad = contract.check_predictions(labels, proba)
+    if bad is not None:
+        positions = bad if rows is None else rows[bad]
+        raise contract.non_finite_refusal(positions, served.name).error()
 
 
 # -- scoring --------------------------------------------------------------------------------
@@ -365,10 +329,12 @@ def _run(served: ServedModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, 
         raise ScoringError(f"model '{served.name}' failed to score: {exc}") from exc
 
 
-def score_model(served: ServedModel, table: Table) -> Prediction:
-    """Score every row of ``table`` with one model (schema checked: 422 on mismatch)."""
-    check_columns(served, table.columns)
-    labels, proba = _run(served, FeedBuilder(table.columns).feed(served, None))
+def score_model(registry: ModelRegistry, served: ServedModel, table: Table) -> Prediction:
+    """Score every row of ``table`` with one model (input contract: 422 on a refusal)."""
+    checked = check_table(registry, table, {served.name: None}, {served.name: served},
+                          served.allowed, routed=False)
+    labels, proba = _run(served, feed_of(served, checked, None))
+    _check_outputs(served, labels, proba, None)
     return Prediction(labels, proba, served.loaded.entry.classes)
 
 
@@ -381,21 +347,28 @@ class Routing:
     fallback: list[bool]
 
 
+def _refuse_key(segment_columns: Sequence[str], key: Sequence[Any], row: int) -> None:
+    for column, value in zip(segment_columns, key, strict=True):
+        code = contract.key_problem(value)
+        if code == contract.NULL_SEGMENT_KEY:
+            raise contract.InputRefused(code, f"row {row} has a null segment key in {column}; "
+                                        f"every row needs a segment key", row, column)
+        if code is not None:
+            raise contract.InputRefused(code, f"row {row}: segment column {column} must hold "
+                                        f"a string or a number, not {value!r}", row, column)
+
+
 def route_rows(registry: ModelRegistry, table: Table) -> Routing:
     """Group rows by the model their segment key routes to (unknown keys fall back)."""
     segment_columns = registry.segment_columns
     bundle = registry.bundle
     missing = [c for c in segment_columns if c not in table.columns]
     if missing:
-        raise InputSchemaError(
+        raise contract.InputRefused(
+            contract.MISSING_COLUMN,
             f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
             f"(segment columns: {', '.join(segment_columns)}); or name the model with "
-            f"\"model\"")
-    extra = [c for c in table.columns if c not in registry.bundle_columns]
-    if extra:
-        raise InputSchemaError(
-            f"unexpected column(s) {', '.join(extra)}: no model of the bundle takes them "
-            f"(columns: {', '.join(sorted(registry.bundle_columns))})")
+            f"\"model\"", 0, missing[0])
     n = table.n
     by_key: dict[tuple[Any, ...], list[int]] = {}
     try:
@@ -405,19 +378,17 @@ def route_rows(registry: ModelRegistry, table: Table) -> Routing:
                 by_key[key] = [i]
             else:
                 rows.append(i)
-    except TypeError:
-        raise InputSchemaError(f"segment columns ({', '.join(segment_columns)}) must hold "
-                               f"strings or numbers") from None
+    except TypeError:  # a list or object as a key value: unhashable
+        for i, key in enumerate(zip(*(table.columns[c] for c in segment_columns), strict=True)):
+            _refuse_key(segment_columns, key, i)
+        raise
     if not segment_columns:
         by_key = {(): list(range(n))}
     groups: dict[str, list[int]] = {}
     model: list[str] = [""] * n
     fallback = [False] * n
     for key, rows in by_key.items():
-        if any(v is None for v in key):
-            nulls = [c for c, v in zip(segment_columns, key, strict=True) if v is None]
-            raise InputSchemaError(f"row {rows[0]} has a null segment key in "
-                                   f"{', '.join(nulls)}; every row needs a segment key")
+        _refuse_key(segment_columns, key, rows[0])
         name, used_fallback = bundle.resolve_key(key)
         if name is None:
             raise SegmentNotFound(dict(zip(segment_columns, key, strict=True)))
@@ -429,21 +400,21 @@ def route_rows(registry: ModelRegistry, table: Table) -> Routing:
     return Routing(groups, model, fallback)
 
 
-def score_groups(models: Mapping[str, ServedModel], routing: Routing, table: Table,
-                 task: str) -> Prediction:
+def score_groups(registry: ModelRegistry, models: Mapping[str, ServedModel], routing: Routing,
+                 table: Table) -> Prediction:
     """Score each group of routed rows with its model, one ``run`` per group."""
     n = table.n
-    builder = FeedBuilder(table.columns)
-    classification = task == "classification"
+    classification = registry.task == "classification"
     prediction = np.full(n, None, dtype=object) if classification else np.empty(n)
     probabilities: np.ndarray | None = None
     classes: Sequence[Any] | None = None
     single = len(routing.groups) == 1
-    for name, rows in routing.groups.items():
+    groups = {name: None if single else np.asarray(rows) for name, rows in routing.groups.items()}
+    checked = check_table(registry, table, groups, models, registry.bundle_columns)
+    for name, index in groups.items():
         served = models[name]
-        _check_missing(served, table.columns)
-        index = None if single else np.asarray(rows)
-        labels, proba = _run(served, builder.feed(served, index))
+        labels, proba = _run(served, feed_of(served, checked, index))
+        _check_outputs(served, labels, proba, index)
         target: Any = slice(None) if index is None else index
         prediction[target] = labels
         if proba is not None:

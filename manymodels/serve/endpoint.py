@@ -199,7 +199,7 @@ def check_bundle(registry: ModelRegistry, limit: int = 5) -> list[str]:
             if loaded is None:
                 loaded = load_model(entry, path, bundle._options)
             served = registry._prepare(loaded, entry)  # dropped after the smoke score
-            prediction = score_model(served, Table(_smoke_row(entry), 1)).prediction
+            prediction = score_model(registry, served, Table(_smoke_row(entry), 1)).prediction
             if entry.kind != "classification" and not all(
                     math.isfinite(float(v)) for v in prediction):
                 raise BundleError(f"smoke score is not finite ({prediction.tolist()})")
@@ -281,7 +281,8 @@ class Endpoint:
         return ModelRegistry(resolve_source(source), max_bytes=settings.max_bytes,
                              optimisation=settings.optimisation,
                              load_threads=settings.load_threads,
-                             inline_rows=settings.inline_rows, shared=self.shared)
+                             inline_rows=settings.inline_rows, shared=self.shared,
+                             strict_columns=settings.strict_columns)
 
     def deployment(self, name: str, source: str, registry: ModelRegistry) -> Deployment:
         from .app import Scorer

@@ -154,8 +154,8 @@ _TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not 
 
 def render_error(path: str, status: int, code: str, message: str) -> tuple[bytes, str]:
     """Body and media type of one error, in the shape the route's clients expect."""
-    if path.startswith("/v2"):
-        return orjson.dumps({"error": message}), "application/json"
+    if path.startswith("/v2"):  # KServe's shape, plus the stable code next to it
+        return orjson.dumps({"error": message, "code": code}), "application/json"
     return orjson.dumps({"type": f"urn:manymodels:error:{code}",
                          "title": _TITLES.get(status, "Error"), "status": status,
                          "detail": message, "code": code}), "application/problem+json"

@@ -316,18 +316,25 @@ class ModelRegistry:
         ``max_bytes`` is that cache's budget, not this registry's).
     telemetry
         Where cache events and scored rows are reported (metrics, stats, prediction log).
+    strict_columns
+        Refuse rows carrying columns no model takes (default: ignore them).
     """
 
     def __init__(self, root: str | Path, max_bytes: int | None = None,
                  optimisation: str = "basic", load_threads: int = 2,
                  inline_rows: int = 2048, shared: SharedSessions | None = None,
-                 telemetry: Telemetry | None = None) -> None:
-        self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation)
+                 telemetry: Telemetry | None = None,
+                 strict_columns: bool = False) -> None:
+        self.bundle = Bundle(root, max_bytes=max_bytes, optimisation=optimisation,
+                             strict_columns=strict_columns)
         manifest = self.bundle.manifest
         self.version = str(manifest.raw.get("version") or "1")
+        self.task = manifest.task
+        self.strict_columns = strict_columns
         self.segment_columns = tuple(manifest.segment_columns)
-        self.bundle_columns = frozenset(self.segment_columns).union(
-            *(e.input_names for e in manifest.models.values()))
+        #: Segment columns: routing refuses null keys there, so the contract need not.
+        self.key_columns = frozenset(self.segment_columns)
+        self.bundle_columns = self.bundle.allowed_columns
         self._owns_shared = shared is None
         self.shared = shared if shared is not None else SharedSessions(max_bytes, load_threads)
         self.cache = SharedView(self.shared, self.bundle, self._prepare)

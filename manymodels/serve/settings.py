@@ -101,6 +101,9 @@ class ServeSettings(BaseSettings):
     inline_rows: int = Field(default=2048, ge=1)
     """Requests with at most this many rows are scored on the event loop (microseconds);
     larger ones go to a worker thread so they never stall other requests."""
+    strict_columns: bool = False
+    """Refuse (422 ``unexpected_column``) rows carrying columns no model takes; by default
+    they are ignored, as MLflow's scoring server ignores them."""
     load_threads: int = Field(default=2, ge=1, le=64)
     """Threads that create sessions off the event loop."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"

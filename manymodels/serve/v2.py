@@ -19,17 +19,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from manymodels.errors import InputSchemaError, ModelNotFound
+from manymodels.runtime import contract
 
 from . import schemas
-from .dataplane import FeedBuilder, Table, check_columns, dumps, read_json
+from .dataplane import Table, check_table, dumps, feed_of, read_json
 from .errors import MalformedBody
 from .registry import ModelRegistry, ServedModel, v2_datatype
 
 __all__ = ["infer_reply", "make_v2_router", "parse_infer_request", "split_infer_path"]
 
 JSON = "application/json"
-NUMERIC_TYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                           "INT32", "INT64", "FP16", "FP32", "FP64"})
+#: Datatypes a tensor may declare; its values are then checked by the input contract
+#: (numeric strings in BYTES are numbers, BOOL values are refused), as on every path.
+KNOWN_TYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                         "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"})
 
 
 def _flat(data: Any, name: str) -> list[Any]:
@@ -63,13 +66,9 @@ def _tensor(served: ServedModel, tensor: Any) -> tuple[str, list[Any], int]:
         raise InputSchemaError(f"input '{name}' must be one column of shape [rows, 1] or "
                                f"[rows], not {shape} (model '{served.name}', schema: "
                                f"{served.loaded.schema_text()})")
-    if name in served.loaded.input_names:
-        wants = "BYTES" if name in served.loaded.string_inputs else "numeric"
-        ok = datatype == "BYTES" if wants == "BYTES" else datatype in NUMERIC_TYPES
-        if not ok:
-            raise InputSchemaError(f"input '{name}' has datatype {datatype} but model "
-                                   f"'{served.name}' takes {wants} there (schema: "
-                                   f"{served.loaded.schema_text()})")
+    if datatype not in KNOWN_TYPES:
+        raise MalformedBody(f"input '{name}': datatype {datatype} is not an Open Inference "
+                            f"Protocol type ({', '.join(sorted(KNOWN_TYPES))})")
     return name, data, rows
 
 
@@ -98,21 +97,31 @@ def parse_infer_request(served: ServedModel, body: Any) -> tuple[Table, list[str
     return Table(columns, n or 0), names
 
 
-def infer(served: ServedModel, table: Table, wanted: list[str] | None) -> list[dict[str, Any]]:
-    """Run the ONNX graph on the request's tensors; outputs as V2 tensors."""
-    check_columns(served, table.columns)
+def infer(registry: ModelRegistry, served: ServedModel, table: Table,
+          wanted: list[str] | None) -> list[dict[str, Any]]:
+    """Run the ONNX graph on the request's tensors (checked by the input contract);
+    outputs as V2 tensors, a non-finite output refused like on every path."""
+    checked = check_table(registry, table, {served.name: None}, {served.name: served},
+                          served.allowed, routed=False)
     outputs = served.loaded.output_names
     if wanted is not None:
         unknown = [w for w in wanted if w not in outputs]
         if unknown:
             raise InputSchemaError(f"model '{served.name}' has no output {unknown[0]} "
                                    f"(outputs: {', '.join(outputs)})")
-    feed = FeedBuilder(table.columns).feed(served, None)
+    feed = feed_of(served, checked, None)
     try:
         results = served.loaded.session.run(wanted, feed)
     except Exception as exc:  # onnxruntime raises its own non-exported exception types
         raise InputSchemaError(f"model '{served.name}' rejected the input (schema: "
                                f"{served.loaded.schema_text()}): {exc}") from exc
+    for value in results:
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and arr.size:
+            bad = contract.check_predictions(arr.reshape(len(arr), -1).max(axis=1)
+                                             if arr.ndim > 1 else arr)
+            if bad is not None:
+                raise contract.non_finite_refusal(bad, served.name).error()
     tensors = []
     for name, value in zip(wanted or outputs, results, strict=True):
         arr = np.asarray(value)
@@ -139,9 +148,9 @@ async def infer_reply(registry: ModelRegistry, name: str, model_version: str | N
         served = await registry.get(name)
         table, wanted = parse_infer_request(served, body)
         if table.n > registry.inline_rows:
-            outputs = await registry.run_in_thread(infer, served, table, wanted)
+            outputs = await registry.run_in_thread(infer, registry, served, table, wanted)
         else:
-            outputs = infer(served, table, wanted)
+            outputs = infer(registry, served, table, wanted)
     except Exception:
         registry.telemetry.named_failed(name, registry.knows(name), started)
         raise

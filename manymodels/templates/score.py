@@ -16,6 +16,10 @@ Answers are JSON objects, not JSON-encoded strings::
     {"predictions": [...], "models": [...], "fallback": [...]}   (+ "classes", "probabilities")
     {"error": {"code": "model_not_found", "message": "..."}}     on any bad request
 
+Rows are checked by the runtime's input contract, as on every other path: a refused row
+answers its reason code (``missing_value``, ``not_numeric``, ``float32_overflow``...).
+Columns no model takes are ignored; ``MANYMODELS_STRICT_COLUMNS=1`` refuses them.
+
 Where is the bundle? ``MANYMODELS_BUNDLE_DIR`` if set, else the first directory holding a
 ``manifest.json`` among ``$AZUREML_MODEL_DIR``, its sub-directories, and this script's
 directory. ``MANYMODELS_MAX_BYTES`` bounds the session cache (models then load on first
@@ -42,6 +46,8 @@ _RUNTIME: Any = None
 
 _STATUS = {"model_not_found": 404, "segment_not_found": 404, "invalid_data": 400,
            "input_schema": 400, "invalid_json": 400, "invalid_request": 400}
+#: A row refused by the input contract (its reason code, e.g. ``missing_value``) is 400.
+_BAD_INPUT = 400
 
 
 def _find_bundle_dir() -> Path:
@@ -155,7 +161,8 @@ def _error(code: str, message: str) -> Any:
         from azureml.contrib.services.aml_response import AMLResponse
     except ImportError:
         return body
-    return AMLResponse(body, _STATUS.get(code, 500), json_str=True)  # it JSON-encodes body
+    status = _STATUS.get(code) or (_BAD_INPUT if code in _RUNTIME.REASONS else 500)
+    return AMLResponse(body, status, json_str=True)  # it JSON-encodes body
 
 
 def run(raw_data: Any) -> Any:
