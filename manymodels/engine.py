@@ -18,7 +18,8 @@ import joblib
 
 from manymodels.errors import SpecError
 
-__all__ = ["chunk_jobs", "default_jobs", "run_chunks", "start_workers"]
+__all__ = ["BACKENDS", "check_parallelism", "chunk_jobs", "default_jobs", "run_chunks",
+           "start_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,6 +39,21 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: Backends :func:`run_chunks` runs on.
+BACKENDS = ("loky", "threading", "dask")
+
+
+def check_parallelism(jobs: int | None, backend: str, scheduler: str | None = None) -> None:
+    """Refuse bad ``--jobs`` / ``--backend`` / ``--scheduler`` before any work starts."""
+    if jobs is not None and jobs < 1:
+        raise SpecError(f"--jobs must be a number of workers, at least 1, not {jobs} "
+                        f"(leave it out for one per core: {default_jobs()} here)")
+    if backend not in BACKENDS:
+        raise SpecError(f"unknown backend '{backend}'; choose {', '.join(BACKENDS)}")
+    if scheduler and backend != "dask":
+        raise SpecError("--scheduler needs --backend dask")
 
 
 def chunk_jobs(jobs: Sequence[J], workers: int, chunks_per_worker: int = 8,

@@ -25,7 +25,13 @@ import yaml
 from manymodels import __version__
 from manymodels.candidates import build_candidates, higher_is_better, score_metric
 from manymodels.data import read_table
-from manymodels.engine import chunk_jobs, default_jobs, run_chunks, start_workers
+from manymodels.engine import (
+    check_parallelism,
+    chunk_jobs,
+    default_jobs,
+    run_chunks,
+    start_workers,
+)
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
 from manymodels.io import swap_directory_into_place
@@ -424,6 +430,7 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     overwrite
         Replace an existing run directory of the same id (atomically).
     """
+    check_parallelism(jobs, backend, scheduler)
     seg_spec = load_segmenter(segmenter)
     tr_spec = load_trainer(trainer)
     gate = seg_spec.gate if gate is None else gate

@@ -67,6 +67,11 @@ def test_train_logs_one_mlflow_run(oj_small: pd.DataFrame, tmp_path: Path,
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["train", "--data", "missing.parquet"], 3, "data file missing.parquet does not exist"),
     (["train", "--data", "x.parquet", "--trainer", "nope"], 2, "no trainer spec named 'nope'"),
+    (["train", "--data", "x.parquet", "--jobs", "0"], 2, "--jobs must be a number of workers"),
+    (["train", "--data", "x.parquet", "--jobs", "-1"], 2, "at least 1, not -1"),
+    (["train", "--data", "x.parquet", "--backend", "spark"], 2, "unknown backend 'spark'"),
+    (["package", "no-such-run", "--name", "x"], 4, "run directory no-such-run does not exist"),
+    (["serve", "no-such-bundle"], 4, "bundle directory no-such-bundle does not exist"),
 ])
 def test_errors_become_one_line_and_an_exit_code(tmp_path: Path, args: list[str], code: int,
                                                  message: str) -> None:
@@ -77,6 +82,50 @@ def test_errors_become_one_line_and_an_exit_code(tmp_path: Path, args: list[str]
     assert proc.returncode == code
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert "serving" not in proc.stderr and "training" not in proc.stdout  # nothing started
+
+
+def test_version_prints_the_package_version() -> None:
+    """Check that `manymodels --version` prints the installed version and exits 0."""
+    from manymodels import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"manymodels {__version__}"
+
+
+def test_text_target_of_a_regression_trainer_is_one_line(oj_small: pd.DataFrame,
+                                                         tmp_path: Path) -> None:
+    """Check that a non-numeric regression target is a one-line DataError naming the row."""
+    frame = oj_small.astype({"quantity": object})
+    frame.loc[7, "quantity"] = "lots"
+    frame.to_csv(tmp_path / "oj.csv", index=False)
+    (tmp_path / "tr.yaml").write_text(yaml.safe_dump(FAST_TRAINER))
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(SEGMENTER))
+    proc = subprocess.run([sys.executable, "-m", "manymodels", "train", "--data", "oj.csv",
+                           "--segmenter", "seg.yaml", "--trainer", "tr.yaml", "--no-track"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "target 'quantity' must be numeric for a regression trainer; row 7 holds 'lots'" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_summary_table_shows_segment_keys(oj_small: pd.DataFrame, tmp_path: Path) -> None:
+    """Check that the training table names segments by their key values and says how many
+    it shows only when it does not show them all."""
+    from rich.console import Console
+
+    from manymodels.cli.train import print_summary
+    from manymodels.training import train
+
+    result = train(oj_small, SEGMENTER, FAST_TRAINER, out=tmp_path / "runs", jobs=1,
+                   track=False)
+    for limit, title in ((20, "segments (18)"), (5, "segments (18; 5 shown)")):
+        console = Console(width=80, record=True)
+        print_summary(console, result.report, result.summary, result.run_dir, limit=limit)
+        text = console.export_text()
+        assert title in text and "store/brand" in text
+        assert "1/dominicks" in text and "quantity__s" not in text
 
 
 def test_exit_codes_cover_the_error_tree() -> None:

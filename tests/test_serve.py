@@ -390,7 +390,7 @@ def test_v2_errors_use_v2_shape(server: Running, label: str, path: str, payload:
     reply = server.client.post(path, json=payload) if payload is not None else \
         server.client.post(path)
     assert reply.status_code == status, reply.text
-    assert set(reply.json()) == {"error"} and needle in reply.json()["error"]
+    assert set(reply.json()) == {"error", "code"} and needle in reply.json()["error"]
 
 
 def test_v2_malformed_and_unknown_route(server: Running) -> None:

@@ -82,6 +82,9 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     if is_remote(out):
         return _package_to_store(run_dir, os.fspath(out), name, version, overwrite)
     run_root = Path(run_dir)
+    if not run_root.is_dir():
+        raise BundleError(f"run directory {run_root} does not exist; pass a directory written "
+                          f"by `manymodels train` (runs/<run_id>)")
     run = read_manifest(run_root)
     out_path = Path(out).resolve()
     used = _routed_models(run)

@@ -47,8 +47,19 @@ EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from manymodels import __version__
+
+        typer.echo(f"manymodels {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
 
 

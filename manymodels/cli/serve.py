@@ -104,6 +104,8 @@ def serve(
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)
+    sources = [d.bundle for d in plan.deployments.values()] if plan else [settings.bundle]
+    _check_bundles(sources, settings.endpoint)  # fail before "serving ..." is printed
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
     what = ", ".join(f"{n}={d.bundle}" for n, d in plan.deployments.items()) if plan else (
         settings.endpoint if settings.bundle is None else settings.bundle)
@@ -164,6 +166,22 @@ def endpoint_plan(bundle: str | None, deployments: list[str], traffic: str | Non
                                 deployment=shadow.deployment, percent=shadow.percent))
     except ValidationError as exc:
         raise SpecError(f"--deployment/--traffic/--mirror: {exc.errors()[0]['msg']}") from None
+
+
+def _check_bundles(sources: list[str | None], endpoint_file: str | None) -> None:
+    """Refuse a missing or unreadable local bundle now (registry URIs resolve when served)."""
+    from manymodels.errors import BundleError
+    from manymodels.runtime import read_manifest
+    from manymodels.serve import resolve_source
+
+    for bundle in sources:
+        if bundle is None:
+            if endpoint_file is None:
+                raise BundleError("no bundle to serve: pass a bundle directory or models:/ "
+                                  "URI (or set MANYMODELS_BUNDLE), --deployment NAME=BUNDLE, "
+                                  "or --endpoint FILE")
+        elif not bundle.startswith("models:/"):
+            read_manifest(resolve_source(bundle))
 
 
 def register(app: typer.Typer) -> None:

@@ -26,13 +26,18 @@ def print_summary(console: Console, report: Any, summary: dict[str, Any], run_di
                   limit: int = 20) -> None:
     """Segments table (worst gains first), failures, level counts and the routed metric."""
     metric = summary["metric"]
-    table = Table(title=f"segments ({len(report)}; {limit} shown)", show_lines=False)
-    for col in ("segment", "status", "winner", f"own {metric}", f"global {metric}", "level",
-                "rows"):
+    shown_count = min(limit, len(report))
+    title = (f"segments ({len(report):,})" if shown_count == len(report)
+             else f"segments ({len(report):,}; {shown_count} shown)")
+    table = Table(title=title, show_lines=False)
+    key_columns = [c for c in report.columns if str(c).startswith("key.")]
+    table.add_column("/".join(str(c)[4:] for c in key_columns) or "segment", no_wrap=True)
+    for col in ("status", "winner", f"own {metric}", f"global {metric}", "level", "rows"):
         table.add_column(col)
     shown = report.sort_values("status", key=lambda s: s != "failed").head(limit)
     for row in shown.to_dict("records"):
-        table.add_row(row["segment"], row["status"], row["winner"] or "-",
+        key = "/".join(str(row[c]) for c in key_columns) or row["segment"]
+        table.add_row(key, row["status"], row["winner"] or "-",
                       _fmt(row["metric_own"]), _fmt(row["metric_global"]), row["level"],
                       str(row["rows"]))
     console.print(table)
@@ -69,8 +74,9 @@ def register(app: typer.Typer) -> None:
         trainer: str = typer.Option("default", help="Trainer spec name or path."),
         out: Path = typer.Option(Path("runs"), help="Parent folder of run directories."),
         run_id: str = typer.Option(None, help="Run id (default: timestamp + random)."),
-        jobs: int = typer.Option(None, "--jobs", "-j", help="Workers (default: one per core)."),
-        backend: str = typer.Option("loky", help="loky (local processes) or dask."),
+        jobs: int = typer.Option(None, "--jobs", "-j",
+                                 help="Worker processes, at least 1 (default: one per core)."),
+        backend: str = typer.Option("loky", help="loky (local processes), threading or dask."),
         scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://host:8786)."),
         gate: str = typer.Option(None, help="on/off: compare own vs pooled vs global models."),
         max_failed: float = typer.Option(0.05, help="Allowed fraction of failed segments."),

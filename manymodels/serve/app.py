@@ -48,6 +48,7 @@ from .dataplane import (
     score_groups,
     score_model,
 )
+from .docs import add_docs
 from .errors import MalformedBody, install_error_handlers, render_exception
 from .metrics import Metrics
 from .observe import ObserveMiddleware, Telemetry
@@ -501,6 +502,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         each.preload_names(settings.preload)
     names = ", ".join(endpoint.deployments) or "none"
     app = ManyModelsAPI(title="manymodels", version=_version(), lifespan=lifespan,
+                        docs_url=None, redoc_url=None,
                         description=f"Serves the models of the deployments {names} by name, "
                         f"by segment key and over the Open Inference Protocol (V2).")
     app.endpoint = endpoint
@@ -526,6 +528,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     if guard is not None:
         app.openapi = document_security(app.openapi, guard.mode)  # type: ignore[method-assign]
+    add_docs(app)  # Swagger UI from local files: /docs renders without internet
     app.bind_fast_routes(v2_router)
     app.wrap(lambda inner: ObserveMiddleware(  # outermost: every request passes it
         inner, metrics, settings.access_log, lambda: predictions["log"] is not None))
