@@ -70,6 +70,7 @@ __all__ = [
     "float_column",
     "key_problem",
     "non_finite_refusal",
+    "non_finite_rows",
     "number_of",
     "refused_column",
     "string_column",
@@ -463,7 +464,8 @@ def check_inputs(columns: Mapping[str, Any], n: int,
     converted: dict[str, FloatColumn] = {}
     for name, rows in groups.items():
         entry = entries[name]
-        absent = [c.name for c in entry.inputs if c.name not in columns]
+        absent = [c.name for c in entry.inputs if c.name not in columns] \
+            if not all(c.name in columns for c in entry.inputs) else None
         if absent:
             refusals.append(Refusal(MISSING_COLUMN, f"missing column(s) {', '.join(absent)} "
                                     f"for model '{name}' (schema: {entry.schema_text()})",
@@ -500,22 +502,23 @@ def check_inputs(columns: Mapping[str, Any], n: int,
 def check_predictions(labels: np.ndarray, probabilities: np.ndarray | None = None
                       ) -> np.ndarray | None:
     """Positions of rows whose prediction (or a class probability) is not finite."""
-    if labels.dtype.kind == "f":
-        if len(labels) <= _SCAN_MAX:
-            if all(math.isfinite(v) for v in labels.tolist()):
-                bad = None
-            else:
-                bad = ~np.isfinite(labels)
-        else:
-            finite = np.isfinite(labels)
-            bad = None if finite.all() else ~finite
-    else:
-        bad = None
+    bad = non_finite_rows(labels) if labels.dtype.kind == "f" else None
     if probabilities is not None and probabilities.size:
-        finite_rows = np.isfinite(probabilities).all(axis=1)
-        if not finite_rows.all():
-            bad = ~finite_rows if bad is None else bad | ~finite_rows
-    return None if bad is None else np.flatnonzero(bad)
+        worse = non_finite_rows(probabilities)
+        if worse is not None:
+            bad = worse if bad is None else np.union1d(bad, worse)
+    return bad
+
+
+def non_finite_rows(values: np.ndarray) -> np.ndarray | None:
+    """Rows (first axis) of a float output holding a NaN or infinity, or None."""
+    if values.size <= _SCAN_MAX:  # a Python scan of a few values beats numpy's calls
+        if all(map(math.isfinite, values.ravel().tolist())):
+            return None
+    elif np.isfinite(values).all():
+        return None
+    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    return np.flatnonzero(~finite)
 
 
 def non_finite_refusal(rows: np.ndarray, model: str) -> Refusal:

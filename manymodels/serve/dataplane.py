@@ -348,6 +348,12 @@ class Routing:
 
 
 def _refuse_key(segment_columns: Sequence[str], key: Sequence[Any], row: int) -> None:
+    for value in key:  # the usual key (numbers, non-empty text) needs no closer look
+        kind = value.__class__
+        if not (kind is int or (kind is str and value)):
+            break
+    else:
+        return
     for column, value in zip(segment_columns, key, strict=True):
         code = contract.key_problem(value)
         if code == contract.NULL_SEGMENT_KEY:
@@ -414,7 +420,8 @@ def score_groups(registry: ModelRegistry, models: Mapping[str, ServedModel], rou
     for name, index in groups.items():
         served = models[name]
         labels, proba = _run(served, feed_of(served, checked, index))
-        _check_outputs(served, labels, proba, index)
+        if single:
+            _check_outputs(served, labels, proba, index)
         target: Any = slice(None) if index is None else index
         prediction[target] = labels
         if proba is not None:
@@ -423,6 +430,10 @@ def score_groups(registry: ModelRegistry, models: Mapping[str, ServedModel], rou
                 probabilities = np.full((n, proba.shape[1]), np.nan)
             if proba.shape[1] == probabilities.shape[1]:
                 probabilities[target] = proba
+    if not single:  # one check over every group's predictions
+        bad = contract.check_predictions(prediction, probabilities)
+        if bad is not None:
+            raise contract.non_finite_refusal(bad, routing.model[int(bad[0])]).error()
     return Prediction(prediction, probabilities, classes)
 
 

@@ -116,10 +116,8 @@ def infer(registry: ModelRegistry, served: ServedModel, table: Table,
         raise InputSchemaError(f"model '{served.name}' rejected the input (schema: "
                                f"{served.loaded.schema_text()}): {exc}") from exc
     for value in results:
-        arr = np.asarray(value)
-        if arr.dtype.kind == "f" and arr.size:
-            bad = contract.check_predictions(arr.reshape(len(arr), -1).max(axis=1)
-                                             if arr.ndim > 1 else arr)
+        if value.dtype.kind == "f" and value.size:
+            bad = contract.non_finite_rows(value)
             if bad is not None:
                 raise contract.non_finite_refusal(bad, served.name).error()
     tensors = []
