@@ -378,3 +378,36 @@ def test_cli_package_prints_failures_and_refuses_missing_run(trained_run: Path,
     missing = runner.invoke(app, ["package", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert isinstance(missing.exception, BundleError)
     assert "manifest.json is missing" in str(missing.exception)
+
+
+def test_all_global_run_packages_and_serves(tmp_path: Path) -> None:
+    """Check that a run whose gate routed every segment to the global model ("segmenting
+    does not pay off") packs into a bundle of that model and its routes, and is served."""
+    from conftest import SEGMENTER
+    from test_serve import Running
+
+    from manymodels.datasets import make_oj
+    from manymodels.serve import ServeSettings
+    from manymodels.training import train
+
+    data = make_oj(stores=2, weeks=40, seed=11)
+    segmenter = {**SEGMENTER, "levels": None, "min_gain": 50.0}  # own must be 51x better
+    trainer = {"target": "quantity", "time_column": "week", "metric": "rmse",
+               "candidates": [{"algorithm": "ridge"}, {"algorithm": "mean"}]}
+    result = train(data, segmenter, trainer, out=tmp_path / "runs", jobs=1, track=False)
+    assert result.summary["levels"] == {"global": 6} and not result.summary["segmenting_pays_off"]
+    packed = package_run(result.run_dir, tmp_path / "all-global")
+    manifest = read_manifest(packed.path)
+    assert packed.segment_models == 0 and list(manifest.models) == ["quantity__global"]
+    assert len(manifest.routes[0]) == 6  # every segment routed, to the global model
+    rows = data.head(5).drop(columns=["quantity"])
+    running = Running(ServeSettings(bundle=str(packed.path)))
+    try:
+        reply = running.client.post("/score", json={"data": json.loads(
+            rows.to_json(orient="records"))})
+    finally:
+        running.stop()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == ["quantity__global"] * 5
+    np.testing.assert_allclose(reply.json()["predictions"],
+                               Bundle(result.run_dir).predict(rows)["prediction"], rtol=1e-6)
