@@ -104,7 +104,8 @@ def serve(
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)
-    sources = [d.bundle for d in plan.deployments.values()] if plan else [settings.bundle]
+    sources: list[str | None] = [d.bundle for d in plan.deployments.values()] if plan \
+        else [settings.bundle]
     _check_bundles(sources, settings.endpoint)  # fail before "serving ..." is printed
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
     what = ", ".join(f"{n}={d.bundle}" for n, d in plan.deployments.items()) if plan else (
