@@ -27,7 +27,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from builders import build_contract_bundle
-from test_bundle import _answering, _bundle_venv
+from conftest import answering as _answering
+from test_bundle import _bundle_venv
 from test_serve import Running
 
 from manymodels.batch import score_batch
