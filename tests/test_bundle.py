@@ -377,7 +377,7 @@ def test_cli_package_prints_failures_and_refuses_missing_run(trained_run: Path,
     assert "packed" in result.output and validate_bundle(tmp_path / "oj").ok
     missing = runner.invoke(app, ["package", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert isinstance(missing.exception, BundleError)
-    assert "manifest.json is missing" in str(missing.exception)
+    assert "does not exist; pass a directory written by" in str(missing.exception)
 
 
 def test_all_global_run_packages_and_serves(tmp_path: Path) -> None:
