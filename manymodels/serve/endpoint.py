@@ -171,8 +171,9 @@ def _smoke_row(entry: Any) -> dict[str, Sequence[Any]]:
         seen = stats.get(column.name) or {}
         if column.dtype == "string":
             freq = seen.get("frequencies") or {}
+            # an unseen category when nothing is known: "" would be a null to the contract
             value: Any = max(freq, key=lambda k: freq[k]) if freq else \
-                entry.key.get(column.name, "")
+                entry.key.get(column.name) or "unseen"
         else:
             value = (seen.get("quantiles") or {}).get("0.5", 0.0)
         row[column.name] = [value]
