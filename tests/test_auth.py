@@ -36,7 +36,8 @@ GRANTS = {"read": {"read"}, "score": {"score"}, "admin": {"read", "score", "admi
 
 # The policy, written here a second time on purpose: a route added to the app without a
 # decision lands in "read" (default deny), and this table says what each route must need.
-HEALTH = {"/ping", "/health", "/v2/health/live", "/v2/health/ready"}
+# (/ui is the endpoint page's static shell, open like health; its data routes need read)
+HEALTH = {"/ping", "/health", "/v2/health/live", "/v2/health/ready", "/ui"}
 SCORING = {"/score", "/invocations", "/v2/models/{name}/infer",
            "/v2/models/{name}/versions/{model_version}/infer", "/models/{name}/score",
            "/segments/score"}
@@ -385,7 +386,8 @@ def test_schemathesis_finds_no_server_error(token_servers: list[Live],
     ("/models/a/b/score", "read"), ("/admin", "admin"), ("/admin/deployments", "admin"),
     ("/v2/repository/models/m/load", "admin"), ("/v2/repository/models/m/unload", "admin"),
     ("/v2/repository/index", "read"), ("/models", "read"), ("/stats", "read"),
-    ("/metrics", "read"), ("/v2/models/m/stats", "read"), ("/ui", "read"), ("/docs", "read"),
+    ("/metrics", "read"), ("/v2/models/m/stats", "read"), ("/ui", None), ("/ui/state", "read"),
+    ("/ui/", "read"), ("/docs", "read"),
     ("/openapi.json", "read"), ("/", "read"), ("/score/", "read"), ("/administrator", "read"),
     ("/PING", "read"), ("/ping/", "read"),
 ])

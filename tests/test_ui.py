@@ -176,3 +176,44 @@ def test_page_shows_deployments_and_live_counters_in_chromium(running: Running,
         assert [u for u in page.requested_urls() if not u.startswith(running.url)] == []
     finally:
         browser.close()
+
+
+def test_page_asks_for_a_read_credential_and_sends_it(bundles: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """Check in Chromium that with keys on, /ui shows no data until a read key is given."""
+    from manymodels.credentials import KeyFile
+
+    store = KeyFile(tmp_path / "keys.json")
+    read_key = store.create("viewer", ["read"])[1]
+    score_key = store.create("app", ["score"])[1]
+    server = Running(ServeSettings(bundle=str(bundles["blue"]),
+                                   auth={"mode": "key", "key_file": str(store.path)}))
+    browser = Chromium()
+    try:
+        assert server.client.get("/ui").status_code == 200  # the page itself holds no data
+        assert server.client.get("/ui/state").status_code == 401
+        page = browser.new_page()
+        page.goto(f"{server.url}/ui?refresh=0.5")
+        locked = page.wait_for("document.querySelector('#auth').getAttribute('data-state')")
+        assert locked == "needs-credential"
+        assert page.evaluate("document.querySelector('#status').textContent") == \
+            "needs a read credential"
+        assert page.evaluate("document.querySelectorAll('#deployments tbody tr').length") == 0
+        page.screenshot("ui-needs-credential.png")
+        enter = ("document.querySelector('#credential').value = {key!r};"
+                 "document.querySelector('#auth-form').requestSubmit()")
+        page.evaluate(enter.format(key=score_key))
+        assert page.wait_for("(s => s === 'forbidden' && s)(document.querySelector('#auth')"
+                             ".getAttribute('data-state'))") == "forbidden"
+        page.evaluate(enter.format(key=read_key))
+        page.wait_for("document.querySelector('#status').getAttribute('data-state') === 'live'")
+        assert page.evaluate("document.querySelector('#deployments tbody tr')"
+                             ".getAttribute('data-deployment')") == "default"
+        assert page.evaluate("sessionStorage.getItem('manymodels.credential')") == read_key
+        assert page.evaluate("document.querySelector('#auth').hasAttribute('data-state')") is False
+        # the only errors are the refused requests themselves, logged by the browser
+        assert [e for e in page.console_errors()
+                if not re.search(r"status of 40[13]", e)] == []
+    finally:
+        browser.close()
+        server.stop()

@@ -6,9 +6,10 @@ the FastAPI routes; there is no per-route dependency to forget. It is not Starle
 ``BaseHTTPMiddleware``, which adds a task and a body copy per request.
 
 The scope a request needs is decided by its path alone (:func:`required_scope`), with
-**default deny**: the health routes are open, the scoring routes need ``score``, admin
-routes and model load/unload need ``admin``, and every other path — including any route
-added later and unknown paths, which would answer 404 — needs ``read``. No credentials
+**default deny**: the health routes and the static page shell ``/ui`` are open, the
+scoring routes need ``score``, admin routes and model load/unload need ``admin``, and
+every other path — including any route added later and unknown paths, which would answer
+404 — needs ``read``. No credentials
 (or bad ones) → 401 with ``WWW-Authenticate: Bearer``; valid but without the scope →
 403; over the credential's request budget → 429 with ``Retry-After``.
 
@@ -58,7 +59,10 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/ping", "/health", "/v2/health/live", "/v2/health/ready"})
+# ``/ui`` is the endpoint page's static shell: it holds no data (its data routes, /ui/state
+# and /metrics, need ``read``), and a browser cannot send a Bearer header on a plain
+# navigation, so the page itself must load to ask for the credential.
+OPEN_PATHS = frozenset({"/ping", "/health", "/v2/health/live", "/v2/health/ready", "/ui"})
 SCORE_PATHS = frozenset({"/score", "/invocations", "/segments/score"})
 REALM = 'Bearer realm="manymodels"'
 
