@@ -217,15 +217,12 @@ def test_mirror_leaves_answers_byte_identical_and_counts_differences(
 
 def test_label_answers_compare_by_disagreement() -> None:
     """Check that class labels are compared by disagreement, per model, rows rerouted."""
-    from manymodels.serve.mirror import Mirror, MirrorStats, _Capture, _Copy
+    from manymodels.serve.mirror import Mirror, MirrorStats
 
     stats = MirrorStats(labels=True)
     live = {"model": ["a", "a", "a", "b"], "predictions": ["yes", "no", "no", "yes"]}
     shadow = {"model": ["a", "a", "c", "b"], "predictions": ["yes", "yes", "no", "no"]}
-    capture = _Capture()
-    capture.status, capture.body = 200, [json.dumps(shadow).encode()]
-    copy = _Copy({}, b"", 200, json.dumps(live).encode(), 0.001, None)  # type: ignore[arg-type]
-    Mirror._compare(stats, "/score", copy, capture)
+    Mirror._compare(stats, "/score", 200, json.dumps(live).encode(), 200, shadow)
     report = stats.as_dict("green")["models"]
     assert report["a"] == {"rows": 3, "differing": 1, "rerouted": 1,
                            "disagreement_rate": pytest.approx(1 / 3)}
@@ -388,6 +385,42 @@ def test_corrupted_or_missing_bundle_is_refused(serve: Any, bundles: dict[str, A
     after = running.client.get("/admin/deployments").json()
     assert after["traffic"] == before["traffic"] == {"blue": 90, "green": 10}
     assert [d["name"] for d in after["deployments"]] == ["blue", "green"]
+
+
+def test_alias_is_pinned_to_its_version_across_restarts(trained_run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that a deployment of models:/NAME@ALIAS serves the version the alias named
+    when it was made, in the endpoint file and after a restart, though the alias moved."""
+    from manymodels.bundle import package_run
+    from manymodels.registry import promote, register_bundle
+
+    monkeypatch.setenv("MANYMODELS_CACHE_DIR", str(tmp_path / "cache"))
+    for version in ("2026.1", "2026.2"):
+        register_bundle(package_run(trained_run, tmp_path / version, name="oj-sales",
+                                    version=version).path)
+    promote("oj-sales", 1, "champion")
+    alias = "models:/oj-sales@champion"
+    path = tmp_path / "endpoint.yaml"
+    settings = ServeSettings(endpoint=str(path))
+    first = Running(settings, spec=EndpointSpec(
+        deployments={"blue": DeploymentSpec(bundle=alias)}, traffic={"blue": 100}))
+    try:
+        assert first.client.get("/models").json()["version"] == "2026.1"
+        promote("oj-sales", 2, "champion")
+        added = first.client.post("/admin/deployments", json={"name": "green", "bundle": alias})
+        assert added.status_code == 201, added.text
+        assert (added.json()["bundle"], added.json()["alias"]) == ("models:/oj-sales/2", alias)
+    finally:
+        first.stop()
+    written = yaml.safe_load(path.read_text())["deployments"]
+    assert written["blue"] == {"bundle": "models:/oj-sales/1", "alias": alias}
+    second = Running(settings)
+    try:
+        for name, version in (("blue", "2026.1"), ("green", "2026.2")):
+            models = second.client.get("/models", headers={HEADER: name})
+            assert models.json()["version"] == version
+    finally:
+        second.stop()
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -243,8 +243,12 @@ class ManyModelsAPI(FastAPI):
         else:
             await self.mirror.serve(scope, receive, send, choice.deployment, shadow)
 
-    async def serve(self, scope: Any, receive: Any, send: Any, deployment: Deployment) -> None:
-        """Answer one request on ``deployment`` (live, pinned, or a mirrored copy)."""
+    async def serve(self, scope: Any, receive: Any, send: Any,
+                    deployment: Deployment) -> tuple[Any, dict[str, Any]] | None:
+        """Answer one request on ``deployment`` (live, pinned, or a mirrored copy).
+
+        On the fast lane, returns the parsed body and the reply that was sent (``None``
+        if the request failed), so the mirror reuses them instead of parsing again."""
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -252,18 +256,12 @@ class ManyModelsAPI(FastAPI):
         state[DEPLOYMENT_STATE] = deployment
         deployment.inflight += 1
         try:
-            if scope["method"] == "POST":
-                path = scope["path"]
-                if path == "/score":
-                    scope["route"] = self._fast_routes.get("/score")
-                    await self._fast(scope, receive, send, None, deployment)
-                    return
-                target = split_infer_path(path)
-                if target is not None:
-                    scope["route"] = self._fast_routes.get(
-                        V2_INFER if target[1] is None else V2_INFER_VERSION)
-                    await self._fast(scope, receive, send, target, deployment)
-                    return
+            target = fast_target(scope)
+            if target is not None:
+                scope["route"] = self._fast_routes.get(
+                    "/score" if not target else V2_INFER if target[1] is None
+                    else V2_INFER_VERSION)
+                return await self._fast(scope, receive, send, target or None, deployment)
             header = deployment.header
 
             async def send_named(message: Any) -> None:
@@ -272,6 +270,7 @@ class ManyModelsAPI(FastAPI):
                 await send(message)
 
             await self._starlette(scope, receive, send_named)
+            return None
         finally:
             deployment.inflight -= 1
 
@@ -288,7 +287,8 @@ class ManyModelsAPI(FastAPI):
             pass
 
     async def _fast(self, scope: Any, receive: Any, send: Any,
-                    target: tuple[str, str | None] | None, deployment: Deployment) -> None:
+                    target: tuple[str, str | None] | None,
+                    deployment: Deployment) -> tuple[Any, dict[str, Any]] | None:
         status, media = 200, JSON_BYTES
         try:
             check_headers(scope["headers"], self.body_limit)
@@ -300,12 +300,24 @@ class ManyModelsAPI(FastAPI):
             content = dumps(reply)
         except Exception as exc:  # every failure becomes one mapped answer, never a crash
             await _send_error(send, scope["path"], exc, (deployment.header,))
-            return
+            return None
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", media),
                                 (b"content-length", str(len(content)).encode()),
                                 deployment.header]})
         await send({"type": "http.response.body", "body": content})
+        return body, reply
+
+
+def fast_target(scope: Any) -> tuple[str, str | None] | tuple[()] | None:
+    """Which fast-lane route a request takes: ``()`` for ``POST /score``, ``(name,
+    version)`` for V2 inference, ``None`` for every route FastAPI answers."""
+    if scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if path == "/score":
+        return ()
+    return split_infer_path(path)
 
 
 async def _send_error(send: Any, path: str, exc: Exception,

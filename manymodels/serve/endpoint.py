@@ -50,6 +50,7 @@ __all__ = [
     "check_bundle",
     "load_endpoint_spec",
     "parse_weights",
+    "pin_alias",
 ]
 
 log = logging.getLogger("manymodels.serve")
@@ -73,7 +74,11 @@ class DeploymentSpec(_Spec):
     """One deployment: a bundle directory or a registry URI."""
 
     bundle: str
-    """Bundle directory, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    """Bundle directory, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``; the
+    server writes an alias as the version it named when the deployment was made, so a
+    restart serves the same bundle even if the alias has moved since."""
+    alias: str | None = None
+    """The ``models:/<name>@<alias>`` URI the deployment was asked for, if any."""
 
 
 class MirrorSpec(_Spec):
@@ -154,6 +159,17 @@ def parse_weights(text: str) -> dict[str, int]:
     return out
 
 
+def pin_alias(source: str) -> tuple[str, str | None]:
+    """``(models:/NAME/VERSION, models:/NAME@ALIAS)`` for an alias URI (the version it
+    names now), else ``(source, None)``: a deployment is one fixed bundle version."""
+    if not source.startswith("models:/") or "@" not in source:
+        return source, None
+    from manymodels.registry import resolve_version  # lazy: MLflow only when asked for
+
+    found = resolve_version(source)
+    return f"models:/{found.name}/{found.version}", source
+
+
 def load_endpoint_spec(path: str | os.PathLike[str]) -> EndpointSpec:
     """The endpoint file at ``path``, checked against the rules."""
     spec = load_spec("endpoint", EndpointSpec, Path(path))
@@ -221,6 +237,7 @@ class Deployment:
     source: str
     registry: ModelRegistry
     scorer: Any
+    alias: str | None = None
     header: tuple[bytes, bytes] = (b"", b"")
     inflight: int = 0
     """Requests (and mirrored copies) being answered by this deployment right now."""
@@ -230,7 +247,8 @@ class Deployment:
 
     def describe(self, weight: int, mirror: MirrorSpec | None) -> dict[str, Any]:
         manifest = self.registry.bundle.manifest
-        return {"name": self.name, "bundle": self.source, "path": str(self.registry.bundle.root),
+        return {"name": self.name, "bundle": self.source, "alias": self.alias,
+                "path": str(self.registry.bundle.root),
                 "bundle_name": manifest.name, "version": self.registry.version,
                 "models": len(manifest.models), "traffic": weight,
                 "mirror": mirror.percent if mirror is not None
@@ -285,12 +303,18 @@ class Endpoint:
                              inline_rows=settings.inline_rows, shared=self.shared,
                              strict_columns=settings.strict_columns)
 
-    def deployment(self, name: str, source: str, registry: ModelRegistry) -> Deployment:
+    def deployment(self, name: str, source: str, registry: ModelRegistry,
+                   alias: str | None = None) -> Deployment:
         from .app import Scorer
 
         if self.telemetry_for is not None:
             registry.telemetry = self.telemetry_for(name)
-        return Deployment(check_name(name), source, registry, Scorer(registry))
+        return Deployment(check_name(name), source, registry, Scorer(registry), alias)
+
+    def open(self, name: str, source: str, alias: str | None = None) -> Deployment:
+        """A deployment of ``source`` (an alias pinned to the version it names now)."""
+        pinned, asked = pin_alias(source)
+        return self.deployment(name, pinned, self.registry_for(pinned), asked or alias)
 
     @classmethod
     def from_spec(cls, spec: EndpointSpec, settings: ServeSettings,
@@ -299,14 +323,14 @@ class Endpoint:
         endpoint = cls(settings, path, spec.name)
         weights = check_rules(list(spec.deployments), spec.traffic, spec.mirror)
         for name, deployment in spec.deployments.items():
-            endpoint.deployments[name] = endpoint.deployment(
-                name, deployment.bundle, endpoint.registry_for(deployment.bundle))
+            endpoint.deployments[name] = endpoint.open(name, deployment.bundle,
+                                                       deployment.alias)
         endpoint._apply(weights, spec.mirror)
         return endpoint
 
     def spec(self) -> EndpointSpec:
         return EndpointSpec(name=self.name, deployments={
-            n: DeploymentSpec(bundle=d.source) for n, d in self.deployments.items()},
+            n: DeploymentSpec(bundle=d.source, alias=d.alias) for n, d in self.deployments.items()},
             traffic=dict(self.traffic), mirror=self.mirror)
 
     # -- the request path -----------------------------------------------------------------
@@ -393,10 +417,11 @@ class Endpoint:
                 raise EndpointConflict(f"deployment '{name}' already exists; remove it first "
                                        f"or pick another name")
             try:
-                registry = await asyncio.to_thread(self.registry_for, source)
+                deployment = await asyncio.to_thread(self.open, name, source)
             except ManyModelsError as exc:
                 raise DeploymentRefused(f"bundle {source} cannot be opened: {exc.message}") \
                     from exc
+            registry = deployment.registry
             problems = await registry.run_in_thread(check_bundle, registry)
             if problems:
                 registry.close()
@@ -404,7 +429,6 @@ class Endpoint:
                                         + "; ".join(problems))
             if self.settings.pin_fallbacks:
                 await registry.run_in_thread(registry.pin_fallbacks)
-            deployment = self.deployment(name, source, registry)
             self.deployments[name] = deployment
             self._apply({**self.traffic, name: 0}, self.mirror)
             await self.save()
