@@ -23,7 +23,7 @@ from manymodels.errors import (
     TrainingError,
 )
 
-from . import batch, datasets, endpoint, keys, monitor, package, report, serve, train
+from . import batch, datasets, endpoint, fleet, keys, monitor, package, report, serve, train
 
 __all__ = ["EXIT_CODES", "app", "main"]
 
@@ -63,7 +63,7 @@ def _root(
     """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
 
 
-for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor):
+for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor, fleet):
     _module.register(app)
 
 

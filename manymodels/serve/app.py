@@ -18,8 +18,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from .dataplane import (
 )
 from .docs import add_docs
 from .errors import MalformedBody, install_error_handlers, render_exception
+from .keyed import fill_segment_key, key_of_scope, split_model_score_path
 from .metrics import Metrics
 from .observe import ObserveMiddleware, Telemetry
 from .registry import ModelRegistry, ServedModel
@@ -72,10 +74,15 @@ JSON = "application/json"
 JSON_BYTES = b"application/json"
 V2_INFER = "/v2/models/{name}/infer"
 V2_INFER_VERSION = "/v2/models/{name}/versions/{model_version}/infer"
+#: The key-carrying routes a fleet's proxy routes by (see :mod:`.keyed`).
+MODEL_SCORE = "/models/{name}/score"
+SEGMENT_SCORE = "/segments/score"
 #: Scope-state key of the :class:`~.endpoint.Deployment` answering a request.
 DEPLOYMENT_STATE = "manymodels.deployment"
 #: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
-DATA_PLANE = ("/score", "/invocations", "/models", "/stats", "/v2/models/", "/v2/repository/")
+DATA_PLANE = ("/score", "/invocations", "/models", "/stats", "/v2/models/", "/v2/repository/",
+              "/segments/")
+ReplyFunction = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 def deployment_of(request: Request) -> Deployment:
@@ -168,6 +175,29 @@ class Scorer:
                        "fallback": fallback}
         return _with_classes(payload, prediction)
 
+    async def model_reply(self, name: str, body: Any) -> dict[str, Any]:
+        """The ``/models/{name}/score`` response: ``/score`` with the model in the path."""
+        if not isinstance(body, dict):
+            raise MalformedBody("the body must be a JSON object with 'data' or "
+                                "'dataframe_split'")
+        if body.get("model") not in (None, name):
+            raise MalformedBody(f"the body names model {body['model']!r}, the path {name!r}")
+        return await self.score_reply({**body, "model": name})
+
+    async def segment_reply(self, key: str | None, body: Any) -> dict[str, Any]:
+        """The ``/segments/score`` response: ``/score`` routed for one segment key."""
+        if not isinstance(body, dict):
+            raise MalformedBody("the body must be a JSON object with 'data' or "
+                                "'dataframe_split'")
+        if body.get("model") is not None:
+            raise MalformedBody("/segments/score routes by the segment key; to name the "
+                                "model use /models/{name}/score")
+        table = fill_segment_key(parse_table(body, SCORE_FIELDS), self.registry.segment_columns,
+                                 key)
+        prediction, models, fallback = await self.routed(table)
+        return _with_classes({"predictions": prediction.prediction, "model": models,
+                              "fallback": fallback}, prediction)
+
     async def invocations_reply(self, body: Any, table: Table | None = None,
                                 name: Any = None) -> dict[str, Any]:
         """The ``/invocations`` (MLflow) response for a parsed JSON body, or for a
@@ -192,7 +222,8 @@ class Scorer:
 class ManyModelsAPI(FastAPI):
     """FastAPI with a deployment chosen per request and a fast lane for the hot routes.
 
-    ``POST /score`` and ``POST /v2/models/{name}/infer`` are answered straight from the
+    ``POST /score``, ``POST /v2/models/{name}/infer`` and the key-carrying routes
+    ``POST /models/{name}/score`` and ``POST /segments/score`` are answered straight from the
     ASGI call: same body checks, same data plane, same error table as the declared
     routes (which stay, for the OpenAPI page and for any caller that mounts the router),
     but without routing, dependency solving and the middleware stack, which cost about
@@ -222,7 +253,7 @@ class ManyModelsAPI(FastAPI):
         label requests by it."""
         for route in [*self.routes, *(r for router in routers for r in router.routes)]:
             path = getattr(route, "path", "")
-            if path in ("/score", V2_INFER, V2_INFER_VERSION):
+            if path in ("/score", V2_INFER, V2_INFER_VERSION, MODEL_SCORE, SEGMENT_SCORE):
                 self._fast_routes[path] = route
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -256,12 +287,11 @@ class ManyModelsAPI(FastAPI):
         state[DEPLOYMENT_STATE] = deployment
         deployment.inflight += 1
         try:
-            target = fast_target(scope)
-            if target is not None:
-                scope["route"] = self._fast_routes.get(
-                    "/score" if not target else V2_INFER if target[1] is None
-                    else V2_INFER_VERSION)
-                return await self._fast(scope, receive, send, target or None, deployment)
+            fast = fast_reply(scope, deployment)
+            if fast is not None:
+                reply_to, route = fast
+                scope["route"] = self._fast_routes.get(route)
+                return await self._fast(scope, receive, send, reply_to, deployment)
             header = deployment.header
 
             async def send_named(message: Any) -> None:
@@ -286,17 +316,13 @@ class ManyModelsAPI(FastAPI):
             # re-raises so that servers can log it too; uvicorn would print the stack trace
             pass
 
-    async def _fast(self, scope: Any, receive: Any, send: Any,
-                    target: tuple[str, str | None] | None,
+    async def _fast(self, scope: Any, receive: Any, send: Any, reply_to: ReplyFunction,
                     deployment: Deployment) -> tuple[Any, dict[str, Any]] | None:
         status, media = 200, JSON_BYTES
         try:
             check_headers(scope["headers"], self.body_limit)
             body = parse_json(await receive_body(receive, self.body_limit))
-            if target is None:
-                reply = await deployment.scorer.score_reply(body)
-            else:
-                reply = await infer_reply(deployment.registry, target[0], target[1], body)
+            reply = await reply_to(body)
             content = dumps(reply)
         except Exception as exc:  # every failure becomes one mapped answer, never a crash
             await _send_error(send, scope["path"], exc, (deployment.header,))
@@ -309,15 +335,26 @@ class ManyModelsAPI(FastAPI):
         return body, reply
 
 
-def fast_target(scope: Any) -> tuple[str, str | None] | tuple[()] | None:
-    """Which fast-lane route a request takes: ``()`` for ``POST /score``, ``(name,
-    version)`` for V2 inference, ``None`` for every route FastAPI answers."""
+def fast_reply(scope: Any, deployment: Deployment) -> tuple[ReplyFunction, str] | None:
+    """The reply function on ``deployment`` and the route template of a fast-lane
+    ``POST`` route (``None``: FastAPI routes the request). The mirror asks it too, so a
+    shadow answers a copied body through the same function as the live deployment."""
     if scope["method"] != "POST":
         return None
     path = scope["path"]
+    scorer = deployment.scorer
     if path == "/score":
-        return ()
-    return split_infer_path(path)
+        return scorer.score_reply, "/score"
+    target = split_infer_path(path)
+    if target is not None:
+        return (partial(infer_reply, deployment.registry, target[0], target[1]),
+                V2_INFER if target[1] is None else V2_INFER_VERSION)
+    name = split_model_score_path(path)
+    if name is not None:
+        return partial(scorer.model_reply, name), MODEL_SCORE
+    if path == SEGMENT_SCORE:
+        return partial(scorer.segment_reply, key_of_scope(scope)), SEGMENT_SCORE
+    return None
 
 
 async def _send_error(send: Any, path: str, exc: Exception,
@@ -386,6 +423,31 @@ def _add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
             reply = await scorer.invocations_reply(await read_json(request, limit))
         return Response(dumps(reply), media_type=JSON)
 
+    @app.post("/models/{name}/score", tags=["scoring"], response_class=Response,
+              summary="Score rows with the model in the path (a proxy can route by it)",
+              openapi_extra=schemas.body("ScoreRequest"),
+              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
+    async def score_model_route(name: str, request: Request) -> Response:
+        """``/score`` with ``"model"`` taken from the path, so that a fleet's proxy routes
+        the request by model name without reading the body (see ``manymodels fleet``)."""
+        scorer = deployment_of(request).scorer
+        reply = await scorer.model_reply(name, await read_json(request, limit))
+        return Response(dumps(reply), media_type=JSON)
+
+    @app.post("/segments/score", tags=["scoring"], response_class=Response,
+              summary="Score one segment's rows; the key is in ?key= or x-manymodels-key",
+              openapi_extra=schemas.body("ScoreRequest"),
+              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
+    async def score_segment_route(request: Request, key: str | None = None) -> Response:
+        """``/score`` for the rows of one segment, whose key (``store=42,brand=tropicana``)
+        rides in the query or the ``x-manymodels-key`` header where a proxy sees it. Rows
+        may omit the segment columns; rows that carry them must match the key."""
+        scorer = deployment_of(request).scorer
+        reply = await scorer.segment_reply(key if key is not None
+                                           else key_of_scope(request.scope),
+                                           await read_json(request, limit))
+        return Response(dumps(reply), media_type=JSON)
+
     @app.get("/models", tags=["models"], response_class=Response,
              summary="List the models: names, segments, tags, loaded or not",
              responses=schemas.reply("ModelList"))
@@ -394,11 +456,14 @@ def _add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
 
     @app.get("/stats", tags=["health"], response_class=Response,
              summary="Model cache and process memory (resident bytes)")
-    async def stats(request: Request) -> Response:
+    async def stats(request: Request, by_model: bool = False) -> Response:
         """The answering deployment's models; ``shared``: the session cache every
-        deployment shares (by model file sha256); ``rss``: the whole process."""
+        deployment shares (by model file sha256); ``rss``: the whole process;
+        ``?by_model=true`` adds how many times each model was loaded (a fleet's check
+        that no model loads on two replicas)."""
         deployment = deployment_of(request)
-        return Response(dumps({**deployment.registry.stats(), "deployment": deployment.name,
+        return Response(dumps({**deployment.registry.stats(by_model),
+                               "deployment": deployment.name,
                                "shared": app.endpoint.shared.stats(),
                                "rss": process.memory_info().rss, "pid": os.getpid()}),
                         media_type=JSON)

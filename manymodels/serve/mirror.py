@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .app import fast_target
+from .app import fast_reply
 from .errors import render_exception
-from .v2 import infer_reply, split_infer_path
+from .v2 import split_infer_path
 
 if TYPE_CHECKING:
     from .endpoint import Deployment, Endpoint
@@ -241,7 +241,7 @@ class Mirror:
         copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
                                                                  "endpoint", "route")}
         started = time.perf_counter()
-        if fast_target(scope) is not None:
+        if fast_reply(scope, live) is not None:
             answer = await self.app.serve(scope, receive, send, live)
             elapsed = time.perf_counter() - started
             self.offer(_Copy(copy_scope, b"", 200 if answer else 400, b"", elapsed, shadow,
@@ -301,14 +301,12 @@ class Mirror:
     @staticmethod
     async def _answer_parsed(copy: _Copy) -> tuple[int, Any]:
         """The shadow's reply to a fast-lane body, straight from its data plane."""
-        shadow, target = copy.shadow, fast_target(copy.scope)
-        assert copy.parsed is not None
+        shadow, fast = copy.shadow, fast_reply(copy.scope, copy.shadow)
+        assert copy.parsed is not None and fast is not None
         body = copy.parsed[0]
         shadow.inflight += 1
         try:
-            if target:
-                return 200, await infer_reply(shadow.registry, target[0], target[1], body)
-            return 200, await shadow.scorer.score_reply(body)
+            return 200, await fast[0](body)
         except Exception as exc:  # the shadow's failure is counted, never raised
             return render_exception(copy.scope["path"], exc)[0], None
         finally:

@@ -16,6 +16,7 @@ import ctypes
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -146,6 +147,8 @@ class SharedSessions:
         #: Called with the seconds each session took to create (the metrics' histogram).
         self.on_load: Callable[[float], None] | None = None
         self._reported_evictions = 0
+        #: Sessions created per model file since start (a reload after eviction counts).
+        self.loads_by_key: Counter[str] = Counter()
 
     def register(self, token: int, key: str, entry: ModelEntry, path: Path,
                  options: Any) -> None:
@@ -165,6 +168,8 @@ class SharedSessions:
         loaded = load_model(entry, path, options)
         if self.on_load is not None:
             self.on_load(time.perf_counter() - started)
+        with self._lock:
+            self.loads_by_key[key] += 1
         base = {f.name: getattr(loaded, f.name) for f in fields(LoadedModel) if f.init}
         return _Resident(**base)
 
@@ -490,13 +495,20 @@ class ModelRegistry:
             return "UNAVAILABLE", self.failed[name]
         return "UNAVAILABLE", "not loaded; loads on first request"
 
-    def stats(self) -> dict[str, Any]:
-        return {"models": len(self.bundle.manifest.models), "loaded": len(self.cache),
-                "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes,
-                "loads": self.cache.loads, "evictions": self.cache.evictions,
-                "hits": self.telemetry.stats.hits, "misses": self.telemetry.stats.misses,
-                "load_failures": self.load_failures,
-                "pinned": list(self.pinned), "failed": len(self.failed)}
+    def stats(self, by_model: bool = False) -> dict[str, Any]:
+        """Cache counters; ``by_model`` adds the sessions created per model loaded so far."""
+        out: dict[str, Any] = {
+            "models": len(self.bundle.manifest.models), "loaded": len(self.cache),
+            "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes,
+            "loads": self.cache.loads, "evictions": self.cache.evictions,
+            "hits": self.telemetry.stats.hits, "misses": self.telemetry.stats.misses,
+            "load_failures": self.load_failures,
+            "pinned": list(self.pinned), "failed": len(self.failed)}
+        if by_model:
+            loads = self.shared.loads_by_key
+            out["loads_by_model"] = {name: loads[key] for name in self.bundle.manifest.models
+                                     if (key := self.cache.key(name)) in loads}
+        return out
 
     def trim(self) -> None:
         """Give freed heap memory back to the OS (after a burst of loads and drops)."""
