@@ -50,6 +50,7 @@ class Candidate:
     label: str
     algorithm: str
     params: dict[str, Any]
+    min_rows: int = 0  # segments with fewer rows do not fit this candidate
 
 
 def _estimator(algorithm: str, task: str, params: dict[str, Any], seed: int) -> BaseEstimator:
@@ -117,7 +118,7 @@ def build_candidates(spec: TrainerSpec) -> list[Candidate]:
                 raise SpecError(f"trainer '{spec.name}': candidate label '{label}' appears twice; "
                                 f"give the candidates distinct names")
             seen.add(label)
-            out.append(Candidate(label, family.algorithm, params))
+            out.append(Candidate(label, family.algorithm, params, family.resolved_min_rows))
     return out
 
 

@@ -2,8 +2,10 @@
 
 A :class:`FitJob` is one model to produce: a segment's own model, a pooled model of a
 coarser level, or the global model. The worker fits every candidate on the training
-rows, scores it on the holdout rows, refits the best on all rows and exports it to ONNX
-(falling back to the next-best candidate that converts and passes the parity check).
+rows of each validation fold (:mod:`validation`), scores it on the fold's holdout rows,
+picks the winner by the selection rule (:mod:`selection`), refits it on all rows and
+exports it to ONNX (falling back to the next candidate that converts and passes the
+parity check).
 It returns the ONNX bytes rather than writing into the run directory, so it runs the
 same on a local process pool and on a remote Dask worker, and only the parent writes.
 """
@@ -33,8 +35,10 @@ from manymodels.candidates import (
 )
 from manymodels.errors import ExportError, TrainingError
 from manymodels.monitor.drift import numeric_bins
-from manymodels.segment import FeatureSet, fingerprint, kfold_assignment
+from manymodels.segment import FeatureSet, fingerprint
+from manymodels.selection import SIMPLICITY, FoldScores, pick
 from manymodels.specs import TrainerSpec
+from manymodels.validation import fold_masks
 
 __all__ = ["FitContext", "FitJob", "FitResult", "feature_stats", "run_chunk", "run_job"]
 
@@ -59,10 +63,21 @@ class FitJob:
     holdout: np.ndarray
     features: FeatureSet
     segment_of_row: np.ndarray | None = None  # for pooled models: segment index per row
+    #: Validation fold of each row (-1: never held out; see :mod:`validation`); None
+    #: means one fold, the ``holdout`` rows.
+    block: np.ndarray | None = None
+    #: Folds expand in time: fold j trains only on blocks < j (else on every other block).
+    expanding: bool = False
 
     @property
     def cost(self) -> int:
         return len(self.frame)
+
+    @property
+    def fold_block(self) -> np.ndarray:
+        if self.block is not None:
+            return self.block
+        return np.where(self.holdout, 0, -1).astype(np.int16)
 
 
 @dataclass
@@ -78,15 +93,20 @@ class FitResult:
     train_rows: int = 0
     holdout_rows: int = 0
     candidates: dict[str, float] = field(default_factory=dict)
+    #: Per candidate: fold metrics, mean and standard error (or why it was skipped).
+    candidate_folds: dict[str, dict[str, Any]] = field(default_factory=dict)
     candidate_errors: dict[str, str] = field(default_factory=dict)
+    #: The rule, the best candidate by mean, and the winner's margin in standard errors.
+    selection: dict[str, Any] = field(default_factory=dict)
     winner: str = ""
     algorithm: str = ""
     metric: float = float("nan")
     runner_up: str = ""
     runner_up_metric: float = float("nan")
     export_notes: list[str] = field(default_factory=list)
-    holdout_prediction: np.ndarray | None = None
+    holdout_prediction: np.ndarray | None = None  # out-of-fold, per held-out row
     holdout_proba: np.ndarray | None = None
+    holdout_fold: np.ndarray | None = None  # the fold of each held-out row
     classes: list[Any] | None = None
     onnx: bytes | None = None
     export: dict[str, Any] = field(default_factory=dict)
@@ -127,41 +147,73 @@ def _check_learnable(y: np.ndarray, task: str) -> None:
                             "the fallback model serves this segment")
 
 
-def _folds(job: FitJob, trainer: TrainerSpec) -> list[np.ndarray]:
-    """Holdout masks to score candidates on: one holdout, or k folds for kfold."""
-    if trainer.validation.method != "kfold" or job.segment_of_row is not None:
-        return [job.holdout]
-    fold_of = kfold_assignment(len(job.frame), trainer.validation.folds, trainer.seed, job.key)
-    return [fold_of == f for f in range(trainer.validation.folds)]
+def _folds(job: FitJob, trainer: TrainerSpec, y: np.ndarray
+           ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """The job's validation folds; for classification only folds that train on 2+ classes."""
+    folds = fold_masks(job.fold_block, job.expanding)
+    if trainer.task == "classification":
+        folds = [f for f in folds if len(pd.unique(y[f[1]])) >= 2]
+    if not folds:
+        raise TrainingError(f"no validation fold fits in {len(y)} rows; the fallback model "
+                            f"serves this segment")
+    return folds
 
 
 @dataclass
 class _Scored:
     candidate: Candidate
-    metric: float
-    prediction: np.ndarray
+    scores: FoldScores
+    prediction: np.ndarray  # out-of-fold, one per held-out row (in row order)
     proba: np.ndarray | None
     classes: np.ndarray | None
 
+    @property
+    def metric(self) -> float:
+        return self.scores.mean
 
-def _score_candidates(job: FitJob, ctx: FitContext, masks: list[np.ndarray],
-                      result: FitResult, started: float) -> list[_Scored]:
-    """Fit every candidate on the training rows of each split and score the held-out rows.
 
-    The preprocessing is fitted once per split and its output shared by all candidates:
+def _eligible(ctx: FitContext, rows: int, result: FitResult) -> list[Candidate]:
+    """Candidates whose ``min_rows`` the job meets; the others are recorded as skipped."""
+    out = []
+    for candidate in ctx.candidates:
+        if rows < candidate.min_rows:
+            reason = f"{rows} rows < min_rows={candidate.min_rows}"
+            result.candidate_folds[candidate.label] = {"skipped": reason}
+        else:
+            out.append(candidate)
+    if not out:
+        raise TrainingError(f"every candidate needs more than {rows} rows (min_rows); the "
+                            f"fallback model serves this segment")
+    return out
+
+
+def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
+                      started: float) -> list[_Scored]:
+    """Fit every candidate on the training rows of each fold and score the held-out rows.
+
+    The preprocessing is fitted once per fold and its output shared by all candidates:
     it is the same for every candidate, and refitting it per candidate was most of the
-    per-segment cost on small segments.
+    per-segment cost on small segments. Each held-out row is predicted by the models of
+    its fold only (out-of-fold predictions), which the level gate compares later.
     """
     trainer = ctx.trainer
     x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
-    values: dict[str, list[float]] = {c.label: [] for c in ctx.candidates}
-    first: dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
-    for mask in masks:
+    candidates = _eligible(ctx, len(y), result)
+    folds = _folds(job, trainer, y)
+    tested = job.fold_block >= 0
+    position = np.cumsum(tested) - 1  # row -> its index among the held-out rows
+    classification = trainer.task == "classification"
+    classes = np.unique(y) if classification else None
+    values: dict[str, list[float]] = {c.label: [] for c in candidates}
+    oof: dict[str, np.ndarray] = {}
+    oof_proba: dict[str, np.ndarray] = {}
+    for _, train, test in folds:
         prep = build_prep(job.features.numeric, job.features.categorical)
-        train_x = prep.fit_transform(x[~mask])
-        test_x = prep.transform(x[mask])
-        for candidate in ctx.candidates:
+        train_x = prep.fit_transform(x[train])
+        test_x = prep.transform(x[test])
+        at = position[test]
+        for candidate in candidates:
             if candidate.label in result.candidate_errors:
                 continue
             if time.perf_counter() - started > trainer.segment_timeout_s:
@@ -169,26 +221,60 @@ def _score_candidates(job: FitJob, ctx: FitContext, masks: list[np.ndarray],
                                     f"fitting '{candidate.label}'")
             try:
                 model = build_estimator(candidate, trainer.task, trainer.seed)
-                model.fit(train_x, y[~mask])
-                prediction, proba, classes = predict_with(model, test_x, trainer.task)
+                model.fit(train_x, y[train])
+                prediction, proba, fold_classes = predict_with(model, test_x, trainer.task)
+                if proba is not None and classes is not None and fold_classes is not None:
+                    proba = _widen(proba, fold_classes, classes)
                 values[candidate.label].append(
-                    score_metric(trainer.metric, y[mask], prediction, proba, classes))
+                    score_metric(trainer.metric, y[test], prediction, proba, classes))
             except Exception as exc:  # one candidate failing must not fail the segment
                 result.candidate_errors[candidate.label] = f"{type(exc).__name__}: {exc}"
                 continue
-            first.setdefault(candidate.label, (prediction, proba, classes))
-    return [_Scored(c, float(np.mean(values[c.label])), *first[c.label])
-            for c in ctx.candidates if c.label not in result.candidate_errors]
+            if candidate.label not in oof:
+                oof[candidate.label] = (np.full(int(tested.sum()), None, dtype=object)
+                                        if classification else np.full(int(tested.sum()), np.nan))
+            oof[candidate.label][at] = prediction
+            if proba is not None and classes is not None:
+                if candidate.label not in oof_proba:
+                    oof_proba[candidate.label] = np.full((int(tested.sum()), len(classes)), np.nan)
+                oof_proba[candidate.label][at] = proba
+    return [_Scored(c, FoldScores(tuple(values[c.label])), oof[c.label],
+                    oof_proba.get(c.label), classes)
+            for c in candidates if c.label not in result.candidate_errors]
 
 
-def _rank(scored: list[_Scored], metric: str) -> list[_Scored]:
+def _widen(proba: np.ndarray, fold_classes: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Probabilities over ``fold_classes`` as columns over all of the job's ``classes``
+    (a fold may lack a class the whole segment has)."""
+    if len(fold_classes) == len(classes) and (np.asarray(fold_classes) == classes).all():
+        return proba
+    out = np.zeros((len(proba), len(classes)))
+    index = np.searchsorted(classes, fold_classes)
+    out[:, index] = proba
+    return out
+
+
+def _rank(scored: list[_Scored], metric: str, rule: str = "best") -> tuple[list[_Scored], dict[str, Any]]:
+    """Candidates in export order: the winner by ``rule``, then the rest best first.
+
+    The one-SE rule sees the candidates simplest first (by algorithm, then as declared).
+    """
+    simplest_first = sorted(scored, key=lambda s: SIMPLICITY.get(s.candidate.algorithm, 5))
+    choice = pick([s.scores for s in simplest_first], metric, rule)
     sign = -1.0 if higher_is_better(metric) else 1.0
 
     def key(s: _Scored) -> tuple[int, float]:
         bad = s.metric is None or math.isnan(s.metric)
         return (1 if bad else 0, 0.0 if bad else sign * s.metric)
 
-    return sorted(scored, key=key)
+    by_metric = sorted(scored, key=key)
+    if choice.index is None:
+        return by_metric, {"rule": rule}
+    winner = simplest_first[choice.index]
+    assert choice.best is not None
+    info = {"rule": rule, "best": simplest_first[choice.best].candidate.label,
+            "margin_se": choice.margin_se}
+    return [winner, *(s for s in by_metric if s is not winner)], info
 
 
 def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: FitResult) -> _Scored:
@@ -199,6 +285,8 @@ def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: Fi
     x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
     holdout_x = x[job.holdout] if job.holdout.any() else x.head(50)
+    if len(holdout_x) > 5000:  # plenty for a parity check, and cheap for the global model
+        holdout_x = holdout_x.iloc[-5000:]
     prep = build_prep(job.features.numeric, job.features.categorical).fit(x)
     all_x = prep.transform(x)
     with tempfile.TemporaryDirectory(prefix="mm-export-") as tmp:
@@ -252,14 +340,14 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
         if trainer.missing == "impute":
             job, result.impute = _imputed(job)
         y = job.frame[trainer.target].to_numpy()
-        _check_learnable(y[~job.holdout], trainer.task)
-        masks = _folds(job, trainer)
-        scored = _score_candidates(job, ctx, masks, result, started)
+        _check_learnable(y, trainer.task)
+        scored = _score_candidates(job, ctx, result, started)
         if not scored:
             raise TrainingError("every candidate failed: " + "; ".join(
                 f"{k}: {v}" for k, v in result.candidate_errors.items()))
-        ranked = _rank(scored, trainer.metric)
+        ranked, result.selection = _rank(scored, trainer.metric, trainer.selection)
         result.candidates = {s.candidate.label: s.metric for s in ranked}
+        result.candidate_folds.update({s.candidate.label: s.scores.as_dict() for s in ranked})
         result.fit_seconds = time.perf_counter() - started
         export_started = time.perf_counter()
         chosen = _export_best(ranked, job, ctx, result)
@@ -270,6 +358,7 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
         if others:
             result.runner_up, result.runner_up_metric = others[0].candidate.label, others[0].metric
         result.holdout_prediction, result.holdout_proba = chosen.prediction, chosen.proba
+        result.holdout_fold = job.fold_block[job.fold_block >= 0]
         result.classes = None if chosen.classes is None else list(chosen.classes)
         result.feature_stats = feature_stats(job.frame, job.features)
     except Exception as exc:

@@ -73,6 +73,8 @@ class Segment:
     small: bool = False
     anomalies_removed: int = 0
     holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: Validation fold of each row, -1 = never held out (:mod:`manymodels.validation`).
+    block: np.ndarray | None = None
 
 
 @dataclass

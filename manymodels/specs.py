@@ -37,6 +37,9 @@ CLASSIFICATION_METRICS = ("logloss", "auc", "accuracy")
 ALGORITHMS = ("lightgbm", "ridge", "logistic", "decision_tree", "random_forest", "mean",
               "hist_gradient_boosting")
 
+#: Rows a segment needs before a candidate family is fitted on it, unless the spec says.
+DEFAULT_MIN_ROWS = {"lightgbm": 60, "random_forest": 60, "hist_gradient_boosting": 60}
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,8 +76,16 @@ class SegmenterSpec(_Spec):
     gate: bool = True
     """Route a segment to a coarser level's model unless its own model beats it by
     ``min_gain``. Off keeps every segment on its own model."""
+    gate_rule: Literal["one_se", "min_gain"] = "one_se"
+    """``one_se``: on the segment's validation folds, the coarsest level (or blend) whose
+    mean fold metric is within one standard error of the best; ``min_gain``: a finer
+    level must beat a coarser one by ``min_gain`` on all held-out rows together."""
     min_gain: float = Field(0.02, ge=0)
-    """Relative improvement the segment's own model needs over a coarser one."""
+    """Relative improvement the segment's own model needs over a coarser one
+    (``gate_rule: min_gain``)."""
+    blend: bool = True
+    """Also consider ``w · own + (1 − w) · coarser`` (w in 0.25, 0.5, 0.75) for each
+    segment, where neither level wins outright (regression, ``gate_rule: one_se``)."""
     pooled_key_max_categories: int = Field(100, ge=0)
     """A pooled or global model sees a segment column it pools over (e.g. ``store``) as a
     one-hot feature only if the column has at most this many values."""
@@ -117,6 +128,10 @@ class CandidateSpec(_Spec):
     """Keyword arguments of the estimator."""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """Each combination becomes a candidate of its own (merged over ``params``)."""
+    min_rows: int | None = Field(None, ge=1)
+    """Segments (or pools) with fewer rows do not fit this candidate. Default: 60 for
+    lightgbm, random_forest and hist_gradient_boosting (they cannot be fitted
+    meaningfully on a few dozen rows), none for the others."""
 
     @field_validator("algorithm")
     @classmethod
@@ -124,6 +139,12 @@ class CandidateSpec(_Spec):
         if value not in ALGORITHMS:
             raise ValueError(f"unknown algorithm '{value}'; choose one of {', '.join(ALGORITHMS)}")
         return value
+
+    @property
+    def resolved_min_rows(self) -> int:
+        if self.min_rows is not None:
+            return self.min_rows
+        return DEFAULT_MIN_ROWS.get(self.algorithm, 0)
 
     def expand(self) -> list[tuple[str, dict[str, Any]]]:
         """(label, params) for every grid point."""
@@ -141,12 +162,18 @@ class CandidateSpec(_Spec):
 class ValidationSpec(_Spec):
     """How each candidate is scored before the winner is chosen."""
 
-    method: Literal["auto", "time", "shuffle", "kfold"] = "auto"
-    """``auto``: time-ordered holdout when a time column is named, else shuffled."""
+    method: Literal["auto", "rolling", "time", "shuffle", "kfold"] = "auto"
+    """``rolling``: expanding-window folds, each tested on rows later than all it trained
+    on; ``time``: one holdout of the latest rows; ``shuffle``: one shuffled holdout;
+    ``kfold``: shuffled k-fold. ``auto``: ``rolling`` when a time column is named, else
+    ``shuffle`` for segments of ``kfold_below`` rows or more and ``kfold`` under it."""
     holdout: float = Field(0.2, gt=0, lt=0.9)
-    """Fraction of each segment's rows held out (latest rows for ``time``)."""
+    """Fraction of a segment's rows held out (per fold for ``rolling``; latest rows for
+    ``time``); never fewer than 2 rows per fold for ``rolling``."""
     folds: int = Field(3, ge=2, le=20)
-    """Folds for ``kfold``."""
+    """Folds for ``rolling`` (fewer when a segment is short) and ``kfold``."""
+    kfold_below: int = Field(200, ge=2)
+    """With ``auto`` and no time column, segments under this many rows use k-fold."""
 
 
 class TrainerSpec(_Spec):
@@ -170,7 +197,11 @@ class TrainerSpec(_Spec):
     metric: str = "rmse"
     """Selection metric: rmse, mae, wape, mape (regression); logloss, auc, accuracy."""
     validation: ValidationSpec = ValidationSpec()
-    """Holdout settings."""
+    """Validation folds."""
+    selection: Literal["one_se", "best"] = "one_se"
+    """``one_se``: the simplest candidate whose mean fold metric is within one standard
+    error of the best (mean < ridge / logistic < decision tree < random forest <
+    LightGBM); ``best``: the best mean."""
     candidates: list[CandidateSpec] = Field(min_length=1)
     """Candidate families; every grid point is fitted for every segment."""
     seed: int = 0

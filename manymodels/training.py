@@ -40,14 +40,15 @@ from manymodels.segment import (
     FeatureSet,
     Segment,
     Segmentation,
-    assign_holdout,
     check_table,
     model_name,
     partition,
     prepare_frame,
     resolve_features,
 )
+from manymodels.selection import LevelChoice, blend_predictions, choose_level, choose_route
 from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer, spec_hash
+from manymodels.validation import assign_folds, resolve_method
 
 __all__ = ["TrainResult", "choose_level", "train"]
 
@@ -74,23 +75,30 @@ def new_run_id() -> str:
 
 # -- building jobs ----------------------------------------------------------------------------
 
-def _segment_job(frame: pd.DataFrame, seg: Segment, features: FeatureSet) -> FitJob:
+def _segment_job(frame: pd.DataFrame, seg: Segment, features: FeatureSet, expanding: bool
+                 ) -> FitJob:
     return FitJob(seg.name, 0, seg.key, frame.take(seg.rows).reset_index(drop=True),
-                  seg.holdout, features)
+                  seg.holdout, features, block=seg.block, expanding=expanding)
 
 
 def _pooled_job(frame: pd.DataFrame, name: str, level: int, key: dict[str, str],
-                members: list[tuple[int, Segment]], features: FeatureSet, columns: list[str]
-                ) -> FitJob:
+                members: list[tuple[int, Segment]], features: FeatureSet, columns: list[str],
+                expanding: bool) -> FitJob:
+    """A model over several segments; its folds are its members' folds side by side."""
     rows = np.concatenate([seg.rows for _, seg in members])
     holdout = np.concatenate([seg.holdout for _, seg in members])
+    blocks = [seg.block for _, seg in members]
+    block: np.ndarray | None = None
+    if all(b is not None for b in blocks):
+        block = np.concatenate(blocks)  # type: ignore[arg-type]
     owner = np.concatenate([np.full(len(seg.rows), i) for i, seg in members])
     return FitJob(name, level, key, frame.iloc[rows][columns].reset_index(drop=True), holdout,
-                  features, segment_of_row=owner)
+                  features, segment_of_row=owner, block=block, expanding=expanding)
 
 
 def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: SegmenterSpec,
-                trainer: TrainerSpec, features: FeatureSet) -> tuple[list[FitJob], dict[str, Any]]:
+                trainer: TrainerSpec, features: FeatureSet, expanding: bool = False
+                ) -> tuple[list[FitJob], dict[str, Any]]:
     """Jobs for every own model, the small-segment pool, each coarser level and the global."""
     seg_cols = segmentation.columns
     extra = [trainer.target] + ([trainer.time_column] if trainer.time_column else [])
@@ -98,7 +106,7 @@ def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: Segm
     layout: dict[str, Any] = {"pools": {}, "small_pool": None}
     own_frame = frame[list(dict.fromkeys(features.columns + extra))]  # select columns once
     for seg in segmentation.trainable:
-        jobs.append(_segment_job(own_frame, seg, features))
+        jobs.append(_segment_job(own_frame, seg, features, expanding))
     indexed = [(i, s) for i, s in enumerate(segmentation.segments)]
     policy = segmenter.small_segments
     cardinality = {c: int(frame[c].nunique()) for c in seg_cols}
@@ -109,7 +117,7 @@ def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: Segm
         pool_features = features.for_level(seg_cols, [], cardinality, cap)
         cols = list(dict.fromkeys(pool_features.columns + extra))
         name = f"{model_name(trainer.target, {})[:-len('__global')]}__small_pool"
-        jobs.append(_pooled_job(frame, name, 0, {}, small, pool_features, cols))
+        jobs.append(_pooled_job(frame, name, 0, {}, small, pool_features, cols, expanding))
         layout["small_pool"] = name
     levels = segmenter.resolved_levels
     for level, level_cols in enumerate(levels[1:], start=1):
@@ -121,34 +129,13 @@ def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: Segm
         for values, members in groups.items():
             key = dict(zip(level_cols, values, strict=True))
             name = model_name(trainer.target, key)
-            jobs.append(_pooled_job(frame, name, level, key, members, level_features, cols))
+            jobs.append(_pooled_job(frame, name, level, key, members, level_features, cols,
+                                    expanding))
             layout["pools"][name] = (level, values)
     return jobs, layout
 
 
 # -- the gate -----------------------------------------------------------------------------------
-
-def choose_level(metrics: list[float | None], metric: str, min_gain: float) -> int | None:
-    """Index of the level to serve a segment from (0 = its own model).
-
-    ``metrics`` go from finest (own) to coarsest (global); ``None`` means no model at
-    that level. The coarsest available model is the default, and a finer one replaces it
-    only when it is better by more than ``min_gain`` (relative), because fewer models
-    are cheaper to serve and less likely to overfit.
-    """
-    available = [i for i, m in enumerate(metrics) if m is not None and np.isfinite(m)]
-    if not available:
-        return None
-    best = available[-1]
-    sign = 1.0 if higher_is_better(metric) else -1.0
-    for level in reversed(available[:-1]):
-        candidate, current = metrics[level], metrics[best]
-        assert candidate is not None and current is not None
-        gain = sign * (candidate - current) / max(abs(current), 1e-12)
-        if gain > min_gain:
-            best = level
-    return best
-
 
 def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob]
                     ) -> dict[str, dict[int, np.ndarray]]:
@@ -171,10 +158,13 @@ def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob]
 
 @dataclass
 class _SegmentEval:
-    """Holdout truth and each level's holdout predictions for one segment."""
+    """Held-out truth, fold ids and each level's out-of-fold predictions for one segment."""
 
     truth: np.ndarray
+    fold_of: np.ndarray
     predictions: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    #: What the routing choice predicts on the held-out rows (blends mixed).
+    routed: tuple[np.ndarray, np.ndarray | None] | None = None
 
 
 def _evaluate_segments(frame: pd.DataFrame, segmentation: Segmentation, trainer: TrainerSpec,
@@ -184,7 +174,8 @@ def _evaluate_segments(frame: pd.DataFrame, segmentation: Segmentation, trainer:
     target = frame[trainer.target].to_numpy()
     evals = []
     for seg in segmentation.segments:
-        ev = _SegmentEval(target[seg.rows][seg.holdout])
+        block = seg.block if seg.block is not None else np.where(seg.holdout, 0, -1)
+        ev = _SegmentEval(target[seg.rows][seg.holdout], np.asarray(block)[seg.holdout])
         own = results.get(seg.name)
         if own is not None and own.status == "ok" and own.holdout_prediction is not None:
             ev.predictions[seg.name] = (own.holdout_prediction, own.holdout_proba)
@@ -215,59 +206,96 @@ def _chain_for(seg: Segment, levels: list[list[str]], target: str) -> list[str]:
     return [model_name(target, {c: seg.key[c] for c in cols}) for cols in levels[1:]]
 
 
+def _level_names(levels: list[list[str]]) -> list[str]:
+    return ["own"] + ["pool"] * (len(levels) - 2) + ["global"]
+
+
+def _route_choice(seg: Segment, ev: _SegmentEval, names: list[str | None],
+                  results: dict[str, FitResult], segmenter: SegmenterSpec, trainer: TrainerSpec,
+                  routed: bool, gate: bool, classes: list[Any] | None) -> LevelChoice:
+    """The level (or blend) serving one segment, with every option's fold scores."""
+    preds: list[tuple[np.ndarray, np.ndarray | None] | None] = []
+    for name in names:
+        ok = name is not None and name in results and results[name].status == "ok"
+        preds.append(ev.predictions.get(name) if ok and name is not None else None)
+    if seg.small and segmenter.small_segments != "pool":
+        preds[0] = None
+    cls = np.asarray(classes) if classes is not None else None
+    blend = (segmenter.blend and trainer.task == "regression" and not seg.small and gate
+             and routed)
+    choice = choose_route(ev.truth, ev.fold_of, preds, trainer.metric,
+                          segmenter.gate_rule if gate else "one_se", segmenter.min_gain,
+                          blend, cls)
+    if not routed:  # served down the fallback chain: the first coarser model that exists
+        choice = LevelChoice(next((i for i, p in enumerate(preds) if i > 0 and p is not None),
+                                  None), scores=choice.scores)
+    elif not gate:
+        choice = LevelChoice(0 if preds[0] is not None else None, scores=choice.scores)
+    if choice.level is not None:
+        chosen = preds[choice.level]
+        if choice.blend_with is not None:
+            partner = preds[choice.blend_with]
+            assert chosen is not None and partner is not None
+            ev.routed = (blend_predictions(chosen[0], partner[0], choice.weight), None)
+        else:
+            ev.routed = chosen
+    return choice
+
+
 def _decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer: TrainerSpec,
                    results: dict[str, FitResult], evals: list[_SegmentEval],
                    layout: dict[str, Any], gate: bool) -> list[dict[str, Any]]:
-    """One report row per segment, with the metric at each level and the routing choice."""
+    """One report row per segment, with the fold metrics at each level and the choice."""
     rows = []
     levels = segmenter.resolved_levels
+    level_names = _level_names(levels)
     classes = next((r.classes for r in results.values() if r.classes is not None), None)
     for seg, ev in zip(segmentation.segments, evals, strict=True):
         own_name = layout["small_pool"] if seg.small else seg.name
-        chain = _chain_for(seg, levels, trainer.target)
-        names = [own_name] + chain
-        metrics: list[float | None] = []
-        for name in names:
-            pred = ev.predictions.get(name) if name else None
-            ok = name is not None and name in results and results[name].status == "ok"
-            metrics.append(_metric_of(trainer, ev.truth, pred, classes) if pred is not None and ok
-                           else None)
-        if seg.small and segmenter.small_segments != "pool":
-            metrics[0] = None
+        names: list[str | None] = [own_name, *_chain_for(seg, levels, trainer.target)]
         own = results.get(seg.name)
         status = "ok" if own is not None and own.status == "ok" else (
             "small" if seg.small else "failed")
         if seg.small and segmenter.small_segments == "skip":
             status = "skipped"
         routed = status == "ok" or (status == "small" and segmenter.small_segments == "pool")
-        if not routed:  # served down the fallback chain: the first coarser model that exists
-            chosen = next((i for i, m in enumerate(metrics) if i > 0 and m is not None), None)
-        elif gate:
-            chosen = choose_level(metrics, trainer.metric, segmenter.min_gain)
-        else:
-            chosen = 0 if metrics[0] is not None else None
+        choice = _route_choice(seg, ev, names, results, segmenter, trainer, routed, gate,
+                               classes)
+        chosen = choice.level
+        scores = choice.scores
+        blended = choice.blend_with is not None
+        means = {label: score.mean for label, score in scores.items()}
+
         rows.append({
             **{f"key.{c}": seg.key[c] for c in segmentation.columns},
             "segment": seg.name, "status": status,
             "reason": own.reason if own is not None and own.status != "ok" else (
                 f"{len(seg.rows)} rows < min_rows={segmenter.min_rows}" if seg.small else ""),
             "rows": int(len(seg.rows)), "holdout_rows": int(seg.holdout.sum()),
+            "folds": int(len(np.unique(ev.fold_of))),
             "anomalies_removed": seg.anomalies_removed,
             "winner": own.winner if own is not None else "",
             "algorithm": own.algorithm if own is not None else "",
-            "metric_own": metrics[0], "runner_up": own.runner_up if own is not None else "",
+            "metric_own": means.get("own"), "runner_up": own.runner_up if own is not None else "",
             "runner_up_metric": own.runner_up_metric if own is not None else None,
-            "metric_pool": metrics[1] if len(metrics) > 2 else None,
-            "metric_global": metrics[-1],
-            "level": (["own"] + ["pool"] * (len(levels) - 2) + ["global"])[chosen]
+            "metric_pool": means.get("pool") if len(levels) > 2 else None,
+            "metric_global": means.get("global"),
+            "level": ("blend" if blended else level_names[chosen])
             if chosen is not None and routed else "fallback",
             "model": names[chosen] if chosen is not None else None,
+            "blend_with": names[choice.blend_with] if choice.blend_with is not None else None,
+            "blend_weight": choice.weight if blended else None,
+            "gate_margin_se": choice.margin_se,
             "routed": routed and chosen is not None,
             "fit_seconds": own.fit_seconds if own is not None else 0.0,
             "export_seconds": own.export_seconds if own is not None else 0.0,
             "parity": own.export.get("parity") if own is not None else None,
             "export_notes": "; ".join(own.export_notes) if own is not None else "",
             "candidates": json.dumps(own.candidates) if own is not None else "{}",
+            "candidate_folds": json.dumps(_plain(own.candidate_folds)) if own is not None
+            else "{}",
+            "selection_margin_se": own.selection.get("margin_se") if own is not None else None,
+            "level_folds": json.dumps(_plain({k: v.as_dict() for k, v in scores.items()})),
         })
     return rows
 
@@ -275,19 +303,25 @@ def _decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer
 def _routed_metrics(trainer: TrainerSpec, segmentation: Segmentation, evals: list[_SegmentEval],
                     report: list[dict[str, Any]], results: dict[str, FitResult],
                     global_name: str) -> dict[str, float]:
-    """Holdout metric of the routed whole against global-only and own-only, same rows."""
+    """Metric of the routed whole against global-only and own-only, on the same held-out
+    rows of the validation folds (rows every variant predicted)."""
     classes = next((r.classes for r in results.values() if r.classes is not None), None)
     parts: dict[str, list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray | None]]]] = {
         "routed": [], "global_only": [], "own_only": []}
-    for seg, ev, row in zip(segmentation.segments, evals, report, strict=True):
+    for seg, ev in zip(segmentation.segments, evals, strict=True):
         own_pred = ev.predictions.get(seg.name)
         glob = ev.predictions.get(global_name)
         if own_pred is None or glob is None or len(ev.truth) == 0:
             continue  # compare like with like: only segments every variant can score
-        routed = ev.predictions.get(row["model"]) if row["model"] else None
-        parts["routed"].append((ev.truth, routed or glob))
-        parts["global_only"].append((ev.truth, glob))
-        parts["own_only"].append((ev.truth, own_pred))
+        routed = ev.routed or glob
+        keep = np.asarray(pd.notna(own_pred[0]) & pd.notna(glob[0]) & pd.notna(routed[0]),
+                          dtype=bool)
+        if not keep.any():
+            continue
+        for label, variant in (("routed", routed), ("global_only", glob),
+                               ("own_only", own_pred)):
+            parts[label].append((ev.truth[keep], (
+                variant[0][keep], None if variant[1] is None else variant[1][keep])))
     out = {}
     for label, items in parts.items():
         if not items:
@@ -449,9 +483,12 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     try:
         frame = prepare_frame(raw, features, seg_spec, tr_spec)
         segmentation = partition(frame, seg_spec, tr_spec)
+        plan = resolve_method(tr_spec)
         for seg in segmentation.segments:
-            seg.holdout = assign_holdout(frame, seg.rows, tr_spec, seg.key)
-        fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features)
+            seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan)
+            seg.holdout = seg.block >= 0
+        fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features,
+                                       plan.expanding)
     finally:
         if warming is not None:  # also on errors: workers must not be left half-started
             warming.join()
@@ -573,8 +610,12 @@ def _manifest(run_id: str, rows: list[dict[str, Any]], results: dict[str, FitRes
     used: set[str] = set()
     for row in rows:
         if row["routed"]:
-            routes.append({"level": 0, "key": [row[f"key.{c}"] for c in seg_cols],
-                           "model": row["model"]})
+            route: dict[str, Any] = {"level": 0, "key": [row[f"key.{c}"] for c in seg_cols],
+                                     "model": row["model"]}
+            if row["blend_with"] is not None:
+                route["blend"] = {"with": row["blend_with"], "weight": row["blend_weight"]}
+                used.add(row["blend_with"])
+            routes.append(route)
             used.add(row["model"])
     for name, (level, values) in layout["pools"].items():
         if results[name].status == "ok":

@@ -56,21 +56,30 @@ def _copy_run(trained_run: Path, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _direct_predictions(run_dir: Path, frame: pd.DataFrame) -> list[tuple[str, float]]:
-    """Route each row by hand down the run's levels and score it with its own ORT session."""
+    """Route each row by hand down the run's levels and score it with its own ORT session
+    (a blended route mixes its model with the blend partner: w · own + (1 − w) · with)."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    tables = [{tuple(r["key"]): r["model"] for r in manifest["routes"] if r["level"] == lv}
+    tables = [{tuple(r["key"]): r for r in manifest["routes"] if r["level"] == lv}
               for lv in range(len(manifest["levels"]))]
-    out = []
-    for _, row in frame.iterrows():
-        name = next(t[key] for lv, t in enumerate(tables)
-                    if (key := tuple(str(row[c]) for c in manifest["levels"][lv])) in t)
+
+    def run_one(name: str, row: pd.Series) -> np.float32:
         entry = manifest["models"][name]
         session = ort.InferenceSession(str(run_dir / entry["file"]),
                                        providers=["CPUExecutionProvider"])
         feed = {i["name"]: (np.array([[str(row[i["name"]])]], dtype=object) if i["dtype"] ==
                             "string" else np.array([[row[i["name"]]]], dtype=np.float32))
                 for i in entry["inputs"]}
-        out.append((name, float(np.ravel(session.run(None, feed)[0])[0])))
+        return np.float32(np.ravel(session.run(None, feed)[0])[0])
+
+    out = []
+    for _, row in frame.iterrows():
+        route = next(t[key] for lv, t in enumerate(tables)
+                     if (key := tuple(str(row[c]) for c in manifest["levels"][lv])) in t)
+        value = run_one(route["model"], row)
+        if "blend" in route:
+            w = np.float32(route["blend"]["weight"])
+            value = value * w + run_one(route["blend"]["with"], row) * (np.float32(1) - w)
+        out.append((route["model"], float(value)))
     return out
 
 
@@ -364,7 +373,9 @@ def test_inspect_shows_models_and_totals(packed: Path) -> None:
     assert summary.metric_summary()["median"] == pytest.approx(float(np.median(rmse)))
     result = runner.invoke(app, ["inspect", str(packed), "--limit", "0"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "store=1, brand=dominicks" in result.output and "(global)" in result.output
+    segment = next(e for e in manifest.models.values() if e.level == 0)
+    shown = ", ".join(f"{k}={v}" for k, v in segment.key.items())
+    assert shown in result.output and "(global)" in result.output
     assert f"{len(manifest.models)} models" in result.output
 
 

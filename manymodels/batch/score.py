@@ -117,7 +117,7 @@ class ScoringPlan:
             for column in entry.inputs:
                 (strings if column.dtype == "string" else floats).add(column.name)
         return cls(tuple(bundle.segment_columns), frozenset(floats), frozenset(strings - floats),
-                   {n: tuple(e.input_names) for n, e in bundle.manifest.models.items()},
+                   {n: tuple(bundle.manifest.inputs_of(n)) for n in bundle.manifest.models},
                    bundle.allowed_columns)
 
     def extra(self, task: UnitTask, chunk: Chunk) -> list[str]:

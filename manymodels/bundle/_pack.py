@@ -137,6 +137,8 @@ def _routed_models(run: Manifest) -> list[str]:
     for table in run.routes:
         for model in table.values():
             seen.setdefault(model, None)
+    for blend in run.blends.values():  # a blend's coarser model (normally routed anyway)
+        seen.setdefault(blend.partner, None)
     return list(seen)
 
 

@@ -14,7 +14,10 @@ Schema (version 1)::
       "target": str, "task": "regression" | "classification",
       "segment_columns": [str, ...],
       "levels": [[str, ...], ..., []],      # fallback chain, finest first, [] = global
-      "routes": [{"level": int, "key": [str, ...], "model": str}, ...],
+      "routes": [{"level": int, "key": [str, ...], "model": str,
+                  "blend": {"with": str, "weight": float}}, ...],   # blend: optional
+      # a blended level-0 route scores weight · model + (1 − weight) · with (regression);
+      # its model serves that route only
       "models": {name: {"file": "models/<name>.onnx", "sha256": str, "bytes": int,
                         "level": int, "key": {col: str}, "algorithm": str,
                         "inputs": [{"name": str, "dtype": "float32" | "string"}],
@@ -57,6 +60,7 @@ ACCEPTS_MISSING_BY_DEFAULT = frozenset({"lightgbm", "mean"})
 __all__ = [
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
+    "Blend",
     "InputColumn",
     "Manifest",
     "ModelEntry",
@@ -122,6 +126,14 @@ class ModelEntry:
         return ", ".join(f"{c.name}:{c.dtype}" for c in self.inputs)
 
 
+@dataclass(frozen=True)
+class Blend:
+    """A blended route: its model's predictions mixed with those of a coarser model."""
+
+    partner: str  # the coarser model ("with")
+    weight: float  # weight of the route's own model
+
+
 @dataclass
 class Manifest:
     """The parsed manifest with its routing table indexed for lookups."""
@@ -132,6 +144,16 @@ class Manifest:
     levels: list[list[str]]
     models: dict[str, ModelEntry]
     routes: list[dict[str, str]]  # one dict per level: joined key -> model name
+    #: Models scored as a blend (model name -> partner and weight); empty for most bundles.
+    blends: dict[str, Blend] = field(default_factory=dict)
+
+    def inputs_of(self, name: str) -> list[str]:
+        """Input columns scoring model ``name`` needs, its blend partner's included."""
+        names = self.models[name].input_names
+        blend = self.blends.get(name)
+        if blend is None:
+            return names
+        return list(dict.fromkeys([*names, *self.models[blend.partner].input_names]))
 
     @property
     def name(self) -> str:
@@ -204,6 +226,48 @@ def _index_routes(raw_routes: Iterable[Mapping[str, Any]], levels: list[list[str
     return tables
 
 
+def _parse_blend(route: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Blend:
+    blend = route["blend"]
+    where = f"route {dict(route)}"
+    if not isinstance(blend, Mapping) or "with" not in blend or "weight" not in blend:
+        raise BundleError(f"{where}: 'blend' must be {{\"with\": model, \"weight\": w}}")
+    partner, model = str(blend["with"]), str(route["model"])
+    try:
+        weight = float(blend["weight"])
+    except (TypeError, ValueError):
+        raise BundleError(f"{where}: blend weight {blend['weight']!r} is not a number") from None
+    if not 0.0 <= weight <= 1.0:
+        raise BundleError(f"{where}: blend weight {weight} is outside [0, 1]")
+    if partner not in models:
+        raise BundleError(f"{where}: blends with model '{partner}', not in the manifest")
+    if int(route["level"]) != 0:
+        raise BundleError(f"{where}: only segment routes (level 0) may blend")
+    for name in (model, partner):
+        if models[name].kind != "regression":
+            raise BundleError(f"{where}: model '{name}' is a {models[name].kind} model; "
+                              f"blends mix regression predictions only")
+    return Blend(partner, weight)
+
+
+def _index_blends(raw_routes: Iterable[Mapping[str, Any]], models: Mapping[str, ModelEntry]
+                  ) -> dict[str, Blend]:
+    """Blends by model name; a blended model must serve its one route only (routing
+    groups rows by model, so the blend is a property of the model's group)."""
+    blends: dict[str, Blend] = {}
+    uses: dict[str, int] = {}
+    for route in raw_routes:
+        model = str(route["model"])
+        uses[model] = uses.get(model, 0) + 1
+        if route.get("blend") is not None:
+            blends[model] = _parse_blend(route, models)
+    for model in blends:
+        if uses[model] > 1:
+            raise BundleError(f"model '{model}' is blended in one route and used by "
+                              f"{uses[model] - 1} other route(s); a blended model serves "
+                              f"one segment only")
+    return blends
+
+
 def parse_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
     """Validate the parts every scorer relies on and index the routing table."""
     version = raw.get("schema_version")
@@ -215,8 +279,10 @@ def parse_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
     segment_columns = [str(c) for c in raw.get("segment_columns", [])]
     levels = [[str(c) for c in lv] for lv in raw.get("levels", [segment_columns, []])]
     models = {str(n): _parse_model(str(n), e) for n, e in dict(raw.get("models", {})).items()}
-    routes = _index_routes(raw.get("routes", []), levels, models)
-    return Manifest(root, raw, segment_columns, levels, models, routes)
+    raw_routes = raw.get("routes", [])
+    routes = _index_routes(raw_routes, levels, models)
+    return Manifest(root, raw, segment_columns, levels, models, routes,
+                    _index_blends(raw_routes, models))
 
 
 def read_manifest(root: str | Path) -> Manifest:

@@ -24,7 +24,7 @@ from .errors import BundleError, ModelNotFound, SegmentNotFound
 from .manifest import Manifest, normalise_key_value, read_manifest
 from .session import LoadedModel, SessionCache, load_model, make_session_options
 
-__all__ = ["Bundle", "GroupLayout", "GroupRun", "Routed", "ScoreResult"]
+__all__ = ["Bundle", "GroupLayout", "GroupRun", "Routed", "ScoreResult", "blend_outputs"]
 
 
 @dataclass
@@ -378,10 +378,12 @@ class Bundle:
         proba_sorted: np.ndarray | None = None
         classes: Sequence[Any] | None = None
         models = self.models(list(routed.groups))
-        labels_sorted = self._labels_buffer(models, len(order))
-        for i, rows in enumerate(routed.groups.values()):
-            loaded = models[i]
-            start, stop = bounds[i], bounds[i + 1]
+        blends = self.manifest.blends
+        partners = self._blend_partners(routed.groups) if blends else {}
+        labels_sorted = self._labels_buffer([*models, *partners.values()], len(order))
+
+        def feed_of(loaded: LoadedModel, rows: np.ndarray, start: int, stop: int
+                    ) -> dict[str, np.ndarray]:
             feed: dict[str, np.ndarray] = {}
             columns: dict[str, Any] = {}
             for column in loaded.input_names:
@@ -407,8 +409,20 @@ class Bundle:
                     columns[column] = raw[column][rows]
             if columns:
                 feed.update(loaded.build_feed({**columns, **feed}))
+            return feed
+
+        for i, (name, rows) in enumerate(routed.groups.items()):
+            loaded = models[i]
+            start, stop = bounds[i], bounds[i + 1]
+            feed = feed_of(loaded, rows, start, stop)
             if not loaded.classifier:  # float32 (n, 1) output straight into the float64 slice
-                labels_sorted[start:stop] = loaded.outputs(feed)[0].reshape(-1)
+                output = loaded.outputs(feed)[0].reshape(-1)
+                blend = blends.get(name) if blends else None
+                if blend is not None:  # a second run, with the coarser model, then the mix
+                    partner = partners[blend.partner]
+                    other = partner.outputs(feed_of(partner, rows, start, stop))[0].reshape(-1)
+                    output = blend_outputs(output, other, blend.weight)
+                labels_sorted[start:stop] = output
                 continue
             labels, proba = loaded.run(feed)
             labels_sorted[start:stop] = labels
@@ -419,14 +433,19 @@ class Bundle:
                 proba_sorted[start:stop] = proba
         return GroupRun(order, labels_sorted, proba_sorted, classes)
 
+    def _blend_partners(self, groups: Mapping[str, np.ndarray]) -> dict[str, LoadedModel]:
+        """The coarser models that blended groups mix in, loaded (by name)."""
+        blends = self.manifest.blends
+        names = list(dict.fromkeys(blends[g].partner for g in groups if g in blends))
+        return dict(zip(names, self.models(names), strict=True)) if names else {}
+
     def gather_plan(self, groups: Mapping[str, np.ndarray], frame: Any, total: int) -> set[str]:
         """Columns worth gathering whole into model order: needed by most routed rows."""
         need: dict[str, int] = {}
         for name, rows in groups.items():
-            entry = self.manifest.models.get(name)
-            if entry is None:
+            if name not in self.manifest.models:
                 raise ModelNotFound(name, known=len(self.manifest.models))
-            for column in entry.input_names:
+            for column in self.manifest.inputs_of(name):
                 need[column] = need.get(column, 0) + len(rows)
         return {c for c, k in need.items() if k * 4 >= total and c in frame}
 
@@ -453,6 +472,25 @@ class Bundle:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Route and score a DataFrame; returns prediction, model and fallback per row."""
         return self.score_frame(frame).to_frame().set_axis(frame.index)
+
+
+def blend_outputs(own: np.ndarray, partner: np.ndarray, weight: float) -> np.ndarray:
+    """``weight · own + (1 − weight) · partner``: a blended route's prediction.
+
+    Computed in the models' own precision (float32 for converted regressors), so every
+    scoring path that calls this gets the same numbers; weights 0 and 1 give the
+    partner's and the own predictions exactly.
+    """
+    own, partner = np.asarray(own), np.asarray(partner)
+    dtype = np.result_type(own.dtype, partner.dtype)
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    if weight >= 1.0:
+        return own.astype(dtype, copy=True)
+    if weight <= 0.0:
+        return partner.astype(dtype, copy=True)
+    w = dtype.type(weight)
+    return own.astype(dtype, copy=False) * w + partner.astype(dtype, copy=False) * (1 - w)
 
 
 def _key_problem(columns: Sequence[str], values: Sequence[Any]) -> tuple[str, str] | None:

@@ -143,7 +143,7 @@ class Scorer:
         started = time.perf_counter_ns()
         registry = self.registry
         routing = route_rows(registry, table)
-        models = await models_for(registry, routing.groups)
+        models = await models_for(registry, routing.needed())
         if table.n > self.inline_rows:
             prediction = await registry.run_in_thread(score_groups, registry, models, routing,
                                                       table)

@@ -12,6 +12,7 @@ the wrong shape raises :class:`MalformedBody`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from starlette.requests import Request
 
 from manymodels.errors import InputSchemaError, ScoringError, SegmentNotFound
 from manymodels.runtime import contract
+from manymodels.runtime.manifest import Blend
+from manymodels.runtime.scoring import blend_outputs
 from manymodels.runtime.session import as_string_column
 
 from .errors import BodyTooLarge, MalformedBody, UnsupportedMediaType
@@ -319,14 +322,47 @@ class Prediction:
     classes: Sequence[Any] | None = None
 
 
+def _scoring_error(served: ServedModel, exc: Exception) -> Exception:
+    """onnxruntime's own (non-exported) exception types as ours: 422 or 500."""
+    if type(exc).__name__ in ("InvalidArgument", "InvalidArgumentError"):
+        return InputSchemaError(f"model '{served.name}' rejected the input "
+                                f"(schema: {served.loaded.schema_text()}): {exc}")
+    return ScoringError(f"model '{served.name}' failed to score: {exc}")
+
+
 def _run(served: ServedModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         return served.loaded.run(feed)
-    except Exception as exc:  # onnxruntime raises its own non-exported exception types
-        if type(exc).__name__ in ("InvalidArgument", "InvalidArgumentError"):
-            raise InputSchemaError(f"model '{served.name}' rejected the input "
-                                   f"(schema: {served.loaded.schema_text()}): {exc}") from exc
-        raise ScoringError(f"model '{served.name}' failed to score: {exc}") from exc
+    except Exception as exc:
+        raise _scoring_error(served, exc) from exc
+
+
+def _raw_output(served: ServedModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """A regressor's output as it computed it (float32), for blending."""
+    try:
+        return np.asarray(served.loaded.outputs(feed)[0]).reshape(-1)
+    except Exception as exc:
+        raise _scoring_error(served, exc) from exc
+
+
+def _blended(served: ServedModel, partner: ServedModel, blend: Blend,
+             checked: contract.CheckedInputs, index: np.ndarray | None) -> np.ndarray:
+    """A blended route's predictions: two runs, mixed as every scoring path mixes them."""
+    own = _raw_output(served, feed_of(served, checked, index))
+    other = _raw_output(partner, feed_of(partner, checked, index))
+    return blend_outputs(own, other, blend.weight)
+
+
+def _with_partners(groups: dict[str, np.ndarray | None], routing: Routing
+                   ) -> dict[str, np.ndarray | None]:
+    """The groups whose inputs to check, blend partners included (on their blends' rows)."""
+    if not routing.blends:
+        return groups
+    out = dict(groups)
+    for name, blend in routing.blends.items():
+        rows, known = groups[name], out.get(blend.partner, np.zeros(0, dtype=np.int64))
+        out[blend.partner] = None if rows is None or known is None else np.union1d(known, rows)
+    return out
 
 
 def score_model(registry: ModelRegistry, served: ServedModel, table: Table) -> Prediction:
@@ -345,6 +381,14 @@ class Routing:
     groups: dict[str, list[int]]
     model: list[str]
     fallback: list[bool]
+    #: Blended groups (model name -> partner and weight); empty for most bundles.
+    blends: Mapping[str, Blend] = dataclasses.field(default_factory=dict)
+
+    def needed(self) -> list[str]:
+        """Every model the groups need: their own and the partners of blended ones."""
+        if not self.blends:
+            return list(self.groups)
+        return list(dict.fromkeys([*self.groups, *(b.partner for b in self.blends.values())]))
 
 
 def _refuse_key(segment_columns: Sequence[str], key: Sequence[Any], row: int) -> None:
@@ -403,6 +447,9 @@ def route_rows(registry: ModelRegistry, table: Table) -> Routing:
             model[r] = name
             if used_fallback:
                 fallback[r] = True
+    blends = bundle.manifest.blends
+    if blends:
+        return Routing(groups, model, fallback, {g: blends[g] for g in groups if g in blends})
     return Routing(groups, model, fallback)
 
 
@@ -416,9 +463,17 @@ def score_groups(registry: ModelRegistry, models: Mapping[str, ServedModel], rou
     classes: Sequence[Any] | None = None
     single = len(routing.groups) == 1
     groups = {name: None if single else np.asarray(rows) for name, rows in routing.groups.items()}
-    checked = check_table(registry, table, groups, models, registry.bundle_columns)
+    checked = check_table(registry, table, _with_partners(groups, routing), models,
+                          registry.bundle_columns)
     for name, index in groups.items():
         served = models[name]
+        blend = routing.blends.get(name) if routing.blends else None
+        if blend is not None:  # two runs, mixed as every scoring path mixes them
+            mixed = _blended(served, models[blend.partner], blend, checked, index)
+            if single:
+                _check_outputs(served, mixed, None, index)
+            prediction[slice(None) if index is None else index] = mixed
+            continue
         labels, proba = _run(served, feed_of(served, checked, index))
         if single:
             _check_outputs(served, labels, proba, index)

@@ -1,0 +1,223 @@
+"""Choosing on validation folds: candidates within a segment, and levels across segments.
+
+Both choices use the one-standard-error rule (Breiman et al. 1984; Hastie, Tibshirani &
+Friedman, *ESL* §7.10): among the options whose mean fold metric is within one standard
+error of the best, take the simplest. On a segment of a few dozen rows the fold metrics
+are noisy, and the rule stops a flexible model (or a segment's own model) from winning
+on noise. Options are always listed simplest first.
+
+- Candidates: mean < ridge / logistic < decision tree < random forest < LightGBM
+  (declaration order within a family).
+- Levels of one segment: global < pool(s) < blends ``w · own + (1 − w) · coarser`` with
+  growing ``w`` < own. Shrinking a segment's model toward a coarser one is partial pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from manymodels.candidates import higher_is_better, score_metric
+
+__all__ = ["BLEND_WEIGHTS", "SIMPLICITY", "Choice", "FoldScores", "LevelChoice", "choose_level",
+           "choose_route", "pick", "score_folds"]
+
+#: Complexity rank of each algorithm: the one-SE rule prefers lower ranks.
+SIMPLICITY = {"mean": 0, "ridge": 1, "logistic": 1, "decision_tree": 2, "random_forest": 3,
+              "hist_gradient_boosting": 4, "lightgbm": 4}
+
+#: Weights of a segment's own model in the blends the gate considers (0 and 1 are the
+#: pure levels themselves).
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class FoldScores:
+    """One option's metric on each validation fold, with their mean and standard error."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean over folds (0 with a single fold)."""
+        k = len(self.values)
+        return float(np.std(self.values, ddof=1) / math.sqrt(k)) if k > 1 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folds": [float(v) for v in self.values], "mean": self.mean, "se": self.se}
+
+
+def _usable(score: FoldScores | None) -> bool:
+    return score is not None and bool(score.values) and math.isfinite(score.mean)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The option picked, the best one by mean, and how sure the pick was.
+
+    ``margin_se``: how far (in standard errors of the best option) the picked option's
+    mean is from the best of the others; positive when it is better than all of them.
+    ``None`` when that cannot be said (one fold, or no other option).
+    """
+
+    index: int | None
+    best: int | None
+    margin_se: float | None
+
+
+def pick(options: Sequence[FoldScores | None], metric: str, rule: str = "one_se") -> Choice:
+    """Index of the option to take among ``options`` listed simplest first.
+
+    ``rule`` ``one_se``: the simplest option whose mean is within one standard error
+    of the best mean; ``best``: the best mean (ties go to the simpler option).
+    Unusable options (``None``, no folds, non-finite mean) are never picked.
+    """
+    sign = -1.0 if higher_is_better(metric) else 1.0  # lower signed mean is better
+    usable = [i for i, s in enumerate(options) if _usable(s)]
+    if not usable:
+        return Choice(None, None, None)
+    means = {i: sign * options[i].mean for i in usable}  # type: ignore[union-attr]
+    best = min(usable, key=lambda i: (means[i], i))
+    chosen = best
+    unit = options[best].se  # type: ignore[union-attr]
+    if rule == "one_se":
+        chosen = next(i for i in usable if means[i] <= means[best] + unit + 1e-12)
+    others = [means[i] for i in usable if i != chosen]
+    margin = None
+    if others and unit > 0:
+        margin = (min(others) - means[chosen]) / unit
+    return Choice(chosen, best, margin)
+
+
+def score_folds(metric: str, truth: np.ndarray, prediction: np.ndarray, fold_of: np.ndarray,
+                proba: np.ndarray | None = None, classes: np.ndarray | None = None
+                ) -> FoldScores:
+    """The metric on each fold present in ``fold_of`` (one fold id per held-out row)."""
+    values = []
+    for fold in np.unique(fold_of).tolist():
+        rows = fold_of == fold
+        values.append(score_metric(metric, truth[rows], prediction[rows],
+                                   None if proba is None else proba[rows], classes))
+    return FoldScores(tuple(values))
+
+
+def choose_level(metrics: list[float | None], metric: str, min_gain: float) -> int | None:
+    """Index of the level to serve a segment from (0 = its own model), by ``min_gain``.
+
+    ``metrics`` go from finest (own) to coarsest (global); ``None`` means no model at
+    that level. The coarsest available model is the default, and a finer one replaces it
+    only when it is better by more than ``min_gain`` (relative), because fewer models
+    are cheaper to serve and less likely to overfit.
+    """
+    available = [i for i, m in enumerate(metrics) if m is not None and np.isfinite(m)]
+    if not available:
+        return None
+    best = available[-1]
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    for level in reversed(available[:-1]):
+        candidate, current = metrics[level], metrics[best]
+        assert candidate is not None and current is not None
+        gain = sign * (candidate - current) / max(abs(current), 1e-12)
+        if gain > min_gain:
+            best = level
+    return best
+
+
+@dataclass
+class LevelChoice:
+    """Where one segment is served from: a level, or a blend of its own model and one
+    coarser level, with every option's fold scores."""
+
+    level: int | None  # 0 = own, then coarser; None = no usable level
+    blend_with: int | None = None  # coarser level blended with the own model
+    weight: float = 1.0  # weight of the own model in the blend
+    margin_se: float | None = None
+    scores: dict[str, FoldScores] = field(default_factory=dict)
+
+
+def _label(level: int, count: int) -> str:
+    if level == 0:
+        return "own"
+    if level == count - 1:
+        return "global"
+    return "pool" if count == 3 else f"pool{level}"
+
+
+def blend_predictions(own: np.ndarray, coarser: np.ndarray, weight: float) -> np.ndarray:
+    """``weight · own + (1 − weight) · coarser``, as the scoring runtime computes it."""
+    from manymodels.runtime.scoring import blend_outputs
+
+    return blend_outputs(own, coarser, weight)
+
+
+Prediction = tuple[np.ndarray, "np.ndarray | None"]
+
+
+def choose_route(truth: np.ndarray, fold_of: np.ndarray, predictions: Sequence[Prediction | None],
+                 metric: str, rule: str = "one_se", min_gain: float = 0.02,
+                 blend: bool = False, classes: np.ndarray | None = None) -> LevelChoice:
+    """Pick one segment's level (or blend) from its held-out rows' predictions per level.
+
+    ``predictions[i]`` is level ``i``'s (predictions, class probabilities) of the
+    segment's held-out rows (``truth``, fold ids ``fold_of``), finest first; ``None``
+    where a level has no model. Only rows every available level predicted are compared.
+    With ``one_se`` the options are ordered global, pools, blends (growing own weight;
+    regression only), own, and the simplest within one standard error of the best wins;
+    with ``min_gain`` see :func:`choose_level`.
+    """
+    import pandas as pd
+
+    count = len(predictions)
+    rows = np.ones(len(truth), dtype=bool)
+    for p in predictions:
+        if p is not None:
+            rows &= np.asarray(pd.notna(p[0]), dtype=bool)
+    truth, fold_of = truth[rows], fold_of[rows]
+    preds: list[Prediction | None] = [
+        None if p is None else (p[0][rows], None if p[1] is None else p[1][rows])
+        for p in predictions]
+
+    def folds_of(p: Prediction) -> FoldScores:
+        return score_folds(metric, truth, p[0], fold_of, p[1], classes)
+
+    scores = [None if p is None or not len(truth) else folds_of(p) for p in preds]
+    labelled = {_label(i, count): s for i, s in enumerate(scores) if s is not None}
+    if rule == "min_gain":
+        totals: list[float | None] = [
+            None if p is None or not len(truth)
+            else score_metric(metric, truth, p[0], p[1], classes) for p in preds]
+        return LevelChoice(choose_level(totals, metric, min_gain), scores=labelled)
+    # simplest first: coarsest level ... finest coarser level, blends, own
+    options: list[tuple[int, int | None, float, FoldScores | None]] = [
+        (i, None, 1.0, scores[i]) for i in range(count - 1, 0, -1)]
+    own, coarser = preds[0], _best_coarser(scores, metric)
+    if blend and own is not None and own[1] is None and coarser is not None and len(truth):
+        partner = preds[coarser]
+        assert partner is not None
+        for weight in BLEND_WEIGHTS:
+            score = folds_of((blend_predictions(own[0], partner[0], weight), None))
+            options.append((0, coarser, weight, score))
+            labelled[f"blend {weight:g}"] = score
+    options.append((0, None, 1.0, scores[0]))
+    choice = pick([o[3] for o in options], metric, "one_se")
+    if choice.index is None:
+        return LevelChoice(None, scores=labelled)
+    level, partner_level, weight, _ = options[choice.index]
+    return LevelChoice(level, partner_level, weight, choice.margin_se, labelled)
+
+
+def _best_coarser(scores: Sequence[FoldScores | None], metric: str) -> int | None:
+    """The coarser level with the best mean fold metric (the blend partner)."""
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    usable = [i for i in range(1, len(scores)) if _usable(scores[i])]
+    if not usable:
+        return None
+    return min(usable, key=lambda i: sign * scores[i].mean)  # type: ignore[union-attr]
