@@ -113,10 +113,13 @@ pd.DataFrame({"store": [r["store"] for r in rows], "brand": [r["brand"] for r in
               "fallback": routed["fallback"]})
 
 # %%
-name = routed["model"][0]
-named = post("/score", {"model": name, "data": rows[:1]})
+# a blended segment is scored w · own + (1 − w) · pool, so compare a row that is not blended
+blends = manymodels.runtime.read_manifest(packed.path).blends
+i = next(i for i, model in enumerate(routed["model"]) if model not in blends)
+name = routed["model"][i]
+named = post("/score", {"model": name, "data": rows[i:i + 1]})
 print(f"{name}: {named['predictions']}")
-assert abs(named["predictions"][0] - routed["predictions"][0]) < 1e-6
+assert abs(named["predictions"][0] - routed["predictions"][i]) < 1e-6
 with urllib.request.urlopen(f"{base}/models", timeout=10) as response:
     listing = json.loads(response.read())
 print(f"/models lists {len(listing['models'])} models")
