@@ -115,7 +115,8 @@ def segments_from_manifest(manifest: dict[str, Any]) -> pd.DataFrame:
             "winner": str(entry.get("candidate", "")) if own else "",
             "algorithm": str(entry.get("algorithm", "")) if own else "",
             "metric_own": (entry.get("metrics") or {}).get(metric) if own else None,
-            "level": _level_name(level, levels), "model": model, "routed": True,
+            "level": "blend" if route.get("blend") else _level_name(level, levels),
+            "model": model, "routed": True,
         })
     for failed in manifest.get("failed", []):
         key = {str(k): str(v) for k, v in dict(failed.get("key", {})).items()}
