@@ -214,6 +214,13 @@ def main() -> None:
         runs = "/".join(f"{t:.1f}" for t in times[key])
         ratio = median[key] / median["ours"]
         print(f"| {label:<52} | {median[key]:>8.1f} | {runs:<20} | {ratio:>7.2f}x |")
+    print()
+    print("per-round ratios (contender / ours, same round; median):")
+    for key in ("joblib peer", "sequential loop", "ours, one holdout"):
+        if key in times:
+            ratios = [t / o for t, o in zip(times[key], times["ours"], strict=True)]
+            print(f"  {key}: {' / '.join(f'{r:.2f}' for r in ratios)} -> "
+                  f"{statistics.median(ratios):.2f}x")
     efficiency = statistics.median(work) / args.jobs / median["ours"]
     print()
     print(f"folds cost {median['ours'] / median['ours, one holdout']:.2f}x a single holdout; "

@@ -8,8 +8,11 @@ on noise. Options are always listed simplest first.
 
 - Candidates: mean < ridge / logistic < decision tree < random forest < LightGBM
   (declaration order within a family).
-- Levels of one segment: global < pool(s) < blends ``w · own + (1 − w) · coarser`` with
-  growing ``w`` < own. Shrinking a segment's model toward a coarser one is partial pooling.
+- Levels of one segment: global < pool(s) < own. Where no level wins outright (by more
+  than one standard error), the blend ``w · own + (1 − w) · coarser`` with the best mean
+  fold metric (w in 0.25, 0.5, 0.75; coarser = the best coarser level) replaces the
+  chosen level if it beats it: shrinking a segment's model toward a coarser one is
+  partial pooling.
 """
 
 from __future__ import annotations
@@ -169,9 +172,9 @@ def choose_route(truth: np.ndarray, fold_of: np.ndarray, predictions: Sequence[P
     ``predictions[i]`` is level ``i``'s (predictions, class probabilities) of the
     segment's held-out rows (``truth``, fold ids ``fold_of``), finest first; ``None``
     where a level has no model. Only rows every available level predicted are compared.
-    With ``one_se`` the options are ordered global, pools, blends (growing own weight;
-    regression only), own, and the simplest within one standard error of the best wins;
-    with ``min_gain`` see :func:`choose_level`.
+    With ``one_se`` the coarsest level within one standard error of the best wins; when
+    no level wins outright, the best blend of own and the best coarser level (regression
+    only) replaces it if its mean is better. With ``min_gain`` see :func:`choose_level`.
     """
     import pandas as pd
 
@@ -195,23 +198,31 @@ def choose_route(truth: np.ndarray, fold_of: np.ndarray, predictions: Sequence[P
             None if p is None or not len(truth)
             else score_metric(metric, truth, p[0], p[1], classes) for p in preds]
         return LevelChoice(choose_level(totals, metric, min_gain), scores=labelled)
-    # simplest first: coarsest level ... finest coarser level, blends, own
-    options: list[tuple[int, int | None, float, FoldScores | None]] = [
-        (i, None, 1.0, scores[i]) for i in range(count - 1, 0, -1)]
-    own, coarser = preds[0], _best_coarser(scores, metric)
-    if blend and own is not None and own[1] is None and coarser is not None and len(truth):
-        partner = preds[coarser]
-        assert partner is not None
-        for weight in BLEND_WEIGHTS:
-            score = folds_of((blend_predictions(own[0], partner[0], weight), None))
-            options.append((0, coarser, weight, score))
-            labelled[f"blend {weight:g}"] = score
-    options.append((0, None, 1.0, scores[0]))
-    choice = pick([o[3] for o in options], metric, "one_se")
+    # simplest first: coarsest level ... finest coarser level, own
+    order = [*range(count - 1, 0, -1), 0]
+    choice = pick([scores[i] for i in order], metric, "one_se")
     if choice.index is None:
         return LevelChoice(None, scores=labelled)
-    level, partner_level, weight, _ = options[choice.index]
-    return LevelChoice(level, partner_level, weight, choice.margin_se, labelled)
+    level = order[choice.index]
+    outright = (choice.index == choice.best and choice.margin_se is not None
+                and choice.margin_se > 1.0)
+    own, coarser = preds[0], _best_coarser(scores, metric)
+    if outright or not blend or own is None or own[1] is not None or coarser is None:
+        return LevelChoice(level, None, 1.0, choice.margin_se, labelled)
+    # neither level wins outright: the blend weight with the best mean fold metric,
+    # taken when it beats the level the one-SE rule chose
+    partner = preds[coarser]
+    assert partner is not None
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    best_weight, best_mean = None, sign * scores[level].mean  # type: ignore[union-attr]
+    for weight in BLEND_WEIGHTS:
+        score = folds_of((blend_predictions(own[0], partner[0], weight), None))
+        labelled[f"blend {weight:g}"] = score
+        if math.isfinite(score.mean) and sign * score.mean < best_mean:
+            best_weight, best_mean = weight, sign * score.mean
+    if best_weight is None:
+        return LevelChoice(level, None, 1.0, choice.margin_se, labelled)
+    return LevelChoice(0, coarser, best_weight, choice.margin_se, labelled)
 
 
 def _best_coarser(scores: Sequence[FoldScores | None], metric: str) -> int | None:
