@@ -24,7 +24,8 @@ from .errors import BundleError, ModelNotFound, SegmentNotFound
 from .manifest import Manifest, normalise_key_value, read_manifest
 from .session import LoadedModel, SessionCache, load_model, make_session_options
 
-__all__ = ["Bundle", "GroupLayout", "GroupRun", "Routed", "ScoreResult", "blend_outputs"]
+__all__ = ["Bundle", "GroupLayout", "GroupRun", "Routed", "ScoreResult", "blend_outputs",
+           "with_partners"]
 
 
 @dataclass
@@ -310,7 +311,8 @@ class Bundle:
         """The routed rows' model inputs checked by the input contract (row order)."""
         unexpected = contract.extra_columns(columns.keys(), self.allowed_columns) \
             if self.strict_columns else ()
-        return contract.check_inputs(cast(Mapping[str, Any], columns), n, routed.groups,
+        groups = with_partners(routed.groups, self.manifest.blends)
+        return contract.check_inputs(cast(Mapping[str, Any], columns), n, groups,
                                      self.manifest.models,
                                      unexpected, frozenset(self.segment_columns))
 
@@ -472,6 +474,22 @@ class Bundle:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Route and score a DataFrame; returns prediction, model and fallback per row."""
         return self.score_frame(frame).to_frame().set_axis(frame.index)
+
+
+def with_partners(groups: Mapping[str, np.ndarray | None], blends: Mapping[str, Any]
+                  ) -> Mapping[str, np.ndarray | None]:
+    """``groups`` (model -> rows, ``None`` = every row) plus each blended group's partner
+    on that group's rows: the models whose inputs a request must carry."""
+    if not blends or not any(name in blends for name in groups):
+        return groups
+    out: dict[str, np.ndarray | None] = dict(groups)
+    for name, rows in groups.items():
+        blend = blends.get(name)
+        if blend is None:
+            continue
+        known = out.get(blend.partner, np.zeros(0, dtype=np.int64))
+        out[blend.partner] = None if rows is None or known is None else np.union1d(known, rows)
+    return out
 
 
 def blend_outputs(own: np.ndarray, partner: np.ndarray, weight: float) -> np.ndarray:

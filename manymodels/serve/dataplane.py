@@ -24,7 +24,7 @@ from starlette.requests import Request
 from manymodels.errors import InputSchemaError, ScoringError, SegmentNotFound
 from manymodels.runtime import contract
 from manymodels.runtime.manifest import Blend
-from manymodels.runtime.scoring import blend_outputs
+from manymodels.runtime.scoring import blend_outputs, with_partners
 from manymodels.runtime.session import as_string_column
 
 from .errors import BodyTooLarge, MalformedBody, UnsupportedMediaType
@@ -353,18 +353,6 @@ def _blended(served: ServedModel, partner: ServedModel, blend: Blend,
     return blend_outputs(own, other, blend.weight)
 
 
-def _with_partners(groups: dict[str, np.ndarray | None], routing: Routing
-                   ) -> dict[str, np.ndarray | None]:
-    """The groups whose inputs to check, blend partners included (on their blends' rows)."""
-    if not routing.blends:
-        return groups
-    out = dict(groups)
-    for name, blend in routing.blends.items():
-        rows, known = groups[name], out.get(blend.partner, np.zeros(0, dtype=np.int64))
-        out[blend.partner] = None if rows is None or known is None else np.union1d(known, rows)
-    return out
-
-
 def score_model(registry: ModelRegistry, served: ServedModel, table: Table) -> Prediction:
     """Score every row of ``table`` with one model (input contract: 422 on a refusal)."""
     checked = check_table(registry, table, {served.name: None}, {served.name: served},
@@ -463,7 +451,7 @@ def score_groups(registry: ModelRegistry, models: Mapping[str, ServedModel], rou
     classes: Sequence[Any] | None = None
     single = len(routing.groups) == 1
     groups = {name: None if single else np.asarray(rows) for name, rows in routing.groups.items()}
-    checked = check_table(registry, table, _with_partners(groups, routing), models,
+    checked = check_table(registry, table, with_partners(groups, routing.blends), models,
                           registry.bundle_columns)
     for name, index in groups.items():
         served = models[name]
