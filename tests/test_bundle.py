@@ -402,7 +402,8 @@ def test_all_global_run_packages_and_serves(tmp_path: Path) -> None:
     from manymodels.training import train
 
     data = make_oj(stores=2, weeks=40, seed=11)
-    segmenter = {**SEGMENTER, "levels": None, "min_gain": 50.0}  # own must be 51x better
+    segmenter = {**SEGMENTER, "levels": None, "gate_rule": "min_gain", "min_gain": 50.0,
+                 "blend": False}  # own must be 51x better
     trainer = {"target": "quantity", "time_column": "week", "metric": "rmse",
                "candidates": [{"algorithm": "ridge"}, {"algorithm": "mean"}]}
     result = train(data, segmenter, trainer, out=tmp_path / "runs", jobs=1, track=False)
