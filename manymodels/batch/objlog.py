@@ -38,7 +38,7 @@ from typing import Any
 from manymodels.errors import SpecError
 from manymodels.storage import filesystem, put_exclusive
 
-from .txlog import PREDICTIONS_DIR, REJECTED_DIR, STATE_DIR, CommittedPiece
+from .txlog import PREDICTIONS_DIR, REJECTED_DIR, STATE_DIR, CommittedPiece, CommittedState
 
 __all__ = ["ObjectTxLog"]
 
@@ -46,7 +46,7 @@ COMMITS_DIR = "commits"
 BEGIN_FILE = "begin.json"
 
 
-class ObjectTxLog:
+class ObjectTxLog(CommittedState):
     """The state of one OUTPUT on an object store; the same methods as :class:`.TxLog`.
 
     Parameters
@@ -119,18 +119,6 @@ class ObjectTxLog:
             self.pieces[piece.id] = piece
 
     # -- state (as TxLog) ------------------------------------------------------------------
-    def committed_ranges(self, checksums: Mapping[str, str]) -> dict[str, list[tuple[int, int]]]:
-        """Committed row-group ranges per file, for pieces whose checksum still matches."""
-        out: dict[str, list[tuple[int, int]]] = {}
-        for piece in self.pieces.values():
-            if checksums.get(piece.rel) == piece.sha256:
-                out.setdefault(piece.rel, []).append((piece.start, piece.stop))
-        return out
-
-    def stale(self, checksums: Mapping[str, str]) -> list[CommittedPiece]:
-        """Committed pieces whose input changed (other checksum) or no longer exists."""
-        return [p for p in self.pieces.values() if checksums.get(p.rel) != p.sha256]
-
     def clean(self) -> int:
         """Delete uploaded parts that no marker names (a crash between upload and marker)."""
         listed = {p.part for p in self.pieces.values() if p.part}

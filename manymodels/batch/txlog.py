@@ -112,7 +112,25 @@ class PieceLog(Protocol):
     def close(self) -> None: ...
 
 
-class TxLog:
+class CommittedState:
+    """What a rerun asks of the committed pieces, whichever store holds their log."""
+
+    pieces: dict[str, CommittedPiece]
+
+    def committed_ranges(self, checksums: Mapping[str, str]) -> dict[str, list[tuple[int, int]]]:
+        """Committed row-group ranges per file, for pieces whose checksum still matches."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for piece in self.pieces.values():
+            if checksums.get(piece.rel) == piece.sha256:
+                out.setdefault(piece.rel, []).append((piece.start, piece.stop))
+        return out
+
+    def stale(self, checksums: Mapping[str, str]) -> list[CommittedPiece]:
+        """Committed pieces whose input changed (other checksum) or no longer exists."""
+        return [p for p in self.pieces.values() if checksums.get(p.rel) != p.sha256]
+
+
+class TxLog(CommittedState):
     """The state of one OUTPUT directory: committed pieces, staging, lock.
 
     Parameters
@@ -218,18 +236,6 @@ class TxLog:
                 )
 
     # -- state ----------------------------------------------------------------------------
-    def committed_ranges(self, checksums: Mapping[str, str]) -> dict[str, list[tuple[int, int]]]:
-        """Committed row-group ranges per file, for pieces whose checksum still matches."""
-        out: dict[str, list[tuple[int, int]]] = {}
-        for piece in self.pieces.values():
-            if checksums.get(piece.rel) == piece.sha256:
-                out.setdefault(piece.rel, []).append((piece.start, piece.stop))
-        return out
-
-    def stale(self, checksums: Mapping[str, str]) -> list[CommittedPiece]:
-        """Committed pieces whose input changed (other checksum) or no longer exists."""
-        return [p for p in self.pieces.values() if checksums.get(p.rel) != p.sha256]
-
     def clean(self) -> int:
         """Delete part files no commit lists (a crash between rename and log) and staging.
 
