@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from builders import build_bundle
 from moto import server as moto_server
+from test_batch import _expected
 
 from manymodels.batch import score_batch
 from manymodels.batch.objlog import ObjectTxLog
@@ -190,16 +191,6 @@ def _committed_output(url: str) -> pd.DataFrame:
     for column in ("source_file", "model"):
         frame[column] = frame[column].astype(str)
     return frame
-
-
-def _expected(root: Path, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    scored = []
-    for name, frame in frames.items():
-        result = Bundle(root).score_frame(frame).to_frame()
-        result.insert(0, "row_number", np.arange(len(frame)))
-        result.insert(0, "source_file", name)
-        scored.append(result)
-    return pd.concat(scored, ignore_index=True)
 
 
 def test_batch_on_s3_after_two_kills_is_exactly_once(s3: dict[str, str],
