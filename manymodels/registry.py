@@ -51,12 +51,14 @@ __all__ = [
     "ModelSummary",
     "RegisteredBundle",
     "cache_dir",
+    "find_version",
     "list_models",
     "parse_models_uri",
     "promote",
     "register_bundle",
     "resolve_bundle",
     "resolve_version",
+    "seed_cache",
     "tracking_uri",
 ]
 
@@ -143,7 +145,8 @@ def version_tags(summary: BundleSummary, raw: Mapping[str, Any]) -> dict[str, st
 
 
 def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
-                    alias: str | None = None, uri: str | None = None) -> RegisteredBundle:
+                    alias: str | None = None, uri: str | None = None,
+                    reason: str = "registered with this alias") -> RegisteredBundle:
     """Log ``bundle_dir`` as the artifacts of one MLflow run and register it as one version.
 
     Parameters
@@ -156,6 +159,8 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
         Alias to point at the new version (e.g. ``champion``).
     uri
         Tracking/registry URI (default: :func:`tracking_uri`).
+    reason
+        Why the alias moves, for the promotion log (:mod:`manymodels.promotions`).
     """
     root = Path(bundle_dir)
     manifest = read_manifest(root)
@@ -167,6 +172,7 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
     tags = version_tags(summary, manifest.raw)
     resolved = tracking_uri(uri)
     client = _client(resolved)
+    previous: str | None = None
     with _mlflow_errors(f"register {root} as '{model_name}'"):
         run = client.create_run(experiment_id(client, resolved),
                                 run_name=f"{model_name}-{summary.version}", tags=tags)
@@ -179,7 +185,10 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
         source = f"runs:/{run_id}/{ARTIFACT_PATH}"
         version = client.create_model_version(model_name, source, run_id=run_id, tags=tags)
         if alias:
+            previous = (client.get_registered_model(model_name).aliases or {}).get(alias)
             client.set_registered_model_alias(model_name, alias, version.version)
+    if alias:
+        _log_alias_move(model_name, alias, str(version.version), previous, reason, resolved)
     return RegisteredBundle(model_name, str(version.version), run_id, source, alias, tags)
 
 
@@ -214,11 +223,12 @@ def list_models(uri: str | None = None) -> list[ModelSummary]:
 
 
 def promote(name: str, version: str | int, alias: str = "champion",
-            uri: str | None = None) -> str | None:
+            uri: str | None = None, reason: str = "promoted by hand") -> str | None:
     """Point ``alias`` of registered model ``name`` at ``version``.
 
     Returns the version the alias pointed at before (None if it is new), so the caller
-    can say what changed and how to roll back.
+    can say what changed and how to roll back. The move is appended to the promotion
+    log with ``reason`` (MLflow keeps no history of aliases).
     """
     client = _client(uri)
     with _mlflow_errors(f"set alias '{alias}' of '{name}' to version {version}"):
@@ -226,7 +236,16 @@ def promote(name: str, version: str | int, alias: str = "champion",
         aliases = client.get_registered_model(name).aliases or {}
         previous = aliases.get(alias)
         client.set_registered_model_alias(name, alias, str(version))
+    _log_alias_move(name, alias, str(version), previous, reason, tracking_uri(uri))
     return str(previous) if previous is not None else None
+
+
+def _log_alias_move(name: str, alias: str, version: str, previous: Any, reason: str,
+                    uri: str) -> None:
+    from manymodels.promotions import Promotion, append_promotion
+
+    before = None if previous is None else str(previous)
+    append_promotion(Promotion.now(name, alias, version, before, reason), uri)
 
 
 # -- resolve ------------------------------------------------------------------------------
@@ -279,6 +298,52 @@ def _download(found: RegisteredBundle, uri: str, target: Path) -> Path:
     return target
 
 
+def _cache_target(name: str, version: str, uri: str, cache: str | os.PathLike[str] | None
+                  ) -> Path:
+    store = hashlib.sha256(_store_identity(uri).encode()).hexdigest()[:12]
+    return Path(cache or cache_dir()) / "registry" / store / name / version
+
+
+def seed_cache(bundle_dir: str | os.PathLike[str], name: str, version: str,
+               uri: str | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
+    """Put a just-registered bundle into the download cache (hard links where possible),
+    so the next ``resolve_bundle`` of that version does not download what is on disk."""
+    target = _cache_target(name, str(version), tracking_uri(uri), cache)
+    if (target / MANIFEST_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    try:
+        shutil.copytree(bundle_dir, tmp, copy_function=link_or_copy)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / MANIFEST_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def find_version(name: str, bundle_version: str, uri: str | None = None) -> str | None:
+    """The registered version of ``name`` holding the bundle of this content version, if
+    any (a rerun after a crash between registering and finishing must not register twice)."""
+    client = _client(uri)
+    with _mlflow_errors(f"list the versions of '{name}'"):
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            return None
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            if (mv.tags or {}).get("manymodels.bundle_version") == bundle_version:
+                return str(mv.version)
+    return None
+
+
 def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
                    cache: str | os.PathLike[str] | None = None) -> Path:
     """A local directory that :class:`manymodels.runtime.Bundle` can open.
@@ -305,8 +370,7 @@ def resolve_bundle(source: str | os.PathLike[str], uri: str | None = None,
         return path
     resolved = tracking_uri(uri)
     found = resolve_version(text, resolved)
-    store = hashlib.sha256(_store_identity(resolved).encode()).hexdigest()[:12]
-    target = Path(cache or cache_dir()) / "registry" / store / found.name / found.version
+    target = _cache_target(found.name, found.version, resolved, cache)
     if (target / MANIFEST_FILE).is_file():
         return target
     return _download(found, resolved, target)

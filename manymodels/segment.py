@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ __all__ = [
     "Segmentation",
     "assign_holdout",
     "check_table",
+    "fingerprint",
+    "fingerprints",
     "kfold_assignment",
     "model_name",
     "partition",
@@ -294,3 +297,15 @@ def fingerprint(frame: pd.DataFrame) -> str:
     """Content hash of a segment's rows: equal data, equal fingerprint (order included)."""
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
     return hashlib.sha256(hashed.tobytes()).hexdigest()[:16]
+
+
+def fingerprints(frame: pd.DataFrame, row_sets: Sequence[np.ndarray]) -> list[str]:
+    """:func:`fingerprint` of ``frame.take(rows)`` for each of ``row_sets``, hashing once.
+
+    A row's hash depends on that row's values alone, so one vectorised pass over the
+    table and a digest per segment give what a worker computes on its segment's frame:
+    this is how ``manymodels retrain`` tells changed segments from unchanged ones before
+    fitting anything.
+    """
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    return [hashlib.sha256(hashed[rows].tobytes()).hexdigest()[:16] for rows in row_sets]

@@ -27,7 +27,7 @@ import numpy as np
 from manymodels.candidates import higher_is_better, score_metric
 
 __all__ = ["BLEND_WEIGHTS", "SIMPLICITY", "Choice", "FoldScores", "LevelChoice", "choose_level",
-           "choose_route", "pick", "score_folds"]
+           "choose_route", "option_label", "pick", "score_folds"]
 
 #: Complexity rank of each algorithm: the one-SE rule prefers lower ranks.
 SIMPLICITY = {"mean": 0, "ridge": 1, "logistic": 1, "decision_tree": 2, "random_forest": 3,
@@ -152,6 +152,15 @@ def _label(level: int, count: int) -> str:
     if level == count - 1:
         return "global"
     return "pool" if count == 3 else f"pool{level}"
+
+
+def option_label(choice: LevelChoice, count: int) -> str | None:
+    """The key of ``choice`` in its :attr:`LevelChoice.scores` (``count`` levels)."""
+    if choice.level is None:
+        return None
+    if choice.blend_with is not None:
+        return f"blend {choice.weight:g}"
+    return _label(choice.level, count)
 
 
 def blend_predictions(own: np.ndarray, coarser: np.ndarray, weight: float) -> np.ndarray:

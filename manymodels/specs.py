@@ -22,6 +22,7 @@ from manymodels.errors import SpecError
 __all__ = [
     "AnomalySpec",
     "CandidateSpec",
+    "RetrainSpec",
     "SegmenterSpec",
     "TrainerSpec",
     "ValidationSpec",
@@ -176,6 +177,20 @@ class ValidationSpec(_Spec):
     """With ``auto`` and no time column, segments under this many rows use k-fold."""
 
 
+class RetrainSpec(_Spec):
+    """How ``manymodels retrain`` decides what to refit and what to replace."""
+
+    refit_share: float = Field(0.2, gt=0, le=1)
+    """A pooled or global model is kept as it is while less than this share of its rows
+    changed (rows of new or changed segments, and of segments gone from the data), and
+    refitted from this share on: refitting the global model costs about a fifth of a
+    full run, too much to pay for every small change."""
+    tolerance: float = Field(0.0, ge=0)
+    """A retrained model replaces the current one unless its metric on the segment's
+    latest holdout is worse by more than this share (relative); the same tolerance
+    applies to the bundle as a whole before ``--promote`` moves the alias."""
+
+
 class TrainerSpec(_Spec):
     """The candidate models fitted for every segment, and how the winner is chosen."""
 
@@ -216,6 +231,8 @@ class TrainerSpec(_Spec):
     model handles NaN as its native self does (measured at export; LightGBM, the mean
     baseline) and refuses the row elsewhere; ``impute`` fills them (in training too) with
     each model's training median, stored in the manifest."""
+    retrain: RetrainSpec = RetrainSpec()
+    """Incremental retraining (``manymodels retrain``); changing it refits nothing."""
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> TrainerSpec:

@@ -12,11 +12,12 @@ import datetime as dt
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -41,16 +42,25 @@ from manymodels.segment import (
     Segment,
     Segmentation,
     check_table,
+    fingerprints,
     model_name,
     partition,
     prepare_frame,
     resolve_features,
 )
-from manymodels.selection import LevelChoice, blend_predictions, choose_level, choose_route
+from manymodels.selection import (
+    FoldScores,
+    LevelChoice,
+    blend_predictions,
+    choose_level,
+    choose_route,
+    option_label,
+)
 from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer, spec_hash
-from manymodels.validation import assign_folds, resolve_method
+from manymodels.validation import FoldPlan, assign_folds, resolve_method
 
-__all__ = ["TrainResult", "choose_level", "train"]
+__all__ = ["CoarserModel", "PreparedData", "Reuse", "TrainResult", "choose_level", "coarser_models",
+           "compared_metric", "prepare_data", "train"]
 
 
 @dataclass
@@ -96,42 +106,78 @@ def _pooled_job(frame: pd.DataFrame, name: str, level: int, key: dict[str, str],
                   features, segment_of_row=owner, block=block, expanding=expanding)
 
 
+@dataclass(frozen=True)
+class CoarserModel:
+    """A model several segments share: the small-segment pool, a pool of a coarser level
+    (e.g. one per brand) or the global model (level ``len(levels) - 1``, empty key)."""
+
+    name: str
+    level: int  # 0 for the small-segment pool, which stands in for its members' own models
+    key: dict[str, str]
+    members: list[int]  # indices into Segmentation.segments
+
+
+def coarser_models(segmentation: Segmentation, segmenter: SegmenterSpec, trainer: TrainerSpec
+                   ) -> list[CoarserModel]:
+    """Every shared model a run trains and the segments whose rows it is fitted on.
+
+    One definition for training and for ``manymodels retrain``, which refits a shared
+    model only when enough of its members' rows changed.
+    """
+    policy = segmenter.small_segments
+    indexed = list(enumerate(segmentation.segments))
+    served = [i for i, s in indexed if not (s.small and policy == "skip")]
+    small = [i for i, s in indexed if s.small]
+    out: list[CoarserModel] = []
+    if small and policy == "pool":
+        name = f"{model_name(trainer.target, {})[:-len('__global')]}__small_pool"
+        out.append(CoarserModel(name, 0, {}, small))
+    for level, level_cols in enumerate(segmenter.resolved_levels[1:], start=1):
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i in served:
+            key = segmentation.segments[i].key
+            groups.setdefault(tuple(key[c] for c in level_cols), []).append(i)
+        for values, members in groups.items():
+            key = dict(zip(level_cols, values, strict=True))
+            out.append(CoarserModel(model_name(trainer.target, key), level, key, members))
+    return out
+
+
+def _own_columns(features: FeatureSet, trainer: TrainerSpec) -> list[str]:
+    """Columns of a segment's own job: its features, the target and the time column."""
+    extra = [trainer.target] + ([trainer.time_column] if trainer.time_column else [])
+    return list(dict.fromkeys(features.columns + extra))
+
+
 def _build_jobs(frame: pd.DataFrame, segmentation: Segmentation, segmenter: SegmenterSpec,
-                trainer: TrainerSpec, features: FeatureSet, expanding: bool = False
+                trainer: TrainerSpec, features: FeatureSet, expanding: bool = False,
+                wanted: Callable[[str], bool] | None = None
                 ) -> tuple[list[FitJob], dict[str, Any]]:
-    """Jobs for every own model, the small-segment pool, each coarser level and the global."""
+    """Jobs for every own model (those ``wanted``), the small-segment pool, each coarser
+    level and the global."""
     seg_cols = segmentation.columns
     extra = [trainer.target] + ([trainer.time_column] if trainer.time_column else [])
     jobs: list[FitJob] = []
     layout: dict[str, Any] = {"pools": {}, "small_pool": None}
-    own_frame = frame[list(dict.fromkeys(features.columns + extra))]  # select columns once
+    own_frame = frame[_own_columns(features, trainer)]  # select columns once
     for seg in segmentation.trainable:
-        jobs.append(_segment_job(own_frame, seg, features, expanding))
-    indexed = [(i, s) for i, s in enumerate(segmentation.segments)]
-    policy = segmenter.small_segments
+        if wanted is None or wanted(seg.name):
+            jobs.append(_segment_job(own_frame, seg, features, expanding))
+    segments = segmentation.segments
     cardinality = {c: int(frame[c].nunique()) for c in seg_cols}
     cap = segmenter.pooled_key_max_categories
-    served = [(i, s) for i, s in indexed if not (s.small and policy == "skip")]
-    small = [(i, s) for i, s in indexed if s.small]
-    if small and policy == "pool":
-        pool_features = features.for_level(seg_cols, [], cardinality, cap)
-        cols = list(dict.fromkeys(pool_features.columns + extra))
-        name = f"{model_name(trainer.target, {})[:-len('__global')]}__small_pool"
-        jobs.append(_pooled_job(frame, name, 0, {}, small, pool_features, cols, expanding))
-        layout["small_pool"] = name
     levels = segmenter.resolved_levels
-    for level, level_cols in enumerate(levels[1:], start=1):
+    for shared in coarser_models(segmentation, segmenter, trainer):
+        level_cols = levels[shared.level] if shared.level else []  # the small pool: []
         level_features = features.for_level(seg_cols, level_cols, cardinality, cap)
         cols = list(dict.fromkeys(level_features.columns + extra))
-        groups: dict[tuple[str, ...], list[tuple[int, Segment]]] = {}
-        for i, seg in served:
-            groups.setdefault(tuple(seg.key[c] for c in level_cols), []).append((i, seg))
-        for values, members in groups.items():
-            key = dict(zip(level_cols, values, strict=True))
-            name = model_name(trainer.target, key)
-            jobs.append(_pooled_job(frame, name, level, key, members, level_features, cols,
-                                    expanding))
-            layout["pools"][name] = (level, values)
+        members = [(i, segments[i]) for i in shared.members]
+        jobs.append(_pooled_job(frame, shared.name, shared.level, shared.key, members,
+                                level_features, cols, expanding))
+        if shared.level == 0:
+            layout["small_pool"] = shared.name
+        else:
+            layout["pools"][shared.name] = (shared.level, tuple(shared.key[c] for c in level_cols))
     return jobs, layout
 
 
@@ -210,6 +256,20 @@ def _level_names(levels: list[list[str]]) -> list[str]:
     return ["own"] + ["pool"] * (len(levels) - 2) + ["global"]
 
 
+def compared_metric(scores: FoldScores | None, expanding: bool) -> float | None:
+    """The metric champion / challenger compares a segment's models on.
+
+    With time-ordered folds (rolling, time) it is the latest fold's: the newest rows,
+    which a model fitted on the previous data has not seen (when new data extends the
+    old), and which the challenger's fold model predicted from earlier rows only. With
+    shuffled folds there is no latest fold, so it is the mean over folds.
+    """
+    if scores is None or not scores.values:
+        return None
+    value = scores.values[-1] if expanding else scores.mean
+    return float(value) if np.isfinite(value) else None
+
+
 def _route_choice(seg: Segment, ev: _SegmentEval, names: list[str | None],
                   results: dict[str, FitResult], segmenter: SegmenterSpec, trainer: TrainerSpec,
                   routed: bool, gate: bool, classes: list[Any] | None) -> LevelChoice:
@@ -244,8 +304,13 @@ def _route_choice(seg: Segment, ev: _SegmentEval, names: list[str | None],
 
 def _decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer: TrainerSpec,
                    results: dict[str, FitResult], evals: list[_SegmentEval],
-                   layout: dict[str, Any], gate: bool) -> list[dict[str, Any]]:
-    """One report row per segment, with the fold metrics at each level and the choice."""
+                   layout: dict[str, Any], gate: bool, expanding: bool = False
+                   ) -> list[dict[str, Any]]:
+    """One report row per segment, with the fold metrics at each level and the choice.
+
+    ``metric_latest`` is the routed choice's :func:`compared_metric` (what a later
+    ``manymodels retrain`` compares a challenger with).
+    """
     rows = []
     levels = segmenter.resolved_levels
     level_names = _level_names(levels)
@@ -287,6 +352,8 @@ def _decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer
             "blend_weight": choice.weight if blended else None,
             "gate_margin_se": choice.margin_se,
             "routed": routed and chosen is not None,
+            "metric_latest": compared_metric(scores.get(option_label(choice, len(names)) or ""),
+                                             expanding),
             "fit_seconds": own.fit_seconds if own is not None else 0.0,
             "export_seconds": own.export_seconds if own is not None else 0.0,
             "parity": own.export.get("parity") if own is not None else None,
@@ -430,7 +497,91 @@ def _data_window(frame: pd.DataFrame, trainer: TrainerSpec) -> dict[str, Any] | 
     return {"column": trainer.time_column, "min": _plain(column.min()), "max": _plain(column.max())}
 
 
-def train(data: str | os.PathLike[str] | pd.DataFrame,
+@dataclass
+class PreparedData:
+    """A table checked, typed, partitioned and fingerprinted: what training fits on.
+
+    :func:`train` prepares its data with :func:`prepare_data`; ``manymodels retrain``
+    prepares the new data once, compares the fingerprints with the champion's and hands
+    the same object to :func:`train`, so nothing is read or partitioned twice.
+    """
+
+    segmenter: SegmenterSpec
+    trainer: TrainerSpec
+    features: FeatureSet
+    frame: pd.DataFrame
+    segmentation: Segmentation
+    fingerprints: dict[str, str]  # segment name -> fingerprint of its rows (as a job sees them)
+    plan: FoldPlan  # how the segments' folds were assigned (``Segment.block``)
+    warming: threading.Thread | None = field(default=None, repr=False)
+
+    def join_workers(self) -> None:
+        """Wait for the worker warm-up started while the data was prepared."""
+        if self.warming is not None:
+            self.warming.join()
+            self.warming = None
+
+
+def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
+                 segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
+                 trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec, *,
+                 workers: int = 1, backend: str = "loky") -> PreparedData:
+    """Read and check the table, partition it, assign folds and fingerprint each segment.
+
+    With ``workers > 1`` on loky, the worker processes start (in the background) once the
+    input is known to be valid, so their start-up overlaps the preparation; call
+    :meth:`PreparedData.join_workers` (``train`` does) before using them.
+    """
+    seg_spec = load_segmenter(segmenter)
+    tr_spec = load_trainer(trainer)
+    raw = read_table(data)
+    check_table(raw, seg_spec, tr_spec)
+    features = resolve_features(raw, seg_spec, tr_spec)
+    build_candidates(tr_spec)  # a bad candidate is a spec error before any work starts
+    warming = start_workers(workers, backend)
+    try:
+        frame = prepare_frame(raw, features, seg_spec, tr_spec)
+        segmentation = partition(frame, seg_spec, tr_spec)
+        plan = resolve_method(tr_spec)
+        for seg in segmentation.segments:
+            seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan)
+            seg.holdout = seg.block >= 0
+        prints = fingerprints(frame[_own_columns(features, tr_spec)],
+                              [seg.rows for seg in segmentation.segments])
+    except BaseException:
+        if warming is not None:  # workers must not be left half-started
+            warming.join()
+        raise
+    return PreparedData(seg_spec, tr_spec, features, frame, segmentation,
+                        {seg.name: fp for seg, fp in zip(segmentation.segments, prints,
+                                                         strict=True)}, plan, warming)
+
+
+class Reuse(Protocol):
+    """What an incremental run (``manymodels retrain``) takes instead of fitting.
+
+    :func:`train` still partitions all the data and builds the jobs of every shared
+    model (their holdout rows are needed to compare levels), but builds own-model jobs
+    only for the segments :meth:`wants`, fits only the jobs :meth:`split` leaves it,
+    takes the results of the others from :meth:`take` (a kept model scored on its
+    holdout rows, or a result saved before a crash), reports each finished result to
+    :meth:`record`, and routes only the segments it :meth:`wants`.
+    """
+
+    def wants(self, segment: str) -> bool:
+        """Whether this segment is retrained (and routed) in this run."""
+
+    def split(self, jobs: list[FitJob]) -> tuple[list[FitJob], list[FitJob]]:
+        """Jobs to fit and jobs whose results :meth:`take` provides."""
+
+    def take(self, jobs: list[FitJob], models_dir: Path) -> dict[str, FitResult]:
+        """Results of the jobs not fitted, their ONNX files written into ``models_dir``."""
+
+    def record(self, done: list[FitResult]) -> None:
+        """Called as results arrive, with their ONNX bytes still attached."""
+
+
+def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
           segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec = "store_brand",
           trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec = "default", *,
           out: str | os.PathLike[str] = "runs", run_id: str | None = None,
@@ -438,13 +589,15 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
           gate: bool | None = None, max_failed: float = 0.05, progress: bool = False,
           track: bool = True, log_segments: bool = False,
           overwrite: bool = False,
-          on_progress: Callable[[int, int, int], None] | None = None) -> TrainResult:
+          on_progress: Callable[[int, int, int], None] | None = None,
+          reuse: Reuse | None = None) -> TrainResult:
     """Train one model per segment and write a run directory.
 
     Parameters
     ----------
     data
-        A DataFrame or a Parquet/CSV path.
+        A DataFrame, a Parquet/CSV path, or :class:`PreparedData` (which carries its
+        specs: ``segmenter`` and ``trainer`` are then ignored).
     segmenter, trainer
         Spec names (resolved in ``segmenters/`` and ``trainers/``), paths, dicts or specs.
     out
@@ -463,35 +616,32 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
         Log an MLflow run (and per-segment child runs).
     overwrite
         Replace an existing run directory of the same id (atomically).
+    reuse
+        Fit only part of the models and take the rest (see :class:`Reuse`); the run
+        directory then routes only the segments ``reuse`` wants.
     """
     check_parallelism(jobs, backend, scheduler)
-    seg_spec = load_segmenter(segmenter)
-    tr_spec = load_trainer(trainer)
+    workers = jobs or default_jobs()
+    if isinstance(data, PreparedData):
+        prepared = data
+    else:
+        prepared = prepare_data(data, segmenter, trainer, workers=workers, backend=backend)
+    seg_spec, tr_spec = prepared.segmenter, prepared.trainer
     gate = seg_spec.gate if gate is None else gate
-    raw = read_table(data)
-    check_table(raw, seg_spec, tr_spec)
-    features = resolve_features(raw, seg_spec, tr_spec)
     candidates = build_candidates(tr_spec)
     run_id = run_id or new_run_id()
     run_dir = Path(out) / run_id
-    if run_dir.exists() and not overwrite:
-        raise SpecError(f"run directory {run_dir} already exists; choose another run id "
-                        f"or pass overwrite (--overwrite)")
-    workers = jobs or default_jobs()
-    # The input is valid: start the worker processes while the rows are prepared.
-    warming = start_workers(workers, backend)
     try:
-        frame = prepare_frame(raw, features, seg_spec, tr_spec)
-        segmentation = partition(frame, seg_spec, tr_spec)
-        plan = resolve_method(tr_spec)
-        for seg in segmentation.segments:
-            seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan)
-            seg.holdout = seg.block >= 0
-        fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, features,
-                                       plan.expanding)
+        if run_dir.exists() and not overwrite:
+            raise SpecError(f"run directory {run_dir} already exists; choose another run id "
+                            f"or pass overwrite (--overwrite)")
+        frame, segmentation = prepared.frame, prepared.segmentation
+        fit_jobs, layout = _build_jobs(frame, segmentation, seg_spec, tr_spec, prepared.features,
+                                       prepared.plan.expanding,
+                                       wanted=None if reuse is None else reuse.wants)
     finally:
-        if warming is not None:  # also on errors: workers must not be left half-started
-            warming.join()
+        prepared.join_workers()  # also on errors: workers must not be left half-started
+    to_fit, taken = (fit_jobs, []) if reuse is None else reuse.split(fit_jobs)
     context = FitContext(tr_spec, candidates, {
         "manymodels_version": __version__, "run_id": run_id, "target": tr_spec.target,
         "segmenter_hash": spec_hash(seg_spec), "trainer_hash": spec_hash(tr_spec),
@@ -500,10 +650,13 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(run_dir)
     try:
-        results = _run_jobs(fit_jobs, context, workers, backend, scheduler, progress,
-                            on_progress, staging / "models")
-        result = _conclude(results, fit_jobs, frame, segmentation, seg_spec, tr_spec, layout,
-                           gate, run_id, run_dir, staging, overwrite)
+        results = _run_jobs(to_fit, context, workers, backend, scheduler, progress,
+                            on_progress, staging / "models",
+                            record=None if reuse is None else reuse.record)
+        if reuse is not None:
+            results.update(reuse.take(taken, staging / "models"))
+        result = _conclude(results, fit_jobs, prepared, layout, gate, run_id, run_dir, staging,
+                           overwrite, routed=None if reuse is None else reuse.wants)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if track:
@@ -521,14 +674,21 @@ def train(data: str | os.PathLike[str] | pd.DataFrame,
     return result
 
 
-def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], frame: pd.DataFrame,
-              segmentation: Segmentation, seg_spec: SegmenterSpec, tr_spec: TrainerSpec,
+def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], prepared: PreparedData,
               layout: dict[str, Any], gate: bool, run_id: str, run_dir: Path, staging: Path,
-              overwrite: bool) -> TrainResult:
-    """Compare levels, route, summarise and write the run directory."""
+              overwrite: bool, routed: Callable[[str], bool] | None = None) -> TrainResult:
+    """Compare levels, route (the segments ``routed`` accepts), summarise, write the run."""
+    frame, segmentation = prepared.frame, prepared.segmentation
+    seg_spec, tr_spec = prepared.segmenter, prepared.trainer
     job_by_name = {j.name: j for j in fit_jobs}
     evals = _evaluate_segments(frame, segmentation, tr_spec, results, job_by_name)
-    rows = _decide_routes(segmentation, seg_spec, tr_spec, results, evals, layout, gate)
+    if routed is not None:
+        chosen = [i for i, seg in enumerate(segmentation.segments) if routed(seg.name)]
+        segmentation = Segmentation(segmentation.columns,
+                                    [segmentation.segments[i] for i in chosen])
+        evals = [evals[i] for i in chosen]
+    rows = _decide_routes(segmentation, seg_spec, tr_spec, results, evals, layout, gate,
+                          prepared.plan.expanding)
     global_name = model_name(tr_spec.target, {})
     if results.get(global_name) is None or results[global_name].status != "ok":
         reason = results[global_name].reason if global_name in results else "not trained"
@@ -537,15 +697,32 @@ def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], frame: pd.D
     summary = _summarise(rows, results, tr_spec, segmentation, evals, global_name, gate)
     manifest, used = _manifest(run_id, rows, results, job_by_name, layout, seg_spec, tr_spec,
                                frame, summary)
+    manifest["segments"] = _segment_records(rows, prepared.fingerprints, segmentation.columns)
+    manifest["specs"] = {"segmenter": seg_spec.model_dump(mode="json"),
+                         "trainer": tr_spec.model_dump(mode="json")}
     report = pd.DataFrame(rows)
     _write_run(staging, run_dir, manifest, used, report, seg_spec, tr_spec, overwrite)
     return TrainResult(run_id, run_dir, report, summary, results)
 
 
+def _segment_records(rows: list[dict[str, Any]], prints: dict[str, str], seg_cols: list[str]
+                     ) -> list[dict[str, Any]]:
+    """One record per segment, kept in the manifest so a later retrain can tell what changed.
+
+    Segments served by a pooled or global model have no model entry of their own, so their
+    fingerprint, status and routing decision are recorded here.
+    """
+    return [{"segment": r["segment"], "key": [r[f"key.{c}"] for c in seg_cols],
+             "fingerprint": prints.get(r["segment"], ""), "status": r["status"],
+             "rows": r["rows"], "model": r["model"] if r["routed"] else None,
+             "level": r["level"], "metric": r["metric_latest"]} for r in rows]
+
+
 def _run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend: str,
               scheduler: str | None, progress: bool,
               on_progress: Callable[[int, int, int], None] | None,
-              models_dir: Path) -> dict[str, FitResult]:
+              models_dir: Path, record: Callable[[list[FitResult]], None] | None = None
+              ) -> dict[str, FitResult]:
     """Run every job; each ONNX file is written to ``models_dir`` as its chunk returns."""
     chunks = chunk_jobs(fit_jobs, workers)
     total = len(fit_jobs)
@@ -557,6 +734,8 @@ def _run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend
         bar = TrainProgress(total)
 
     def on_done(done: list[FitResult]) -> None:
+        if record is not None:
+            record(done)
         for res in done:
             if res.onnx is not None:
                 (models_dir / f"{res.name}.onnx").write_bytes(res.onnx)

@@ -18,7 +18,8 @@ status in a single table. No web framework is imported here.
     ├── BundleError          a run or bundle directory is missing, corrupt or inconsistent
     ├── RegistryError        the MLflow registry refused or failed an operation
     ├── ModelLoadError       a model file exists but cannot be loaded
-    └── ScoringError         scoring failed for a reason other than bad input
+    ├── ScoringError         scoring failed for a reason other than bad input
+    └── LockError            another process holds the lock (e.g. a retrain of the model)
 
 Errors also subclass the closest built-in (``ValueError``, ``KeyError``...), as
 scikit-learn does, so generic ``except ValueError`` blocks still catch them.
@@ -31,6 +32,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "InputSchemaError",
+    "LockError",
     "ManyModelsError",
     "ModelLoadError",
     "ModelNotFound",
@@ -137,3 +139,9 @@ class ScoringError(ManyModelsError, RuntimeError):
     """Scoring failed for a reason other than bad input."""
 
     code = "scoring_failed"
+
+
+class LockError(ManyModelsError, RuntimeError):
+    """Another live process holds the lock, e.g. a retrain of the same registered model."""
+
+    code = "locked"

@@ -1,0 +1,467 @@
+"""``manymodels retrain``: refit what changed, keep the rest byte for byte, promote if no worse.
+
+One call, in order: open the champion (a bundle directory or ``models:/NAME@ALIAS``),
+prepare and fingerprint the new data, plan (:mod:`._plan`), then under the model's lock
+fit the plan's part through :func:`manymodels.training.train` (resumable, :mod:`._state`),
+put every retrained segment's challenger against its current model (:mod:`._merge`),
+write the merged run directory, pack it, register it, and with ``promote`` move the
+alias once ``validate`` passes and the bundle is no worse than the champion on the new
+data. Each part is timed.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manymodels.candidates import score_metric
+from manymodels.errors import BundleError, SpecError
+from manymodels.runtime import Bundle
+from manymodels.training import PreparedData, new_run_id, prepare_data, train
+
+from ._lock import hold_lock
+from ._merge import (
+    Decision,
+    compared_rows,
+    decide,
+    is_worse,
+    merge,
+    relative_gain,
+    write_merged_run,
+)
+from ._plan import Plan, make_plan
+from ._reuse import RetrainReuse
+from ._state import Attempt
+
+__all__ = ["BundleComparison", "Outcome", "RetrainResult", "retrain"]
+
+
+class Outcome(enum.Enum):
+    """How a retrain ended; each has its own exit code (``manymodels retrain``)."""
+
+    PROMOTED = ("promoted", 0)
+    NOTHING_TO_DO = ("nothing to do", 10)
+    NEW_VERSION = ("new version, not promoted", 11)
+    NO_IMPROVEMENT = ("no improvement, nothing promoted", 12)
+    PLANNED = ("dry run", 0)
+
+    def __init__(self, label: str, exit_code: int) -> None:
+        self.label = label
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class BundleComparison:
+    """The new bundle against the champion, served end to end, on the new data's latest
+    holdout rows (:func:`._merge.compared_rows`) of every segment whose served model
+    (or blend) changed (the other rows score the
+    same in both, so they cannot tip the balance of an additive metric)."""
+
+    metric: str
+    rows: int
+    segments: int
+    new: float | None
+    champion: float | None
+    tolerance: float
+
+    @property
+    def worse(self) -> bool:
+        return is_worse(self.new, self.champion, self.metric, self.tolerance)
+
+    def describe(self) -> str:
+        if not self.rows:
+            return "no served model changed"
+        gain = (relative_gain(self.new, self.champion, self.metric)
+                if self.new is not None and self.champion is not None else float("nan"))
+        return (f"{self.metric} on the latest holdout of the {self.segments} segment(s) whose "
+                f"model changed ({self.rows} rows): new {self.new:.6g} vs champion "
+                f"{self.champion:.6g} ({gain:+.2%})")
+
+
+@dataclass
+class RetrainResult:
+    """What a retrain did (or, with ``dry_run``, would do)."""
+
+    outcome: Outcome
+    name: str
+    plan: Plan
+    champion_version: str | None
+    report: pd.DataFrame
+    shared: pd.DataFrame
+    timings: dict[str, float]
+    messages: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+    bundle: Path | None = None
+    bundle_version: str | None = None
+    version: str | None = None  # registered version
+    promoted: bool = False
+    comparison: BundleComparison | None = None
+    why: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        if self.outcome is Outcome.PLANNED and self.plan.nothing_to_do:
+            return Outcome.NOTHING_TO_DO.exit_code
+        return self.outcome.exit_code
+
+    def counts(self) -> dict[str, int]:
+        if "outcome" not in self.report:
+            return {}
+        return {str(k): int(v) for k, v in self.report["outcome"].value_counts().items()}
+
+
+@dataclass
+class _Champion:
+    root: Path
+    bundle: Bundle
+    registered: str | None  # name of the registered model it came from
+    version: str | None  # its registered version
+
+
+@contextmanager
+def _open_champion(source: str, uri: str | None, throwaway: bool) -> Iterator[_Champion]:
+    """The champion as a local directory; with ``throwaway`` a registry download goes to a
+    temporary cache removed afterwards (a dry run leaves nothing on disk)."""
+    from manymodels.registry import parse_models_uri, resolve_bundle, resolve_version
+
+    with ExitStack() as stack:
+        registered = version = None
+        cache = None
+        if source.startswith("models:"):
+            parse_models_uri(source)
+            found = resolve_version(source, uri)
+            registered, version = found.name, found.version
+            if throwaway:
+                cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-retrain-"))
+        root = resolve_bundle(source, uri, cache=cache)
+        yield _Champion(root, Bundle(root), registered, version)
+
+
+def _comparison(new_root: Path, champion: Bundle, prepared: PreparedData) -> BundleComparison:
+    new = Bundle(new_root)
+    trainer = prepared.trainer
+    seg_cols = prepared.segmentation.columns
+    picked: list[np.ndarray] = []
+    segments = 0
+    for seg in prepared.segmentation.segments:
+        key = {c: seg.key[c] for c in seg_cols}
+        old_served, new_served = _served(champion, key), _served(new, key)
+        if old_served is None or new_served is None:
+            continue
+        if old_served != new_served:
+            picked.append(compared_rows(seg, prepared.plan.expanding))
+            segments += 1
+    rows = np.concatenate(picked) if picked else np.zeros(0, dtype=int)
+    tolerance = trainer.retrain.tolerance
+    if len(rows) == 0:
+        return BundleComparison(trainer.metric, 0, 0, None, None, tolerance)
+    frame = prepared.frame.iloc[rows].reset_index(drop=True)
+    truth = frame[trainer.target].to_numpy()
+    values = []
+    for bundle in (new, champion):
+        scored = bundle.score_frame(frame)
+        classes = np.asarray(scored.classes) if scored.classes is not None else None
+        values.append(score_metric(trainer.metric, truth, scored.prediction,
+                                   scored.probabilities, classes))
+    return BundleComparison(trainer.metric, len(rows), segments, values[0], values[1], tolerance)
+
+
+def _served(bundle: Bundle, key: dict[str, str]) -> tuple[Any, ...] | None:
+    """What serves a segment key: its model's file (and its blend partner's and weight)."""
+    name, _ = bundle.manifest.resolve(key)
+    if name is None:
+        return None
+    models = bundle.manifest.models
+    blend = bundle.manifest.blends.get(name)
+    if blend is None:
+        return (models[name].sha256,)
+    return models[name].sha256, models[blend.partner].sha256, blend.weight
+
+
+def _report(decisions: list[Decision], prepared: PreparedData) -> pd.DataFrame:
+    metric = prepared.trainer.metric
+    seg_cols = prepared.segmentation.columns
+    rows = []
+    for d in decisions:
+        gain = None
+        if d.outcome in ("replaced", "kept current") and d.metric_new is not None \
+                and d.metric_current is not None:
+            gain = relative_gain(d.metric_new, d.metric_current, metric)
+        rows.append({**{f"key.{c}": d.change.key.get(c) for c in seg_cols},
+                     "segment": d.change.segment,
+                     "action": "retrain" if d.change.retrain else "keep",
+                     "outcome": d.outcome, "reason": d.reason, "model": d.route,
+                     "level": d.level, "status": d.status,
+                     f"current_{metric}": d.metric_current, f"new_{metric}": d.metric_new,
+                     "gain": gain, "fit_seconds": d.fit_seconds, "resumed": d.resumed})
+    return pd.DataFrame(rows)
+
+
+def _same_content(new_root: Path, champion: Bundle) -> bool:
+    """Same routes and the same model files: nothing new to register."""
+    new = Bundle(new_root).manifest
+
+    def content(raw: dict[str, Any], models: dict[str, Any]) -> tuple[Any, ...]:
+        routes = frozenset((int(r["level"]), tuple(str(v) for v in r["key"]), str(r["model"]),
+                            json.dumps(r.get("blend"), sort_keys=True))
+                           for r in raw.get("routes", []))
+        return routes, frozenset((n, e.sha256) for n, e in models.items())
+
+    return content(new.raw, new.models) == content(champion.manifest.raw,
+                                                   champion.manifest.models)
+
+
+class _Clock:
+    """Wall time per part of the run."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total": time.perf_counter() - self._started}
+
+
+def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLike[str], *,
+            name: str | None = None, out: str | os.PathLike[str] | None = None,
+            runs: str | os.PathLike[str] = "runs", register: bool = False,
+            promote: bool = False, alias: str = "champion", retrain_all: bool = False,
+            dry_run: bool = False, segmenter: Any = None, trainer: Any = None,
+            jobs: int | None = None, backend: str = "loky", scheduler: str | None = None,
+            wait: float = 0.0, state_dir: str | os.PathLike[str] | None = None,
+            uri: str | None = None, track: bool = True, progress: bool = False,
+            say: Callable[[str], None] | None = None) -> RetrainResult:
+    """Retrain what changed since the champion ``source``; see :mod:`manymodels.retrain`.
+
+    Parameters
+    ----------
+    data
+        The new data: the whole table (Parquet/CSV path or DataFrame), not a delta.
+    source
+        The champion: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a bundle (or
+        run) directory.
+    name
+        Registered-model name (default: the one ``source`` names, else the bundle's).
+    out
+        Bundle directory to write (default ``bundles/<name>-<run id>``).
+    runs
+        Parent of the merged run directory (``runs/<run id>``).
+    register, promote, alias
+        Register the new bundle; with ``promote`` (implies ``register``) move ``alias``
+        to it when it validates and is no worse than the champion on the new data.
+    retrain_all
+        Refit everything (a full retrain through the same path).
+    dry_run
+        Plan only: nothing is written to disk or to the registry.
+    segmenter, trainer
+        Specs to use instead of the champion's (a change retrains everything).
+    jobs, backend, scheduler
+        Parallelism, as for :func:`manymodels.train`.
+    wait
+        Seconds to wait for another retrain of the same model to finish.
+    state_dir
+        Where locks and resumable state live (default :func:`manymodels.promotions.state_dir`).
+    """
+    from manymodels.promotions import state_dir as default_state_dir
+
+    clock = _Clock()
+    messages: list[str] = []
+
+    def tell(line: str) -> None:
+        messages.append(line)
+        if say is not None:
+            say(line)
+
+    register = register or promote
+    text = os.fspath(source)
+    with ExitStack() as stack:
+        with clock.part("open champion"):
+            champion = stack.enter_context(_open_champion(text, uri, throwaway=dry_run))
+        model = name or champion.registered or champion.bundle.manifest.name
+        raw = champion.bundle.manifest.raw
+        with clock.part("prepare data"):
+            specs = raw.get("specs") or {}
+            seg_spec = segmenter if segmenter is not None else specs.get("segmenter")
+            tr_spec = trainer if trainer is not None else specs.get("trainer")
+            if seg_spec is None or tr_spec is None:
+                raise SpecError(f"{champion.root} records no specs (made before manymodels "
+                                "retrain): pass --segmenter and --trainer")
+            workers = jobs or _default_jobs()
+            prepared = prepare_data(data, seg_spec, tr_spec,
+                                    workers=1 if dry_run else workers, backend=backend)
+        try:
+            with clock.part("plan"):
+                plan = make_plan(raw, prepared, retrain_all)
+            if dry_run or plan.nothing_to_do:
+                outcome = Outcome.PLANNED if dry_run else Outcome.NOTHING_TO_DO
+                return RetrainResult(outcome, model, plan, champion.version,
+                                     plan.segments_frame(), plan.shared_frame(), clock.total(),
+                                     messages)
+            state = Path(state_dir) if state_dir is not None else \
+                default_state_dir(uri) / "retrain" / model
+            with hold_lock(state / "lock", wait=wait, what=f"retraining '{model}'",
+                           on_stale=tell):
+                return _locked(prepared, plan, champion, model, state, clock, messages, tell,
+                               out=out, runs=runs, register=register, promote=promote,
+                               alias=alias, jobs=workers, backend=backend, scheduler=scheduler,
+                               uri=uri, track=track, progress=progress)
+        finally:
+            prepared.join_workers()
+
+
+def _default_jobs() -> int:
+    from manymodels.engine import default_jobs
+
+    return default_jobs()
+
+
+def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str, state: Path,
+            clock: _Clock, messages: list[str], tell: Callable[[str], None], *,
+            out: str | os.PathLike[str] | None, runs: str | os.PathLike[str], register: bool,
+            promote: bool, alias: str, jobs: int, backend: str, scheduler: str | None,
+            uri: str | None, track: bool, progress: bool) -> RetrainResult:
+    """The part of a retrain that runs under the model's lock."""
+    attempt, note = Attempt.open(state / "attempt", plan.identity, new_run_id())
+    if note:
+        tell(note)
+    run_id = attempt.run_id
+    reuse = RetrainReuse(plan, champion.bundle, attempt)
+    with clock.part("fit"):
+        if (attempt.run_dir / "manifest.json").is_file():
+            from manymodels.runtime import read_manifest
+
+            partial = _partial_from_disk(attempt.run_dir, read_manifest)
+            reuse.resumed = set(attempt.results)
+        else:
+            partial = train(prepared, out=attempt.root, run_id=run_id, jobs=jobs,
+                            backend=backend, scheduler=scheduler, max_failed=1.0,
+                            progress=progress, track=False, reuse=reuse)
+    fitted = reuse.fitted | reuse.resumed
+    with clock.part("compare"):
+        decisions = decide(plan, prepared, champion.bundle, partial, reuse.resumed, fitted)
+        report = _report(decisions, prepared)
+    origin = {"source": str(champion.root), "name": champion.registered,
+              "version": champion.version,
+              "bundle_version": champion.bundle.manifest.raw.get("version"),
+              "run_id": champion.bundle.manifest.raw.get("run_id")}
+    run_dir = Path(runs) / run_id
+    with clock.part("merge"):
+        merged = merge(plan, decisions, prepared, champion.bundle, partial, fitted, run_id, origin)
+        if run_dir.exists():  # a rerun after a crash past this point: write it again
+            import shutil
+
+            shutil.rmtree(run_dir)
+        write_merged_run(merged, run_dir, report, prepared)
+    result = RetrainResult(Outcome.NEW_VERSION, model, plan, champion.version, report,
+                           plan.shared_frame(), {}, messages, run_dir=run_dir)
+    with clock.part("package"):
+        from manymodels.bundle import package_run
+
+        target = Path(out) if out is not None else Path("bundles") / f"{model}-{run_id}"
+        if target.resolve() == champion.root.resolve():
+            raise BundleError(f"--out {target} is the champion's own directory; choose another")
+        packed = package_run(run_dir, target, name=model, overwrite=True)
+        result.bundle, result.bundle_version = packed.path, packed.version
+    if _same_content(packed.path, champion.bundle):
+        rejected = int((report["outcome"] == "kept current").sum())
+        result.outcome = Outcome.NO_IMPROVEMENT if rejected else Outcome.NOTHING_TO_DO
+        result.why = (f"the new bundle equals the champion ({rejected} challenger(s) were not "
+                      "better); nothing registered")
+        _finish(result, attempt, clock, track, uri)
+        return result
+    if register:
+        with clock.part("register"):
+            _register(result, packed.path, model, uri, tell)
+    if promote:
+        with clock.part("promote"):
+            _promote(result, prepared, champion, model, alias, uri, tell)
+    _finish(result, attempt, clock, track, uri)
+    return result
+
+
+def _partial_from_disk(run_dir: Path, read: Callable[[Path], Any]) -> Any:
+    """The fitted part's result as written before a crash (training had finished)."""
+    from manymodels.training import TrainResult
+
+    manifest = read(run_dir)
+    report = pd.read_parquet(run_dir / "report.parquet")
+    return TrainResult(str(manifest.raw.get("run_id")), run_dir, report,
+                       dict(manifest.raw.get("summary") or {}))
+
+
+def _register(result: RetrainResult, bundle: Path, model: str, uri: str | None,
+              tell: Callable[[str], None]) -> None:
+    from manymodels.registry import find_version, register_bundle, seed_cache
+
+    assert result.bundle_version is not None
+    existing = find_version(model, result.bundle_version, uri)
+    if existing is not None:
+        tell(f"bundle {result.bundle_version} is already registered as {model} version "
+             f"{existing} (a rerun after a crash); not registering it twice")
+        result.version = existing
+    else:
+        result.version = register_bundle(bundle, name=model, uri=uri).version
+    seed_cache(bundle, model, result.version, uri)
+
+
+def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion, model: str,
+             alias: str, uri: str | None, tell: Callable[[str], None]) -> None:
+    from manymodels.bundle import validate_bundle
+    from manymodels.registry import promote
+
+    assert result.bundle is not None and result.version is not None
+    report = validate_bundle(result.bundle)
+    if not report.ok:
+        result.outcome = Outcome.NO_IMPROVEMENT
+        result.why = (f"validate failed ({len(report.errors)} problem(s), first: "
+                      f"{report.errors[0]}); {alias} stays at version {champion.version}")
+        return
+    comparison = _comparison(result.bundle, champion.bundle, prepared)
+    result.comparison = comparison
+    if comparison.worse:
+        result.outcome = Outcome.NO_IMPROVEMENT
+        result.why = (f"the new bundle is worse than the champion: {comparison.describe()} "
+                      f"(tolerance {comparison.tolerance:.2%}); {alias} stays at version "
+                      f"{champion.version}")
+        return
+    counts = result.counts()
+    reason = (f"retrain {result.run_dir.name if result.run_dir else '?'}: "
+              f"{len(result.plan.retrained)} segment(s) retrained "
+              f"({counts.get('replaced', 0)} replaced, {counts.get('new', 0)} new, "
+              f"{counts.get('kept current', 0)} kept current); validate ok; "
+              f"{comparison.describe()}")
+    previous = promote(model, result.version, alias, uri=uri, reason=reason)
+    result.promoted = True
+    result.outcome = Outcome.PROMOTED
+    result.why = f"{model}@{alias}: version {previous} -> {result.version}; {reason}"
+
+
+def _finish(result: RetrainResult, attempt: Attempt, clock: _Clock, track: bool,
+            uri: str | None) -> None:
+    result.timings = clock.total()
+    if track:
+        with clock.part("log"):
+            from ._track import log_retrain
+
+            log_retrain(result, uri)
+    attempt.finish()
+    result.timings = clock.total()
