@@ -57,3 +57,20 @@ def test_time_holdout_takes_the_latest_rows_and_shuffle_is_deterministic() -> No
     assert (first == assign_holdout(frame, rows, shuffled, {"k": "a"})).all()
     assert not (first == assign_holdout(frame, rows, shuffled, {"k": "b"})).all()
     assert first.sum() == 10
+
+
+def test_vectorised_fingerprints_equal_the_per_segment_fingerprint() -> None:
+    """Check that one hash of the whole table gives each segment the fingerprint its job
+    computes on its own rows (retrain compares one with the other)."""
+    from manymodels.segment import fingerprint, fingerprints
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=60), "c": rng.choice(["a", "b"], 60),
+                          "y": rng.normal(size=60), "week": np.arange(60)})
+    row_sets = [np.arange(0, 20), np.array([5, 3, 41, 59]), np.arange(20, 60)]
+    expected = [fingerprint(frame.take(rows).reset_index(drop=True)) for rows in row_sets]
+    assert fingerprints(frame, row_sets) == expected
+    changed = frame.copy()
+    changed.loc[41, "y"] += 1e-9
+    after = fingerprints(changed, row_sets)
+    assert after[0] == expected[0] and after[1] != expected[1] and after[2] != expected[2]

@@ -41,6 +41,25 @@ def test_run_directory_is_complete(trained_run: Path) -> None:
     assert not list(trained_run.rglob("*.tmp"))
 
 
+def test_manifest_records_every_segment_and_the_specs(trained_run: Path,
+                                                      oj_small: pd.DataFrame) -> None:
+    """Check that every segment (routed to its own model or not) has a record with the
+    fingerprint its model was trained on, and that the specs travel in the manifest."""
+    manifest = read_manifest(trained_run)
+    records = manifest.raw["segments"]
+    report = pd.read_parquet(trained_run / "report.parquet")
+    assert [r["segment"] for r in records] == list(report["segment"])
+    assert len({r["fingerprint"] for r in records}) == len(records)
+    for record in records:
+        entry = manifest.models.get(record["segment"])
+        if entry is not None:  # routed to its own model: same fingerprint as the model's
+            assert entry.raw["fingerprint"] == record["fingerprint"]
+            assert record["model"] == record["segment"]
+    assert [c["algorithm"] for c in manifest.raw["specs"]["trainer"]["candidates"]] == \
+        [c["algorithm"] for c in FAST_TRAINER["candidates"]]
+    assert manifest.raw["specs"]["segmenter"]["levels"] == SEGMENTER["levels"]
+
+
 def test_onnx_metadata_round_trip(trained_run: Path) -> None:
     """Check that each model's name, key, algorithm and schema come back from onnxruntime."""
     manifest = read_manifest(trained_run)

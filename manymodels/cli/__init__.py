@@ -16,6 +16,7 @@ from rich.console import Console
 from manymodels.errors import (
     BundleError,
     DataError,
+    LockError,
     ManyModelsError,
     ModelNotFound,
     RegistryError,
@@ -23,7 +24,19 @@ from manymodels.errors import (
     TrainingError,
 )
 
-from . import batch, datasets, endpoint, fleet, keys, monitor, package, report, serve, train
+from . import (
+    batch,
+    datasets,
+    endpoint,
+    fleet,
+    keys,
+    monitor,
+    package,
+    report,
+    retrain,
+    serve,
+    train,
+)
 
 __all__ = ["EXIT_CODES", "app", "main"]
 
@@ -43,6 +56,7 @@ EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
     (ModelNotFound, 4),
     (TrainingError, 5),
     (RegistryError, 6),
+    (LockError, 13),  # retrain: another run of the model holds its lock (see cli.retrain)
 ]
 
 
@@ -63,7 +77,8 @@ def _root(
     """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
 
 
-for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor, fleet):
+for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor, fleet,
+                retrain):
     _module.register(app)
 
 

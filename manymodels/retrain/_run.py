@@ -108,6 +108,7 @@ class RetrainResult:
     promoted: bool = False
     comparison: BundleComparison | None = None
     why: str = ""
+    metric: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -293,10 +294,18 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
 
     register = register or promote
     text = os.fspath(source)
+    model = name or _model_name(text)
     with ExitStack() as stack:
+        if not dry_run:
+            # the lock comes first: a run that waited for another must plan against the
+            # champion as that run left it, not as it was before
+            state = Path(state_dir) if state_dir is not None else \
+                default_state_dir(uri) / "retrain" / model
+            with clock.part("lock"):
+                stack.enter_context(hold_lock(state / "lock", wait=wait, on_stale=tell,
+                                              what=f"retraining '{model}'"))
         with clock.part("open champion"):
             champion = stack.enter_context(_open_champion(text, uri, throwaway=dry_run))
-        model = name or champion.registered or champion.bundle.manifest.name
         raw = champion.bundle.manifest.raw
         with clock.part("prepare data"):
             specs = raw.get("specs") or {}
@@ -315,17 +324,23 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
                 outcome = Outcome.PLANNED if dry_run else Outcome.NOTHING_TO_DO
                 return RetrainResult(outcome, model, plan, champion.version,
                                      plan.segments_frame(), plan.shared_frame(), clock.total(),
-                                     messages)
-            state = Path(state_dir) if state_dir is not None else \
-                default_state_dir(uri) / "retrain" / model
-            with hold_lock(state / "lock", wait=wait, what=f"retraining '{model}'",
-                           on_stale=tell):
-                return _locked(prepared, plan, champion, model, state, clock, messages, tell,
-                               out=out, runs=runs, register=register, promote=promote,
-                               alias=alias, jobs=workers, backend=backend, scheduler=scheduler,
-                               uri=uri, track=track, progress=progress)
+                                     messages, metric=prepared.trainer.metric)
+            return _locked(prepared, plan, champion, model, state, clock, messages, tell,
+                           out=out, runs=runs, register=register, promote=promote,
+                           alias=alias, jobs=workers, backend=backend, scheduler=scheduler,
+                           uri=uri, track=track, progress=progress)
         finally:
             prepared.join_workers()
+
+
+def _model_name(source: str) -> str:
+    """The registered-model name a source names (a directory: its manifest's name)."""
+    from manymodels.registry import parse_models_uri
+    from manymodels.runtime import read_manifest
+
+    if source.startswith("models:"):
+        return parse_models_uri(source)[0]
+    return read_manifest(source).name
 
 
 def _default_jobs() -> int:
@@ -372,7 +387,8 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
             shutil.rmtree(run_dir)
         write_merged_run(merged, run_dir, report, prepared)
     result = RetrainResult(Outcome.NEW_VERSION, model, plan, champion.version, report,
-                           plan.shared_frame(), {}, messages, run_dir=run_dir)
+                           plan.shared_frame(), {}, messages, run_dir=run_dir,
+                           metric=prepared.trainer.metric)
     with clock.part("package"):
         from manymodels.bundle import package_run
 
