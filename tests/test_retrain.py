@@ -362,7 +362,7 @@ def _strip_metadata(path: Path) -> bytes:
     by skl2onnx lists them in another order than one copied from a template)."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
     del model.opset_import[:]
     for domain, version in opsets:
         model.opset_import.add(domain=domain, version=version)
