@@ -178,11 +178,13 @@ def promote_command(
     name: str = typer.Argument(..., help="Registered-model name."),
     version: str = typer.Argument(..., help="Version to point the alias at."),
     alias: str = typer.Option("champion", "--alias", help="Alias to move."),
+    reason: str = typer.Option("promoted by hand", "--reason",
+                               help="Why, for the promotion log (`models history`)."),
 ) -> None:
     """Point an alias (default: champion) at a version of a registered model."""
     from manymodels.registry import promote
 
-    previous = promote(name, version, alias)
+    previous = promote(name, version, alias, reason=reason)
     was = f" (was version {previous})" if previous else ""
     console.print(f"[green]{name}@{alias}[/] -> version {version}{was}")
 
