@@ -148,6 +148,9 @@ def test_only_changed_segments_are_retrained_and_the_rest_stay_byte_identical(
     assert set(old) - retrained_models <= set(now)
     assert read_manifest(result.bundle).raw["models"].keys() >= set(old) - retrained_models  # type: ignore[arg-type]
 
+    trained = pd.read_parquet(result.bundle / "report.parquet")  # type: ignore[operator]
+    assert len(trained) == SEGMENTS and trained["segment"].is_unique
+
     unchanged = new[~new["segment"].isin(changed)]
     before = Bundle(champion_bundle).predict(unchanged)
     after = Bundle(result.bundle).predict(unchanged)  # type: ignore[arg-type]
@@ -194,7 +197,7 @@ def test_a_worse_challenger_keeps_the_current_model_and_nothing_is_promoted(
                                       f"models:/{NAME}@champion", "--promote", "-j", "1"])
     assert result.exit_code == 12, result.output
     assert "kept current" in result.output and "no improvement" in result.output
-    report = pd.read_parquet(next((store / "runs").glob("*/report.parquet")))
+    report = pd.read_parquet(next((store / "runs").glob("*/retrain_report.parquet")))
     kept = report[report["outcome"] == "kept current"]
     assert set(kept["segment"]) == {_model_name("g1", s) for s in worse}
     for row in kept.to_dict("records"):
@@ -396,7 +399,7 @@ def test_kill_9_mid_retrain_then_rerun_resumes_and_equals_an_uninterrupted_run(
     assert rerun.returncode == 11, out
     assert f"{done_before} model(s) already fitted" in out
     resumed_run = next(p for p in (store / "runs").iterdir() if not p.name.startswith("."))
-    report = pd.read_parquet(resumed_run / "report.parquet")
+    report = pd.read_parquet(resumed_run / "retrain_report.parquet")
     retrained = report[report["action"] == "retrain"]
     assert len(retrained) == len(changed)
     fitted_now = retrained[~retrained["resumed"]]

@@ -43,7 +43,7 @@ from manymodels.training import PreparedData, TrainResult, compared_metric
 from ._plan import Plan, SegmentChange
 
 __all__ = ["Decision", "Merged", "compared_rows", "decide", "is_worse", "relative_gain",
-           "write_merged_run"]
+           "training_report", "write_merged_run"]
 
 
 def compared_rows(segment: Segment, expanding: bool) -> np.ndarray:
@@ -343,9 +343,29 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def training_report(decisions: list[Decision], champion: Bundle, partial: TrainResult
+                    ) -> pd.DataFrame:
+    """The per-segment training report of the merged run (what ``manymodels report`` reads):
+    the fitted part's rows for replaced and new segments, the champion's for the others
+    (when the champion carries its report)."""
+    old_path = champion.root / "report.parquet"
+    old = pd.read_parquet(old_path) if old_path.is_file() else None
+    old_rows = {} if old is None else {str(r["segment"]): r for r in old.to_dict("records")}
+    new_rows = {str(r["segment"]): r for r in partial.report.to_dict("records")}
+    rows = []
+    for d in decisions:
+        fresh = d.change.retrain and d.outcome != "kept current"
+        row = new_rows.get(d.change.segment) if fresh else old_rows.get(d.change.segment)
+        if row is not None:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
-                     prepared: PreparedData) -> None:
-    """Write the merged run directory atomically (staged beside it, renamed into place)."""
+                     prepared: PreparedData, trained: pd.DataFrame) -> None:
+    """Write the merged run directory atomically (staged beside it, renamed into place):
+    ``report.parquet`` is the per-segment training report, ``retrain_report.parquet``
+    what the retrain did with each segment."""
     if run_dir.exists():
         raise BundleError(f"run directory {run_dir} already exists; choose another run id")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +383,8 @@ def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
         for kind, spec in (("segmenter", prepared.segmenter), ("trainer", prepared.trainer)):
             (staging / "specs" / f"{kind}.yaml").write_text(
                 yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-        report.to_parquet(staging / "report.parquet", index=False)
+        report.to_parquet(staging / "retrain_report.parquet", index=False)
+        trained.to_parquet(staging / "report.parquet", index=False)
         (staging / MANIFEST_FILE).write_text(
             json.dumps(merged.manifest, indent=1, allow_nan=False, default=str))
         swap_directory_into_place(staging, run_dir)

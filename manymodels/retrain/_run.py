@@ -38,6 +38,7 @@ from ._merge import (
     is_worse,
     merge,
     relative_gain,
+    training_report,
     write_merged_run,
 )
 from ._plan import Plan, make_plan
@@ -385,7 +386,8 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
             import shutil
 
             shutil.rmtree(run_dir)
-        write_merged_run(merged, run_dir, report, prepared)
+        write_merged_run(merged, run_dir, report, prepared,
+                         training_report(decisions, champion.bundle, partial))
     result = RetrainResult(Outcome.NEW_VERSION, model, plan, champion.version, report,
                            plan.shared_frame(), {}, messages, run_dir=run_dir,
                            metric=prepared.trainer.metric)
