@@ -394,12 +394,16 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
     with clock.part("package"):
         from manymodels.bundle import package_run
 
+        if out is not None and os.fspath(out).startswith("s3://"):
+            raise SpecError(f"--out {out}: retrain writes a local bundle (register it to share "
+                            "it); choose a directory")
         target = Path(out) if out is not None else Path("bundles") / f"{model}-{run_id}"
         if target.resolve() == champion.root.resolve():
             raise BundleError(f"--out {target} is the champion's own directory; choose another")
         packed = package_run(run_dir, target, name=model, overwrite=True)
-        result.bundle, result.bundle_version = packed.path, packed.version
-    if _same_content(packed.path, champion.bundle):
+        bundle_dir = Path(packed.path)
+        result.bundle, result.bundle_version = bundle_dir, packed.version
+    if _same_content(bundle_dir, champion.bundle):
         rejected = int((report["outcome"] == "kept current").sum())
         result.outcome = Outcome.NO_IMPROVEMENT if rejected else Outcome.NOTHING_TO_DO
         result.why = (f"the new bundle equals the champion ({rejected} challenger(s) were not "
@@ -408,7 +412,7 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
         return result
     if register:
         with clock.part("register"):
-            _register(result, packed.path, model, uri, tell)
+            _register(result, bundle_dir, model, uri, tell)
     if promote:
         with clock.part("promote"):
             _promote(result, prepared, champion, model, alias, uri, tell)
