@@ -73,8 +73,8 @@ class RetrainReuse:
                 assert self.attempt is not None
                 res = self.attempt.results[job.name]
                 if res.status == "ok":
-                    shutil.copyfile(self.attempt.models_dir / f"{job.name}.onnx",
-                                    models_dir / f"{job.name}.onnx")
+                    self.attempt.write_model(job.name, models_dir / f"{job.name}.onnx")
+                    res.onnx = None  # on disk now, as for a fitted result
             else:
                 res = self._kept_result(job, models_dir)
             out[job.name] = res

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from manymodels.candidates import score_metric
+from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
 from manymodels.runtime import Bundle
 from manymodels.training import PreparedData, new_run_id, prepare_data, train
@@ -315,9 +316,7 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
             if seg_spec is None or tr_spec is None:
                 raise SpecError(f"{champion.root} records no specs (made before manymodels "
                                 "retrain): pass --segmenter and --trainer")
-            workers = jobs or _default_jobs()
-            prepared = prepare_data(data, seg_spec, tr_spec,
-                                    workers=1 if dry_run else workers, backend=backend)
+            prepared = prepare_data(data, seg_spec, tr_spec, workers=1, backend=backend)
         try:
             with clock.part("plan"):
                 plan = make_plan(raw, prepared, retrain_all)
@@ -326,6 +325,9 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
                 return RetrainResult(outcome, model, plan, champion.version,
                                      plan.segments_frame(), plan.shared_frame(), clock.total(),
                                      messages, metric=prepared.trainer.metric)
+            workers = _workers_for(plan, jobs, backend)
+            if workers > 1 and backend == "loky":  # warm them up while the jobs are built
+                prepared.warming = start_workers(workers, backend)
             return _locked(prepared, plan, champion, model, state, clock, messages, tell,
                            out=out, runs=runs, register=register, promote=promote,
                            alias=alias, jobs=workers, backend=backend, scheduler=scheduler,
@@ -344,10 +346,18 @@ def _model_name(source: str) -> str:
     return read_manifest(source).name
 
 
-def _default_jobs() -> int:
-    from manymodels.engine import default_jobs
+#: Below this many models to fit (none of them shared), one process fits them: starting
+#: and warming worker processes (1-2 s) costs more than it saves.
+IN_PROCESS_MODELS = 100
 
-    return default_jobs()
+
+def _workers_for(plan: Plan, jobs: int | None, backend: str) -> int:
+    """Workers for the fitting part: the requested ones, or this process for a small plan."""
+    requested = jobs or default_jobs()
+    if jobs is None and backend == "loky" and len(plan.retrained) < IN_PROCESS_MODELS \
+            and not any(s.action == "refit" for s in plan.shared.values()):
+        return 1
+    return requested
 
 
 def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str, state: Path,

@@ -4,13 +4,13 @@ Layout (under the model's state directory, written only while its lock is held):
 
     attempt/
       attempt.json        what the run was asked to do (its plan identity) and its run id
-      models/<name>.onnx  the ONNX file of every model finished so far
-      done/<n>.pkl        the results of each finished chunk of models (a state record per
-                          segment: status, metrics, holdout predictions for the gate)
+      done/<n>.pkl        the results of each finished chunk of models, ONNX bytes included
+                          (a state record per segment: status, metrics, holdout predictions
+                          for the gate, the model)
       <run_id>/           the run directory of the fitted part, once training finished
 
-Each file is written atomically (temp file, fsync, rename) and a chunk's record only
-after its model files, so a record never names a file that is not there. A rerun with
+Each record is written atomically (temp file, fsync, rename): one write and one fsync per
+chunk, not per model, so recording costs little even for chunks of tiny segments. A rerun with
 the same plan identity (same champion, same data fingerprints, same specs) takes every
 recorded result and fits only the rest; any other rerun discards the attempt. The
 pickled records are read only from this directory, which only this user's retrains
@@ -19,7 +19,6 @@ write.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import pickle
@@ -49,10 +48,6 @@ class Attempt:
         return str(self.info["run_id"])
 
     @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
-
-    @property
     def run_dir(self) -> Path:
         """Where the fitted part's run directory goes (it exists once training finished)."""
         return self.root / self.run_id
@@ -80,22 +75,22 @@ class Attempt:
                     "the data or the specs changed since")
         if root.exists():
             shutil.rmtree(root)
-        (root / "models").mkdir(parents=True)
-        (root / "done").mkdir()
+        (root / "done").mkdir(parents=True)
         info = {"identity": identity, "run_id": run_id,
                 "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         atomic_write_text(info_path, json.dumps(info))
         return cls(root, info, {}), note
 
     def record(self, done: list[FitResult]) -> None:
-        """Save a finished chunk: model files first, then the record naming them."""
-        kept = []
-        for res in done:
-            if res.onnx is not None:
-                atomic_write_bytes(self.models_dir / f"{res.name}.onnx", res.onnx)
-            kept.append(dataclasses.replace(res, onnx=None))
+        """Save a finished chunk, its models' ONNX bytes included, in one atomic write."""
         name = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.pkl"
-        atomic_write_bytes(self.root / "done" / name, pickle.dumps(kept, protocol=5))
+        atomic_write_bytes(self.root / "done" / name, pickle.dumps(done, protocol=5))
+
+    def write_model(self, name: str, path: Path) -> None:
+        """Write the ONNX file of a recorded model (its bytes are in the record)."""
+        onnx = self.results[name].onnx
+        assert onnx is not None, name
+        path.write_bytes(onnx)
 
     def finish(self) -> None:
         """The retrain is complete: nothing left to resume."""
@@ -110,8 +105,8 @@ def _load_records(root: Path) -> dict[str, FitResult]:
         except Exception:  # a torn file cannot exist (atomic writes); be safe anyway
             continue
         for res in chunk:
-            if res.status == "ok" and not (root / "models" / f"{res.name}.onnx").is_file():
-                continue  # fit it again rather than trust a record without its file
+            if res.status == "ok" and res.onnx is None:
+                continue  # fit it again rather than trust a record without its model
             results[res.name] = res
     return results
 
