@@ -28,6 +28,7 @@ from manymodels.errors import (
     ModelLoadError,
     ModelNotFound,
     RateLimited,
+    LockError,
     RegistryError,
     ScoringError,
     SegmentNotFound,
@@ -133,6 +134,7 @@ HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
     (ModelLoadError, 503),
     (BundleError, 503),
     (RegistryError, 503),
+    (LockError, 409),  # another process holds the lock (a retrain of the model)
     (ScoringError, 500),
 ]
 
