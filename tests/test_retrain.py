@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from manymodels.bundle import package_run
+from manymodels.bundle import package_run, validate_bundle
 from manymodels.cli import app
 from manymodels.datasets import make_mixed, mixed_own_segments
 from manymodels.errors import LockError
@@ -168,6 +168,63 @@ def test_only_changed_segments_are_retrained_and_the_rest_stay_byte_identical(
 def _group_of(segment: str) -> tuple[str, str]:
     index = int(segment[1:])
     return f"g{index * 4 // SEGMENTS}", segment
+
+
+def _blended_routes(bundle: Path) -> dict[tuple[str, ...], dict[str, Any]]:
+    return {tuple(r["key"]): r for r in read_manifest(bundle).raw["routes"]
+            if r.get("blend") is not None}
+
+
+def test_blended_segments_survive_an_incremental_retrain(
+        store: Path, data: pd.DataFrame, champion_bundle: Path) -> None:
+    """Check that an unchanged segment's blended route (partner and weight) survives a
+    retrain with its own model and its partner byte for byte and scores the same, and that
+    a retrained blended segment gets the blend the gate chose for it now."""
+    blended = _blended_routes(champion_bundle)
+    assert len(blended) >= 2, "the champion's gate should blend some segments"
+    retrained_key = sorted(blended)[0]
+    blended_names = {k[1] for k in blended}
+    others = [s for s in _pick(data, "g0", 6, own=True) if s not in blended_names][:2]
+    new = data.copy()
+    mild = new["segment"] == retrained_key[1]  # a small change: the pattern stays the same
+    new.loc[mild, "y"] = (new.loc[mild, "y"] * 1.02).round(4)
+    new = _scale(new, others)
+    result = retrain(new, f"models:/{NAME}@champion", jobs=1, track=False)
+    assert result.plan.retrained == {_model_name(*retrained_key)} | {
+        _model_name(*_group_of(s)) for s in others}
+    assert validate_bundle(result.bundle).ok  # type: ignore[arg-type]
+
+    after = _blended_routes(result.bundle)  # type: ignore[arg-type]
+    old, now = _files(champion_bundle), _files(result.bundle)  # type: ignore[arg-type]
+    for key, route in blended.items():
+        if key == retrained_key:
+            continue
+        assert after[key] == route
+        for name in (route["model"], route["blend"]["with"]):
+            assert now[name] == old[name], name
+    unchanged = new[new["segment"].isin([k[1] for k in blended if k != retrained_key])]
+    before_scores = Bundle(champion_bundle).predict(unchanged)["prediction"].to_numpy()
+    after_scores = Bundle(result.bundle).predict(unchanged)["prediction"].to_numpy()  # type: ignore[arg-type]
+    assert np.array_equal(before_scores, after_scores)
+
+    name = _model_name(*retrained_key)
+    row = result.report[result.report["segment"] == name].iloc[0]
+    trained = pd.read_parquet(result.bundle / "report.parquet")  # type: ignore[operator]
+    gate = trained[trained["segment"] == name].iloc[0]
+    if row["outcome"] == "replaced":
+        expected = None if gate["blend_with"] is None else {
+            "with": gate["blend_with"], "weight": float(gate["blend_weight"])}
+    else:
+        assert row["outcome"] == "kept current", row["reason"]
+        expected = blended[retrained_key]["blend"]
+    assert after.get(retrained_key, {}).get("blend") == expected
+    if expected is not None:  # scored as w · own + (1 − w) · partner, like training said
+        bundle = Bundle(result.bundle)  # type: ignore[arg-type]
+        rows = new[mild]
+        own = bundle.score_model(name, rows).prediction
+        partner = bundle.score_model(expected["with"], rows).prediction
+        mixed = expected["weight"] * own + (1 - expected["weight"]) * partner
+        assert np.allclose(bundle.predict(rows)["prediction"].to_numpy(), mixed, atol=1e-5)
 
 
 def test_a_new_segment_is_trained_and_routed(store: Path, data: pd.DataFrame) -> None:
@@ -361,10 +418,13 @@ def test_a_second_concurrent_retrain_exits_13_or_waits(store: Path, data: pd.Dat
 
 
 def _strip_metadata(path: Path) -> bytes:
-    """The model without its run id and time stamps, opsets in one order (a graph written
-    by skl2onnx lists them in another order than one copied from a template)."""
+    """The model without its run id and time stamps, opsets in one order and initializers
+    in one encoding (a graph written by skl2onnx lists opsets in another order, and keeps
+    a float in ``float_data`` where one copied from a template has ``raw_data``)."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
+    for init in model.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init), init.name))
     opsets = sorted((o.domain, o.version) for o in model.opset_import)
     del model.opset_import[:]
     for domain, version in opsets:
