@@ -143,6 +143,14 @@ def test_metrics_equal_a_known_request_mix(server: Running) -> None:
     assert series(samples, "manymodels_model_rows_total") == {SEG: 14 + 4, other: 3 + 1,
                                                               GLOBAL: 6}
     assert series(samples, "manymodels_model_failures_total") == {SEG: 2}
+    # per-model latency: one observation per successful request of each model
+    assert series(samples, "manymodels_model_duration_seconds_count") == {
+        SEG: 7 + 4, other: 3 + 1, GLOBAL: 3}
+    for model, count in series(samples, "manymodels_model_duration_seconds_count").items():
+        assert value(samples, "manymodels_model_duration_seconds_bucket", model=model,
+                     le="+Inf", deployment="default") == count
+        assert value(samples, "manymodels_model_duration_seconds_sum", model=model,
+                     deployment="default") > 0
     assert value(samples, "manymodels_fallback_rows_total", level="1",
                  deployment="default") == 6
     assert value(samples, "manymodels_cache_hits_total") == stats["hits"]
@@ -206,7 +214,8 @@ def test_per_model_series_stay_at_top_n_plus_one(tmp_path: Path) -> None:
         stats = running.client.get(f"/v2/models/{names[7]}/stats").json()
     finally:
         running.stop()
-    for family in ("manymodels_model_requests_total", "manymodels_model_rows_total"):
+    for family in ("manymodels_model_requests_total", "manymodels_model_rows_total",
+                   "manymodels_model_duration_seconds_count"):
         per_model = series(samples, family)
         assert set(per_model) == {*busy, "other"}
         assert all(per_model[b] == 4 for b in busy)
@@ -324,8 +333,9 @@ def test_two_workers_report_totals_of_both(bundle: tuple[Path, pd.DataFrame]) ->
             totals.add((value(samples, "manymodels_requests_total", route="/score",
                               status="200", deployment="default"),
                         series(samples, "manymodels_model_requests_total").get(SEG),
-                        series(samples, "manymodels_model_rows_total").get(SEG)))
-        assert totals == {(sent, sent, 2 * sent)}
+                        series(samples, "manymodels_model_rows_total").get(SEG),
+                        series(samples, "manymodels_model_duration_seconds_count").get(SEG)))
+        assert totals == {(sent, sent, 2 * sent, sent)}
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)

@@ -114,6 +114,8 @@ DOM = """(() => {
     flaggedModels: [...document.querySelectorAll('#drift tbody tr')].map(r => r.getAttribute('data-model')),
     refreshes: Number(document.body.getAttribute('data-refreshes') || 0),
     busiest: [...document.querySelectorAll('#models tbody tr')].map(r => r.getAttribute('data-model')),
+    busiestP50: [...document.querySelectorAll('#models tbody tr')].map(r => field(r, 'p50')),
+    busiestP99: [...document.querySelectorAll('#models tbody tr')].map(r => field(r, 'p99')),
     hits: num(document.querySelector('#cache [data-field=hits]').textContent),
   };
 })()"""
@@ -171,6 +173,11 @@ def test_page_shows_deployments_and_live_counters_in_chromium(running: Running,
         assert shown["deployments"]["blue"]["p50"] != "–"
         assert float(shown["deployments"]["blue"]["p50"]) > 0
         assert shown["busiest"] and shown["hits"] > 0
+        # the busiest models' latency percentiles, from the per-model histogram
+        top = shown["busiest"][0]
+        assert top != "other"
+        assert float(shown["busiestP50"][0]) > 0
+        assert float(shown["busiestP99"][0]) >= float(shown["busiestP50"][0])
         page.screenshot("ui-endpoint.png")
         assert page.console_errors() == []
         assert [u for u in page.requested_urls() if not u.startswith(running.url)] == []

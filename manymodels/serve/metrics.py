@@ -52,7 +52,9 @@ LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 5.0, 10.0)
 #: Metric families whose ``model`` label is folded to the busiest models.
 PER_MODEL = ("manymodels_model_requests", "manymodels_model_rows",
-             "manymodels_model_failures")
+             "manymodels_model_failures", "manymodels_model_duration_seconds")
+#: The per-model latency buckets in nanoseconds (what the data plane measures).
+LATENCY_BUCKETS_NS = tuple(round(b * 1e9) for b in LATENCY_BUCKETS)
 RANKED_BY = "manymodels_model_requests"
 
 
@@ -145,17 +147,15 @@ class Metrics:
         for (route, status, deployment), cell in list(self._routes.items()):
             labels = [route, str(status), deployment]
             requests.add_metric(labels, cell[0])
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*LATENCY_BUCKETS, math.inf), cell[2:], strict=True):
-                cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
-            latency.add_metric(labels, buckets, cell[1])
+            latency.add_metric(labels, _cumulative(cell[2:]), cell[1])
         yield requests
         yield latency
         per_model = {name: CounterMetricFamily(name, doc, labels=["deployment", "model"])
                      for name, doc in MODEL_DOCS.items()}
         fallback = CounterMetricFamily("manymodels_fallback_rows", FALLBACK_DOC,
                                        labels=["deployment", "level"])
+        duration = HistogramMetricFamily("manymodels_model_duration_seconds",
+                                         MODEL_LATENCY_DOC, labels=["deployment", "model"])
         hits = misses = 0
         for deployment, stats in list(self.sources):
             for name, f in list(stats.by_model.items()):
@@ -164,11 +164,14 @@ class Metrics:
                 per_model["manymodels_model_rows"].add_metric(labels, f.rows)
                 if f.fail:
                     per_model["manymodels_model_failures"].add_metric(labels, f.fail)
+                if f.success:
+                    duration.add_metric(labels, _cumulative(f.buckets), f.success_ns / 1e9)
             for level, rows in sorted(stats.levels.items()):
                 fallback.add_metric([deployment, str(level)], rows)
             hits += stats.hits
             misses += stats.misses
         yield from per_model.values()
+        yield duration
         yield fallback
         yield CounterMetricFamily("manymodels_cache_hits", HITS_DOC, value=hits)
         yield CounterMetricFamily("manymodels_cache_misses", MISSES_DOC, value=misses)
@@ -178,6 +181,15 @@ class Metrics:
         yield from self.registry.collect()
 
 
+def _cumulative(counts: Iterable[float]) -> list[tuple[str, float]]:
+    """Prometheus' ``le`` buckets from counts per bucket (the last one is ``+Inf``)."""
+    cumulative, buckets = 0.0, []
+    for bound, count in zip((*LATENCY_BUCKETS, math.inf), counts, strict=True):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    return buckets
+
+
 REQUESTS_DOC = "HTTP requests by route, status and deployment"
 LATENCY_DOC = "HTTP request latency (first byte in to last byte out of the application)"
 MODEL_DOCS = {"manymodels_model_requests": "Requests scored per model (the busiest models; "
@@ -185,6 +197,8 @@ MODEL_DOCS = {"manymodels_model_requests": "Requests scored per model (the busie
               "manymodels_model_rows": "Rows scored per model",
               "manymodels_model_failures": "Requests naming a model that failed (bad input, "
               "scoring error)"}
+MODEL_LATENCY_DOC = ("Time to score one request's rows with a model (the busiest models; "
+                     "the rest as model=\"other\")")
 FALLBACK_DOC = "Rows served by a fallback model, by its level in the fallback chain"
 HITS_DOC = "Model lookups answered from the session cache"
 MISSES_DOC = "Model lookups that had to wait for a load"
@@ -209,12 +223,15 @@ class _SharedHot:
         self.model_failures = Counter("manymodels_model_failures",
                                       MODEL_DOCS["manymodels_model_failures"], by_model,
                                       registry=reg)
+        self.model_duration = Histogram("manymodels_model_duration_seconds",
+                                        MODEL_LATENCY_DOC, by_model, buckets=LATENCY_BUCKETS,
+                                        registry=reg)
         self.fallback_rows = Counter("manymodels_fallback_rows", FALLBACK_DOC,
                                      ["deployment", "level"], registry=reg)
         self.hit = Counter("manymodels_cache_hits", HITS_DOC, registry=reg).inc
         self.miss = Counter("manymodels_cache_misses", MISSES_DOC, registry=reg).inc
         self._routes: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._models: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def observe_request(self, key: tuple[str, int, str], seconds: float) -> None:
         children = self._routes.get(key)
@@ -226,14 +243,16 @@ class _SharedHot:
         children[1].observe(seconds)
 
     def count_model(self, deployment: str, name: str, rows: int, fallback_rows: int,
-                    level: int) -> None:
+                    level: int, ns: int) -> None:
         children = self._models.get((deployment, name))
         if children is None:
             children = self._models[(deployment, name)] = (
                 self.model_requests.labels(deployment, name),
-                self.model_rows.labels(deployment, name))
+                self.model_rows.labels(deployment, name),
+                self.model_duration.labels(deployment, name))
         children[0].inc()
         children[1].inc(rows)
+        children[2].observe(ns / 1e9)
         if fallback_rows:
             self.fallback_rows.labels(deployment, str(level)).inc(fallback_rows)
 
@@ -243,11 +262,13 @@ class _SharedHot:
 
 class _Figures:
     __slots__ = ("success", "success_ns", "fail", "fail_ns", "rows", "fallback_rows",
-                 "last_ns")
+                 "last_ns", "buckets")
 
     def __init__(self) -> None:
         self.success = self.success_ns = self.fail = self.fail_ns = 0
         self.rows = self.fallback_rows = self.last_ns = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        """Successful requests per latency bucket (not cumulative; the last is +Inf)."""
 
 
 class ModelStats:
@@ -274,6 +295,7 @@ class ModelStats:
             f = self.by_model[name] = _Figures()
         f.success += 1
         f.success_ns += ns
+        f.buckets[bisect_left(LATENCY_BUCKETS_NS, ns)] += 1
         f.rows += rows
         f.last_ns = time.time_ns()
         if fallback_rows:
@@ -355,8 +377,8 @@ def _fold(metric: Metric, keep: set[str]) -> Metric:
     out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
     folded: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for sample in metric.samples:
-        if not sample.name.endswith("_total"):
-            continue  # _created: per series, meaningless once folded
+        if sample.name.endswith("_created"):
+            continue  # per series, meaningless once folded
         model = sample.labels.get("model", "")
         labels = dict(sample.labels)
         if model not in keep:

@@ -249,7 +249,7 @@ class Telemetry:
         ``fallback_rows`` of them reached it down the fallback chain (it is at ``level``)."""
         self.stats.success(name, rows, fallback_rows, ns, level)
         if self._shared is not None:
-            self._shared.count_model(self.deployment, name, rows, fallback_rows, level)
+            self._shared.count_model(self.deployment, name, rows, fallback_rows, level, ns)
         record = _current.get()
         if record is not None:
             if not record.models:
