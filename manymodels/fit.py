@@ -206,9 +206,10 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
     classification = trainer.task == "classification"
     classes = np.unique(y) if classification else None
     values: dict[str, list[float]] = {c.label: [] for c in candidates}
+    fold_ids: dict[str, list[int]] = {c.label: [] for c in candidates}  # to pair options
     oof: dict[str, np.ndarray] = {}
     oof_proba: dict[str, np.ndarray] = {}
-    for _, train, test in folds:
+    for fold, train, test in folds:
         prep = build_prep(job.features.numeric, job.features.categorical)
         train_x = prep.fit_transform(x[train])
         test_x = prep.transform(x[test])
@@ -227,6 +228,7 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
                     proba = _widen(proba, fold_classes, classes)
                 values[candidate.label].append(
                     score_metric(trainer.metric, y[test], prediction, proba, classes))
+                fold_ids[candidate.label].append(fold)
             except Exception as exc:  # one candidate failing must not fail the segment
                 result.candidate_errors[candidate.label] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -238,8 +240,8 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
                 if candidate.label not in oof_proba:
                     oof_proba[candidate.label] = np.full((int(tested.sum()), len(classes)), np.nan)
                 oof_proba[candidate.label][at] = proba
-    return [_Scored(c, FoldScores(tuple(values[c.label])), oof[c.label],
-                    oof_proba.get(c.label), classes)
+    return [_Scored(c, FoldScores(tuple(values[c.label]), tuple(fold_ids[c.label])),
+                    oof[c.label], oof_proba.get(c.label), classes)
             for c in candidates if c.label not in result.candidate_errors]
 
 

@@ -8,11 +8,17 @@ on noise. Options are always listed simplest first.
 
 - Candidates: mean < ridge / logistic < decision tree < random forest < LightGBM
   (declaration order within a family).
-- Levels of one segment: global < pool(s) < own. Where no level wins outright (by more
-  than one standard error), the blend ``w · own + (1 − w) · coarser`` with the best mean
-  fold metric (w in 0.25, 0.5, 0.75; coarser = the best coarser level) replaces the
-  chosen level if it beats it: shrinking a segment's model toward a coarser one is
-  partial pooling.
+- Levels of one segment: global < pool(s) < own. Where no level wins outright (the
+  best by mean beating every other level by more than one standard error of the paired
+  fold differences), the blend ``w · own + (1 − w) · coarser`` with the best mean fold
+  metric (w in 0.25, 0.5, 0.75; coarser = the best coarser level) replaces the chosen
+  level if it beats it: shrinking a segment's model toward a coarser one is partial
+  pooling.
+
+How sure a choice was (``margin_se``) is a paired comparison: every option is scored on
+the same folds, so the standard error that says whether A beats B is that of the
+per-fold differences A − B (as in a paired t-test), not the spread of A's own fold
+metrics, which mixes in how much the folds differ from each other.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from manymodels.candidates import higher_is_better, score_metric
 
 __all__ = ["BLEND_WEIGHTS", "SIMPLICITY", "Choice", "FoldScores", "LevelChoice", "choose_level",
-           "choose_route", "option_label", "pick", "score_folds"]
+           "choose_route", "option_label", "paired_difference", "pick", "score_folds"]
 
 #: Complexity rank of each algorithm: the one-SE rule prefers lower ranks.
 SIMPLICITY = {"mean": 0, "ridge": 1, "logistic": 1, "decision_tree": 2, "random_forest": 3,
@@ -40,9 +46,14 @@ BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 @dataclass(frozen=True)
 class FoldScores:
-    """One option's metric on each validation fold, with their mean and standard error."""
+    """One option's metric on each validation fold, with their mean and standard error.
+
+    ``folds`` names the fold of each value (positions when not given), so two options'
+    values can be paired fold by fold.
+    """
 
     values: tuple[float, ...]
+    folds: tuple[int, ...] | None = None
 
     @property
     def mean(self) -> float:
@@ -51,11 +62,35 @@ class FoldScores:
     @property
     def se(self) -> float:
         """Standard error of the mean over folds (0 with a single fold)."""
-        k = len(self.values)
-        return float(np.std(self.values, ddof=1) / math.sqrt(k)) if k > 1 else 0.0
+        return _standard_error(self.values)
+
+    @property
+    def fold_ids(self) -> tuple[int, ...]:
+        return self.folds if self.folds is not None else tuple(range(len(self.values)))
 
     def as_dict(self) -> dict[str, Any]:
         return {"folds": [float(v) for v in self.values], "mean": self.mean, "se": self.se}
+
+
+def _standard_error(values: Sequence[float]) -> float:
+    k = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(k)) if k > 1 else 0.0
+
+
+def paired_difference(a: FoldScores, b: FoldScores) -> tuple[float, float] | None:
+    """Mean and standard error of ``a − b`` over the folds both were scored on.
+
+    Every option of a segment is scored on the same folds, so their fold metrics move
+    together (a hard fold is hard for every model). The spread of the per-fold
+    differences measures how consistently one beats the other; the spread of one
+    option's own fold metrics mostly measures how much the folds differ. ``None``
+    when the two share no fold.
+    """
+    of_b = dict(zip(b.fold_ids, b.values, strict=True))
+    diffs = [v - of_b[f] for f, v in zip(a.fold_ids, a.values, strict=True) if f in of_b]
+    if not diffs:
+        return None
+    return float(np.mean(diffs)), _standard_error(diffs)
 
 
 def _usable(score: FoldScores | None) -> bool:
@@ -66,9 +101,10 @@ def _usable(score: FoldScores | None) -> bool:
 class Choice:
     """The option picked, the best one by mean, and how sure the pick was.
 
-    ``margin_se``: how far (in standard errors of the best option) the picked option's
-    mean is from the best of the others; positive when it is better than all of them.
-    ``None`` when that cannot be said (one fold, or no other option).
+    ``margin_se``: the smallest, over the other options, of the picked option's mean
+    advantage divided by the standard error of the paired fold differences; positive
+    when it is better than all of them, above 1 when it wins by more than one standard
+    error. ``None`` when that cannot be said (one fold, or no other option).
     """
 
     index: int | None
@@ -80,24 +116,44 @@ def pick(options: Sequence[FoldScores | None], metric: str, rule: str = "one_se"
     """Index of the option to take among ``options`` listed simplest first.
 
     ``rule`` ``one_se``: the simplest option whose mean is within one standard error
-    of the best mean; ``best``: the best mean (ties go to the simpler option).
-    Unusable options (``None``, no folds, non-finite mean) are never picked.
+    (of the best option's fold metrics, as in *ESL* §7.10) of the best mean; ``best``:
+    the best mean (ties go to the simpler option). Unusable options (``None``, no
+    folds, non-finite mean) are never picked. How sure the pick was (``margin_se``) is
+    measured on the paired fold differences (:func:`paired_difference`).
     """
     sign = -1.0 if higher_is_better(metric) else 1.0  # lower signed mean is better
     usable = [i for i, s in enumerate(options) if _usable(s)]
     if not usable:
         return Choice(None, None, None)
-    means = {i: sign * options[i].mean for i in usable}  # type: ignore[union-attr]
+    scores: dict[int, FoldScores] = {i: s for i, s in enumerate(options) if i in usable
+                                     and s is not None}
+    means = {i: sign * scores[i].mean for i in usable}
     best = min(usable, key=lambda i: (means[i], i))
     chosen = best
-    unit = options[best].se  # type: ignore[union-attr]
     if rule == "one_se":
+        unit = scores[best].se
         chosen = next(i for i in usable if means[i] <= means[best] + unit + 1e-12)
-    others = [means[i] for i in usable if i != chosen]
-    margin = None
-    if others and unit > 0:
-        margin = (min(others) - means[chosen]) / unit
-    return Choice(chosen, best, margin)
+    return Choice(chosen, best, _margin(scores, chosen, sign))
+
+
+def _margin(scores: dict[int, FoldScores], chosen: int, sign: float) -> float | None:
+    """The picked option's smallest advantage over any other, in paired standard errors.
+
+    The one-SE rule is a parsimony rule and uses the best option's spread over folds;
+    whether one option *beats* another is a comparison on shared folds, and the spread
+    of one option's fold metrics says little about it: when two options' fold metrics
+    move in opposite directions (each wins a different fold) it understates the
+    uncertainty of their difference, when they move together it overstates it.
+    """
+    margins = []
+    for i, other in scores.items():
+        if i == chosen:
+            continue
+        paired = paired_difference(other, scores[chosen])
+        if paired is None or paired[1] <= 0:
+            continue
+        margins.append(sign * paired[0] / paired[1])
+    return min(margins) if margins else None
 
 
 def score_folds(metric: str, truth: np.ndarray, prediction: np.ndarray, fold_of: np.ndarray,
@@ -109,7 +165,7 @@ def score_folds(metric: str, truth: np.ndarray, prediction: np.ndarray, fold_of:
         rows = fold_of == fold
         values.append(score_metric(metric, truth[rows], prediction[rows],
                                    None if proba is None else proba[rows], classes))
-    return FoldScores(tuple(values))
+    return FoldScores(tuple(values), tuple(int(f) for f in np.unique(fold_of).tolist()))
 
 
 def choose_level(metrics: list[float | None], metric: str, min_gain: float) -> int | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from manymodels.selection import FoldScores, choose_route, pick
+from manymodels.selection import FoldScores, choose_route, paired_difference, pick
 from manymodels.training import train
 
 
@@ -26,6 +26,44 @@ def test_one_se_picks_the_simpler_candidate_on_a_constructed_tie() -> None:
                 "auc", "one_se").index == 0
     assert pick([None, FoldScores((float("nan"),)), simple], "rmse").index == 2
     assert pick([None], "rmse").index is None
+
+
+def test_how_sure_a_pick_was_is_measured_on_paired_fold_differences() -> None:
+    """Check that the margin is the mean fold difference over its paired standard error."""
+    varied = FoldScores((10.0, 20.0, 30.0))  # folds of very different difficulty
+    steady = FoldScores((9.5, 19.4, 29.6))  # better on every fold, by about 0.5
+    diff = paired_difference(varied, steady)
+    assert diff is not None
+    assert diff[0] == pytest.approx(0.5) and diff[1] == pytest.approx(0.0577, abs=1e-3)
+    choice = pick([varied, steady], "rmse", "best")
+    # the spread of steady's own fold metrics (se 5.8) would call this a toss-up
+    assert choice.index == 1 and choice.margin_se == pytest.approx(diff[0] / diff[1])
+    assert choice.margin_se is not None and choice.margin_se > 1
+    # one-SE still prefers the simpler option: it is within one SE of the best mean
+    assert pick([varied, steady], "rmse", "one_se").index == 0
+    # each wins a different fold: better on average, but not surely
+    own, coarser = FoldScores((19.0, 8.6, 21.2)), FoldScores((22.9, 28.1, 11.0))
+    unpaired = (coarser.mean - own.mean) / own.se
+    choice = pick([coarser, own], "rmse", "one_se")
+    assert choice.index == 1 and unpaired > 1
+    assert choice.margin_se is not None and 0 < choice.margin_se < 1
+    assert paired_difference(own, FoldScores((1.0,), (7,))) is None  # no shared fold
+
+
+def test_a_level_that_wins_on_average_but_not_on_every_fold_is_blended() -> None:
+    """Check that the gate blends where the best level's paired margin is below one SE,
+    even when its lead is over one SE of its own fold metrics."""
+    fold_of = np.repeat([0, 1, 2], 4)
+    truth = np.zeros(12)
+    own = np.repeat([19.0, 8.6, 21.2], 4)  # rmse per fold = |error|
+    coarser = np.repeat([-22.9, -28.1, 11.0], 4)  # errors of the other sign on two folds
+    choice = choose_route(truth, fold_of, [(own, None), (coarser, None)], "rmse", blend=True)
+    assert choice.scores["own"].mean < choice.scores["global"].mean - choice.scores["own"].se
+    assert choice.margin_se is not None and choice.margin_se < 1
+    blends = {w: choice.scores[f"blend {w:g}"].mean for w in (0.25, 0.5, 0.75)}
+    assert choice.level == 0 and choice.blend_with == 1
+    assert choice.weight == min(blends, key=blends.__getitem__)
+    assert blends[choice.weight] < choice.scores["own"].mean
 
 
 def _panel(seed: int = 0, segments: int = 12, years: int = 24) -> pd.DataFrame:
