@@ -238,15 +238,17 @@ class Mirror:
 
         Fast-lane routes hand over the body they parsed and the reply they sent; the
         FastAPI routes are recorded on the way through (body and answer bytes)."""
-        copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
-                                                                 "endpoint", "route")}
         started = time.perf_counter()
         if fast_reply(scope, live) is not None:
             answer = await self.app.serve(scope, receive, send, live)
             elapsed = time.perf_counter() - started
-            self.offer(_Copy(copy_scope, b"", 200 if answer else 400, b"", elapsed, shadow,
+            # the shadow's fast lane reads only the method, path, headers and query of the
+            # scope, which nothing changes once the live answer is sent: no copy needed
+            self.offer(_Copy(scope, b"", 200 if answer else 400, b"", elapsed, shadow,
                              answer))
             return
+        copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
+                                                                 "endpoint", "route")}
         recorder = _Recorder(receive, send)
         await self.app.serve(scope, recorder.receive, recorder.send, live)
         elapsed = time.perf_counter() - started
