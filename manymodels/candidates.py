@@ -6,6 +6,7 @@ one-hot for categorical ones), so the exported ONNX model takes raw columns.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from manymodels.specs import TrainerSpec
 
 __all__ = [
     "Candidate",
+    "boosting_prefixes",
     "build_candidates",
     "build_estimator",
     "build_pipeline",
@@ -147,10 +149,49 @@ def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
         return float(roc_auc_score(y_true, proba, multi_class="ovr", labels=list(classes)))
 
 
-def predict_with(pipeline: Any, frame: Any, task: str
+def predict_with(pipeline: Any, frame: Any, task: str, trees: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Predictions, class probabilities (classification) and the class order."""
-    prediction = pipeline.predict(frame)
+    """Predictions, class probabilities (classification) and the class order.
+
+    ``trees``: score a LightGBM model with its first ``trees`` boosting rounds only
+    (see :func:`boosting_prefixes`).
+    """
+    extra = {} if trees is None else {"num_iteration": trees}
+    prediction = pipeline.predict(frame, **extra)
     if task == "classification":
-        return prediction, pipeline.predict_proba(frame), pipeline.classes_
+        return prediction, pipeline.predict_proba(frame, **extra), pipeline.classes_
     return prediction, None, None
+
+
+#: LightGBM parameters under which the first k rounds of a longer run are not exactly a
+#: k-round model (DART rescales earlier trees; early stopping ends the run itself).
+_NOT_PREFIX_SAFE = ("boosting_type", "boosting", "early_stopping_round", "early_stopping_rounds",
+                    "n_iter_no_change", "callbacks")
+
+
+def boosting_prefixes(candidates: list[Candidate]) -> dict[str, tuple[str, int]]:
+    """For LightGBM candidates that differ only in ``n_estimators``: label -> (label of
+    the longest one, its own number of rounds).
+
+    Gradient boosting adds one tree per round and never changes earlier ones, so a
+    k-round model is exactly the first k rounds of the same run taken further: fitting
+    the 80-round candidate once and scoring it at 40 rounds gives the 40-round
+    candidate's predictions without fitting it (validation only; the winner is refitted
+    on its own for export). Candidates not listed are fitted on their own.
+    """
+    groups: dict[str, list[tuple[int, Candidate]]] = {}
+    for candidate in candidates:
+        params = candidate.params
+        if candidate.algorithm != "lightgbm" or any(k in params for k in _NOT_PREFIX_SAFE):
+            continue
+        rest = {k: v for k, v in params.items() if k != "n_estimators"}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((int(params.get("n_estimators", 50)), candidate))
+    out: dict[str, tuple[str, int]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        host = max(members, key=lambda m: m[0])[1]
+        for rounds, candidate in members:
+            out[candidate.label] = (host.label, rounds)
+    return out

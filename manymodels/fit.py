@@ -27,6 +27,7 @@ from sklearn.pipeline import Pipeline
 
 from manymodels.candidates import (
     Candidate,
+    boosting_prefixes,
     build_estimator,
     build_prep,
     higher_is_better,
@@ -209,7 +210,10 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
     fold_ids: dict[str, list[int]] = {c.label: [] for c in candidates}  # to pair options
     oof: dict[str, np.ndarray] = {}
     oof_proba: dict[str, np.ndarray] = {}
+    prefixes = boosting_prefixes(candidates)
+    by_label = {c.label: c for c in candidates}
     for fold, train, test in folds:
+        fitted: dict[str, Any] = {}  # this fold's models, by label
         prep = build_prep(job.features.numeric, job.features.categorical)
         train_x = prep.fit_transform(x[train])
         test_x = prep.transform(x[test])
@@ -221,9 +225,10 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
                 raise TrainingError(f"timeout: over {trainer.segment_timeout_s:g} s while "
                                     f"fitting '{candidate.label}'")
             try:
-                model = build_estimator(candidate, trainer.task, trainer.seed)
-                model.fit(train_x, y[train])
-                prediction, proba, fold_classes = predict_with(model, test_x, trainer.task)
+                model, trees = _fold_model(candidate, by_label, prefixes, fitted, train_x,
+                                           y[train], trainer)
+                prediction, proba, fold_classes = predict_with(model, test_x, trainer.task,
+                                                               trees)
                 if proba is not None and classes is not None and fold_classes is not None:
                     proba = _widen(proba, fold_classes, classes)
                 values[candidate.label].append(
@@ -243,6 +248,19 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
     return [_Scored(c, FoldScores(tuple(values[c.label]), tuple(fold_ids[c.label])),
                     oof[c.label], oof_proba.get(c.label), classes)
             for c in candidates if c.label not in result.candidate_errors]
+
+
+def _fold_model(candidate: Candidate, by_label: dict[str, Candidate],
+                prefixes: dict[str, tuple[str, int]], fitted: dict[str, Any], x: Any,
+                y: np.ndarray, trainer: TrainerSpec) -> tuple[Any, int | None]:
+    """The fitted model that scores ``candidate`` on one fold, and how many boosting
+    rounds of it to use (None: all): a LightGBM candidate that is a prefix of a longer
+    one shares that one's fit (:func:`~manymodels.candidates.boosting_prefixes`)."""
+    host_label, trees = prefixes.get(candidate.label, (candidate.label, None))
+    if host_label not in fitted:
+        model = build_estimator(by_label[host_label], trainer.task, trainer.seed)
+        fitted[host_label] = model.fit(x, y)
+    return fitted[host_label], trees
 
 
 def _widen(proba: np.ndarray, fold_classes: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -69,3 +69,51 @@ def test_constant_target_fails_with_a_reason(frame: pd.DataFrame) -> None:
     """Check that a constant target is refused with a reason naming the value."""
     result = run_job(_job(frame.assign(quantity=3.0)), _context([{"algorithm": "ridge"}]))
     assert result.status == "failed" and "target is constant (3.0" in result.reason
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_shared_boosting_rounds_score_exactly_as_separate_fits(frame: pd.DataFrame,
+                                                               task: str) -> None:
+    """Check that LightGBM candidates differing only in n_estimators, scored on the folds
+    from one fit of the longest (its first k rounds), get exactly the fold metrics and
+    predictions of fitting each on its own."""
+    from manymodels.candidates import boosting_prefixes
+    from manymodels.validation import rolling_blocks
+
+    if task == "classification":
+        frame = frame.assign(quantity=(frame["quantity"] > frame["quantity"].median()).astype(int))
+    block = rolling_blocks(np.arange(len(frame)), 3, 0.2)
+    job = FitJob("m", 0, {}, frame, block >= 0, FEATURES, block=block, expanding=True)
+    params = {"learning_rate": 0.2, "num_leaves": 5, "min_child_samples": 3}
+    metric = "rmse" if task == "regression" else "logloss"
+    extra = {"task": task, "metric": metric}
+    grid = _context([{"algorithm": "lightgbm", "params": params,
+                      "grid": {"n_estimators": [10, 25, 40]}}], **extra)
+    assert len(boosting_prefixes(grid.candidates)) == 3  # the test would be vacuous else
+    shared = run_job(job, grid)
+    assert shared.status == "ok"
+    for rounds in (10, 25, 40):
+        alone = run_job(job, _context([{"algorithm": "lightgbm",
+                                        "params": {**params, "n_estimators": rounds}}], **extra))
+        label = f"lightgbm[n_estimators={rounds}]"
+        assert shared.candidate_folds[label]["folds"] == alone.candidate_folds["lightgbm"]["folds"]
+        if shared.winner == label:
+            np.testing.assert_array_equal(shared.holdout_prediction, alone.holdout_prediction)
+            if task == "classification":
+                np.testing.assert_array_equal(shared.holdout_proba, alone.holdout_proba)
+    values = {tuple(v["folds"]) for v in shared.candidate_folds.values()}
+    assert len(values) == 3  # and the rounds do differ
+
+
+def test_boosting_prefixes_leave_dart_and_other_algorithms_alone() -> None:
+    """Check that only plain-boosting LightGBM candidates equal but for n_estimators share."""
+    from manymodels.candidates import Candidate, boosting_prefixes
+
+    cands = [Candidate("a", "lightgbm", {"n_estimators": 10, "num_leaves": 7}),
+             Candidate("b", "lightgbm", {"n_estimators": 30, "num_leaves": 7}),
+             Candidate("c", "lightgbm", {"n_estimators": 30, "num_leaves": 15}),
+             Candidate("d", "lightgbm", {"n_estimators": 10, "boosting_type": "dart"}),
+             Candidate("e", "lightgbm", {"n_estimators": 30, "boosting_type": "dart"}),
+             Candidate("f", "random_forest", {"n_estimators": 10}),
+             Candidate("g", "random_forest", {"n_estimators": 30})]
+    assert boosting_prefixes(cands) == {"a": ("b", 10), "b": ("b", 30)}
