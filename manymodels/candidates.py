@@ -2,6 +2,11 @@
 
 Preprocessing is part of every candidate's pipeline (scaling for numeric columns,
 one-hot for categorical ones), so the exported ONNX model takes raw columns.
+
+scikit-learn is imported where an estimator or a classification metric is built, not
+with this module: the parent process of a run (training's gate, ``manymodels retrain``
+planning and comparing, reports) uses the specs and regression metrics only, and
+importing scikit-learn costs about a second of a command's start-up.
 """
 
 from __future__ import annotations
@@ -10,23 +15,14 @@ import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.compose import ColumnTransformer
-from sklearn.dummy import DummyClassifier, DummyRegressor
-from sklearn.ensemble import (
-    HistGradientBoostingClassifier,
-    HistGradientBoostingRegressor,
-    RandomForestClassifier,
-    RandomForestRegressor,
-)
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
-from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
 
 from manymodels.errors import SpecError
 from manymodels.monitor.accuracy import label_metric
@@ -64,6 +60,16 @@ def _estimator(algorithm: str, task: str, params: dict[str, Any], seed: int) -> 
                 "random_state": seed, "n_jobs": 1, "verbose": -1}
         cls = lgb.LGBMRegressor if regression else lgb.LGBMClassifier
         return cls(**{**base, **params})
+    from sklearn.dummy import DummyClassifier, DummyRegressor
+    from sklearn.ensemble import (
+        HistGradientBoostingClassifier,
+        HistGradientBoostingRegressor,
+        RandomForestClassifier,
+        RandomForestRegressor,
+    )
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
     factories: dict[str, Callable[..., BaseEstimator]] = {
         "ridge": Ridge,
         "logistic": lambda **p: LogisticRegression(**{"max_iter": 500, **p}),
@@ -89,6 +95,9 @@ def build_prep(numeric: list[str], categorical: list[str]) -> ColumnTransformer:
     Every candidate of a segment gets the same preprocessing, so the trainer fits it once
     per split and reuses the transformed arrays for all candidates.
     """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
     transformers: list[tuple[str, Any, list[str]]] = []
     if numeric:
         transformers.append(("num", StandardScaler(), list(numeric)))
@@ -106,6 +115,8 @@ def build_estimator(candidate: Candidate, task: str, seed: int) -> BaseEstimator
 def build_pipeline(candidate: Candidate, numeric: list[str], categorical: list[str], task: str,
                    seed: int) -> Pipeline:
     """A fresh, unfitted pipeline: column preprocessing then the estimator."""
+    from sklearn.pipeline import Pipeline
+
     return Pipeline([("prep", build_prep(numeric, categorical)),
                      ("model", build_estimator(candidate, task, seed))])
 
@@ -134,6 +145,8 @@ def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
     y_true = np.asarray(y_true)
     if metric in ("rmse", "mae", "wape", "mape"):
         return label_metric(metric, y_true, prediction)  # the same figure monitor computes
+    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
     if metric == "accuracy":
         return float(accuracy_score(y_true, prediction))
     if proba is None or classes is None:

@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sklearn
-from sklearn.pipeline import Pipeline
 
 from manymodels.candidates import (
     Candidate,
@@ -299,6 +297,8 @@ def _rank(scored: list[_Scored], metric: str, rule: str = "best") -> tuple[list[
 
 def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: FitResult) -> _Scored:
     """Refit candidates on all rows in rank order until one exports and passes parity."""
+    from sklearn.pipeline import Pipeline
+
     from manymodels.export import export_model  # import here: heavy, and only workers need it
 
     trainer = ctx.trainer
@@ -410,6 +410,8 @@ def run_chunk(jobs: list[FitJob], ctx: FitContext) -> list[FitResult]:
     validated spec, and on 100-row segments the validation costs more than the fits.
     Its finiteness scan is skipped for jobs whose features were checked once here.
     """
+    import sklearn  # here: the parent of a run need not import it (see manymodels.candidates)
+
     results = []
     with sklearn.config_context(skip_parameter_validation=True):
         for job in jobs:

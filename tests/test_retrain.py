@@ -480,3 +480,15 @@ def test_kill_9_mid_retrain_then_rerun_resumes_and_equals_an_uninterrupted_run(
     for name in a.models:
         assert _strip_metadata(resumed_dir / a.models[name].file) == \
             _strip_metadata(b.root / b.models[name].file), name
+
+
+def test_planning_a_retrain_imports_no_training_library() -> None:
+    """Check that importing what a retrain plans, compares and registers with (and the
+    training module's gate) loads neither scikit-learn nor skl2onnx: a small retrain
+    imports them only when it starts fitting, and a run with nothing to do never does."""
+    code = ("import sys, manymodels.cli, manymodels.retrain, manymodels.training, "
+            "manymodels.selection, manymodels.candidates; "
+            "print(sorted(m for m in ('sklearn', 'skl2onnx', 'lightgbm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
