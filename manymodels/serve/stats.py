@@ -16,13 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from manymodels.errors import ModelNotFound
-
 from . import schemas
 from .dataplane import dumps
 from .metrics import Metrics, render_metrics
 from .registry import ModelRegistry
-from .v2 import check_version
+from .v2 import check_known
 
 __all__ = ["make_observe_router"]
 
@@ -54,9 +52,7 @@ def make_observe_router(registry_of: Callable[[Request], ModelRegistry],
     async def model_stats(request: Request, name: str,
                           model_version: str | None = None) -> Response:
         registry = registry_of(request)
-        check_version(registry, name, model_version)
-        if not registry.knows(name):
-            raise ModelNotFound(name, known=len(registry.bundle.manifest.models))
+        check_known(registry, name, model_version)
         stats = registry.telemetry.stats
         return Response(dumps({"model_stats": [stats.model_stats(name, registry.version)]}),
                         media_type=JSON)

@@ -137,6 +137,14 @@ def check_version(registry: ModelRegistry, name: str, model_version: str | None)
         raise ModelNotFound(f"{name}' version '{model_version}")
 
 
+def check_known(registry: ModelRegistry, name: str, model_version: str | None) -> None:
+    """404 unless ``name`` (at ``model_version``) is a model of the bundle, answered from
+    the manifest without loading the model."""
+    check_version(registry, name, model_version)
+    if not registry.knows(name):
+        raise ModelNotFound(name, known=len(registry.bundle.manifest.models))
+
+
 async def infer_reply(registry: ModelRegistry, name: str, model_version: str | None,
                       body: Any) -> dict[str, Any]:
     """The V2 inference response for ``body`` sent to model ``name``."""
@@ -208,9 +216,7 @@ def make_v2_router(registry_of: Callable[[Request], ModelRegistry], limit: int,
     async def model_ready(request: Request, name: str,
                           model_version: str | None = None) -> Response:
         registry = registry_of(request)
-        check_version(registry, name, model_version)
-        if not registry.knows(name):
-            raise ModelNotFound(name, known=len(registry.bundle.manifest.models))
+        check_known(registry, name, model_version)
         failed = registry.failed.get(name)
         if failed is not None and name not in registry.cache:
             return Response(dumps({"name": name, "ready": False, "error": failed}),
