@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -271,16 +272,24 @@ def azure_server(packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """Azure ML's own local inference server (``azmlinfsrv``) running the bundle's
     score.py, laid out as a deployment mounts a registered model, in a venv that has only
     the bundle's requirements.txt and the server."""
-    root = tmp_path_factory.mktemp("azure")
-    bin_dir = _bundle_venv(root / "venv", packed,
+    with azmlinfsrv_serving(tmp_path_factory.mktemp("azure"), packed, "oj-sales") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def azmlinfsrv_serving(root: Path, bundle: Path, name: str) -> Iterator[str]:
+    """``azmlinfsrv`` running ``bundle``'s score.py from a venv under ``root`` that holds
+    only the bundle's requirements.txt and the server, with the bundle laid out as an
+    Azure ML deployment mounts registered model ``name`` (version 1); yields its URL."""
+    bin_dir = _bundle_venv(root / "venv", bundle,
                            "azureml-inference-server-http>=1.3,<2").parent
-    deploy = root / "azureml-models" / "oj-sales" / "1"
-    shutil.copytree(packed, deploy / "oj-sales")
+    deploy = root / "azureml-models" / name / "1"
+    shutil.copytree(bundle, deploy / name)
     with answering([str(bin_dir / "azmlinfsrv"), "--entry_script",
-                     str(deploy / "oj-sales" / "score.py"), "--port", "{port}"], "/",
-                    "azmlinfsrv", cwd=root,
-                    env={"AZUREML_MODEL_DIR": str(deploy), "HOME": str(root),
-                         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}) as url:
+                    str(deploy / name / "score.py"), "--port", "{port}"], "/",
+                   "azmlinfsrv", cwd=root,
+                   env={"AZUREML_MODEL_DIR": str(deploy), "HOME": str(root),
+                        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}) as url:
         yield url
 
 

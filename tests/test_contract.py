@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from builders import build_contract_bundle
-from conftest import answering as _answering
-from test_bundle import _bundle_venv
+from test_bundle import azmlinfsrv_serving
 from test_serve import Running
 
 from manymodels.batch import score_batch
@@ -169,17 +167,8 @@ def azure_url(contract_bundle: tuple[Path, dict[str, str]],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The bundle's score.py under Azure ML's own ``azmlinfsrv``, laid out as a deployment
     mounts a registered model, in a venv holding only requirements.txt and the server."""
-    root = tmp_path_factory.mktemp("contract-azure")
-    bundle = contract_bundle[0]
-    bin_dir = _bundle_venv(root / "venv", bundle,
-                           "azureml-inference-server-http>=1.3,<2").parent
-    deploy = root / "azureml-models" / "contract" / "1"
-    shutil.copytree(bundle, deploy / "contract")
-    with _answering([str(bin_dir / "azmlinfsrv"), "--entry_script",
-                     str(deploy / "contract" / "score.py"), "--port", "{port}"], "/",
-                    "azmlinfsrv", cwd=root,
-                    env={"AZUREML_MODEL_DIR": str(deploy), "HOME": str(root),
-                         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}) as url:
+    with azmlinfsrv_serving(tmp_path_factory.mktemp("contract-azure"), contract_bundle[0],
+                            "contract") as url:
         yield url
 
 
