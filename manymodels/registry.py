@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
-from manymodels.runtime import MANIFEST_FILE, read_manifest
+from manymodels.io import link_or_copy
+from manymodels.runtime import MANIFEST_FILE, Manifest, read_manifest
 from manymodels.storage import cache_root, fetch_bundle, is_remote
 from manymodels.tracking import (
     DEFAULT_TRACKING_URI,
@@ -146,7 +147,8 @@ def version_tags(summary: BundleSummary, raw: Mapping[str, Any]) -> dict[str, st
 
 def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
                     alias: str | None = None, uri: str | None = None,
-                    reason: str = "registered with this alias") -> RegisteredBundle:
+                    reason: str = "registered with this alias",
+                    manifest: Manifest | None = None) -> RegisteredBundle:
     """Log ``bundle_dir`` as the artifacts of one MLflow run and register it as one version.
 
     Parameters
@@ -161,9 +163,12 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
         Tracking/registry URI (default: :func:`tracking_uri`).
     reason
         Why the alias moves, for the promotion log (:mod:`manymodels.promotions`).
+    manifest
+        The bundle's manifest when the caller holds it (:attr:`PackResult.manifest`):
+        saves reading a 10,000-model manifest again.
     """
     root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
     if manifest.raw.get("kind") != "bundle":
         raise BundleError(f"{root} is a '{manifest.raw.get('kind')}' directory, not a bundle; "
                           "run `manymodels package` first")
@@ -177,7 +182,7 @@ def register_bundle(bundle_dir: str | os.PathLike[str], name: str | None = None,
         run = client.create_run(experiment_id(client, resolved),
                                 run_name=f"{model_name}-{summary.version}", tags=tags)
         run_id = run.info.run_id
-        client.log_artifacts(run_id, str(root), ARTIFACT_PATH)
+        _log_bundle(client, run, root)
         client.set_terminated(run_id)
         if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
             client.create_registered_model(
@@ -304,6 +309,31 @@ def _cache_target(name: str, version: str, uri: str, cache: str | os.PathLike[st
     return Path(cache or cache_dir()) / "registry" / store / name / version
 
 
+def _link_models_copy_rest(src: str, dst: str) -> None:
+    """The copy function of a bundle's tree: model files linked, everything else copied
+    (a manifest edited in place in the bundle directory must not change what is
+    registered; a model file is never edited in place, and validate checks its sha256)."""
+    if src.endswith(".onnx"):
+        link_or_copy(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _log_bundle(client: MlflowClient, run: Any, root: Path) -> None:
+    """Log the bundle as the run's artifacts. A local artifact store gets the tree MLflow's
+    own local repository writes (``log_artifacts`` copies it), with the model files hard
+    linked rather than written a second time; any other store gets ``log_artifacts``."""
+    artifact_uri = str(run.info.artifact_uri)
+    if urlparse(artifact_uri).scheme not in ("", "file"):
+        client.log_artifacts(run.info.run_id, str(root), ARTIFACT_PATH)
+        return
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    target = Path(local_file_uri_to_path(artifact_uri)) / ARTIFACT_PATH
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(root, target, copy_function=_link_models_copy_rest, dirs_exist_ok=True)
+
+
 def seed_cache(bundle_dir: str | os.PathLike[str], name: str, version: str,
                uri: str | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
     """Put a just-registered bundle into the download cache (hard links where possible),
@@ -313,12 +343,6 @@ def seed_cache(bundle_dir: str | os.PathLike[str], name: str, version: str,
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
 
     try:
         shutil.copytree(bundle_dir, tmp, copy_function=link_or_copy)

@@ -35,7 +35,7 @@ from manymodels.engine import (
 )
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
-from manymodels.io import swap_directory_into_place
+from manymodels.io import manifest_json, swap_directory_into_place
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
 from manymodels.segment import (
     FeatureSet,
@@ -446,7 +446,7 @@ def _write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: s
     (staging / "specs" / "trainer.yaml").write_text(
         yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
     report.to_parquet(staging / "report.parquet", index=False)
-    (staging / MANIFEST_FILE).write_text(json.dumps(_plain(manifest), indent=1, allow_nan=False))
+    (staging / MANIFEST_FILE).write_bytes(manifest_json(_plain(manifest)))
     if final_dir.exists() and not overwrite:
         raise SpecError(f"run directory {final_dir} already exists; choose another "
                         f"run id or pass overwrite")
@@ -543,8 +543,9 @@ def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
         frame = prepare_frame(raw, features, seg_spec, tr_spec)
         segmentation = partition(frame, seg_spec, tr_spec)
         plan = resolve_method(tr_spec)
+        times = frame[tr_spec.time_column].to_numpy() if plan.expanding else None
         for seg in segmentation.segments:
-            seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan)
+            seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan, times)
             seg.holdout = seg.block >= 0
         prints = fingerprints(frame[_own_columns(features, tr_spec)],
                               [seg.rows for seg in segmentation.segments])

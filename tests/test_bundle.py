@@ -169,6 +169,28 @@ def test_changed_run_model_is_refused(trained_run: Path, tmp_path: Path) -> None
         package_run(run, tmp_path / "b")
 
 
+def test_packing_links_models_and_returns_the_manifest_it_wrote(trained_run: Path,
+                                                                 tmp_path: Path) -> None:
+    """Check that packing places model files as hard links of the run's (no bytes written
+    again, checksums still read), returns the manifest exactly as written, and packs the
+    same bundle when the caller hands it the run's manifest instead of the file."""
+    run, _ = _copy_run(trained_run, tmp_path)
+    read = package_run(run, tmp_path / "read", name="x")
+    given = package_run(run, tmp_path / "given", name="x", manifest=read_manifest(run))
+    assert given.version == read.version
+    on_disk = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert given.manifest is not None and given.manifest.raw == on_disk
+    assert given.manifest.root == (tmp_path / "given").resolve()
+    first = json.loads((tmp_path / "read" / "manifest.json").read_text())
+    for key in ("created_at",):
+        first.pop(key), on_disk.pop(key)
+    assert first == on_disk
+    for entry in on_disk["models"].values():
+        bundled, source = tmp_path / "given" / entry["file"], run / entry["file"]
+        assert os.stat(bundled).st_ino == os.stat(source).st_ino
+        assert sha256_file(bundled) == entry["sha256"]
+
+
 def test_pyfunc_routes_rows_like_the_run_models(packed: Path, trained_run: Path,
                                                 rows: pd.DataFrame) -> None:
     """Check that mlflow.pyfunc.load_model(bundle).predict equals the run's models row by row."""

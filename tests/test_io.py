@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from manymodels.io import atomic_write_bytes, swap_directory_into_place
+from manymodels.io import atomic_write_bytes, link_or_copy, manifest_json, swap_directory_into_place
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -51,3 +56,39 @@ def test_swap_directory_replaces_old_one(tmp_path: Path) -> None:
     swap_directory_into_place(new, out)
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_manifest_json_is_standard_json_without_nan() -> None:
+    """Check that the manifest encoder writes what the standard library reads back:
+    numpy scalars as numbers, NaN and infinities as null (never a bare NaN token), dates
+    as ISO text, other objects as their text, integer keys as strings."""
+    record = {"metric": np.float32(0.5), "rows": np.int64(24), "nan": float("nan"),
+              "inf": np.float64("inf"), "when": dt.date(2026, 12, 1),
+              "at": pd.Timestamp("2026-12-01T10:00:00"), "path": Path("runs/x"),
+              "levels": {0: ["a"], 1: []}, "values": [1.25, None, "s"]}
+    text = manifest_json(record)
+    assert b"NaN" not in text and b"Infinity" not in text
+    assert json.loads(text) == {
+        "metric": 0.5, "rows": 24, "nan": None, "inf": None, "when": "2026-12-01",
+        "at": "2026-12-01T10:00:00", "path": "runs/x", "levels": {"0": ["a"], "1": []},
+        "values": [1.25, None, "s"]}
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) is not None
+
+
+def test_link_or_copy_links_on_one_file_system_and_copies_across(tmp_path: Path) -> None:
+    """Check that a file placed on the same file system is a hard link (one inode, no
+    bytes written) and one placed on another file system (/dev/shm, a tmpfs) a copy."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"model bytes")
+    linked = tmp_path / "linked.onnx"
+    link_or_copy(src, linked)
+    assert os.stat(linked).st_ino == os.stat(src).st_ino
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        return  # no second file system here: the link case above is the whole check
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        copied = Path(other) / "copied.onnx"
+        link_or_copy(src, copied)
+        assert copied.read_bytes() == b"model bytes"
+        assert os.stat(copied).st_ino != os.stat(src).st_ino or \
+            os.stat(copied).st_dev != os.stat(src).st_dev

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
@@ -62,6 +65,31 @@ def test_register_twice_gives_versions_one_and_two(bundles: tuple[Path, Path]) -
                                                                        rel=1e-5)
     assert tracking_uri().startswith("sqlite:///") and Path(
         tracking_uri()[len("sqlite:///"):]).is_file()
+
+
+def test_local_store_links_model_files_and_copies_the_rest(bundles: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    """Check that registering into a local artifact store writes the tree MLflow's own
+    ``log_artifacts`` would, with model files hard linked (no bytes written a second time)
+    and every other file copied: a manifest edited in place in the bundle directory
+    afterwards does not change what was registered."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles[0], bundle)
+    registered = register_bundle(bundle, name="linked")
+    artifacts = Path(MlflowClient().get_run(registered.run_id).info.artifact_uri[len("file://"):])
+    stored = artifacts / "bundle"
+    files = sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(stored) for p in stored.rglob("*")
+                                     if p.is_file())
+    for name in files:
+        same = os.stat(stored / name).st_ino == os.stat(bundle / name).st_ino
+        assert same == (name.suffix == ".onnx"), name
+        assert (stored / name).read_bytes() == (bundle / name).read_bytes()
+    manifest = bundle / "manifest.json"
+    before = (stored / "manifest.json").read_bytes()
+    with open(manifest, "ab") as handle:  # an in-place edit, as some editors make
+        handle.write(b" ")
+    assert (stored / "manifest.json").read_bytes() == before
 
 
 def test_resolve_by_version_and_alias(bundles: tuple[Path, Path], cache: Path,

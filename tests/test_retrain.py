@@ -150,6 +150,13 @@ def test_only_changed_segments_are_retrained_and_the_rest_stay_byte_identical(
 
     trained = pd.read_parquet(result.bundle / "report.parquet")  # type: ignore[operator]
     assert len(trained) == SEGMENTS and trained["segment"].is_unique
+    assert list(trained["segment"]) == list(result.report["segment"])  # the plan's order
+    old_report = pd.read_parquet(champion_bundle / "report.parquet").set_index("segment")
+    fresh = set(result.report.loc[result.report["outcome"] == "replaced", "segment"])
+    assert fresh
+    for row in trained.to_dict("records"):  # the champion's row unless replaced
+        same = row["level_folds"] == old_report.loc[row["segment"], "level_folds"]
+        assert same == (row["segment"] not in fresh), row["segment"]
 
     unchanged = new[~new["segment"].isin(changed)]
     before = Bundle(champion_bundle).predict(unchanged)
@@ -479,6 +486,25 @@ def test_kill_9_mid_retrain_then_rerun_resumes_and_equals_an_uninterrupted_run(
     assert a.models.keys() == b.models.keys()
     for name in a.models:
         assert _strip_metadata(resumed_dir / a.models[name].file) == \
+            _strip_metadata(b.root / b.models[name].file), name
+
+
+def test_a_small_retrain_on_workers_started_ahead_equals_one_process(
+        store: Path, data: pd.DataFrame) -> None:
+    """Check that a retrain with the default workers (started when the command starts, so
+    a plan below ``IN_PROCESS_MODELS`` is fitted on them too) gives the bundle one process
+    gives: same routes, same models apart from the run id and time in their metadata.
+    (On a one-core machine both fit in one process.)"""
+    changed = _pick(data, "g1", 2, own=True) + _pick(data, "g3", 1)
+    new = _scale(data, changed)
+    ahead = retrain(new, f"models:/{NAME}@champion", out=store / "ahead", track=False)
+    alone = retrain(new, f"models:/{NAME}@champion", out=store / "alone", jobs=1, track=False)
+    assert ahead.plan.retrained == alone.plan.retrained and len(ahead.plan.retrained) == 3
+    assert list(ahead.report["outcome"]) == list(alone.report["outcome"])
+    a, b = read_manifest(store / "ahead"), read_manifest(store / "alone")
+    assert a.routes == b.routes and a.models.keys() == b.models.keys()
+    for name in a.models:
+        assert _strip_metadata(a.root / a.models[name].file) == \
             _strip_metadata(b.root / b.models[name].file), name
 
 

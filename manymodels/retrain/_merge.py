@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import shutil
 import uuid
 from collections import Counter
@@ -33,7 +32,7 @@ import yaml
 
 from manymodels.candidates import higher_is_better
 from manymodels.errors import BundleError, ManyModelsError
-from manymodels.io import swap_directory_into_place
+from manymodels.io import link_or_copy, manifest_json, swap_directory_into_place
 from manymodels.runtime import MANIFEST_FILE, Bundle
 from manymodels.runtime.scoring import blend_outputs
 from manymodels.segment import Segment
@@ -335,30 +334,35 @@ def _segment_records(decisions: list[Decision], prepared: PreparedData, champion
     return out
 
 
-def _place(src: Path, dst: Path) -> None:
-    """A hard link where possible (same bytes, no copy), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def training_report(decisions: list[Decision], champion: Bundle, partial: TrainResult
                     ) -> pd.DataFrame:
     """The per-segment training report of the merged run (what ``manymodels report`` reads):
     the fitted part's rows for replaced and new segments, the champion's for the others
-    (when the champion carries its report)."""
+    (when the champion carries its report), in decision order."""
+    fresh = {d.change.segment for d in decisions
+             if d.change.retrain and d.outcome != "kept current"}
+    order = {d.change.segment: i for i, d in enumerate(decisions)}
+    parts = [_rows_of(partial.report, fresh, order)]
     old_path = champion.root / "report.parquet"
-    old = pd.read_parquet(old_path) if old_path.is_file() else None
-    old_rows = {} if old is None else {str(r["segment"]): r for r in old.to_dict("records")}
-    new_rows = {str(r["segment"]): r for r in partial.report.to_dict("records")}
-    rows = []
-    for d in decisions:
-        fresh = d.change.retrain and d.outcome != "kept current"
-        row = new_rows.get(d.change.segment) if fresh else old_rows.get(d.change.segment)
-        if row is not None:
-            rows.append(row)
-    return pd.DataFrame(rows)
+    if old_path.is_file():
+        parts.insert(0, _rows_of(pd.read_parquet(old_path), set(order) - fresh, order))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame()
+    rows = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    return rows.sort_values("_order", kind="stable").drop(columns="_order") \
+        .reset_index(drop=True)
+
+
+def _rows_of(report: pd.DataFrame, segments: set[str], order: dict[str, int]) -> pd.DataFrame:
+    """The rows of ``report`` for ``segments`` (the last one per segment), tagged with their
+    place in the decisions."""
+    if "segment" not in report:
+        return report.iloc[:0]
+    names = report["segment"].astype(str)
+    picked = report[names.isin(segments) & ~names.duplicated(keep="last")].copy()
+    picked["_order"] = picked["segment"].astype(str).map(order)
+    return picked
 
 
 def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
@@ -376,7 +380,7 @@ def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
             if not src.is_file():
                 raise BundleError(f"model '{name}': {src} is missing; the champion bundle or "
                                   "the retrain state is incomplete")
-            _place(src, staging / "models" / f"{name}.onnx")
+            link_or_copy(src, staging / "models" / f"{name}.onnx")
             merged.manifest["models"][name] = {**merged.manifest["models"][name],
                                                "file": f"models/{name}.onnx"}
         (staging / "specs").mkdir()
@@ -385,9 +389,7 @@ def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
                 yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         report.to_parquet(staging / "retrain_report.parquet", index=False)
         trained.to_parquet(staging / "report.parquet", index=False)
-        # compact: json's C encoder (indent=None) writes a 10,000-model manifest 10x faster
-        (staging / MANIFEST_FILE).write_text(
-            json.dumps(merged.manifest, separators=(",", ":"), allow_nan=False, default=str))
+        (staging / MANIFEST_FILE).write_bytes(manifest_json(merged.manifest))
         swap_directory_into_place(staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

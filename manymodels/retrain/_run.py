@@ -28,7 +28,7 @@ import pandas as pd
 from manymodels.candidates import score_metric
 from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
-from manymodels.runtime import Bundle
+from manymodels.runtime import Bundle, Manifest, parse_manifest
 from manymodels.training import PreparedData, new_run_id, prepare_data, train
 
 from ._lock import hold_lock
@@ -211,9 +211,8 @@ def _report(decisions: list[Decision], prepared: PreparedData) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _same_content(new_root: Path, champion: Bundle) -> bool:
+def _same_content(new: Manifest, champion: Bundle) -> bool:
     """Same routes and the same model files: nothing new to register."""
-    new = Bundle(new_root).manifest
 
     def content(raw: dict[str, Any], models: dict[str, Any]) -> tuple[Any, ...]:
         routes = frozenset((int(r["level"]), tuple(str(v) for v in r["key"]), str(r["model"]),
@@ -295,6 +294,9 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
             say(line)
 
     register = register or promote
+    # the worker processes start now, so their imports (scikit-learn, skl2onnx: ~2 s of
+    # CPU each) overlap the parent's MLflow import and data preparation on the other core
+    warming = None if dry_run or jobs == 1 else start_workers(jobs or default_jobs(), backend)
     text = os.fspath(source)
     model = name or _model_name(text)
     with ExitStack() as stack:
@@ -306,6 +308,8 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
             with clock.part("lock"):
                 stack.enter_context(hold_lock(state / "lock", wait=wait, on_stale=tell,
                                               what=f"retraining '{model}'"))
+        if warming is not None:
+            stack.callback(warming.join)  # every way out waits: no half-started workers
         with clock.part("open champion"):
             champion = stack.enter_context(_open_champion(text, uri, throwaway=dry_run))
         raw = champion.bundle.manifest.raw
@@ -325,9 +329,8 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
                 return RetrainResult(outcome, model, plan, champion.version,
                                      plan.segments_frame(), plan.shared_frame(), clock.total(),
                                      messages, metric=prepared.trainer.metric)
-            workers = _workers_for(plan, jobs, backend)
-            if workers > 1 and backend == "loky":  # warm them up while the jobs are built
-                prepared.warming = start_workers(workers, backend)
+            workers = _workers_for(plan, jobs, backend, warm=warming is not None)
+            prepared.warming, warming = warming, None
             return _locked(prepared, plan, champion, model, state, clock, messages, tell,
                            out=out, runs=runs, register=register, promote=promote,
                            alias=alias, jobs=workers, backend=backend, scheduler=scheduler,
@@ -346,15 +349,18 @@ def _model_name(source: str) -> str:
     return read_manifest(source).name
 
 
-#: Below this many models to fit (none of them shared), one process fits them: starting
-#: and warming worker processes (1-2 s) costs more than it saves.
+#: Below this many models to fit (none of them shared), one process fits them unless
+#: workers are already warm: starting and warming worker processes (1-2 s) then costs
+#: more than it saves.
 IN_PROCESS_MODELS = 100
 
 
-def _workers_for(plan: Plan, jobs: int | None, backend: str) -> int:
-    """Workers for the fitting part: the requested ones, or this process for a small plan."""
+def _workers_for(plan: Plan, jobs: int | None, backend: str, warm: bool = False) -> int:
+    """Workers for the fitting part: the requested ones, or this process for a small plan
+    when no workers were started ahead."""
     requested = jobs or default_jobs()
-    if jobs is None and backend == "loky" and len(plan.retrained) < IN_PROCESS_MODELS \
+    if not warm and jobs is None and backend == "loky" \
+            and len(plan.retrained) < IN_PROCESS_MODELS \
             and not any(s.action == "refit" for s in plan.shared.values()):
         return 1
     return requested
@@ -410,10 +416,12 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
         target = Path(out) if out is not None else Path("bundles") / f"{model}-{run_id}"
         if target.resolve() == champion.root.resolve():
             raise BundleError(f"--out {target} is the champion's own directory; choose another")
-        packed = package_run(run_dir, target, name=model, overwrite=True)
+        packed = package_run(run_dir, target, name=model, overwrite=True,
+                             manifest=parse_manifest(run_dir, merged.manifest))
         bundle_dir = Path(packed.path)
         result.bundle, result.bundle_version = bundle_dir, packed.version
-    if _same_content(bundle_dir, champion.bundle):
+        assert packed.manifest is not None  # a local bundle
+    if _same_content(packed.manifest, champion.bundle):
         rejected = int((report["outcome"] == "kept current").sum())
         result.outcome = Outcome.NO_IMPROVEMENT if rejected else Outcome.NOTHING_TO_DO
         result.why = (f"the new bundle equals the champion ({rejected} challenger(s) were not "
@@ -422,7 +430,7 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
         return result
     if register:
         with clock.part("register"):
-            _register(result, bundle_dir, model, uri, tell)
+            _register(result, packed.manifest, model, uri, tell)
     if promote:
         with clock.part("promote"):
             _promote(result, prepared, champion, model, alias, uri, tell)
@@ -440,7 +448,7 @@ def _partial_from_disk(run_dir: Path, read: Callable[[Path], Any]) -> Any:
                        dict(manifest.raw.get("summary") or {}))
 
 
-def _register(result: RetrainResult, bundle: Path, model: str, uri: str | None,
+def _register(result: RetrainResult, bundle: Manifest, model: str, uri: str | None,
               tell: Callable[[str], None]) -> None:
     from manymodels.registry import find_version, register_bundle, seed_cache
 
@@ -451,8 +459,9 @@ def _register(result: RetrainResult, bundle: Path, model: str, uri: str | None,
              f"{existing} (a rerun after a crash); not registering it twice")
         result.version = existing
     else:
-        result.version = register_bundle(bundle, name=model, uri=uri).version
-    seed_cache(bundle, model, result.version, uri)
+        result.version = register_bundle(bundle.root, name=model, uri=uri,
+                                         manifest=bundle).version
+    seed_cache(bundle.root, model, result.version, uri)
 
 
 def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion, model: str,

@@ -29,6 +29,7 @@ from .manifest import (
     Manifest,
     ModelEntry,
     normalise_key_value,
+    parse_manifest,
     read_manifest,
 )
 from .scoring import Bundle, Routed, ScoreResult, sha256_file
@@ -66,6 +67,7 @@ __all__ = [
     "load_model",
     "make_session_options",
     "normalise_key_value",
+    "parse_manifest",
     "read_manifest",
     "sha256_file",
 ]
