@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
 
-from manymodels.engine import chunk_jobs, run_chunks
+from manymodels.engine import chunk_jobs, run_chunks, stop_workers
 from manymodels.errors import SpecError
 
 
@@ -57,3 +58,36 @@ def test_unknown_backend_is_a_spec_error() -> None:
     """Check that a backend name typo gives a clear SpecError."""
     with pytest.raises(SpecError, match="unknown backend 'ray'"):
         run_chunks(_square_chunk, [[Job(1, 0)]], 0, 2, "ray")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed child not yet reaped by loky is a zombie: gone for this purpose
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_workers_kills_the_loky_workers_and_later_runs_start_new_ones() -> None:
+    """Check that stopping the workers at the end of a command kills the real loky
+    processes (no waiting for their interpreters to wind down), and that fan-out still
+    works afterwards on fresh workers."""
+    jobs = [Job(1, i) for i in range(40)]
+    chunks = chunk_jobs(jobs, workers=2)
+    first = {pid for _, _, pid in run_chunks(_square_chunk, chunks, 0, workers=2,
+                                             backend="loky")}
+    assert first and os.getpid() not in first
+    stop_workers()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in first) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in first)
+    again = run_chunks(_square_chunk, chunks, 1, workers=2, backend="loky")
+    assert sorted(r[:2] for r in again) == [(i, i * i + 1) for i in range(40)]
+    assert not {pid for _, _, pid in again} & first
+    stop_workers()
+    stop_workers()  # nothing left to stop: a no-op

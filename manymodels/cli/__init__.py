@@ -107,6 +107,10 @@ def main() -> None:
         # every object of every module loaded (scikit-learn, SciPy, MLflow, SQLAlchemy):
         # 0.8-1 s of a retrain's wall time. Exit handlers and finalisers still run.
         gc.freeze()
+        if "joblib.externals.loky.reusable_executor" in sys.modules:  # workers were used
+            from manymodels.engine import stop_workers
+
+            stop_workers()
 
 
 def _quick_exit() -> None:
