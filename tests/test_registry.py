@@ -76,7 +76,8 @@ def test_local_store_links_model_files_and_copies_the_rest(bundles: tuple[Path, 
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles[0], bundle)
     registered = register_bundle(bundle, name="linked")
-    artifacts = Path(MlflowClient().get_run(registered.run_id).info.artifact_uri[len("file://"):])
+    run = MlflowClient(tracking_uri=tracking_uri()).get_run(registered.run_id)
+    artifacts = Path(run.info.artifact_uri[len("file://"):])
     stored = artifacts / "bundle"
     files = sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(stored) for p in stored.rglob("*")
