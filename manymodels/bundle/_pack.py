@@ -19,7 +19,7 @@ from typing import Any
 
 from manymodels import runtime
 from manymodels.errors import BundleError
-from manymodels.io import manifest_json, swap_directory_into_place
+from manymodels.io import link_or_copy, manifest_json, swap_directory_into_place
 from manymodels.runtime import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -184,33 +184,12 @@ def _check_target(out: Path, overwrite: bool) -> None:
                           "pass --overwrite to replace it or choose another path")
 
 
-def _copy_and_hash(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """Copy ``src`` to ``dst`` reading it once, returning its sha256 and size."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as reader, open(dst, "wb") as writer:
-        while block := reader.read(chunk):
-            digest.update(block)
-            writer.write(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def _link_and_hash(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """Place ``src`` at ``dst`` as a hard link where possible (no bytes written; model
-    files are never rewritten in place), and read its sha256 and size from the placed file, so the check
-    against the run's checksums still reads every byte."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        return _copy_and_hash(src, dst, chunk)
-    digest = hashlib.sha256()
-    size = 0
-    with open(dst, "rb") as reader:
-        while block := reader.read(chunk):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+def _place_and_hash(src: Path, dst: Path) -> tuple[str, int]:
+    """Place ``src`` at ``dst`` (a hard link where possible: no bytes written, and model
+    files are never rewritten in place) and read its sha256 and size from the placed
+    file, so the check against the run's checksums still reads every byte."""
+    link_or_copy(src, dst)
+    return runtime.sha256_file(dst), dst.stat().st_size
 
 
 def _copy_models(run: Manifest, used: list[str], tmp: Path) -> dict[str, dict[str, Any]]:
@@ -228,7 +207,7 @@ def _copy_models(run: Manifest, used: list[str], tmp: Path) -> dict[str, dict[st
         if file_name in taken:
             raise BundleError(f"two models of {run.root} share the file name {file_name}")
         taken.add(file_name)
-        sha, size = _link_and_hash(src, tmp / "models" / file_name)
+        sha, size = _place_and_hash(src, tmp / "models" / file_name)
         if entry.sha256 and sha != entry.sha256:
             raise BundleError(f"model '{model_name}': {entry.file} does not match the sha256 in "
                               f"{run.root / MANIFEST_FILE} (file changed after training); "

@@ -342,16 +342,14 @@ def training_report(decisions: list[Decision], champion: Bundle, partial: TrainR
     fresh = {d.change.segment for d in decisions
              if d.change.retrain and d.outcome != "kept current"}
     order = {d.change.segment: i for i, d in enumerate(decisions)}
-    parts = [_rows_of(partial.report, fresh, order)]
     old_path = champion.root / "report.parquet"
-    if old_path.is_file():
-        parts.insert(0, _rows_of(pd.read_parquet(old_path), set(order) - fresh, order))
-    parts = [p for p in parts if len(p)]
+    sources = [(pd.read_parquet(old_path), set(order) - fresh)] if old_path.is_file() else []
+    sources.append((partial.report, fresh))
+    parts = [p for p in (_rows_of(r, names, order) for r, names in sources) if len(p)]
     if not parts:
         return pd.DataFrame()
-    rows = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    return rows.sort_values("_order", kind="stable").drop(columns="_order") \
-        .reset_index(drop=True)
+    return pd.concat(parts, ignore_index=True).sort_values("_order", kind="stable") \
+        .drop(columns="_order").reset_index(drop=True)
 
 
 def _rows_of(report: pd.DataFrame, segments: set[str], order: dict[str, int]) -> pd.DataFrame:
