@@ -172,3 +172,38 @@ def test_refused_partition_prints_one_line_only(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "partitioning on sku_id would create 6,000 segments" in proc.stderr
     assert "Traceback" not in proc.stderr and "LokyProcess" not in proc.stderr
+
+
+def test_workers_forked_from_a_preloaded_server_train_what_one_process_does(
+        oj_small: pd.DataFrame, tmp_path: Path, specs: tuple[Path, Path]) -> None:
+    """Check that two workers train the same winners, metrics and predictions as one process
+    whichever way the command starts: ``python -m manymodels`` and the console script (workers
+    forked from one preloaded server) and a user's script that calls ``main()`` with no
+    ``__main__`` guard (loky's own workers, which must not run that script again)."""
+    import numpy as np
+
+    from manymodels.runtime import Bundle
+    from manymodels.training import train
+
+    oj_small.to_parquet(tmp_path / "oj.parquet")
+    (tmp_path / "mine.py").write_text(
+        "import sys\nfrom manymodels.cli import main\n"
+        "sys.argv = ['manymodels', *sys.argv[1:]]\nmain()\n")
+    starts = {"module": [sys.executable, "-m", "manymodels"],
+              "script": [str(Path(sys.executable).parent / "manymodels")],
+              "unguarded": [sys.executable, "mine.py"]}
+    reference = train(oj_small, SEGMENTER, FAST_TRAINER, out=tmp_path / "runs", run_id="one",
+                      jobs=1, track=False)
+    expected = Bundle(reference.run_dir).predict(oj_small)["prediction"]
+    cols = ["segment", "winner", "metric_own", "metric_global", "level", "model"]
+    for start, command in starts.items():
+        proc = subprocess.run([*command, "train", "--data", "oj.parquet", "--segmenter",
+                               str(specs[0]), "--trainer", str(specs[1]), "--out", "runs",
+                               "--run-id", start, "--jobs", "2", "--no-track", "--quiet"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, (start, proc.stderr)
+        assert proc.stdout.strip().endswith(start), (start, proc.stdout)
+        report = pd.read_parquet(tmp_path / "runs" / start / "report.parquet")
+        pd.testing.assert_frame_equal(report[cols], reference.report[cols])
+        np.testing.assert_array_equal(
+            Bundle(tmp_path / "runs" / start).predict(oj_small)["prediction"], expected)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from joblib.externals.loky.backend.context import set_start_method
 
-from manymodels.engine import chunk_jobs, run_chunks, stop_workers
+from manymodels.engine import SHARED_IMPORTS, chunk_jobs, run_chunks, stop_workers
 from manymodels.errors import SpecError
 
 
@@ -91,3 +94,41 @@ def test_stop_workers_kills_the_loky_workers_and_later_runs_start_new_ones() -> 
     assert not {pid for _, _, pid in again} & first
     stop_workers()
     stop_workers()  # nothing left to stop: a no-op
+
+
+def _worker_facts(chunk: list[Job], context: int) -> list[tuple[int, int, int, bool, str]]:
+    """Where a chunk ran: pid, parent pid, whether scikit-learn was loaded before this module
+    needed it (it never imports it), and the OpenMP thread limit the worker started with."""
+    return [(job.ident, os.getpid(), os.getppid(), "sklearn" in sys.modules,
+             os.environ.get("OMP_NUM_THREADS", "")) for job in chunk]
+
+
+@pytest.fixture()
+def shared_imports() -> Iterator[None]:
+    """Fan out as the command line does, then put loky back as library callers get it."""
+    stop_workers()  # workers of earlier tests were spawned; these must be forked
+    SHARED_IMPORTS["enabled"] = True
+    try:
+        yield
+    finally:
+        stop_workers()
+        SHARED_IMPORTS["enabled"] = False
+        set_start_method(None, force=True)
+
+
+@pytest.mark.usefixtures("shared_imports")
+def test_command_line_workers_are_forked_from_one_preloaded_server() -> None:
+    """Check that with the command line's setting, loky's workers are real processes forked
+    from one server (not children of this process), hold the training stack before their
+    first chunk, and start with joblib's thread limit, and that every result comes back."""
+    jobs = [Job(1, i) for i in range(40)]
+    facts = run_chunks(_worker_facts, chunk_jobs(jobs, 2), 0, workers=2, backend="loky")
+    assert sorted(f[0] for f in facts) == list(range(40))
+    pids = {f[1] for f in facts}
+    parents = {f[2] for f in facts}
+    assert os.getpid() not in pids
+    assert len(parents) == 1 and os.getpid() not in parents  # the fork server
+    assert all(f[3] for f in facts)
+    expected = os.environ.get("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // 2, 1)))
+    assert {f[4] for f in facts} == {expected}
+    assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == expected

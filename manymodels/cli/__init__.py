@@ -92,6 +92,9 @@ def exit_code_for(exc: ManyModelsError) -> int:
 
 def main() -> None:
     """Console-script entry point."""
+    from manymodels.engine import SHARED_IMPORTS
+
+    SHARED_IMPORTS["enabled"] = _started_as_manymodels()
     try:
         app(prog_name="manymodels")
     except SystemExit as exc:
@@ -111,6 +114,20 @@ def main() -> None:
             from manymodels.engine import stop_workers
 
             stop_workers()
+
+
+def _started_as_manymodels() -> bool:
+    """Whether this process is ``manymodels`` or ``python -m manymodels``.
+
+    Then a forked worker does not run ``__main__`` again: ``python -m`` mains are never
+    re-imported by multiprocessing, and the console script guards its call. A script of a
+    user's that calls :func:`main` may not guard it, so it keeps loky's own workers.
+    """
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None:
+        return bool(spec.name == "manymodels.__main__")
+    return os.path.basename(getattr(main_module, "__file__", "") or "") == "manymodels"
 
 
 def _quick_exit() -> None:
