@@ -135,8 +135,9 @@ def _loky_backend(workers: int) -> str:
     (measured). A fork server pays it once and forks every worker with it loaded. It is
     started with the thread limits joblib gives spawned workers (one BLAS/OpenMP thread per
     worker's share of the cores), since the libraries read them as they load, in the server.
+    Where there is no fork server (Windows), workers are spawned as before.
     """
-    if SHARED_IMPORTS["enabled"]:
+    if SHARED_IMPORTS["enabled"] and "forkserver" in multiprocessing.get_all_start_methods():
         if not _SERVER["started"]:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(_PRELOAD)
