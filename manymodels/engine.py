@@ -118,10 +118,9 @@ def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
 #: re-imports their ``__main__``.
 SHARED_IMPORTS = {"enabled": False}
 
-#: What the fork server imports before forking any worker: the training stack
-#: (scikit-learn, SciPy, ONNX, ONNX Runtime), and the command line, which the console
-#: script imports again in each forked worker (as ``__mp_main__``, where its call is guarded).
-_PRELOAD = ["manymodels._forkserver", "manymodels.cli", "manymodels.export", "manymodels.fit"]
+#: What the fork server imports before forking any worker (the training stack, the command
+#: line, and a quick exit; see that module).
+_PRELOAD = ["manymodels._forkserver"]
 
 _SERVER = {"started": False}
 

@@ -97,9 +97,9 @@ def test_stop_workers_kills_the_loky_workers_and_later_runs_start_new_ones() -> 
 
 
 def _worker_facts(chunk: list[Job], context: int) -> list[tuple[int, int, int, bool, str]]:
-    """Where a chunk ran: pid, parent pid, whether scikit-learn was loaded before this module
-    needed it (it never imports it), and the OpenMP thread limit the worker started with."""
-    return [(job.ident, os.getpid(), os.getppid(), "sklearn" in sys.modules,
+    """Where a chunk ran: pid, parent pid, whether scikit-learn and skl2onnx were loaded (this module
+    imports neither), and the OpenMP thread limit the worker started with."""
+    return [(job.ident, os.getpid(), os.getppid(), "sklearn" in sys.modules and "skl2onnx" in sys.modules,
              os.environ.get("OMP_NUM_THREADS", "")) for job in chunk]
 
 
