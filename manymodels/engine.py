@@ -140,7 +140,9 @@ def _loky_backend(workers: int) -> str:
         if not _SERVER["started"]:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(_PRELOAD)
-            with _environment(_thread_limits(workers)):
+            server_env = {**_thread_limits(workers),
+                          "MANYMODELS_FORKSERVER_PARENT": str(os.getpid())}
+            with _environment(server_env):
                 multiprocessing.forkserver.ensure_running()
             _SERVER["started"] = True
         set_start_method("forkserver", force=True)

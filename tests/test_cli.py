@@ -207,3 +207,51 @@ def test_workers_forked_from_a_preloaded_server_train_what_one_process_does(
         pd.testing.assert_frame_equal(report[cols], reference.report[cols])
         np.testing.assert_array_equal(
             Bundle(tmp_path / "runs" / start).predict(oj_small)["prediction"], expected)
+
+
+def _gone(pid: int) -> bool:
+    """A process that has exited (a zombie nobody reaped yet counts as exited)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_command_takes_its_forked_workers_with_it(tmp_path: Path) -> None:
+    """Check that when `manymodels train -j 2` is killed with SIGKILL while its workers fit,
+    the fork server and every worker die too, instead of waiting out loky's idle timeout."""
+    import signal
+    import time
+
+    import psutil
+
+    from manymodels.datasets import make_mixed
+
+    make_mixed(segments=600, rows_per_segment=24, seed=0).to_parquet(tmp_path / "mixed.parquet")
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(
+        {"columns": ["group", "segment"], "min_rows": 10, "max_segments": 20000}))
+    (tmp_path / "tr.yaml").write_text(yaml.safe_dump(
+        {"target": "y", "time_column": "week",
+         "candidates": [{"algorithm": "ridge"}, {"algorithm": "mean"}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "manymodels", "train", "--data",
+                             "mixed.parquet", "--segmenter", "seg.yaml", "--trainer", "tr.yaml",
+                             "--jobs", "2", "--no-track", "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = psutil.Process(proc.pid)
+    workers: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        servers = [c for c in command.children() if "multiprocessing.forkserver" in
+                   " ".join(c.cmdline())]
+        workers = [w for s in servers for w in s.children()]
+    assert len(workers) >= 2, "the command ended before its workers were seen"
+    family = [p.pid for p in command.children(recursive=True)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in family if not _gone(pid)] == []
