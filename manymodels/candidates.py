@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
 
 from manymodels.errors import SpecError
-from manymodels.monitor.accuracy import label_metric
+from manymodels.monitor.accuracy import higher_is_better, label_metric
 from manymodels.specs import TrainerSpec
 
 __all__ = [
@@ -133,10 +133,6 @@ def build_candidates(spec: TrainerSpec) -> list[Candidate]:
             seen.add(label)
             out.append(Candidate(label, family.algorithm, params, family.resolved_min_rows))
     return out
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric in ("auc", "accuracy")
 
 
 def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,

@@ -27,6 +27,7 @@ LABEL_METRICS = ("rmse", "mae", "wape", "mape", "accuracy")
 
 
 def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (the one definition; training uses it)."""
     return metric in ("auc", "accuracy")
 
 
