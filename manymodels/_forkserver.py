@@ -1,4 +1,4 @@
-"""What the fork server that local workers are forked from holds (see ``engine._loky_backend``).
+"""What the fork server that local workers are forked from holds (see ``engine._use_fork_server``).
 
 The only module the server is asked to preload. It imports the training stack and
 registers the ONNX converters, so each forked worker starts with scikit-learn, SciPy,

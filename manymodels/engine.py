@@ -114,7 +114,7 @@ def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
 
 #: Set by the command line (``cli.main``): local workers are forked from one server process
 #: that imported the training stack once, instead of each importing it (see
-#: :func:`_loky_backend`). Library callers keep loky's own start method, which never
+#: :func:`_use_fork_server`). Library callers keep loky's own start method, which never
 #: re-imports their ``__main__``.
 SHARED_IMPORTS = {"enabled": False}
 
@@ -125,9 +125,8 @@ _PRELOAD = ["manymodels._forkserver"]
 _SERVER = {"started": False}
 
 
-def _loky_backend(workers: int) -> str:
-    """The joblib backend for local processes; workers fork from a preloaded server when
-    the command line asked for it.
+def _use_fork_server(workers: int) -> None:
+    """Make loky fork its workers from a preloaded server, when the command line asked.
 
     A spawned worker imports scikit-learn, SciPy and ONNX Runtime for itself: ≈ 1.6 s of
     CPU per worker, which on two cores is as much as fitting a small retrain's 50 segments
@@ -146,7 +145,6 @@ def _loky_backend(workers: int) -> str:
                 multiprocessing.forkserver.ensure_running()
             _SERVER["started"] = True
         set_start_method("forkserver", force=True)
-    return "loky"
 
 
 def _thread_limits(workers: int) -> dict[str, str]:
@@ -188,11 +186,11 @@ def start_workers(workers: int, backend: str = "loky") -> threading.Thread | Non
     if backend != "loky" or workers < 2:
         return None
 
-    loky = _loky_backend(workers)
+    _use_fork_server(workers)
 
     def warm() -> None:
         with contextlib.suppress(Exception):  # a failed warm-up only costs the overlap
-            joblib.Parallel(n_jobs=workers, backend=loky)(
+            joblib.Parallel(n_jobs=workers, backend="loky")(
                 joblib.delayed(_warm_worker)() for _ in range(workers))
 
     thread = threading.Thread(target=warm, name="manymodels-warm-workers", daemon=True)
@@ -237,9 +235,9 @@ def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], c
         return results
     calls = (joblib.delayed(func)(chunk, context) for chunk in chunks)
     if backend in ("loky", "threading"):
-        parallel = joblib.Parallel(n_jobs=workers,
-                                   backend=_loky_backend(workers) if backend == "loky" else backend,
-                                   return_as="generator_unordered")
+        if backend == "loky":
+            _use_fork_server(workers)
+        parallel = joblib.Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered")
         for done in parallel(calls):
             collect(done)
         return results
