@@ -3,8 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# mkdocs 1.6 plugins print a banner about mkdocs 2 at every build; the build is unaffected
+MKDOCS := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true PYTHONPATH=$(CURDIR) $(BIN)/mkdocs
 
-.PHONY: install demo test lint clean bench notebooks notebooks-sync
+.PHONY: install demo test lint docs clean bench notebooks notebooks-sync
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,8 +23,14 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -x --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check manymodels tests benchmarks
+	$(BIN)/ruff check manymodels tests benchmarks docs
 	$(BIN)/mypy
+	$(MKDOCS) build --strict --quiet --site-dir $(CURDIR)/site
+
+# The documentation site (docs/, mkdocs.yml) into site/: open site/index.html. The reference
+# pages are generated from the code at build time (docs/gen_reference.py); nothing is fetched.
+docs: $(STAMP)
+	$(MKDOCS) build --strict --site-dir $(CURDIR)/site
 
 # Open the notebooks in Jupyter (installs the `notebooks` extra once). Each .ipynb is paired
 # with a .py (jupytext percent format): edit either, then `make notebooks-sync`.
@@ -41,4 +49,4 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) runs bundles mlruns.db mlartifacts .pytest_cache test-artifacts notebooks/notebook_out
+	rm -rf $(VENV) site runs bundles mlruns.db mlartifacts .pytest_cache test-artifacts notebooks/notebook_out

@@ -89,6 +89,8 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         does): saves reading and parsing it again, which is most of packing a
         10,000-model run. It must be what ``run_dir/manifest.json`` holds.
 
+    Notes
+    -----
     ``out`` may be an object-store URL (``s3://bucket/bundles/oj``): the bundle is packed
     locally, then uploaded with its manifest last (:func:`manymodels.storage.upload_bundle`).
     """
