@@ -7,13 +7,14 @@ small (a few stores) so the whole suite stays fast on two cores.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,45 @@ def answering(command: list[str], probe: str, what: str, *, log: Path | None = N
         proc.wait(timeout=30)
         if sink is not None:
             sink.close()
+
+
+def assert_clean_log(log: Path, secrets: Iterable[str] = ()) -> str:
+    """Check that a server's whole log holds no traceback and none of ``secrets``;
+    returns the log's text for further checks."""
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+    for secret in secrets:
+        assert secret not in text, "a credential reached the server log"
+    return text
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs (a disk that can fill up), mounted for one test and unmounted after.
+
+    Mounting needs root (CAP_SYS_ADMIN); elsewhere the test is skipped and says why."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write one file until ``disk`` is full (ENOSPC); returns it (delete it to free)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
 
 
 @pytest.fixture(scope="session")

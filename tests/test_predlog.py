@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -14,9 +16,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from builders import build_bundle
+from conftest import answering, assert_clean_log, fill_disk
 from test_observe import ONE_ROW, start_cli_server
 from test_serve import GLOBAL, SEG, Running, v2_inputs
 
+from manymodels.monitor import monitor
 from manymodels.monitor.logs import log_files, read_prediction_logs
 from manymodels.runtime import read_manifest
 from manymodels.runtime.manifest import Manifest
@@ -171,3 +175,69 @@ def test_kill_9_during_heavy_logging_leaves_only_readable_files(bundle: Path,
     assert len(read_prediction_logs(logs)) <= sent[0]
     PredictionLog(logs, _manifest(bundle)).close()  # a restart: orphans of dead pids go
     assert not [p for p in logs.iterdir() if p.name.endswith(".tmp")]
+
+
+def _counter(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_full_disk_drops_counts_and_resumes(bundle: Path, small_disk: Path,
+                                            tmp_path: Path) -> None:
+    """Check that a prediction log on a disk that fills up (a real tmpfs) drops and
+    counts rows while it is full, writes new readable files once space returns, never
+    renames a broken file into place, and that monitor reads the directory (skipping and
+    reporting an unreadable file); the server's log holds one line, no traceback."""
+    logs = small_disk / "logs"
+    server_log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", "{port}",
+               "--log-predictions", str(logs), "--log-level", "info"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MANYMODELS_LOG_MAX_SECONDS": "0.5"}
+    sent = 0
+    with answering(command, "/ping", "manymodels serve", log=server_log, env=env) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+
+        def score(requests: int) -> None:
+            nonlocal sent
+            for _ in range(requests):
+                reply = c.post("/score", json={"model": SEG, "data": [ONE_ROW] * 200})
+                assert reply.status_code == 200, reply.text
+                sent += 200
+
+        def metric(name: str) -> float:
+            return _counter(c.get("/metrics").text, name)
+
+        def wait_for(check: Any) -> None:
+            deadline = time.monotonic() + 30
+            while not check():
+                assert time.monotonic() < deadline, "timed out"
+                time.sleep(0.1)
+
+        score(5)
+        wait_for(lambda: len(log_files(logs)) >= 1)
+        filler = fill_disk(small_disk)
+        before_full = set(log_files(logs))
+        for _ in range(10):  # several flushes while full: every one fails
+            score(5)
+            time.sleep(0.3)
+        wait_for(lambda: metric("manymodels_prediction_log_dropped_rows_total") > 0)
+        assert set(log_files(logs)) == before_full  # nothing completed while full
+        filler.unlink()
+        score(5)
+        wait_for(lambda: len(log_files(logs)) > len(before_full))
+        wait_for(lambda: metric("manymodels_prediction_log_rows_total")
+                 + metric("manymodels_prediction_log_dropped_rows_total") == sent)
+        dropped = metric("manymodels_prediction_log_dropped_rows_total")
+    assert 0 < dropped < sent
+    files = log_files(logs)
+    assert sum(pq.read_table(f).num_rows for f in files) == sent - dropped  # each one reads
+    assert not [p for p in logs.iterdir() if p.name.endswith(".tmp")]
+    text = assert_clean_log(server_log)
+    assert text.count("prediction log: writing to") == 2  # failed (once), writing again
+    (logs / "predictions-99999999T000000-1-00001.parquet").write_bytes(b"PAR1 cut short")
+    report = monitor(str(bundle), str(logs))
+    assert report.rows == sent - dropped
+    assert len(report.unreadable_files) == 1
+    assert report.unreadable_files[0].startswith("predictions-99999999T000000-1-00001.parquet")

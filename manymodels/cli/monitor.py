@@ -42,6 +42,9 @@ def _print(report: Any, show: int) -> None:
     if report.unknown_models:
         console.print(f"[yellow]{len(report.unknown_models)} logged model(s) are not in the "
                       f"bundle[/], e.g. {report.unknown_models[0]}")
+    for skipped in report.unreadable_files:
+        console.print(f"[yellow]skipped unreadable prediction-log file[/] {skipped}",
+                      highlight=False)
     console.print(f"alarms: [bold]{report.alarms}[/]", highlight=False)
 
 

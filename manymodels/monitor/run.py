@@ -46,6 +46,8 @@ class MonitorReport:
     accuracy: list[AccuracyVerdict] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     unknown_models: list[str] = field(default_factory=list)
+    unreadable_files: list[str] = field(default_factory=list)
+    """Prediction-log files skipped because they cannot be read, with the reason."""
 
     @property
     def alarms(self) -> int:
@@ -78,7 +80,8 @@ class MonitorReport:
                 "alarms": self.alarms, "settings": self.settings,
                 "models": self.models(), "drift": [asdict(d) for d in self.drift],
                 "accuracy": [asdict(a) for a in self.accuracy],
-                "unknown_models": self.unknown_models}
+                "unknown_models": self.unknown_models,
+                "unreadable_files": self.unreadable_files}
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """JSON (``.json``) or Parquet (``.parquet``: one row per verdict), atomically."""
@@ -141,12 +144,13 @@ def monitor(bundle: str | os.PathLike[str], predictions: str | os.PathLike[str],
         raise DataError("--actuals needs --id-column: the column that joins actuals to the "
                         "logged rows (a column the client sent, or request_id)")
     manifest = _bundle_manifest(bundle)
-    log = read_prediction_logs(predictions).to_pandas()
+    unreadable: list[str] = []
+    log = read_prediction_logs(predictions, unreadable).to_pandas()
     if deployment is not None:
         log = log[log["deployment"] == deployment]
     report = MonitorReport(str(bundle), str(predictions), len(log), settings={
         "min_rows": min_rows, "alpha": alpha, "psi_floor": floor, "tolerance": tolerance,
-        "deployment": deployment})
+        "deployment": deployment}, unreadable_files=unreadable)
     groups = dict(tuple(log.groupby("model", sort=True))) if len(log) else {}
     for name, rows in groups.items():
         entry = manifest.models.get(str(name))

@@ -100,10 +100,11 @@ class Metrics:
         self.cache_budget = Gauge("manymodels_cache_budget_bytes", "Memory budget of the "
                                   "session cache, 0 when unbounded (summed over workers)",
                                   registry=reg, multiprocess_mode="livesum")
-        self.log_rows = Counter("manymodels_prediction_log_rows", "Rows written to the "
-                                "prediction log", registry=reg)
-        self.log_dropped = Counter("manymodels_prediction_log_dropped_rows", "Rows not logged "
-                                   "because the log queue was full", registry=reg)
+        self.log_rows = Counter("manymodels_prediction_log_rows", "Rows in completed "
+                                "prediction-log files", registry=reg)
+        self.log_dropped = Counter("manymodels_prediction_log_dropped_rows", "Rows not logged: "
+                                   "the log queue was full or a write failed (full disk)",
+                                   registry=reg)
         self._routes: dict[tuple[str, int, str], list[float]] = {}
         self.shared = _SharedHot(reg) if self.multiprocess else None
 

@@ -8,6 +8,11 @@ A writer thread turns entries into Arrow row groups and appends them to a hidden
 A reader globbing ``*.parquet`` therefore only ever sees complete files: a crash or
 ``kill -9`` leaves at most a hidden temporary file, which the next start removes.
 
+A write that fails (a full disk: ``ENOSPC``) discards the temporary file and counts its
+rows, and those of the failed write, as dropped; the next flush starts a new file, so
+logging resumes by itself once there is space again. A broken file is never renamed
+into place. ``written`` counts the rows of completed files only.
+
 One row per scored row: ``timestamp``, ``request_id``, ``deployment``, ``row`` (its
 position in the request), ``model``, ``fallback``, ``prediction``, then the bundle's
 input columns by name (segment columns and string inputs as text, numeric inputs as
@@ -126,7 +131,8 @@ class PredictionLog:
     queue_rows
         Rows that may wait for the writer; beyond, rows are dropped and counted.
     on_written, on_dropped
-        Called with a row count (for the Prometheus counters).
+        Called with a row count (for the Prometheus counters): rows in a completed file,
+        rows lost (full queue, failed write, discarded file).
     """
 
     def __init__(self, directory: str | os.PathLike[str],
@@ -159,6 +165,8 @@ class PredictionLog:
         self._writer: pq.ParquetWriter | None = None
         self._temp: Path | None = None
         self._opened = 0.0
+        self._file_rows = 0
+        self._failing = False
         self._remove_orphans()
         self._thread = threading.Thread(target=self._run, name="manymodels-predlog", daemon=True)
         self._thread.start()
@@ -200,8 +208,8 @@ class PredictionLog:
                         stopping or time.monotonic() - self._opened >= self.max_seconds
                         or self._temp is not None and self._temp.stat().st_size >= self.max_bytes):
                     self._complete()
-            except Exception:  # a full disk must not kill the server; say so and go on
-                log.exception("prediction log: writing to %s failed", self.directory)
+            except Exception as exc:  # noqa: BLE001  # a full disk must not stop the server
+                self._discard(exc, 0)
             if stopping:
                 return
 
@@ -215,7 +223,10 @@ class PredictionLog:
                 return
             table = self._table(entries)
             if table.num_rows:
-                self._write(table)
+                try:
+                    self._write(table)
+                except Exception as exc:  # noqa: BLE001  # ENOSPC and friends
+                    self._discard(exc, table.num_rows)
 
     def _table(self, entries: list[_Entry]) -> pa.Table:
         columns: dict[str, list[Any]] = {name: [] for name in self.schema.names}
@@ -284,11 +295,11 @@ class PredictionLog:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             self._final = self.directory / f"{PREFIX}{stamp}-{os.getpid()}-{self._seq:05d}{SUFFIX}"
             self._temp = self.directory / f".{self._final.name}.{os.getpid()}.tmp"
-            self._writer = pq.ParquetWriter(self._temp, self.schema, compression="zstd")
             self._opened = time.monotonic()
+            self._file_rows = 0
+            self._writer = pq.ParquetWriter(self._temp, self.schema, compression="zstd")
         self._writer.write_table(table)
-        self.written += table.num_rows
-        self.on_written(table.num_rows)
+        self._file_rows += table.num_rows
 
     def _complete(self) -> None:
         """Close, fsync and rename the current file; then fsync the directory."""
@@ -297,12 +308,45 @@ class PredictionLog:
         with open(self._temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self._temp, self._final)
+        self._writer = self._temp = None
+        rows, self._file_rows = self._file_rows, 0
+        self.written += rows
+        self.on_written(rows)
+        if self._failing:
+            self._failing = False
+            log.warning("prediction log: writing to %s again", self.directory)
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def _discard(self, exc: Exception, failed_rows: int) -> None:
+        """Drop the current file after a failed write: its rows and ``failed_rows`` are
+        counted as dropped, the next write starts a new file. One log line per outage."""
+        writer, temp = self._writer, self._temp
         self._writer = self._temp = None
+        lost = failed_rows + self._file_rows
+        self._file_rows = 0
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001, S110  # the file is broken: it goes anyway
+                pass
+        if temp is not None:
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if lost:
+            self.dropped += lost
+            self.on_dropped(lost)
+        if not self._failing:
+            self._failing = True
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("prediction log: writing to %s failed (%s); dropping rows (counted in "
+                      "manymodels_prediction_log_dropped_rows_total) until a write succeeds",
+                      self.directory, reason)
 
     def _remove_orphans(self) -> None:
         """Delete temporary files left by processes that died (they were never complete)."""
