@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -226,18 +227,70 @@ class KeyFile:
             os.close(fd)
 
 
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def parse_key_file(path: Path) -> list[KeyRecord]:
-    """The records of the key file ``path`` (none if it does not exist)."""
+    """The records of the key file ``path`` (none if it does not exist), every one
+    checked: a single bad record makes the whole file a :class:`SpecError` naming it."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"key file {path} cannot be read ({exc}); create keys with "
+                        f"`manymodels keys create`") from None
     try:
         document = json.loads(text)
-        return [KeyRecord(**item) for item in document["keys"]]
+        items = document["keys"]
+        if not isinstance(items, list):
+            raise TypeError("'keys' is not a list")
     except (ValueError, KeyError, TypeError) as exc:
         raise SpecError(f"key file {path} is not a manymodels key file ({exc}); "
                         f"create keys with `manymodels keys create`") from None
+    records = []
+    for i, item in enumerate(items):
+        problem = _record_problem(item)
+        if problem is not None:
+            named = item.get("id") if isinstance(item, dict) else None
+            which = f"record {i}" + (f" (id {named})" if isinstance(named, str)
+                                     and _ID_RE.match(named) else "")
+            raise SpecError(f"key file {path}: {which} {problem}; fix or remove it "
+                            f"(`manymodels keys revoke` and `keys create` rewrite the file)")
+        records.append(KeyRecord(**item))
+    return records
+
+
+def _record_problem(item: Any) -> str | None:
+    """What is wrong with one key-file record (never quoting its hash), or ``None``."""
+    if not isinstance(item, dict):
+        return f"is a {type(item).__name__}, not an object"
+    known = {f.name for f in KeyRecord.__dataclass_fields__.values()}
+    unknown = sorted(set(item) - known)
+    if unknown:
+        return f"has unknown field(s) {', '.join(unknown)}"
+    missing = sorted({"id", "name", "scopes", "sha256", "created"} - set(item))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(item["id"], str) or not _ID_RE.match(item["id"]):
+        return "has an id that is not 12 hexadecimal digits"
+    if not isinstance(item["name"], str) or not _NAME_RE.match(item["name"]):
+        return "has a name that is not 1-64 letters, digits, '.', '_' or '-'"
+    scopes = item["scopes"]
+    if not isinstance(scopes, list) or not scopes or not all(
+            isinstance(x, str) and x in IMPLIED for x in scopes):
+        return f"has scopes that are not a non-empty list of {', '.join(SCOPES)}"
+    if not isinstance(item["sha256"], str) or not _SHA256_RE.match(item["sha256"]):
+        return "has a sha256 that is not 64 lowercase hexadecimal digits"
+    if not isinstance(item["created"], str) or not (
+            item.get("revoked") is None or isinstance(item["revoked"], str)):
+        return "has a 'created' or 'revoked' that is not a time stamp"
+    rate = item.get("rate_limit")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
+                             or not rate > 0 or not math.isfinite(rate)):
+        return "has a rate_limit that is not a number > 0"
+    return None
 
 
 class KeyVerifier:
@@ -253,35 +306,29 @@ class KeyVerifier:
         self.path = Path(path)
         self.reload_seconds = reload_seconds
         self._signature: tuple[int, int, int] | None = None
+        self._refused: tuple[int, int, int] | None = None
         self._next_check = 0.0
         self._by_id: dict[bytes, tuple[bytes, Principal]] = {}
         self._seen: dict[bytes, bytes] = {}  # key id -> the key last verified under it
         self._dummy = hashlib.sha256(b"mmk_" + b"0" * 12 + b"_" + b"0" * 43).digest()
-        self.reload(force=True)
+        self._swap(parse_key_file(self.path), self._stat())  # a bad file: refuse to start
 
     @property
     def active_keys(self) -> int:
         return len(self._by_id)
 
-    def reload(self, force: bool = False) -> None:
-        """Re-read the file if it changed (or always, with ``force``)."""
+    def _stat(self) -> tuple[int, int, int] | None:
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
-            signature = None
-        else:
-            signature = (info.st_ino, info.st_mtime_ns, info.st_size)
-            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                log.warning("key file %s can be read by other users (mode %o); "
-                            "chmod 600 it", self.path, stat.S_IMODE(info.st_mode))
-        if not force and signature == self._signature:
-            return
-        try:
-            records = parse_key_file(self.path)
-        except (SpecError, OSError) as exc:
-            log.error("key file %s not reloaded, keeping %d keys: %s", self.path,
-                      len(self._by_id), exc)
-            return
+            return None
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("key file %s can be read by other users (mode %o); "
+                        "chmod 600 it", self.path, stat.S_IMODE(info.st_mode))
+        return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def _swap(self, records: list[KeyRecord], signature: tuple[int, int, int] | None) -> None:
+        """Make ``records`` (checked whole by :func:`parse_key_file`) the keys in use."""
         self._by_id = {r.id.encode(): (bytes.fromhex(r.sha256),
                                        Principal(subject=f"{r.name}/{r.id}",
                                                  scopes=expand_scopes(r.scopes),
@@ -289,7 +336,30 @@ class KeyVerifier:
                        for r in records if r.active}
         self._seen = {}
         self._signature = signature
+        self._refused = None
         log.info("key file %s: %d active keys", self.path, len(self._by_id))
+
+    def reload(self, force: bool = False) -> None:
+        """Re-read the file if it changed (or always, with ``force``). A file that does
+        not check keeps the last good keys and is reported once, in one line."""
+        try:
+            signature = self._stat()
+        except OSError as exc:
+            signature = (-1, -1, -1)
+            problem: str | None = f"key file {self.path} cannot be read ({exc.strerror})"
+        else:
+            problem = None
+        if not force and (signature == self._signature
+                          or self._refused is not None and signature == self._refused):
+            return
+        if problem is None:
+            try:
+                self._swap(parse_key_file(self.path), signature)
+                return
+            except SpecError as exc:
+                problem = exc.message
+        self._refused = signature
+        log.error("%s; keeping the %d keys loaded before", problem, len(self._by_id))
 
     def verify(self, key: str | bytes, now: float) -> Principal:
         """The principal of ``key``, or :class:`AuthError` (unknown or revoked key)."""

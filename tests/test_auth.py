@@ -8,6 +8,7 @@ after its tests, its whole log is searched for every key and token the tests sen
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import ssl
@@ -23,10 +24,11 @@ import httpx
 import jwt
 import pytest
 from builders import build_bundle, self_signed_certificate
-from conftest import answering
+from conftest import answering, assert_clean_log
 
 from manymodels.credentials import KeyFile, create_token, write_token_secret
 from manymodels.errors import SpecError
+from manymodels.io import atomic_write_text
 from manymodels.serve import ServeSettings
 from manymodels.serve.auth import RateLimiter, auth_mode, is_loopback, required_scope
 
@@ -472,3 +474,68 @@ def test_auth_settings_reach_worker_processes(monkeypatch: pytest.MonkeyPatch,
     spec.write_text("auth:\n  mdoe: key\n")
     with pytest.raises(SpecError, match="mdoe"):
         load_settings(spec)
+
+
+#: One flaw per record field a hand edit can break (the hash, a scope, the id's type).
+FLAWED_RECORDS = {"hash": {"sha256": "zz" * 32}, "scope": {"scopes": ["root"]},
+                  "id": {"id": 123456789012}}
+
+
+def _flawed(good: str, flaw: str) -> str:
+    document = json.loads(good)
+    document["keys"][1].update(FLAWED_RECORDS[flaw])
+    return json.dumps(document)
+
+
+def test_corrupt_key_file_keeps_last_good_keys(bundle: Path, tmp_path: Path) -> None:
+    """Check that a record with a bad hash, an unknown scope or an integer id, written
+    into the key file of a running server, never gives a 500: the last good keys keep
+    working, one log line names the record per bad version, and a good file is taken
+    again; the server's whole log holds no traceback and no key."""
+    store = KeyFile(tmp_path / "keys.json")
+    _, key = store.create("app", ["score"])
+    _, other = store.create("other", ["score"])
+    good = store.path.read_text()
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", "{port}",
+               "--auth", "key", "--key-file", str(store.path), "--log-level", "info"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MANYMODELS_AUTH__KEY_RELOAD_SECONDS": "0.2"}
+    with answering(command, "/ping", "manymodels serve", log=log, env=env) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        def status(credential: str) -> int:
+            return client.post("/score", json=_score_body(), headers={
+                "Authorization": f"Bearer {credential}"}).status_code
+
+        assert status(key) == 200
+        for flaw in FLAWED_RECORDS:
+            atomic_write_text(store.path, _flawed(good, flaw), mode=0o600)
+            deadline = time.monotonic() + 1.5  # several reload intervals
+            while time.monotonic() < deadline:
+                assert status(key) == 200 and status(other) == 200, flaw
+        atomic_write_text(store.path, good, mode=0o600)
+        store.revoke("other")  # a good file again, without one of the keys
+        deadline = time.monotonic() + 15
+        while status(other) != 401:
+            assert time.monotonic() < deadline, "the good key file was not taken again"
+            time.sleep(0.1)
+        assert status(key) == 200
+    text = assert_clean_log(log, [key, other, *_secret_parts(key), *_secret_parts(other)])
+    refusals = [line for line in text.splitlines() if "keeping the 2 keys" in line]
+    assert len(refusals) == len(FLAWED_RECORDS), refusals  # one line per bad version
+    assert all(f"{store.path}: record 1" in line for line in refusals)
+
+
+@pytest.mark.parametrize("flaw", sorted(FLAWED_RECORDS))
+def test_corrupt_key_file_refuses_to_start(bundle: Path, tmp_path: Path, flaw: str) -> None:
+    """Check that `manymodels serve` refuses a key file with a bad record in one line
+    naming the file and the record (exit 2), with no traceback."""
+    store = KeyFile(tmp_path / "keys.json")
+    store.create("app", ["score"])
+    store.create("other", ["score"])
+    atomic_write_text(store.path, _flawed(store.path.read_text(), flaw), mode=0o600)
+    refused = subprocess.run([sys.executable, "-m", "manymodels", "serve", str(bundle),
+                              "--auth", "key", "--key-file", str(store.path), "--port", "9"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert f"key file {store.path}: record 1" in " ".join(refused.stderr.split())
