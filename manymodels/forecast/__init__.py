@@ -1,0 +1,1 @@
+"""Forecasting: features, strategies, backtests and the statistical candidates."""
