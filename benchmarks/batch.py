@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from _docs import record  # benchmarks/ is the script's path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -375,4 +376,6 @@ if __name__ == "__main__":
         runner = run_floor if sys.argv[1] == "_floor" else run_handwritten
         print(json.dumps(runner(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))))
     else:
-        main()
+        with record("batch-10m" if "--ten-m" in sys.argv else "batch",
+                    "Batch scoring: `benchmarks/batch.py`"):
+            main()

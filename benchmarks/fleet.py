@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _docs import record  # benchmarks/ is the script's path
 
 from manymodels.batch import score_batch
 from manymodels.bundle import package_run
@@ -233,4 +234,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with record("fleet", "Fleet: proxy cost and Dask overhead: `benchmarks/fleet.py`"):
+        main()

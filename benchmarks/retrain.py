@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _docs import record  # benchmarks/ is the script's path
 
 from manymodels.bundle import package_run
 from manymodels.datasets import make_mixed
@@ -166,5 +167,17 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace,
           f"and the incremental bundle: max |difference| = {diff:g}")
 
 
+def _segments() -> str:
+    """The ``--segments`` of this run, for the name of its page (one page per size)."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg.startswith("--segments="):
+            return arg.split("=", 1)[1]
+        if arg == "--segments" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "1000"
+
+
 if __name__ == "__main__":
-    main()
+    with record(f"retrain-{_segments()}", "Retraining: `benchmarks/retrain.py`"):
+        main()

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _docs import record  # benchmarks/ is the script's path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -752,16 +753,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mm-bench-serve-") as tmp:
         work = Path(tmp)
         if args.observe:
-            run_observe(args, work)
+            with record("serve-observe", "Cost of metrics and request ids: `benchmarks/serve.py --observe`"):
+                run_observe(args, work)
             return
         if not (args.scale_only or args.rollout_only or args.auth_only):
-            print_table(run_matrix(args, work))
+            with record("serve" + ("-quick" if args.skip_peers else ""),
+                        "Online serving: `benchmarks/serve.py`"):
+                print_table(run_matrix(args, work))
         if args.rollout or args.rollout_only:
-            run_rollout(args, work)
+            with record("serve-rollout", "Rollout: `benchmarks/serve.py --rollout`"):
+                run_rollout(args, work)
         if args.auth or args.auth_only:
-            run_auth(args, work)
+            with record("serve-auth", "Cost of authentication: `benchmarks/serve.py --auth`"):
+                run_auth(args, work)
         if args.scale or args.scale_only:
-            run_scale(args, work)
+            with record("serve-scale", "Scale mode: `benchmarks/serve.py --scale`"):
+                run_scale(args, work)
 
 
 if __name__ == "__main__":

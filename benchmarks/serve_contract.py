@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _docs import record  # benchmarks/ is the script's path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -115,4 +117,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with record("serve-contract", "Cost of the input contract: `benchmarks/serve_contract.py`"):
+        main()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from _docs import record  # benchmarks/ is the script's path
 
 FEATURES = ["price", "feat", "week_of_year", "income", "age60", "ethnic", "hh_size"]
 TARGET, TIME, KEYS = "quantity", "week", ["store", "brand"]
@@ -230,4 +231,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with record("train", "Training: `benchmarks/train.py`"):
+        main()

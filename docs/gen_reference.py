@@ -16,6 +16,7 @@ import inspect
 import re
 import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -361,6 +362,37 @@ def _first_sentence(text: str | None) -> str:
     return inspect.cleandoc(text or "").split("\n\n")[0]
 
 
+# ---------------------------------------------------------------------------- benchmarks
+
+BENCHMARK_PAGES = Path(__file__).resolve().parent / "design" / "benchmarks"
+
+
+def benchmarks_markdown() -> str:
+    """The tables the benchmarks wrote (``benchmarks/_docs.py``), newest first."""
+    lines = ["# Benchmark tables", "",
+             "Every script in `benchmarks/` writes what it prints to a page here when it "
+             "finishes, with the command, date, machine, load average and commit "
+             "(`benchmarks/_docs.py`); a rerun replaces its page. The "
+             "[performance page](../performance.md) discusses them.", ""]
+    rows = []
+    for page in sorted(BENCHMARK_PAGES.glob("*.md")):
+        if page.name == "index.md":
+            continue
+        text = page.read_text(encoding="utf-8")
+        title = text.splitlines()[0].lstrip("# ").strip()
+        fields = dict(re.findall(r"^\| (command|date|commit) \| (.*) \|$", text, flags=re.M))
+        rows.append((fields.get("date", ""), page.name, title, fields.get("command", ""),
+                     fields.get("commit", "")))
+    if not rows:
+        lines.append("No benchmark has written its table yet.")
+    else:
+        lines += ["| table | date | command | commit |", "|---|---|---|---|"]
+        for date, name, title, command, commit in sorted(rows, reverse=True):
+            lines.append(f"| [{title}]({name}) | {date} | {command} | {commit} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------- python
 
 
@@ -385,6 +417,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "reference/specs.md": specs_markdown,
     "reference/http.md": http_markdown,
     "reference/errors.md": errors_markdown,
+    "design/benchmarks/index.md": benchmarks_markdown,
 }
 
 
