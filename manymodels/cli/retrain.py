@@ -1,6 +1,6 @@
 """CLI: ``manymodels retrain`` and ``manymodels models history``.
 
-Exit codes of ``retrain`` (README, "Scheduled retraining"): 0 new version promoted (or,
+Exit codes of ``retrain`` (docs/guide/retrain.md): 0 new version promoted (or,
 with ``--dry-run``, something to do), 10 nothing to do, 11 new version registered (or
 written) but not promoted, 12 no improvement so nothing promoted, 13 another retrain of
 the model holds its lock; a failure exits with the code of its error, as every command

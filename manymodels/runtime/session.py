@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 #: Resident memory of a session ≈ SESSION_BASE_BYTES + SESSION_BYTES_PER_FILE_BYTE × file
-#: size, fitted on this project's models with the CPU arena off (see README, "Memory").
+#: size, fitted on this project's models with the CPU arena off (docs/design/performance.md,
+#: "Memory per session").
 SESSION_BASE_BYTES = 75_000
 SESSION_BYTES_PER_FILE_BYTE = 7.0
 

@@ -86,7 +86,7 @@ class ServeSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     """uvicorn worker processes. Each holds its own model cache, so memory grows with
     every worker; on a 2-core box one worker leaves a core to the load client, the OS
-    and model loading threads (see serving/README.md for the measured trade-off)."""
+    and model loading threads (docs/design/performance.md has the measurements)."""
     max_memory_mb: float | None = Field(default=None, gt=0)
     """Budget of the model cache in MB of estimated resident memory, per worker;
     ``None`` keeps every model that was used. Least recently used models are evicted."""
