@@ -57,7 +57,7 @@ def record(name: str, title: str) -> Iterator[None]:
     title
         The page's heading.
     """
-    started, load_before = datetime.now(timezone.utc), os.getloadavg()
+    started, load_before, measured = datetime.now(timezone.utc), os.getloadavg(), commit()
     tee = _Tee(sys.stdout)
     sys.stdout = tee  # type: ignore[assignment]
     try:
@@ -67,7 +67,7 @@ def record(name: str, title: str) -> Iterator[None]:
     if os.environ.get("MANYMODELS_BENCH_DOCS", "1") == "0":
         return
     page = render(title, tee.copy.getvalue(), started, datetime.now(timezone.utc),
-                  load_before, os.getloadavg())
+                  load_before, os.getloadavg(), measured)
     DOCS.mkdir(parents=True, exist_ok=True)
     path = DOCS / f"{name}.md"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -80,8 +80,8 @@ def record(name: str, title: str) -> Iterator[None]:
 
 
 def render(title: str, output: str, started: datetime, finished: datetime,
-           load_before: tuple[float, float, float],
-           load_after: tuple[float, float, float]) -> str:
+           load_before: tuple[float, float, float], load_after: tuple[float, float, float],
+           measured: str) -> str:
     """The page: a header of provenance, then the output (tables rendered, text verbatim)."""
     command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     span = f"{started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC"
@@ -94,7 +94,7 @@ def render(title: str, output: str, started: datetime, finished: datetime,
              f"| machine | {machine()} |",
              f"| load average | {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the "
              f"end (1-minute) |",
-             f"| commit | {commit()} |", ""]
+             f"| commit | {measured} |", ""]
     return "\n".join(lines + blocks(output)) + "\n"
 
 
@@ -146,7 +146,7 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The git commit measured, and whether tracked files differed from it."""
+    """The git commit measured (at the start), and whether the code differed from it."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=False, timeout=30)
@@ -155,6 +155,6 @@ def commit() -> str:
     head = git("rev-parse", "--short=9", "HEAD")
     if not head:
         return "unknown (not a git checkout)"
-    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-               if "docs/design/benchmarks/" not in line]
-    return f"`{head}`" + (" with uncommitted changes" if changed else "")
+    changed = git("status", "--porcelain", "--", "manymodels", "benchmarks", "tests",
+                  "pyproject.toml").splitlines()
+    return f"`{head}`" + (" with uncommitted changes to the code" if changed else "")

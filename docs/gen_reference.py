@@ -12,6 +12,8 @@ route is on its page.
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import inspect
 import re
 import textwrap
@@ -404,10 +406,20 @@ def python_pages() -> dict[str, str]:
              "public API is its `__all__`.", ""]
     for module in PYTHON_MODULES:
         page = f"reference/python/{module}.md"
-        pages[page] = f"# `{module}`\n\n::: {module}\n"
+        pages[page] = f"# `{module}`\n\n::: {module}\n" + "".join(
+            f"\n::: {target}\n    options:\n      show_root_heading: true\n"
+            for target in lazy_exports(module))
         index.append(f"- [`{module}`]({module.split('/')[-1]}.md)")
     pages["reference/python/index.md"] = "\n".join(index) + "\n"
     return pages
+
+
+def lazy_exports(module: str) -> list[str]:
+    """Where the names a package exports lazily (its ``_LAZY`` table) are defined: static
+    analysis cannot follow ``__getattr__``, so their pages name them one by one."""
+    table = getattr(importlib.import_module(module), "_LAZY", {})
+    return [f"{importlib.util.resolve_name(target, module)}.{name}"
+            for name, target in sorted(table.items())]
 
 
 #: Generated page → function writing it.
