@@ -17,6 +17,7 @@ import time
 import warnings
 
 import numpy as np
+from _docs import record  # benchmarks/ is the script's path
 
 
 def load_panel(name: str, limit: int | None) -> list[np.ndarray]:
@@ -77,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with record("forecast-stats", "Statistical forecasting candidates: `benchmarks/forecast_stats.py`"):
+        main()

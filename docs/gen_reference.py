@@ -34,6 +34,7 @@ PYTHON_MODULES = [
     "manymodels.registry",
     "manymodels.storage",
     "manymodels.export",
+    "manymodels.forecast",
     "manymodels.batch",
     "manymodels.serve",
     "manymodels.client",
