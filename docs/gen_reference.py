@@ -17,6 +17,8 @@ import importlib.util
 import inspect
 import re
 import textwrap
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,21 +174,45 @@ def _default(info: Any) -> str:
 
 
 def _type(info: Any) -> str:
-    text = getattr(info.annotation, "__name__", None) or str(info.annotation)
-    return _cell(f"`{text.replace('typing.', '')}`")
+    return " \\| ".join(_type_parts(info.annotation))
 
 
-def model_table(cls: type[BaseModel], env_prefix: str | None = None) -> list[str]:
-    head = "| field | environment | type | default | meaning |" if env_prefix else \
-        "| field | type | default | meaning |"
-    lines = [head, "|---|---|---|---|---|" if env_prefix else "|---|---|---|---|"]
+def _type_parts(annotation: Any) -> list[str]:
+    """An annotation as Markdown alternatives: a Literal's values, a union's members."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [f"`{value!r}`" for value in typing.get_args(annotation)]
+    if origin in (typing.Union, types.UnionType):
+        return [part for arg in typing.get_args(annotation) for part in _type_parts(arg)]
+    if annotation is type(None):
+        return ["`None`"]
+    text = str(annotation) if origin is not None else getattr(annotation, "__name__", None)
+    return [_cell(f"`{(text or str(annotation)).replace('typing.', '')}`")]
+
+
+def model_table(cls: type[BaseModel], env_prefix: str | None = None,
+                flags: dict[str, str] | None = None) -> list[str]:
+    """One row per field: name, (environment variable, flag,) type, default, docstring."""
+    head = ["field", *(["environment", "flag"] if env_prefix else []), "type", "default",
+            "meaning"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, info, doc in model_fields(cls):
         row = [f"`{name}`"]
         if env_prefix:
             row.append(f"`{env_prefix}{name.upper().replace('.', '__')}`")
+            section, _, leaf = name.rpartition(".")
+            flag = (flags or {}).get(leaf) or ((flags or {}).get(section) if leaf == "mode" else None)
+            row.append(f"`{flag}`" if flag else "")
         row += [_type(info), _default(info), _cell(doc)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def serve_flags() -> dict[str, str]:
+    """``manymodels serve``'s flag for each setting it sets (same name, dashes)."""
+    serve = dict(cli_commands())["manymodels serve"]
+    return {param.name: param.opts[0] for param in serve.params
+            if param.param_type_name == "option"}
 
 
 def settings_markdown() -> str:
@@ -199,8 +225,9 @@ def settings_markdown() -> str:
              "environment variables, then a spec in `serving/` (`--spec default` reads "
              "`serving/default.yaml`). An unknown field is an error naming it. Nested fields "
              "take `__` in the environment (`MANYMODELS_AUTH__MODE=token`) and a section in a "
-             "spec (`auth:` then `mode: token`).", ""]
-    lines += model_table(ServeSettings, "MANYMODELS_")
+             "spec (`auth:` then `mode: token`). *Flag* is the option of `manymodels serve` "
+             "that sets the field, where there is one.", ""]
+    lines += model_table(ServeSettings, "MANYMODELS_", serve_flags())
     lines.append("")
     return "\n".join(lines)
 
