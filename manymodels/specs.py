@@ -22,6 +22,7 @@ from manymodels.errors import SpecError
 __all__ = [
     "AnomalySpec",
     "CandidateSpec",
+    "ForecastSpec",
     "RetrainSpec",
     "SegmenterSpec",
     "TrainerSpec",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 REGRESSION_METRICS = ("rmse", "mae", "wape", "mape")
+FORECAST_METRICS = ("mase", "smape", "wape", "rmse")
+#: Statistical methods a forecasting trainer may add to its lag models.
+FORECAST_METHODS = ("naive", "seasonal_naive", "drift", "ets", "theta", "croston")
 CLASSIFICATION_METRICS = ("logloss", "auc", "accuracy")
 ALGORITHMS = ("lightgbm", "ridge", "logistic", "decision_tree", "random_forest", "mean",
               "hist_gradient_boosting")
@@ -191,6 +195,51 @@ class RetrainSpec(_Spec):
     applies to the bundle as a whole before ``--promote`` moves the alias."""
 
 
+class ForecastSpec(_Spec):
+    """How a ``task: forecast`` trainer builds features, backtests and chooses methods."""
+
+    lags: list[int] | None = None
+    """Lags of the (transformed) target; default 1..season length (at least 1..4), and for
+    seasons over 24 periods 1..4 plus the season."""
+    rolling: list[int] | None = None
+    """Windows of rolling means over lagged values; default one season (4 without one)."""
+    differences: int = Field(1, ge=0, le=1)
+    """Difference the target before the lag models see it (1 lets them follow a trend)."""
+    scale: bool = True
+    """Standardise each series before the lag models see it, so one pooled or global model
+    serves series of any size; undone after prediction."""
+    strategy: Literal["recursive", "direct"] = "recursive"
+    """``recursive``: one model, each step's prediction fed back as the next lag."""
+    n_windows: int = Field(3, ge=1, le=50)
+    """Rolling-origin backtest windows of ``horizon`` steps, the same for every method."""
+    step_size: int | None = Field(None, ge=1)
+    """Periods between backtest origins; default the horizon."""
+    gaps: Literal["refuse", "zero", "ffill", "interpolate"] = "refuse"
+    """Missing periods inside a series: refused with the series named, or filled."""
+    known_future: list[str] = Field(default_factory=list)
+    """Covariates known ahead (price, promotion): a forecast needs them for every step."""
+    methods: list[str] = Field(default_factory=lambda: ["naive", "seasonal_naive"])
+    """Statistical methods compared with the lag models for every series."""
+    own_models: bool = True
+    """Fit a lag model per series (the trainer's ridge candidates) besides the pooled and
+    global ones."""
+    blend: int = Field(3, ge=1, le=5)
+    """Also try the equal-weight mean of the best 2..``blend`` methods of each series."""
+    static_keys: bool = True
+    """Pooled and global lag models see the segment columns (at most
+    ``pooled_key_max_categories`` values each) as categorical features."""
+    max_horizon: int | None = Field(None, ge=1)
+    """Longest forecast served; default ten horizons (recursive strategy)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        bad = [m for m in value if m not in FORECAST_METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(FORECAST_METHODS)}")
+        return value
+
+
 class TrainerSpec(_Spec):
     """The candidate models fitted for every segment, and how the winner is chosen."""
 
@@ -198,8 +247,9 @@ class TrainerSpec(_Spec):
     """Name shown in reports and MLflow params."""
     target: str
     """Column to predict."""
-    task: Literal["regression", "classification"] = "regression"
-    """Regression or (binary / multi-class) classification."""
+    task: Literal["regression", "classification", "forecast"] = "regression"
+    """Regression, (binary / multi-class) classification, or ``forecast``: the next
+    ``horizon`` periods of every series (segment) from its own past."""
     time_column: str | None = None
     """Column that orders rows in time; enables the time-ordered holdout."""
     time_as_feature: bool = False
@@ -210,15 +260,17 @@ class TrainerSpec(_Spec):
     exclude: list[str] = Field(default_factory=list)
     """Columns never used as features (IDs, leakage)."""
     metric: str = "rmse"
-    """Selection metric: rmse, mae, wape, mape (regression); logloss, auc, accuracy."""
+    """Selection metric: rmse, mae, wape, mape (regression); logloss, auc, accuracy
+    (classification); mase (the default for forecasting), smape, wape, rmse (forecast)."""
     validation: ValidationSpec = ValidationSpec()
     """Validation folds."""
     selection: Literal["one_se", "best"] = "one_se"
     """``one_se``: the simplest candidate whose mean fold metric is within one standard
     error of the best (mean < ridge / logistic < decision tree < random forest <
     LightGBM); ``best``: the best mean."""
-    candidates: list[CandidateSpec] = Field(min_length=1)
-    """Candidate families; every grid point is fitted for every segment."""
+    candidates: list[CandidateSpec] = Field(default_factory=list)
+    """Candidate families; every grid point is fitted for every segment (for forecasting:
+    the lag models; default a global LightGBM and ridge models)."""
     seed: int = 0
     """Seed of every random choice (split, estimators)."""
     parity_tolerance: float = Field(1e-3, gt=0)
@@ -233,9 +285,30 @@ class TrainerSpec(_Spec):
     each model's training median, stored in the manifest."""
     retrain: RetrainSpec = RetrainSpec()
     """Incremental retraining (``manymodels retrain``); changing it refits nothing."""
+    horizon: int | None = Field(None, ge=1)
+    """Periods to forecast (``task: forecast``)."""
+    freq: str | None = None
+    """Period of the time column: a pandas alias (``W-SAT``, ``MS``, ``QS``, ``D``) or
+    ``int`` for integer periods; inferred from the data by default."""
+    season_length: int | None = Field(None, ge=1)
+    """Periods in a season; default from ``freq`` (52 weekly, 12 monthly, 4 quarterly,
+    7 daily, 1 for integer periods)."""
+    forecast: ForecastSpec = ForecastSpec()
+    """Features, backtests and methods of ``task: forecast``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forecast_metric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("task") == "forecast" and "metric" not in data:
+            return {**data, "metric": "mase"}
+        return data
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> TrainerSpec:
+        if self.task == "forecast":
+            return self._forecast_fits()
+        if not self.candidates:
+            raise ValueError("candidates: at least one candidate is needed")
         allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
         if self.metric not in allowed:
             raise ValueError(f"metric '{self.metric}' does not fit task '{self.task}'; "
@@ -245,6 +318,19 @@ class TrainerSpec(_Spec):
                or (self.task == "classification" and c.algorithm == "ridge")]
         if bad:
             raise ValueError(f"candidate algorithm(s) {bad} do not fit task '{self.task}'")
+        return self
+
+    def _forecast_fits(self) -> TrainerSpec:
+        if self.horizon is None:
+            raise ValueError("task: forecast needs a horizon (periods to forecast)")
+        if self.time_column is None:
+            raise ValueError("task: forecast needs a time_column")
+        if self.metric not in FORECAST_METRICS:
+            raise ValueError(f"metric '{self.metric}' does not fit task 'forecast'; "
+                             f"choose one of {', '.join(FORECAST_METRICS)}")
+        bad = [c.algorithm for c in self.candidates if c.algorithm not in ("lightgbm", "ridge")]
+        if bad:
+            raise ValueError(f"forecast lag models are lightgbm or ridge, not {bad}")
         return self
 
 

@@ -35,6 +35,7 @@ from manymodels.engine import (
 )
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob, FitResult, run_chunk
+from manymodels.forecast.train import train_forecast
 from manymodels.io import manifest_json, swap_directory_into_place
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
 from manymodels.segment import (
@@ -621,6 +622,11 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
         Fit only part of the models and take the rest (see :class:`Reuse`); the run
         directory then routes only the segments ``reuse`` wants.
     """
+    if not isinstance(data, PreparedData):
+        tr_forecast = load_trainer(trainer)
+        if tr_forecast.task == "forecast":  # its own stages: lags, backtests, per-series choice
+            return train_forecast(data, segmenter, tr_forecast, out=out, run_id=run_id,  # type: ignore[return-value]
+                                  overwrite=overwrite, environment=training_environment())
     check_parallelism(jobs, backend, scheduler)
     workers = jobs or default_jobs()
     if isinstance(data, PreparedData):

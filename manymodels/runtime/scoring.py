@@ -19,6 +19,8 @@ import numpy as np
 if TYPE_CHECKING:  # pandas is imported where it is used: batch scoring never needs it
     import pandas as pd
 
+    from .forecast import Forecaster
+
 from . import contract
 from .errors import BundleError, ModelNotFound, SegmentNotFound
 from .manifest import Manifest, normalise_key_value, read_manifest
@@ -281,6 +283,25 @@ class Bundle:
         return (np.full(n, None, dtype=object) if self.manifest.task == "classification"
                 else np.full(n, np.nan))
 
+    # -- forecasting ----------------------------------------------------------------------
+    @property
+    def forecaster(self) -> Forecaster:
+        """The forecasting side of a ``task: forecast`` bundle (built on first use)."""
+        found = self.__dict__.get("_forecaster")
+        if found is None:
+            from .forecast import Forecaster  # imports pandas, which batch scoring avoids
+
+            found = self.__dict__["_forecaster"] = Forecaster(self.manifest, self.model)
+        return found
+
+    def forecast(self, h: int | None = None, keys: Any = None, future: pd.DataFrame | None = None,
+                 history: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The next ``h`` periods (default: the trained horizon) of every series, or of
+        ``keys``: one row per series and step with the key columns, the time column,
+        ``forecast`` and the ``method`` that made it. ``future`` supplies known-future
+        covariates; ``history`` fresher values, which override the stored tails."""
+        return self.forecaster.forecast(h, keys, future, history)
+
     def score_frame(self, frame: pd.DataFrame, strict: bool = True) -> ScoreResult:
         """Score every row of ``frame`` with the model its segment key routes to.
 
@@ -289,6 +310,8 @@ class Bundle:
         :class:`SegmentNotFound`) with its reason code; otherwise refused rows are left
         empty (NaN / None) and the others scored.
         """
+        if self.manifest.task == "forecast":
+            return self._forecast_rows(frame)
         routed = self.route_frame(frame)
         if strict and routed.rejected:
             row = min(routed.rejected)
@@ -305,6 +328,12 @@ class Bundle:
                 raise contract.non_finite_refusal(bad, str(result.model[bad[0]])).error()
             result.prediction[bad] = None if result.prediction.dtype == object else np.nan
         return result
+
+    def _forecast_rows(self, frame: pd.DataFrame) -> ScoreResult:
+        """Rows naming future periods of a forecasting bundle's series: their forecasts."""
+        values, methods = self.forecaster.forecast_rows(frame)
+        n = len(values)
+        return ScoreResult(values, np.asarray(methods, dtype=object), np.zeros(n, dtype=bool))
 
     def check_routed(self, columns: pd.DataFrame | Mapping[str, Any], routed: Routed,
                      n: int) -> contract.CheckedInputs:

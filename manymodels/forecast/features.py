@@ -1,0 +1,103 @@
+"""Training rows for lag models, built with the runtime's own feature code.
+
+:func:`training_rows` stacks, for a set of series and one cutoff each, every period that
+has its full window of lags; the features come from :func:`runtime.forecast.lag_matrix`,
+the function the served recursion calls, so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from manymodels.forecast.panel import Panel
+from manymodels.runtime.forecast import (
+    FeatureSpec,
+    calendar_values,
+    lag_matrix,
+    scale_of,
+    transform,
+)
+
+__all__ = ["SeriesScale", "TrainingRows", "series_scales", "tails_at", "training_rows"]
+
+
+@dataclass
+class SeriesScale:
+    loc: np.ndarray
+    scale: np.ndarray
+
+
+def series_scales(panel: Panel, spec: FeatureSpec, cutoffs: np.ndarray) -> SeriesScale:
+    """Location and scale of each series from its values before its cutoff."""
+    loc = np.zeros(len(panel))
+    scale = np.ones(len(panel))
+    if spec.scale:
+        for i, y in enumerate(panel.y):
+            loc[i], scale[i] = scale_of(y[: cutoffs[i]])
+    return SeriesScale(loc, scale)
+
+
+@dataclass
+class TrainingRows:
+    columns: dict[str, np.ndarray]  # feature columns (numeric, then static)
+    target: np.ndarray
+    series: np.ndarray  # which series each row belongs to
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns)
+
+    def numeric(self, names: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.columns[n] for n in names])
+
+
+def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutoffs: np.ndarray,
+                  scales: SeriesScale) -> TrainingRows:
+    """Feature rows of ``members`` with target positions before each one's cutoff."""
+    parts: list[dict[str, np.ndarray]] = []
+    targets, owners = [], []
+    start = spec.window + spec.differences
+    for i in members:
+        c = int(cutoffs[i])
+        if c - start < 1:
+            continue
+        z = transform(panel.y[i][:c], spec, scales.loc[i], scales.scale[i])
+        rows = np.arange(start, c)
+        cols = lag_matrix(z, spec, rows)
+        cols.update(calendar_values(panel.times[i][rows], spec.calendar, spec.season_length))
+        for name in spec.known_future:
+            cols[name] = panel.covariates[name][i][rows]
+        keep = np.isfinite(z[rows])
+        for values in cols.values():
+            keep &= np.isfinite(values)
+        if not keep.any():
+            continue
+        part = {k: v[keep] for k, v in cols.items()}
+        for j, column in enumerate(panel.key_columns):
+            if column in spec.static:
+                part[column] = np.full(int(keep.sum()), panel.key_texts[i][j], dtype=object)
+        parts.append(part)
+        targets.append(z[rows][keep])
+        owners.append(np.full(int(keep.sum()), i))
+    names = spec.numeric_names() + [c for c in panel.key_columns if c in spec.static]
+    if not parts:
+        return TrainingRows({n: np.empty(0) for n in names}, np.empty(0), np.empty(0, int))
+    if len(parts) == 1:
+        return TrainingRows({n: parts[0][n] for n in names}, targets[0], owners[0])
+    columns = {n: np.concatenate([p[n] for p in parts]) for n in names}
+    return TrainingRows(columns, np.concatenate(targets), np.concatenate(owners))
+
+
+def tails_at(panel: Panel, members: Sequence[int], cutoffs: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` raw values before each member's cutoff (NaN-padded on the left)."""
+    out = np.full((len(members), length), np.nan)
+    for r, i in enumerate(members):
+        c = int(cutoffs[i])
+        tail = panel.y[i][max(c - length, 0): c]
+        if len(tail):
+            out[r, length - len(tail):] = tail
+    return out

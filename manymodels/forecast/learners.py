@@ -1,0 +1,134 @@
+"""Lag models: one pipeline per pool of series (pooled, global) or per series (own).
+
+The pipelines are the trainer's ordinary candidates (scaling, one-hot, ridge or
+LightGBM), so they export to ONNX like every other model; only the rows differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manymodels.candidates import Candidate, build_pipeline
+from manymodels.forecast.features import SeriesScale, TrainingRows, tails_at, training_rows
+from manymodels.forecast.panel import Panel
+from manymodels.runtime.forecast import (
+    FeatureSpec,
+    Predict,
+    calendar_values,
+    future_times,
+    recursive_forecast,
+)
+
+__all__ = ["LagMethod", "fit_own_linear", "fit_pipeline", "forecast_with", "native_predict", "own_linear_predict"]
+
+
+@dataclass(frozen=True)
+class LagMethod:
+    """A lag learner at one level: ``own:ridge``, ``brand:lightgbm``, ``global:ridge``."""
+
+    label: str
+    level: int
+    candidate: Candidate
+    columns: tuple[str, ...]  # the level's key columns (empty: global)
+
+    @property
+    def own(self) -> bool:
+        return self.level == 0
+
+
+def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int) -> Any:
+    """A fitted pipeline on ``rows`` (numeric features scaled, static keys one-hot)."""
+    numeric = spec.numeric_names()
+    categorical = [c for c in rows.frame.columns if c not in numeric]
+    pipeline = build_pipeline(candidate, numeric, categorical, "regression", seed)
+    pipeline.fit(rows.frame[numeric + categorical], rows.target)
+    return pipeline
+
+
+def native_predict(pipeline: Any) -> Predict:
+    """A batched :data:`Predict` over a fitted pipeline (one DataFrame per step)."""
+    prep = pipeline.named_steps["prep"]
+    model = pipeline.named_steps["model"]
+    columns = [c for _, _, cols in prep.transformers_ for c in (cols if isinstance(cols, list) else [])]
+
+    def predict(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        frame = pd.DataFrame({c: feed[c] for c in columns})
+        return np.asarray(model.predict(prep.transform(frame)), dtype=np.float64).ravel()
+
+    return predict
+
+
+def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
+                   ) -> tuple[np.ndarray, float]:
+    """An own series' ``StandardScaler`` + ``Ridge`` as one linear map on raw features.
+
+    The closed form of exactly the exported pipeline (population scale, centred ridge
+    with an unpenalised intercept), solved directly: a backtest fits one per series and
+    window, where scikit-learn's per-call validation costs more than the solve. The
+    final models are fitted by scikit-learn and checked against this in the tests.
+    """
+    x = rows.numeric(spec.numeric_names())
+    y = rows.target
+    alpha = float(candidate.params.get("alpha", 1.0))
+    mean = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    xs = (x - mean) / sd
+    y_mean = float(y.mean())
+    gram = xs.T @ xs + alpha * np.eye(x.shape[1])
+    beta = np.linalg.solve(gram, xs.T @ (y - y_mean))
+    weights = beta / sd
+    return weights, y_mean - float(np.sum(beta * mean / sd))
+
+
+def own_linear_predict(fits: Sequence[tuple[np.ndarray, float]], spec: FeatureSpec) -> Predict:
+    """One :data:`Predict` for many own linear models, row r scored by model r.
+
+    A scaler followed by ridge is one linear map per series, so the batch of series is
+    scored with one multiply instead of a pipeline call per series and step.
+    """
+    names = spec.numeric_names()
+    weights = np.stack([w for w, _ in fits]) if fits else np.zeros((0, len(names)))
+    bias = np.asarray([b for _, b in fits], dtype=np.float64)
+
+    def predict(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        x = np.column_stack([np.asarray(feed[n], dtype=np.float64) for n in names])
+        return np.einsum("ij,ij->i", x, weights) + bias
+
+    return predict
+
+
+def forecast_with(predict: Predict, panel: Panel, spec: FeatureSpec, members: Sequence[int],
+                  cutoffs: np.ndarray, scales: SeriesScale, h: int) -> np.ndarray:
+    """Recursive ``h``-step forecasts of ``members`` from their cutoffs, (n, h)."""
+    members = list(members)
+    tails = tails_at(panel, members, cutoffs, spec.tail_length)
+    calendar: dict[str, np.ndarray] = {}
+    if spec.calendar:
+        times = [future_times(panel.times[i][int(cutoffs[i]) - 1], panel.freq, h) for i in members]
+        calendar = {name: np.stack([calendar_values(t, [name], spec.season_length)[name]
+                                    for t in times]) for name in spec.calendar}
+    future = {name: np.stack([_ahead(panel.covariates[name][i], int(cutoffs[i]), h)
+                              for i in members]) for name in spec.known_future}
+    static = {c: np.asarray([panel.key_texts[i][j] for i in members], dtype=object)
+              for j, c in enumerate(panel.key_columns) if c in spec.static}
+    idx = np.asarray(members, dtype=np.int64)
+    return recursive_forecast(predict, tails, scales.loc[idx], scales.scale[idx], spec, h,
+                              calendar, future, static)
+
+
+def _ahead(values: np.ndarray, cutoff: int, h: int) -> np.ndarray:
+    out = np.full(h, np.nan)
+    part = values[cutoff: cutoff + h]
+    out[: len(part)] = part
+    return out
+
+
+def rows_for(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutoffs: np.ndarray,
+             scales: SeriesScale) -> TrainingRows:
+    return training_rows(panel, spec, members, cutoffs, scales)

@@ -1,0 +1,187 @@
+"""Every method's backtest forecasts for every series: lag models and statistical ones.
+
+:func:`run_backtests` fits each lag method once per window (one pipeline per pool, one
+per series for own models) and forecasts every series it serves, so all methods are
+compared on the same windows; :func:`fit_final` refits the chosen ones on all periods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from manymodels.candidates import Candidate
+from manymodels.forecast.backtest import score, seasonal_scale
+from manymodels.forecast.features import series_scales, tails_at, training_rows
+from manymodels.forecast.learners import (
+    LagMethod,
+    fit_own_linear,
+    fit_pipeline,
+    forecast_with,
+    native_predict,
+    own_linear_predict,
+)
+from manymodels.forecast.panel import Panel
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
+
+__all__ = ["Backtests", "MethodSet", "lag_methods", "run_backtests", "stat_forecasts"]
+
+
+@dataclass
+class MethodSet:
+    """The methods compared for a panel, simplest first."""
+
+    builtins: list[str]
+    stats: list[str]
+    lag: list[LagMethod]
+
+    @property
+    def labels(self) -> list[str]:
+        return [*self.builtins, *self.stats, *(m.label for m in self.lag)]
+
+
+@dataclass
+class Backtests:
+    """Forecasts (series, windows, h) per method label, and the actual values."""
+
+    labels: list[str]
+    forecasts: dict[str, np.ndarray]
+    actual: np.ndarray  # (series, windows, h), NaN where a window is missing
+    scale: np.ndarray  # (series, windows) MASE scale from the periods before the cutoff
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def errors(self, metric: str) -> np.ndarray:
+        """(series, methods, windows) errors, NaN where the window is missing."""
+        n, w, _ = self.actual.shape
+        out = np.full((n, len(self.labels), w), np.nan)
+        for j, label in enumerate(self.labels):
+            f = self.forecasts[label]
+            for i in range(n):
+                for k in range(w):
+                    if np.isfinite(self.actual[i, k, 0]):
+                        value = score(metric, self.actual[i, k], f[i, k], self.scale[i, k])
+                        out[i, j, k] = value if np.isfinite(value) else np.inf
+        return out
+
+
+def lag_methods(candidates: Sequence[Candidate], levels: list[list[str]], own: bool
+                ) -> list[LagMethod]:
+    """Lag learners at each level: own (ridge only), pooled and global (every candidate)."""
+    out: list[LagMethod] = []
+    names = _level_names(levels)
+    for level, columns in enumerate(levels):
+        for cand in candidates:
+            if level == 0 and len(levels) > 1:
+                if not own or cand.algorithm != "ridge":
+                    continue
+            out.append(LagMethod(f"{names[level]}:{cand.label}", level, cand, tuple(columns)))
+    # coarsest (global) first: simplest of the lag models
+    return sorted(out, key=lambda m: -m.level)
+
+
+def _level_names(levels: list[list[str]]) -> list[str]:
+    names = []
+    for level, columns in enumerate(levels):
+        if not columns:
+            names.append("global")
+        elif level == 0 and len(levels) > 1:
+            names.append("own")
+        else:
+            names.append("+".join(columns))
+    return names
+
+
+def groups_of(panel: Panel, method: LagMethod, members: Sequence[int]) -> dict[tuple[str, ...], list[int]]:
+    """Series of ``members`` by the method's level key."""
+    pos = [panel.key_columns.index(c) for c in method.columns]
+    out: dict[tuple[str, ...], list[int]] = {}
+    for i in members:
+        out.setdefault(tuple(panel.key_texts[i][p] for p in pos), []).append(i)
+    return out
+
+
+def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.ndarray,
+                  members: list[int], h: int, seed: int) -> tuple[np.ndarray, dict[Any, Any]]:
+    """Forecasts (len(members), h) of one lag method from cutoffs ``cut``, and its fits."""
+    scales = series_scales(panel, spec, cut)
+    out = np.full((len(members), h), np.nan)
+    where = {i: r for r, i in enumerate(members)}
+    fitted: dict[Any, Any] = {}
+    own_spec = _own_spec(spec) if method.own else spec
+    if method.own:
+        pipes, served = [], []
+        for i in members:
+            rows = training_rows(panel, own_spec, [i], cut, scales)
+            if len(rows.target) < len(own_spec.numeric_names()) + 2:
+                continue
+            linear = fit_own_linear(rows, method.candidate, own_spec)
+            pipes.append(linear)
+            served.append(i)
+            fitted[panel.key_texts[i]] = linear
+        if served:
+            values = forecast_with(own_linear_predict(pipes, own_spec), panel, own_spec, served,
+                                   cut, scales, h)
+            for r, i in enumerate(served):
+                out[where[i]] = values[r]
+        return out, fitted
+    for key, group in groups_of(panel, method, members).items():
+        rows = training_rows(panel, spec, group, cut, scales)
+        if len(rows.target) < max(len(spec.numeric_names()) + 2, method.candidate.min_rows):
+            continue
+        pipe = fit_pipeline(rows, method.candidate, spec, seed)
+        fitted[key] = pipe
+        values = forecast_with(native_predict(pipe), panel, spec, group, cut, scales, h)
+        for r, i in enumerate(group):
+            out[where[i]] = values[r]
+    return out, fitted
+
+
+def _own_spec(spec: FeatureSpec) -> FeatureSpec:
+    """Own models see no segment columns: they are constant within a series."""
+    return FeatureSpec(spec.lags, spec.rolling, spec.season_length, spec.calendar,
+                       spec.differences, spec.scale, spec.known_future, ())
+
+
+def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.ndarray, h: int
+                   ) -> np.ndarray:
+    """Forecasts of a statistical method (builtins here; fitted ones by ``stats``)."""
+    if method in BUILTINS:
+        tails = tails_at(panel, members, cut, max(panel.season_length, 1))
+        return builtin_forecast(tails, method, panel.season_length, h)
+    from manymodels.forecast import stats  # statsforecast: loaded only when a spec asks
+
+    return np.stack([stats.fit_stat(panel.y[i][: int(cut[i])], method, panel.season_length
+                                     ).forecast(h) for i in members])
+
+
+def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,
+                  seed: int) -> Backtests:
+    """Every method on every window; cutoffs (windows, series) with -1 for missing."""
+    import time
+
+    windows, n = cuts.shape
+    actual = np.full((n, windows, h), np.nan)
+    scale = np.full((n, windows), np.nan)
+    forecasts = {label: np.full((n, windows, h), np.nan) for label in methods.labels}
+    seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
+    for w in range(windows):
+        members = [i for i in range(n) if cuts[w, i] > 0]
+        cut = np.where(cuts[w] > 0, cuts[w], 0)
+        for i in members:
+            c = int(cut[i])
+            actual[i, w] = panel.y[i][c: c + h]
+            scale[i, w] = seasonal_scale(panel.y[i][:c], panel.season_length)
+        idx = np.asarray(members, dtype=np.int64)
+        for label in [*methods.builtins, *methods.stats]:
+            started = time.perf_counter()
+            forecasts[label][idx, w] = stat_forecasts(panel, label, members, cut, h)
+            seconds[label] += time.perf_counter() - started
+        for method in methods.lag:
+            started = time.perf_counter()
+            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed)
+            forecasts[method.label][idx, w] = values
+            seconds[method.label] += time.perf_counter() - started
+    return Backtests(methods.labels, forecasts, actual, scale, seconds)

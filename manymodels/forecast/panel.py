@@ -1,0 +1,191 @@
+"""A long table turned into regular series: one per segment, periods in order, no gaps.
+
+Lags are only meaningful on a regular grid, so the frequency is found (or taken from the
+spec), missing periods are filled or refused, and duplicate periods are refused, before
+any feature is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manymodels.errors import DataError, SpecError
+from manymodels.runtime.forecast import FeatureSpec, default_calendar
+from manymodels.runtime.manifest import normalise_key_value
+from manymodels.specs import TrainerSpec
+
+__all__ = ["Panel", "build_panel", "feature_spec", "infer_freq", "season_length_of"]
+
+_SEASONS = {"W": 52, "M": 12, "Q": 4, "D": 7, "B": 5, "h": 24, "H": 24, "A": 1, "Y": 1,
+            "min": 60, "T": 60}
+
+
+@dataclass
+class Panel:
+    """Regular series of one table: values, periods and known-future covariates."""
+
+    key_columns: list[str]
+    keys: list[tuple[Any, ...]]  # raw key values, in series order
+    y: list[np.ndarray]
+    times: list[pd.Index]
+    freq: str
+    season_length: int
+    time_column: str
+    target: str
+    covariates: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    filled: int = 0  # periods filled by the gap policy
+
+    @property
+    def key_texts(self) -> list[tuple[str, ...]]:
+        return [tuple(normalise_key_value(v) for v in k) for k in self.keys]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _family(freq: str) -> str:
+    base = freq.split("-")[0]
+    base = base.lstrip("0123456789")
+    for suffix in ("S", "E"):
+        if base.endswith(suffix) and len(base) > 1:
+            base = base[:-1]
+    return base
+
+
+def season_length_of(freq: str) -> int:
+    """Default season for a frequency: 52 weekly, 12 monthly, 4 quarterly, 7 daily."""
+    if freq == "int":
+        return 1
+    return _SEASONS.get(_family(freq), 1)
+
+
+def parse_times(values: pd.Series, column: str) -> pd.Series:
+    """Integer periods stay integers; dates (or ISO date text) become timestamps."""
+    if pd.api.types.is_integer_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+        return values
+    if pd.api.types.is_float_dtype(values):
+        finite = values.dropna()
+        if (finite == finite.round()).all():
+            return values.astype("Int64")
+        raise DataError(f"time column '{column}' holds fractional numbers; use integer periods "
+                        f"or dates")
+    try:
+        return pd.to_datetime(values, format="ISO8601")
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"time column '{column}' is neither integer periods nor ISO dates "
+                        f"({exc}); convert it before training") from None
+
+
+def infer_freq(times: list[pd.Index], column: str) -> str:
+    """The frequency of the time column: ``int`` for integer periods, else a pandas alias."""
+    if not times or pd.api.types.is_integer_dtype(times[0]):
+        return "int"
+    for t in sorted(times, key=len, reverse=True)[:5]:
+        if len(t) >= 3:
+            freq = pd.infer_freq(pd.DatetimeIndex(t).sort_values())
+            if freq is not None:
+                return str(freq)
+    raise DataError(f"cannot infer the frequency of time column '{column}' (irregular dates "
+                    f"or fewer than 3 periods per series): set freq in the trainer spec")
+
+
+def _grid(first: Any, last: Any, freq: str) -> pd.Index:
+    if freq == "int":
+        return pd.Index(np.arange(int(first), int(last) + 1, dtype=np.int64))
+    return pd.date_range(pd.Timestamp(first), pd.Timestamp(last), freq=freq)
+
+
+def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpec) -> Panel:
+    """Group ``frame`` into regular series by ``key_columns`` (the segment columns)."""
+    time_col, target = trainer.time_column, trainer.target
+    assert time_col is not None
+    known = list(trainer.forecast.known_future)
+    missing = [c for c in [*key_columns, time_col, target, *known] if c not in frame.columns]
+    if missing:
+        raise DataError(f"the table lacks column(s) {', '.join(missing)} named by the trainer "
+                        f"or segmenter spec")
+    data = frame[[*key_columns, time_col, target, *known]].copy()
+    data[time_col] = parse_times(data[time_col], time_col)
+    if data[time_col].isna().any():
+        raise DataError(f"time column '{time_col}' has {int(data[time_col].isna().sum())} "
+                        f"missing value(s)")
+    dup = data.duplicated([*key_columns, time_col])
+    if dup.any():
+        raise DataError(f"{int(dup.sum())} row(s) repeat a (series, {time_col}) pair already "
+                        f"seen; aggregate them (sum or mean) before forecasting")
+    data = data.sort_values([*key_columns, time_col], kind="stable")
+    groups = list(data.groupby(key_columns, sort=False, dropna=False)) if key_columns else [((), data)]
+    raw_times = [pd.Index(g[time_col].to_numpy()) for _, g in groups]
+    freq = trainer.freq or infer_freq(raw_times, time_col)
+    season = trainer.season_length or season_length_of(freq)
+    panel = Panel(list(key_columns), [], [], [], freq, season, time_col, target,
+                  {c: [] for c in known})
+    for (key, part), times in zip(groups, raw_times, strict=True):
+        key_t = key if isinstance(key, tuple) else (key,)
+        grid = _grid(times[0], times[-1], freq)
+        try:
+            values = part.set_index(time_col).reindex(grid)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"series {_name(key_columns, key_t)}: its {time_col} values do not "
+                            f"fit freq {freq!r}: {exc}") from None
+        if len(values) != len(part) or not grid.isin(times).all():
+            off_grid = len(times) - int(times.isin(grid).sum())
+            if off_grid:
+                raise DataError(f"series {_name(key_columns, key_t)}: {off_grid} {time_col} "
+                                f"value(s) are not on the {freq} grid; set freq in the spec")
+        y = values[target].to_numpy(dtype=np.float64)
+        gaps = int(np.isnan(y).sum())
+        if gaps:
+            y = _fill(y, trainer.forecast.gaps, key_columns, key_t, gaps, time_col)
+            panel.filled += gaps
+        panel.keys.append(key_t)
+        panel.y.append(y)
+        panel.times.append(grid)
+        for c in known:
+            cov = pd.to_numeric(values[c], errors="coerce").to_numpy(dtype=np.float64)
+            panel.covariates[c].append(_fill(cov, "ffill", key_columns, key_t, 0, c)
+                                       if np.isnan(cov).any() else cov)
+    return panel
+
+
+def _fill(y: np.ndarray, policy: str, key_columns: list[str], key: tuple[Any, ...], gaps: int,
+          column: str) -> np.ndarray:
+    if policy == "refuse":
+        raise DataError(f"series {_name(key_columns, key)} has {gaps} missing period(s) or "
+                        f"missing values of its target; set forecast.gaps to zero, ffill or "
+                        f"interpolate in the trainer spec to fill them")
+    s = pd.Series(y)
+    if policy == "zero":
+        return s.fillna(0.0).to_numpy()
+    if policy == "interpolate":
+        return s.interpolate(limit_direction="both").to_numpy()
+    return s.ffill().bfill().to_numpy()
+
+
+def _name(columns: list[str], key: tuple[Any, ...]) -> str:
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True)) or "(the table)"
+
+
+def feature_spec(trainer: TrainerSpec, panel: Panel, static: list[str]) -> FeatureSpec:
+    """The lag features of a trainer spec, with defaults from the season."""
+    fc = trainer.forecast
+    m = panel.season_length
+    if fc.lags is not None:
+        lags = sorted(set(fc.lags))
+    elif m > 24:
+        lags = [1, 2, 3, 4, m]
+    else:
+        lags = list(range(1, max(m, 4) + 1))
+    rolling = sorted(set(fc.rolling)) if fc.rolling is not None else [m if m > 1 else 4]
+    if min(lags + rolling) < 1:
+        raise SpecError("forecast.lags and forecast.rolling must be positive")
+    clash = [c for c in fc.known_future if c.startswith(("lag", "rolling_mean_"))
+             or c in ("season", "month", "quarter", "week", "dayofweek", "hour")]
+    if clash:
+        raise SpecError(f"known_future column(s) {clash} clash with feature names; rename them")
+    return FeatureSpec(tuple(lags), tuple(rolling), m, default_calendar(panel.freq, m),
+                       fc.differences, fc.scale, tuple(fc.known_future), tuple(static))

@@ -1,0 +1,393 @@
+"""``task: forecast`` end to end: panel, backtests, per-series choice, export, run directory.
+
+The run directory has the same shape as a regression run (``models/*.onnx``,
+``manifest.json``, ``report.parquet``, ``specs/``), so ``package``, ``validate``,
+``register`` and ``serve`` take it as they are; its manifest adds a ``forecast`` section:
+features, each series' route (methods and weights) and tail.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from manymodels import __version__
+from manymodels.candidates import Candidate, build_candidates, build_pipeline
+from manymodels.data import read_table
+from manymodels.errors import DataError, ExportError, SpecError
+from manymodels.export import export_model
+from manymodels.forecast.backtest import cutoffs
+from manymodels.forecast.choice import Choice, choose
+from manymodels.forecast.features import SeriesScale, series_scales, training_rows
+from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
+from manymodels.forecast.methods import MethodSet, groups_of, lag_methods, run_backtests
+from manymodels.forecast.panel import Panel, build_panel, feature_spec
+from manymodels.io import manifest_json, swap_directory_into_place
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
+from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION, ModelEntry, _parse_model
+from manymodels.runtime.session import load_model, make_session_options
+from manymodels.specs import (
+    CandidateSpec,
+    SegmenterSpec,
+    TrainerSpec,
+    load_segmenter,
+    load_trainer,
+    spec_hash,
+)
+
+__all__ = ["DEFAULT_CANDIDATES", "ForecastResult", "train_forecast"]
+
+#: Lag models when the trainer names none: LightGBM's defaults and a ridge.
+DEFAULT_CANDIDATES = (
+    CandidateSpec(algorithm="lightgbm",
+                  params={"n_estimators": 100, "num_leaves": 31, "min_child_samples": 20}),
+    CandidateSpec(algorithm="ridge", params={"alpha": 1.0}),
+)
+
+
+@dataclass
+class ForecastResult:
+    """Where the run went, and each series' choice."""
+
+    run_id: str
+    run_dir: Path
+    report: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def failed_fraction(self) -> float:
+        return 0.0
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=._-]+", "_", text)
+
+
+def _model_name(target: str, method: LagMethod, key: Sequence[str], key_columns: Sequence[str]
+                ) -> str:
+    algo = _safe(method.candidate.label)
+    if not method.columns:
+        return f"{target}__global__{algo}"
+    cols = key_columns if method.own else method.columns
+    return f"{target}__" + "__".join(f"{c}={_safe(v)}" for c, v in zip(cols, key, strict=True)) \
+        + f"__{algo}"
+
+
+def _static_columns(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerSpec
+                    ) -> list[str]:
+    if not trainer.forecast.static_keys:
+        return []
+    limit = segmenter.pooled_key_max_categories
+    return [c for c in segmenter.columns if frame[c].nunique(dropna=False) <= limit]
+
+
+def _method_set(trainer: TrainerSpec, segmenter: SegmenterSpec, candidates: list[Candidate]
+                ) -> MethodSet:
+    builtins = [m for m in trainer.forecast.methods if m in BUILTINS]
+    stats = [m for m in trainer.forecast.methods if m not in BUILTINS]
+    levels = [list(lv) for lv in segmenter.resolved_levels]
+    lag = lag_methods(candidates, levels, trainer.forecast.own_models)
+    return MethodSet(builtins, stats, lag)
+
+
+def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
+                   segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
+                   trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec, *,
+                   out: str | os.PathLike[str] = "runs", run_id: str | None = None,
+                   overwrite: bool = False, environment: dict[str, Any] | None = None
+                   ) -> ForecastResult:
+    """Backtest every method on every series, choose per series, export, write the run."""
+    started = time.perf_counter()
+    seg_spec, tr_spec = load_segmenter(segmenter), load_trainer(trainer)
+    if tr_spec.task != "forecast":
+        raise SpecError(f"trainer '{tr_spec.name}' has task {tr_spec.task!r}, not forecast")
+    if tr_spec.forecast.strategy != "recursive":
+        raise SpecError("forecast.strategy: only 'recursive' is available in this version")
+    frame = read_table(data)
+    panel = build_panel(frame, list(seg_spec.columns), tr_spec)
+    if not len(panel):
+        raise DataError("the table holds no series to forecast")
+    spec = feature_spec(tr_spec, panel, _static_columns(frame, seg_spec, tr_spec))
+    candidates = build_candidates(tr_spec) if tr_spec.candidates else [
+        Candidate(c.algorithm, c.algorithm, dict(c.params), c.resolved_min_rows)
+        for c in DEFAULT_CANDIDATES]
+    methods = _method_set(tr_spec, seg_spec, candidates)
+    h = int(tr_spec.horizon or 1)
+    fc = tr_spec.forecast
+    lengths = np.asarray([len(y) for y in panel.y])
+    cuts = cutoffs(lengths, h, fc.n_windows, fc.step_size or h,
+                   spec.window + spec.differences + 2)
+    backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed)
+    simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
+    choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest)
+    run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_dir = Path(out) / run_id
+    if run_dir.exists() and not overwrite:
+        raise SpecError(f"run directory {run_dir} already exists; choose another run id or "
+                        f"pass overwrite (--overwrite)")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = run_dir.parent / f".{run_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
+    (staging / "models").mkdir(parents=True)
+    try:
+        final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id)
+        routes, fallback = final.export(choices, methods, backtests.labels, errors)
+        report = _report(panel, choices, backtests.labels, errors)
+        summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
+                           time.perf_counter() - started)
+        manifest = final.manifest(routes, fallback, summary, environment or {})
+        _write(staging, run_dir, manifest, report, seg_spec, tr_spec, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ForecastResult(run_id, run_dir, report, summary)
+
+
+class _Final:
+    """Refits the chosen lag models on every period and exports them, checked over ``h``."""
+
+    def __init__(self, panel: Panel, spec: FeatureSpec, trainer: TrainerSpec,
+                 segmenter: SegmenterSpec, staging: Path, run_id: str) -> None:
+        self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
+        self.staging, self.run_id = staging, run_id
+        self.cut = np.asarray([len(y) for y in panel.y])
+        self.scales: SeriesScale = series_scales(panel, spec, self.cut)
+        self.models: dict[str, dict[str, Any]] = {}
+
+    def export(self, choices: list[Choice], methods: MethodSet, labels: list[str],
+               errors: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        by_label = {m.label: m for m in methods.lag}
+        users: dict[str, list[int]] = {}
+        for i, choice in enumerate(choices):
+            for member in choice.members:
+                users.setdefault(member, []).append(i)
+        fallback_label = self._fallback_label(methods, labels, errors)
+        if fallback_label in by_label:
+            users.setdefault(fallback_label, [])
+        files: dict[tuple[str, int], str] = {}
+        fallback_model: str | None = None
+        for label, series in users.items():
+            method = by_label.get(label)
+            if method is None:
+                continue
+            placed = self._export_method(method, series)
+            files.update({(label, i): name for i, name in placed.items()})
+            if label == fallback_label:
+                fallback_model = self._global_name(method)
+        routes = []
+        for i, choice in enumerate(choices):
+            members = []
+            for label, weight in zip(choice.members, choice.weights, strict=True):
+                if label in BUILTINS:
+                    members.append({"builtin": label, "weight": weight, "kind": "builtin"})
+                elif label in by_label:
+                    members.append({"model": files[(label, i)], "weight": weight, "kind": "lag"})
+                else:
+                    raise ExportError(f"method {label!r} cannot be exported yet")
+            routes.append({"key": list(self.panel.key_texts[i]), "members": members,
+                           "method": choice.label})
+        fallback = ([{"model": fallback_model, "weight": 1.0, "kind": "lag"}] if fallback_model
+                    else [{"builtin": "seasonal_naive" if self.panel.season_length > 1 else "naive",
+                           "weight": 1.0, "kind": "builtin"}])
+        return routes, fallback
+
+    def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray) -> str:
+        """The global lag method with the lowest mean backtest error: serves new series."""
+        best, label = np.inf, ""
+        for m in methods.lag:
+            if m.columns:
+                continue
+            values = errors[:, labels.index(m.label)]
+            mean = float(np.nanmean(np.where(np.isfinite(values), values, np.nan))) \
+                if np.isfinite(values).any() else np.inf
+            if mean < best:
+                best, label = mean, m.label
+        return label
+
+    def _global_name(self, method: LagMethod) -> str:
+        return _model_name(self.trainer.target, method, (), self.panel.key_columns)
+
+    def _export_method(self, method: LagMethod, series: list[int]) -> dict[int, str]:
+        """Fit and export ``method`` for the series using it; their model names."""
+        spec = self._spec_for(method)
+        if method.own:
+            return {i: self._export_one(method, spec, [i], self.panel.key_texts[i])
+                    for i in series}
+        out: dict[int, str] = {}
+        groups = groups_of(self.panel, method, range(len(self.panel)))
+        wanted = set(series)
+        for key, group in groups.items():
+            if not method.columns or wanted.intersection(group):
+                name = self._export_one(method, spec, group, key)
+                out.update({i: name for i in group})
+        return out
+
+    def _spec_for(self, method: LagMethod) -> FeatureSpec:
+        if not method.own:
+            return self.spec
+        s = self.spec
+        return FeatureSpec(s.lags, s.rolling, s.season_length, s.calendar, s.differences,
+                           s.scale, s.known_future, ())
+
+    def _export_one(self, method: LagMethod, spec: FeatureSpec, group: list[int],
+                    key: Sequence[str]) -> str:
+        name = _model_name(self.trainer.target, method, key, self.panel.key_columns)
+        if name in self.models:
+            return name
+        rows = training_rows(self.panel, spec, group, self.cut, self.scales)
+        if len(rows.target) < len(spec.numeric_names()) + 2:
+            raise ExportError(f"model '{name}': too few periods to fit its lag features")
+        if method.own:
+            numeric = spec.numeric_names()
+            pipeline = build_pipeline(method.candidate, numeric, [], "regression", self.trainer.seed)
+            pipeline.fit(rows.frame[numeric], rows.target)
+        else:
+            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
+        numeric = spec.numeric_names()
+        categorical = [c for c in self.panel.key_columns if c in spec.static]
+        path = self.staging / "models" / f"{name}.onnx"
+        check = rows.frame.iloc[-min(len(rows.target), 256):]
+        exported = export_model(
+            pipeline, name=name, numeric=numeric, categorical=categorical, task="regression",
+            check_frame=check, tolerance=self.trainer.parity_tolerance, path=path,
+            metadata={"manymodels_run_id": self.run_id, "method": method.label,
+                      "trainer_hash": spec_hash(self.trainer),
+                      "segmenter_hash": spec_hash(self.segmenter)})
+        level_key = dict(zip(self.panel.key_columns if method.own else method.columns, key,
+                             strict=True))
+        entry = {
+            "file": f"models/{name}.onnx", "sha256": exported.sha256, "bytes": exported.bytes,
+            "level": method.level, "key": level_key, "algorithm": method.candidate.algorithm,
+            "candidate": method.candidate.label, "inputs": exported.inputs,
+            "output": exported.output, "rows": int(len(rows.target)),
+            "metrics": {"parity_max_abs_diff": exported.parity},
+            "forecast": {"method": method.label, "series": len(group)},
+            "tags": {"algorithm": method.candidate.algorithm, "method": method.label,
+                     "level": str(method.level), **{f"key.{k}": v for k, v in level_key.items()}},
+        }
+        entry["metrics"]["horizon_parity_max_abs_diff"] = self._horizon_parity(
+            pipeline, path, _parse_model(name, entry), spec, group, name)
+        self.models[name] = entry
+        return name
+
+    def _horizon_parity(self, pipeline: Any, path: Path, entry: ModelEntry, spec: FeatureSpec,
+                        group: list[int], name: str) -> float:
+        """Native and ONNX recursions over the whole horizon, on up to 64 of the series."""
+        sample = group[:64]
+        h = int(self.trainer.horizon or 1)
+        loaded = load_model(entry, path, make_session_options())
+        native = forecast_with(native_predict(pipeline), self.panel, spec, sample, self.cut,
+                               self.scales, h)
+        onnx = forecast_with(onnx_predict(loaded), self.panel, spec, sample, self.cut,
+                             self.scales, h)
+        spread = np.asarray([max(1.0, float(np.std(self.panel.y[i]))) for i in sample])
+        diff = np.abs(native - onnx) / spread[:, None]
+        worst = float(np.nanmax(diff)) if diff.size else 0.0
+        if not np.isfinite(worst) or worst > self.trainer.parity_tolerance:
+            raise ExportError(f"model '{name}': ONNX and native forecasts differ by {worst:.3g} "
+                              f"(relative to the series' spread) over {h} steps, over "
+                              f"parity_tolerance={self.trainer.parity_tolerance}")
+        return worst
+
+    def manifest(self, routes: list[dict[str, Any]], fallback: list[dict[str, Any]],
+                 summary: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+        panel, spec = self.panel, self.spec
+        length = spec.tail_length
+        h = int(self.trainer.horizon or 1)
+        series = {
+            "keys": [list(k) for k in panel.key_texts],
+            "last": [_plain_time(t[-1]) for t in panel.times],
+            "loc": self.scales.loc.tolist(), "scale": self.scales.scale.tolist(),
+            "tail": [y[-length:].tolist() for y in panel.y],
+        }
+        times = pd.Index(np.concatenate([np.asarray(t) for t in panel.times]))
+        return {
+            "schema_version": SCHEMA_VERSION, "kind": "run", "name": None, "version": None,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "run_id": self.run_id, "target": self.trainer.target, "task": "forecast",
+            "segment_columns": list(panel.key_columns),
+            "levels": [list(lv) for lv in self.segmenter.resolved_levels],
+            "routes": [], "models": self.models, "failed": [],
+            "data_window": {"column": panel.time_column, "min": _plain_time(times.min()),
+                            "max": _plain_time(times.max())},
+            "metric": self.trainer.metric, "summary": summary,
+            "manymodels_version": __version__, "environment": environment,
+            "forecast": {
+                "time_column": panel.time_column, "freq": panel.freq, "horizon": h,
+                "max_horizon": self.trainer.forecast.max_horizon or 10 * h,
+                "strategy": self.trainer.forecast.strategy, "features": spec.to_dict(),
+                "series": series, "routes": routes, "fallback": fallback,
+            },
+        }
+
+
+def _plain_time(value: Any) -> Any:
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    return pd.Timestamp(value).isoformat()
+
+
+def _report(panel: Panel, choices: list[Choice], labels: list[str], errors: np.ndarray
+            ) -> pd.DataFrame:
+    rows = []
+    for i, choice in enumerate(choices):
+        row: dict[str, Any] = {c: v for c, v in zip(panel.key_columns, panel.key_texts[i],
+                                                    strict=True)}
+        row.update(segment="__".join(f"{c}={v}" for c, v in row.items()), periods=len(panel.y[i]),
+                   method=choice.label, members=list(choice.members),
+                   weights=list(choice.weights), backtest_error=choice.error,
+                   reason=choice.reason, status="ok")
+        for j, label in enumerate(labels):
+            values = errors[i, j]
+            finite = values[np.isfinite(values)]
+            row[f"bt.{label}"] = float(finite.mean()) if finite.size else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _summary(choices: list[Choice], labels: list[str], errors: np.ndarray, trainer: TrainerSpec,
+             panel: Panel, h: int, seconds: float) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for c in choices:
+        counts[c.label if len(c.members) == 1 else f"blend of {len(c.members)}"] = \
+            counts.get(c.label if len(c.members) == 1 else f"blend of {len(c.members)}", 0) + 1
+    chosen = np.asarray([c.error for c in choices], dtype=float)
+    per_method = {}
+    for j, label in enumerate(labels):
+        values = errors[:, j]
+        means = [float(v[np.isfinite(v)].mean()) for v in values if np.isfinite(v).any()]
+        per_method[label] = float(np.mean(means)) if means else None
+    return {
+        "task": "forecast", "segments": len(choices), "trained": len(choices), "failed": 0,
+        "failed_fraction": 0.0, "horizon": h, "freq": panel.freq,
+        "season_length": panel.season_length, "metric": trainer.metric,
+        "windows": trainer.forecast.n_windows, "filled_periods": panel.filled,
+        "methods_chosen": counts,
+        "backtest": {"chosen": float(np.nanmean(chosen)) if np.isfinite(chosen).any() else None,
+                     **per_method},
+        "seconds": round(seconds, 2),
+    }
+
+
+def _write(staging: Path, run_dir: Path, manifest: dict[str, Any], report: pd.DataFrame,
+           segmenter: SegmenterSpec, trainer: TrainerSpec, overwrite: bool) -> None:
+    (staging / "specs").mkdir(exist_ok=True)
+    (staging / "specs" / "segmenter.yaml").write_text(
+        yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
+    (staging / "specs" / "trainer.yaml").write_text(
+        yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
+    report.to_parquet(staging / "report.parquet", index=False)
+    (staging / MANIFEST_FILE).write_bytes(manifest_json(manifest))
+    if run_dir.exists() and not overwrite:
+        raise SpecError(f"run directory {run_dir} already exists")
+    swap_directory_into_place(staging, run_dir)
