@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from manymodels.errors import SpecError
 
@@ -224,7 +233,8 @@ class ForecastSpec(_Spec):
     """Fit a lag model per series (the trainer's ridge candidates) besides the pooled and
     global ones."""
     blend: int = Field(3, ge=1, le=5)
-    """Also try the equal-weight mean of the best 2..``blend`` methods of each series."""
+    """Each series is forecast by the equal-weight mean of its ``blend`` methods with the
+    lowest backtest error (1: its best method alone)."""
     static_keys: bool = True
     """Pooled and global lag models see the segment columns (at most
     ``pooled_key_max_categories`` values each) as categorical features."""
@@ -296,6 +306,14 @@ class TrainerSpec(_Spec):
     forecast: ForecastSpec = ForecastSpec()
     """Features, backtests and methods of ``task: forecast``."""
 
+    @field_validator("candidates")
+    @classmethod
+    def _some_candidates(cls, value: list[CandidateSpec], info: ValidationInfo
+                         ) -> list[CandidateSpec]:
+        if not value and info.data.get("task") != "forecast":
+            raise PydanticCustomError("too_short", "List should have at least 1 item")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _forecast_metric(cls, data: Any) -> Any:
@@ -307,8 +325,6 @@ class TrainerSpec(_Spec):
     def _metric_fits_task(self) -> TrainerSpec:
         if self.task == "forecast":
             return self._forecast_fits()
-        if not self.candidates:
-            raise ValueError("candidates: at least one candidate is needed")
         allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
         if self.metric not in allowed:
             raise ValueError(f"metric '{self.metric}' does not fit task '{self.task}'; "

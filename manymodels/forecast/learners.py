@@ -24,7 +24,8 @@ from manymodels.runtime.forecast import (
     recursive_forecast,
 )
 
-__all__ = ["LagMethod", "fit_own_linear", "fit_pipeline", "forecast_with", "native_predict", "own_linear_predict"]
+__all__ = ["LagMethod", "fit_own_linear", "fit_pipeline", "forecast_with", "native_predict",
+           "own_linear_predict"]
 
 
 @dataclass(frozen=True)

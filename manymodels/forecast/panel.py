@@ -38,10 +38,7 @@ class Panel:
     target: str
     covariates: dict[str, list[np.ndarray]] = field(default_factory=dict)
     filled: int = 0  # periods filled by the gap policy
-
-    @property
-    def key_texts(self) -> list[tuple[str, ...]]:
-        return [tuple(normalise_key_value(v) for v in k) for k in self.keys]
+    key_texts: list[tuple[str, ...]] = field(default_factory=list)  # normalised keys
 
     def __len__(self) -> int:
         return len(self.y)
@@ -143,6 +140,7 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
             y = _fill(y, trainer.forecast.gaps, key_columns, key_t, gaps, time_col)
             panel.filled += gaps
         panel.keys.append(key_t)
+        panel.key_texts.append(tuple(normalise_key_value(v) for v in key_t))
         panel.y.append(y)
         panel.times.append(grid)
         for c in known:

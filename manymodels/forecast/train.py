@@ -265,7 +265,7 @@ class _Final:
                       "segmenter_hash": spec_hash(self.segmenter)})
         level_key = dict(zip(self.panel.key_columns if method.own else method.columns, key,
                              strict=True))
-        entry = {
+        entry: dict[str, Any] = {
             "file": f"models/{name}.onnx", "sha256": exported.sha256, "bytes": exported.bytes,
             "level": method.level, "key": level_key, "algorithm": method.candidate.algorithm,
             "candidate": method.candidate.label, "inputs": exported.inputs,

@@ -370,7 +370,7 @@ class Forecaster:
 
     def _select_keys(self, keys: Sequence[tuple[str, ...]], allow_new: bool = False
                      ) -> tuple[list[int], list[tuple[str, ...]]]:
-        rows = []
+        rows: list[int] = []
         for key in keys:
             i = self.index.get(key)
             if i is None and not (allow_new and self.fallback.members):
