@@ -111,7 +111,10 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     try:
         entries = _copy_models(run, used, tmp)
         bundle_name = name or out_path.name
-        bundle_version = version or _content_version(run.raw.get("routes", []), entries)
+        routes = list(run.raw.get("routes", []))
+        if run.raw.get("forecast"):  # series tails and routes are part of what it serves
+            routes.append(run.raw["forecast"])
+        bundle_version = version or _content_version(routes, entries)
         env = environment_record(run.raw)
         written = _bundle_manifest(run, entries, bundle_name, bundle_version, env)
         _write_json(tmp / MANIFEST_FILE, written, compact=True)
@@ -155,6 +158,11 @@ def _routed_models(run: Manifest) -> list[str]:
             seen.setdefault(model, None)
     for blend in run.blends.values():  # a blend's coarser model (normally routed anyway)
         seen.setdefault(blend.partner, None)
+    forecast = run.raw.get("forecast") or {}
+    for route in [*forecast.get("routes", []), {"members": forecast.get("fallback", [])}]:
+        for member in route["members"]:
+            if member.get("model"):
+                seen.setdefault(str(member["model"]), None)
     return list(seen)
 
 
@@ -168,6 +176,8 @@ def _refuse_empty_run(run: Manifest, used: list[str]) -> None:
     """
     if used and run.routes and run.routes[0]:
         return
+    if (run.raw.get("forecast") or {}).get("routes"):
+        return  # a forecasting run routes its series in its forecast section
     failed = list(run.raw.get("failed", []))
     reasons = "; ".join(f"{format_key(f.get('key', {}))}: {f.get('reason', '?')}"
                         for f in failed[:3])
