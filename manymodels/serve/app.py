@@ -51,13 +51,23 @@ from .dataplane import (
 )
 from .docs import add_docs
 from .errors import MalformedBody, install_error_handlers, render_exception
-from .keyed import fill_segment_key, key_of_scope, split_model_score_path
+from .keyed import fill_segment_key, key_of_scope
 from .metrics import Metrics
 from .observe import ObserveMiddleware, Telemetry
+from .paths import (
+    DATA_PLANE,
+    FAST_ROUTES,
+    MODEL_SCORE,
+    SEGMENT_SCORE,
+    V2_INFER,
+    V2_INFER_VERSION,
+    split_infer_path,
+    split_model_score_path,
+)
 from .registry import ModelRegistry, ServedModel
 from .settings import ServeSettings
 from .stats import make_observe_router
-from .v2 import infer_reply, make_v2_router, split_infer_path
+from .v2 import infer_reply, make_v2_router
 
 if TYPE_CHECKING:
     from .endpoint import Deployment, Endpoint, EndpointSpec
@@ -72,16 +82,8 @@ SCORE_FIELDS = ("data", "dataframe_split", "dataframe_records")
 INVOCATION_FIELDS = ("dataframe_split", "dataframe_records", "instances")
 JSON = "application/json"
 JSON_BYTES = b"application/json"
-V2_INFER = "/v2/models/{name}/infer"
-V2_INFER_VERSION = "/v2/models/{name}/versions/{model_version}/infer"
-#: The key-carrying routes a fleet's proxy routes by (see :mod:`.keyed`).
-MODEL_SCORE = "/models/{name}/score"
-SEGMENT_SCORE = "/segments/score"
 #: Scope-state key of the :class:`~.endpoint.Deployment` answering a request.
 DEPLOYMENT_STATE = "manymodels.deployment"
-#: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
-DATA_PLANE = ("/score", "/invocations", "/models", "/stats", "/v2/models/", "/v2/repository/",
-              "/segments/")
 ReplyFunction = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
@@ -253,7 +255,7 @@ class ManyModelsAPI(FastAPI):
         label requests by it."""
         for route in [*self.routes, *(r for router in routers for r in router.routes)]:
             path = getattr(route, "path", "")
-            if path in ("/score", V2_INFER, V2_INFER_VERSION, MODEL_SCORE, SEGMENT_SCORE):
+            if path in FAST_ROUTES:
                 self._fast_routes[path] = route
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -38,8 +38,14 @@ from manymodels.credentials import (
 from manymodels.errors import AuthError, Forbidden, MissingCredentials, RateLimited, SpecError
 
 from .errors import render_error
+from .paths import (
+    OPEN_PATHS,
+    SCORE_PATHS,
+    is_model_score_path,
+    is_repository_change,
+    split_infer_path,
+)
 from .settings import ServeSettings
-from .v2 import split_infer_path
 
 __all__ = [
     "AuthMiddleware",
@@ -59,11 +65,6 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
 
-# ``/ui`` is the endpoint page's static shell: it holds no data (its data routes, /ui/state
-# and /metrics, need ``read``), and a browser cannot send a Bearer header on a plain
-# navigation, so the page itself must load to ask for the credential.
-OPEN_PATHS = frozenset({"/ping", "/health", "/v2/health/live", "/v2/health/ready", "/ui"})
-SCORE_PATHS = frozenset({"/score", "/invocations", "/segments/score"})
 REALM = 'Bearer realm="manymodels"'
 
 
@@ -77,23 +78,11 @@ def required_scope(path: str) -> str | None:
     """
     if path in OPEN_PATHS or path.startswith("/v2/health/"):
         return None
-    if path in SCORE_PATHS or split_infer_path(path) is not None or _is_model_score(path):
+    if path in SCORE_PATHS or split_infer_path(path) is not None or is_model_score_path(path):
         return "score"
-    if path == "/admin" or path.startswith("/admin/") or _is_repository_change(path):
+    if path == "/admin" or path.startswith("/admin/") or is_repository_change(path):
         return "admin"
     return "read"
-
-
-def _is_model_score(path: str) -> bool:
-    """``/models/{name}/score``: a name without ``/`` between the two fixed parts."""
-    return path.startswith("/models/") and path.endswith("/score") and \
-        len(path) > 14 and "/" not in path[8:-6]
-
-
-def _is_repository_change(path: str) -> bool:
-    """V2 model repository extension: ``/v2/repository/models/{name}/load|unload``."""
-    return path.startswith("/v2/repository/models/") and (
-        path.endswith("/load") or path.endswith("/unload"))
 
 
 # -- rate limits ---------------------------------------------------------------------------

@@ -31,18 +31,10 @@ from manymodels.runtime.manifest import normalise_key_value
 from .dataplane import Table
 from .errors import MalformedBody
 
-__all__ = ["fill_segment_key", "key_of_scope", "split_model_score_path"]
+__all__ = ["fill_segment_key", "key_of_scope"]
 
 _KEY_HEADER_BYTES = KEY_HEADER.encode()
 _INTEGER = re.compile(r"^-?\d+$")
-
-
-def split_model_score_path(path: str) -> str | None:
-    """The model name of ``/models/{name}/score``, else ``None``."""
-    if not (path.startswith("/models/") and path.endswith("/score")):
-        return None
-    name = urllib.parse.unquote(path[8:-6])
-    return name if name and "/" not in name else None
 
 
 def key_of_scope(scope: Mapping[str, Any]) -> str | None:

@@ -30,7 +30,7 @@ import orjson
 
 from .app import fast_reply
 from .errors import render_exception
-from .v2 import split_infer_path
+from .paths import is_mirrored_route
 
 if TYPE_CHECKING:
     from .endpoint import Deployment, Endpoint
@@ -41,12 +41,6 @@ log = logging.getLogger("manymodels.serve")
 
 #: Latencies kept per side for the percentiles (a sliding window of recent copies).
 LATENCY_WINDOW = 4096
-
-
-def is_mirrored_route(method: str, path: str) -> bool:
-    """Scoring routes only: copies of GETs or of repository loads would be side effects."""
-    return method == "POST" and (path in ("/score", "/invocations")
-                                 or split_infer_path(path) is not None)
 
 
 def paired_rows(path: str, live: Any, shadow: Any) -> list[tuple[str, Any, str, Any]]:

@@ -26,7 +26,7 @@ from .dataplane import Table, check_table, dumps, feed_of, read_json
 from .errors import MalformedBody
 from .registry import ModelRegistry, ServedModel, v2_datatype
 
-__all__ = ["infer_reply", "make_v2_router", "parse_infer_request", "split_infer_path"]
+__all__ = ["infer_reply", "make_v2_router", "parse_infer_request"]
 
 JSON = "application/json"
 #: Datatypes a tensor may declare; its values are then checked by the input contract
@@ -166,18 +166,6 @@ async def infer_reply(registry: ModelRegistry, name: str, model_version: str | N
     if isinstance(body.get("id"), str):
         reply["id"] = body["id"]
     return reply
-
-
-def split_infer_path(path: str) -> tuple[str, str | None] | None:
-    """``(name, version)`` of ``/v2/models/{name}[/versions/{v}]/infer``, else ``None``."""
-    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
-        return None
-    parts = path[11:-6].split("/")
-    if len(parts) == 1 and parts[0]:
-        return parts[0], None
-    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-        return parts[0], parts[2]
-    return None
 
 
 def make_v2_router(registry_of: Callable[[Request], ModelRegistry], limit: int,
