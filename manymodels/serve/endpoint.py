@@ -38,6 +38,7 @@ from manymodels.specs import load_spec
 from .dataplane import Table, score_model
 from .errors import DeploymentNotFound, DeploymentRefused, EndpointConflict, NoLiveTraffic
 from .registry import ModelRegistry, SharedSessions
+from .scorer import Scorer
 from .settings import ServeSettings
 
 __all__ = [
@@ -236,7 +237,7 @@ class Deployment:
     name: str
     source: str
     registry: ModelRegistry
-    scorer: Any
+    scorer: Scorer
     alias: str | None = None
     header: tuple[bytes, bytes] = (b"", b"")
     inflight: int = 0
@@ -305,8 +306,6 @@ class Endpoint:
 
     def deployment(self, name: str, source: str, registry: ModelRegistry,
                    alias: str | None = None) -> Deployment:
-        from .app import Scorer
-
         if self.telemetry_for is not None:
             registry.telemetry = self.telemetry_for(name)
         return Deployment(check_name(name), source, registry, Scorer(registry), alias)

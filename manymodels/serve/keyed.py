@@ -9,7 +9,7 @@ reading its body. Two routes carry it:
   ``x-manymodels-key``): rows of one segment, routed down its fallback chain.
 
 Both take the ``/score`` body (``data`` or ``dataframe_split``) and answer what
-``/score`` answers, through the same :class:`~.app.Scorer` (one data plane). A segment
+``/score`` answers, through the same :class:`~.scorer.Scorer` (one data plane). A segment
 key is ``column=value`` pairs joined by ``,``, in any order; a value holding ``,``,
 ``=`` or ``%`` is percent-encoded (:func:`manymodels.keys.format_segment_key` does it). Rows may leave
 the segment columns out (the key fills them in); rows that carry them must match the

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .app import fast_reply
 from .errors import render_exception
 from .paths import is_mirrored_route
 
@@ -233,7 +232,7 @@ class Mirror:
         Fast-lane routes hand over the body they parsed and the reply they sent; the
         FastAPI routes are recorded on the way through (body and answer bytes)."""
         started = time.perf_counter()
-        if fast_reply(scope, live) is not None:
+        if live.scorer.reply_for(scope) is not None:
             answer = await self.app.serve(scope, receive, send, live)
             elapsed = time.perf_counter() - started
             # the shadow's fast lane reads only the method, path, headers and query of the
@@ -297,7 +296,8 @@ class Mirror:
     @staticmethod
     async def _answer_parsed(copy: _Copy) -> tuple[int, Any]:
         """The shadow's reply to a fast-lane body, straight from its data plane."""
-        shadow, fast = copy.shadow, fast_reply(copy.scope, copy.shadow)
+        shadow = copy.shadow
+        fast = shadow.scorer.reply_for(copy.scope)
         assert copy.parsed is not None and fast is not None
         body = copy.parsed[0]
         shadow.inflight += 1
