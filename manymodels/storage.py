@@ -45,7 +45,6 @@ __all__ = [
     "is_remote",
     "mirror_inputs",
     "put_exclusive",
-    "resolve_bundle_source",
     "upload_bundle",
 ]
 
@@ -204,24 +203,6 @@ def fetch_bundle(url: str, cache: str | os.PathLike[str] | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def resolve_bundle_source(source: str | os.PathLike[str]) -> Path:
-    """A local bundle directory from a path, a registry URI (``models:/name@alias``)
-    or an object-store URL (``s3://bucket/bundles/oj``), for serve and batch alike."""
-    text = os.fspath(source)
-    if text.startswith("models:/"):
-        from manymodels.registry import resolve_bundle  # lazy: MLflow only when asked for
-
-        return Path(resolve_bundle(text))
-    if is_remote(text):
-        return fetch_bundle(text)
-    path = Path(text)
-    if not path.is_dir():
-        raise BundleError(f"bundle directory {path} does not exist; pass a directory made by "
-                          f"`manymodels package`, a registry URI models:/<name>@<alias> or "
-                          f"an s3:// URL")
-    return path
 
 
 # -- batch inputs --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from manymodels.errors import DataError, SpecError
 from manymodels.runtime import sha256_file
+from manymodels.sources import resolve_bundle_source
 from manymodels.storage import cache_root, is_remote, mirror_inputs
 
 from .objlog import ObjectTxLog
@@ -112,8 +113,6 @@ class BatchSummary:
 
 
 def _resolve_bundle(source: str | os.PathLike[str]) -> Path:
-    from manymodels.storage import resolve_bundle_source
-
     return resolve_bundle_source(source)
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 from manymodels.errors import DataError
 from manymodels.io import atomic_write_bytes, atomic_write_text
 from manymodels.runtime.manifest import Manifest, read_manifest
+from manymodels.sources import resolve_bundle_source
 
 from .accuracy import AccuracyVerdict, join_actuals, judge_accuracy, read_actuals
 from .drift import DriftVerdict, judge
@@ -106,8 +107,6 @@ def _json_default(value: Any) -> Any:
 def _bundle_manifest(bundle: str | os.PathLike[str]) -> Manifest:
     """The manifest of a bundle directory, ``models:/`` URI or ``s3://`` URL (resolved as
     serve and batch resolve them)."""
-    from manymodels.storage import resolve_bundle_source
-
     return read_manifest(resolve_bundle_source(bundle))
 
 

@@ -7,7 +7,9 @@ class to HTTP status), :mod:`.settings` (flags, environment, ``serving/`` specs)
 This package never imports a training library.
 """
 
-from .app import create_app, create_app_from_env, resolve_source
+from manymodels.sources import resolve_bundle_source as resolve_source
+
+from .app import create_app, create_app_from_env
 from .errors import HTTP_STATUS, status_for
 from .registry import ModelRegistry, ServedModel
 from .server import run, uvicorn_config, uvicorn_options

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .mirror import Mirror
 
 __all__ = ["DEPLOYMENT_STATE", "ManyModelsAPI", "create_app", "create_app_from_env",
-           "deployment_of", "resolve_source"]
+           "deployment_of"]
 
 log = logging.getLogger("manymodels.serve")
 
@@ -71,14 +71,6 @@ DEPLOYMENT_STATE = "manymodels.deployment"
 def deployment_of(request: Request) -> Deployment:
     """The deployment the endpoint chose for ``request``."""
     return request.scope["state"][DEPLOYMENT_STATE]  # type: ignore[no-any-return]
-
-
-def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A bundle directory from a path, a registry URI (``models:/name@alias``) or an
-    object-store URL (``s3://...``, downloaded once into the verified local cache)."""
-    from manymodels.storage import resolve_bundle_source
-
-    return resolve_bundle_source(source)
 
 
 class ManyModelsAPI(FastAPI):

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from manymodels.errors import BundleError, ManyModelsError, SpecError
 from manymodels.io import atomic_write_text
 from manymodels.runtime import load_model, sha256_file
+from manymodels.sources import resolve_bundle_source
 from manymodels.specs import load_spec
 
 from .dataplane import Table, score_model
@@ -295,10 +296,8 @@ class Endpoint:
     # -- building -------------------------------------------------------------------------
     def registry_for(self, source: str) -> ModelRegistry:
         """A registry over ``source`` sharing this endpoint's session cache."""
-        from .app import resolve_source  # the one place that resolves models:/ URIs
-
         settings = self.settings
-        return ModelRegistry(resolve_source(source), max_bytes=settings.max_bytes,
+        return ModelRegistry(resolve_bundle_source(source), max_bytes=settings.max_bytes,
                              optimisation=settings.optimisation,
                              load_threads=settings.load_threads,
                              inline_rows=settings.inline_rows, shared=self.shared,

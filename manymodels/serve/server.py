@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from manymodels.errors import SpecError
+from manymodels.sources import resolve_bundle_source
 
-from .app import create_app, resolve_source
+from .app import create_app
 from .metrics import METRICS_DIR_ENV
 from .settings import ServeSettings
 
@@ -49,7 +50,7 @@ def run(settings: ServeSettings, spec: EndpointSpec | None = None) -> None:
     several workers read the deployments from the endpoint file."""
     logging.getLogger("manymodels").setLevel(settings.log_level.upper())
     if settings.bundle is not None:
-        settings = settings.model_copy(update={"bundle": str(resolve_source(settings.bundle))})
+        settings = settings.model_copy(update={"bundle": str(resolve_bundle_source(settings.bundle))})
     if settings.workers == 1:
         uvicorn.Server(uvicorn_config(settings, spec)).run()
         return
