@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from manymodels._version import __version__
 from manymodels.errors import (
     BundleError,
     DataError,
@@ -29,8 +30,6 @@ from manymodels.runtime import Bundle
 if TYPE_CHECKING:
     from manymodels.report import build_report
     from manymodels.training import TrainResult, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Bundle",

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from manymodels import __version__
+from manymodels._version import __version__
 from manymodels.candidates import build_candidates, higher_is_better, score_metric
 from manymodels.data import read_table
 from manymodels.engine import (

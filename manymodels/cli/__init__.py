@@ -14,6 +14,7 @@ import sys
 import typer
 from rich.console import Console
 
+from manymodels._version import __version__
 from manymodels.errors import (
     BundleError,
     DataError,
@@ -64,8 +65,6 @@ EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
 
 def _print_version(value: bool) -> None:
     if value:
-        from manymodels import __version__
-
         typer.echo(f"manymodels {__version__}")
         raise typer.Exit()
 

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 
+from manymodels._version import __version__
 from manymodels.errors import ExportError
 from manymodels.io import atomic_write_bytes
 from manymodels.runtime.session import as_string_column, make_session_options
@@ -324,7 +325,6 @@ def _inputs(model: onnx.ModelProto) -> list[dict[str, str]]:
 def _stamp(model: onnx.ModelProto, name: str, inputs: list[dict[str, str]],
            metadata: Mapping[str, str], algorithm: str, task: str) -> None:
     """Write metadata, names and the input schema into the model (in place)."""
-    from manymodels import __version__
 
     entries = {str(k): str(v) for k, v in metadata.items()}
     entries["input_schema"] = json.dumps(inputs, separators=(",", ":"))

@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import Response
 
+from manymodels._version import __version__
 from manymodels.errors import BundleError
 
 from . import schemas
@@ -403,7 +404,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     for each in registries():  # a bad preload file fails here, before the server starts
         each.preload_names(settings.preload)
     names = ", ".join(endpoint.deployments) or "none"
-    app = ManyModelsAPI(title="manymodels", version=_version(), lifespan=lifespan,
+    app = ManyModelsAPI(title="manymodels", version=__version__, lifespan=lifespan,
                         docs_url=None, redoc_url=None,
                         description=f"Serves the models of the deployments {names} by name, "
                         f"by segment key and over the Open Inference Protocol (V2).")
@@ -451,15 +452,6 @@ def _prediction_log(settings: ServeSettings, endpoint: Endpoint,
                          queue_rows=settings.log_queue_rows,
                          on_written=metrics.log_rows.inc if metrics else None,
                          on_dropped=metrics.log_dropped.inc if metrics else None)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("manymodels")
-    except PackageNotFoundError:
-        return "0"
 
 
 def create_app_from_env() -> FastAPI:

@@ -18,6 +18,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from manymodels._version import __version__
 from manymodels.errors import InputSchemaError, ModelNotFound
 from manymodels.runtime import contract
 
@@ -177,9 +178,7 @@ def make_v2_router(registry_of: Callable[[Request], ModelRegistry], limit: int,
     @router.get("", response_class=Response, summary="Server metadata",
                 responses=schemas.reply("V2ServerMetadata"))
     async def server_metadata() -> Response:
-        from .app import _version
-
-        return Response(dumps({"name": "manymodels", "version": _version(),
+        return Response(dumps({"name": "manymodels", "version": __version__,
                                "extensions": ["model_repository"]}), media_type=JSON)
 
     @router.get("/health/live", response_class=Response, summary="Server liveness",
