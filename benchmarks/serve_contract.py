@@ -39,7 +39,7 @@ from manymodels.serve import ServeSettings, create_app
 
 bundle, n = sys.argv[1], int(sys.argv[2])
 app = create_app(ServeSettings(bundle=bundle))
-reg = app.state.registry
+reg = app.endpoint.deployments["default"].registry
 for name in reg.bundle.model_names:
     reg.load_sync(name)
 seg = "quantity__store=1__brand=tropicana"

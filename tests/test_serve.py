@@ -471,7 +471,7 @@ def test_lazy_loading_and_eviction_stay_within_budget(bundle: Any, expected: pd.
             stats = running.stats()
             assert stats["bytes"] <= budget
             assert stats["loaded"] < len(names)
-            assert GLOBAL in running.app.state.registry.cache.loaded_names()
+            assert GLOBAL in running.app.endpoint.deployments["default"].registry.cache.loaded_names()
         assert stats["evictions"] > 0 and stats["loads"] > len(names)
     finally:
         running.stop()
@@ -550,7 +550,7 @@ def test_preload_all_and_from_file(bundle: Any, tmp_path: Path) -> None:
         while running.client.get("/v2/health/ready").status_code != 200:
             assert time.time() < deadline
             time.sleep(0.05)
-        assert running.app.state.registry.cache.loaded_names() == [SEG]
+        assert running.app.endpoint.deployments["default"].registry.cache.loaded_names() == [SEG]
     finally:
         running.stop()
     listed.write_text("no_such_model\n")
@@ -596,7 +596,7 @@ def test_declared_routes_answer_like_the_fast_lane(server: Running) -> None:
     """Check that the FastAPI-declared /score and V2 infer routes answer as the fast lane does."""
     from fastapi import FastAPI
 
-    registry = server.app.state.registry
+    registry = server.app.endpoint.deployments["default"].registry
     registry.load_sync(SEG)
     registry.load_sync(GLOBAL)
 

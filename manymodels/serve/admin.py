@@ -9,18 +9,17 @@ live traffic, removing one that still takes traffic), 422 for a refused bundle.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .dataplane import dumps, read_json
+from .endpoint import Endpoint
 from .errors import DeploymentNotFound, EndpointConflict, MalformedBody
+from .mirror import Mirror
 from .settings import ServeSettings
-
-if TYPE_CHECKING:
-    from .app import ManyModelsAPI
 
 __all__ = ["make_admin_router"]
 
@@ -33,11 +32,11 @@ def _object(body: Any, shape: str) -> dict[str, Any]:
     return body
 
 
-def make_admin_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
-    """The ``/admin`` routes over ``app.endpoint`` and its mirror."""
+def make_admin_router(endpoint: Endpoint, mirror: Mirror,
+                      settings: ServeSettings) -> APIRouter:
+    """The ``/admin`` routes over ``endpoint`` and its ``mirror``."""
     router = APIRouter(prefix="/admin", tags=["admin"])
     limit = settings.max_body_bytes
-    endpoint = app.endpoint
 
     def changeable() -> None:
         if settings.workers > 1:
@@ -75,7 +74,7 @@ def make_admin_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
             raise MalformedBody("'name' and 'bundle' must be strings: a deployment name and "
                                 "a bundle directory or models:/ URI")
         await endpoint.add(name, source)
-        app.mirror.forget(name)
+        mirror.forget(name)
         return reply(one(name), 201)
 
     @router.get("/deployments/{name}", response_class=Response, summary="One deployment")
@@ -89,7 +88,7 @@ def make_admin_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
         stops. Answers once the requests it started have finished on it."""
         changeable()
         drained = await endpoint.remove(name)
-        app.mirror.forget(name)
+        mirror.forget(name)
         return reply({"removed": name, "drained": drained, **endpoint.describe()})
 
     @router.get("/deployments/{name}/mirror", response_class=Response,
@@ -101,9 +100,9 @@ def make_admin_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
         deployment = endpoint.deployments.get(name)
         if deployment is None:
             raise DeploymentNotFound(name, list(endpoint.deployments))
-        mirror = endpoint.mirror
-        stats = app.mirror.stats_for(deployment).as_dict(name)
-        stats["percent"] = mirror.percent if mirror and mirror.deployment == name else 0
+        share = endpoint.mirror
+        stats = mirror.stats_for(deployment).as_dict(name)
+        stats["percent"] = share.percent if share and share.deployment == name else 0
         return reply(stats)
 
     @router.get("/traffic", response_class=Response, summary="Live traffic per deployment")
@@ -135,7 +134,7 @@ def make_admin_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
                 or not isinstance(percent, int):
             raise MalformedBody("'deployment' must be a deployment name (or null) and "
                                 "'percent' an integer from 0 to 50")
-        mirror = await endpoint.set_mirror(name, percent)
-        return reply(mirror.model_dump() if mirror else None)
+        share = await endpoint.set_mirror(name, percent)
+        return reply(share.model_dump() if share else None)
 
     return router

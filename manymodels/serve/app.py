@@ -32,6 +32,7 @@ from manymodels._version import __version__
 from manymodels.errors import BundleError
 
 from . import schemas
+from .admin import make_admin_router
 from .auth import AuthMiddleware, build_guard, document_security
 from .dataplane import (
     check_headers,
@@ -43,20 +44,22 @@ from .dataplane import (
     receive_body,
 )
 from .docs import add_docs
+from .endpoint import Deployment, DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
 from .errors import install_error_handlers, render_exception
 from .keyed import key_of_scope
 from .metrics import Metrics
-from .observe import ObserveMiddleware, Telemetry
+from .mirror import Mirror
+from .observe import ObserveMiddleware, Telemetries, Telemetry
 from .paths import DATA_PLANE, FAST_ROUTES
-from .registry import ModelRegistry
+from .registry import ModelRegistry, SharedSessions
 from .scorer import ReplyFunction
 from .settings import ServeSettings
 from .stats import make_observe_router
+from .ui import make_ui_router
 from .v2 import make_v2_router
 
 if TYPE_CHECKING:
-    from .endpoint import Deployment, Endpoint, EndpointSpec
-    from .mirror import Mirror
+    from .predlog import PredictionLog
 
 __all__ = ["DEPLOYMENT_STATE", "ManyModelsAPI", "create_app", "create_app_from_env",
            "deployment_of"]
@@ -88,12 +91,13 @@ class ManyModelsAPI(FastAPI):
     :meth:`dispatch` with :meth:`wrap`, so neither lane can skip them.
     """
 
-    endpoint: Endpoint
-    mirror: Mirror
-    body_limit: int
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, endpoint: Endpoint, mirror_queue: int, body_limit: int,
+                 **kwargs: Any) -> None:
+        """``kwargs`` go to FastAPI; ``mirror_queue`` bounds the mirrored copies waiting."""
+        super().__init__(**kwargs)
+        self.endpoint = endpoint
+        self.mirror = Mirror(endpoint, self.serve, mirror_queue)
+        self.body_limit = body_limit
         self._entry: Any = self._dispatch
         self._fast_routes: dict[str, Any] = {}
 
@@ -315,26 +319,26 @@ def _custom_openapi(app: FastAPI) -> Any:
     return openapi
 
 
-def build_endpoint(settings: ServeSettings, spec: EndpointSpec | None = None,
-                   registry: ModelRegistry | None = None) -> Endpoint:
+def build_endpoint(settings: ServeSettings, telemetry_for: Callable[[str], Telemetry],
+                   spec: EndpointSpec | None = None, registry: ModelRegistry | None = None,
+                   on_load: Callable[[float], None] | None = None) -> Endpoint:
     """The endpoint to serve: a ready ``registry`` (one deployment), an endpoint
     ``spec``, the endpoint file of ``settings`` (loaded if it exists, else written from
-    the spec or the bundle), or ``settings.bundle`` as the one deployment ``default``."""
-    from .endpoint import DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
-
+    the spec or the bundle), or ``settings.bundle`` as the one deployment ``default``.
+    ``telemetry_for`` gives each deployment its telemetry; ``on_load`` hears how long
+    each session took to create."""
     path = Path(settings.endpoint) if settings.endpoint else None
-    if registry is not None:
-        endpoint = Endpoint(settings, path)
-        endpoint.shared = registry.shared
-        endpoint.deployments["default"] = endpoint.deployment("default",
-                                                              str(registry.bundle.root), registry)
-        endpoint._apply({"default": 100}, None)
-        return endpoint
+    if registry is not None:  # built by the caller: it reports to this app from now on
+        registry.telemetry = telemetry_for("default")
+        registry.shared.on_load = on_load
+        return Endpoint.of_registry(registry, settings, telemetry_for, path)
+    shared = SharedSessions(settings.max_bytes, settings.load_threads, on_load)
     if spec is None and path is not None and path.is_file():
         if settings.bundle is not None:
             raise BundleError(f"endpoint file {path} already lists the deployments; drop the "
                               f"bundle argument (or change them with `manymodels endpoint`)")
-        return Endpoint.from_spec(load_endpoint_spec(path), settings, path)
+        return Endpoint.from_spec(load_endpoint_spec(path), settings, shared, telemetry_for,
+                                  path)
     if spec is None:
         if settings.bundle is None:
             raise BundleError("no bundle to serve: pass a bundle directory or models:/ URI "
@@ -342,33 +346,20 @@ def build_endpoint(settings: ServeSettings, spec: EndpointSpec | None = None,
                               "--endpoint FILE")
         spec = EndpointSpec(deployments={"default": DeploymentSpec(bundle=settings.bundle)},
                             traffic={"default": 100})
-    endpoint = Endpoint.from_spec(spec, settings, path)
+    endpoint = Endpoint.from_spec(spec, settings, shared, telemetry_for, path)
     if path is not None:
         endpoint.write()
     return endpoint
 
 
 def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
-               spec: EndpointSpec | None = None) -> FastAPI:
+               spec: EndpointSpec | None = None) -> ManyModelsAPI:
     """Build the application for ``settings`` (see :func:`build_endpoint`)."""
-    from .admin import make_admin_router
-    from .mirror import Mirror
-    from .ui import make_ui_router
-
-    endpoint = build_endpoint(settings, spec, registry)
     started = {"ready": False}
     metrics = Metrics(settings.metrics_top_models) if settings.metrics else None
-    predictions: dict[str, Any] = {"log": None}
-
-    def telemetry_for(name: str) -> Telemetry:
-        """The telemetry of deployment ``name`` (at start-up, or added through /admin)."""
-        return Telemetry(metrics, predictions=predictions["log"], deployment=name)
-
-    endpoint.telemetry_for = telemetry_for
-    for name, each_deployment in endpoint.deployments.items():
-        each_deployment.registry.telemetry = telemetry_for(name)
-    if metrics is not None:
-        endpoint.shared.on_load = metrics.model_loaded
+    telemetries = Telemetries(metrics)
+    endpoint = build_endpoint(settings, telemetries, spec, registry,
+                              metrics.model_loaded if metrics is not None else None)
 
     def registries() -> list[ModelRegistry]:
         return [d.registry for d in endpoint.deployments.values()]
@@ -377,9 +368,9 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         tasks = []
         if settings.log_predictions is not None:
-            predictions["log"] = _prediction_log(settings, endpoint, metrics)
+            telemetries.log = _prediction_log(settings, endpoint, metrics)
         for each in registries():
-            each.telemetry.attach_log(predictions["log"])
+            each.telemetry.attach_log(telemetries.log)
             if settings.pin_fallbacks:
                 await each.run_in_thread(each.pin_fallbacks)
             each.shared.report(each.telemetry)
@@ -393,8 +384,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         finally:
             for task in tasks:
                 task.cancel()
-            app.mirror.close()
-            log_writer, predictions["log"] = predictions["log"], None
+            mirror.close()
+            log_writer, telemetries.log = telemetries.log, None
             for each in registries():
                 each.telemetry.attach_log(None)
             if log_writer is not None:
@@ -404,17 +395,12 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     for each in registries():  # a bad preload file fails here, before the server starts
         each.preload_names(settings.preload)
     names = ", ".join(endpoint.deployments) or "none"
-    app = ManyModelsAPI(title="manymodels", version=__version__, lifespan=lifespan,
+    app = ManyModelsAPI(endpoint, settings.mirror_queue, settings.max_body_bytes,
+                        title="manymodels", version=__version__, lifespan=lifespan,
                         docs_url=None, redoc_url=None,
                         description=f"Serves the models of the deployments {names} by name, "
                         f"by segment key and over the Open Inference Protocol (V2).")
-    app.endpoint = endpoint
-    app.mirror = Mirror(endpoint, app, settings.mirror_queue)
-    app.body_limit = settings.max_body_bytes
-    app.state.endpoint = endpoint
-    app.state.settings = settings
-    if "default" in endpoint.deployments:
-        app.state.registry = endpoint.deployments["default"].registry
+    mirror = app.mirror
     install_error_handlers(app)
     guard = build_guard(settings)
     if guard is not None:
@@ -426,20 +412,20 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         lambda request: deployment_of(request).registry, settings.max_body_bytes,
         lambda: started["ready"] and not any(r.preloading for r in registries()))
     app.include_router(v2_router)
-    app.include_router(make_admin_router(app, settings))
-    app.include_router(make_ui_router(app, settings))
+    app.include_router(make_admin_router(endpoint, mirror, settings))
+    app.include_router(make_ui_router(endpoint, mirror, settings))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     if guard is not None:
         app.openapi = document_security(app.openapi, guard.mode)  # type: ignore[method-assign]
     add_docs(app)  # Swagger UI from local files: /docs renders without internet
     app.bind_fast_routes(v2_router)
     app.wrap(lambda inner: ObserveMiddleware(  # outermost: every request passes it
-        inner, metrics, settings.access_log, lambda: predictions["log"] is not None))
+        inner, metrics, settings.access_log, lambda: telemetries.log is not None))
     return app
 
 
 def _prediction_log(settings: ServeSettings, endpoint: Endpoint,
-                    metrics: Metrics | None) -> Any:
+                    metrics: Metrics | None) -> PredictionLog:
     """The prediction log of the endpoint (one for every deployment: rows name theirs)."""
     from .predlog import PredictionLog  # pyarrow only when logging
 
@@ -454,7 +440,7 @@ def _prediction_log(settings: ServeSettings, endpoint: Endpoint,
                          on_dropped=metrics.log_dropped.inc if metrics else None)
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> ManyModelsAPI:
     """Factory for uvicorn workers: settings from the ``MANYMODELS_*`` environment."""
     settings = ServeSettings()
     logging.getLogger("manymodels").setLevel(settings.log_level.upper())

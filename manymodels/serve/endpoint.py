@@ -22,7 +22,7 @@ import os
 import random
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from manymodels.errors import BundleError, ManyModelsError, SpecError
 from manymodels.io import atomic_write_text
+from manymodels.registry import resolve_version
 from manymodels.runtime import load_model, sha256_file
 from manymodels.sources import resolve_bundle_source
 from manymodels.specs import load_spec
 
 from .dataplane import Table, score_model
 from .errors import DeploymentNotFound, DeploymentRefused, EndpointConflict, NoLiveTraffic
+from .observe import Telemetry
 from .registry import ModelRegistry, SharedSessions
 from .scorer import Scorer
 from .settings import ServeSettings
@@ -166,8 +168,6 @@ def pin_alias(source: str) -> tuple[str, str | None]:
     names now), else ``(source, None)``: a deployment is one fixed bundle version."""
     if not source.startswith("models:/") or "@" not in source:
         return source, None
-    from manymodels.registry import resolve_version  # lazy: MLflow only when asked for
-
     found = resolve_version(source)
     return f"models:/{found.name}/{found.version}", source
 
@@ -274,56 +274,66 @@ class Endpoint:
     ----------
     settings
         Server settings (cache budget, optimisation, threads) every deployment uses.
+    shared
+        The session cache every deployment's registry shares.
+    telemetry_for
+        The telemetry (metrics, stats, prediction log) of the deployment with a name.
     path
         The endpoint file written on every change (``None``: changes are not kept).
     """
 
     settings: ServeSettings
+    shared: SharedSessions
+    telemetry_for: Callable[[str], Telemetry]
     path: Path | None = None
     name: str = "endpoint"
     deployments: dict[str, Deployment] = field(default_factory=dict)
     traffic: dict[str, int] = field(default_factory=dict)
     mirror: MirrorSpec | None = None
-    shared: SharedSessions = field(init=False)
-    #: Gives each deployment's registry its telemetry (metrics, stats, prediction log).
-    telemetry_for: Any = None
     _table: list[Deployment] = field(default_factory=list, init=False)
     _lock: asyncio.Lock | None = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        self.shared = SharedSessions(self.settings.max_bytes, self.settings.load_threads)
-
     # -- building -------------------------------------------------------------------------
-    def registry_for(self, source: str) -> ModelRegistry:
-        """A registry over ``source`` sharing this endpoint's session cache."""
+    def registry_for(self, name: str, source: str) -> ModelRegistry:
+        """A registry over ``source`` for deployment ``name``, sharing this endpoint's
+        session cache."""
         settings = self.settings
         return ModelRegistry(resolve_bundle_source(source), max_bytes=settings.max_bytes,
                              optimisation=settings.optimisation,
                              load_threads=settings.load_threads,
+                             telemetry=self.telemetry_for(name),
                              inline_rows=settings.inline_rows, shared=self.shared,
                              strict_columns=settings.strict_columns)
-
-    def deployment(self, name: str, source: str, registry: ModelRegistry,
-                   alias: str | None = None) -> Deployment:
-        if self.telemetry_for is not None:
-            registry.telemetry = self.telemetry_for(name)
-        return Deployment(check_name(name), source, registry, Scorer(registry), alias)
 
     def open(self, name: str, source: str, alias: str | None = None) -> Deployment:
         """A deployment of ``source`` (an alias pinned to the version it names now)."""
         pinned, asked = pin_alias(source)
-        return self.deployment(name, pinned, self.registry_for(pinned), asked or alias)
+        registry = self.registry_for(check_name(name), pinned)
+        return Deployment(name, pinned, registry, Scorer(registry), asked or alias)
 
     @classmethod
-    def from_spec(cls, spec: EndpointSpec, settings: ServeSettings,
+    def from_spec(cls, spec: EndpointSpec, settings: ServeSettings, shared: SharedSessions,
+                  telemetry_for: Callable[[str], Telemetry],
                   path: Path | None = None) -> Endpoint:
         """An endpoint in the state ``spec`` describes (bundles opened, not yet loaded)."""
-        endpoint = cls(settings, path, spec.name)
+        endpoint = cls(settings, shared, telemetry_for, path, spec.name)
         weights = check_rules(list(spec.deployments), spec.traffic, spec.mirror)
         for name, deployment in spec.deployments.items():
             endpoint.deployments[name] = endpoint.open(name, deployment.bundle,
                                                        deployment.alias)
         endpoint._apply(weights, spec.mirror)
+        return endpoint
+
+    @classmethod
+    def of_registry(cls, registry: ModelRegistry, settings: ServeSettings,
+                    telemetry_for: Callable[[str], Telemetry],
+                    path: Path | None = None) -> Endpoint:
+        """An endpoint whose one deployment ``default`` serves a ready ``registry``,
+        sharing its session cache with deployments added later."""
+        endpoint = cls(settings, registry.shared, telemetry_for, path)
+        endpoint.deployments["default"] = Deployment(
+            "default", str(registry.bundle.root), registry, Scorer(registry))
+        endpoint._apply({"default": 100}, None)
         return endpoint
 
     def spec(self) -> EndpointSpec:

@@ -23,18 +23,21 @@ import logging
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from .endpoint import Deployment, Endpoint
 from .errors import render_exception
 from .paths import is_mirrored_route
 
-if TYPE_CHECKING:
-    from .endpoint import Deployment, Endpoint
+__all__ = ["Mirror", "MirrorStats", "ServeOn", "paired_rows"]
 
-__all__ = ["Mirror", "MirrorStats", "paired_rows"]
+#: Answers one ASGI request (scope, receive, send) on a deployment: the app's own
+#: ``serve``, which returns the fast lane's parsed body and reply (``None`` otherwise).
+ServeOn = Callable[[Any, Any, Any, Deployment], Awaitable[tuple[Any, dict[str, Any]] | None]]
 
 log = logging.getLogger("manymodels.serve")
 
@@ -199,9 +202,9 @@ class _Capture:
 class Mirror:
     """The queue of mirrored copies and the task that replays and compares them."""
 
-    def __init__(self, endpoint: Endpoint, app: Any, queue_size: int) -> None:
+    def __init__(self, endpoint: Endpoint, serve: ServeOn, queue_size: int) -> None:
         self.endpoint = endpoint
-        self.app = app
+        self._serve = serve
         self.queue_size = queue_size
         self.stats: dict[str, MirrorStats] = {}
         self._queue: asyncio.Queue[_Copy] | None = None
@@ -233,7 +236,7 @@ class Mirror:
         FastAPI routes are recorded on the way through (body and answer bytes)."""
         started = time.perf_counter()
         if live.scorer.reply_for(scope) is not None:
-            answer = await self.app.serve(scope, receive, send, live)
+            answer = await self._serve(scope, receive, send, live)
             elapsed = time.perf_counter() - started
             # the shadow's fast lane reads only the method, path, headers and query of the
             # scope, which nothing changes once the live answer is sent: no copy needed
@@ -243,7 +246,7 @@ class Mirror:
         copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
                                                                  "endpoint", "route")}
         recorder = _Recorder(receive, send)
-        await self.app.serve(scope, recorder.receive, recorder.send, live)
+        await self._serve(scope, recorder.receive, recorder.send, live)
         elapsed = time.perf_counter() - started
         self.offer(_Copy(copy_scope, b"".join(recorder.body), recorder.status,
                          b"".join(recorder.reply), elapsed, shadow))
@@ -319,7 +322,7 @@ class Mirror:
             sent["done"] = True
             return {"type": "http.request", "body": copy.body, "more_body": False}
 
-        await self.app.serve({**copy.scope, "state": {}}, receive, capture.send, copy.shadow)
+        await self._serve({**copy.scope, "state": {}}, receive, capture.send, copy.shadow)
         return capture.status, b"".join(capture.body)
 
     @staticmethod

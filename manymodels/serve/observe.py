@@ -34,7 +34,7 @@ from .metrics import Metrics, ModelStats
 if TYPE_CHECKING:
     from .predlog import PredictionLog
 
-__all__ = ["ObserveMiddleware", "RequestRecord", "Telemetry", "current_request",
+__all__ = ["ObserveMiddleware", "RequestRecord", "Telemetries", "Telemetry", "current_request",
            "new_request_id"]
 
 AccessLog = Literal["json", "plain", "off"]
@@ -286,3 +286,16 @@ class Telemetry:
         log.submit(time.time_ns(), record.request_id if record else "", self.deployment,
                    columns, n, prediction, model, fallback)
 
+
+
+class Telemetries:
+    """Makes each deployment's :class:`Telemetry`: one metrics registry and one
+    prediction log for every deployment (rows name theirs). The log is opened when the
+    server starts, so deployments added later get it at once."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self.log: PredictionLog | None = None
+
+    def __call__(self, deployment: str) -> Telemetry:
+        return Telemetry(self.metrics, predictions=self.log, deployment=deployment)

@@ -137,7 +137,8 @@ class SharedSessions:
     a file stays pinned while any deployment pins it.
     """
 
-    def __init__(self, max_bytes: int | None = None, load_threads: int = 2) -> None:
+    def __init__(self, max_bytes: int | None = None, load_threads: int = 2,
+                 on_load: Callable[[float], None] | None = None) -> None:
         self.cache = SessionCache(self._load, max_bytes=max_bytes)
         #: Threads that create sessions, for every deployment (one pool, not one each).
         self.executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
@@ -145,7 +146,7 @@ class SharedSessions:
         self._pins: dict[str, set[int]] = {}
         self._lock = threading.Lock()
         #: Called with the seconds each session took to create (the metrics' histogram).
-        self.on_load: Callable[[float], None] | None = None
+        self.on_load = on_load
         self._reported_evictions = 0
         #: Sessions created per model file since start (a reload after eviction counts).
         self.loads_by_key: Counter[str] = Counter()

@@ -22,17 +22,19 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from .dataplane import dumps
-from .settings import ServeSettings
+from manymodels.errors import DataError
+from manymodels.report import load_monitor, monitor_records
 
-if TYPE_CHECKING:
-    from .app import ManyModelsAPI
+from .dataplane import dumps
+from .endpoint import Endpoint
+from .mirror import Mirror
+from .settings import ServeSettings
 
 __all__ = ["PAGE_HEADERS", "has_route", "make_ui_router", "monitor_flags", "ui_page", "ui_state"]
 
@@ -60,9 +62,6 @@ def monitor_flags(path: str | os.PathLike[str]) -> dict[str, Any]:
     "significant" threshold). A missing or unreadable file is reported, not raised: the
     page should say the monitor data is stale, not stop working.
     """
-    from manymodels.errors import DataError
-    from manymodels.report import load_monitor, monitor_records
-
     try:
         monitor = load_monitor(path)
     except DataError as exc:
@@ -98,10 +97,9 @@ def _psi_values(value: Any, named: bool = False) -> list[float]:
     return []
 
 
-def ui_state(app: ManyModelsAPI, settings: ServeSettings, started: float,
+def ui_state(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings, started: float,
              process: psutil.Process) -> dict[str, Any]:
     """What the page shows that is not a Prometheus counter, in one answer."""
-    endpoint = app.endpoint
     described = endpoint.describe()
     registries = {name: d.registry for name, d in endpoint.deployments.items()}
     for deployment in described["deployments"]:
@@ -109,7 +107,7 @@ def ui_state(app: ManyModelsAPI, settings: ServeSettings, started: float,
         registry = registries[deployment["name"]]
         deployment["cache"] = registry.stats()
         if deployment.get("mirror"):
-            stats = app.mirror.stats_for(endpoint.deployments[deployment["name"]])
+            stats = mirror.stats_for(endpoint.deployments[deployment["name"]])
             deployment["mirrored"] = stats.as_dict(deployment["name"])
     described.pop("persisted", None)
     return {
@@ -117,7 +115,7 @@ def ui_state(app: ManyModelsAPI, settings: ServeSettings, started: float,
         "server": {"pid": os.getpid(), "rss": process.memory_info().rss,
                    "uptime_seconds": round(time.monotonic() - started, 1),
                    "workers": settings.workers, "time": time.time()},
-        "metrics": has_route(app.routes, "/metrics"),
+        "metrics": settings.metrics,  # the app serves /metrics exactly when this is on
         "monitor": monitor_flags(settings.monitor) if settings.monitor else None,
     }
 
@@ -134,8 +132,8 @@ def has_route(routes: Any, path: str) -> bool:
     return False
 
 
-def make_ui_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
-    """``GET /ui`` (the page) and ``GET /ui/state`` (its JSON) over ``app``."""
+def make_ui_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings) -> APIRouter:
+    """``GET /ui`` (the page) and ``GET /ui/state`` (its JSON) over ``endpoint``."""
     router = APIRouter(tags=["ui"])
     page = ui_page()
     started = time.monotonic()
@@ -152,7 +150,7 @@ def make_ui_router(app: ManyModelsAPI, settings: ServeSettings) -> APIRouter:
     @router.get("/ui/state", response_class=Response,
                 summary="Deployments, traffic and mirror shares, session cache, drift flags")
     async def state() -> Response:
-        return Response(dumps(ui_state(app, settings, started, process)),
+        return Response(dumps(ui_state(endpoint, mirror, settings, started, process)),
                         media_type="application/json", headers={"cache-control": "no-store"})
 
     return router
