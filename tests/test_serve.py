@@ -601,7 +601,7 @@ def test_declared_routes_answer_like_the_fast_lane(server: Running) -> None:
     registry.load_sync(GLOBAL)
 
     async def through_fastapi(scope: Any, receive: Any, send: Any) -> None:
-        from manymodels.serve.app import DEPLOYMENT_STATE  # what ManyModelsAPI.serve sets
+        from manymodels.serve.asgi import DEPLOYMENT_STATE  # what ManyModelsAPI.serve sets
 
         scope.setdefault("state", {})[DEPLOYMENT_STATE] = server.app.endpoint.deployments[
             "default"]

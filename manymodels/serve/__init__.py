@@ -1,9 +1,18 @@
 """Online serving: every model of a bundle behind one FastAPI application.
 
-Layers, bottom to top: :mod:`.registry` (model name → ready session, lazy, bounded in
-bytes), :mod:`.dataplane` (request rows → checked numpy inputs → predictions),
-:mod:`.app` and :mod:`.v2` (HTTP routes only), :mod:`.errors` (one table from error
-class to HTTP status), :mod:`.settings` (flags, environment, ``serving/`` specs).
+Layers, bottom to top (a module imports only the ones below it):
+
+- :mod:`.settings`, :mod:`.errors` (one table from error class to HTTP status),
+  :mod:`.schemas`, :mod:`.metrics`; then :mod:`.observe` (telemetry, request ids);
+- :mod:`.registry` (model name → ready session, lazy, bounded in bytes), then
+  :mod:`.dataplane` (request rows → checked numpy inputs → predictions);
+- :mod:`.paths` (every route path and its parser), then :mod:`.v2`, :mod:`.keyed`,
+  :mod:`.auth` and :mod:`.stats`;
+- :mod:`.scorer` (a deployment's replies), :mod:`.endpoint` (deployments and traffic),
+  :mod:`.mirror` (shadow traffic), :mod:`.asgi` (deployment choice and fast lane);
+- :mod:`.routes`, :mod:`.admin` and :mod:`.ui` (HTTP only);
+- :mod:`.app`, the composition root, and :mod:`.server` (uvicorn).
+
 This package never imports a training library.
 """
 

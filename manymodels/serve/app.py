@@ -1,58 +1,36 @@
-"""The FastAPI application: every model of a bundle behind one endpoint.
+"""The composition root of the server: settings in, a ready application out.
 
-Before any route runs, :class:`ManyModelsAPI` asks the :class:`~.endpoint.Endpoint`
-which deployment answers the request (pinned by header, else by weight), puts it in the
-ASGI scope's state (``state["deployment"]`` is its name, for logs and metrics) and adds
-the ``x-manymodels-deployment`` header to the answer; handlers take the deployment from
-the request and never branch on which one it is.
-
-Routes are thin: read the body (:func:`~.dataplane.read_json`), call the data plane,
-return orjson bytes. Handlers are ``async def`` and score small requests on the event
-loop (tens of microseconds), because a thread hop per request doubles the CPU cost;
-model loads and large requests go to a thread pool, so they never stall other requests.
+:func:`create_app` builds the endpoint (its deployments and their shared session cache),
+the telemetry, the mirror, the credentials check and every router, and wires them
+together through their constructors; nothing below this module imports it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.requests import Request
-from starlette.responses import Response
 
 from manymodels._version import __version__
 from manymodels.errors import BundleError
 
 from . import schemas
 from .admin import make_admin_router
+from .asgi import ManyModelsAPI, deployment_of
 from .auth import AuthMiddleware, build_guard, document_security
-from .dataplane import (
-    check_headers,
-    dumps,
-    is_csv,
-    parse_json,
-    read_csv_table,
-    read_json,
-    receive_body,
-)
 from .docs import add_docs
-from .endpoint import Deployment, DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
-from .errors import install_error_handlers, render_exception
-from .keyed import key_of_scope
+from .endpoint import DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
+from .errors import install_error_handlers
 from .metrics import Metrics
-from .mirror import Mirror
 from .observe import ObserveMiddleware, Telemetries, Telemetry
-from .paths import DATA_PLANE, FAST_ROUTES
 from .registry import ModelRegistry, SharedSessions
-from .scorer import ReplyFunction
+from .routes import add_routes
 from .settings import ServeSettings
 from .stats import make_observe_router
 from .ui import make_ui_router
@@ -61,249 +39,7 @@ from .v2 import make_v2_router
 if TYPE_CHECKING:
     from .predlog import PredictionLog
 
-__all__ = ["DEPLOYMENT_STATE", "ManyModelsAPI", "create_app", "create_app_from_env",
-           "deployment_of"]
-
-log = logging.getLogger("manymodels.serve")
-
-JSON = "application/json"
-JSON_BYTES = b"application/json"
-#: Scope-state key of the :class:`~.endpoint.Deployment` answering a request.
-DEPLOYMENT_STATE = "manymodels.deployment"
-
-
-def deployment_of(request: Request) -> Deployment:
-    """The deployment the endpoint chose for ``request``."""
-    return request.scope["state"][DEPLOYMENT_STATE]  # type: ignore[no-any-return]
-
-
-class ManyModelsAPI(FastAPI):
-    """FastAPI with a deployment chosen per request and a fast lane for the hot routes.
-
-    ``POST /score``, ``POST /v2/models/{name}/infer`` and the key-carrying routes
-    ``POST /models/{name}/score`` and ``POST /segments/score`` are answered straight from the
-    ASGI call: same body checks, same data plane, same error table as the declared
-    routes (which stay, for the OpenAPI page and for any caller that mounts the router),
-    but without routing, dependency solving and the middleware stack, which cost about
-    50 µs per request, four times the scoring itself. Every other route goes through
-    FastAPI as usual. Both lanes get their deployment from :meth:`serve`. Cross-cutting
-    checks (credentials: :mod:`.auth`) are pure ASGI middlewares put around
-    :meth:`dispatch` with :meth:`wrap`, so neither lane can skip them.
-    """
-
-    def __init__(self, endpoint: Endpoint, mirror_queue: int, body_limit: int,
-                 **kwargs: Any) -> None:
-        """``kwargs`` go to FastAPI; ``mirror_queue`` bounds the mirrored copies waiting."""
-        super().__init__(**kwargs)
-        self.endpoint = endpoint
-        self.mirror = Mirror(endpoint, self.serve, mirror_queue)
-        self.body_limit = body_limit
-        self._entry: Any = self._dispatch
-        self._fast_routes: dict[str, Any] = {}
-
-    def wrap(self, layer: Callable[[Any], Any]) -> None:
-        """Wrap the whole application, fast lane included, in the ASGI middleware that
-        ``layer(inner)`` returns; the layer wrapped last is the outermost."""
-        self._entry = layer(self._entry)
-
-    def bind_fast_routes(self, *routers: APIRouter) -> None:
-        """Remember the declared routes the fast lane answers for (here or in an included
-        ``routers``), so that it sets ``scope["route"]`` as FastAPI does; outer layers
-        label requests by it."""
-        for route in [*self.routes, *(r for router in routers for r in router.routes)]:
-            path = getattr(route, "path", "")
-            if path in FAST_ROUTES:
-                self._fast_routes[path] = route
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self._entry(scope, receive, send)
-
-    async def _dispatch(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(DATA_PLANE):
-            await self._starlette(scope, receive, send)
-            return
-        try:
-            choice = self.endpoint.choose(scope["headers"])
-        except Exception as exc:  # an unknown pinned deployment, no live traffic
-            await _send_error(send, scope["path"], exc, ())
-            return
-        shadow = None if choice.pinned else self.mirror.sample(scope["method"], scope["path"])
-        if shadow is None:
-            await self.serve(scope, receive, send, choice.deployment)
-        else:
-            await self.mirror.serve(scope, receive, send, choice.deployment, shadow)
-
-    async def serve(self, scope: Any, receive: Any, send: Any,
-                    deployment: Deployment) -> tuple[Any, dict[str, Any]] | None:
-        """Answer one request on ``deployment`` (live, pinned, or a mirrored copy).
-
-        On the fast lane, returns the parsed body and the reply that was sent (``None``
-        if the request failed), so the mirror reuses them instead of parsing again."""
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        state["deployment"] = deployment.name
-        state[DEPLOYMENT_STATE] = deployment
-        deployment.inflight += 1
-        try:
-            fast = deployment.scorer.reply_for(scope)
-            if fast is not None:
-                reply_to, route = fast
-                scope["route"] = self._fast_routes.get(route)
-                return await self._fast(scope, receive, send, reply_to, deployment)
-            header = deployment.header
-
-            async def send_named(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), header]
-                await send(message)
-
-            await self._starlette(scope, receive, send_named)
-            return None
-        finally:
-            deployment.inflight -= 1
-
-    async def _starlette(self, scope: Any, receive: Any, send: Any) -> None:
-        """FastAPI's own handling (routing, dependencies, the error handlers)."""
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
-        try:
-            await super().__call__(scope, receive, send)
-        except Exception:  # noqa: S110
-            # Starlette answers 500 through our handler (which logs one line), then
-            # re-raises so that servers can log it too; uvicorn would print the stack trace
-            pass
-
-    async def _fast(self, scope: Any, receive: Any, send: Any, reply_to: ReplyFunction,
-                    deployment: Deployment) -> tuple[Any, dict[str, Any]] | None:
-        status, media = 200, JSON_BYTES
-        try:
-            check_headers(scope["headers"], self.body_limit)
-            body = parse_json(await receive_body(receive, self.body_limit))
-            reply = await reply_to(body)
-            content = dumps(reply)
-        except Exception as exc:  # every failure becomes one mapped answer, never a crash
-            await _send_error(send, scope["path"], exc, (deployment.header,))
-            return None
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", media),
-                                (b"content-length", str(len(content)).encode()),
-                                deployment.header]})
-        await send({"type": "http.response.body", "body": content})
-        return body, reply
-
-
-async def _send_error(send: Any, path: str, exc: Exception,
-                      extra: tuple[tuple[bytes, bytes], ...]) -> None:
-    status, content, media = render_exception(path, exc)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", media.encode()),
-                            (b"content-length", str(len(content)).encode()), *extra]})
-    await send({"type": "http.response.body", "body": content})
-
-
-def _model_list(registry: ModelRegistry) -> dict[str, Any]:
-    manifest = registry.bundle.manifest
-    return {
-        "bundle": manifest.name, "version": registry.version,
-        "segment_columns": list(manifest.segment_columns),
-        "models": [{"name": name, "level": e.level, "segment": e.key, "algorithm": e.algorithm,
-                    "kind": e.kind, "inputs": [{"name": c.name, "dtype": c.dtype}
-                                               for c in e.inputs],
-                    "tags": e.raw.get("tags", {}), "loaded": name in registry.cache}
-                   for name, e in manifest.models.items()],
-    }
-
-
-def _add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
-    limit = settings.max_body_bytes
-    process = psutil.Process()
-
-    @app.post("/score", tags=["scoring"], response_class=Response,
-              summary="Score rows with a named model, or route them by segment key",
-              openapi_extra=schemas.body("ScoreRequest"),
-              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
-    async def score(request: Request) -> Response:
-        """Azure-ML style scoring.
-
-        With ``"model"``, every row is scored by that model and the reply is
-        ``{"model", "predictions"}``. Without it, each row's segment columns pick its
-        model down the fallback chain and the reply gives, per row in input order, the
-        prediction, the model that produced it and whether a fallback was used.
-        """
-        scorer = deployment_of(request).scorer
-        reply = await scorer.score_reply(await read_json(request, limit))
-        return Response(dumps(reply), media_type=JSON)
-
-    @app.post("/invocations", tags=["scoring"], response_class=Response,
-              summary="MLflow scoring-server protocol, routed by segment columns",
-              openapi_extra=schemas.body("InvocationsRequest", csv=True),
-              responses=schemas.reply("InvocationsResponse", 400, 404, 413, 415, 422, 503))
-    async def invocations(request: Request) -> Response:
-        """Takes ``dataframe_split``, ``dataframe_records`` or ``instances`` like
-        ``mlflow models serve``, or a ``text/csv`` body; ``"params": {"model": name}``
-        (``?model=name`` with CSV) skips the routing."""
-        scorer = deployment_of(request).scorer
-        if is_csv(request.scope["headers"]):
-            table = await read_csv_table(request, limit)
-            reply = await scorer.invocations_reply(None, table,
-                                                   request.query_params.get("model"))
-        else:
-            reply = await scorer.invocations_reply(await read_json(request, limit))
-        return Response(dumps(reply), media_type=JSON)
-
-    @app.post("/models/{name}/score", tags=["scoring"], response_class=Response,
-              summary="Score rows with the model in the path (a proxy can route by it)",
-              openapi_extra=schemas.body("ScoreRequest"),
-              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
-    async def score_model_route(name: str, request: Request) -> Response:
-        """``/score`` with ``"model"`` taken from the path, so that a fleet's proxy routes
-        the request by model name without reading the body (see ``manymodels fleet``)."""
-        scorer = deployment_of(request).scorer
-        reply = await scorer.model_reply(name, await read_json(request, limit))
-        return Response(dumps(reply), media_type=JSON)
-
-    @app.post("/segments/score", tags=["scoring"], response_class=Response,
-              summary="Score one segment's rows; the key is in ?key= or x-manymodels-key",
-              openapi_extra=schemas.body("ScoreRequest"),
-              responses=schemas.reply("ScoreResponse", 400, 404, 413, 415, 422, 503))
-    async def score_segment_route(request: Request, key: str | None = None) -> Response:
-        """``/score`` for the rows of one segment, whose key (``store=42,brand=tropicana``)
-        rides in the query or the ``x-manymodels-key`` header where a proxy sees it. Rows
-        may omit the segment columns; rows that carry them must match the key."""
-        scorer = deployment_of(request).scorer
-        reply = await scorer.segment_reply(key if key is not None
-                                           else key_of_scope(request.scope),
-                                           await read_json(request, limit))
-        return Response(dumps(reply), media_type=JSON)
-
-    @app.get("/models", tags=["models"], response_class=Response,
-             summary="List the models: names, segments, tags, loaded or not",
-             responses=schemas.reply("ModelList"))
-    async def list_models(request: Request) -> Response:
-        return Response(dumps(_model_list(deployment_of(request).registry)), media_type=JSON)
-
-    @app.get("/stats", tags=["health"], response_class=Response,
-             summary="Model cache and process memory (resident bytes)")
-    async def stats(request: Request, by_model: bool = False) -> Response:
-        """The answering deployment's models; ``shared``: the session cache every
-        deployment shares (by model file sha256); ``rss``: the whole process;
-        ``?by_model=true`` adds how many times each model was loaded (a fleet's check
-        that no model loads on two replicas)."""
-        deployment = deployment_of(request)
-        return Response(dumps({**deployment.registry.stats(by_model),
-                               "deployment": deployment.name,
-                               "shared": app.endpoint.shared.stats(),
-                               "rss": process.memory_info().rss, "pid": os.getpid()}),
-                        media_type=JSON)
-
-    @app.get("/ping", tags=["health"], response_class=Response,
-             summary="Liveness, as MLflow's scoring server answers it")
-    @app.get("/health", tags=["health"], response_class=Response, include_in_schema=True,
-             summary="Liveness")
-    async def ping() -> Response:
-        return Response(b'{"status":"ok"}', media_type=JSON)
+__all__ = ["build_endpoint", "create_app", "create_app_from_env"]
 
 
 def _custom_openapi(app: FastAPI) -> Any:
@@ -405,7 +141,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     guard = build_guard(settings)
     if guard is not None:
         app.wrap(lambda inner: AuthMiddleware(inner, guard))
-    _add_routes(app, settings)
+    add_routes(app, settings)
     app.include_router(make_observe_router(  # before /v2/models/{name}
         lambda request: deployment_of(request).registry, metrics))
     v2_router = make_v2_router(
