@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_serve import GLOBAL, SEG, Running, free_port, v2_inputs
 
 from manymodels.serve import ServeSettings
-from manymodels.serve.app import DATA_PLANE
+from manymodels.serve.paths import DATA_PLANE
 
 ONE_ROW = {"price": 1.5, "feat": 1.0}
 
