@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from manymodels.monitor.accuracy import higher_is_better
+
 from ._data import ReportData, monitor_records
 
 __all__ = ["LEADERBOARD_LIMIT", "render_html"]
@@ -296,8 +298,6 @@ def _own_vs_global_section(data: ReportData) -> str:
     fig.update_layout(title=f"own vs global {data.metric} per segment (same holdout rows)",
                       xaxis_title=f"global model {data.metric}",
                       yaxis_title=f"own model {data.metric}")
-    from manymodels.candidates import higher_is_better
-
     better = own > glob if higher_is_better(data.metric) else own < glob
     wins = int((better & both).sum())
     return (f'<section id="own-vs-global"><h2>Own vs global per segment</h2>'
