@@ -204,3 +204,14 @@ def test_site_builds_with_strict_checks(tmp_path: Path) -> None:
                  "reference/python/manymodels.runtime"):
         html = (tmp_path / "site" / page / "index.html").read_text()
         assert "manymodels" in html, page
+
+
+def test_serving_readme_names_only_real_settings() -> None:
+    """Check that every setting serving/README.md's table names is a field of
+    ServeSettings (or its auth section), so the short page cannot drift from the code."""
+    table = [line for line in (ROOT / "serving" / "README.md").read_text().splitlines()
+             if line.startswith("| `")]
+    named = {name for line in table for name in re.findall(r"`([a-z_.]+)`", line.split("|")[1])}
+    assert len(named) > 20
+    fields = set(ServeSettings.model_fields) | {f"auth.{n}" for n in AuthSettings.model_fields}
+    assert named <= fields, named - fields
