@@ -20,6 +20,8 @@ Layout of a bundle::
       code/manymodels_runtime/   copy of manymodels.runtime (the one scoring code path)
       score.py             Azure ML online endpoint entry script (init / run)
       report.parquet       the run's per-segment training report (``manymodels report``)
+      backtests.parquet    \\ forecasting runs: each series' backtest windows and recent
+      history.parquet      / history, plotted by ``manymodels report``
 """
 
 from __future__ import annotations

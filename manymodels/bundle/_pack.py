@@ -325,11 +325,16 @@ def _copy_score_script(tmp: Path) -> None:
     shutil.copyfile(Path(__file__).parent.parent / "templates" / "score.py", tmp / "score.py")
 
 
+#: What a run keeps for ``manymodels report``: the per-segment report and, for forecasting
+#: runs, each series' backtest windows and recent history.
+TRAINING_REPORT_FILES = ("report.parquet", "backtests.parquet", "history.parquet")
+
+
 def _copy_training_report(run_root: Path, tmp: Path) -> None:
-    """Carry the run's per-segment ``report.parquet`` along, for ``manymodels report``."""
-    source = run_root / "report.parquet"
-    if source.is_file():
-        shutil.copyfile(source, tmp / "report.parquet")
+    """Carry the run's training report files along, for ``manymodels report``."""
+    for name in TRAINING_REPORT_FILES:
+        if (run_root / name).is_file():
+            shutil.copyfile(run_root / name, tmp / name)
 
 
 def _write_mlmodel(tmp: Path, name: str, version: str) -> None:

@@ -30,6 +30,13 @@ from manymodels.errors import DataError, ExportError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import Choice, choose
+from manymodels.forecast.evidence import (
+    BACKTESTS_FILE,
+    HISTORY_FILE,
+    backtest_table,
+    history_periods,
+    history_table,
+)
 from manymodels.forecast.features import SeriesScale, series_scales, training_rows
 from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
 from manymodels.forecast.methods import MethodSet, groups_of, lag_methods, run_backtests
@@ -147,6 +154,12 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
         manifest = final.manifest(routes, fallback, summary, environment or {})
+        # what the report and notebooks plot: each series' windows and recent history
+        backtest_table(panel, backtests, choices, cuts).to_parquet(staging / BACKTESTS_FILE,
+                                                                    index=False)
+        history_table(panel, history_periods(h, fc.n_windows, fc.step_size or h,
+                                             panel.season_length)
+                      ).to_parquet(staging / HISTORY_FILE, index=False)
         _write(staging, run_dir, manifest, report, seg_spec, tr_spec, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
