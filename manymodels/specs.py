@@ -227,8 +227,11 @@ class ForecastSpec(_Spec):
     """Missing periods inside a series: refused with the series named, or filled."""
     known_future: list[str] = Field(default_factory=list)
     """Covariates known ahead (price, promotion): a forecast needs them for every step."""
-    methods: list[str] = Field(default_factory=lambda: ["naive", "seasonal_naive"])
-    """Statistical methods compared with the lag models for every series."""
+    methods: list[str] = Field(
+        default_factory=lambda: ["naive", "seasonal_naive", "ets", "theta"])
+    """Statistical methods compared with the lag models for every series: naive,
+    seasonal_naive, drift, ets (AutoETS picks the form), theta, croston (intermittent
+    demand). The fitted ones are fitted by statsforecast and served as ONNX graphs."""
     own_models: bool = True
     """Fit a lag model per series (the trainer's ridge candidates) besides the pooled and
     global ones."""

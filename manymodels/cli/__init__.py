@@ -31,6 +31,7 @@ from . import (
     datasets,
     endpoint,
     fleet,
+    forecast,
     keys,
     monitor,
     package,
@@ -78,7 +79,7 @@ def _root(
 
 
 for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor, fleet,
-                retrain):
+                retrain, forecast):
     _module.register(app)
 
 

@@ -22,9 +22,32 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def print_forecast_summary(console: Console, report: Any, summary: dict[str, Any],
+                           run_dir: Path, limit: int = 20) -> None:
+    """Series table (worst backtest first), the methods chosen and each one's error."""
+    metric = summary["metric"]
+    shown = report.sort_values("backtest_error", ascending=False).head(limit)
+    table = Table(title=f"series ({len(report):,}; worst {len(shown)} by backtest {metric})")
+    for col in ("series", "method", f"backtest {metric}", "periods"):
+        table.add_column(col)
+    for row in shown.to_dict("records"):
+        table.add_row(row["segment"], row["method"], _fmt(row["backtest_error"]), str(row["periods"]))
+    console.print(table)
+    chosen = ", ".join(f"{k}: {v}" for k, v in sorted(summary["methods_chosen"].items()))
+    console.print(f"series: {summary['segments']}  horizon: {summary['horizon']}  "
+                  f"freq: {summary['freq']}  season: {summary['season_length']}  "
+                  f"methods: {chosen}", highlight=False)
+    per_method = "  ".join(f"{k} {_fmt(v)}" for k, v in summary["backtest"].items())
+    console.print(f"mean backtest {metric}: {per_method}", highlight=False, soft_wrap=True)
+    console.print(f"run directory: {run_dir}")
+
+
 def print_summary(console: Console, report: Any, summary: dict[str, Any], run_dir: Path,
                   limit: int = 20) -> None:
     """Segments table (worst gains first), failures, level counts and the routed metric."""
+    if summary.get("task") == "forecast":
+        print_forecast_summary(console, report, summary, run_dir, limit)
+        return
     metric = summary["metric"]
     shown_count = min(limit, len(report))
     title = (f"segments ({len(report):,})" if shown_count == len(report)

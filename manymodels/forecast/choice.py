@@ -7,6 +7,7 @@ noise. Ties in rank go to the simpler method (methods are listed simplest first)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,9 @@ def _mean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("inf")
 
 
-def choose(bt: Backtests, metric: str, blend: int, fallback: str) -> tuple[list[Choice], np.ndarray]:
+def choose(bt: Backtests, metric: str, blend: int, fallback: str,
+           excluded: Mapping[tuple[str, int | None], str] | None = None
+           ) -> tuple[list[Choice], np.ndarray]:
     """A :class:`Choice` per series, and the (series, methods, windows) error array.
 
     Each series takes the equal-weight mean of its ``blend`` methods with the lowest mean
@@ -49,6 +52,12 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str) -> tuple[list[
     errors = bt.errors(metric)
     n = errors.shape[0]
     means = np.asarray([[_mean(errors[i, j]) for j in range(len(bt.labels))] for i in range(n)])
+    for (label, series), _ in (excluded or {}).items():  # methods that did not export
+        j = bt.labels.index(label)
+        if series is None:
+            means[:, j] = np.inf
+        else:
+            means[series, j] = np.inf
     out: list[Choice] = []
     for i in range(n):
         row = means[i]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from manymodels.candidates import Candidate
+from manymodels.errors import ManyModelsError
 from manymodels.forecast.backtest import score, seasonal_scale
 from manymodels.forecast.features import series_scales, tails_at, training_rows
 from manymodels.forecast.learners import (
@@ -25,6 +26,7 @@ from manymodels.forecast.learners import (
     own_linear_predict,
 )
 from manymodels.forecast.panel import Panel
+from manymodels.forecast.stats import fit_stat
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
 __all__ = ["Backtests", "MethodSet", "lag_methods", "run_backtests", "stat_forecasts"]
@@ -147,15 +149,21 @@ def _own_spec(spec: FeatureSpec) -> FeatureSpec:
 
 def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.ndarray, h: int
                    ) -> np.ndarray:
-    """Forecasts of a statistical method (builtins here; fitted ones by ``stats``)."""
+    """Forecasts (len(members), h) of a statistical method from each member's cutoff.
+
+    Builtins are computed from tails here; fitted methods by statsforecast (a series it
+    cannot fit gets NaN: the method is then not compared for that window).
+    """
     if method in BUILTINS:
         tails = tails_at(panel, members, cut, max(panel.season_length, 1))
         return builtin_forecast(tails, method, panel.season_length, h)
-    import importlib  # statsforecast: loaded only when a spec asks for a fitted method
-
-    stats: Any = importlib.import_module("manymodels.forecast.stats")
-    return np.stack([stats.fit_stat(panel.y[i][: int(cut[i])], method, panel.season_length
-                                     ).forecast(h) for i in members])
+    out = np.full((len(members), h), np.nan)
+    for r, i in enumerate(members):
+        try:
+            out[r] = fit_stat(panel.y[i][: int(cut[i])], method, panel.season_length).forecast(h)
+        except ManyModelsError:
+            continue
+    return out
 
 
 def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,

@@ -9,6 +9,7 @@ features, each series' route (methods and weights) and tail.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ import yaml
 from manymodels import __version__
 from manymodels.candidates import Candidate, build_candidates, build_pipeline
 from manymodels.data import read_table
-from manymodels.errors import DataError, ExportError, SpecError
+from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import Choice, choose
@@ -41,7 +42,8 @@ from manymodels.forecast.features import SeriesScale, series_scales, training_ro
 from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
 from manymodels.forecast.methods import MethodSet, groups_of, lag_methods, run_backtests
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
-from manymodels.io import manifest_json, swap_directory_into_place
+from manymodels.forecast.stats import fit_stat
+from manymodels.io import atomic_write_bytes, manifest_json, swap_directory_into_place
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
@@ -100,9 +102,11 @@ def _static_columns(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: Trai
     return [c for c in segmenter.columns if frame[c].nunique(dropna=False) <= limit]
 
 
-def _method_set(trainer: TrainerSpec, segmenter: SegmenterSpec, candidates: list[Candidate]
-                ) -> MethodSet:
+def _method_set(trainer: TrainerSpec, segmenter: SegmenterSpec, candidates: list[Candidate],
+                season_length: int) -> MethodSet:
     builtins = [m for m in trainer.forecast.methods if m in BUILTINS]
+    if season_length <= 1 and "naive" in builtins and "seasonal_naive" in builtins:
+        builtins.remove("seasonal_naive")  # without a season it is the naive method again
     stats = [m for m in trainer.forecast.methods if m not in BUILTINS]
     levels = [list(lv) for lv in segmenter.resolved_levels]
     lag = lag_methods(candidates, levels, trainer.forecast.own_models)
@@ -130,7 +134,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     candidates = build_candidates(tr_spec) if tr_spec.candidates else [
         Candidate(c.algorithm, c.algorithm, dict(c.params), c.resolved_min_rows)
         for c in DEFAULT_CANDIDATES]
-    methods = _method_set(tr_spec, seg_spec, candidates)
+    methods = _method_set(tr_spec, seg_spec, candidates, panel.season_length)
     h = int(tr_spec.horizon or 1)
     fc = tr_spec.forecast
     lengths = np.asarray([len(y) for y in panel.y])
@@ -138,7 +142,6 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    spec.window + spec.differences + 2)
     backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed)
     simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
-    choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest)
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run_dir = Path(out) / run_id
     if run_dir.exists() and not overwrite:
@@ -149,10 +152,19 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     (staging / "models").mkdir(parents=True)
     try:
         final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id)
-        routes, fallback = final.export(choices, methods, backtests.labels, errors)
+        excluded: dict[tuple[str, int | None], str] = {}
+        while True:  # a method that does not export is dropped and its series choose again
+            choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
+            try:
+                routes, fallback = final.export(choices, methods, backtests.labels, errors)
+                break
+            except _Unexportable as exc:
+                excluded[(exc.label, exc.series)] = exc.reason
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
+        summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
+                                   reason for (label, i), reason in excluded.items()}
         manifest = final.manifest(routes, fallback, summary, environment or {})
         # what the report and notebooks plot: each series' windows and recent history
         backtest_table(panel, backtests, choices, cuts).to_parquet(staging / BACKTESTS_FILE,
@@ -164,6 +176,14 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ForecastResult(run_id, run_dir, report, summary)
+
+
+class _Unexportable(Exception):
+    """A method (for one series, or for all) failed to export; its series choose again."""
+
+    def __init__(self, label: str, series: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.label, self.series, self.reason = label, series, reason
 
 
 class _Final:
@@ -193,10 +213,19 @@ class _Final:
             method = by_label.get(label)
             if method is None:
                 continue
-            placed = self._export_method(method, series)
+            try:
+                placed = self._export_method(method, series)
+            except ExportError as exc:
+                raise _Unexportable(label, None, str(exc)) from exc
             files.update({(label, i): name for i, name in placed.items()})
             if label == fallback_label:
                 fallback_model = self._global_name(method)
+        for label in methods.stats:
+            for i in users.get(label, []):
+                try:
+                    files[(label, i)] = self._export_stat(label, i)
+                except ManyModelsError as exc:
+                    raise _Unexportable(label, i, str(exc)) from exc
         routes = []
         for i, choice in enumerate(choices):
             members = []
@@ -206,7 +235,8 @@ class _Final:
                 elif label in by_label:
                     members.append({"model": files[(label, i)], "weight": weight, "kind": "lag"})
                 else:
-                    raise ExportError(f"method {label!r} cannot be exported yet")
+                    members.append({"model": files[(label, i)], "weight": weight, "kind": "stat",
+                                    "origin": _plain_time(self.panel.times[i][-1])})
             routes.append({"key": list(self.panel.key_texts[i]), "members": members,
                            "method": choice.label})
         fallback = ([{"model": fallback_model, "weight": 1.0, "kind": "lag"}] if fallback_model
@@ -293,6 +323,41 @@ class _Final:
         self.models[name] = entry
         return name
 
+    def _export_stat(self, method: str, i: int) -> str:
+        """Fit ``method`` to series ``i`` with statsforecast; write its closed-form graph."""
+        key = self.panel.key_texts[i]
+        name = (f"{self.trainer.target}__"
+                + "__".join(f"{c}={_safe(v)}" for c, v in zip(self.panel.key_columns, key,
+                                                              strict=True)) + f"__{method}")
+        y = self.panel.y[i]
+        fitted = fit_stat(y, method, self.panel.season_length)
+        data = fitted.to_onnx()
+        path = self.staging / "models" / f"{name}.onnx"
+        atomic_write_bytes(path, data)
+        h = int(self.trainer.horizon or 1)
+        entry: dict[str, Any] = {
+            "file": f"models/{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data), "level": 0,
+            "key": dict(zip(self.panel.key_columns, key, strict=True)),
+            "algorithm": method, "candidate": method,
+            "inputs": [{"name": "step", "dtype": "int64"}], "output": {"kind": "regression"},
+            "rows": len(y), "metrics": {},
+            "forecast": {"method": method, "form": fitted.fitted_form,
+                         "fallback": fitted.fallback, "series": 1},
+            "tags": {"algorithm": method, "method": method, "level": "0",
+                     **{f"key.{c}": v for c, v in zip(self.panel.key_columns, key, strict=True)}},
+        }
+        loaded = load_model(_parse_model(name, entry), path, make_session_options())
+        steps = np.arange(1, h + 1, dtype=np.int64)
+        served = np.asarray(loaded.outputs({"step": steps})[0], dtype=np.float64).ravel()
+        worst = float(np.max(np.abs(served - fitted.forecast(h)))) / max(1.0, float(np.std(y)))
+        if not np.isfinite(worst) or worst > self.trainer.parity_tolerance:
+            raise ExportError(f"model '{name}': its ONNX graph and statsforecast differ by "
+                              f"{worst:.3g} over {h} steps")
+        entry["metrics"]["horizon_parity_max_abs_diff"] = worst
+        self.models[name] = entry
+        return name
+
     def _horizon_parity(self, pipeline: Any, path: Path, entry: ModelEntry, spec: FeatureSpec,
                         group: list[int], name: str) -> float:
         """Native and ONNX recursions over the whole horizon, on up to 64 of the series."""
@@ -316,6 +381,8 @@ class _Final:
                  summary: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
         panel, spec = self.panel, self.spec
         length = spec.tail_length
+        used = {m["model"] for r in [*routes, {"members": fallback}] for m in r["members"]
+                if m.get("model")}
         h = int(self.trainer.horizon or 1)
         series = {
             "keys": [list(k) for k in panel.key_texts],
@@ -330,7 +397,8 @@ class _Final:
             "run_id": self.run_id, "target": self.trainer.target, "task": "forecast",
             "segment_columns": list(panel.key_columns),
             "levels": [list(lv) for lv in self.segmenter.resolved_levels],
-            "routes": [], "models": self.models, "failed": [],
+            "routes": [], "models": {k: v for k, v in self.models.items() if k in used},
+            "failed": [],
             "data_window": {"column": panel.time_column, "min": _plain_time(times.min()),
                             "max": _plain_time(times.max())},
             "metric": self.trainer.metric, "summary": summary,

@@ -185,6 +185,8 @@ class Member:
     model: str | None = None
     builtin: str | None = None
     kind: str = "lag"  # "lag" | "stat" | "builtin"
+    #: A statistical member's last fitted period: its graph forecasts steps from there.
+    origin: Any = None
 
 
 def builtin_forecast(tails: np.ndarray, method: str, season_length: int, h: int) -> np.ndarray:
@@ -296,13 +298,16 @@ class Forecaster:
         self.last = [_time_value(v, self.freq) for v in series["last"]]
         self.loc = np.asarray(series["loc"], dtype=np.float64)
         self.scale = np.asarray(series["scale"], dtype=np.float64)
-        self.routes = [_Route(tuple(Member(float(m["weight"]), m.get("model"), m.get("builtin"),
-                                           str(m.get("kind", "lag"))) for m in r["members"]),
+        self.routes = [_Route(tuple(self._member_of(m) for m in r["members"]),
                               str(r.get("method", ""))) for r in raw["routes"]]
-        fallback = raw.get("fallback") or []
-        self.fallback = _Route(tuple(Member(float(m["weight"]), m.get("model"), m.get("builtin"),
-                                            str(m.get("kind", "lag"))) for m in fallback),
+        self.fallback = _Route(tuple(self._member_of(m) for m in raw.get("fallback") or []),
                                "fallback")
+
+    def _member_of(self, raw: Mapping[str, Any]) -> Member:
+        origin = raw.get("origin")
+        return Member(float(raw["weight"]), raw.get("model"), raw.get("builtin"),
+                      str(raw.get("kind", "lag")),
+                      None if origin is None else _time_value(origin, self.freq))
 
     # -- public ---------------------------------------------------------------------------
     def forecast(self, h: int | None = None, keys: Any = None, future: pd.DataFrame | None = None,
@@ -537,10 +542,15 @@ class Forecaster:
         assert member.model is not None
         loaded = self.model(member.model)
         if member.kind == "stat":
-            steps = np.arange(1, h + 1, dtype=np.int64)
-            values = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
-                                dtype=np.float64).ravel()
-            return np.repeat(values[None, :], len(idx), axis=0)
+            # the graph forecasts from its fitted origin; an update may have moved the
+            # series' origin since, so its steps start that many periods later
+            out = np.empty((len(idx), h))
+            for r, i in enumerate(idx):
+                offset = _periods_between(member.origin, state.last[i], self.freq)
+                steps = np.arange(offset + 1, offset + h + 1, dtype=np.int64)
+                out[r] = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
+                                    dtype=np.float64).ravel()
+            return out
         times = [future_times(state.last[i], self.freq, h) for i in idx]
         calendar = {name: np.stack([calendar_values(t, [name], self.spec.season_length)[name]
                                     for t in times]) for name in self.spec.calendar}
@@ -563,6 +573,15 @@ class Forecaster:
         columns["method"] = np.repeat(np.asarray(
             [self.routes[r].method if r >= 0 else "fallback" for r in rows], dtype=object), h)
         return pd.DataFrame(columns)
+
+
+def _periods_between(origin: Any, last: Any, freq: str) -> int:
+    """Periods from ``origin`` to ``last`` (0 when the origin is unknown or the same)."""
+    if origin is None or last is None:
+        return 0
+    if freq == "int":
+        return max(int(last) - int(origin), 0)
+    return max(len(pd.date_range(pd.Timestamp(origin), pd.Timestamp(last), freq=freq)) - 1, 0)
 
 
 def _float_or_nan(value: Any) -> float:

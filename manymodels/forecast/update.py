@@ -1,0 +1,98 @@
+"""``manymodels update``: move a forecasting bundle's origin to its newest periods.
+
+New rows extend each series' stored tail; no model is refitted, so a nightly job can
+refresh the forecast origin in seconds and leave refits to a weekly retrain. The result
+is a new bundle version (its content digest covers the tails).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manymodels.bundle import PackResult, package_run
+from manymodels.data import read_table
+from manymodels.errors import BundleError, DataError
+from manymodels.forecast.panel import parse_times
+from manymodels.runtime.forecast import FeatureSpec, future_times
+from manymodels.runtime.manifest import normalise_key_value, parse_manifest, read_manifest
+
+__all__ = ["update_bundle"]
+
+
+def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] | pd.DataFrame,
+                  out: str | os.PathLike[str] | None = None, name: str | None = None
+                  ) -> PackResult:
+    """Append ``data`` (rows after each series' last period) to the bundle's tails.
+
+    Rows at or before a series' last stored period are ignored (a nightly extract may
+    overlap); a gap between the stored tail and the first new row is refused, as are
+    rows of series the bundle does not know (a refit adds series). The new bundle goes to
+    ``out`` (default: replace ``bundle``).
+    """
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    raw: dict[str, Any] = dict(manifest.raw)
+    section = raw.get("forecast")
+    if not isinstance(section, dict):
+        raise BundleError(f"{root} is not a forecasting bundle (trained without task: forecast)")
+    frame = read_table(data)
+    key_columns = list(manifest.segment_columns)
+    time_col, target, freq = section["time_column"], manifest.target, str(section["freq"])
+    missing = [c for c in [*key_columns, time_col, target] if c not in frame.columns]
+    if missing:
+        raise DataError(f"the new rows lack column(s) {', '.join(missing)}")
+    frame = frame.assign(**{time_col: parse_times(frame[str(time_col)], str(time_col))})
+    spec = FeatureSpec.from_dict(section["features"])
+    series = {k: list(v) if isinstance(v, list) else v for k, v in section["series"].items()}
+    index = {tuple(normalise_key_value(v) for v in key): i for i, key in enumerate(series["keys"])}
+    tails = [list(t) for t in series["tail"]]
+    last = list(series["last"])
+    moved = 0
+    for key, part in frame.groupby(key_columns, sort=False, dropna=False):
+        key_t = tuple(normalise_key_value(v) for v in (key if isinstance(key, tuple) else (key,)))
+        i = index.get(key_t)
+        if i is None:
+            raise DataError(f"series {_name(key_columns, key_t)} is not in the bundle; "
+                            f"retrain to add new series")
+        part = part.sort_values(time_col)
+        stored = pd.Timestamp(last[i]) if freq != "int" else int(last[i])
+        times = part[time_col].to_numpy()
+        newer = np.asarray([_after(t, stored, freq) for t in times], dtype=bool)
+        if not newer.any():
+            continue
+        values = part[target].to_numpy(dtype=np.float64)[newer]
+        times = times[newer]
+        expected = future_times(stored, freq, len(times))
+        if not (pd.Index(times) == pd.Index(expected)).all():
+            raise DataError(f"series {_name(key_columns, key_t)}: the new rows must continue "
+                            f"right after its last period {last[i]} with no gap or repeat "
+                            f"(got {times[0]} ...)")
+        if not np.isfinite(values).all():
+            raise DataError(f"series {_name(key_columns, key_t)}: new {target} values are "
+                            f"missing or not finite")
+        tails[i] = (tails[i] + values.tolist())[-max(spec.tail_length, len(tails[i])):]
+        last[i] = int(times[-1]) if freq == "int" else pd.Timestamp(times[-1]).isoformat()
+        moved += 1
+    if not moved:
+        raise DataError("no new periods after the bundle's last ones: nothing to update")
+    series.update(tail=tails, last=last)
+    raw["forecast"] = {**section, "series": series}
+    target_dir = Path(out) if out is not None else root
+    return package_run(root, target_dir, name=name or manifest.name,
+                       overwrite=out is None or target_dir.exists(),
+                       manifest=parse_manifest(root, raw))
+
+
+def _after(value: Any, stored: Any, freq: str) -> bool:
+    if freq == "int":
+        return int(value) > int(stored)
+    return pd.Timestamp(value) > pd.Timestamp(stored)
+
+
+def _name(columns: list[str], key: tuple[str, ...]) -> str:
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True))
