@@ -184,7 +184,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             actual[i, w] = panel.y[i][c: c + h]
             scale[i, w] = seasonal_scale(panel.y[i][:c], panel.season_length)
         idx = np.asarray(members, dtype=np.int64)
-        for label in [*methods.builtins, *methods.stats]:
+        for label in methods.builtins:
             started = time.perf_counter()
             forecasts[label][idx, w] = stat_forecasts(panel, label, members, cut, h)
             seconds[label] += time.perf_counter() - started
@@ -193,4 +193,34 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed)
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
+    for label in methods.stats:
+        started = time.perf_counter()
+        forecasts[label] = _stat_backtest(panel, label, cuts, h)
+        seconds[label] += time.perf_counter() - started
     return Backtests(methods.labels, forecasts, actual, scale, seconds)
+
+
+def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int) -> np.ndarray:
+    """(series, windows, h) forecasts of a fitted method.
+
+    Parameters are estimated once, at each series' first window, and carried through the
+    later windows by statsforecast's forward filter (``refit=False`` in statsforecast's
+    and mlforecast's cross-validation): no window sees parameters estimated on its own
+    future, and a series costs one fit instead of one per window. The exported model is
+    refitted on every period.
+    """
+    windows, n = cuts.shape
+    out = np.full((n, windows, h), np.nan)
+    for i in range(n):
+        fitted = None
+        for w in range(windows):
+            c = int(cuts[w, i])
+            if c <= 0:
+                continue
+            try:
+                fitted = (fit_stat(panel.y[i][:c], method, panel.season_length) if fitted is None
+                          else fitted.forward(panel.y[i][:c]))
+                out[i, w] = fitted.forecast(h)
+            except ManyModelsError:
+                fitted = None
+    return out

@@ -361,12 +361,18 @@ class _Final:
     def _horizon_parity(self, pipeline: Any, path: Path, entry: ModelEntry, spec: FeatureSpec,
                         group: list[int], name: str) -> float:
         """Native and ONNX recursions over the whole horizon, on up to 64 of the series."""
-        sample = group[:64]
+        need = spec.window + spec.differences
+        sample = [i for i in group if len(self.panel.y[i]) >= need][:64]
+        if not sample:
+            return 0.0
         h = int(self.trainer.horizon or 1)
         loaded = load_model(entry, path, make_session_options())
-        native = forecast_with(native_predict(pipeline), self.panel, spec, sample, self.cut,
+        # known-future covariates exist only in the past: check from h periods back
+        cut = self.cut - h if spec.known_future else self.cut
+        sample = [i for i in sample if cut[i] >= need]
+        native = forecast_with(native_predict(pipeline), self.panel, spec, sample, cut,
                                self.scales, h)
-        onnx = forecast_with(onnx_predict(loaded), self.panel, spec, sample, self.cut,
+        onnx = forecast_with(onnx_predict(loaded), self.panel, spec, sample, cut,
                              self.scales, h)
         spread = np.asarray([max(1.0, float(np.std(self.panel.y[i]))) for i in sample])
         diff = np.abs(native - onnx) / spread[:, None]

@@ -1,0 +1,297 @@
+"""Forecasting end to end: panels, lag features, backtests, the per-series choice, the runtime.
+
+Every test trains a real (small) forecasting run: scikit-learn / LightGBM lag models and
+statsforecast fits exported to ONNX and served by onnxruntime through the runtime.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import manymodels
+from manymodels.errors import DataError, InputSchemaError, SegmentNotFound, SpecError
+from manymodels.forecast.backtest import cutoffs, score
+from manymodels.forecast.features import training_rows
+from manymodels.forecast.learners import fit_own_linear
+from manymodels.forecast.panel import build_panel, feature_spec, season_length_of
+from manymodels.runtime.forecast import FeatureSpec, lag_matrix, recursive_forecast
+from manymodels.specs import load_trainer
+
+SEGMENTER = {"columns": ["store"], "min_rows": 2, "levels": [["store"], []]}
+FAST = {"candidates": [{"algorithm": "ridge", "params": {"alpha": 1.0}}],
+        "forecast": {"n_windows": 2, "methods": ["naive", "seasonal_naive"]}}
+
+
+def _panel_frame(periods: int, stores: int = 3, freq: str | None = "W-SAT", seed: int = 0,
+                 season: int = 52, trend: float = 0.05) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(stores):
+        t = np.arange(periods)
+        y = (50 + 10 * s + trend * t * (s + 1) + 5 * np.sin(2 * np.pi * t / max(season, 2))
+             + rng.normal(0, 0.5, periods))
+        times = (pd.date_range("2023-01-07", periods=periods, freq=freq) if freq
+                 else pd.Index(t + 100))
+        rows.append(pd.DataFrame({"store": s + 1, "week": times, "sales": y,
+                                  "price": 2.0 + 0.1 * rng.normal(size=periods)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _trainer(horizon: int, **extra: object) -> dict[str, object]:
+    spec: dict[str, object] = {"target": "sales", "task": "forecast", "time_column": "week",
+                               "horizon": horizon, **FAST}
+    spec.update(extra)
+    return spec
+
+
+def _train(tmp_path: Path, frame: pd.DataFrame, trainer: dict[str, object], name: str = "run"
+           ) -> manymodels.Bundle:
+    result = manymodels.train(frame, SEGMENTER, trainer, out=tmp_path, run_id=name, track=False)
+    return manymodels.Bundle(result.run_dir)
+
+
+def test_weekly_dates_forecast_next_periods(tmp_path: Path) -> None:
+    """Check that weekly real dates give one row per series and future week, in order."""
+    frame = _panel_frame(80)
+    bundle = _train(tmp_path, frame, _trainer(6))
+    table = bundle.forecast()
+    assert len(table) == 3 * 6
+    one = table[table["store"] == "1"]
+    expected = pd.date_range(frame["week"].max(), periods=7, freq="W-SAT")[1:]
+    assert list(pd.DatetimeIndex(one["week"])) == list(expected)
+    assert np.isfinite(table["forecast"]).all()
+    # a trend the naive forecast cannot follow: the chosen forecast rises with it
+    last = frame[frame["store"] == 3]["sales"].iloc[-1]
+    assert table[table["store"] == "3"]["forecast"].mean() > last - 5
+
+
+@pytest.mark.parametrize(("freq", "season"), [("MS", 12), ("QS", 4), (None, 1)])
+def test_monthly_quarterly_and_integer_periods(tmp_path: Path, freq: str | None, season: int
+                                               ) -> None:
+    """Check that the frequency and season are inferred for monthly, quarterly and integer data."""
+    frame = _panel_frame(48, freq=freq, season=season)
+    result = manymodels.train(frame, SEGMENTER, _trainer(4), out=tmp_path, run_id="r", track=False)
+    assert result.summary["season_length"] == season
+    assert result.summary["freq"] == ("int" if freq is None else result.summary["freq"])
+    table = manymodels.Bundle(result.run_dir).forecast(4)
+    assert len(table) == 12 and np.isfinite(table["forecast"]).all()
+    if freq is None:
+        assert table["week"].tolist()[:4] == [148, 149, 150, 151]
+
+
+def test_gaps_are_refused_or_filled(tmp_path: Path) -> None:
+    """Check that a missing week is refused by default, naming the series, and filled on request."""
+    frame = _panel_frame(60)
+    holed = frame.drop(index=frame.index[(frame["store"] == 2)][10]).reset_index(drop=True)
+    with pytest.raises(DataError, match="store=2 has 1 missing period"):
+        manymodels.train(holed, SEGMENTER, _trainer(4), out=tmp_path, run_id="a", track=False)
+    spec = _trainer(4)
+    spec["forecast"] = {**FAST["forecast"], "gaps": "interpolate"}
+    result = manymodels.train(holed, SEGMENTER, spec, out=tmp_path, run_id="b", track=False)
+    assert result.summary["filled_periods"] == 1
+
+
+def test_duplicate_periods_are_refused(tmp_path: Path) -> None:
+    """Check that a repeated (series, time) pair is refused with the count."""
+    frame = _panel_frame(40)
+    doubled = pd.concat([frame, frame.iloc[:2]], ignore_index=True)
+    with pytest.raises(DataError, match="2 row"):
+        manymodels.train(doubled, SEGMENTER, _trainer(4), out=tmp_path, run_id="a", track=False)
+
+
+def test_series_shorter_than_its_lags_is_still_forecast(tmp_path: Path) -> None:
+    """Check that a series too short for any window gets the simplest method, with the reason."""
+    frame = _panel_frame(70)
+    short = _panel_frame(5, stores=1, seed=3).assign(store=9)
+    short["week"] = pd.date_range(end=frame["week"].max(), periods=5, freq="W-SAT")
+    result = manymodels.train(pd.concat([frame, short], ignore_index=True), SEGMENTER,
+                              _trainer(4), out=tmp_path, run_id="r", track=False)
+    row = result.report.set_index("store").loc["9"]
+    assert "too short" in row["reason"]
+    table = manymodels.Bundle(result.run_dir).forecast(4, keys=[{"store": 9}])
+    assert np.isfinite(table["forecast"]).all()
+
+
+def test_known_future_covariate_missing_for_one_step(tmp_path: Path) -> None:
+    """Check that a missing known-future value is refused naming the column and the step."""
+    frame = _panel_frame(60)
+    spec = _trainer(3)
+    spec["forecast"] = {**FAST["forecast"], "known_future": ["price"]}
+    bundle = _train(tmp_path, frame, spec)
+    last = frame["week"].max()
+    future = pd.DataFrame({"store": [1, 1, 1], "week": pd.date_range(last, periods=4,
+                                                                      freq="W-SAT")[1:],
+                           "price": [2.0, 2.1, 2.2]})
+    table = bundle.forecast(3, keys=[{"store": 1}], future=future)
+    assert np.isfinite(table["forecast"]).all()
+    with pytest.raises(InputSchemaError, match=r"'price' is missing for series store=1 at step 2"):
+        bundle.forecast(3, keys=[{"store": 1}], future=future.drop(index=1))
+    with pytest.raises(InputSchemaError, match="known-future covariate"):
+        bundle.forecast(3, keys=[{"store": 1}])
+
+
+def test_future_rows_on_predict_equal_forecast(tmp_path: Path) -> None:
+    """Check that rows naming future periods get the same numbers as Bundle.forecast."""
+    bundle = _train(tmp_path, _panel_frame(60), _trainer(5))
+    table = bundle.forecast(5)
+    rows = table.iloc[[0, 3, 7, 14]][["store", "week"]].reset_index(drop=True)
+    scored = bundle.predict(rows)
+    np.testing.assert_allclose(scored["prediction"], table["forecast"].iloc[[0, 3, 7, 14]],
+                               rtol=1e-12)
+    past = rows.assign(week=pd.Timestamp("2023-01-07"))
+    with pytest.raises(InputSchemaError, match="not one of the next"):
+        bundle.predict(past)
+    with pytest.raises(SegmentNotFound):
+        bundle.forecast(2, keys=[{"store": 42}])
+
+
+def test_fresher_history_and_update_give_the_same_forecast(tmp_path: Path) -> None:
+    """Check that update then forecast equals a forecast from the longer history."""
+    full = _panel_frame(70)
+    cut = full["week"].max() - pd.Timedelta(weeks=3)
+    old, new = full[full["week"] <= cut], full[full["week"] > cut]
+    result = manymodels.train(old, SEGMENTER, _trainer(4), out=tmp_path, run_id="r", track=False)
+    bundle = manymodels.Bundle(result.run_dir)
+    with_history = bundle.forecast(4, history=full)
+    from manymodels.forecast.update import update_bundle
+
+    packed = update_bundle(result.run_dir, new, out=tmp_path / "updated")
+    updated = manymodels.Bundle(packed.path).forecast(4)
+    np.testing.assert_allclose(updated["forecast"], with_history["forecast"], rtol=1e-9)
+    assert list(updated["week"]) == list(with_history["week"])
+    assert pd.Timestamp(updated["week"].min()) > pd.Timestamp(full["week"].max())
+    with pytest.raises(DataError, match="nothing to update"):
+        update_bundle(packed.path, new, out=tmp_path / "again")
+
+
+def test_onnx_matches_native_over_the_whole_horizon(tmp_path: Path) -> None:
+    """Check that every exported lag model records its full-horizon parity, within tolerance."""
+    spec = _trainer(8)
+    spec["candidates"] = [{"algorithm": "ridge"}, {"algorithm": "lightgbm",
+                                                   "params": {"n_estimators": 20}}]
+    result = manymodels.train(_panel_frame(90), SEGMENTER, spec, out=tmp_path, run_id="r",
+                              track=False)
+    manifest = manymodels.Bundle(result.run_dir).manifest
+    lag = [e for e in manifest.models.values() if "horizon_parity_max_abs_diff" in
+           e.raw["metrics"]]
+    assert lag
+    for entry in lag:
+        assert entry.raw["metrics"]["horizon_parity_max_abs_diff"] <= 1e-3
+
+
+def test_statistical_members_are_served_from_onnx(tmp_path: Path) -> None:
+    """Check that ETS and Theta members export and the bundle serves them without statsforecast."""
+    spec = _trainer(6)
+    spec["forecast"] = {"n_windows": 2, "methods": ["naive", "ets", "theta"], "blend": 1,
+                        "own_models": False}
+    result = manymodels.train(_panel_frame(60, season=4), SEGMENTER, spec, out=tmp_path,
+                              run_id="r", track=False)
+    code = (
+        "import sys\n"
+        "for name in ('statsforecast', 'numba', 'sklearn', 'lightgbm'):\n"
+        "    sys.modules[name] = None\n"
+        "import manymodels\n"
+        f"t = manymodels.Bundle({str(result.run_dir)!r}).forecast(6)\n"
+        "assert len(t) == 18 and t['forecast'].notna().all()\n"
+        "print(sorted(set(t['method'])))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_own_linear_matches_scikit_learn_pipeline() -> None:
+    """Check that the closed-form own ridge equals scikit-learn's scaler + ridge pipeline."""
+    from manymodels.candidates import Candidate, build_pipeline
+
+    frame = _panel_frame(60, stores=1)
+    trainer = load_trainer(_trainer(4))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, [])
+    cut = np.asarray([len(panel.y[0])])
+    from manymodels.forecast.features import series_scales
+
+    rows = training_rows(panel, spec, [0], cut, series_scales(panel, spec, cut))
+    cand = Candidate("ridge", "ridge", {"alpha": 2.0})
+    weights, bias = fit_own_linear(rows, cand, spec)
+    pipe = build_pipeline(cand, spec.numeric_names(), [], "regression", 0)
+    pipe.fit(rows.frame, rows.target)
+    x = rows.numeric(spec.numeric_names())
+    np.testing.assert_allclose(x @ weights + bias, pipe.predict(rows.frame), rtol=1e-9, atol=1e-9)
+
+
+def test_lag_features_and_recursion_share_one_definition() -> None:
+    """Check that the recursion's step features equal the training features at the same positions."""
+    spec = FeatureSpec((1, 2, 4), (3,), 4, (), 0, False)
+    z = np.arange(20, dtype=float) ** 1.5
+    rows = np.arange(6, 20)
+    train = lag_matrix(z, spec, rows)
+    seen: list[dict[str, float]] = []
+
+    def predict(feed: dict[str, np.ndarray]) -> np.ndarray:
+        seen.append({k: float(v[0]) for k, v in feed.items()})
+        return np.asarray([z[len(seen) + 9]])
+
+    recursive_forecast(predict, z[None, :10], np.zeros(1), np.ones(1), spec, 4, {}, {}, {})
+    for k, step in enumerate(seen):
+        position = 10 + k
+        for name, value in step.items():
+            assert value == pytest.approx(train[name][position - 6])
+
+
+def test_backtest_windows_and_metrics() -> None:
+    """Check the rolling-origin cutoffs and the MASE / sMAPE / WAPE / RMSE definitions."""
+    cuts = cutoffs(np.asarray([30, 12]), h=4, windows=3, step=4, min_train=6)
+    assert cuts[:, 0].tolist() == [18, 22, 26]
+    assert cuts[:, 1].tolist() == [-1, -1, 8]
+    actual, forecast = np.asarray([1.0, 2.0]), np.asarray([2.0, 2.0])
+    assert score("mase", actual, forecast, 0.5) == pytest.approx(1.0)
+    assert score("wape", actual, forecast, 1.0) == pytest.approx(1 / 3)
+    assert score("rmse", actual, forecast, 1.0) == pytest.approx(np.sqrt(0.5))
+    assert score("smape", actual, forecast, 1.0) == pytest.approx(100 * (2 / 3) / 2)
+    assert season_length_of("W-SAT") == 52 and season_length_of("MS") == 12
+    assert season_length_of("QS-OCT") == 4 and season_length_of("int") == 1
+
+
+def test_forecast_spec_errors_name_the_field() -> None:
+    """Check that a forecasting trainer without a horizon or with a bad method is refused."""
+    with pytest.raises(SpecError, match="needs a horizon"):
+        load_trainer({"target": "y", "task": "forecast", "time_column": "t"})
+    with pytest.raises(SpecError, match="unknown method"):
+        load_trainer({"target": "y", "task": "forecast", "time_column": "t", "horizon": 2,
+                      "forecast": {"methods": ["arima"]}})
+    assert load_trainer({"target": "y", "task": "forecast", "time_column": "t",
+                         "horizon": 2}).metric == "mase"
+
+
+def test_cli_forecast_and_update(tmp_path: Path) -> None:
+    """Check that `manymodels forecast` writes the table and `update` moves the origin."""
+    full = _panel_frame(60)
+    cut = full["week"].max() - pd.Timedelta(weeks=2)
+    result = manymodels.train(full[full["week"] <= cut], SEGMENTER, _trainer(3), out=tmp_path,
+                              run_id="r", track=False)
+    out = tmp_path / "f.csv"
+    cli = [sys.executable, "-m", "manymodels"]
+    done = subprocess.run([*cli, "forecast", str(result.run_dir), "--horizon", "3",
+                           "--keys", "store=2", "--out", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out)
+    assert len(table) == 3 and set(table["store"]) == {2}
+    new = tmp_path / "new.parquet"
+    full[full["week"] > cut].to_parquet(new)
+    done = subprocess.run([*cli, "update", str(result.run_dir), "--data", str(new),
+                           "--out", str(tmp_path / "b2")], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    moved = manymodels.Bundle(tmp_path / "b2").forecast(1)
+    assert pd.Timestamp(moved["week"].iloc[0]) > pd.Timestamp(full["week"].max())
+    bad = subprocess.run([*cli, "forecast", str(result.run_dir), "--keys", "shop=1", "--out",
+                          str(out)], capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "shop" not in bad.stderr or "store" in bad.stderr
