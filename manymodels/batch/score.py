@@ -20,9 +20,11 @@ import pyarrow as pa
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed, contract
+from manymodels.runtime.forecast_request import FutureForecast
 from manymodels.runtime.scoring import GroupLayout, GroupRun
 
 from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
+from .forecast import ForecastColumns, forecast_chunk, method_codes
 from .io import Chunk, PartWriter, read_chunks
 from .plan import Piece, Unit
 from .txlog import CommittedPiece
@@ -108,9 +110,15 @@ class ScoringPlan:
     string_columns: frozenset[str]
     model_inputs: dict[str, tuple[str, ...]]
     allowed: frozenset[str] = frozenset()
+    #: A forecasting bundle's input columns (its rows name future periods), else None.
+    forecast: ForecastColumns | None = None
 
     @classmethod
     def of(cls, bundle: Bundle) -> ScoringPlan:
+        forecast = ForecastColumns.of(bundle)
+        if forecast is not None:
+            return cls(forecast.keys, frozenset(forecast.known_future), frozenset(), {},
+                       frozenset(forecast.all), forecast)
         floats: set[str] = set()
         strings: set[str] = set()
         for entry in bundle.manifest.models.values():
@@ -127,10 +135,18 @@ class ScoringPlan:
         return [c for c in chunk.file_columns if c not in self.allowed and c != task.id_column]
 
     def columns(self, id_column: str | None) -> list[str]:
-        wanted = [*self.segment_columns, *sorted(self.float_columns | self.string_columns)]
+        wanted = [*self.segment_columns, *(self.forecast.all if self.forecast else ()),
+                  *sorted(self.float_columns | self.string_columns)]
         if id_column:
             wanted.append(id_column)
         return list(dict.fromkeys(wanted))
+
+    def text_columns(self) -> list[str]:
+        """Columns a CSV file's reader keeps as text (a forecast's time column is not:
+        integer periods stay numbers)."""
+        if self.forecast is not None:
+            return list(self.segment_columns)
+        return self.columns(None)
 
 
 def open_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPlan]:
@@ -433,6 +449,8 @@ class PreparedChunk:
     columns: _Columns
     groups: dict[str, np.ndarray]
     layout: GroupLayout | None
+    #: A forecasting bundle's forecasts of the chunk's rows (no groups, no sessions here).
+    forecast: FutureForecast | None = None
 
     def release_inputs(self) -> None:
         """Drop the model inputs once scored (the chunk then waits for its writer)."""
@@ -450,6 +468,8 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
     n = table.num_rows
     rejections = _Rejections(n)
     names = set(table.column_names)
+    if plan.forecast is not None:
+        return _prepare_forecast(bundle, plan.forecast, table, rejections, id_column, extra)
     if extra:
         rejections.reject_all(f"unexpected column(s) {', '.join(extra)}: no model takes them "
                               f"and they are not segment columns (strict columns)",
@@ -489,6 +509,49 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
     return PreparedChunk(table, rejections, routed, columns, groups, layout)
 
 
+def _prepare_forecast(bundle: Bundle, columns: ForecastColumns, table: pa.Table,
+                      rejections: _Rejections, id_column: str | None, extra: Sequence[str]
+                      ) -> PreparedChunk:
+    """Forecast a chunk of future rows; rows the runtime refuses get its reason code."""
+    if extra:
+        rejections.reject_all(f"unexpected column(s) {', '.join(extra)}: a forecast row holds "
+                              f"segment columns, {columns.time} and known-future covariates "
+                              f"(strict columns)", contract.UNEXPECTED_COLUMN)
+    if id_column and id_column not in table.column_names:
+        rejections.reject_all(f"missing id column '{id_column}'", contract.MISSING_COLUMN)
+    done = forecast_chunk(bundle, columns, table)
+    by_reason: dict[tuple[str, str], list[int]] = {}
+    for row, refusal in done.refused.items():
+        by_reason.setdefault(refusal, []).append(row)
+    for (code, reason), rows in by_reason.items():
+        rejections.add(np.asarray(rows, dtype=np.int64), reason, code)
+    return PreparedChunk(table, rejections, None, _Columns(table, {}, {}), {}, None, done)
+
+
+def _assemble_forecast(ready: PreparedChunk, done: FutureForecast, rel: str, offset: int,
+                       id_column: str | None) -> ChunkResult:
+    table, rejections = ready.table, ready.rejections
+    bad = np.flatnonzero(~np.isfinite(done.values) & (rejections.code == 0))
+    if len(bad):
+        refusal = contract.non_finite_refusal(bad, "forecast")
+        rejections.add(refusal.rows, refusal.message, refusal.code)
+    keep = np.flatnonzero(rejections.code == 0)
+    scored: pa.Table | None = None
+    models: dict[str, int] = {}
+    if len(keep):
+        index, names = method_codes(done.methods, rejections.code != 0)
+        columns = _id_columns(table, keep, rel, offset, id_column, len(keep) == table.num_rows)
+        columns["prediction"] = array_of(np.asarray(done.values[keep], dtype=np.float64))
+        columns["model"] = dictionary_of(index[keep], names)
+        columns["fallback"] = array_of(np.asarray(
+            [done.methods[i] == "fallback" for i in keep.tolist()], dtype=bool))
+        scored = pa.table(columns)
+        counts = np.bincount(index[keep], minlength=len(names))
+        models = {names[i]: int(c) for i, c in enumerate(counts) if c}
+    return ChunkResult(scored, _rejected_table(table, rejections, rel, offset, id_column),
+                       models, 0)
+
+
 def run_chunk(bundle: Bundle, ready: PreparedChunk) -> GroupRun | None:
     """Run a prepared chunk's groups through their sessions (the scoring thread's part)."""
     routed = ready.routed
@@ -504,6 +567,8 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
                    offset: int, id_column: str | None) -> ChunkResult:
     """The output tables of a scored chunk (the writer thread's part): row ids,
     predictions in row order, model, fallback, probabilities; and the rejected rows."""
+    if ready.forecast is not None:
+        return _assemble_forecast(ready, ready.forecast, rel, offset, id_column)
     table, rejections, routed = ready.table, ready.rejections, ready.routed
     n = table.num_rows
     models: dict[str, int] = {}
@@ -584,7 +649,7 @@ def piece_chunks(plan: ScoringPlan, task: UnitTask, piece: Piece) -> Iterator[Ch
     """The input rows of ``piece`` in chunks of at most ``task.chunk_rows``."""
     info = task.files[piece.rel]
     return read_chunks(Path(info.path), info.format, piece.start, piece.stop,
-                       plan.columns(task.id_column), plan.columns(None), info.partitions,
+                       plan.columns(task.id_column), plan.text_columns(), info.partitions,
                        task.chunk_rows, [*plan.segment_columns, *sorted(plan.string_columns)])
 
 

@@ -311,7 +311,7 @@ class Bundle:
         empty (NaN / None) and the others scored.
         """
         if self.manifest.task == "forecast":
-            return self._forecast_rows(frame)
+            return self._forecast_rows(frame, strict)
         routed = self.route_frame(frame)
         if strict and routed.rejected:
             row = min(routed.rejected)
@@ -329,11 +329,15 @@ class Bundle:
             result.prediction[bad] = None if result.prediction.dtype == object else np.nan
         return result
 
-    def _forecast_rows(self, frame: pd.DataFrame) -> ScoreResult:
-        """Rows naming future periods of a forecasting bundle's series: their forecasts."""
-        values, methods = self.forecaster.forecast_rows(frame)
-        n = len(values)
-        return ScoreResult(values, np.asarray(methods, dtype=object), np.zeros(n, dtype=bool))
+    def _forecast_rows(self, frame: pd.DataFrame, strict: bool = True) -> ScoreResult:
+        """Rows naming future periods of a forecasting bundle's series: their forecasts
+        (refused rows stay NaN unless ``strict``)."""
+        from .forecast_request import forecast_future_rows
+
+        done = forecast_future_rows(self.forecaster, frame, strict)
+        n = len(done.values)
+        return ScoreResult(done.values, np.asarray(done.methods, dtype=object),
+                           np.zeros(n, dtype=bool))
 
     def check_routed(self, columns: pd.DataFrame | Mapping[str, Any], routed: Routed,
                      n: int) -> contract.CheckedInputs:

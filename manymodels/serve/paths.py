@@ -12,6 +12,7 @@ import urllib.parse
 __all__ = [
     "DATA_PLANE",
     "FAST_ROUTES",
+    "FORECAST",
     "INVOCATIONS",
     "MODEL_SCORE",
     "OPEN_PATHS",
@@ -34,16 +35,18 @@ V2_INFER_VERSION = "/v2/models/{name}/versions/{model_version}/infer"
 #: The key-carrying routes a fleet's proxy routes by (see :mod:`.keyed`).
 MODEL_SCORE = "/models/{name}/score"
 SEGMENT_SCORE = "/segments/score"
+#: Forecasts of a forecasting bundle's series (see :mod:`.forecasting`).
+FORECAST = "/forecast"
 #: Route templates the fast lane answers without FastAPI's routing.
-FAST_ROUTES = (SCORE, V2_INFER, V2_INFER_VERSION, MODEL_SCORE, SEGMENT_SCORE)
+FAST_ROUTES = (SCORE, V2_INFER, V2_INFER_VERSION, MODEL_SCORE, SEGMENT_SCORE, FORECAST)
 #: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
 DATA_PLANE = ("/score", "/invocations", "/models", "/stats", "/v2/models/", "/v2/repository/",
-              "/segments/")
+              "/segments/", FORECAST)
 # ``/ui`` is the endpoint page's static shell: it holds no data (its data routes, /ui/state
 # and /metrics, need ``read``), and a browser cannot send a Bearer header on a plain
 # navigation, so the page itself must load to ask for the credential.
 OPEN_PATHS = frozenset({"/ping", "/health", "/v2/health/live", "/v2/health/ready", "/ui"})
-SCORE_PATHS = frozenset({SCORE, INVOCATIONS, SEGMENT_SCORE})
+SCORE_PATHS = frozenset({SCORE, INVOCATIONS, SEGMENT_SCORE, FORECAST})
 
 
 def split_infer_path(path: str) -> tuple[str, str | None] | None:

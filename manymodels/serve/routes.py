@@ -79,6 +79,19 @@ def add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
             reply = await scorer.invocations_reply(await read_json(request, limit))
         return Response(dumps(reply), media_type=JSON)
 
+    @app.post("/forecast", tags=["scoring"], response_class=Response,
+              summary="Forecast the next periods of some or all series of a forecasting bundle",
+              openapi_extra=schemas.body("ForecastRequest"),
+              responses=schemas.reply("ForecastResponse", 400, 404, 413, 415, 422, 503))
+    async def forecast(request: Request) -> Response:
+        """``keys`` (or one ``segment``) and a ``horizon`` (default: the trained one);
+        ``future`` supplies known-future covariates for every step, ``history`` fresher
+        observations that continue or replace a series' stored tail. Answers one record
+        per series and step, as ``Bundle.forecast`` does."""
+        scorer = deployment_of(request).scorer
+        reply = await scorer.forecast_reply(await read_json(request, limit))
+        return Response(dumps(reply), media_type=JSON)
+
     @app.post("/models/{name}/score", tags=["scoring"], response_class=Response,
               summary="Score rows with the model in the path (a proxy can route by it)",
               openapi_extra=schemas.body("ScoreRequest"),

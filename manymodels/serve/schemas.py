@@ -63,6 +63,40 @@ class InvocationsResponse(BaseModel):
     predictions: list[dict[str, Any]]
 
 
+class ForecastRequest(BaseModel):
+    """The next periods of some or all series of a forecasting bundle."""
+
+    keys: list[dict[str, Value]] | None = Field(None, description="Segment keys of the "
+                                                "series to forecast; leave out (with "
+                                                "'segment') to forecast every series.")
+    segment: dict[str, Value] | str | None = Field(
+        None, description='One segment key: {"store": 42, "brand": "tropicana"} or '
+        '"store=42,brand=tropicana".')
+    horizon: int | None = Field(None, ge=1, description="Periods to forecast; default the "
+                                "bundle's trained horizon, at most its max_horizon.")
+    future: list[dict[str, Value]] | DataframeSplit | None = Field(
+        None, description="Known-future covariates: segment columns, the time column and "
+        "each covariate, one row per series and step.")
+    history: list[dict[str, Value]] | DataframeSplit | None = Field(
+        None, description="Fresher observations (segment columns, time, target): they "
+        "continue or replace the stored tail of their series.")
+
+
+class ForecastRow(BaseModel):
+    """One series and period; the segment columns and the time column come first."""
+
+    model_config = {"extra": "allow"}
+
+    forecast: float | None
+    method: str = Field(description="The method (or blend of methods) that forecast it.")
+
+
+class ForecastResponse(BaseModel):
+    """One row per series and step, series in request order, periods ascending."""
+
+    forecasts: list[ForecastRow]
+
+
 class ModelInfo(BaseModel):
     name: str
     level: int = Field(description="0 = the segment's own model; higher = a fallback level.")
@@ -173,7 +207,8 @@ class V2IndexResponse(BaseModel):
 
 
 _MODELS: list[type[BaseModel]] = [
-    ScoreRequest, ScoreResponse, InvocationsRequest, InvocationsResponse, ModelList, Problem,
+    ScoreRequest, ScoreResponse, InvocationsRequest, InvocationsResponse, ForecastRequest,
+    ForecastResponse, ModelList, Problem,
     V2Error, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2Ready,
     V2IndexRequest, V2IndexEntry,
 ]

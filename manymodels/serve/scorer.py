@@ -15,8 +15,10 @@ from typing import Any
 
 from .dataplane import Prediction, Table, parse_table, route_rows, score_groups, score_model
 from .errors import MalformedBody
+from .forecasting import forecast_reply, forecast_table, is_forecasting
 from .keyed import fill_segment_key, key_of_scope
 from .paths import (
+    FORECAST,
     MODEL_SCORE,
     SCORE,
     SEGMENT_SCORE,
@@ -78,8 +80,10 @@ class Scorer:
         return prediction
 
     async def routed(self, table: Table) -> tuple[Prediction, list[str], list[bool]]:
-        started = time.perf_counter_ns()
         registry = self.registry
+        if is_forecasting(registry):  # rows name future periods: their forecasts
+            return await forecast_table(registry, table)
+        started = time.perf_counter_ns()
         routing = route_rows(registry, table)
         models = await models_for(registry, routing.needed())
         if table.n > self.inline_rows:
@@ -136,6 +140,10 @@ class Scorer:
         return _with_classes({"predictions": prediction.prediction, "model": models,
                               "fallback": fallback}, prediction)
 
+    async def forecast_reply(self, body: Any) -> dict[str, Any]:
+        """The ``/forecast`` response for a parsed body."""
+        return await forecast_reply(self.registry, body)
+
     async def invocations_reply(self, body: Any, table: Table | None = None,
                                 name: Any = None) -> dict[str, Any]:
         """The ``/invocations`` (MLflow) response for a parsed JSON body, or for a
@@ -174,6 +182,8 @@ class Scorer:
             return partial(self.model_reply, name), MODEL_SCORE
         if path == SEGMENT_SCORE:
             return partial(self.segment_reply, key_of_scope(scope)), SEGMENT_SCORE
+        if path == FORECAST:
+            return self.forecast_reply, FORECAST
         return None
 
 

@@ -11,6 +11,15 @@ Requests (JSON body)::
     {"data": [{"store": 5, "brand": "tropicana", ...}, ...]}  route each row by its segment
     "data" may also be {"columns": [...], "data": [[...], ...]} or {"column": [values]}
 
+A forecasting bundle (``task: forecast``) answers rows that name future periods (segment
+columns, the time column, known-future covariates) with their forecasts, and also takes
+forecast requests (no ``data``)::
+
+    {"keys": [{"store": 5, "brand": "tropicana"}], "horizon": 8}   (or "segment": {...})
+    optional "future": [rows of known covariates], "history": [fresher rows]
+    -> {"forecasts": [{"store": "5", "brand": "tropicana", "week": 121,
+                       "forecast": 10.7, "method": "..."}, ...]}
+
 Answers are JSON objects, not JSON-encoded strings::
 
     {"predictions": [...], "models": [...], "fallback": [...]}   (+ "classes", "probabilities")
@@ -112,9 +121,25 @@ def _parse(raw_data: Any) -> dict[str, Any]:
             raise _BadRequest("invalid_json", f"request body is not JSON: {exc}") from exc
     if isinstance(raw_data, list):
         raw_data = {"data": raw_data}
+    if isinstance(raw_data, dict) and "data" not in raw_data and _is_forecast(raw_data):
+        return raw_data
     if not isinstance(raw_data, dict) or "data" not in raw_data:
         raise _BadRequest("invalid_request", 'send {"data": [rows...]} and optionally "model"')
     return raw_data
+
+
+def _is_forecast(request: dict[str, Any]) -> bool:
+    """A forecast request: it names a horizon or series instead of rows."""
+    return any(k in request for k in ("horizon", "keys", "segment"))
+
+
+def _forecast(request: dict[str, Any]) -> dict[str, Any]:
+    """A forecast request through the runtime's one parser and the bundle's Forecaster."""
+    from manymodels_runtime.forecast_request import forecast_records, forecast_request
+
+    forecaster = BUNDLE.forecaster  # a DataError (400) for a bundle that does not forecast
+    table = forecast_request(forecaster, request)
+    return {"forecasts": forecast_records(table, forecaster.time_column)}
 
 
 def _frame(data: Any) -> Any:
@@ -171,6 +196,8 @@ def run(raw_data: Any) -> Any:
         return _error("not_ready", "init() has not run")
     try:
         request = _parse(raw_data)
+        if "data" not in request:
+            return _forecast(request)
         frame = _frame(request["data"])
         name = request.get("model")
         if name is not None:
