@@ -42,7 +42,7 @@ GRANTS = {"read": {"read"}, "score": {"score"}, "admin": {"read", "score", "admi
 HEALTH = {"/ping", "/health", "/v2/health/live", "/v2/health/ready", "/ui"}
 SCORING = {"/score", "/invocations", "/v2/models/{name}/infer",
            "/v2/models/{name}/versions/{model_version}/infer", "/models/{name}/score",
-           "/segments/score"}
+           "/segments/score", "/forecast"}
 # Paths outside the OpenAPI document that must be guarded as well.
 EXTRA = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/ui"),
          ("GET", "/nope"), ("POST", "/admin/nope"), ("GET", "/score/"),

@@ -1,0 +1,340 @@
+"""Forecasts from a bundle on every serving path: ``Bundle.forecast``, the MLflow pyfunc,
+``score.py`` under Azure ML's ``azmlinfsrv``, the server's ``/forecast``, ``/score`` and
+``/invocations`` (real HTTP on 127.0.0.1), and ``manymodels batch``: the same numbers,
+and the same refusals with the same reason codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from builders import build_bundle
+from conftest import answering
+from test_bundle import azmlinfsrv_serving
+from test_serve import Running
+
+from manymodels.batch import score_batch
+from manymodels.bundle import package_run
+from manymodels.datasets import make_oj
+from manymodels.errors import InputSchemaError, SegmentNotFound
+from manymodels.runtime import Bundle
+from manymodels.runtime.forecast_request import forecast_future_rows, forecast_request
+from manymodels.serve.settings import ServeSettings
+from manymodels.training import train
+
+TRAINER = {"target": "quantity", "task": "forecast", "time_column": "week", "horizon": 4,
+           "forecast": {"n_windows": 2}, "candidates": [{"algorithm": "ridge"}]}
+KEYS = ["store", "brand"]
+#: float32 models inside a recursion: another batch size may round the last bit
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packed forecasting bundle of 3 stores × 3 brands (integer weeks, horizon 4)."""
+    out = tmp_path_factory.mktemp("forecast-serve")
+    run = train(make_oj(stores=3), "store_brand", TRAINER, out=out / "runs", jobs=1,
+                track=False).run_dir
+    return package_run(run, out / "bundle", name="oj-forecast").path
+
+
+@pytest.fixture(scope="module")
+def expected(bundle: Path) -> pd.DataFrame:
+    """Every series' next 6 weeks, from ``Bundle.forecast``."""
+    return Bundle(bundle).forecast(6)
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[Running]:
+    running = Running(ServeSettings(bundle=str(bundle), inline_rows=8))
+    yield running
+    running.stop()
+
+
+def _future_rows(expected: pd.DataFrame) -> pd.DataFrame:
+    """Future rows as a caller sends them: numbers as numbers, series and weeks shuffled,
+    some series asking for only some weeks."""
+    rows = expected[[*KEYS, "week"]].copy()
+    rows["store"] = rows["store"].astype(int)
+    rows = rows[~((rows["store"] == 2) & (rows["week"] % 2 == 0))]
+    return rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+def _want(expected: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    index = expected.assign(store=expected["store"].astype(int)).set_index([*KEYS, "week"])
+    return index.loc[pd.MultiIndex.from_frame(rows[[*KEYS, "week"]]), "forecast"].to_numpy()
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(frame.to_json(orient="records"))  # type: ignore[no-any-return]
+
+
+def test_every_path_gives_the_same_forecast(bundle: Path, expected: pd.DataFrame,
+                                            server: Running, tmp_path: Path) -> None:
+    """Check that Bundle.forecast, future rows through Bundle, the pyfunc, /forecast,
+    /score, /invocations (split, records, CSV) and batch agree to float32 tolerance."""
+    rows = _future_rows(expected)
+    want = _want(expected, rows)
+    got: dict[str, np.ndarray] = {}
+    got["Bundle.score_frame"] = Bundle(bundle).score_frame(rows).prediction
+    pyfunc = mlflow.pyfunc.load_model(str(bundle)).predict(rows)
+    got["pyfunc"] = pyfunc["prediction"].to_numpy()
+    client = server.client
+    reply = client.post("/forecast", json={"horizon": 6})
+    assert reply.status_code == 200, reply.text
+    table = pd.DataFrame(reply.json()["forecasts"])
+    assert list(table.columns) == [*KEYS, "week", "forecast", "method"]
+    got["/forecast"] = _want(table, rows)
+    assert list(table["method"]) == list(expected["method"])
+    for body in ({"data": _records(rows)}, {"dataframe_split": json.loads(
+            rows.to_json(orient="split", index=False))}):
+        reply = client.post("/score", json=body)
+        assert reply.status_code == 200, reply.text
+        got[f"/score {next(iter(body))}"] = np.asarray(reply.json()["predictions"])
+    reply = client.post("/invocations", json={"dataframe_records": _records(rows)})
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()["predictions"]
+    got["/invocations records"] = np.asarray([r["prediction"] for r in answer])
+    assert [r["model"] for r in answer] == list(pyfunc["model"])
+    reply = client.post("/invocations", content=rows.to_csv(index=False),
+                        headers={"content-type": "text/csv"})
+    assert reply.status_code == 200, reply.text
+    got["/invocations csv"] = np.asarray([r["prediction"] for r in reply.json()["predictions"]])
+    one = client.post("/score", json={"data": _records(rows.head(1))})  # inline, 1 row
+    got["/score one row"] = np.asarray(one.json()["predictions"] * len(rows))
+    want_one = np.full(len(rows), want[0])
+    (tmp_path / "in").mkdir()
+    rows.to_parquet(tmp_path / "in" / "rows.parquet", index=False)
+    summary = score_batch(bundle, tmp_path / "in", tmp_path / "out")
+    assert summary.rows_scored == len(rows) and summary.rows_rejected == 0
+    scored = pq.read_table(tmp_path / "out" / "predictions").to_pandas()
+    got["batch"] = scored.sort_values("row_number")["prediction"].to_numpy()
+    for path, values in got.items():
+        np.testing.assert_allclose(values, want_one if "one row" in path else want,
+                                   rtol=RTOL, err_msg=path)
+    assert len(got) == 9
+
+
+def test_forecast_route_takes_keys_segment_and_history(bundle: Path, expected: pd.DataFrame,
+                                                      server: Running) -> None:
+    """Check /forecast with keys (numbers or text), one segment (object or key text),
+    the default horizon, and fresher history that moves the series' origin."""
+    key = {"store": 2, "brand": "tropicana"}
+    mine = expected[(expected["store"] == "2") & (expected["brand"] == "tropicana")]
+    for body in ({"keys": [key], "horizon": 6}, {"segment": key, "horizon": 6},
+                 {"segment": "store=2,brand=tropicana", "horizon": 6},
+                 {"keys": [[2, "tropicana"]], "horizon": 6}):
+        reply = server.client.post("/forecast", json=body)
+        assert reply.status_code == 200, (body, reply.text)
+        rows = reply.json()["forecasts"]
+        np.testing.assert_allclose([r["forecast"] for r in rows], mine["forecast"], rtol=RTOL)
+        assert [r["week"] for r in rows] == list(mine["week"])
+    default = server.client.post("/forecast", json={"keys": [key]}).json()["forecasts"]
+    assert len(default) == Bundle(bundle).forecaster.horizon == 4
+    last = int(mine["week"].iloc[0]) - 1
+    history = [{**key, "week": last + 1, "quantity": 1.0},
+               {**key, "week": last + 2, "quantity": 2.0}]
+    reply = server.client.post("/forecast", json={"keys": [key], "horizon": 3,
+                                                  "history": history})
+    assert reply.status_code == 200, reply.text
+    moved = reply.json()["forecasts"]
+    assert [r["week"] for r in moved] == [last + 3, last + 4, last + 5]
+    local = Bundle(bundle).forecast(3, keys=[key], history=pd.DataFrame(history))
+    np.testing.assert_allclose([r["forecast"] for r in moved], local["forecast"], rtol=RTOL)
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code", "message"), [
+    ("/forecast", {"keys": [{"store": 9, "brand": "tropicana"}]}, 404, "segment_not_found",
+     "store=9, brand=tropicana"),
+    ("/forecast", {"segment": {"store": 1, "brand": "tropicana"}, "horizon": 500}, 422,
+     "input_schema", "limit of 40 steps"),
+    ("/forecast", {"keys": [{"store": 1}]}, 422, "missing_column", "brand"),
+    ("/forecast", {"keys": [{"store": None, "brand": "x"}]}, 422, "null_segment_key", "store"),
+    ("/forecast", {"horizon": "4"}, 422, "input_schema", "'horizon' must be a positive"),
+    ("/forecast", {"horizon": 0}, 422, "input_schema", "positive integer"),
+    ("/forecast", {"horizn": 4}, 422, "input_schema", "unknown field(s) 'horizn'"),
+    ("/forecast", {"keys": [{"store": 1, "brand": "tropicana"}], "segment": {"store": 1}},
+     422, "input_schema", "not both"),
+    ("/forecast", {"segment": "store"}, 400, "malformed_body", "store"),
+    ("/forecast", [1, 2], 400, "malformed_body", "JSON object"),
+    ("/forecast", {"keys": [{"store": 1, "brand": "tropicana"}],
+                   "history": [{"store": 1, "brand": "tropicana", "week": 500}]},
+     422, "input_schema", "history lacks column(s) quantity"),
+    ("/score", {"data": [{"store": 1, "brand": "tropicana", "week": 3}]}, 422, "input_schema",
+     "week=3 is not a future period of series store=1, brand=tropicana"),
+    ("/score", {"data": [{"store": 1, "brand": "tropicana"}]}, 422, "missing_column", "week"),
+    ("/score", {"data": [{"store": 7, "brand": "tropicana", "week": 200}]}, 404,
+     "segment_not_found", "store=7"),
+    ("/score", {"data": [{"store": "", "brand": "tropicana", "week": 200}]}, 422,
+     "null_segment_key", "store"),
+    ("/invocations", {"dataframe_records": [{"store": 1, "brand": "tropicana",
+                                             "week": 1000}]}, 422, "input_schema",
+     "over this bundle's limit"),
+])
+def test_bad_forecast_requests_are_4xx_problems(server: Running, path: str, body: Any,
+                                                status: int, code: str, message: str) -> None:
+    """Check that every runtime refusal is a JSON problem with its status and reason code."""
+    reply = server.client.post(path, json=body)
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["code"] == code and message in problem["detail"], problem
+    assert "Traceback" not in reply.text
+
+
+def test_forecast_on_a_bundle_that_does_not_forecast(tmp_path: Path) -> None:
+    """Check that /forecast on a regression bundle is a 422 saying why, and that the
+    route is in the OpenAPI document with its request and response schemas."""
+    root, _ = build_bundle(tmp_path / "oj", n_stores=2, rows_per_segment=6)
+    running = Running(ServeSettings(bundle=str(root)))
+    try:
+        reply = running.client.post("/forecast", json={"horizon": 2})
+        assert reply.status_code == 422
+        assert "not a forecasting bundle" in reply.json()["detail"]
+        document = running.client.get("/openapi.json").json()
+        operation = document["paths"]["/forecast"]["post"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/ForecastRequest")
+        assert {"200", "404", "422"} <= set(operation["responses"])
+        assert "ForecastResponse" in document["components"]["schemas"]
+    finally:
+        running.stop()
+
+
+def test_forecast_metrics_count_the_route(server: Running) -> None:
+    """Check that /forecast requests are counted in /metrics like every route."""
+    server.client.post("/forecast", json={"horizon": 2})
+    text = server.client.get("/metrics").text
+    lines = [line for line in text.splitlines() if 'route="/forecast"' in line]
+    assert lines, text[:2000]
+
+
+def test_runtime_functions_refuse_with_the_contract_codes(bundle: Path) -> None:
+    """Check the shared functions directly: a request names its problem, and batch
+    (strict=False) refuses only the rows of the bad series or period."""
+    forecaster = Bundle(bundle).forecaster
+    with pytest.raises(SegmentNotFound, match="store=5"):
+        forecast_request(forecaster, {"keys": [{"store": 5, "brand": "tropicana"}]})
+    with pytest.raises(InputSchemaError, match="'keys' must be a non-empty list"):
+        forecast_request(forecaster, {"keys": []})
+    last = int(forecaster.last[0])
+    rows = pd.DataFrame({"store": [1, 1, 8, 1], "brand": ["dominicks"] * 4,
+                         "week": [last + 1, last, last + 1, last + 2]})
+    done = forecast_future_rows(forecaster, rows, strict=False)
+    assert sorted(done.refused) == [1, 2]
+    assert done.refused[1][0] == "input_schema" and done.refused[2][0] == "segment_not_found"
+    assert np.isfinite(done.values[[0, 3]]).all() and np.isnan(done.values[[1, 2]]).all()
+
+
+def test_batch_rejects_bad_future_rows_and_commits_once(bundle: Path, expected: pd.DataFrame,
+                                                       tmp_path: Path) -> None:
+    """Check that batch forecasts a CSV of future rows, rejects the rows of an unknown
+    series and of a past week with their codes, and a rerun commits nothing twice."""
+    rows = _future_rows(expected)
+    bad = pd.DataFrame({"store": [42, 1], "brand": ["tropicana", "tropicana"], "week": [200, 1]})
+    frame = pd.concat([rows, bad], ignore_index=True)
+    source = tmp_path / "rows.csv"
+    frame.to_csv(source, index=False)
+    first = score_batch(bundle, source, tmp_path / "out")
+    assert (first.rows_scored, first.rows_rejected) == (len(rows), 2)
+    again = score_batch(bundle, source, tmp_path / "out")
+    assert again.rows_this_run == 0 and again.pieces_committed == 0
+    assert (again.rows_scored, again.pieces_skipped) == (len(rows), first.pieces_committed)
+    scored = pq.read_table(tmp_path / "out" / "predictions").to_pandas()
+    assert len(scored) == len(rows)
+    np.testing.assert_allclose(scored.sort_values("row_number")["prediction"],
+                               _want(expected, rows), rtol=RTOL)
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pandas()
+    codes = dict(zip(rejected["row_number"], rejected["code"].astype(str), strict=True))
+    assert codes == {len(rows): "segment_not_found", len(rows) + 1: "input_schema"}
+
+
+IMPORT_PROBE = """
+import json, sys, threading, time, httpx, uvicorn
+from manymodels.serve import ServeSettings, create_app
+from manymodels.serve.server import uvicorn_options
+settings = ServeSettings(bundle=sys.argv[1], port=int(sys.argv[2]))
+server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
+threading.Thread(target=server.run, daemon=True).start()
+while not server.started:
+    time.sleep(0.05)
+url = f"http://127.0.0.1:{sys.argv[2]}"
+assert httpx.post(url + "/forecast", json={"horizon": 3}).status_code == 200
+rows = [{"store": 1, "brand": "tropicana", "week": int(sys.argv[3])}]
+assert httpx.post(url + "/score", json={"data": rows}).status_code == 200
+assert httpx.post(url + "/invocations", json={"dataframe_records": rows}).status_code == 200
+from manymodels.batch import score_batch
+score_batch(sys.argv[1], sys.argv[4], sys.argv[5])
+server.should_exit = True
+banned = ("statsforecast", "numba", "sklearn", "lightgbm", "skl2onnx", "manymodels.forecast",
+          "manymodels.training")
+print(json.dumps([m for m in banned if m in sys.modules]))
+"""
+
+
+def test_serving_a_forecasting_bundle_imports_no_training_library(
+        bundle: Path, expected: pd.DataFrame, tmp_path: Path) -> None:
+    """Check that a process serving forecasts over HTTP and in batch never imports
+    statsforecast, numba, scikit-learn or LightGBM."""
+    from conftest import free_port
+
+    rows = _future_rows(expected)
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    week = int(expected["week"].min())
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(bundle), str(free_port()),
+                           str(week), str(tmp_path / "rows.csv"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.fixture(scope="module")
+def azure_server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with azmlinfsrv_serving(tmp_path_factory.mktemp("forecast-azure"), bundle,
+                            "oj-forecast") as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_score_py_under_azmlinfsrv_forecasts(azure_server: str, expected: pd.DataFrame
+                                            ) -> None:
+    """Check score.py under Azure ML's own inference server: future rows and forecast
+    requests answer Bundle.forecast's numbers; bad ones are JSON errors with a 4xx."""
+    rows = _future_rows(expected)
+    reply = httpx.post(f"{azure_server}/score", json={"data": _records(rows)}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(reply.json()["predictions"], _want(expected, rows), rtol=RTOL)
+    reply = httpx.post(f"{azure_server}/score", json={"horizon": 6}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    table = pd.DataFrame(reply.json()["forecasts"])
+    np.testing.assert_allclose(table["forecast"], expected["forecast"], rtol=RTOL)
+    assert list(table["method"]) == list(expected["method"])
+    unknown = httpx.post(f"{azure_server}/score",
+                         json={"segment": {"store": 9, "brand": "x"}}, timeout=60)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "segment_not_found"
+    past = httpx.post(f"{azure_server}/score",
+                      json={"data": [{"store": 1, "brand": "tropicana", "week": 2}]}, timeout=60)
+    assert past.status_code == 400
+    assert past.json()["error"]["code"] == "input_schema"
+
+
+def test_manymodels_serve_answers_forecasts_in_its_own_process(bundle: Path,
+                                                               expected: pd.DataFrame) -> None:
+    """Check `manymodels serve` (a separate process) answers /forecast as in-process."""
+    command = [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", "{port}"]
+    with answering(command, "/ping", "manymodels serve") as url:
+        reply = httpx.post(f"{url}/forecast", json={"horizon": 6}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        table = pd.DataFrame(reply.json()["forecasts"])
+        np.testing.assert_allclose(table["forecast"], expected["forecast"], rtol=RTOL)
