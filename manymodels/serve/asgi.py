@@ -40,10 +40,9 @@ def deployment_of(request: Request) -> Deployment:
 class ManyModelsAPI(FastAPI):
     """FastAPI with a deployment chosen per request and a fast lane for the hot routes.
 
-    ``POST /score``, ``POST /v2/models/{name}/infer`` and the key-carrying routes
-    ``POST /models/{name}/score`` and ``POST /segments/score``, and ``POST /forecast``, are
-    answered straight from the
-    ASGI call: same body checks, same data plane, same error table as the declared
+    ``POST /score``, ``POST /v2/models/{name}/infer``, ``POST /forecast`` and the
+    key-carrying routes ``POST /models/{name}/score`` and ``POST /segments/score`` are
+    answered straight from the ASGI call: same body checks, same data plane, same error table as the declared
     routes (which stay, for the OpenAPI page and for any caller that mounts the router),
     but without routing, dependency solving and the middleware stack, which cost about
     50 µs per request, four times the scoring itself. Every other route goes through
