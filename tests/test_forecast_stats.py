@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import warnings
@@ -264,6 +265,24 @@ def test_panel_fits_every_method_and_skips_what_cannot_fit() -> None:
     assert "ets" not in fits[2] and "theta" in fits[2] and "naive" in fits[2]
     with pytest.raises(DataError, match="at least 7"):
         fit_stats_panel(ys, ["ets"], 12, on_error="raise")
+
+
+def test_fitted_models_travel_between_processes() -> None:
+    """Check that a FittedStat pickles (workers return them) and forecasts the same after."""
+    fitted = fit_stat(series_mad_m(), "ets", 12)
+    back = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(back.forecast(H), fitted.forecast(H))
+    assert back.to_onnx() == fitted.to_onnx()
+
+
+def test_theta_forward_drops_the_fallback_once_two_seasons_are_there() -> None:
+    """Check that a short Theta fit moved to a long enough history may deseasonalise."""
+    y = series_mad_m()
+    short = fit_stat(y[:20], "theta", 12)
+    assert short.fallback and short.fitted_form == "Theta"
+    moved = short.forward(y)
+    assert moved.fallback is None and moved.fitted_form == "Theta+season(M,12)"
+    assert relative_gap(moved, y) <= TOLERANCE
 
 
 def test_backtest_refits_at_each_cutoff() -> None:

@@ -5,17 +5,14 @@ reimplemented here); :class:`FittedStat` keeps the fitted model for its native f
 and reads the fitted parameters and final state out of it for the closed-form ONNX graph
 of :mod:`manymodels.forecast.stats_onnx`, so serving needs numpy and onnxruntime only.
 
-========================  ==========================================================
-method                    statsforecast model
-========================  ==========================================================
-``seasonal_naive``        ``SeasonalNaive(season_length)``
-``naive``                 ``Naive()``
-``drift``                 ``RandomWalkWithDrift()``
-``ets``                   ``AutoETS(season_length)`` (picks error, trend, damping, season)
-``theta``                 ``Theta(season_length)`` (standard theta, classical
-                          multiplicative decomposition when the seasonality test passes)
-``croston``               ``CrostonOptimized()`` (intermittent demand)
-========================  ==========================================================
+| method | statsforecast model |
+|---|---|
+| `seasonal_naive` | `SeasonalNaive(season_length)` |
+| `naive` | `Naive()` |
+| `drift` | `RandomWalkWithDrift()` |
+| `ets` | `AutoETS(season_length)`: picks error, trend, damping and season by AICc |
+| `theta` | `Theta(season_length)`: standard theta, deseasonalised when its test finds a season |
+| `croston` | `CrostonOptimized()`: intermittent demand |
 
 A series too short for its season is fitted in a non-seasonal form and the reason is
 kept in :attr:`FittedStat.fallback`: seasonal naive needs one full season, ETS and Theta
@@ -135,6 +132,7 @@ class FittedStat:
             raise DataError(f"FittedStat.forward: y_new has {y.size} points; {self.method} "
                             f"needs at least {_MIN_LENGTH[self.method]}")
         moved = copy.copy(self.model)
+        # statsforecast's forward filters, imported here for the reason _sf_models gives
         try:
             if self.method == "ets":
                 from statsforecast.ets import ets_f
@@ -151,8 +149,11 @@ class FittedStat:
             raise TrainingError(f"FittedStat.forward: statsforecast could not move the "
                                 f"{self.fitted_form} model to the new series: {exc}") from exc
         moved.model_ = state
-        form = _theta_form(state) if self.method == "theta" else self.fitted_form
-        return replace(self, model=moved, n_obs=int(y.size), fitted_form=form)
+        if self.method == "ets":  # the form is kept: a non-seasonal fallback stays one
+            return replace(self, model=moved, n_obs=int(y.size))
+        return replace(self, model=moved, n_obs=int(y.size), fitted_form=_theta_form(state),
+                       fallback=_short_for_season(int(y.size), self.season_length,
+                                                  "not deseasonalised"))
 
 
 def fit_stat(y: np.ndarray, method: str, season_length: int) -> FittedStat:
@@ -206,17 +207,11 @@ def _fit(y: np.ndarray, method: str, m: int) -> FittedStat:
             else:
                 model, form = models.RandomWalkWithDrift().fit(y), "RandomWalkWithDrift"
         elif method == "ets":
-            m_fit = m
-            if m > 1 and n < 2 * m:
-                fallback = (f"series of {n} points is shorter than two seasons ({2 * m}): "
-                            f"non-seasonal ETS")
-                m_fit = 1
-            model = models.AutoETS(season_length=m_fit).fit(y)
+            fallback = _short_for_season(n, m, "non-seasonal ETS")
+            model = models.AutoETS(season_length=1 if fallback else m).fit(y)
             form = _ets_form(model.model_)
         elif method == "theta":
-            if m > 1 and n < 2 * m:
-                fallback = (f"series of {n} points is shorter than two seasons ({2 * m}): "
-                            f"not deseasonalised")
+            fallback = _short_for_season(n, m, "not deseasonalised")
             model = models.Theta(season_length=m).fit(y)
             form = _theta_form(model.model_)
         else:
@@ -319,6 +314,13 @@ def backtest_stat(
     for row, c in enumerate(origins):
         out[row] = _fit(series[:c], method, int(season_length)).forecast(h)
     return out
+
+
+def _short_for_season(n: int, m: int, what: str) -> str | None:
+    """ETS and Theta estimate a season from two full ones at least."""
+    if m > 1 and n < 2 * m:
+        return f"series of {n} points is shorter than two seasons ({2 * m}): {what}"
+    return None
 
 
 def _ets_form(state: dict[str, Any]) -> str:
