@@ -37,6 +37,7 @@ PYTHON_MODULES = [
     "manymodels.storage",
     "manymodels.export",
     "manymodels.forecast",
+    "manymodels.forecast.stats",
     "manymodels.batch",
     "manymodels.serve",
     "manymodels.client",

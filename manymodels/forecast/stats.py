@@ -1,9 +1,9 @@
 """Statistical forecasting candidates: fitted by statsforecast, served as ONNX graphs.
 
 Each method is fitted by statsforecast's own model class (no estimation is
-reimplemented here); :class:`FittedStat` keeps the fitted model for its native forecast
+reimplemented here); `FittedStat` keeps the fitted model for its native forecast
 and reads the fitted parameters and final state out of it for the closed-form ONNX graph
-of :mod:`manymodels.forecast.stats_onnx`, so serving needs numpy and onnxruntime only.
+of `manymodels.forecast.stats_onnx`, so serving needs numpy and onnxruntime only.
 
 | method | statsforecast model |
 |---|---|
@@ -15,7 +15,7 @@ of :mod:`manymodels.forecast.stats_onnx`, so serving needs numpy and onnxruntime
 | `croston` | `CrostonOptimized()`: intermittent demand |
 
 A series too short for its season is fitted in a non-seasonal form and the reason is
-kept in :attr:`FittedStat.fallback`: seasonal naive needs one full season, ETS and Theta
+kept in `FittedStat.fallback`: seasonal naive needs one full season, ETS and Theta
 two (Theta's seasonality test needs them anyway).
 """
 
@@ -65,7 +65,7 @@ class FittedStat:
     Attributes
     ----------
     method : str
-        One of :data:`STAT_METHODS`.
+        One of `STAT_METHODS`.
     season_length : int
         The season length asked for.
     fitted_form : str
@@ -123,7 +123,7 @@ class FittedStat:
         ETS and Theta go through statsforecast's forward filter (same parameters and
         initial state, state rerun over ``y_new``); the other methods have no estimated
         parameters to keep (or statsforecast has no forward for them) and are refitted
-        on ``y_new``, see :data:`FORWARD_KEEPS_PARAMETERS`.
+        on ``y_new``, see `FORWARD_KEEPS_PARAMETERS`.
         """
         y = _check_series(y_new, "FittedStat.forward")
         if self.method not in FORWARD_KEEPS_PARAMETERS:
@@ -164,7 +164,7 @@ def fit_stat(y: np.ndarray, method: str, season_length: int) -> FittedStat:
     y : ndarray of shape (n,)
         The series, oldest first, finite values only.
     method : str
-        One of :data:`STAT_METHODS`.
+        One of `STAT_METHODS`.
     season_length : int
         Periods per season (12 for monthly data, 1 for none).
 
@@ -246,7 +246,7 @@ def fit_stats_panel(
     ys : sequence of ndarray
         The series.
     methods : iterable of str
-        Methods to fit, each one of :data:`STAT_METHODS`.
+        Methods to fit, each one of `STAT_METHODS`.
     season_length : int
         Periods per season, shared by the panel.
     on_error : {"skip", "raise"}

@@ -1,6 +1,6 @@
 """The h-step point forecast of a fitted statistical model as a small ONNX graph.
 
-Every method of :mod:`manymodels.forecast.stats` forecasts in closed form as a trend
+Every method of `manymodels.forecast.stats` forecasts in closed form as a trend
 term combined with a seasonal profile, so one graph builder serves them all and the
 serving side needs only onnxruntime::
 
