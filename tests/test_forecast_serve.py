@@ -338,3 +338,70 @@ def test_manymodels_serve_answers_forecasts_in_its_own_process(bundle: Path,
         assert reply.status_code == 200, reply.text
         table = pd.DataFrame(reply.json()["forecasts"])
         np.testing.assert_allclose(table["forecast"], expected["forecast"], rtol=RTOL)
+
+
+# -- the runtime's hot path against a frozen copy of the code it replaced ------------------
+def _frozen_lag_matrix(z: np.ndarray, spec: Any, rows: Any) -> dict[str, np.ndarray]:
+    """``runtime.forecast.lag_matrix`` before its 2-D fast path (frozen copy)."""
+    from manymodels.runtime.forecast import _take
+
+    out: dict[str, np.ndarray] = {}
+    for k in spec.lags:
+        out[f"lag{k}"] = _take(z, rows - k)
+    for w in spec.rolling:
+        acc = _take(z, rows - 1).copy()
+        for j in range(2, w + 1):
+            acc += _take(z, rows - j)
+        out[f"rolling_mean_{w}"] = acc / w
+    return out
+
+
+def _frozen_onnx_predict(model: Any) -> Any:
+    """``runtime.forecast.onnx_predict`` before it cached string inputs (frozen copy)."""
+    from manymodels.runtime.session import as_string_column
+
+    def predict(columns: Any) -> np.ndarray:
+        feed = {}
+        for name in model.input_names:
+            values = columns[name]
+            feed[name] = (as_string_column(values) if name in model.string_inputs
+                          else np.asarray(values, dtype=np.float32)).reshape(-1, 1)
+        return np.asarray(model.outputs(feed)[0], dtype=np.float64).ravel()
+
+    return predict
+
+
+@pytest.mark.parametrize(("lags", "rolling"), [((1, 2, 3, 4), (4,)), ((1, 12), (3, 12)),
+                                               ((2,), ())])
+def test_lag_matrix_fast_path_equals_the_frozen_copy(lags: tuple[int, ...],
+                                                     rolling: tuple[int, ...]) -> None:
+    """Check that the 2-D (recursion step) path of lag_matrix gives bit-identical
+    features, NaN-padded short series and columns before the window included."""
+    from manymodels.runtime.forecast import FeatureSpec, lag_matrix
+
+    spec = FeatureSpec(lags, rolling, 12, (), 1, True)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 30))
+    z[1, :20] = np.nan
+    for col in range(0, 30):
+        new, old = lag_matrix(z, spec, np.asarray(col)), _frozen_lag_matrix(z, spec,
+                                                                            np.asarray(col))
+        assert list(new) == list(old)
+        for name in old:
+            np.testing.assert_array_equal(new[name], old[name], err_msg=f"{name} at {col}")
+
+
+def test_forecasts_equal_the_frozen_hot_path(bundle: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that Bundle.forecast gives exactly what the frozen lag_matrix and
+    onnx_predict give, for every series and for subsets (string-input cache reused)."""
+    import manymodels.runtime.forecast as runtime_forecast
+
+    opened = Bundle(bundle)
+    new = [opened.forecast(12), opened.forecast(5, keys=[opened.forecaster.keys[1]])]
+    monkeypatch.setattr(runtime_forecast, "lag_matrix", _frozen_lag_matrix)
+    monkeypatch.setattr(runtime_forecast, "onnx_predict", _frozen_onnx_predict)
+    frozen = Bundle(bundle)
+    old = [frozen.forecast(12), frozen.forecast(5, keys=[frozen.forecaster.keys[1]])]
+    for a, b in zip(new, old, strict=True):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)

@@ -141,6 +141,8 @@ def lag_matrix(z: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> dict[str, 
     time, so both see exactly the same features. ``z`` is 1-D (one series) or 2-D
     (series × time, ``rows`` then a column index broadcast over series).
     """
+    if z.ndim == 2:
+        return _lag_columns(z, spec, int(rows))
     out: dict[str, np.ndarray] = {}
     for k in spec.lags:
         out[f"lag{k}"] = _take(z, rows - k)
@@ -150,6 +152,34 @@ def lag_matrix(z: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> dict[str, 
             acc += _take(z, rows - j)
         out[f"rolling_mean_{w}"] = acc / w
     return out
+
+
+def _lag_columns(z: np.ndarray, spec: FeatureSpec, col: int) -> dict[str, np.ndarray]:
+    """:func:`lag_matrix` of a series × time grid at one column (a recursion step): the
+    same values by the same operations, with plain integer indexing."""
+    n = z.shape[0]
+    out: dict[str, np.ndarray] = {}
+    for k, name in zip(spec.lags, _names(spec)[0], strict=True):
+        out[name] = z[:, col - k] if col >= k else np.full(n, np.nan)
+    for w, name in zip(spec.rolling, _names(spec)[1], strict=True):
+        acc = z[:, col - 1].copy() if col >= 1 else np.full(n, np.nan)
+        for j in range(2, w + 1):
+            acc += z[:, col - j] if col >= j else np.full(n, np.nan)
+        out[name] = acc / w
+    return out
+
+
+_NAMES: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[str], list[str]]] = {}
+
+
+def _names(spec: FeatureSpec) -> tuple[list[str], list[str]]:
+    """The lag and rolling feature names of ``spec`` (built once per spec)."""
+    key = (spec.lags, spec.rolling)
+    found = _NAMES.get(key)
+    if found is None:
+        found = _NAMES[key] = ([f"lag{k}" for k in spec.lags],
+                               [f"rolling_mean_{w}" for w in spec.rolling])
+    return found
 
 
 def _take(z: np.ndarray, idx: np.ndarray | int) -> np.ndarray:
@@ -247,13 +277,20 @@ def onnx_predict(model: LoadedModel) -> Predict:
     """A :data:`Predict` over a loaded ONNX lag model (float32 numeric, string keys)."""
     names = model.input_names
     strings = model.string_inputs
+    converted: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the last string input seen
 
     def predict(columns: Mapping[str, np.ndarray]) -> np.ndarray:
         feed = {}
         for name in names:
             values = columns[name]
-            feed[name] = (as_string_column(values) if name in strings
-                          else np.asarray(values, dtype=np.float32)).reshape(-1, 1)
+            if name in strings:
+                # a recursion passes the same static key array at every step: convert once
+                hit = converted.get(name)
+                if hit is None or hit[0] is not values:
+                    hit = converted[name] = (values, as_string_column(values).reshape(-1, 1))
+                feed[name] = hit[1]
+            else:
+                feed[name] = np.asarray(values, dtype=np.float32).reshape(-1, 1)
         return np.asarray(model.outputs(feed)[0], dtype=np.float64).ravel()
 
     return predict
