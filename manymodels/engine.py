@@ -237,7 +237,11 @@ def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], c
     if backend in ("loky", "threading"):
         if backend == "loky":
             _use_fork_server(workers)
-        parallel = joblib.Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered")
+        # max_nbytes=None: arguments are pickled, never memory-mapped into /dev/shm. A
+        # big job (the global model's rows) would otherwise be memory-mapped, and loky's
+        # resource tracker prints KeyError tracebacks for those files, even under --quiet.
+        parallel = joblib.Parallel(n_jobs=workers, backend=backend,
+                                   return_as="generator_unordered", max_nbytes=None)
         for done in parallel(calls):
             collect(done)
         return results

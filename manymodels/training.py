@@ -193,7 +193,8 @@ def _holdout_slices(results: dict[str, FitResult], jobs: dict[str, FitJob]
     """
     out: dict[str, dict[int, np.ndarray]] = {}
     for name, job in jobs.items():
-        if job.segment_of_row is None or results[name].status != "ok":
+        res = results.get(name)  # a retrain skips a shared model nothing needs
+        if job.segment_of_row is None or res is None or res.status != "ok":
             continue
         owners = job.segment_of_row[job.holdout]
         order = np.argsort(owners, kind="stable")
@@ -422,9 +423,7 @@ def _model_entry(res: FitResult, trainer: TrainerSpec, seg_cols: list[str], job:
 
 def _staging_dir(final_dir: Path) -> Path:
     """A hidden sibling of the run directory; private until renamed into place."""
-    staging = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
-    (staging / "models").mkdir(parents=True)
-    return staging
+    return final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
 
 
 def _write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: set[str],
@@ -657,6 +656,7 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(run_dir)
     try:
+        (staging / "models").mkdir(parents=True)
         results = _run_jobs(to_fit, context, workers, backend, scheduler, progress,
                             on_progress, staging / "models",
                             record=None if reuse is None else reuse.record)
@@ -804,7 +804,7 @@ def _manifest(run_id: str, rows: list[dict[str, Any]], results: dict[str, FitRes
             routes.append(route)
             used.add(row["model"])
     for name, (level, values) in layout["pools"].items():
-        if results[name].status == "ok":
+        if name in results and results[name].status == "ok":
             routes.append({"level": level, "key": list(values), "model": name})
             used.add(name)
     models = {name: _model_entry(results[name], trainer, seg_cols, jobs[name]) for name in

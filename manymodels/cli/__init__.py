@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 
 import typer
@@ -95,9 +96,14 @@ def main() -> None:
     from manymodels.engine import SHARED_IMPORTS
 
     SHARED_IMPORTS["enabled"] = _started_as_manymodels()
+    signal.signal(signal.SIGTERM, _stop)
     try:
         app(prog_name="manymodels")
+    except KeyboardInterrupt:
+        _stopped()
     except SystemExit as exc:
+        if exc.code == 130:  # Typer's answer to Ctrl-C (and to SIGTERM, see _stop)
+            _stopped()
         if batch.QUICK_EXIT["ok"] and exc.code in (0, None):
             _quick_exit()
         raise
@@ -114,6 +120,20 @@ def main() -> None:
             from manymodels.engine import stop_workers
 
             stop_workers()
+
+
+def _stopped() -> None:
+    """One line and exit 130; every ``finally`` on the way removed what was half-written
+    (a run's hidden staging directory, a retrain's attempt)."""
+    Console(stderr=True).print("[bold red]stopped[/]: nothing half-written was left behind",
+                               highlight=False)
+    sys.exit(130)
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends a command like Ctrl-C does: by an
+    exception, so every ``finally`` removes what the command had half-written."""
+    raise KeyboardInterrupt
 
 
 def _started_as_manymodels() -> bool:

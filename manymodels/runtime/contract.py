@@ -17,9 +17,10 @@ boolean                    refused in a numeric column (``not_numeric``)
 other text, list, object   refused (``not_numeric`` / ``not_a_string``)
 ``±inf``, ``"inf"``        refused (``not_finite``)
 beyond float32 (``1e39``)  refused, column named (``float32_overflow``)
-null, NaN, ``""``          scored if the model accepts missing values, filled with the
-                           training median if it was trained with ``missing: impute``,
-                           else refused (``missing_value``)
+null, NaN, ``""``          numeric input: scored if the model accepts missing values,
+                           filled with the training median if it was trained with
+                           ``missing: impute``, else refused (``missing_value``); text
+                           input: the missing category (as in training), never refused
 null / ``""`` segment key  refused (``null_segment_key``); list/object key
                            (``bad_segment_key``); no model and no fallback
                            (``segment_not_found``)
@@ -420,17 +421,19 @@ def _take(values: Any, rows: np.ndarray | None) -> Any:
 
 def _string_refusals(values: Any, rows: np.ndarray | None, column: str, entry: ModelEntry
                      ) -> list[Refusal]:
-    """Refusals of a string input on the rows of one model (only those rows are read)."""
+    """Refusals of a string input on the rows of one model (only those rows are read).
+
+    A null is not refused: it is the missing category (``MISSING_CATEGORY``), which the
+    model learned where its training rows had gaps in that column.
+    """
     _, codes = string_column(_take(values, rows))
-    if codes is None:
+    if codes is None or not (codes == _NOT_A_STRING).any():
         return []
-    out = []
-    nulls = np.flatnonzero(codes == _NULL)
-    if len(nulls):
-        out.append(Refusal(MISSING_VALUE, f"column {column} is null; model {entry.name} does "
-                           f"not accept missing values", nulls if rows is None else rows[nulls],
-                           column))
-    return out + _value_refusals(codes, rows, column, entry, {})
+    found = _value_refusals(codes, None, column, entry, {})
+    if rows is not None:  # positions within the taken rows -> positions in the table
+        for refusal in found:
+            refusal.rows = rows[refusal.rows]
+    return found
 
 
 def check_inputs(columns: Mapping[str, Any], n: int,

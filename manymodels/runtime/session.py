@@ -21,6 +21,7 @@ from .errors import InputSchemaError, ModelLoadError
 from .manifest import ModelEntry
 
 __all__ = [
+    "MISSING_CATEGORY",
     "LoadedModel",
     "SessionCache",
     "estimate_resident_bytes",
@@ -33,6 +34,8 @@ __all__ = [
 #: "Memory per session").
 SESSION_BASE_BYTES = 75_000
 SESSION_BYTES_PER_FILE_BYTE = 7.0
+#: What a null in a text input is fed as (training and scoring alike): its own category.
+MISSING_CATEGORY = ""
 
 
 def make_session_options(optimisation: str = "basic") -> ort.SessionOptions:
@@ -64,21 +67,37 @@ def estimate_resident_bytes(file_bytes: int) -> int:
     return int(SESSION_BASE_BYTES + SESSION_BYTES_PER_FILE_BYTE * file_bytes)
 
 
+def _text_of(value: Any) -> str:
+    """One value of a text input; null, NaN and pandas' NA/NaT are the missing category."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and value != value):
+        return MISSING_CATEGORY
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing scalars
+        return MISSING_CATEGORY
+    return str(value)
+
+
 def as_string_column(values: Any) -> np.ndarray:
-    """Values as an ONNX string column; integral numbers lose their ``.0`` like keys do."""
+    """Values as an ONNX string column; integral numbers lose their ``.0`` like keys do.
+
+    Null, NaN and ``""`` all become :data:`MISSING_CATEGORY`, in training and in every
+    scoring path alike, so a model trained on a text column with gaps scores gaps as the
+    category it learned for them (and as an unseen category, all zeros, otherwise).
+    """
     arr = np.asarray(values)
     if arr.dtype.kind == "f":
         out = np.empty(arr.shape, dtype=object)
         integral = np.isfinite(arr) & (arr == np.round(arr))
         out[integral] = arr[integral].astype(np.int64).astype(str)
         out[~integral] = arr[~integral].astype(str)
+        out[np.isnan(arr)] = MISSING_CATEGORY
         return out
     if arr.dtype.kind in "iub":
         return arr.astype(str).astype(object)
     if arr.dtype.kind in "US":
         return arr.astype(object)
-    return np.array([v if isinstance(v, str) else str(v) for v in arr.ravel()],
-                    dtype=object).reshape(arr.shape)
+    return np.array([_text_of(v) for v in arr.ravel()], dtype=object).reshape(arr.shape)
 
 
 def as_float_column(values: Any, column: str, model: LoadedModel) -> np.ndarray:
