@@ -42,7 +42,7 @@ table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .scroll{max-height:520px;overflow:auto}
 .note{color:#57606a;font-size:13px}.bad{color:#cf222e}.good{color:#1a7f37}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
 """
 
 # Sort a table by the clicked column: numbers numerically, the rest as text; blanks last.
