@@ -26,11 +26,14 @@ def report(
     monitor: Annotated[Path | None, typer.Option(
         help="`manymodels monitor` JSON output to include (default: monitor.json in the "
              "directory when present)")] = None,
+    series: Annotated[int, typer.Option(
+        min=0, help="Forecasting runs: series whose plots (history, backtests, forecast) are "
+                    "embedded, the first in the run's order")] = 200,
 ) -> None:
     """Write one self-contained HTML report (opens offline) of a training run or bundle."""
     from manymodels.report import build_report
 
-    path = build_report(source, out, monitor)
+    path = build_report(source, out, monitor, series)
     Console().print(f"report: {path}", highlight=False, soft_wrap=True)
 
 

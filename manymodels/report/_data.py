@@ -21,7 +21,15 @@ import pandas as pd
 from manymodels.errors import BundleError, DataError
 from manymodels.runtime import MANIFEST_FILE
 
-__all__ = ["REPORT_FILE", "ReportData", "load_monitor", "load_report_data", "monitor_records"]
+from ._forecast_data import (
+    SERIES_LIMIT,
+    ForecastEvidence,
+    load_forecast_evidence,
+    segments_from_forecast_manifest,
+)
+
+__all__ = ["REPORT_FILE", "SERIES_LIMIT", "ReportData", "load_monitor", "load_report_data",
+           "monitor_records"]
 
 #: Per-segment training report inside a run directory (and copied into bundles).
 REPORT_FILE = "report.parquet"
@@ -39,6 +47,12 @@ class ReportData:
     monitor: dict[str, Any] | None = None
     monitor_from: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: a forecasting run's plotted series (``None`` for other runs)
+    forecast: ForecastEvidence | None = None
+
+    @property
+    def is_forecast(self) -> bool:
+        return self.manifest.get("task") == "forecast"
 
     @property
     def kind(self) -> str:
@@ -138,6 +152,8 @@ def _read_segments(root: Path, manifest: dict[str, Any]) -> tuple[pd.DataFrame, 
                 return pd.read_parquet(path), str(path)
             except (OSError, ValueError) as exc:
                 raise BundleError(f"{path} cannot be read as Parquet: {exc}") from exc
+    if manifest.get("task") == "forecast":
+        return segments_from_forecast_manifest(manifest), "the manifest's forecast routes"
     return segments_from_manifest(manifest), "the manifest's routing table"
 
 
@@ -192,15 +208,20 @@ MONITOR_FILES = ("monitor.json", "monitor/latest.json")
 
 
 def load_report_data(source: str | os.PathLike[str],
-                     monitor: str | os.PathLike[str] | None = None) -> ReportData:
+                     monitor: str | os.PathLike[str] | None = None,
+                     series: int = SERIES_LIMIT) -> ReportData:
     """Read a run or bundle (directory or ``models:/`` URI) and optional monitor output.
 
-    Without ``monitor``, a ``monitor.json`` inside the directory is used when present.
+    Without ``monitor``, a ``monitor.json`` inside the directory is used when present. For
+    a forecasting run, the first ``series`` series are read for plotting, with their
+    forecast.
     """
     root = _local_dir(source)
     manifest = _read_manifest_json(root)
     segments, segments_from = _read_segments(root, manifest)
     data = ReportData(root, manifest, segments, segments_from)
+    if data.is_forecast:
+        data.forecast = load_forecast_evidence(root, manifest, segments, series)
     monitor_path = Path(monitor) if monitor is not None else next(
         (root / name for name in MONITOR_FILES if (root / name).is_file()), None)
     if monitor_path is not None:

@@ -8,7 +8,7 @@ HTML table sorted by a few lines of inline script; nothing else runs in the page
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -17,7 +17,7 @@ from manymodels.monitor.accuracy import higher_is_better
 
 from ._data import ReportData, monitor_records
 
-__all__ = ["LEADERBOARD_LIMIT", "render_html"]
+__all__ = ["LEADERBOARD_LIMIT", "SECTIONS", "render_page"]
 
 #: Rows shown in the leaderboard table; past this the worst segments by metric are shown.
 LEADERBOARD_LIMIT = 5000
@@ -43,6 +43,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .scroll{max-height:520px;overflow:auto}
 .note{color:#57606a;font-size:13px}.bad{color:#cf222e}.good{color:#1a7f37}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
+td.best{font-weight:700;color:#1a7f37}#errors-table tbody tr[data-series]{cursor:pointer}
+.picker{display:flex;align-items:center;gap:6px;margin:8px 0}.picker select{min-width:260px}
 """
 
 # Sort a table by the clicked column: numbers numerically, the rest as text; blanks last.
@@ -383,11 +385,12 @@ SECTIONS = (_summary_section, _leaderboard_section, _metric_distribution_section
             _monitor_section)
 
 
-def render_html(data: ReportData) -> str:
+def render_page(data: ReportData, sections: Sequence[Callable[[ReportData], str]],
+                script: str = "") -> str:
     """The whole page as one string: plotly.js inline once, then every section."""
     from plotly.offline import get_plotlyjs
 
-    body = "".join(section(data) for section in SECTIONS)
+    body = "".join(section(data) for section in sections)
     created = data.manifest.get("created_at", "")
     subtitle = (f"{_esc(data.kind)} · created {_esc(created)} · {len(data.segments):,} segments · "
                 f"{_esc(data.source)}")
@@ -397,5 +400,5 @@ def render_html(data: ReportData) -> str:
         f"<title>manymodels report: {_esc(data.title)}</title><style>{_STYLE}</style>"
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
         f"<header><h1>manymodels report: {_esc(data.title)}</h1><p>{subtitle}</p></header>"
-        f"<main>{body}</main><script>{_SORT_SCRIPT}</script></body></html>"
+        f"<main>{body}</main><script>{_SORT_SCRIPT}{script}</script></body></html>"
     )
