@@ -11,10 +11,11 @@ from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ["01_explore_segments", "02_train_and_compare", "03_package_serve_score"]
+EXPECTED = ["01_explore_segments", "02_train_and_compare", "03_package_serve_score",
+            "04_forecast"]
 
 
-def test_the_three_notebooks_are_paired_with_percent_scripts() -> None:
+def test_the_notebooks_are_paired_with_percent_scripts() -> None:
     """Check that each notebook has its .py twin and both hold the same cells."""
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
     for path in NOTEBOOKS:
