@@ -229,3 +229,29 @@ def test_forecast_report_in_headless_chromium(page: Path, forecast_run: Path) ->
         assert tab.failed_requests() == []
     finally:
         browser.close()
+
+
+def test_a_run_needing_future_covariates_reports_why_no_forecast_is_plotted(
+        tmp_path: Path) -> None:
+    """Check that a known-future covariate run still reports its backtests and names why
+    the forecast is missing (it needs the covariate's future values)."""
+    from manymodels.training import train
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame([{"item": item, "month": month, "price": 2 + rng.normal(0, 0.1),
+                           "sales": 40 + 5 * k + t * 0.3 + rng.normal(0, 1)}
+                          for k, item in enumerate("ab")
+                          for t, month in enumerate(pd.date_range("2020-01-01", periods=40,
+                                                                  freq="MS"))])
+    trainer = {"target": "sales", "task": "forecast", "time_column": "month", "horizon": 4,
+               "candidates": [{"algorithm": "ridge", "params": {"alpha": 1.0}}],
+               "forecast": {"n_windows": 1, "known_future": ["price"], "methods": ["naive"]}}
+    run = Path(train(frame, segmenter={"columns": ["item"], "min_rows": 10}, trainer=trainer,
+                     out=tmp_path, run_id="covariates", track=False).run_dir)
+    html = build_report(run, tmp_path / "covariates.html").read_text()
+    assert "forecast not shown:" in html and "price" in html
+    series = embedded(html)["series"]
+    assert [s["forecast"]["y"] for s in series] == [[], []]
+    assert all(s["backtests"] and len([t for t in s["backtests"]["t"] if t]) == 4
+               for s in series)
+    assert series[0]["history"]["t"][0].startswith("20")  # dates as ISO text for plotly
