@@ -408,6 +408,8 @@ class _Final:
             "data_window": {"column": panel.time_column, "min": _plain_time(times.min()),
                             "max": _plain_time(times.max())},
             "metric": self.trainer.metric, "summary": summary,
+            "specs": {"segmenter": self.segmenter.model_dump(mode="json"),
+                      "trainer": self.trainer.model_dump(mode="json")},
             "manymodels_version": __version__, "environment": environment,
             "forecast": {
                 "time_column": panel.time_column, "freq": panel.freq, "horizon": h,

@@ -314,6 +314,10 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
         with clock.part("open champion"):
             champion = stack.enter_context(_open_champion(text, uri, throwaway=dry_run))
         raw = champion.bundle.manifest.raw
+        if raw.get("task") == "forecast":
+            raise SpecError(f"{champion.root} is a forecasting bundle: move its origin to new "
+                            f"periods with `manymodels update BUNDLE --data NEW_ROWS`, refit "
+                            f"it with `manymodels train`")
         with clock.part("prepare data"):
             specs = raw.get("specs") or {}
             seg_spec = segmenter if segmenter is not None else specs.get("segmenter")
