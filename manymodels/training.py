@@ -625,7 +625,8 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
         tr_forecast = load_trainer(trainer)
         if tr_forecast.task == "forecast":  # its own stages: lags, backtests, per-series choice
             return train_forecast(data, segmenter, tr_forecast, out=out, run_id=run_id,  # type: ignore[return-value]
-                                  overwrite=overwrite, environment=training_environment())
+                                  overwrite=overwrite, environment=training_environment(),
+                                  jobs=jobs)
     check_parallelism(jobs, backend, scheduler)
     workers = jobs or default_jobs()
     if isinstance(data, PreparedData):

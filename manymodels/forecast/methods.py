@@ -26,7 +26,7 @@ from manymodels.forecast.learners import (
     own_linear_predict,
 )
 from manymodels.forecast.panel import Panel
-from manymodels.forecast.stats import fit_stat
+from manymodels.forecast.stats import FittedStat, fit_stat
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
 __all__ = ["Backtests", "MethodSet", "lag_methods", "run_backtests", "stat_forecasts"]
@@ -54,6 +54,8 @@ class Backtests:
     actual: np.ndarray  # (series, windows, h), NaN where a window is missing
     scale: np.ndarray  # (series, windows) MASE scale from the periods before the cutoff
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Fitted statistical models moved to each series' last period (exported as they are).
+    fitted: dict[str, list[FittedStat | None]] = field(default_factory=dict)
 
     def errors(self, metric: str) -> np.ndarray:
         """(series, methods, windows) errors, NaN where the window is missing."""
@@ -167,7 +169,7 @@ def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.nd
 
 
 def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,
-                  seed: int) -> Backtests:
+                  seed: int, jobs: int = 1) -> Backtests:
     """Every method on every window; cutoffs (windows, series) with -1 for missing."""
     import time
 
@@ -176,6 +178,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
     scale = np.full((n, windows), np.nan)
     forecasts = {label: np.full((n, windows, h), np.nan) for label in methods.labels}
     seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
+    fitted: dict[str, list[FittedStat | None]] = {}
     for w in range(windows):
         members = [i for i in range(n) if cuts[w, i] > 0]
         cut = np.where(cuts[w] > 0, cuts[w], 0)
@@ -195,32 +198,60 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             seconds[method.label] += time.perf_counter() - started
     for label in methods.stats:
         started = time.perf_counter()
-        forecasts[label] = _stat_backtest(panel, label, cuts, h)
+        forecasts[label], fitted[label] = _stat_backtest(panel, label, cuts, h, jobs)
         seconds[label] += time.perf_counter() - started
-    return Backtests(methods.labels, forecasts, actual, scale, seconds)
+    return Backtests(methods.labels, forecasts, actual, scale, seconds, fitted)
 
 
-def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int) -> np.ndarray:
-    """(series, windows, h) forecasts of a fitted method.
+def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int
+                   ) -> tuple[np.ndarray, list[FittedStat | None]]:
+    """(series, windows, h) forecasts of a fitted method, and each series' fitted model.
 
-    Parameters are estimated once, at each series' first window, and carried through the
-    later windows by statsforecast's forward filter (``refit=False`` in statsforecast's
-    and mlforecast's cross-validation): no window sees parameters estimated on its own
-    future, and a series costs one fit instead of one per window. The exported model is
-    refitted on every period.
+    Parameters are estimated once per series, at its first window, and carried through
+    the later windows and to its last period by statsforecast's forward filter
+    (``refit=False`` in statsforecast's and mlforecast's cross-validation): no window sees
+    parameters estimated on its own future, and a series costs one fit, not one per
+    window. Chunks of series run in ``jobs`` worker processes.
     """
     windows, n = cuts.shape
+    chunks = [list(range(n))[k::max(jobs * 4, 1)] for k in range(max(jobs * 4, 1))]
+    chunks = [c for c in chunks if c]
+    work = [([panel.y[i] for i in c], cuts[:, c]) for c in chunks]
+    if jobs > 1 and n > 1:
+        from joblib import Parallel, delayed
+
+        done = Parallel(n_jobs=jobs, backend="loky")(
+            delayed(_stat_chunk)(ys, cut, method, panel.season_length, h) for ys, cut in work)
+    else:
+        done = [_stat_chunk(ys, cut, method, panel.season_length, h) for ys, cut in work]
     out = np.full((n, windows, h), np.nan)
-    for i in range(n):
+    fitted: list[FittedStat | None] = [None] * n
+    for chunk, (values, fits) in zip(chunks, done, strict=True):
+        out[chunk] = values
+        for i, fit in zip(chunk, fits, strict=True):
+            fitted[i] = fit
+    return out, fitted
+
+
+def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: int
+                ) -> tuple[np.ndarray, list[FittedStat | None]]:
+    windows = cuts.shape[0]
+    out = np.full((len(ys), windows, h), np.nan)
+    finals: list[FittedStat | None] = []
+    for r, y in enumerate(ys):
         fitted = None
         for w in range(windows):
-            c = int(cuts[w, i])
+            c = int(cuts[w, r])
             if c <= 0:
                 continue
             try:
-                fitted = (fit_stat(panel.y[i][:c], method, panel.season_length) if fitted is None
-                          else fitted.forward(panel.y[i][:c]))
-                out[i, w] = fitted.forecast(h)
+                fitted = fit_stat(y[:c], method, m) if fitted is None else fitted.forward(y[:c])
+                out[r, w] = fitted.forecast(h)
             except ManyModelsError:
                 fitted = None
-    return out
+        try:
+            fitted = fit_stat(y, method, m) if fitted is None else fitted.forward(y)
+        except ManyModelsError:
+            fitted = None
+        finals.append(fitted)
+    return out, finals

@@ -27,6 +27,7 @@ import yaml
 from manymodels import __version__
 from manymodels.candidates import Candidate, build_candidates, build_pipeline
 from manymodels.data import read_table
+from manymodels.engine import default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
@@ -40,9 +41,15 @@ from manymodels.forecast.evidence import (
 )
 from manymodels.forecast.features import SeriesScale, series_scales, training_rows
 from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
-from manymodels.forecast.methods import MethodSet, groups_of, lag_methods, run_backtests
+from manymodels.forecast.methods import (
+    Backtests,
+    MethodSet,
+    groups_of,
+    lag_methods,
+    run_backtests,
+)
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
-from manymodels.forecast.stats import fit_stat
+from manymodels.forecast.stats import FittedStat
 from manymodels.io import atomic_write_bytes, manifest_json, swap_directory_into_place
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
 from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION, ModelEntry, _parse_model
@@ -117,8 +124,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
                    trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec, *,
                    out: str | os.PathLike[str] = "runs", run_id: str | None = None,
-                   overwrite: bool = False, environment: dict[str, Any] | None = None
-                   ) -> ForecastResult:
+                   overwrite: bool = False, environment: dict[str, Any] | None = None,
+                   jobs: int | None = None) -> ForecastResult:
     """Backtest every method on every series, choose per series, export, write the run."""
     started = time.perf_counter()
     seg_spec, tr_spec = load_segmenter(segmenter), load_trainer(trainer)
@@ -140,7 +147,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     lengths = np.asarray([len(y) for y in panel.y])
     cuts = cutoffs(lengths, h, fc.n_windows, fc.step_size or h,
                    spec.window + spec.differences + 2)
-    backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed)
+    backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed,
+                              jobs=jobs or default_jobs())
     simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run_dir = Path(out) / run_id
@@ -156,7 +164,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         while True:  # a method that does not export is dropped and its series choose again
             choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
             try:
-                routes, fallback = final.export(choices, methods, backtests.labels, errors)
+                routes, fallback = final.export(choices, methods, backtests, errors)
                 break
             except _Unexportable as exc:
                 excluded[(exc.label, exc.series)] = exc.reason
@@ -197,8 +205,9 @@ class _Final:
         self.scales: SeriesScale = series_scales(panel, spec, self.cut)
         self.models: dict[str, dict[str, Any]] = {}
 
-    def export(self, choices: list[Choice], methods: MethodSet, labels: list[str],
+    def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
                errors: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        labels = backtests.labels
         by_label = {m.label: m for m in methods.lag}
         users: dict[str, list[int]] = {}
         for i, choice in enumerate(choices):
@@ -223,7 +232,8 @@ class _Final:
         for label in methods.stats:
             for i in users.get(label, []):
                 try:
-                    files[(label, i)] = self._export_stat(label, i)
+                    files[(label, i)] = self._export_stat(label, i,
+                                                          backtests.fitted[label][i])
                 except ManyModelsError as exc:
                     raise _Unexportable(label, i, str(exc)) from exc
         routes = []
@@ -323,14 +333,15 @@ class _Final:
         self.models[name] = entry
         return name
 
-    def _export_stat(self, method: str, i: int) -> str:
-        """Fit ``method`` to series ``i`` with statsforecast; write its closed-form graph."""
+    def _export_stat(self, method: str, i: int, fitted: FittedStat | None) -> str:
+        """Write series ``i``'s fitted ``method`` (from the backtests) as its graph."""
         key = self.panel.key_texts[i]
         name = (f"{self.trainer.target}__"
                 + "__".join(f"{c}={_safe(v)}" for c, v in zip(self.panel.key_columns, key,
                                                               strict=True)) + f"__{method}")
         y = self.panel.y[i]
-        fitted = fit_stat(y, method, self.panel.season_length)
+        if fitted is None:
+            raise ExportError(f"{method} could not be fitted to series {key}")
         data = fitted.to_onnx()
         path = self.staging / "models" / f"{name}.onnx"
         atomic_write_bytes(path, data)
