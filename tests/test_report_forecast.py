@@ -130,6 +130,21 @@ def test_series_option_embeds_the_first_n_and_the_table_keeps_all(forecast_run: 
     assert SERIES_LIMIT >= len(report)  # the default embeds all of this run
 
 
+def test_names_shared_with_the_training_side_agree() -> None:
+    """Check the file names and the CLI default the report repeats (it imports no training)."""
+    import inspect
+
+    from manymodels.cli.report import report
+    from manymodels.forecast import evidence
+    from manymodels.report import _forecast_data
+
+    assert _forecast_data.BACKTESTS_FILE == evidence.BACKTESTS_FILE
+    assert _forecast_data.HISTORY_FILE == evidence.HISTORY_FILE
+    assert _forecast_data._METHOD_PREFIX == evidence.METHOD_PREFIX
+    assert evidence.CHOSEN_COLUMN == "forecast"  # the column the report plots
+    assert inspect.signature(report).parameters["series"].default == SERIES_LIMIT
+
+
 def test_bundle_report_and_a_bundle_without_its_evidence(forecast_run: Path,
                                                          tmp_path: Path) -> None:
     """Check that a bundle plots as its run does, and one without the files still reports."""
