@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -21,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 from builders import build_bundle, derive_bundle
-from conftest import answering
+from conftest import answering, assert_clean_log
 from test_serve import Running
 
 from manymodels.runtime import Bundle
@@ -534,3 +537,51 @@ def test_single_bundle_keeps_todays_behaviour(bundles: dict[str, Any]) -> None:
         running.stop()
     frame = pd.DataFrame(bundles["rows"])
     assert len(frame) == len(bundles["expected"]["blue"])
+
+
+def _serve_endpoint_file(path: Path, log: Path) -> Any:
+    command = [sys.executable, "-m", "manymodels", "serve", "--endpoint", str(path),
+               "--port", "{port}", "--log-level", "info"]
+    return answering(command, "/ping", "manymodels serve", log=log,
+                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_corrupt_endpoint_file_while_running_and_before_start(bundles: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    """Check that an endpoint file corrupted under a running server changes nothing (the
+    next admin change rewrites it whole), that readiness is 503 while no deployment takes
+    live traffic, and that a truncated, binary or emptied file refuses to start in one
+    line naming the file; no server log holds a traceback."""
+    path = tmp_path / "endpoint.yaml"
+    log = tmp_path / "server.log"
+    first = [sys.executable, "-m", "manymodels", "serve", str(bundles["blue"]), "--endpoint",
+             str(path), "--port", "{port}"]
+    with answering(first, "/v2/health/ready", "manymodels serve", log=tmp_path / "first.log",
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"}):
+        pass
+    good = path.read_text()
+    assert "traffic" in good
+    with _serve_endpoint_file(path, log) as url, httpx.Client(base_url=url, timeout=30) as c:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")  # corrupt under the running server
+        assert c.post("/score", json=one_row(bundles, 0)).status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200
+        assert c.put("/admin/traffic", json={"default": 0}).status_code == 200
+        assert c.get("/v2/health/ready").status_code == 503  # no live traffic: not ready
+        assert c.post("/score", json=one_row(bundles, 0)).status_code == 503
+        assert c.put("/admin/traffic", json={"default": 100}).status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200
+    assert yaml.safe_load(path.read_text()) == yaml.safe_load(good)  # rewritten whole
+    assert_clean_log(log)
+    cut_before_traffic = good[:good.index("traffic")]
+    for label, content in (("truncated", cut_before_traffic.encode()),
+                           ("truncated mid-way", good[:len(good) // 3].encode()),
+                           ("binary", b"\x89PNG\r\n\x1a\n\xff\xfe\x00" * 20),
+                           ("empty", b"# manymodels endpoint\n")):
+        path.write_bytes(content)
+        refused = subprocess.run([sys.executable, "-m", "manymodels", "serve", "--endpoint",
+                                  str(path), "--port", "9"],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, (label, refused.stderr)
+        assert "Traceback" not in refused.stderr, label
+        assert str(path) in " ".join(refused.stderr.split()), label
+        assert len(refused.stderr.strip().splitlines()) <= 3, (label, refused.stderr)
