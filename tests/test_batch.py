@@ -429,3 +429,19 @@ def test_default_workers_follow_size_and_cores() -> None:
     big = choose_workers(10 * PARALLEL_MIN_ROWS, 10, "local")
     assert big == (1 if cores <= 2 else min(cores, 10))
     assert choose_workers(10 * PARALLEL_MIN_ROWS, 10, "dask") == min(cores, 10)
+
+
+def test_rejected_rows_keep_the_id_type_of_predictions(bundle: tuple[Path, pd.DataFrame],
+                                                       tmp_path: Path) -> None:
+    """Check that the id column has one type (int64 here) in predictions/ and rejected/,
+    so rejected rows join back to the input and to the predictions without a cast."""
+    root, rows = bundle
+    frame = _input_frame(rows, 200, seed=6)
+    frame.loc[5, "store"] = None
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "in.parquet")
+    score_batch(root, tmp_path / "in.parquet", tmp_path / "out", id_column="row_id")
+    scored = pq.read_table(tmp_path / "out" / "predictions")
+    rejected = pq.read_table(tmp_path / "out" / "rejected")
+    assert scored.schema.field("row_id").type == pa.int64()
+    assert rejected.schema.field("row_id").type == pa.int64()
+    assert rejected.column("row_id").to_pylist() == [int(frame.loc[5, "row_id"])]

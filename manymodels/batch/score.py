@@ -633,8 +633,8 @@ def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: 
     columns: dict[str, pa.Array] = {}
     if id_column:
         if id_column in table.column_names:
-            values = _plain(table[id_column]).take(array_of(rows)).combine_chunks()
-            columns[id_column] = values.cast(pa.string())
+            # the id keeps its type, as in predictions/, so the two join without a cast
+            columns[id_column] = _plain(table[id_column]).take(array_of(rows)).combine_chunks()
         else:
             columns[id_column] = pa.nulls(len(rows), pa.string())
     columns["source_file"] = dictionary_of(np.zeros(len(rows), dtype=np.int32), [rel])
