@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
@@ -263,9 +263,21 @@ def parse_models_uri(source: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["version"], match["alias"]
 
 
+def _refuse_missing_store(uri: str, source: str) -> None:
+    """A lookup never creates a store: MLflow would make an empty SQLite file (in the
+    working directory, for the default URI) just to answer that nothing is there."""
+    db_dir = sqlite_dir(uri)
+    if db_dir is not None and not (db_dir / Path(unquote(uri[len("sqlite:///"):])).name
+                                   ).is_file():
+        raise RegistryError(f"cannot find {source}: there is no registry at {uri} (the file "
+                            f"does not exist); register a bundle first (`manymodels package "
+                            f"RUN --register`) or point MLFLOW_TRACKING_URI at the registry")
+
+
 def resolve_version(source: str, uri: str | None = None) -> RegisteredBundle:
     """Look up the registered version a ``models:/`` URI names (aliases resolved)."""
     name, version, alias = parse_models_uri(source)
+    _refuse_missing_store(tracking_uri(uri), source)
     client = _client(uri)
     with _mlflow_errors(f"find {source}"):
         mv = (client.get_model_version_by_alias(name, alias) if alias

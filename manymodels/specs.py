@@ -408,6 +408,10 @@ def load_spec(kind: str, model: type[_S], source: str | os.PathLike[str] | dict[
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise SpecError(f"{path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{path} is not a YAML text file (it is not UTF-8 text)") from None
+        except OSError as exc:
+            raise SpecError(f"{path} cannot be read ({exc.strerror})") from None
         if not isinstance(data, dict):
             raise SpecError(f"{path} must hold a mapping of fields, not {type(data).__name__}")
         data.setdefault("name", path.stem)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -365,7 +366,8 @@ def test_corrupted_or_missing_bundle_is_refused(serve: Any, bundles: dict[str, A
                                                 tmp_path: Path) -> None:
     """Check that adding a bundle with a corrupted model file (or no bundle at all) is
     refused with the reason, and that deployments and traffic stay as they were."""
-    running = serve({"blue": 90, "green": 10})
+    running = serve({"blue": 90, "green": 10},
+                    settings=ServeSettings(bundle_roots=[str(tmp_path)]))
     corrupt = tmp_path / "corrupt"
     shutil.copytree(bundles["green"], corrupt)
     target = corrupt / "models" / f"{CHANGED}.onnx"
@@ -585,3 +587,105 @@ def test_corrupt_endpoint_file_while_running_and_before_start(bundles: dict[str,
         assert "Traceback" not in refused.stderr, label
         assert str(path) in " ".join(refused.stderr.split()), label
         assert len(refused.stderr.strip().splitlines()) <= 3, (label, refused.stderr)
+
+
+def test_mirror_refuses_a_body_of_another_shape(serve: Any, bundles: dict[str, Any],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Check that PUT /admin/mirror with traffic weights (or nothing) is a 422 naming the
+    fields and leaves the mirror running, instead of silently stopping it."""
+    running = serve({"blue": 100}, MirrorSpec(deployment="green", percent=10),
+                    green=bundles["green"])
+    for wrong in ({"blue": 90, "green": 10}, {}, {"deployment": "green", "percent": 10,
+                                                  "extra": 1}):
+        refused = running.client.put("/admin/mirror", json=wrong)
+        assert refused.status_code == 422, (wrong, refused.text)
+        assert "fields: deployment, percent" in refused.json()["detail"]
+    assert running.client.get("/admin/mirror").json() == {"deployment": "green", "percent": 10}
+    added = running.client.post("/admin/deployments", json={"name": "x", "bundle": "b",
+                                                            "traffic": 10})
+    assert added.status_code == 422 and "'traffic'" in added.json()["detail"]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+class _Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections it gets (it must get none)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_admin_sources_are_limited_and_nothing_is_fetched(bundles: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    """Check that POST /admin/deployments refuses (422, naming the rule) every source that
+    is not a models:/ URI, a directory under the bundle roots or a URL under the bundle
+    buckets, that a local listener they point at receives no connection, that s3:// without
+    credentials and an over-long source are 422s, that an unknown models:/ version creates
+    no mlruns.db in the working directory, and that an allowed bundle is still added."""
+    listener = _Listener()
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.port}",
+                "MANYMODELS_BUNDLE_BUCKETS": '["s3://allowed-bucket/bundles/"]'})
+    here = f"127.0.0.1:{listener.port}"
+    command = [sys.executable, "-m", "manymodels", "serve", str(bundles["blue"]), "--port",
+               "{port}", "--log-level", "info"]
+    refused = {f"http://{here}/latest/meta-data": "'http://' URLs",
+               f"https://{here}/bundle": "'https://' URLs",
+               f"ftp://{here}/bundle": "'ftp://' URLs",
+               f"memory://{here}/bundle": "'memory://' URLs",
+               f"file://{bundles['green']}": "'file://' URLs",
+               f"simplecache::http://{here}/bundle": "URLs of other kinds",
+               f"s3://other-bucket/{here}": "'s3://' URLs",
+               "/etc": "this directory is not",
+               f"{bundles['green']}/../../../..": "this directory is not",
+               "green": "relative paths are not"}
+    try:
+        with answering(command, "/ping", "manymodels serve", log=log, env=env,
+                       cwd=work) as url, httpx.Client(base_url=url, timeout=60) as c:
+            for i, (source, rule) in enumerate(refused.items()):
+                reply = c.post("/admin/deployments", json={"name": f"d{i}", "bundle": source})
+                assert reply.status_code == 422, (source, reply.text)
+                detail = reply.json()["detail"]
+                assert rule in detail and "bundle roots" in detail, (source, detail)
+            for source, said in (("s3://allowed-bucket/bundles/oj", "cannot be opened"),
+                                 ("/" + "x" * 5000, "at most 1024"),
+                                 ("models:/nope/3", "no registry")):
+                reply = c.post("/admin/deployments", json={"name": "late", "bundle": source})
+                assert reply.status_code == 422, (source[:40], reply.text)
+                assert said in reply.json()["detail"], reply.text
+            added = c.post("/admin/deployments", json={"name": "green",
+                                                       "bundle": str(bundles["green"])})
+            assert added.status_code == 201, added.text
+    finally:
+        listener.close()
+    assert listener.connections == 0
+    assert list(work.iterdir()) == []  # no mlruns.db, no download cache
+    assert_clean_log(log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 import uvicorn
 from builders import build_bundle
-from conftest import answering
+from conftest import answering, assert_clean_log
 
 import manymodels.errors as mm_errors
 from manymodels.errors import ManyModelsError, SpecError
@@ -683,3 +684,75 @@ def test_classification_bundle_serves_labels(tmp_path: Path) -> None:
         assert [int(v) for v in flat] == [int(v) for v in want.prediction]
     finally:
         running.stop()
+
+
+# -- model files that changed after packaging ----------------------------------------------
+OTHER = "quantity__store=2__brand=tropicana"
+
+
+def _swap(root: Path, name: str, other: str) -> None:
+    """Replace the model file of ``name`` with the (valid) file of ``other``."""
+    shutil.copyfile(root / "models" / f"{other}.onnx", root / "models" / f"{name}.onnx")
+
+
+def test_swapped_model_file_answers_503_never_the_wrong_model(bundle: Any,
+                                                               tmp_path: Path) -> None:
+    """Check that a model file replaced by another valid model under a running server
+    answers 503 naming the checksum (never the other model's predictions) while the
+    other models keep serving, that restoring it serves it again, that a swapped file
+    before start refuses the bundle in one line unless --no-verify-files, and that no
+    server log holds a traceback."""
+    root = tmp_path / "oj"
+    shutil.copytree(bundle[0], root)
+    original = (root / "models" / f"{SEG}.onnx").read_bytes()
+    body = {"model": SEG, "data": [{"price": 2.0, "feat": 1.0}]}
+    right = Bundle(bundle[0]).score_frame(pd.DataFrame(
+        [{"store": 1, "brand": "tropicana", "price": 2.0, "feat": 1.0}])).prediction[0]
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "manymodels", "serve", str(root), "--port", "{port}",
+               "--log-level", "info", "--no-pin-fallbacks"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with answering(command, "/ping", "manymodels serve", log=log, env=env) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+        _swap(root, SEG, OTHER)
+        refused = c.post("/score", json=body)
+        assert refused.status_code == 503, refused.text
+        assert "sha256" in refused.json()["detail"] and SEG in refused.json()["detail"]
+        assert c.post("/score", json={**body, "model": OTHER}).status_code == 200
+        assert c.post("/score", json={**body, "model": GLOBAL, "data": [
+            {"store": 1, "brand": "tropicana", "price": 2.0, "feat": 1.0}]}).status_code == 200
+        (root / "models" / f"{SEG}.onnx").write_bytes(original)
+        served = c.post("/score", json=body)
+        assert served.status_code == 200
+        assert served.json()["predictions"] == pytest.approx([right])
+    assert_clean_log(log)
+    _swap(root, SEG, OTHER)
+    refused_start = subprocess.run([*command[:6], "9"], capture_output=True, text=True,
+                                   timeout=120)
+    assert refused_start.returncode != 0
+    assert "Traceback" not in refused_start.stderr
+    said = " ".join(refused_start.stderr.split())
+    assert "fails its checksums" in said and f"models/{SEG}.onnx" in said, said
+    with answering([*command, "--no-verify-files"], "/ping", "manymodels serve", log=log,
+                   env=env) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/score", json=body).status_code == 503
+        assert c.post("/score", json={**body, "model": OTHER}).status_code == 200
+    assert_clean_log(log)
+
+
+def test_checksum_verdict_is_cached_by_inode_and_mtime(bundle: Any, tmp_path: Path) -> None:
+    """Check that a model file is hashed once while its inode, mtime and size hold (a
+    model evicted and loaded again costs a stat), and again once it changes."""
+    from manymodels.serve.integrity import FileChecks
+
+    root = tmp_path / "oj"
+    shutil.copytree(bundle[0], root)
+    entry = Bundle(root).manifest.models[SEG]
+    checks = FileChecks()
+    for _ in range(3):
+        checks.check(entry, root / entry.file)
+    assert checks.hashed == 1
+    _swap(root, SEG, OTHER)
+    with pytest.raises(ManyModelsError, match="does not match the sha256"):
+        checks.check(entry, root / entry.file)
+    assert checks.hashed == 2

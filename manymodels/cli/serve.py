@@ -80,6 +80,10 @@ def serve(
     ssl_certfile: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option(help="PEM private key of the certificate")
                            ] = None,
+    verify_files: Annotated[bool | None, typer.Option(
+        "--verify-files/--no-verify-files",
+        help="Refuse a bundle whose model files do not match their sha256 (default on)")
+    ] = None,
     strict_columns: Annotated[bool | None, typer.Option(
         "--strict-columns/--ignore-extra-columns",
         help="422 for rows with columns no model takes (default: ignore them)")] = None,
@@ -100,7 +104,7 @@ def serve(
                                    "token_public_key_file": token_public_key_file,
                                    "rate_limit": rate_limit,
                                    "allow_unauthenticated": allow_unauthenticated},
-                             strict_columns=strict_columns)
+                             strict_columns=strict_columns, verify_files=verify_files)
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)

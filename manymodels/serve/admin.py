@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from .dataplane import dumps, read_json
 from .endpoint import Endpoint
-from .errors import DeploymentNotFound, EndpointConflict, MalformedBody
+from .errors import DeploymentNotFound, EndpointConflict, FieldsRefused, MalformedBody
 from .mirror import Mirror
 from .settings import ServeSettings
 
@@ -30,6 +30,20 @@ def _object(body: Any, shape: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise MalformedBody(f"the body must be a JSON object such as {shape}")
     return body
+
+
+def _fields(body: Any, shape: str, allowed: set[str]) -> dict[str, Any]:
+    """A body object holding some of ``allowed`` and nothing else, so a body meant for
+    another route (traffic weights sent to the mirror) is refused, not read as "no
+    mirror"."""
+    found = _object(body, shape)
+    unknown = sorted(set(found) - allowed)
+    if unknown or not found:
+        raise FieldsRefused(f"the body must be an object such as {shape} (fields: "
+                            f"{', '.join(sorted(allowed))})"
+                            + (f"; it has {', '.join(map(repr, unknown))}" if unknown
+                               else "; it is empty"))
+    return found
 
 
 def make_admin_router(endpoint: Endpoint, mirror: Mirror,
@@ -67,8 +81,8 @@ def make_admin_router(endpoint: Endpoint, mirror: Mirror,
         from the manifest's feature statistics; a bundle that fails is refused (422) with
         the reasons and traffic stays where it was."""
         changeable()
-        body = _object(await read_json(request, limit),
-                       '{"name": "green", "bundle": "models:/oj-sales/4"}')
+        body = _fields(await read_json(request, limit),
+                       '{"name": "green", "bundle": "models:/oj-sales/4"}', {"name", "bundle"})
         name, source = body.get("name"), body.get("bundle")
         if not isinstance(name, str) or not isinstance(source, str):
             raise MalformedBody("'name' and 'bundle' must be strings: a deployment name and "
@@ -128,7 +142,8 @@ def make_admin_router(endpoint: Endpoint, mirror: Mirror,
     async def set_mirror(request: Request) -> Response:
         """At most 50% of live requests, to one deployment that takes no live traffic."""
         changeable()
-        body = _object(await read_json(request, limit), '{"deployment": "green", "percent": 10}')
+        body = _fields(await read_json(request, limit), '{"deployment": "green", "percent": 10}',
+                       {"deployment", "percent"})
         name, percent = body.get("deployment"), body.get("percent", 0)
         if (name is not None and not isinstance(name, str)) or isinstance(percent, bool) \
                 or not isinstance(percent, int):

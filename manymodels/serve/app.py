@@ -146,7 +146,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         lambda request: deployment_of(request).registry, metrics))
     v2_router = make_v2_router(
         lambda request: deployment_of(request).registry, settings.max_body_bytes,
-        lambda: started["ready"] and not any(r.preloading for r in registries()))
+        lambda: started["ready"] and endpoint.live
+        and not any(r.preloading for r in registries()))
     app.include_router(v2_router)
     app.include_router(make_admin_router(endpoint, mirror, settings))
     app.include_router(make_ui_router(endpoint, mirror, settings))

@@ -33,16 +33,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from manymodels.errors import BundleError, ManyModelsError, SpecError
 from manymodels.io import atomic_write_text
 from manymodels.registry import resolve_version
-from manymodels.runtime import load_model, sha256_file
+from manymodels.runtime import load_model
 from manymodels.sources import resolve_bundle_source
 from manymodels.specs import load_spec
 
 from .dataplane import Table, score_model
-from .errors import DeploymentNotFound, DeploymentRefused, EndpointConflict, NoLiveTraffic
+from .errors import (
+    DeploymentNotFound,
+    DeploymentRefused,
+    EndpointConflict,
+    NoLiveTraffic,
+    one_line,
+)
+from .integrity import file_problems
 from .observe import Telemetry
 from .registry import ModelRegistry, SharedSessions
 from .scorer import Scorer
 from .settings import ServeSettings
+from .source_policy import SourcePolicy
 
 __all__ = [
     "DEPLOYMENT_HEADER",
@@ -173,8 +181,16 @@ def pin_alias(source: str) -> tuple[str, str | None]:
 
 
 def load_endpoint_spec(path: str | os.PathLike[str]) -> EndpointSpec:
-    """The endpoint file at ``path``, checked against the rules."""
+    """The endpoint file at ``path``, checked against the rules. The server writes every
+    field, so a file without deployments or without ``traffic`` is cut short (or written
+    by hand incompletely) and refused rather than served with no live traffic."""
     spec = load_spec("endpoint", EndpointSpec, Path(path))
+    if not spec.deployments:
+        raise SpecError(f"endpoint file {path} lists no deployment (is it cut short?); "
+                        f"restore it, or delete it to start from a bundle again")
+    if "traffic" not in spec.model_fields_set:
+        raise SpecError(f"endpoint file {path} has no 'traffic' (is it cut short?); add "
+                        f"e.g. 'traffic: {{{next(iter(spec.deployments))}: 100}}'")
     check_rules(list(spec.deployments), spec.traffic, spec.mirror)
     return spec
 
@@ -209,11 +225,7 @@ def check_bundle(registry: ModelRegistry, limit: int = 5) -> list[str]:
     for name, entry in bundle.manifest.models.items():
         path = bundle.root / entry.file
         try:
-            if not path.is_file():
-                raise BundleError(f"file {entry.file} is missing")
-            if entry.sha256 and sha256_file(path) != entry.sha256:
-                raise BundleError(f"file {entry.file} does not match its sha256 (changed or "
-                                  f"corrupt)")
+            registry.shared.checks.check(entry, path)
             loaded = registry.shared.resident(registry.cache.key(name))
             if loaded is None:
                 loaded = load_model(entry, path, bundle._options)
@@ -290,6 +302,8 @@ class Endpoint:
     deployments: dict[str, Deployment] = field(default_factory=dict)
     traffic: dict[str, int] = field(default_factory=dict)
     mirror: MirrorSpec | None = None
+    #: Where admins may deploy from (:meth:`source_policy`, built on first use).
+    sources: SourcePolicy | None = None
     _table: list[Deployment] = field(default_factory=list, init=False)
     _lock: asyncio.Lock | None = field(default=None, init=False)
 
@@ -319,8 +333,10 @@ class Endpoint:
         endpoint = cls(settings, shared, telemetry_for, path, spec.name)
         weights = check_rules(list(spec.deployments), spec.traffic, spec.mirror)
         for name, deployment in spec.deployments.items():
-            endpoint.deployments[name] = endpoint.open(name, deployment.bundle,
-                                                       deployment.alias)
+            endpoint.deployments[name] = opened = endpoint.open(name, deployment.bundle,
+                                                                deployment.alias)
+            if settings.verify_files:
+                endpoint.refuse_changed_files(opened)
         endpoint._apply(weights, spec.mirror)
         return endpoint
 
@@ -335,6 +351,20 @@ class Endpoint:
             "default", str(registry.bundle.root), registry, Scorer(registry))
         endpoint._apply({"default": 100}, None)
         return endpoint
+
+    def refuse_changed_files(self, deployment: Deployment) -> None:
+        """Refuse (:class:`BundleError`) a deployment whose model files do not match the
+        manifest's sha256 (``verify_files``); the verdicts are kept, so the first load of
+        each model costs a ``stat``."""
+        registry = deployment.registry
+        problems = file_problems(self.shared.checks, registry.bundle.manifest.models.values(),
+                                 registry.bundle.root)
+        if problems:
+            self.close()
+            raise BundleError(f"bundle {deployment.source} of deployment '{deployment.name}' "
+                              f"fails its checksums: {'; '.join(problems)}. Run `manymodels "
+                              f"validate` on it; --no-verify-files serves it anyway (those "
+                              f"models answer 503)")
 
     def spec(self) -> EndpointSpec:
         return EndpointSpec(name=self.name, deployments={
@@ -362,6 +392,11 @@ class Endpoint:
                 "(PUT /admin/traffic) or pin one with the x-manymodels-deployment header")
         slot = zlib.crc32(session) % 100 if session is not None else int(random.random() * 100)
         return Choice(table[slot], False)
+
+    @property
+    def live(self) -> bool:
+        """Whether unpinned requests have a deployment to go to (readiness needs it)."""
+        return bool(self._table)
 
     def mirror_target(self) -> tuple[Deployment, int] | None:
         mirror = self.mirror
@@ -416,10 +451,21 @@ class Endpoint:
             await self.save()
             return self.mirror
 
+    def source_policy(self) -> SourcePolicy:
+        """What admins may deploy: the settings' roots and buckets and the places of the
+        bundles served when the policy was first asked for (at start-up)."""
+        if self.sources is None:
+            self.sources = SourcePolicy.build(
+                self.settings.bundle_roots, self.settings.bundle_buckets,
+                [d.source for d in self.deployments.values()])
+        return self.sources
+
     async def add(self, name: str, source: str) -> Deployment:
         """Open, check and add a deployment with 0% traffic; refused with the reasons if
-        the bundle fails its checks (nothing changes then)."""
+        the source is not allowed (:mod:`.source_policy`) or the bundle fails its checks
+        (nothing changes then)."""
         check_name(name)
+        self.source_policy().check(source)
         async with self.lock:
             if name in self.deployments:
                 raise EndpointConflict(f"deployment '{name}' already exists; remove it first "
@@ -429,6 +475,9 @@ class Endpoint:
             except ManyModelsError as exc:
                 raise DeploymentRefused(f"bundle {source} cannot be opened: {exc.message}") \
                     from exc
+            except Exception as exc:  # a store's own errors (no credentials, no bucket)
+                raise DeploymentRefused(f"bundle {source} cannot be opened: "
+                                        f"{one_line(exc)}") from exc
             registry = deployment.registry
             problems = await registry.run_in_thread(check_bundle, registry)
             if problems:

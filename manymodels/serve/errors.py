@@ -41,8 +41,10 @@ __all__ = [
     "DeploymentNotFound",
     "DeploymentRefused",
     "EndpointConflict",
+    "FieldsRefused",
     "MalformedBody",
     "NoLiveTraffic",
+    "SourceRefused",
     "ModelUnavailable",
     "UnsupportedMediaType",
     "error_response",
@@ -59,6 +61,18 @@ class MalformedBody(DataError):
     """The request body is not JSON, or not the JSON shape the route takes."""
 
     code = "malformed_body"
+
+
+class FieldsRefused(DataError):
+    """A JSON body with fields the route does not take, or without one it needs (422)."""
+
+    code = "unknown_fields"
+
+
+class SourceRefused(DataError):
+    """A deployment's bundle source is outside what the server may open or fetch (422)."""
+
+    code = "source_refused"
 
 
 class UnsupportedMediaType(DataError):

@@ -31,6 +31,7 @@ from manymodels.runtime import Bundle, LoadedModel, SessionCache, load_model
 from manymodels.runtime.manifest import ModelEntry
 
 from .errors import ModelUnavailable
+from .integrity import FileChecks
 from .observe import Telemetry
 
 __all__ = ["ModelRegistry", "ServedModel", "SharedSessions", "SharedView", "v2_datatype"]
@@ -143,6 +144,8 @@ class SharedSessions:
         #: Threads that create sessions, for every deployment (one pool, not one each).
         self.executor = ThreadPoolExecutor(load_threads, thread_name_prefix="manymodels-load")
         self._sources: dict[str, dict[int, tuple[ModelEntry, Path, Any]]] = {}
+        #: sha256 verdicts of model files, by inode and mtime (checked on every load).
+        self.checks = FileChecks()
         self._pins: dict[str, set[int]] = {}
         self._lock = threading.Lock()
         #: Called with the seconds each session took to create (the metrics' histogram).
@@ -162,9 +165,7 @@ class SharedSessions:
         if not sources:
             raise BundleError(f"no deployment serves model file {key} any more")
         entry, path, options = sources[0]
-        if not path.is_file():
-            raise BundleError(f"model file {entry.file} of model '{entry.name}' is missing in "
-                              f"{path.parent.parent}")
+        self.checks.check(entry, path)  # a missing or swapped file: BundleError, 503
         started = time.perf_counter()
         loaded = load_model(entry, path, options)
         if self.on_load is not None:

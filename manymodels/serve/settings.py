@@ -73,6 +73,14 @@ class ServeSettings(BaseSettings):
     endpoint: str | None = None
     """Endpoint file (YAML: deployments, traffic, mirror). Loaded at start if it exists,
     else written from the bundle or ``--deployment`` flags; rewritten on every change."""
+    bundle_roots: list[str] = Field(default_factory=list)
+    """Directories under which ``POST /admin/deployments`` may open a bundle, besides the
+    directories holding the local bundles served at start-up (see
+    :mod:`manymodels.serve.source_policy`)."""
+    bundle_buckets: list[str] = Field(default_factory=list)
+    """Object-store URL prefixes (``s3://bucket/bundles/``) ``POST /admin/deployments``
+    may fetch a bundle from, besides the buckets of the remote bundles served at
+    start-up. Any other URL (``http://``, ``file://``, other protocols) is refused."""
     monitor: str | None = None
     """``manymodels monitor`` JSON output whose drift flags the ``/ui`` page shows (read
     on every refresh of the page, so a scheduled monitor run shows up without a restart)."""
@@ -94,6 +102,11 @@ class ServeSettings(BaseSettings):
     """Largest request body accepted; larger ones get 413."""
     preload: str = "none"
     """``none`` (load on first use), ``all``, or a file listing model names one per line."""
+    verify_files: bool = True
+    """Check every model file against the sha256 in its bundle's manifest at start-up and
+    refuse a bundle where one differs or is missing. Whether on or off, each model's file
+    is checked again when it loads (the verdict is cached by inode and mtime) and a
+    changed file answers 503 for that model."""
     pin_fallbacks: bool = True
     """Load the fallback models (pooled and global levels) at start-up and never evict them."""
     optimisation: Literal["none", "basic", "all"] = "basic"
@@ -172,7 +185,7 @@ class ServeSettings(BaseSettings):
         """These settings as ``MANYMODELS_*`` variables, for worker processes to re-read."""
         out: dict[str, str] = {}
         for key, value in self.model_dump().items():
-            if isinstance(value, dict):
+            if isinstance(value, dict | list):
                 out[f"MANYMODELS_{key.upper()}"] = json.dumps(value)
             elif value is not None:
                 out[f"MANYMODELS_{key.upper()}"] = str(value).lower() if isinstance(

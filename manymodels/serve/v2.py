@@ -187,7 +187,7 @@ def make_v2_router(registry_of: Callable[[Request], ModelRegistry], limit: int,
         return Response(b'{"live":true}', media_type=JSON)
 
     @router.get("/health/ready", response_class=Response,
-                summary="Server readiness (503 while preloading)",
+                summary="Server readiness (503 while preloading or with no live traffic)",
                 responses=schemas.reply("V2Ready", 503, v2=True))
     async def ready() -> Response:
         ok = is_ready()
