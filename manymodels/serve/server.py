@@ -1,11 +1,12 @@
 """Run the application under uvicorn with the settings that make it fast.
 
-uvloop + httptools (2.3× the requests/s of asyncio + h11 here), no access log and no
-``server``/``date`` headers by default. One worker serves from this process; several
-workers re-create the application from ``MANYMODELS_*`` variables in each process, and
-each then holds its own model cache. With several workers, Prometheus metrics use
-prometheus-client's multiprocess mode in a fresh directory (``PROMETHEUS_MULTIPROC_DIR``,
-removed at exit; set it yourself to keep the files, and empty it before each start).
+uvloop + httptools (2.3× the requests/s of asyncio + h11 here) with the connection
+limits of :mod:`.limits`, no access log and no ``server``/``date`` headers by default.
+One worker serves from this process; several workers re-create the application from
+``MANYMODELS_*`` variables in each process, and each then holds its own model cache.
+With several workers, Prometheus metrics use prometheus-client's multiprocess mode in a
+fresh directory (``PROMETHEUS_MULTIPROC_DIR``, removed at exit; set it yourself to keep
+the files, and empty it before each start).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from manymodels.errors import SpecError
 from manymodels.sources import resolve_bundle_source
 
 from .app import create_app
+from .limits import LIMITS_ATTRIBUTE, ConnectionLimits, GuardedHttpTools
 from .metrics import METRICS_DIR_ENV
 from .settings import ServeSettings
 
@@ -34,15 +36,17 @@ __all__ = ["run", "uvicorn_config", "uvicorn_options"]
 def uvicorn_options(settings: ServeSettings) -> dict[str, object]:
     """uvicorn keyword arguments shared by ``run``, the tests and the benchmark peers."""
     return {"host": settings.host, "port": settings.port, "loop": "uvloop",
-            "http": "httptools", "log_level": settings.log_level,
+            "http": GuardedHttpTools, "log_level": settings.log_level,
             "access_log": False, "server_header": False, "date_header": False,
-            "timeout_keep_alive": 30, "ssl_certfile": settings.ssl_certfile,
-            "ssl_keyfile": settings.ssl_keyfile}
+            "timeout_keep_alive": settings.keep_alive_seconds,
+            "ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
 
 
 def uvicorn_config(settings: ServeSettings, spec: EndpointSpec | None = None) -> uvicorn.Config:
     """A uvicorn config serving ``settings`` (or the endpoint ``spec``) in this process."""
-    return uvicorn.Config(create_app(settings, spec=spec), **uvicorn_options(settings))  # type: ignore[arg-type]
+    config = uvicorn.Config(create_app(settings, spec=spec), **uvicorn_options(settings))  # type: ignore[arg-type]
+    setattr(config, LIMITS_ATTRIBUTE, ConnectionLimits.of(settings))  # read per connection
+    return config
 
 
 def run(settings: ServeSettings, spec: EndpointSpec | None = None) -> None:

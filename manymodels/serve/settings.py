@@ -98,6 +98,20 @@ class ServeSettings(BaseSettings):
     max_memory_mb: float | None = Field(default=None, gt=0)
     """Budget of the model cache in MB of estimated resident memory, per worker;
     ``None`` keeps every model that was used. Least recently used models are evicted."""
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A connection must send a request's complete headers within this many seconds of
+    opening (or of its next request's first byte), else it is closed: silent and
+    slow-header clients cannot hold sockets."""
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A request's body must arrive within this many seconds of its headers, else the
+    connection is closed: a slow body cannot hold a request slot."""
+    keep_alive_seconds: float = Field(default=15.0, gt=0)
+    """An idle keep-alive connection is closed this long after its last response."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """Open connections per worker; a new one beyond is closed at once. ``None``: half the
+    process's open-file limit (``ulimit -n``), at most 4096."""
+    max_concurrency: int = Field(default=1024, ge=1)
+    """Requests being answered at once per worker; beyond, a request gets 503 at once."""
     max_body_mb: float = Field(default=16.0, gt=0)
     """Largest request body accepted; larger ones get 413."""
     preload: str = "none"
