@@ -757,3 +757,56 @@ def test_checksum_verdict_is_cached_by_inode_and_mtime(bundle: Any, tmp_path: Pa
     with pytest.raises(ManyModelsError, match="does not match the sha256"):
         checks.check(entry, root / entry.file)
     assert checks.hashed == 2
+
+
+# -- bodies that cost more to read than to send ---------------------------------------------
+def _worst_health_wait(url: str, stop: threading.Event, waits: list[float]) -> None:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.005)
+
+
+def test_wide_or_large_csv_never_stalls_other_requests(bundle: Any, tmp_path: Path) -> None:
+    """Check that a 30,000-column CSV (~260 KB) is refused at once (422, naming the
+    columns the models take) and that a large valid CSV is scored, both while a second
+    client polls /health, whose worst wait stays far below what parsing on the event loop
+    costs; the server's log holds no traceback."""
+    root, rows = bundle
+    wide = (",".join(f"c{i}" for i in range(30_000)) + "\n"
+            + ",".join("1" for _ in range(30_000)) + "\n").encode()
+    assert len(wide) > 250_000
+    large = pd.concat([rows] * 200, ignore_index=True)[["store", "brand", "price", "feat"]]
+    body = large.to_csv(index=False).encode()
+    assert len(body) > 100_000
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "manymodels", "serve", str(root), "--port", "{port}",
+               "--log-level", "info"]
+    with answering(command, "/ping", "manymodels serve", log=log,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"}) as url, \
+            httpx.Client(base_url=url, timeout=120) as c:
+        csv = {"Content-Type": "text/csv"}
+        assert c.post("/invocations", content=b"price,feat\n1,0\n", headers=csv).status_code \
+            == 422  # warm-up: pandas imported (in a thread), segment columns missing
+        stop, waits = threading.Event(), []
+        poller = threading.Thread(target=_worst_health_wait, args=(url, stop, waits))
+        poller.start()
+        time.sleep(0.2)
+        started = time.perf_counter()
+        refused = c.post("/invocations", content=wide, headers=csv)
+        refused_in = time.perf_counter() - started
+        scored = c.post("/invocations", content=body, headers=csv)
+        time.sleep(0.2)
+        stop.set()
+        poller.join()
+    assert refused.status_code == 422 and "30000 columns" in refused.json()["detail"]
+    assert "price" in refused.json()["detail"]
+    assert refused_in < 1.0, refused_in
+    assert scored.status_code == 200 and len(scored.json()["predictions"]) == len(large)
+    want = Bundle(root).score_frame(large).to_frame()["prediction"].to_numpy()
+    got = np.array([p["prediction"] for p in scored.json()["predictions"]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(waits) > 20 and max(waits) < 0.25, (len(waits), max(waits))
+    assert_clean_log(log)

@@ -72,7 +72,7 @@ def add_routes(app: ManyModelsAPI, settings: ServeSettings) -> None:
         (``?model=name`` with CSV) skips the routing."""
         scorer = deployment_of(request).scorer
         if is_csv(request.scope["headers"]):
-            table = await read_csv_table(request, limit)
+            table = await read_csv_table(request, limit, scorer.registry.bundle_columns)
             reply = await scorer.invocations_reply(None, table,
                                                    request.query_params.get("model"))
         else:
