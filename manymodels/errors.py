@@ -56,6 +56,9 @@ class AuthError(ManyModelsError, PermissionError):
     tampered with. The message says which, and never repeats the credential itself."""
 
     code = "invalid_token"
+    #: Who was refused, as far as it is known without the credential: a verified
+    #: principal's subject or a key's public id (for the audit log).
+    caller: "str | None" = None
 
 
 class MissingCredentials(AuthError):

@@ -80,6 +80,8 @@ def serve(
     ssl_certfile: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option(help="PEM private key of the certificate")
                            ] = None,
+    audit_log: Annotated[str | None, typer.Option(
+        help="JSON-lines audit log of admin changes and denied requests (rotated)")] = None,
     verify_files: Annotated[bool | None, typer.Option(
         "--verify-files/--no-verify-files",
         help="Refuse a bundle whose model files do not match their sha256 (default on)")
@@ -104,7 +106,8 @@ def serve(
                                    "token_public_key_file": token_public_key_file,
                                    "rate_limit": rate_limit,
                                    "allow_unauthenticated": allow_unauthenticated},
-                             strict_columns=strict_columns, verify_files=verify_files)
+                             strict_columns=strict_columns, verify_files=verify_files,
+                             audit_log=audit_log)
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)

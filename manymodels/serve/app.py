@@ -18,11 +18,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from manymodels._version import __version__
-from manymodels.errors import BundleError
+from manymodels.errors import AuthError, BundleError
 
 from . import schemas
 from .admin import make_admin_router
 from .asgi import ManyModelsAPI, deployment_of
+from .audit import AuditLog, AuditMiddleware
+from .audit import who as caller_of
 from .auth import AuthMiddleware, build_guard, document_security
 from .docs import add_docs
 from .endpoint import DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
@@ -100,6 +102,9 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     def registries() -> list[ModelRegistry]:
         return [d.registry for d in endpoint.deployments.values()]
 
+    audit = AuditLog(settings.audit_log, int(settings.audit_max_mb * 2**20),
+                     settings.audit_backups) if settings.audit_log else None
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         tasks = []
@@ -126,6 +131,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
                 each.telemetry.attach_log(None)
             if log_writer is not None:
                 await asyncio.get_running_loop().run_in_executor(None, log_writer.close)
+            if audit is not None:
+                audit.close()
             endpoint.close()
 
     for each in registries():  # a bad preload file fails here, before the server starts
@@ -138,9 +145,12 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
                         f"by segment key and over the Open Inference Protocol (V2).")
     mirror = app.mirror
     install_error_handlers(app)
+    if audit is not None:  # inside the credentials check: it knows who is calling
+        app.wrap(lambda inner: AuditMiddleware(inner, audit, lambda: endpoint.spec().model_dump(
+            mode="json", exclude={"name"})))
     guard = build_guard(settings)
     if guard is not None:
-        app.wrap(lambda inner: AuthMiddleware(inner, guard))
+        app.wrap(lambda inner: AuthMiddleware(inner, guard, _denied_reporter(metrics, audit)))
     add_routes(app, settings)
     app.include_router(make_observe_router(  # before /v2/models/{name}
         lambda request: deployment_of(request).registry, metrics))
@@ -159,6 +169,19 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     app.wrap(lambda inner: ObserveMiddleware(  # outermost: every request passes it
         inner, metrics, settings.access_log, lambda: telemetries.log is not None))
     return app
+
+
+def _denied_reporter(metrics: Metrics | None, audit: AuditLog | None
+                     ) -> Callable[[Any, str, AuthError], None]:
+    """What a refused request updates: ``manymodels_auth_denied_total{reason}`` and the
+    audit log's per-minute counts."""
+    def denied(scope: Any, path: str, exc: AuthError) -> None:
+        if metrics is not None:
+            metrics.auth_denied.labels(exc.code).inc()
+        if audit is not None:
+            audit.denied(exc.caller or caller_of(scope), path, exc.code)
+
+    return denied
 
 
 def _prediction_log(settings: ServeSettings, endpoint: Endpoint,

@@ -143,12 +143,29 @@ class Guard:
             raise MissingCredentials(f"this route needs credentials: send 'Authorization: "
                                      f"Bearer <{'API key' if self.mode == 'key' else 'token'}>'")
         now = time.time()
-        principal = self.verify(credential, now)
-        if needed not in principal.scopes:
-            raise Forbidden(needed, principal.scopes)
-        if principal.rate_limit is not None or self.limiter.rate is not None:
-            self.limiter.check(principal, now)
+        try:
+            principal = self.verify(credential, now)
+        except AuthError as exc:
+            exc.caller = _key_id(credential)
+            raise
+        try:
+            if needed not in principal.scopes:
+                raise Forbidden(needed, principal.scopes)
+            if principal.rate_limit is not None or self.limiter.rate is not None:
+                self.limiter.check(principal, now)
+        except AuthError as exc:
+            exc.caller = principal.subject
+            raise
         return principal
+
+
+def _key_id(credential: bytes) -> str | None:
+    """The public id of an API key (``mmk_<id>_<secret>``), never any secret part."""
+    if len(credential) == 60 and credential[:4] == b"mmk_" and credential[16:17] == b"_":
+        key_id = credential[4:16]
+        if all(c in b"0123456789abcdef" for c in key_id):
+            return key_id.decode()
+    return None
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -164,9 +181,11 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 class AuthMiddleware:
     """Pure ASGI middleware: every HTTP and WebSocket request passes :class:`Guard`."""
 
-    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+    def __init__(self, app: ASGIApp, guard: Guard,
+                 on_denied: Callable[[Scope, str, AuthError], None] | None = None) -> None:
         self.app = app
         self.guard = guard
+        self.on_denied = on_denied
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -188,6 +207,8 @@ class AuthMiddleware:
                       path: str, exc: AuthError) -> None:
         status, headers = challenge(exc)
         log.info("%s %s -> %d %s", scope.get("method", "WS"), path, status, exc.code)
+        if self.on_denied is not None:
+            self.on_denied(scope, path, exc)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return

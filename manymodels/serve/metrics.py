@@ -105,6 +105,9 @@ class Metrics:
         self.log_dropped = Counter("manymodels_prediction_log_dropped_rows", "Rows not logged: "
                                    "the log queue was full or a write failed (full disk)",
                                    registry=reg)
+        self.auth_denied = Counter("manymodels_auth_denied", "Requests refused by "
+                                   "authentication (401), scope (403) or rate limit (429), "
+                                   "by reason", ["reason"], registry=reg)
         self._routes: dict[tuple[str, int, str], list[float]] = {}
         self.shared = _SharedHot(reg) if self.multiprocess else None
 

@@ -153,6 +153,14 @@ class ServeSettings(BaseSettings):
     """...or this age, and when the server stops."""
     log_queue_rows: int = Field(default=100_000, ge=1)
     """Rows that may wait for the log writer; more are dropped (and counted)."""
+    audit_log: str | None = None
+    """JSON-lines file of every admin change (who, what, the endpoint before and after)
+    and of denied requests summed per minute (see :mod:`manymodels.serve.audit`);
+    ``None`` keeps none."""
+    audit_max_mb: float = Field(default=10.0, gt=0)
+    """The audit log rotates past this size..."""
+    audit_backups: int = Field(default=5, ge=0)
+    """...keeping this many older files (``audit.jsonl.1`` ...)."""
     ssl_certfile: str | None = None
     """PEM certificate (chain) to serve HTTPS with (uvicorn's ``--ssl-certfile``)."""
     ssl_keyfile: str | None = None
