@@ -146,7 +146,8 @@ class Guard:
         try:
             principal = self.verify(credential, now)
         except AuthError as exc:
-            exc.caller = _key_id(credential)
+            key_id = _key_id(credential)
+            exc.caller = None if key_id is None else f"key {key_id}"
             raise
         try:
             if needed not in principal.scopes:
