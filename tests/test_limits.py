@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import sys
 import threading
@@ -27,8 +28,8 @@ from manymodels.serve.limits import ConnectionLimits, default_max_connections
 SEG = "quantity__store=1__brand=tropicana"
 BODY = {"model": SEG, "data": [{"price": 2.0, "feat": 1.0}]}
 HEADER_SECONDS, BODY_SECONDS, KEEP_ALIVE_SECONDS = 1.0, 1.5, 1.0
-#: Sweep interval plus scheduling noise on a shared two-core machine.
-SLACK = 1.5
+#: Sweep interval plus scheduling delay on a shared, loaded two-core machine.
+SLACK = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +73,52 @@ def _score(url: str) -> int:
         return client.post("/score", json=BODY).status_code
 
 
+def _watch_closes(socks: dict[str, socket.socket], until: float) -> dict[str, float]:
+    """When (monotonic time) the server closed each socket, watched all at once."""
+    closed: dict[str, float] = {}
+    with selectors.DefaultSelector() as selector:
+        for name, sock in socks.items():
+            selector.register(sock, selectors.EVENT_READ, name)
+        while len(closed) < len(socks) and time.monotonic() < until:
+            for key, _ in selector.select(timeout=0.05):
+                try:
+                    data = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                except OSError:  # reset: closed as well
+                    data = b""
+                if data == b"":
+                    closed[key.data] = time.monotonic()
+                    selector.unregister(key.fileobj)
+    return closed
+
+
 def test_idle_and_slow_sockets_are_closed_while_requests_succeed(bundle: Path,
                                                                 tmp_path: Path) -> None:
     """Check that connections that never send, send headers a byte at a time, stop in the
-    middle of a body, or stay idle after a response are all closed within their deadline
-    (plus the sweep interval), while normal requests from other clients all succeed."""
+    middle of a body, or stay idle after a response are each closed within their deadline
+    (plus the sweep interval and a loaded machine's delay), never before it, while
+    normal requests from other clients all succeed."""
     log = tmp_path / "server.log"
     with _serving(bundle, log) as url:
         port = _port(url)
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
-        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
-        for sock in slow:
+        socks: dict[str, socket.socket] = {}
+        since: dict[str, tuple[float, float]] = {}  # name -> (reference time, deadline)
+        for i in range(30):
+            socks[f"idle {i}"] = socket.create_connection(("127.0.0.1", port))
+            since[f"idle {i}"] = (time.monotonic(), HEADER_SECONDS)
+        slow = []
+        for i in range(5):
+            sock = socks[f"slow header {i}"] = socket.create_connection(("127.0.0.1", port))
             sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            since[f"slow header {i}"] = (time.monotonic(), HEADER_SECONDS)
+            slow.append(sock)
+        body = socks["slow body"] = socket.create_connection(("127.0.0.1", port))
+        body.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+        since["slow body"] = (time.monotonic(), BODY_SECONDS)
+        kept = socks["keep-alive"] = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        since["keep-alive"] = (time.monotonic(), KEEP_ALIVE_SECONDS)
         stop = threading.Event()
 
         def dribble() -> None:  # one header byte every 0.2 s: never a complete header
@@ -95,29 +130,21 @@ def test_idle_and_slow_sockets_are_closed_while_requests_succeed(bundle: Path,
                         pass
                 time.sleep(0.2)
 
-        body = socket.create_connection(("127.0.0.1", port))
-        body.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"model\":")
-        kept = socket.create_connection(("127.0.0.1", port))
-        kept.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
-        opened = time.monotonic()
-        dribbler = threading.Thread(target=dribble, daemon=True)
-        dribbler.start()
+        closed: dict[str, float] = {}
+        watcher = threading.Thread(target=lambda: closed.update(
+            _watch_closes(socks, time.monotonic() + 20)))
+        watcher.start()
+        threading.Thread(target=dribble, daemon=True).start()
         statuses = [_score(url) for _ in range(20)]
-        waits = {"idle": [_closed_after(s, HEADER_SECONDS + SLACK + 5) for s in idle],
-                 "slow header": [_closed_after(s, HEADER_SECONDS + SLACK + 5) for s in slow],
-                 "slow body": [_closed_after(body, BODY_SECONDS + SLACK + 5)],
-                 "keep-alive": [_closed_after(kept, KEEP_ALIVE_SECONDS + SLACK + 5)]}
+        watcher.join()
         stop.set()
-        elapsed = time.monotonic() - opened
         assert statuses == [200] * 20
         assert _score(url) == 200
-    for what, closed in waits.items():
-        assert all(w is not None for w in closed), (what, closed)
-    limit = max(HEADER_SECONDS, BODY_SECONDS, KEEP_ALIVE_SECONDS) + SLACK
-    assert elapsed < limit + 3, elapsed  # every socket was closed close to its deadline
-    for sock in [*idle, *slow, body, kept]:
+    assert set(closed) == set(socks), sorted(set(socks) - set(closed))
+    for name, when in closed.items():
+        opened, deadline = since[name]
+        assert deadline - 0.2 <= when - opened <= deadline + SLACK, (name, when - opened)
+    for sock in socks.values():
         sock.close()
     assert_clean_log(log)
 
