@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from manymodels.candidates import (
 )
 from manymodels.errors import ExportError, TrainingError
 from manymodels.monitor.drift import numeric_bins
+from manymodels.results import FitResult
 from manymodels.segment import FeatureSet, fingerprint
 from manymodels.selection import SIMPLICITY, FoldScores, pick
 from manymodels.specs import TrainerSpec
@@ -77,44 +78,6 @@ class FitJob:
         if self.block is not None:
             return self.block
         return np.where(self.holdout, 0, -1).astype(np.int16)
-
-
-@dataclass
-class FitResult:
-    """What came out of one job, successful or not."""
-
-    name: str
-    level: int
-    key: dict[str, str]
-    status: str = "ok"
-    reason: str = ""
-    rows: int = 0
-    train_rows: int = 0
-    holdout_rows: int = 0
-    candidates: dict[str, float] = field(default_factory=dict)
-    #: Per candidate: fold metrics, mean and standard error (or why it was skipped).
-    candidate_folds: dict[str, dict[str, Any]] = field(default_factory=dict)
-    candidate_errors: dict[str, str] = field(default_factory=dict)
-    #: The rule, the best candidate by mean, and the winner's margin in standard errors.
-    selection: dict[str, Any] = field(default_factory=dict)
-    winner: str = ""
-    algorithm: str = ""
-    metric: float = float("nan")
-    runner_up: str = ""
-    runner_up_metric: float = float("nan")
-    export_notes: list[str] = field(default_factory=list)
-    holdout_prediction: np.ndarray | None = None  # out-of-fold, per held-out row
-    holdout_proba: np.ndarray | None = None
-    holdout_fold: np.ndarray | None = None  # the fold of each held-out row
-    classes: list[Any] | None = None
-    onnx: bytes | None = None
-    export: dict[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""
-    feature_stats: dict[str, Any] = field(default_factory=dict)
-    #: Training medians of the numeric features (``missing: impute``), else empty.
-    impute: dict[str, float] = field(default_factory=dict)
-    fit_seconds: float = 0.0
-    export_seconds: float = 0.0
 
 
 def feature_stats(frame: pd.DataFrame, features: FeatureSet) -> dict[str, Any]:

@@ -9,10 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "link_or_copy", "manifest_json",
-           "swap_directory_into_place"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "json_ready", "link_or_copy",
+           "manifest_json", "swap_directory_into_place"]
 
 _MANIFEST_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -98,3 +99,22 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         os.link(src, dst)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(src, dst)
+
+
+def json_ready(value: Any) -> Any:
+    """JSON-ready value: numpy scalars become Python ones, NaN and infinities null.
+
+    ``json.dumps`` would write NaN as the bare token ``NaN``, which is not JSON and breaks
+    readers other than Python's.
+    """
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):  # dates and timestamps of a time column
+        return value.isoformat()
+    return value

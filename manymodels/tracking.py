@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from manymodels.errors import RegistryError
+from manymodels.results import TrainResult
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from manymodels.training import TrainResult
 
 __all__ = [
     "DEFAULT_TRACKING_URI",

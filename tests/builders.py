@@ -241,7 +241,7 @@ def build_contract_bundle(root: str | os.PathLike[str]) -> tuple[Path, dict[str,
 
     Each model goes through the trainer's own per-model code (:func:`manymodels.fit.run_job`:
     fit, ONNX export, parity and missing-value probe) and its manifest entry through the
-    trainer's (:func:`manymodels.training._model_entry`); only the choice of algorithm
+    trainer's (:func:`manymodels.rundir.model_entry`); only the choice of algorithm
     per segment is fixed here, so the test knows which model refuses what. Returns the
     bundle and the model name of each :data:`CONTRACT_MODELS` role (plus ``global``).
     """
@@ -249,9 +249,9 @@ def build_contract_bundle(root: str | os.PathLike[str]) -> tuple[Path, dict[str,
     from manymodels.candidates import build_candidates
     from manymodels.datasets import make_oj
     from manymodels.fit import FitContext, FitJob, run_job
+    from manymodels.rundir import model_entry
     from manymodels.segment import FeatureSet, model_name
     from manymodels.specs import TrainerSpec
-    from manymodels.training import _model_entry
 
     root = Path(root)
     data = make_oj(stores=3, weeks=40, seed=5)
@@ -291,7 +291,7 @@ def build_contract_bundle(root: str | os.PathLike[str]) -> tuple[Path, dict[str,
         result = run_job(job, FitContext(spec, build_candidates(spec), {}))
         assert result.status == "ok" and result.onnx is not None, result.reason
         (run / "models" / f"{result.name}.onnx").write_bytes(result.onnx)
-        models[result.name] = _model_entry(result, spec, ["store", "brand"], job)
+        models[result.name] = model_entry(result, spec, ["store", "brand"], job)
         level = job.level
         routes.append({"level": level, "key": list(job.key.values()), "model": result.name})
         names[role] = result.name

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from manymodels import __version__
+from manymodels._version import __version__
 from manymodels.candidates import Candidate, build_candidates, build_pipeline
 from manymodels.data import read_table
 from manymodels.engine import default_jobs

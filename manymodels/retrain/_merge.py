@@ -32,12 +32,14 @@ import yaml
 
 from manymodels.candidates import higher_is_better
 from manymodels.errors import BundleError, ManyModelsError
+from manymodels.gate import compared_metric
 from manymodels.io import link_or_copy, manifest_json, swap_directory_into_place
+from manymodels.prepare import PreparedData
+from manymodels.results import TrainResult
 from manymodels.runtime import MANIFEST_FILE, Bundle
 from manymodels.runtime.scoring import blend_outputs
 from manymodels.segment import Segment
 from manymodels.selection import score_folds
-from manymodels.training import PreparedData, TrainResult, compared_metric
 
 from ._plan import Plan, SegmentChange
 

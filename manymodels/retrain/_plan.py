@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 
 from manymodels.errors import SpecError
+from manymodels.jobs import coarser_models
+from manymodels.prepare import PreparedData
 from manymodels.segment import model_name
 from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer
-from manymodels.training import PreparedData, coarser_models
 
 __all__ = ["Plan", "SegmentChange", "SharedChange", "make_plan", "spec_changes"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from manymodels.fit import FitJob, FitResult
+from manymodels.fit import FitJob
+from manymodels.results import FitResult
 from manymodels.runtime import Bundle
 
 from ._plan import Plan, SharedChange

@@ -28,8 +28,11 @@ import pandas as pd
 from manymodels.candidates import score_metric
 from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
+from manymodels.prepare import PreparedData, prepare_data
+from manymodels.results import TrainResult
+from manymodels.rundir import new_run_id
 from manymodels.runtime import Bundle, Manifest, parse_manifest
-from manymodels.training import PreparedData, new_run_id, prepare_data, train
+from manymodels.training import train
 
 from ._lock import hold_lock
 from ._merge import (
@@ -445,8 +448,6 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
 
 def _partial_from_disk(run_dir: Path, read: Callable[[Path], Any]) -> Any:
     """The fitted part's result as written before a crash (training had finished)."""
-    from manymodels.training import TrainResult
-
     manifest = read(run_dir)
     report = pd.read_parquet(run_dir / "report.parquet")
     return TrainResult(str(manifest.raw.get("run_id")), run_dir, report,

@@ -27,8 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from manymodels.fit import FitResult
 from manymodels.io import atomic_write_bytes, atomic_write_text
+from manymodels.results import FitResult
 
 __all__ = ["Attempt", "recorded_models"]
 
