@@ -14,7 +14,8 @@ make it safe to run unattended.
 from ._lock import LockHolder, hold_lock, read_holder
 from ._merge import Decision, is_worse, relative_gain
 from ._plan import Plan, SegmentChange, SharedChange, make_plan, spec_changes
-from ._run import BundleComparison, Outcome, RetrainResult, retrain
+from ._result import BundleComparison, Outcome, RetrainResult
+from ._run import retrain
 from ._state import Attempt, recorded_models
 
 __all__ = [

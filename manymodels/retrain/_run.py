@@ -11,27 +11,38 @@ data. Each part is timed.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from manymodels.bundle import package_run, validate_bundle
 from manymodels.candidates import score_metric
 from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
 from manymodels.prepare import PreparedData, prepare_data
+from manymodels.promotions import state_dir as default_state_dir
+from manymodels.registry import (
+    find_version,
+    parse_models_uri,
+    promote,
+    register_bundle,
+    resolve_bundle,
+    resolve_version,
+    seed_cache,
+)
 from manymodels.results import TrainResult
 from manymodels.rundir import new_run_id
-from manymodels.runtime import Bundle, Manifest, parse_manifest
+from manymodels.runtime import Bundle, Manifest, parse_manifest, read_manifest
 from manymodels.training import train
 
 from ._lock import hold_lock
@@ -39,92 +50,18 @@ from ._merge import (
     Decision,
     compared_rows,
     decide,
-    is_worse,
     merge,
     relative_gain,
     training_report,
     write_merged_run,
 )
 from ._plan import Plan, make_plan
+from ._result import BundleComparison, Outcome, RetrainResult
 from ._reuse import RetrainReuse
 from ._state import Attempt
+from ._track import log_retrain
 
 __all__ = ["BundleComparison", "Outcome", "RetrainResult", "retrain"]
-
-
-class Outcome(enum.Enum):
-    """How a retrain ended; each has its own exit code (``manymodels retrain``)."""
-
-    PROMOTED = ("promoted", 0)
-    NOTHING_TO_DO = ("nothing to do", 10)
-    NEW_VERSION = ("new version, not promoted", 11)
-    NO_IMPROVEMENT = ("no improvement, nothing promoted", 12)
-    PLANNED = ("dry run", 0)
-
-    def __init__(self, label: str, exit_code: int) -> None:
-        self.label = label
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class BundleComparison:
-    """The new bundle against the champion, served end to end, on the new data's latest
-    holdout rows (:func:`._merge.compared_rows`) of every segment whose served model
-    (or blend) changed (the other rows score the
-    same in both, so they cannot tip the balance of an additive metric)."""
-
-    metric: str
-    rows: int
-    segments: int
-    new: float | None
-    champion: float | None
-    tolerance: float
-
-    @property
-    def worse(self) -> bool:
-        return is_worse(self.new, self.champion, self.metric, self.tolerance)
-
-    def describe(self) -> str:
-        if not self.rows:
-            return "no served model changed"
-        gain = (relative_gain(self.new, self.champion, self.metric)
-                if self.new is not None and self.champion is not None else float("nan"))
-        return (f"{self.metric} on the latest holdout of the {self.segments} segment(s) whose "
-                f"model changed ({self.rows} rows): new {self.new:.6g} vs champion "
-                f"{self.champion:.6g} ({gain:+.2%})")
-
-
-@dataclass
-class RetrainResult:
-    """What a retrain did (or, with ``dry_run``, would do)."""
-
-    outcome: Outcome
-    name: str
-    plan: Plan
-    champion_version: str | None
-    report: pd.DataFrame
-    shared: pd.DataFrame
-    timings: dict[str, float]
-    messages: list[str] = field(default_factory=list)
-    run_dir: Path | None = None
-    bundle: Path | None = None
-    bundle_version: str | None = None
-    version: str | None = None  # registered version
-    promoted: bool = False
-    comparison: BundleComparison | None = None
-    why: str = ""
-    metric: str = ""
-
-    @property
-    def exit_code(self) -> int:
-        if self.outcome is Outcome.PLANNED and self.plan.nothing_to_do:
-            return Outcome.NOTHING_TO_DO.exit_code
-        return self.outcome.exit_code
-
-    def counts(self) -> dict[str, int]:
-        if "outcome" not in self.report:
-            return {}
-        return {str(k): int(v) for k, v in self.report["outcome"].value_counts().items()}
 
 
 @dataclass
@@ -139,8 +76,6 @@ class _Champion:
 def _open_champion(source: str, uri: str | None, throwaway: bool) -> Iterator[_Champion]:
     """The champion as a local directory; with ``throwaway`` a registry download goes to a
     temporary cache removed afterwards (a dry run leaves nothing on disk)."""
-    from manymodels.registry import parse_models_uri, resolve_bundle, resolve_version
-
     with ExitStack() as stack:
         registered = version = None
         cache = None
@@ -286,8 +221,6 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
     state_dir
         Where locks and resumable state live (default :func:`manymodels.promotions.state_dir`).
     """
-    from manymodels.promotions import state_dir as default_state_dir
-
     clock = _Clock()
     messages: list[str] = []
 
@@ -349,9 +282,6 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
 
 def _model_name(source: str) -> str:
     """The registered-model name a source names (a directory: its manifest's name)."""
-    from manymodels.registry import parse_models_uri
-    from manymodels.runtime import read_manifest
-
     if source.startswith("models:"):
         return parse_models_uri(source)[0]
     return read_manifest(source).name
@@ -387,8 +317,6 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
     reuse = RetrainReuse(plan, champion.bundle, attempt)
     with clock.part("fit"):
         if (attempt.run_dir / "manifest.json").is_file():
-            from manymodels.runtime import read_manifest
-
             partial = _partial_from_disk(attempt.run_dir, read_manifest)
             reuse.resumed = set(attempt.results)
         else:
@@ -407,8 +335,6 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
     with clock.part("merge"):
         merged = merge(plan, decisions, prepared, champion.bundle, partial, fitted, run_id, origin)
         if run_dir.exists():  # a rerun after a crash past this point: write it again
-            import shutil
-
             shutil.rmtree(run_dir)
         write_merged_run(merged, run_dir, report, prepared,
                          training_report(decisions, champion.bundle, partial))
@@ -416,8 +342,6 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
                            plan.shared_frame(), {}, messages, run_dir=run_dir,
                            metric=prepared.trainer.metric)
     with clock.part("package"):
-        from manymodels.bundle import package_run
-
         if out is not None and os.fspath(out).startswith("s3://"):
             raise SpecError(f"--out {out}: retrain writes a local bundle (register it to share "
                             "it); choose a directory")
@@ -456,8 +380,6 @@ def _partial_from_disk(run_dir: Path, read: Callable[[Path], Any]) -> Any:
 
 def _register(result: RetrainResult, bundle: Manifest, model: str, uri: str | None,
               tell: Callable[[str], None]) -> None:
-    from manymodels.registry import find_version, register_bundle, seed_cache
-
     assert result.bundle_version is not None
     existing = find_version(model, result.bundle_version, uri)
     if existing is not None:
@@ -472,9 +394,6 @@ def _register(result: RetrainResult, bundle: Manifest, model: str, uri: str | No
 
 def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion, model: str,
              alias: str, uri: str | None, tell: Callable[[str], None]) -> None:
-    from manymodels.bundle import validate_bundle
-    from manymodels.registry import promote
-
     assert result.bundle is not None and result.version is not None
     report = validate_bundle(result.bundle)
     if not report.ok:
@@ -507,8 +426,6 @@ def _finish(result: RetrainResult, attempt: Attempt, clock: _Clock, track: bool,
     result.timings = clock.total()
     if track:
         with clock.part("log"):
-            from ._track import log_retrain
-
             log_retrain(result, uri)
     attempt.finish()
     result.timings = clock.total()

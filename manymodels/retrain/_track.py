@@ -9,23 +9,21 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from manymodels.errors import RegistryError
+from manymodels.registry import resolve_version
+from manymodels.tracking import experiment_id, tracking_uri
 
-if TYPE_CHECKING:
-    from ._run import RetrainResult
+from ._result import RetrainResult
 
 __all__ = ["log_retrain"]
 
 
 def log_retrain(result: RetrainResult, uri: str | None = None) -> str:
     """Log ``result`` and return the MLflow run id it went to."""
+    # mlflow takes seconds to import: only a tracked retrain pays for it
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
-
-    from manymodels.registry import resolve_version
-    from manymodels.tracking import experiment_id, tracking_uri
 
     resolved = tracking_uri(uri)
     try:
