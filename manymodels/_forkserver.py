@@ -6,7 +6,7 @@ LightGBM, ONNX, ONNX Runtime and skl2onnx loaded, and imports the command line, 
 console script imports again in every worker (as ``__mp_main__``).
 
 When a command ends, the server sees its parent gone and exits. The interpreter's
-teardown, with all of that loaded, would take ≈ 0.4 s (measured), and whatever reads the
+teardown, with all of that loaded, would take a noticeable time, and whatever reads the
 command's output through a pipe (a CI log, ``$(...)``, a scheduler) waits for it, because
 the server holds the same stdout and stderr. The server has nothing to flush or clean up,
 so it ends at once. Workers forked from it never run exit handlers: multiprocessing ends

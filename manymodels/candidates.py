@@ -6,7 +6,7 @@ one-hot for categorical ones), so the exported ONNX model takes raw columns.
 scikit-learn is imported where an estimator or a classification metric is built, not
 with this module: the parent process of a run (training's gate, ``manymodels retrain``
 planning and comparing, reports) uses the specs and regression metrics only, and
-importing scikit-learn costs about a second of a command's start-up.
+importing scikit-learn is a large share of a command's start-up.
 """
 
 from __future__ import annotations

@@ -296,8 +296,8 @@ def _record_problem(item: Any) -> str | None:
 class KeyVerifier:
     """The server's view of the key file, re-read when the file changes.
 
-    The file is stat'ed at most once per ``reload_seconds`` (a ``stat`` call costs about
-    a microsecond, a request about 50), so a key revoked by ``manymodels keys revoke``
+    The file is stat'ed at most once per ``reload_seconds`` (a ``stat`` call is cheap
+    next to a request), so a key revoked by ``manymodels keys revoke``
     stops working on a running server within that time, without a restart or a signal.
     A file that becomes unreadable or corrupt keeps the last good keys and logs why.
     """
@@ -373,7 +373,7 @@ class KeyVerifier:
         if entry is not None:
             seen = self._seen.get(key_id)
             # the key verified last under this id: a constant-time compare of the bytes
-            # replaces the SHA-256 (a third of the check's cost on the hot path)
+            # replaces the SHA-256, the costliest step of the check on the hot path
             if seen is not None and hmac.compare_digest(seen, raw):
                 return entry[1]
         # compare even when the id is unknown, so timing does not tell ids apart

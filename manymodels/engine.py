@@ -128,12 +128,12 @@ _SERVER = {"started": False}
 def _use_fork_server(workers: int) -> None:
     """Make loky fork its workers from a preloaded server, when the command line asked.
 
-    A spawned worker imports scikit-learn, SciPy and ONNX Runtime for itself: ≈ 1.6 s of
-    CPU per worker, which on two cores is as much as fitting a small retrain's 50 segments
-    (measured). A fork server pays it once and forks every worker with it loaded. It is
+    A spawned worker imports scikit-learn, SciPy and ONNX Runtime for itself, which costs
+    as much as fitting a small retrain. A fork server pays it once and forks every worker
+    with it loaded. It is
     started with the thread limits joblib gives spawned workers (one BLAS/OpenMP thread per
     worker's share of the cores), since the libraries read them as they load, in the server.
-    Where there is no fork server (Windows), workers are spawned as before.
+    Where there is no fork server (Windows), loky spawns each worker.
     """
     if SHARED_IMPORTS["enabled"] and "forkserver" in multiprocessing.get_all_start_methods():
         if not _SERVER["started"]:
@@ -180,7 +180,7 @@ def start_workers(workers: int, backend: str = "loky") -> threading.Thread | Non
     """Start the local worker processes in the background while the caller prepares data.
 
     Starting loky workers and importing scikit-learn, LightGBM and skl2onnx in them takes
-    1–2 s; overlapping it with the parent's data preparation hides most of it. The later
+    longer than most data preparation, so the two overlap. The later
     :func:`run_chunks` call reuses the same executor.
     """
     if backend != "loky" or workers < 2:
@@ -202,8 +202,8 @@ def stop_workers() -> None:
     """Stop this process's loky workers at once, when a command is over.
 
     At interpreter exit loky asks each worker to stop and waits while its interpreter
-    winds down with scikit-learn and SciPy loaded: 0.3-0.5 s of every ``train`` and
-    ``retrain`` (measured). Every result has been collected by then, so the workers are
+    winds down with scikit-learn and SciPy loaded. Every result has been collected by
+    then, so the workers are
     killed instead. loky keeps its reusable executor in a module global, read here
     without creating one.
     """

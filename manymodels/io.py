@@ -28,8 +28,8 @@ def _json_default(value: Any) -> Any:
 def manifest_json(value: Any) -> bytes:
     """Compact JSON of a manifest (or any run record), NaN and infinities as ``null``.
 
-    orjson writes a 10,000-model manifest (20 MB) in about 0.06 s where the standard
-    encoder takes 0.6 s, and it is written twice per retrain (run and bundle). The text
+    orjson writes a large manifest many times faster than the standard encoder, and it is
+    written twice per retrain (run and bundle). The text
     is standard JSON that every reader (:func:`manymodels.runtime.read_manifest`, other
     languages) parses the same.
     """
@@ -91,9 +91,8 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
 
     Safe for model files, which manymodels never rewrites in place: every write replaces
     a file (:func:`atomic_write_bytes`), so a link shared by a run, a bundle, the download
-    cache and a local artifact store keeps its bytes. At 10,000 models linking instead of
-    copying is most of the difference between packing in 0.2 s and in 2 s with a cold
-    page cache.
+    cache and a local artifact store keeps its bytes. With many models, linking instead of
+    copying is most of the cost of packing with a cold page cache.
     """
     try:
         os.link(src, dst)

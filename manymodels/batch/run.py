@@ -138,7 +138,7 @@ def choose_workers(total_rows: int, units: int, backend: str) -> int:
 
     A single local worker is a pipeline (reader, scorer and writer threads) that keeps
     about two cores busy, so on two cores a second process mostly duplicates start-up and
-    sessions (measured from 3M to 10M rows: within 10% of one worker, 25% more memory).
+    sessions.
     Pool and Dask workers score one mini-batch at a time: one per core.
     """
     try:
@@ -180,7 +180,7 @@ def reuse_freed_memory() -> None:
 
     Above its mmap threshold glibc gives every large block a fresh mapping and unmaps it
     on free, so each million-row numpy array of each mini-batch is faulted in page by
-    page and handed back again: 0.2-0.3 s of system time at 10M rows, measured. With
+    page and handed back again, in system time. With
     the threshold at its maximum (32 MB) and trimming only past 512 MB free, the blocks
     of one mini-batch are reused by the next; resident memory stays at the peak of one
     mini-batch's working set instead of going up and down. The CLI and the worker pool
@@ -331,7 +331,7 @@ def _describe(files: list[InputFile], warmer: _Warmer | None) -> list[InputFile]
 class _Warmer:
     """Creates the bundle's sessions on a thread while the inputs are checksummed.
 
-    Session creation (0.14 s for 1,000 small models) would otherwise wait for the first
+    Session creation would otherwise wait for the first
     mini-batch. Only when the input is large enough that most models will be used
     (``WARM_ROWS_PER_MODEL`` rows per model), and only as many as the cache budget
     holds. Worker processes forked afterwards inherit the sessions (copy-on-write), so

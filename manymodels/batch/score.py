@@ -48,8 +48,8 @@ __all__ = [
 #: Test hook: seconds to sleep per piece, so that tests can kill a run mid-way.
 SLEEP_ENV = "MANYMODELS_BATCH_TEST_SLEEP"
 
-#: Graph optimisation for batch sessions: "none" creates sessions ~25% faster than
-#: "basic", and session creation outweighs every ``run`` of these small graphs.
+#: Graph optimisation for batch sessions: "none" creates sessions faster than "basic",
+#: and session creation outweighs every ``run`` of these small graphs.
 OPTIMISATION = "none"
 
 _BUNDLES: dict[tuple[str, int | None], tuple[Bundle, ScoringPlan]] = {}

@@ -292,7 +292,7 @@ def environment_record(run_raw: Mapping[str, Any] | None = None) -> dict[str, An
 
 
 def _write_json(path: Path, payload: Any, compact: bool = False) -> None:
-    if compact:  # a manifest: 10,000 models are 20 MB of JSON
+    if compact:  # a manifest: tens of megabytes at the largest, so no indentation
         path.write_bytes(manifest_json(payload) + b"\n")
     else:
         path.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")

@@ -113,8 +113,8 @@ def main() -> None:
         sys.exit(exit_code_for(exc))
     finally:
         # The command is over. Without this the interpreter's last garbage collections walk
-        # every object of every module loaded (scikit-learn, SciPy, MLflow, SQLAlchemy):
-        # 0.8-1 s of a retrain's wall time. Exit handlers and finalisers still run.
+        # every object of every module loaded (scikit-learn, SciPy, MLflow, SQLAlchemy).
+        # Exit handlers and finalisers still run.
         gc.freeze()
         if "joblib.externals.loky.reusable_executor" in sys.modules:  # workers were used
             from manymodels.engine import stop_workers

@@ -11,8 +11,8 @@ from manymodels.errors import SpecError
 __all__ = ["QUICK_EXIT", "register"]
 
 #: Set once a batch run has committed everything and printed its summary: the process
-#: may then end without tearing down its interpreter (freeing a thousand sessions and
-#: every module costs 0.1 s; all output is already durable). Only the console-script
+#: may then end without tearing down its interpreter (freeing every session and every
+#: module; all output is already durable). Only the console-script
 #: entry point acts on it, so in-process callers (tests, notebooks) are unaffected.
 QUICK_EXIT = {"ok": False}
 

@@ -81,7 +81,7 @@ def _cache_op_versions() -> None:
     """Build skl2onnx's operator-version table once per process instead of per conversion.
 
     ``ModelComponentContainer._build_op_version`` walks every ONNX schema on each call
-    (≈6 ms, a quarter to two thirds of a small conversion). The table depends only on
+    (a large share of a small conversion). The table depends only on
     the installed onnx package, so it is computed once and shared; ``_get_op_version``
     only reads it. If skl2onnx renames the method, conversions are merely slower.
     """

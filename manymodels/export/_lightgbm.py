@@ -1,6 +1,6 @@
 """LightGBM trees as TreeEnsemble attributes, written the way onnxmltools writes them.
 
-onnxmltools' ``convert_lightgbm`` spends 15-35 ms per model, mostly deep-copying and
+onnxmltools' ``convert_lightgbm`` spends most of a LightGBM export deep-copying and
 walking the booster's JSON dump node by node. This module reads the booster's own text
 format (``Booster.model_to_string``: one line of numbers per field per tree) and builds
 the same ``nodes_*`` and ``class_*``/``target_*`` arrays, in the same order, so a

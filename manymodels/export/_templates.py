@@ -2,7 +2,8 @@
 
 Segments trained with the same candidate share a graph: the same inputs, the same
 operators in the same order; only numbers differ (scaler means, one-hot categories,
-coefficients, trees). skl2onnx spends 10-60 ms rebuilding that graph for every model, so
+coefficients, trees). skl2onnx rebuilds that graph for every model, which dominates a
+small model's export, so
 the first pipeline of a structure is converted in full and kept as a *template*; later
 ones copy it and write their own weights into the node attributes (well under a
 millisecond). What makes two pipelines share a structure is spelled out by

@@ -230,9 +230,9 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
             say(line)
 
     register = register or promote
-    # the worker processes start now, so their imports (scikit-learn, SciPy, ONNX Runtime:
-    # ~1.6 s of CPU, paid once by the fork server from the command line) overlap the
-    # parent's MLflow import and data preparation on the other core
+    # the worker processes start now, so their imports (scikit-learn, SciPy, ONNX Runtime,
+    # paid once by the fork server from the command line) overlap the parent's MLflow
+    # import and data preparation on the other core
     warming = None if dry_run or jobs == 1 else start_workers(jobs or default_jobs(), backend)
     text = os.fspath(source)
     model = name or _model_name(text)
@@ -288,7 +288,7 @@ def _model_name(source: str) -> str:
 
 
 #: Below this many models to fit (none of them shared), one process fits them unless
-#: workers are already warm: starting and warming worker processes (1-2 s) then costs
+#: workers are already warm: starting and warming worker processes then costs
 #: more than it saves.
 IN_PROCESS_MODELS = 100
 

@@ -131,7 +131,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
-        # output list on every call (~4 us): its pybind session takes the call directly
+        # output list on every call: its pybind session takes the call directly
         # (the public path is kept for builds without it).
         # Neither closure refers to ``self``: a cycle would leave evicted sessions to the
         # cyclic garbage collector (see ``serve.registry.ServedModel``).

@@ -44,8 +44,8 @@ class ManyModelsAPI(FastAPI):
     key-carrying routes ``POST /models/{name}/score`` and ``POST /segments/score`` are
     answered straight from the ASGI call: same body checks, same data plane, same error table as the declared
     routes (which stay, for the OpenAPI page and for any caller that mounts the router),
-    but without routing, dependency solving and the middleware stack, which cost about
-    50 µs per request, four times the scoring itself. Every other route goes through
+    but without routing, dependency solving and the middleware stack, which cost more
+    than the scoring itself. Every other route goes through
     FastAPI as usual. Both lanes get their deployment from :meth:`serve`. Cross-cutting
     checks (credentials: :mod:`.auth`) are pure ASGI middlewares put around
     :meth:`dispatch` with :meth:`wrap`, so neither lane can skip them.

@@ -4,7 +4,7 @@ FastAPI's default page loads Swagger UI's script and style from a CDN, so on a m
 without internet access (where endpoints often run) it is blank. Here the same page
 points at ``/docs/assets/``, which serves the files that ship inside the
 ``swagger-ui-py`` wheel (Swagger UI 5, which renders OpenAPI 3.1), imported like any
-other dependency (≈ 20 ms on top of FastAPI at start-up, measured).
+other dependency (little on top of FastAPI at start-up).
 """
 
 from __future__ import annotations

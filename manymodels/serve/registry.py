@@ -109,7 +109,7 @@ def _prepare(loaded: LoadedModel, entry: ModelEntry, segment_columns: Iterable[s
         **base,
         allowed=frozenset(loaded.input_names) | frozenset(segment_columns),
         float_inputs=tuple(n for n in loaded.input_names if n not in loaded.string_inputs),
-        # an exact-size copy: orjson's bytes keep a 4 KB buffer, 10x what one holds
+        # an exact-size copy: orjson's bytes keep a buffer many times what one holds
         v2_metadata=bytes(memoryview(orjson.dumps(metadata))),
     )
 
@@ -364,11 +364,8 @@ class ModelRegistry:
     def _trim_after_evictions(self) -> None:
         """Give freed session memory back to the OS every :data:`TRIM_EVERY` evictions.
 
-        glibc keeps the memory of evicted sessions in its heaps. Measured with 4,000
-        models and a 100 MB budget: under continuous load/evict churn the cache holds
-        about 1.55× its counted bytes whether or not it trims, but once churn pauses a
-        trim brings it back to 1.1× (without: it stays at 1.55×). ``malloc_trim`` takes
-        about 10 ms on such a heap and runs here, in a loading thread, never on the loop.
+        glibc keeps the memory of evicted sessions in its heaps; a trim gives it back once
+        churn pauses. ``malloc_trim`` runs here, in a loading thread, never on the loop.
         """
         if _MALLOC_TRIM is None or self.cache.evictions - self._trimmed_at < TRIM_EVERY:
             return

@@ -1,7 +1,7 @@
 """Request and response shapes, for the OpenAPI page only.
 
 The routes parse bodies with orjson and check them by hand (a pydantic body model costs
-2.4× the server CPU on 100-row requests), so these models never run per request: they
+more CPU than the scoring), so these models never run per request: they
 are turned into JSON Schema once and referenced from each route's OpenAPI entry.
 """
 

@@ -1,6 +1,6 @@
 """Run the application under uvicorn with the settings that make it fast.
 
-uvloop + httptools (2.3× the requests/s of asyncio + h11 here) with the connection
+uvloop + httptools (the fastest event loop and parser uvicorn offers) with the connection
 limits of :mod:`.limits`, no access log and no ``server``/``date`` headers by default.
 One worker serves from this process; several workers re-create the application from
 ``MANYMODELS_*`` variables in each process, and each then holds its own model cache.
