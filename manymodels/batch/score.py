@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,15 @@ from manymodels.runtime import Bundle, Routed, contract
 from manymodels.runtime.forecast_request import FutureForecast
 from manymodels.runtime.scoring import GroupLayout, GroupRun
 
-from .arrow import array_of, dictionary_of, numpy_of, string_array, valid_mask
+from .arrow import array_of, dictionary_of
+from .columns import (
+    Columns,
+    Rejections,
+    float_input,
+    plain_column,
+    prediction_array,
+    segment_codes,
+)
 from .forecast import ForecastColumns, forecast_chunk, method_codes
 from .io import Chunk, PartWriter, read_chunks
 from .plan import Piece, Unit
@@ -173,206 +181,6 @@ def ready_bundle(root: str, cache_bytes: int | None) -> tuple[Bundle, ScoringPla
     return bundle, plan
 
 
-# -- conversion and validation ---------------------------------------------------------
-class _Rejections:
-    """Per-row rejections (0 = fine, else an index into :attr:`reasons`); the first
-    reason found for a row wins. Each reason has the input contract's stable code."""
-
-    def __init__(self, n: int) -> None:
-        self.code = np.zeros(n, dtype=np.int32)
-        self.reasons: list[str] = [""]
-        self.codes: list[str] = [""]
-
-    def add(self, rows: np.ndarray, reason: str, code: str) -> None:
-        """Reject ``rows`` (bool mask or positions) unless they already are."""
-        if isinstance(rows, np.ndarray) and rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        if len(rows) == 0:
-            return
-        fresh = rows[self.code[rows] == 0]
-        if len(fresh):
-            self.reasons.append(reason)
-            self.codes.append(code)
-            self.code[fresh] = len(self.reasons) - 1
-
-    def add_refusals(self, refusals: Iterable[contract.Refusal]) -> None:
-        for refusal in refusals:
-            self.add(refusal.rows, refusal.message, refusal.code)
-
-    def reject_all(self, reason: str, code: str) -> None:
-        self.add(np.arange(len(self.code)), reason, code)
-
-
-def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    if pa.types.is_dictionary(column.type):
-        return column.cast(column.type.value_type)
-    return column
-
-
-def _key_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
-    """One integer code per row (``-1`` = null) and the value of each code.
-
-    What the router needs, straight from Arrow without Python objects per row: the
-    indices of a dictionary column (strings are read as dictionaries), ``value - min``
-    for integers of a small range, else Arrow's hash-based dictionary encoding.
-    """
-    kind = column.type
-    if pa.types.is_integer(kind) and column.null_count == 0 and n:
-        values = numpy_of(column)
-        low, high = int(values.min()), int(values.max())
-        if high - low < max(4 * n, 1 << 16):
-            return values - low, list(range(low, high + 1))
-    if not pa.types.is_dictionary(kind):
-        column = column.dictionary_encode()
-    return _dictionary_codes(column, n)
-
-
-def _dictionary_codes(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, list[Any]]:
-    """Codes into one merged dictionary for a chunked dictionary column (each row group
-    brings its own dictionary); null indices become ``-1``."""
-    merged: dict[Any, int] = {}
-    uniques: list[Any] = []
-    codes = np.empty(n, dtype=np.int64)
-    at = 0
-    for chunk in column.chunks:
-        local = chunk.dictionary.to_pylist()
-        remap = np.empty(len(local) + 1, dtype=np.int64)
-        for i, value in enumerate(local):
-            if value not in merged:
-                merged[value] = len(uniques)
-                uniques.append(value)
-            remap[i] = merged[value]
-        remap[-1] = -1
-        indices = numpy_of(chunk.indices)
-        present = valid_mask(chunk.indices)
-        if present is not None:
-            indices = np.where(present, indices, len(local))
-        codes[at:at + len(chunk)] = remap[indices]
-        at += len(chunk)
-    return codes, uniques
-
-
-#: Arrow types converted to numpy straight from their buffers.
-_NUMPY_SOURCES = frozenset([
-    pa.float64(), pa.float32(), pa.int64(), pa.int32(), pa.int16(), pa.int8(),
-    pa.uint64(), pa.uint32(), pa.uint16(), pa.uint8(), pa.bool_()])
-
-
-def _float_input(column: pa.ChunkedArray) -> contract.FloatColumn:
-    """A model input column checked by the input contract (nulls, text, overflow...).
-
-    Numbers go through their buffers; text (CSV reads inputs as text) is cast by Arrow
-    and, where that fails, each distinct value goes through the contract's own rule.
-    """
-    if column.type in _NUMPY_SOURCES:  # no Arrow kernel, no pyarrow.compute import
-        return _numeric_input(column)
-    column = _plain(column)
-    kind = column.type
-    if pa.types.is_null(kind):
-        return contract.float_column(np.zeros(len(column)), np.ones(len(column), dtype=bool))
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        return _numeric_input(column.cast(pa.float64()))
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        try:
-            return _numeric_input(column.cast(pa.float64()))
-        except pa.ArrowInvalid:  # some text is not a number: the contract names it
-            return _text_input(column)
-    return contract.refused_column(len(column), str(kind))  # dates, lists...: not numbers
-
-
-def _numeric_input(column: pa.ChunkedArray) -> contract.FloatColumn:
-    if column.null_count == len(column):
-        return contract.float_column(np.zeros(len(column)), np.ones(len(column), dtype=bool))
-    values = numpy_of(column)
-    present = valid_mask(column)
-    return contract.float_column(values, None if present is None else ~present)
-
-
-def _text_input(column: pa.ChunkedArray) -> contract.FloatColumn:
-    """Text through the contract's per-value rule, once per distinct value."""
-    codes, uniques = _dictionary_codes(column.dictionary_encode(), len(column))
-    parsed = contract.float_column(list(uniques) + [None])
-    lookup = codes.copy()
-    lookup[lookup < 0] = len(uniques)  # null -> the appended None
-    values = parsed.values[lookup]
-    row_codes = None if parsed.codes is None else parsed.codes[lookup]
-    return contract.FloatColumn(values, row_codes, parsed.examples)
-
-
-def _prediction_array(prediction: np.ndarray) -> pa.Array:
-    """Predictions as Arrow: floats through their buffer, class labels as strings."""
-    if prediction.dtype != object:
-        return array_of(prediction if prediction.dtype == np.float32
-                        else np.asarray(prediction, dtype=np.float64))
-    labels = prediction.tolist()
-    if all(isinstance(v, str) for v in labels):
-        return string_array(labels)
-    return pa.array(labels)
-
-
-def _as_objects(column: pa.ChunkedArray, rows: np.ndarray | None,
-                key_codes: tuple[np.ndarray, list[Any]] | None = None) -> np.ndarray:
-    """A column as numpy for the runtime: integers as they are, the rest as objects.
-
-    With ``rows``, only those rows are converted (the others stay ``None``): a column
-    that only the fallback model reads is needed for a few rows, not for the chunk.
-    ``key_codes`` are the codes routing computed for a segment column (reused).
-    """
-    if pa.types.is_integer(column.type) and column.null_count == 0:
-        return numpy_of(column)
-    dictionary = pa.types.is_dictionary(column.type)
-    if rows is not None and not dictionary and key_codes is None:  # a few rows of plain text
-        out = np.empty(len(column), dtype=object)
-        out[rows] = np.array(column.take(array_of(rows)).to_pylist() + [None],
-                             dtype=object)[:-1]
-        return out
-    codes, uniques = key_codes or _key_codes(column, len(column))  # values looked up by code
-    values = np.array([*uniques, None], dtype=object)  # code -1 (null) -> None
-    if rows is None:
-        return np.asarray(values[codes])
-    out = np.empty(len(column), dtype=object)
-    out[rows] = values[codes[rows]]
-    return out
-
-
-class _Columns(Mapping[str, Any]):
-    """Model inputs of one chunk, converted on first use (string inputs are rarely needed)."""
-
-    def __init__(self, table: pa.Table, floats: Mapping[str, Any],
-                 rows_needing: dict[str, np.ndarray],
-                 key_codes: dict[str, tuple[np.ndarray, list[Any]]] | None = None) -> None:
-        self._table = table
-        self._values: dict[str, Any] = dict(floats)
-        self._names = set(table.column_names) | set(floats)
-        self._rows_needing = rows_needing
-        self._key_codes = key_codes or {}
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._values:
-            if name not in self._names:
-                raise KeyError(name)
-            rows = self._rows_needing.get(name)
-            few = rows is not None and len(rows) * 4 < self._table.num_rows
-            self._values[name] = _as_objects(self._table[name], rows if few else None,
-                                             self._key_codes.get(name))
-        return self._values[name]
-
-    def convert_needed(self) -> None:
-        """Convert now the text inputs some groups need (on the thread that prepares)."""
-        for name in self._rows_needing:
-            if name in self._names:
-                self[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-
 # -- scoring one chunk -----------------------------------------------------------------
 @dataclass
 class ChunkResult:
@@ -384,7 +192,7 @@ class ChunkResult:
     fallbacks: int
 
 
-def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Rejections,
+def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: Rejections,
            key_codes: dict[str, tuple[np.ndarray, list[Any]]]) -> Routed | None:
     """Route a chunk's rows; fills ``key_codes`` with each segment column's codes."""
     names = set(table.column_names)
@@ -395,7 +203,7 @@ def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Reje
         return None
     n = table.num_rows
     for column in plan.segment_columns:
-        key_codes[column] = _key_codes(table[column], n)
+        key_codes[column] = segment_codes(table[column], n)
     codes, uniques = zip(*(key_codes[c] for c in plan.segment_columns), strict=True)
     routed = bundle.route_codes(codes, uniques, n, with_names=False)
     if routed.rejected:
@@ -408,7 +216,7 @@ def _route(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rejections: _Reje
 
 
 def _check_groups(plan: ScoringPlan, routed: Routed, names: set[str],
-                  rejections: _Rejections) -> dict[str, np.ndarray]:
+                  rejections: Rejections) -> dict[str, np.ndarray]:
     """Groups whose model has every input column, minus rows rejected so far."""
     groups: dict[str, np.ndarray] = {}
     clean = not rejections.code.any()
@@ -444,9 +252,9 @@ class PreparedChunk:
     """
 
     table: pa.Table
-    rejections: _Rejections
+    rejections: Rejections
     routed: Routed | None
-    columns: _Columns
+    columns: Columns
     groups: dict[str, np.ndarray]
     layout: GroupLayout | None
     #: A forecasting bundle's forecasts of the chunk's rows (no groups, no sessions here).
@@ -454,7 +262,7 @@ class PreparedChunk:
 
     def release_inputs(self) -> None:
         """Drop the model inputs once scored (the chunk then waits for its writer)."""
-        self.columns = _Columns(self.table, {}, {})
+        self.columns = Columns(self.table, {}, {})
         self.layout = None
 
 
@@ -466,7 +274,7 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
     ``extra`` lists the file's columns to refuse under ``strict_columns``.
     """
     n = table.num_rows
-    rejections = _Rejections(n)
+    rejections = Rejections(n)
     names = set(table.column_names)
     if plan.forecast is not None:
         return _prepare_forecast(bundle, plan.forecast, table, rejections, id_column, extra)
@@ -478,7 +286,7 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
         rejections.reject_all(f"missing id column '{id_column}'", contract.MISSING_COLUMN)
     key_codes: dict[str, tuple[np.ndarray, list[Any]]] = {}
     routed = _route(bundle, plan, table, rejections, key_codes)
-    inputs = {c: _float_input(table[c]) for c in sorted(plan.float_columns & names)}
+    inputs = {c: float_input(table[c]) for c in sorted(plan.float_columns & names)}
     groups: dict[str, np.ndarray] = {}
     needing: dict[str, np.ndarray] = {}
     floats: dict[str, np.ndarray] = {}
@@ -490,7 +298,7 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
                 if column in plan.string_columns:
                     rows_needing.setdefault(column, []).append(rows)
         needing = {c: np.concatenate(r) for c, r in rows_needing.items()}
-        checked = contract.check_inputs(_Columns(table, inputs, needing, key_codes), n, groups,
+        checked = contract.check_inputs(Columns(table, inputs, needing, key_codes), n, groups,
                                         bundle.manifest.models,
                                         checked_keys=frozenset(plan.segment_columns))
         if checked.refusals:
@@ -498,7 +306,7 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
             kept = {m: r[rejections.code[r] == 0] for m, r in groups.items()}
             groups = {m: r for m, r in kept.items() if len(r)}
         floats = {c: v for c, v in checked.columns.items() if c in inputs}
-    columns = _Columns(table, floats, needing, key_codes)
+    columns = Columns(table, floats, needing, key_codes)
     columns.convert_needed()
     layout = bundle.layout(groups, columns) if groups else None
     if layout is not None:
@@ -510,7 +318,7 @@ def prepare_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table,
 
 
 def _prepare_forecast(bundle: Bundle, columns: ForecastColumns, table: pa.Table,
-                      rejections: _Rejections, id_column: str | None, extra: Sequence[str]
+                      rejections: Rejections, id_column: str | None, extra: Sequence[str]
                       ) -> PreparedChunk:
     """Forecast a chunk of future rows; rows the runtime refuses get its reason code."""
     if extra:
@@ -525,7 +333,7 @@ def _prepare_forecast(bundle: Bundle, columns: ForecastColumns, table: pa.Table,
         by_reason.setdefault(refusal, []).append(row)
     for (code, reason), rows in by_reason.items():
         rejections.add(np.asarray(rows, dtype=np.int64), reason, code)
-    return PreparedChunk(table, rejections, None, _Columns(table, {}, {}), {}, None, done)
+    return PreparedChunk(table, rejections, None, Columns(table, {}, {}), {}, None, done)
 
 
 def _assemble_forecast(ready: PreparedChunk, done: FutureForecast, rel: str, offset: int,
@@ -585,7 +393,7 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
         rows_kept = np.arange(n) if keep is None else keep
         columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
         prediction = prediction if keep is None else prediction[keep]
-        columns["prediction"] = _prediction_array(prediction)
+        columns["prediction"] = prediction_array(prediction)
         columns["model"] = dictionary_of(index, routed.model_names)
         columns["fallback"] = array_of(np.asarray(fallback, dtype=bool))
         if probabilities is not None and ran.classes is not None:
@@ -601,7 +409,7 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
 
 
 def _reject_non_finite(prediction: np.ndarray, probabilities: np.ndarray | None,
-                       routed: Routed, rejections: _Rejections) -> None:
+                       routed: Routed, rejections: Rejections) -> None:
     """Reject the scored rows whose prediction is not finite (never written as a result)."""
     scored = None if not rejections.code.any() else np.flatnonzero(rejections.code == 0)
     if scored is None:
@@ -625,7 +433,7 @@ def score_chunk(bundle: Bundle, plan: ScoringPlan, table: pa.Table, rel: str, of
     return assemble_chunk(bundle, ready, run_chunk(bundle, ready), rel, offset, id_column)
 
 
-def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: int,
+def _rejected_table(table: pa.Table, rejections: Rejections, rel: str, offset: int,
                     id_column: str | None) -> pa.Table | None:
     rows = np.flatnonzero(rejections.code)
     if len(rows) == 0:
@@ -634,7 +442,7 @@ def _rejected_table(table: pa.Table, rejections: _Rejections, rel: str, offset: 
     if id_column:
         if id_column in table.column_names:
             # the id keeps its type, as in predictions/, so the two join without a cast
-            columns[id_column] = _plain(table[id_column]).take(array_of(rows)).combine_chunks()
+            columns[id_column] = plain_column(table[id_column]).take(array_of(rows)).combine_chunks()
         else:
             columns[id_column] = pa.nulls(len(rows), pa.string())
     columns["source_file"] = dictionary_of(np.zeros(len(rows), dtype=np.int32), [rel])
