@@ -168,32 +168,27 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _warm_worker() -> int:
-    """Import the training stack in a worker so its first real chunk starts at once."""
-    import manymodels.export  # noqa: F401  (registers the ONNX converters)
-    import manymodels.fit  # noqa: F401
-
-    return os.getpid()
-
-
-def start_workers(workers: int, backend: str = "loky") -> threading.Thread | None:
+def start_workers(workers: int, backend: str = "loky",
+                  warm: Callable[[], object] = os.getpid) -> threading.Thread | None:
     """Start the local worker processes in the background while the caller prepares data.
 
     Starting loky workers and importing scikit-learn, LightGBM and skl2onnx in them takes
-    longer than most data preparation, so the two overlap. The later
-    :func:`run_chunks` call reuses the same executor.
+    longer than most data preparation, so the two overlap. ``warm`` runs once in each
+    worker (training passes :func:`manymodels.fit.warm_worker`, which imports its stack,
+    so the engine depends on nothing above it). The later :func:`run_chunks` call reuses
+    the same executor.
     """
     if backend != "loky" or workers < 2:
         return None
 
     _use_fork_server(workers)
 
-    def warm() -> None:
+    def start() -> None:
         with contextlib.suppress(Exception):  # a failed warm-up only costs the overlap
             joblib.Parallel(n_jobs=workers, backend="loky")(
-                joblib.delayed(_warm_worker)() for _ in range(workers))
+                joblib.delayed(warm)() for _ in range(workers))
 
-    thread = threading.Thread(target=warm, name="manymodels-warm-workers", daemon=True)
+    thread = threading.Thread(target=start, name="manymodels-warm-workers", daemon=True)
     thread.start()
     return thread
 

@@ -13,6 +13,7 @@ same on a local process pool and on a remote Dask worker, and only the parent wr
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 import traceback
@@ -40,7 +41,8 @@ from manymodels.selection import SIMPLICITY, FoldScores, pick
 from manymodels.specs import TrainerSpec
 from manymodels.validation import fold_masks
 
-__all__ = ["FitContext", "FitJob", "FitResult", "feature_stats", "run_chunk", "run_job"]
+__all__ = ["FitContext", "FitJob", "FitResult", "feature_stats", "run_chunk", "run_job",
+           "warm_worker"]
 
 
 @dataclass
@@ -389,3 +391,10 @@ def _all_finite(job: FitJob) -> bool:
         return True
     values = job.frame[job.features.numeric].to_numpy(dtype=np.float64)
     return bool(np.isfinite(values).all())
+
+
+def warm_worker() -> int:
+    """Import the training stack in a worker so its first real chunk starts at once."""
+    import manymodels.export  # noqa: F401  heavy (onnx, skl2onnx); registers the converters
+
+    return os.getpid()

@@ -18,6 +18,7 @@ import pandas as pd
 from manymodels.candidates import build_candidates
 from manymodels.data import read_table
 from manymodels.engine import start_workers
+from manymodels.fit import warm_worker
 from manymodels.segment import (
     FeatureSet,
     Segmentation,
@@ -80,7 +81,7 @@ def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
     check_table(raw, seg_spec, tr_spec)
     features = resolve_features(raw, seg_spec, tr_spec)
     build_candidates(tr_spec)  # a bad candidate is a spec error before any work starts
-    warming = start_workers(workers, backend)
+    warming = start_workers(workers, backend, warm_worker)
     try:
         frame = prepare_frame(raw, features, seg_spec, tr_spec)
         segmentation = partition(frame, seg_spec, tr_spec)

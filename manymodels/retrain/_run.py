@@ -29,6 +29,7 @@ from manymodels.bundle import package_run, validate_bundle
 from manymodels.candidates import score_metric
 from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
+from manymodels.fit import warm_worker
 from manymodels.prepare import PreparedData, prepare_data
 from manymodels.promotions import state_dir as default_state_dir
 from manymodels.registry import (
@@ -233,7 +234,8 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
     # the worker processes start now, so their imports (scikit-learn, SciPy, ONNX Runtime,
     # paid once by the fork server from the command line) overlap the parent's MLflow
     # import and data preparation on the other core
-    warming = None if dry_run or jobs == 1 else start_workers(jobs or default_jobs(), backend)
+    warming = None if dry_run or jobs == 1 \
+        else start_workers(jobs or default_jobs(), backend, warm_worker)
     text = os.fspath(source)
     model = name or _model_name(text)
     with ExitStack() as stack:
