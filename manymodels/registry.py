@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlparse
 from manymodels.bundle import BundleSummary, summarise
 from manymodels.errors import BundleError, RegistryError
 from manymodels.io import link_or_copy
+from manymodels.promotions import Promotion, append_promotion
 from manymodels.runtime import MANIFEST_FILE, Manifest, read_manifest
 from manymodels.storage import cache_root, fetch_bundle, is_remote
 from manymodels.tracking import (
@@ -247,8 +248,6 @@ def promote(name: str, version: str | int, alias: str = "champion",
 
 def _log_alias_move(name: str, alias: str, version: str, previous: Any, reason: str,
                     uri: str) -> None:
-    from manymodels.promotions import Promotion, append_promotion
-
     before = None if previous is None else str(previous)
     append_promotion(Promotion.now(name, alias, version, before, reason), uri)
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from manymodels.candidates import higher_is_better, score_metric
+from manymodels.runtime.scoring import blend_outputs
 
 __all__ = ["BLEND_WEIGHTS", "SIMPLICITY", "Choice", "FoldScores", "LevelChoice", "choose_level",
            "choose_route", "option_label", "paired_difference", "pick", "score_folds"]
@@ -221,8 +223,6 @@ def option_label(choice: LevelChoice, count: int) -> str | None:
 
 def blend_predictions(own: np.ndarray, coarser: np.ndarray, weight: float) -> np.ndarray:
     """``weight · own + (1 − weight) · coarser``, as the scoring runtime computes it."""
-    from manymodels.runtime.scoring import blend_outputs
-
     return blend_outputs(own, coarser, weight)
 
 
@@ -241,8 +241,6 @@ def choose_route(truth: np.ndarray, fold_of: np.ndarray, predictions: Sequence[P
     no level wins outright, the best blend of own and the best coarser level (regression
     only) replaces it if its mean is better. With ``min_gain`` see :func:`choose_level`.
     """
-    import pandas as pd
-
     count = len(predictions)
     rows = np.ones(len(truth), dtype=bool)
     for p in predictions:

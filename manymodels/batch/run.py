@@ -9,17 +9,21 @@ because it lives in the commit, not in the executor.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from manymodels.errors import DataError, SpecError
 from manymodels.runtime import sha256_file
@@ -27,6 +31,7 @@ from manymodels.sources import resolve_bundle_source
 from manymodels.storage import cache_root, is_remote, mirror_inputs
 
 from .objlog import ObjectTxLog
+from .pipeline import run_pipelined
 from .plan import (
     SUFFIXES,
     InputFile,
@@ -170,8 +175,6 @@ class _KillHook:
 
 # -- executors -------------------------------------------------------------------------
 def _run_inline(tasks: list[UnitTask]) -> Iterator[UnitResult]:
-    from .pipeline import run_pipelined
-
     yield from run_pipelined(tasks)
 
 
@@ -187,8 +190,6 @@ def reuse_freed_memory() -> None:
     call this; a library caller's process is left as it is.
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
@@ -200,23 +201,14 @@ def _init_pool_worker() -> None:
     """Die with the parent (a kill -9 of the run must not leave scorers behind)."""
     reuse_freed_memory()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    try:
-        import pyarrow as pa
-
-        pa.set_cpu_count(1)  # the cores belong to the worker processes
-    except ImportError:  # pragma: no cover
-        pass
+    pa.set_cpu_count(1)  # the cores belong to the worker processes
 
 
 def _run_pool(tasks: list[UnitTask], workers: int, stop: Callable[[], bool]
               ) -> Iterator[UnitResult]:
-    import multiprocessing as mp
-
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
                              initializer=_init_pool_worker) as pool:
@@ -322,8 +314,6 @@ def _describe(files: list[InputFile], warmer: _Warmer | None) -> list[InputFile]
         warmer.start(sum(f.rows for f in files if f.error is None))
     if len(files) < 2:
         return [checksum_file(f) for f in files]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(checksum_file, files))
 

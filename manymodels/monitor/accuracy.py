@@ -10,6 +10,7 @@ on when it can be computed from labels alone (``rmse``, ``mae``, ``wape``, ``map
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,6 @@ def _ids_of(log: pd.DataFrame, column: str) -> pd.Series:
     if column in log.columns:
         return log[column]
     if "extra" in log.columns:
-        import json
-
         values = [json.loads(e).get(column) if isinstance(e, str) else None
                   for e in log["extra"]]
         if any(v is not None for v in values):

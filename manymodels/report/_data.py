@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from manymodels.errors import BundleError, DataError
+from manymodels.registry import resolve_bundle
 from manymodels.runtime import MANIFEST_FILE
 
 from ._forecast_data import (
@@ -77,8 +78,6 @@ def _local_dir(source: str | os.PathLike[str]) -> Path:
     """A run/bundle directory path; ``models:/`` URIs are resolved through the registry."""
     text = os.fspath(source)
     if text.startswith("models:"):
-        from manymodels.registry import resolve_bundle  # MLflow only for registry URIs
-
         return resolve_bundle(text)
     path = Path(text)
     if not (path / MANIFEST_FILE).is_file():

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InputSchemaError
+from .session import as_string_column
 
 if TYPE_CHECKING:
     from .manifest import ModelEntry
@@ -318,8 +319,6 @@ def string_column(values: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
     Numbers take their key form (``42.0`` → ``"42"``); null, NaN and ``""`` are missing.
     """
-    from .session import as_string_column
-
     if isinstance(values, list | tuple):
         if all(type(v) is str and v for v in values):
             return np.array(values, dtype=object), None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -192,8 +193,6 @@ async def read_csv_table(request: Request, limit: int, columns: frozenset[str]) 
 def parse_csv(body: bytes) -> Table:
     """The table of a CSV body: pandas parses, the conversion to columns of Python
     values is one pass over the whole frame (not one pandas call per column)."""
-    import io
-
     import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
 
     try:
