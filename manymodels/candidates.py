@@ -54,12 +54,14 @@ class Candidate:
 def _estimator(algorithm: str, task: str, params: dict[str, Any], seed: int) -> BaseEstimator:
     regression = task == "regression"
     if algorithm == "lightgbm":
+        # LightGBM: imported where a booster is built or converted
         import lightgbm as lgb
 
         base = {"n_estimators": 50, "num_leaves": 15, "learning_rate": 0.1, "min_child_samples": 5,
                 "random_state": seed, "n_jobs": 1, "verbose": -1}
         cls = lgb.LGBMRegressor if regression else lgb.LGBMClassifier
         return cls(**{**base, **params})
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.dummy import DummyClassifier, DummyRegressor
     from sklearn.ensemble import (
         HistGradientBoostingClassifier,
@@ -95,6 +97,7 @@ def build_prep(numeric: list[str], categorical: list[str]) -> ColumnTransformer:
     Every candidate of a segment gets the same preprocessing, so the trainer fits it once
     per split and reuses the transformed arrays for all candidates.
     """
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.compose import ColumnTransformer
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -115,6 +118,7 @@ def build_estimator(candidate: Candidate, task: str, seed: int) -> BaseEstimator
 def build_pipeline(candidate: Candidate, numeric: list[str], categorical: list[str], task: str,
                    seed: int) -> Pipeline:
     """A fresh, unfitted pipeline: column preprocessing then the estimator."""
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.pipeline import Pipeline
 
     return Pipeline([("prep", build_prep(numeric, categorical)),
@@ -141,6 +145,7 @@ def score_metric(metric: str, y_true: np.ndarray, prediction: np.ndarray,
     y_true = np.asarray(y_true)
     if metric in ("rmse", "mae", "wape", "mape"):
         return label_metric(metric, y_true, prediction)  # the same figure monitor computes
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
     if metric == "accuracy":

@@ -425,6 +425,7 @@ def create_token(scopes: Sequence[str], ttl_seconds: float, *, subject: str,
 
     ``key`` is the HS256 secret, or a PEM private key for RS256 / ES256.
     """
+    # PyJWT only in token mode
     import jwt
 
     expand_scopes(scopes)
@@ -466,6 +467,7 @@ class TokenVerifier:
                    **options: Any) -> TokenVerifier:
         """A verifier for the HS256 secret in ``secret_file`` or the PEM public key."""
         if public_key_file is not None:
+            # cryptography only for RS256/ES256 keys
             from cryptography.hazmat.primitives.asymmetric import ec, rsa
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -510,6 +512,7 @@ class TokenVerifier:
                 del self._cache[token]
 
     def _decode(self, token: bytes) -> Principal:
+        # PyJWT only in token mode
         import jwt
 
         try:
@@ -531,6 +534,7 @@ class TokenVerifier:
 
 def _token_problem(exc: Exception) -> str:
     """A fixed description per PyJWT error: never the token, never its claims' values."""
+    # PyJWT only in token mode
     import jwt
 
     table: list[tuple[type[Exception], str]] = [

@@ -90,6 +90,7 @@ def chunk_jobs(jobs: Sequence[J], workers: int, chunks_per_worker: int = 8,
 @contextlib.contextmanager
 def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
     try:
+        # optional extra: Dask only with --backend dask
         from dask.distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - dask is a declared dependency
         raise SpecError("backend 'dask' needs dask[distributed] installed") from exc

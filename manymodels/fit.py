@@ -262,6 +262,7 @@ def _rank(scored: list[_Scored], metric: str, rule: str = "best") -> tuple[list[
 
 def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: FitResult) -> _Scored:
     """Refit candidates on all rows in rank order until one exports and passes parity."""
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.pipeline import Pipeline
 
     from manymodels.export import export_model  # import here: heavy, and only workers need it

@@ -158,6 +158,7 @@ def _free_port() -> int:
 
 
 def _wait_for(url: str, process: subprocess.Popen[Any], timeout: float) -> None:
+    # httpx only when talking to a running server
     import httpx
 
     deadline = time.monotonic() + timeout

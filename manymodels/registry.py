@@ -73,6 +73,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<al
 @contextmanager
 def _mlflow_errors(action: str) -> Iterator[None]:
     """Turn MLflow's exceptions into one RegistryError that says what was being done."""
+    # mlflow takes seconds to import: only when the registry or tracking is used
     from mlflow.exceptions import MlflowException
 
     try:
@@ -84,6 +85,7 @@ def _mlflow_errors(action: str) -> Iterator[None]:
 
 
 def _client(uri: str | None) -> MlflowClient:
+    # mlflow takes seconds to import: only when the registry or tracking is used
     from mlflow import MlflowClient
 
     resolved = tracking_uri(uri)
@@ -292,6 +294,7 @@ def cache_dir() -> Path:
 
 def _download(found: RegisteredBundle, uri: str, target: Path) -> Path:
     """Download a version's bundle into ``target`` through a temp dir and a rename."""
+    # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +341,7 @@ def _log_bundle(client: MlflowClient, run: Any, root: Path) -> None:
     if urlparse(artifact_uri).scheme not in ("", "file"):
         client.log_artifacts(run.info.run_id, str(root), ARTIFACT_PATH)
         return
+    # mlflow takes seconds to import: only when the registry or tracking is used
     from mlflow.utils.file_utils import local_file_uri_to_path
 
     target = Path(local_file_uri_to_path(artifact_uri)) / ARTIFACT_PATH

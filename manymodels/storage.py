@@ -66,6 +66,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     A missing driver (s3fs for ``s3://``) becomes one line saying what to install.
     """
     try:
+        # fsspec only for object-store URLs
         from fsspec.core import url_to_fs
     except ImportError as exc:  # pragma: no cover - dask brings fsspec
         raise SpecError("object storage needs fsspec: pip install 'manymodels[s3]'") from exc

@@ -77,6 +77,7 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
 def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: TrainerSpec,
                      log_segments: bool = False) -> str:
     """Log specs as params, summary metrics, and the report + manifest as artifacts."""
+    # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow
 
     try:
@@ -104,6 +105,7 @@ def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: Tra
 
 
 def _log_segment_children(result: TrainResult, experiment: str) -> None:
+    # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow
 
     metric_cols = ["metric_own", "metric_pool", "metric_global", "rows", "fit_seconds"]

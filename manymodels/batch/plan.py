@@ -167,6 +167,7 @@ def describe_file(item: InputFile) -> InputFile:
 
 def read_layout(item: InputFile) -> InputFile:
     """Fill size, row groups and columns from the footer (fast: no data is read)."""
+    # pyarrow's Parquet reader only for Parquet inputs
     import pyarrow.parquet as pq
 
     try:

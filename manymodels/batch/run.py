@@ -226,6 +226,7 @@ def _run_pool(tasks: list[UnitTask], workers: int, stop: Callable[[], bool]
 def _run_dask(tasks: list[UnitTask], workers: int, scheduler: Any,
               stop: Callable[[], bool]) -> Iterator[UnitResult]:
     try:
+        # optional extra: Dask only with --backend dask
         from distributed import Client, LocalCluster
         from distributed import as_completed as dask_completed
     except ImportError as exc:  # pragma: no cover
@@ -264,6 +265,7 @@ class _Progress:
         self._bar: Any = None
         if not enabled:
             return
+        # rich only when a progress bar is shown
         from rich.console import Console
         from rich.progress import (
             BarColumn,

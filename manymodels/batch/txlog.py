@@ -32,6 +32,7 @@ from typing import IO, Any, Protocol
 from manymodels.errors import SpecError
 
 try:  # flock keeps two runs from writing the same OUTPUT; absent on Windows
+    # POSIX only
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]

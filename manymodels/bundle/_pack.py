@@ -339,6 +339,7 @@ def _copy_training_report(run_root: Path, tmp: Path) -> None:
 
 def _write_mlmodel(tmp: Path, name: str, version: str) -> None:
     """Write the ``MLmodel`` file with MLflow's own model API (not hand-written YAML)."""
+    # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow.pyfunc
     from mlflow.models import Model
     from mlflow.models.signature import ModelSignature

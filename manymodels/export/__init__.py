@@ -171,6 +171,7 @@ def _direct_parts(prep: Any) -> list[tuple[Any, list[str]]] | None:
     blocks, the remainder dropped, no pandas output. Anything else returns None and the
     ColumnTransformer itself runs.
     """
+    # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     if not hasattr(prep, "transformers_") or getattr(prep, "_sklearn_output_config", {}):

@@ -41,6 +41,7 @@ def ensure_registered() -> None:
 
 
 def _register_lightgbm() -> None:
+    # LightGBM: imported where a booster is built or converted
     from lightgbm import LGBMClassifier, LGBMRegressor
     from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
     from skl2onnx import update_registered_converter
@@ -60,6 +61,7 @@ def _register_lightgbm() -> None:
 
 
 def _register_dummies() -> None:
+    # skl2onnx: heavy, imported only where a model is converted
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import (
         calculate_linear_classifier_output_shapes,
@@ -85,6 +87,7 @@ def _cache_op_versions() -> None:
     the installed onnx package, so it is computed once and shared; ``_get_op_version``
     only reads it. If skl2onnx renames the method, conversions are merely slower.
     """
+    # skl2onnx: heavy, imported only where a model is converted
     from skl2onnx.common._container import ModelComponentContainer
 
     original = getattr(ModelComponentContainer, "_build_op_version", None)
@@ -179,6 +182,7 @@ def _convert_dummy_classifier(scope: Any, operator: Any, container: Any) -> None
 
 def initial_types(numeric: list[str], categorical: list[str]) -> list[tuple[str, Any]]:
     """One graph input per raw column: ``[None, 1]`` float32 or string, in that order."""
+    # skl2onnx: heavy, imported only where a model is converted
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     types: list[tuple[str, Any]] = [(c, FloatTensorType([None, 1])) for c in numeric]
@@ -189,6 +193,7 @@ def initial_types(numeric: list[str], categorical: list[str]) -> list[tuple[str,
 def convert_full(pipeline: Any, numeric: list[str], categorical: list[str],
                  classifier: bool) -> onnx.ModelProto:
     """Convert with skl2onnx; classifiers without ZipMap (``label``, ``probabilities``)."""
+    # skl2onnx: heavy, imported only where a model is converted
     from skl2onnx import convert_sklearn
 
     ensure_registered()

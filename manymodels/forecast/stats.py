@@ -53,6 +53,7 @@ _MIN_LENGTH = {"seasonal_naive": 1, "naive": 1, "drift": 1, "ets": 7, "theta": 4
 def _sf_models() -> Any:
     """statsforecast.models, imported on first use: it pulls in statsmodels and SciPy,
     seconds of start-up that only fitting pays, never a module that merely imports this one."""
+    # optional: statsforecast only when a forecasting spec asks for it
     import statsforecast.models as models
 
     return models
@@ -135,12 +136,14 @@ class FittedStat:
         # statsforecast's forward filters, imported here for the reason _sf_models gives
         try:
             if self.method == "ets":
+                # optional: statsforecast only when a forecasting spec asks for it
                 from statsforecast.ets import ets_f
 
                 old = self.model.model_
                 state = ets_f(y, m=old["m"], model=old)
                 state["actual_residuals"] = y - state["fitted"]
             else:
+                # optional: statsforecast only when a forecasting spec asks for it
                 from statsforecast.theta import forward_theta
 
                 state = forward_theta(self.model.model_, y=y)

@@ -122,6 +122,7 @@ def _stat(name: str, label: str, value: Any) -> str:
 
 
 def _figure(fig: Any, div_id: str) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.io as pio
 
     fig.update_layout(margin={"l": 50, "r": 20, "t": 40, "b": 40}, height=360,
@@ -232,6 +233,7 @@ def _plain(value: Any) -> Any:
 
 
 def _metric_distribution_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     seg = data.segments
@@ -251,6 +253,7 @@ def _metric_distribution_section(data: ReportData) -> str:
 
 
 def _winners_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     seg = data.segments
@@ -278,6 +281,7 @@ def _winners_section(data: ReportData) -> str:
 
 
 def _own_vs_global_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     seg = data.segments
@@ -326,6 +330,7 @@ def _failures_section(data: ReportData) -> str:
 
 
 def _timings_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     seg = data.segments
@@ -348,6 +353,7 @@ def _timings_section(data: ReportData) -> str:
 
 
 def _monitor_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     if data.monitor is None:
@@ -388,6 +394,7 @@ SECTIONS = (_summary_section, _leaderboard_section, _metric_distribution_section
 def render_page(data: ReportData, sections: Sequence[Callable[[ReportData], str]],
                 script: str = "") -> str:
     """The whole page as one string: plotly.js inline once, then every section."""
+    # plotly: heavy, imported only when a report draws a chart
     from plotly.offline import get_plotlyjs
 
     body = "".join(section(data) for section in sections)

@@ -151,6 +151,7 @@ def _is_missing_scalar(value: Any) -> bool:
     """pd.NA, NaT and friends, without importing pandas for plain values."""
     module = type(value).__module__
     if module.startswith("pandas"):
+        # pandas only on DataFrame paths: batch scoring never imports it
         import pandas as pd
 
         try:

@@ -77,6 +77,7 @@ class ScoreResult:
     classes: Sequence[Any] | None = None
 
     def to_frame(self) -> pd.DataFrame:
+        # pandas only on DataFrame paths: batch scoring never imports it
         import pandas as pd
 
         frame = pd.DataFrame({"prediction": self.prediction, "model": self.model,
@@ -193,6 +194,7 @@ class Bundle:
         codes: list[np.ndarray] = []
         uniques: list[Sequence[Any]] = []
         if n:
+            # pandas only on DataFrame paths: batch scoring never imports it
             import pandas as pd
 
             for column in self.segment_columns:

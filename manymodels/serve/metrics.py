@@ -60,6 +60,7 @@ RANKED_BY = "manymodels_model_requests"
 
 def multiprocess_dir() -> str | None:
     """The multiprocess directory in use (set before prometheus-client is imported)."""
+    # prometheus-client's multiprocess mode only with several workers
     from prometheus_client import values
 
     path = os.environ.get(METRICS_DIR_ENV)
@@ -397,6 +398,7 @@ def _fold(metric: Metric, keep: set[str]) -> Metric:
 def _clear_dead_workers(path: str) -> None:
     """Drop the live-gauge files of worker processes that no longer exist (a worker that
     crashed and was replaced would otherwise be counted forever)."""
+    # prometheus-client's multiprocess mode only with several workers
     from prometheus_client import multiprocess
 
     for file in Path(path).glob("gauge_live*_*.db"):
@@ -418,6 +420,7 @@ def render_metrics(metrics: Metrics) -> bytes:
     if path is None:
         source: Callable[[], Iterable[Metric]] = metrics.collect_process
     else:
+        # prometheus-client's multiprocess mode only with several workers
         from prometheus_client import multiprocess
 
         _clear_dead_workers(path)
