@@ -3,6 +3,9 @@
 Each sub-module registers its commands on :data:`app`. Every :class:`ManyModelsError`
 becomes one clear line on stderr and a non-zero exit code from :data:`EXIT_CODES`;
 anything else is a bug and keeps its traceback.
+
+Each command imports the library it calls inside its function: the shell is imported
+by every command (and by each forked worker), so it loads only Typer and rich itself.
 """
 
 from __future__ import annotations
