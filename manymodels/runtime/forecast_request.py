@@ -28,7 +28,7 @@ from . import contract
 from .errors import InputSchemaError, ManyModelsError, SegmentNotFound
 
 if TYPE_CHECKING:
-    from .forecast import Forecaster
+    from .forecaster import Forecaster
 
 __all__ = [
     "FORECAST_FIELDS",

@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:  # pandas is imported where it is used: batch scoring never needs it
     import pandas as pd
 
-    from .forecast import Forecaster
+    from .forecaster import Forecaster
 
 from . import contract
 from .errors import BundleError, ModelNotFound, SegmentNotFound
@@ -284,7 +284,7 @@ class Bundle:
         """The forecasting side of a ``task: forecast`` bundle (built on first use)."""
         found = self.__dict__.get("_forecaster")
         if found is None:
-            from .forecast import Forecaster  # imports pandas, which batch scoring avoids
+            from .forecaster import Forecaster  # imports pandas, which batch scoring avoids
 
             found = self.__dict__["_forecaster"] = Forecaster(self.manifest, self.model)
         return found

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 
 from manymodels.keys import parse_segment_key
-from manymodels.runtime.forecast import Forecaster
 from manymodels.runtime.forecast_request import (
     forecast_future_rows,
     forecast_records,
     forecast_request,
     parse_forecast_request,
 )
+from manymodels.runtime.forecaster import Forecaster
 
 from .dataplane import Prediction, Table
 from .errors import MalformedBody

@@ -1,0 +1,426 @@
+"""The bundle side of forecasting: :class:`Forecaster` answers ``Bundle.forecast`` and
+forecast rows from a forecasting bundle's ``forecast`` section, with the lag features
+and the recursion of :mod:`.forecast` (the code training validated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, InputSchemaError, SegmentNotFound
+from .forecast import (
+    FeatureSpec,
+    Member,
+    SeriesState,
+    builtin_forecast,
+    calendar_values,
+    future_times,
+    onnx_predict,
+    recursive_forecast,
+    scale_of,
+)
+from .manifest import Manifest, normalise_key_value
+from .session import LoadedModel
+
+__all__ = ["Forecaster"]
+
+
+@dataclass
+class _Route:
+    members: tuple[Member, ...]
+    method: str
+
+
+@dataclass
+class Forecaster:
+    """Forecasts for the series of a forecasting bundle (its ``forecast`` section)."""
+
+    manifest: Manifest
+    model: Callable[[str], LoadedModel]
+    spec: FeatureSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        raw = self.manifest.raw.get("forecast")
+        if not isinstance(raw, Mapping):
+            raise DataError(f"bundle {self.manifest.name!r} is not a forecasting bundle "
+                            f"(trained without task: forecast)")
+        self.raw = raw
+        self.spec = FeatureSpec.from_dict(raw["features"])
+        self.freq = str(raw["freq"])
+        self.time_column = str(raw["time_column"])
+        self.horizon = int(raw["horizon"])
+        self.max_horizon = int(raw.get("max_horizon", 10 * self.horizon))
+        self.key_columns = list(self.manifest.segment_columns)
+        series = raw["series"]
+        self.keys = [tuple(normalise_key_value(v) for v in key) for key in series["keys"]]
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        width = max((len(t) for t in series["tail"]), default=1)
+        self.tails = np.full((len(self.keys), width), np.nan)
+        for i, tail in enumerate(series["tail"]):
+            if tail:
+                self.tails[i, width - len(tail):] = np.asarray(tail, dtype=np.float64)
+        self.last = [_time_value(v, self.freq) for v in series["last"]]
+        self.loc = np.asarray(series["loc"], dtype=np.float64)
+        self.scale = np.asarray(series["scale"], dtype=np.float64)
+        self.routes = [_Route(tuple(self._member_of(m) for m in r["members"]),
+                              str(r.get("method", ""))) for r in raw["routes"]]
+        self.fallback = _Route(tuple(self._member_of(m) for m in raw.get("fallback") or []),
+                               "fallback")
+
+    def _member_of(self, raw: Mapping[str, Any]) -> Member:
+        origin = raw.get("origin")
+        return Member(float(raw["weight"]), raw.get("model"), raw.get("builtin"),
+                      str(raw.get("kind", "lag")),
+                      None if origin is None else _time_value(origin, self.freq))
+
+    # -- public ---------------------------------------------------------------------------
+    def forecast(self, h: int | None = None, keys: Any = None, future: pd.DataFrame | None = None,
+                 history: pd.DataFrame | None = None) -> pd.DataFrame:
+        """One row per series and step: key columns, the time column, ``forecast``."""
+        h = self._check_horizon(self.horizon if h is None else h)
+        rows, row_keys = self._select(keys, history)
+        state = self._state(rows, row_keys, history)
+        values = self._run(rows, state, h, future)
+        return self._table(rows, state, values, h)
+
+    def forecast_rows(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+        """Forecasts for rows naming future periods (keys, time, known covariates)."""
+        missing = [c for c in [*self.key_columns, self.time_column] if c not in frame.columns]
+        if missing:
+            raise InputSchemaError(f"forecast rows lack column(s) {', '.join(missing)} "
+                                   f"(a forecast row names its series and a future "
+                                   f"{self.time_column})")
+        n = len(frame)
+        out = np.full(n, np.nan)
+        methods = [""] * n
+        if n == 0:
+            return out, methods
+        keys = frame[self.key_columns].astype(object).to_numpy()
+        norm = [tuple(normalise_key_value(v) for v in row) for row in keys]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, key in enumerate(norm):
+            groups.setdefault(key, []).append(i)
+        wanted = list(groups)
+        rows, row_keys = self._select_keys(wanted)
+        state = self._state(rows, row_keys, None)
+        steps_of: list[np.ndarray] = []
+        for r, key in enumerate(wanted):
+            times = frame[self.time_column].to_numpy()[groups[key]]
+            steps_of.append(self._steps(state.last[r], times, key))
+        h = self._check_horizon(max(int(s.max()) for s in steps_of))
+        fut = None
+        if self.spec.known_future:
+            fut = self._future_from_rows(frame, wanted, groups, steps_of)
+        values = self._run(rows, state, h, fut)
+        for r, key in enumerate(wanted):
+            idx = groups[key]
+            out[idx] = values[r, steps_of[r] - 1]
+            for i in idx:
+                methods[i] = self.routes[rows[r]].method if rows[r] >= 0 else "fallback"
+        return out, methods
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _check_horizon(self, h: int) -> int:
+        if not isinstance(h, (int, np.integer)) or h < 1:
+            raise InputSchemaError(f"horizon must be a positive integer, got {h!r}")
+        if h > self.max_horizon:
+            raise InputSchemaError(f"horizon {h} is over this bundle's limit of "
+                                   f"{self.max_horizon} steps (trained for {self.horizon})")
+        return int(h)
+
+    def _select(self, keys: Any, history: pd.DataFrame | None
+                ) -> tuple[list[int], list[tuple[str, ...]]]:
+        if keys is None and history is None:
+            return list(range(len(self.keys))), list(self.keys)
+        if keys is None:
+            assert history is not None
+            keys = history[self.key_columns].drop_duplicates()
+        return self._select_keys(_key_tuples(keys, self.key_columns), allow_new=history is not None)
+
+    def _select_keys(self, keys: Sequence[tuple[str, ...]], allow_new: bool = False
+                     ) -> tuple[list[int], list[tuple[str, ...]]]:
+        rows: list[int] = []
+        for key in keys:
+            i = self.index.get(key)
+            if i is None and not (allow_new and self.fallback.members):
+                raise SegmentNotFound(dict(zip(self.key_columns, key, strict=True)))
+            rows.append(-1 - len(rows) if i is None else i)
+        return rows, list(keys)
+
+    def _state(self, rows: list[int], row_keys: list[tuple[str, ...]],
+               history: pd.DataFrame | None) -> SeriesState:
+        known = np.asarray([max(r, 0) for r in rows], dtype=np.int64)
+        tails = self.tails[known].copy()
+        loc, scale = self.loc[known].copy(), self.scale[known].copy()
+        last = [self.last[r] if r >= 0 else None for r in rows]
+        state = SeriesState(tails, last, loc, scale, row_keys)
+        if history is not None:
+            self._apply_history(rows, history, state)
+        return state
+
+    def _apply_history(self, rows: list[int], history: pd.DataFrame, state: SeriesState) -> None:
+        tails, last, loc, scale = state.tails, state.last, state.loc, state.scale
+        target = self.manifest.target
+        missing = [c for c in [*self.key_columns, self.time_column, target]
+                   if c not in history.columns]
+        if missing:
+            raise InputSchemaError(f"history lacks column(s) {', '.join(missing)}")
+        by_key = {_key_tuple(k, len(self.key_columns)): g for k, g in
+                  history.groupby(self.key_columns, sort=False, dropna=False)}
+        width = tails.shape[1]
+        for r, key in enumerate(state.keys):
+            part = by_key.get(key)
+            if part is None:
+                continue
+            part = part.sort_values(self.time_column)
+            y = part[target].to_numpy(dtype=np.float64)
+            if not np.isfinite(y).all():
+                raise InputSchemaError(f"history of series {_key_text(self.key_columns, key)} "
+                                       f"holds missing or non-finite {target} values")
+            times = part[self.time_column].to_numpy()
+            _check_regular(times, self.freq, key, self.key_columns)
+            start = _time_value(times[0], self.freq)
+            prior_last = last[r]
+            if prior_last is not None and rows[r] >= 0 and _after(start, prior_last, self.freq, 1):
+                # fresher rows continue the stored tail: append them
+                joined = np.concatenate([tails[r][np.isfinite(tails[r])], y])
+            else:
+                joined = y
+                if rows[r] < 0:
+                    loc[r], scale[r] = scale_of(y) if self.spec.scale else (0.0, 1.0)
+            tail = joined[-width:]
+            tails[r] = np.nan
+            tails[r, width - len(tail):] = tail
+            last[r] = _time_value(times[-1], self.freq)
+        for r, value in enumerate(last):
+            if value is None:
+                raise SegmentNotFound(dict(zip(self.key_columns, state.keys[r], strict=True)))
+
+    def _steps(self, last: Any, times: np.ndarray, key: tuple[str, ...]) -> np.ndarray:
+        if self.freq == "int":
+            try:
+                steps = np.asarray(times, dtype=np.float64) - float(last)
+            except (TypeError, ValueError):
+                raise InputSchemaError(f"column '{self.time_column}' must hold integer periods"
+                                       ) from None
+        else:
+            grid = future_times(last, self.freq, self.max_horizon)
+            pos = {pd.Timestamp(t): i + 1 for i, t in enumerate(grid)}
+            steps = np.asarray([pos.get(_as_timestamp(t, self.time_column), -1) for t in times],
+                               dtype=np.float64)
+            if (steps < 0).any():
+                bad = times[int(np.argmax(steps < 0))]
+                raise InputSchemaError(
+                    f"{self.time_column}={bad} is not one of the next {self.max_horizon} "
+                    f"{self.freq} periods after {pd.Timestamp(last).date()} for series "
+                    f"{_key_text(self.key_columns, key)}")
+        if (steps < 1).any() or not np.all(steps == np.round(steps)):
+            bad = times[int(np.argmax((steps < 1) | (steps != np.round(steps))))]
+            raise InputSchemaError(f"{self.time_column}={bad} is not a future period of series "
+                                   f"{_key_text(self.key_columns, key)} (its last observed "
+                                   f"period is {last})")
+        return steps.astype(np.int64)
+
+    def _future_from_rows(self, frame: pd.DataFrame, wanted: list[tuple[str, ...]],
+                          groups: Mapping[tuple[str, ...], list[int]], steps_of: list[np.ndarray]
+                          ) -> pd.DataFrame:
+        parts = []
+        for r, key in enumerate(wanted):
+            part = frame.iloc[groups[key]][list(self.spec.known_future)].copy()
+            for c, v in zip(self.key_columns, key, strict=True):
+                part[c] = v
+            part["__step"] = steps_of[r]
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
+
+    def _future_arrays(self, future: pd.DataFrame | None, h: int, state: SeriesState
+                       ) -> dict[str, np.ndarray]:
+        names = self.spec.known_future
+        if not names:
+            return {}
+        n = len(state.keys)
+        if future is None:
+            raise InputSchemaError(f"this bundle's models use known-future covariate(s) "
+                                   f"{', '.join(names)}: supply them for every step "
+                                   f"(future=... / --future FILE)")
+        missing = [c for c in names if c not in future.columns]
+        if missing:
+            raise InputSchemaError(f"future covariates lack column(s) {', '.join(missing)}")
+        out = {c: np.full((n, h), np.nan) for c in names}
+        steps = self._future_steps(future, state)
+        keys = _key_tuples(future[self.key_columns], self.key_columns)
+        where = {k: r for r, k in enumerate(state.keys)}
+        for i, key in enumerate(keys):
+            r = where.get(key)
+            step = int(steps[i])
+            if r is None or not 1 <= step <= h:
+                continue
+            for c in names:
+                out[c][r, step - 1] = _float_or_nan(future[c].iat[i])
+        for c in names:
+            bad = np.argwhere(~np.isfinite(out[c]))
+            if bad.size:
+                r, k = int(bad[0][0]), int(bad[0][1])
+                period = future_times(state.last[r], self.freq, k + 1)[-1]
+                raise InputSchemaError(
+                    f"known-future covariate '{c}' is missing for series "
+                    f"{_key_text(self.key_columns, state.keys[r])} at step {k + 1} "
+                    f"({self.time_column}={period}): a forecast needs it for every step")
+        return out
+
+    def _future_steps(self, future: pd.DataFrame, state: SeriesState) -> np.ndarray:
+        if "__step" in future.columns:
+            return future["__step"].to_numpy(dtype=np.int64)
+        if self.time_column not in future.columns:
+            raise InputSchemaError(f"future covariates lack column '{self.time_column}'")
+        keys = _key_tuples(future[self.key_columns], self.key_columns)
+        where = {k: r for r, k in enumerate(state.keys)}
+        times = future[self.time_column].to_numpy()
+        steps = np.zeros(len(future), dtype=np.int64)
+        for i, key in enumerate(keys):
+            r = where.get(key)
+            if r is not None:
+                steps[i] = int(self._steps(state.last[r], times[i:i + 1], key)[0])
+        return steps
+
+    def _run(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
+             ) -> np.ndarray:
+        n = len(rows)
+        out = np.zeros((n, h))
+        fut = self._future_arrays(future, h, state)
+        by_member: dict[Member, list[int]] = {}
+        for r, row in enumerate(rows):
+            route = self.routes[row] if row >= 0 else self.fallback
+            for member in route.members:
+                by_member.setdefault(member, []).append(r)
+        for member, where in by_member.items():
+            idx = np.asarray(where, dtype=np.int64)
+            values = self._member(member, idx, state, h, fut)
+            out[idx] += member.weight * values
+        return out
+
+    def _member(self, member: Member, idx: np.ndarray, state: SeriesState, h: int,
+                fut: Mapping[str, np.ndarray]) -> np.ndarray:
+        if member.builtin is not None:
+            return builtin_forecast(state.tails[idx], member.builtin, self.spec.season_length, h)
+        assert member.model is not None
+        loaded = self.model(member.model)
+        if member.kind == "stat":
+            # the graph forecasts from its fitted origin; an update may have moved the
+            # series' origin since, so its steps start that many periods later
+            out = np.empty((len(idx), h))
+            for r, i in enumerate(idx):
+                offset = _periods_between(member.origin, state.last[i], self.freq)
+                steps = np.arange(offset + 1, offset + h + 1, dtype=np.int64)
+                out[r] = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
+                                    dtype=np.float64).ravel()
+            return out
+        times = [future_times(state.last[i], self.freq, h) for i in idx]
+        calendar = {name: np.stack([calendar_values(t, [name], self.spec.season_length)[name]
+                                    for t in times]) for name in self.spec.calendar}
+        static = {c: np.asarray([state.keys[i][j] for i in idx], dtype=object)
+                  for j, c in enumerate(self.key_columns) if c in self.spec.static}
+        return recursive_forecast(onnx_predict(loaded), state.tails[idx], state.loc[idx],
+                                  state.scale[idx], self.spec, h, calendar,
+                                  {c: v[idx] for c, v in fut.items()}, static)
+
+    def _table(self, rows: list[int], state: SeriesState, values: np.ndarray, h: int
+               ) -> pd.DataFrame:
+        n = len(rows)
+        columns: dict[str, Any] = {}
+        for j, c in enumerate(self.key_columns):
+            columns[c] = np.repeat(np.asarray([k[j] for k in state.keys], dtype=object), h)
+        times = [future_times(state.last[r], self.freq, h) for r in range(n)]
+        columns[self.time_column] = (np.concatenate([np.asarray(t) for t in times]) if n
+                                     else np.asarray([]))
+        columns["forecast"] = values.reshape(-1)
+        columns["method"] = np.repeat(np.asarray(
+            [self.routes[r].method if r >= 0 else "fallback" for r in rows], dtype=object), h)
+        return pd.DataFrame(columns)
+
+
+def _periods_between(origin: Any, last: Any, freq: str) -> int:
+    """Periods from ``origin`` to ``last`` (0 when the origin is unknown or the same)."""
+    if origin is None or last is None:
+        return 0
+    if freq == "int":
+        return max(int(last) - int(origin), 0)
+    return max(len(pd.date_range(pd.Timestamp(origin), pd.Timestamp(last), freq=freq)) - 1, 0)
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _key_tuple(key: Any, width: int) -> tuple[str, ...]:
+    values = key if isinstance(key, tuple) else (key,)
+    return tuple(normalise_key_value(v) for v in values[:width])
+
+
+def _key_tuples(keys: Any, columns: Sequence[str]) -> list[tuple[str, ...]]:
+    if isinstance(keys, pd.DataFrame):
+        missing = [c for c in columns if c not in keys.columns]
+        if missing:
+            raise InputSchemaError(f"keys lack segment column(s) {', '.join(missing)}")
+        return [tuple(normalise_key_value(v) for v in row)
+                for row in keys[list(columns)].astype(object).to_numpy()]
+    if isinstance(keys, Mapping):
+        return [tuple(normalise_key_value(keys[c]) for c in columns)]
+    out = []
+    for key in keys:
+        if isinstance(key, Mapping):
+            out.append(tuple(normalise_key_value(key[c]) for c in columns))
+        else:
+            values = key if isinstance(key, (tuple, list)) else (key,)
+            if len(values) != len(columns):
+                raise InputSchemaError(f"key {key!r} does not name the segment column(s) "
+                                       f"{', '.join(columns)}")
+            out.append(tuple(normalise_key_value(v) for v in values))
+    return out
+
+
+def _key_text(columns: Sequence[str], key: Sequence[str]) -> str:
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True))
+
+
+def _time_value(value: Any, freq: str) -> Any:
+    if freq == "int":
+        return int(value)
+    return pd.Timestamp(value)
+
+
+def _as_timestamp(value: Any, column: str) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(value)
+    except (TypeError, ValueError):
+        raise InputSchemaError(f"column '{column}' holds {value!r}, not a date") from None
+
+
+def _after(start: Any, last: Any, freq: str, max_gap: int) -> bool:
+    """``start`` is the period right after ``last`` (or overlaps it by ``max_gap``)."""
+    if freq == "int":
+        return bool(start == last + 1)
+    return bool(future_times(last, freq, 1)[0] == pd.Timestamp(start))
+
+
+def _check_regular(times: np.ndarray, freq: str, key: tuple[str, ...], columns: Sequence[str]
+                   ) -> None:
+    if len(times) < 2:
+        return
+    if freq == "int":
+        steps = np.diff(np.asarray(times, dtype=np.int64))
+        regular = bool((steps == 1).all())
+    else:
+        expected = pd.date_range(pd.Timestamp(times[0]), periods=len(times), freq=freq)
+        regular = bool((pd.DatetimeIndex(times) == expected).all())
+    if not regular:
+        raise InputSchemaError(f"history of series {_key_text(columns, key)} has gaps or "
+                               f"duplicate periods; send consecutive {freq} periods")
