@@ -25,6 +25,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check manymodels tests benchmarks docs
 	$(BIN)/mypy
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 	$(MKDOCS) build --strict --quiet --site-dir $(CURDIR)/site
 
 # The documentation site (docs/, mkdocs.yml) into site/: open site/index.html. The reference
