@@ -153,6 +153,7 @@ def _errors_section(data: ReportData) -> str:
 
 
 def _methods_section(data: ReportData) -> str:
+    # plotly: heavy, imported only when a report draws a chart
     import plotly.graph_objects as go
 
     seg = data.segments
