@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # a type only: the registry and batch import this module without pandas
+    import pandas as pd
 
 __all__ = ["FitResult", "TrainResult"]
 

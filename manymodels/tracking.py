@@ -16,10 +16,11 @@ from urllib.parse import unquote
 
 from manymodels.errors import RegistryError
 from manymodels.results import TrainResult
-from manymodels.specs import SegmenterSpec, TrainerSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the registry, serve and batch import this without them
     from mlflow import MlflowClient
+
+    from manymodels.specs import SegmenterSpec, TrainerSpec
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
