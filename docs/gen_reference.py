@@ -393,9 +393,43 @@ def _first_sentence(text: str | None) -> str:
     return inspect.cleandoc(text or "").split("\n\n")[0]
 
 
+# --------------------------------------------------------------------------- import rules
+
+
+def import_rules_markdown() -> str:
+    """The import-linter contracts of ``pyproject.toml``, as ``make lint`` checks them."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    linter = config.get("tool", {}).get("importlinter", {})
+    lines = ["", "## The contracts, as checked", "",
+             "Generated from `[tool.importlinter]` in `pyproject.toml` (what `lint-imports` "
+             "checks in `make lint`) by `docs/gen_reference.py`.", ""]
+    contracts = linter.get("contracts", [])
+    if not contracts:
+        return "\n".join(lines + ["No import-linter contract is configured yet.", ""])
+    for contract in contracts:
+        lines += [f"### {contract.get('name', contract.get('id', 'contract'))}", "",
+                  f"Type `{contract['type']}`."]
+        for key, value in contract.items():
+            if key in ("name", "type", "id"):
+                continue
+            if isinstance(value, list) and key == "layers":
+                lines += ["", "Layers, top first (`|` separates modules of one layer that do "
+                          "not import one another; parentheses mark an optional one):", ""]
+                lines += [f"{i}. `{layer}`" for i, layer in enumerate(value, 1)]
+            elif isinstance(value, list):
+                lines += ["", f"`{key}`: " + ", ".join(f"`{v}`" for v in value)]
+            else:
+                lines += ["", f"`{key}`: `{value}`"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- benchmarks
 
-BENCHMARK_PAGES = Path(__file__).resolve().parent / "design" / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK_PAGES = ROOT / "docs" / "design" / "benchmarks"
 
 
 def benchmarks_markdown() -> str:
@@ -469,6 +503,8 @@ def main() -> None:
         with mkdocs_gen_files.open(page, "w") as out:
             out.write(build())
         mkdocs_gen_files.set_edit_path(page, "gen_reference.py")
+    with mkdocs_gen_files.open("design/architecture.md", "a") as out:
+        out.write(import_rules_markdown())
     for page, text in python_pages().items():
         with mkdocs_gen_files.open(page, "w") as out:
             out.write(text)
