@@ -209,8 +209,17 @@ def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
                     oof_proba[candidate.label] = np.full((int(tested.sum()), len(classes)), np.nan)
                 oof_proba[candidate.label][at] = proba
     return [_Scored(c, FoldScores(tuple(values[c.label]), tuple(fold_ids[c.label])),
-                    oof[c.label], oof_proba.get(c.label), classes)
+                    _as_labels(oof[c.label], y), oof_proba.get(c.label), classes)
             for c in candidates if c.label not in result.candidate_errors]
+
+
+def _as_labels(predicted: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Out-of-fold labels in the target's own type (integer labels stay integers, so the
+    gate's metrics compare like with like) once every held-out row has one."""
+    if predicted.dtype == object and y.dtype != object and \
+            not any(v is None for v in predicted.tolist()):
+        return predicted.astype(y.dtype)
+    return predicted
 
 
 def _fold_model(candidate: Candidate, by_label: dict[str, Candidate],

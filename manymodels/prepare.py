@@ -16,13 +16,14 @@ from typing import Any
 import pandas as pd
 
 from manymodels.candidates import build_candidates
-from manymodels.data import read_table
+from manymodels.data import parse_time_column, read_table, time_order
 from manymodels.engine import start_workers
 from manymodels.fit import warm_worker
 from manymodels.segment import (
     FeatureSet,
     Segmentation,
     check_table,
+    duplicate_times,
     fingerprints,
     partition,
     prepare_frame,
@@ -57,6 +58,8 @@ class PreparedData:
     fingerprints: dict[str, str]  # segment name -> fingerprint of its rows (as a job sees them)
     plan: FoldPlan  # how the segments' folds were assigned (``Segment.block``)
     warming: threading.Thread | None = field(default=None, repr=False)
+    #: Rows repeating another row's (segment, time) (:func:`segment.duplicate_times`).
+    duplicate_rows: int = 0
 
     def join_workers(self) -> None:
         """Wait for the worker warm-up started while the data was prepared."""
@@ -79,6 +82,9 @@ def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
     tr_spec = load_trainer(trainer)
     raw = read_table(data)
     check_table(raw, seg_spec, tr_spec)
+    if tr_spec.time_column:
+        raw = parse_time_column(raw, tr_spec.time_column, tr_spec.date_format)
+    duplicates = duplicate_times(raw, seg_spec, tr_spec)
     features = resolve_features(raw, seg_spec, tr_spec)
     build_candidates(tr_spec)  # a bad candidate is a spec error before any work starts
     warming = start_workers(workers, backend, warm_worker)
@@ -86,7 +92,7 @@ def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
         frame = prepare_frame(raw, features, seg_spec, tr_spec)
         segmentation = partition(frame, seg_spec, tr_spec)
         plan = resolve_method(tr_spec)
-        times = frame[tr_spec.time_column].to_numpy() if plan.expanding else None
+        times = time_order(frame[tr_spec.time_column]) if plan.expanding else None
         for seg in segmentation.segments:
             seg.block = assign_folds(frame, seg.rows, tr_spec, seg.key, plan, times)
             seg.holdout = seg.block >= 0
@@ -98,4 +104,5 @@ def prepare_data(data: str | os.PathLike[str] | pd.DataFrame,
         raise
     return PreparedData(seg_spec, tr_spec, features, frame, segmentation,
                         {seg.name: fp for seg, fp in zip(segmentation.segments, prints,
-                                                         strict=True)}, plan, warming)
+                                                         strict=True)}, plan, warming,
+                        duplicates)

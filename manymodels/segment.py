@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from manymodels.data import time_order
 from manymodels.errors import DataError, SegmentationError
 from manymodels.runtime.manifest import normalise_key_value
 from manymodels.runtime.session import as_string_column
@@ -26,6 +27,7 @@ __all__ = [
     "Segmentation",
     "assign_holdout",
     "check_table",
+    "duplicate_times",
     "fingerprint",
     "fingerprints",
     "kfold_assignment",
@@ -129,8 +131,35 @@ def check_table(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerS
     nulls = int(frame[trainer.target].isna().sum())
     if nulls:
         raise DataError(f"target '{trainer.target}' has {nulls:,} null value(s); drop those rows")
+    if trainer.time_column:
+        nulls = int(frame[trainer.time_column].isna().sum())
+        if nulls:
+            raise DataError(f"time column '{trainer.time_column}' has {nulls:,} null value(s); "
+                            f"fill or drop them before training")
     if trainer.task == "regression":
         _check_numeric_target(frame[trainer.target], trainer.target)
+
+
+def duplicate_times(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerSpec
+                    ) -> int:
+    """Rows repeating another row's segment and time value (0 without a time column).
+
+    Two sales rows for one store and week are usually a join gone wrong; training on
+    them weights that week twice. Under ``duplicates: refuse`` they stop training with
+    the count and the first one.
+    """
+    if not trainer.time_column:
+        return 0
+    columns = [*segmenter.columns, trainer.time_column]
+    repeated = frame.duplicated(columns, keep="first").to_numpy()
+    count = int(repeated.sum())
+    if count and trainer.duplicates == "refuse":
+        first = frame.loc[frame.index[int(np.argmax(repeated))], columns]
+        shown = ", ".join(f"{c}={first[c]}" for c in columns)
+        raise DataError(f"{count:,} row(s) repeat a (segment, {trainer.time_column}) of "
+                        f"another row, first {shown}; drop them or set duplicates: warn in "
+                        f"the trainer spec")
+    return count
 
 
 def _check_numeric_target(target: pd.Series, name: str) -> None:
@@ -185,11 +214,26 @@ def prepare_frame(frame: pd.DataFrame, features: FeatureSet, segmenter: Segmente
     for column in dict.fromkeys(features.categorical + segmenter.columns):
         out[column] = as_string_column(frame[column].to_numpy())
     if trainer.time_column and trainer.time_column not in out:
-        out[trainer.time_column] = frame[trainer.time_column].to_numpy()
+        out[trainer.time_column] = frame[trainer.time_column]  # keeps a time zone
     target = frame[trainer.target]
     out[trainer.target] = target.to_numpy(dtype=np.float64) if trainer.task == "regression" \
-        else target.to_numpy()
+        else _labels(target)
     return out.reset_index(drop=True)
+
+
+def _labels(target: pd.Series) -> np.ndarray:
+    """Class labels in their own type: integers (nullable ``Int64`` too) stay integers,
+    so predictions come back as integers, not objects; categories become their values."""
+    if isinstance(target.dtype, pd.CategoricalDtype):
+        target = target.astype(target.dtype.categories.dtype)
+    kind = target.dtype.kind
+    if kind in "iu":
+        return target.to_numpy(dtype=np.int64)
+    if kind == "b":
+        return target.to_numpy(dtype=bool)
+    if kind == "f" and bool((target == np.round(target)).all()):
+        return target.to_numpy(dtype=np.int64)  # 0.0 / 1.0 labels written as floats
+    return target.to_numpy()
 
 
 def _guard_segment_count(frame: pd.DataFrame, spec: SegmenterSpec, count: int) -> None:
@@ -272,7 +316,7 @@ def assign_holdout(frame: pd.DataFrame, rows: np.ndarray, trainer: TrainerSpec,
     if method == "time":
         if not trainer.time_column:
             raise DataError("validation method 'time' needs a time_column in the trainer spec")
-        order = np.argsort(frame[trainer.time_column].to_numpy()[rows], kind="stable")
+        order = np.argsort(time_order(frame[trainer.time_column])[rows], kind="stable")
         mask[order[-n_holdout:]] = True
     elif method == "kfold":
         mask = kfold_assignment(n, trainer.validation.folds, trainer.seed, key) == 0

@@ -265,6 +265,13 @@ class TrainerSpec(_Spec):
     ``horizon`` periods of every series (segment) from its own past."""
     time_column: str | None = None
     """Column that orders rows in time; enables the time-ordered holdout."""
+    date_format: str | None = None
+    """``strftime`` layout of a time column written as text in another layout than ISO
+    8601, e.g. ``"%d/%m/%Y"``. Without it ISO dates are read, and a column whose dates
+    read both day-first and month-first (``01/06/2025``) is refused as ambiguous."""
+    duplicates: Literal["warn", "refuse"] = "warn"
+    """Rows sharing a segment and a time value: ``warn`` trains on them and says how
+    many there are; ``refuse`` stops with the count and the first one."""
     time_as_feature: bool = False
     """Also feed the time column to the models (trend); off by default."""
     features: list[str] | None = None

@@ -190,6 +190,7 @@ def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], prepared: P
         raise TrainingError(f"the global model failed, so nothing can serve unknown segments: "
                             f"{reason}")
     summary = summarise_run(rows, results, tr_spec, segmentation, evals, global_name, gate)
+    summary["duplicate_rows"] = prepared.duplicate_rows
     manifest, used = run_manifest(run_id, rows, results, job_by_name, layout, seg_spec, tr_spec,
                                frame, summary)
     manifest["segments"] = segment_records(rows, prepared.fingerprints, segmentation.columns)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from manymodels.data import time_order
 from manymodels.errors import DataError
 from manymodels.segment import kfold_assignment, stable_seed
 from manymodels.specs import TrainerSpec
@@ -154,7 +155,7 @@ def assign_folds(frame: pd.DataFrame, rows: np.ndarray, trainer: TrainerSpec,
     n = len(rows)
     if plan.method in ("rolling", "time"):
         if time_values is None:
-            time_values = frame[trainer.time_column].to_numpy()
+            time_values = time_order(frame[trainer.time_column])
         times = np.asarray(time_values[rows])
         folds = spec.folds if plan.method == "rolling" else 1
         return rolling_blocks(times, folds, spec.holdout)

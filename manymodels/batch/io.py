@@ -83,7 +83,7 @@ def read_parquet_chunks(path: Path, start: int, stop: int, columns: Sequence[str
 
 
 def read_csv_chunks(path: Path, text_columns: Sequence[str], partitions: dict[str, str],
-                    chunk_rows: int) -> Iterator[Chunk]:
+                    chunk_rows: int, delimiter: str = ",") -> Iterator[Chunk]:
     """A CSV file streamed in blocks, regrouped into chunks of about ``chunk_rows``.
 
     ``text_columns`` (segment keys and model inputs) are read as strings: scoring
@@ -93,6 +93,7 @@ def read_csv_chunks(path: Path, text_columns: Sequence[str], partitions: dict[st
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
                                    strings_can_be_null=True)
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                            parse_options=pacsv.ParseOptions(delimiter=delimiter),
                             convert_options=convert)
     offset = 0
     pending: list[pa.RecordBatch] = []
@@ -111,7 +112,8 @@ def read_csv_chunks(path: Path, text_columns: Sequence[str], partitions: dict[st
 
 def read_chunks(path: Path, fmt: str, start: int, stop: int, columns: Sequence[str],
                 text_columns: Sequence[str], partitions: dict[str, str],
-                chunk_rows: int, dictionary_columns: Sequence[str] = ()) -> Iterator[Chunk]:
+                chunk_rows: int, dictionary_columns: Sequence[str] = (), delimiter: str = ","
+                ) -> Iterator[Chunk]:
     """The rows of one piece in chunks of about ``chunk_rows`` (bounded memory).
 
     Parquet reads only ``columns`` (text ``dictionary_columns`` as dictionaries); CSV
@@ -120,7 +122,7 @@ def read_chunks(path: Path, fmt: str, start: int, stop: int, columns: Sequence[s
     if fmt == "parquet":
         return read_parquet_chunks(path, start, stop, columns, partitions, chunk_rows,
                                    dictionary_columns)
-    return read_csv_chunks(path, text_columns, partitions, chunk_rows)
+    return read_csv_chunks(path, text_columns, partitions, chunk_rows, delimiter)
 
 
 def _writer_options(table: pa.Table) -> dict[str, object]:

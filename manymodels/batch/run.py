@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from manymodels.data import sniff_delimiter
 from manymodels.errors import DataError, SpecError
 from manymodels.runtime import sha256_file
 from manymodels.sources import resolve_bundle_source
@@ -44,11 +45,12 @@ from .plan import (
     read_layout,
 )
 from .score import FileInfo, UnitResult, UnitTask, open_bundle, ready_bundle, score_unit
-from .txlog import PieceLog, TxLog
+from .txlog import REJECTED_DIR, PieceLog, TxLog
 
 __all__ = [
     "BatchSummary",
     "ErrorThresholdExceeded",
+    "NothingScored",
     "choose_workers",
     "reuse_freed_memory",
     "score_batch",
@@ -80,6 +82,37 @@ class ErrorThresholdExceeded(DataError):
             f"or raise the threshold (-1 never stops)"
         )
         self.summary = summary
+
+
+class NothingScored(DataError):
+    """The input had rows and every one was rejected: a failure, never a success (a
+    ``;``-separated file read as ``,``, a bundle for other data); carries the summary."""
+
+    code = "nothing_scored"
+
+    def __init__(self, summary: BatchSummary, reason: str | None) -> None:
+        why = f"; the first rejected row's reason: {reason}" if reason else ""
+        super().__init__(
+            f"read {summary.rows_rejected:,} row(s) and scored none of them{why}. Check "
+            f"the input's columns (and a CSV's delimiter: --csv-delimiter); rejected rows are "
+            f"in {summary.output}/rejected")
+        self.summary = summary
+
+
+def _first_rejection(output: Path | str) -> str | None:
+    """The reason of the first rejected row in a local OUTPUT (None when unknown)."""
+    if not isinstance(output, Path):
+        return None
+    import pyarrow.parquet as pq
+
+    for path in sorted((output / REJECTED_DIR).rglob("*.parquet")):
+        try:
+            reasons = pq.read_table(path, columns=["reason"]).column("reason")
+        except (OSError, KeyError, ValueError):
+            continue
+        if len(reasons):
+            return str(reasons[0].as_py())
+    return None
 
 
 @dataclass
@@ -380,6 +413,7 @@ def score_batch(
     progress: bool = False,
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     strict_columns: bool = False,
+    csv_delimiter: str | None = None,
 ) -> BatchSummary:
     """Score every row of ``input`` through ``bundle`` into ``output``, exactly once.
 
@@ -415,6 +449,9 @@ def score_batch(
     strict_columns
         Reject the rows of files carrying columns no model takes (code
         ``unexpected_column``); by default such columns are ignored, as online.
+    csv_delimiter
+        Field delimiter of CSV inputs; by default sniffed per file (``,``, ``;``, tab
+        or ``|``).
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -451,7 +488,7 @@ def score_batch(
             warmer.join()  # forked workers inherit the sessions; never fork mid-creation
         summary = _execute(root, manifest.name, files, units, log, out, mini_batch, n_workers,
                            error_threshold, id_column, backend, scheduler, progress,
-                           cache_bytes, failed, timings, strict_columns)
+                           cache_bytes, failed, timings, strict_columns, csv_delimiter)
     finally:
         if warmer is not None:
             warmer.join()
@@ -460,6 +497,8 @@ def score_batch(
     summary.seconds = time.perf_counter() - start
     if summary.threshold_passed:
         raise ErrorThresholdExceeded(summary)
+    if summary.rows_scored == 0 and summary.rows_rejected > 0:
+        raise NothingScored(summary, _first_rejection(summary.output))
     return summary
 
 
@@ -468,9 +507,12 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
              error_threshold: int,
              id_column: str | None, backend: str, scheduler: Any, progress: bool,
              cache_bytes: int | None, failed: list[tuple[str, str]],
-             timings: dict[str, float], strict_columns: bool = False) -> BatchSummary:
+             timings: dict[str, float], strict_columns: bool = False,
+             csv_delimiter: str | None = None) -> BatchSummary:
     # absolute paths: workers of a remote Dask cluster do not share our working directory
-    infos = {f.rel: FileInfo(str(f.path.resolve()), f.format, f.partitions) for f in files}
+    infos = {f.rel: FileInfo(str(f.path.resolve()), f.format, f.partitions,
+                             _delimiter(f, csv_delimiter))
+             for f in files if f.error is None}
     chunk_rows = mini_batch.size if mini_batch.unit == "rows" else DEFAULT_MINI_BATCH_ROWS
     token = uuid.uuid4().hex[:12]
     tasks = [UnitTask(str(root.resolve()), cache_bytes, str(log.staging.resolve()), token,
@@ -521,6 +563,18 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
     timings["score"] = time.perf_counter() - run_start
     return _summarise(log, out, len(files), committed_now, failed, rows_now, mini_batch,
                       error_threshold, stopped, workers, backend, timings)
+
+
+def _delimiter(item: InputFile, given: str | None) -> str:
+    """The CSV delimiter of one input file: ``given``, else sniffed from its head."""
+    if item.format != "csv":
+        return ","
+    if given is not None:
+        if len(given) != 1:
+            raise SpecError(f"--csv-delimiter must be one character, not {given!r}")
+        return given
+    with open(item.path, "rb") as handle:
+        return sniff_delimiter(handle.read(1 << 16))
 
 
 def _path(value: str | None) -> Path | None:

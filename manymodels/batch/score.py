@@ -72,6 +72,7 @@ class FileInfo:
     path: str
     format: str
     partitions: dict[str, str]
+    delimiter: str = ","  # a CSV file's field delimiter
 
 
 @dataclass(frozen=True)
@@ -458,7 +459,8 @@ def piece_chunks(plan: ScoringPlan, task: UnitTask, piece: Piece) -> Iterator[Ch
     info = task.files[piece.rel]
     return read_chunks(Path(info.path), info.format, piece.start, piece.stop,
                        plan.columns(task.id_column), plan.text_columns(), info.partitions,
-                       task.chunk_rows, [*plan.segment_columns, *sorted(plan.string_columns)])
+                       task.chunk_rows, [*plan.segment_columns, *sorted(plan.string_columns)],
+                       info.delimiter)
 
 
 class _Inline:

@@ -85,9 +85,12 @@ def register(app: typer.Typer) -> None:
         strict_columns: bool = typer.Option(
             False, "--strict-columns",
             help="Reject rows of files with columns no model takes (default: ignore them)."),
+        csv_delimiter: str = typer.Option(
+            None, "--csv-delimiter",
+            help="Field delimiter of CSV inputs (default: sniffed: , ; tab or |)."),
     ) -> None:
         """Score CSV/Parquet rows through a bundle into Parquet, exactly once (resumable)."""
-        from manymodels.batch import ErrorThresholdExceeded, score_batch
+        from manymodels.batch import ErrorThresholdExceeded, NothingScored, score_batch
         from manymodels.batch.run import reuse_freed_memory
 
         reuse_freed_memory()
@@ -100,8 +103,9 @@ def register(app: typer.Typer) -> None:
                 workers=workers or None, error_threshold=error_threshold,
                 id_column=id_column or None, overwrite=overwrite, backend=backend,
                 scheduler=scheduler or None, progress=progress,
-                cache_bytes=cache_mb * (1 << 20), strict_columns=strict_columns)
-        except ErrorThresholdExceeded as exc:
+                cache_bytes=cache_mb * (1 << 20), strict_columns=strict_columns,
+                csv_delimiter=csv_delimiter)
+        except (ErrorThresholdExceeded, NothingScored) as exc:
             _print_summary(exc.summary)
             raise
         _print_summary(summary)

@@ -137,8 +137,12 @@ def retrain_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log lines only: no tables, no "
                                                             "progress bar."),
     track: bool = typer.Option(True, help="Log the retrain (report, timings) to MLflow."),
+    csv_delimiter: str | None = typer.Option(None, "--csv-delimiter",
+                                             help="Field delimiter of a CSV --data "
+                                                  "(default: sniffed: , ; tab or |)."),
 ) -> None:
     """Retrain only the segments that changed; keep every other model byte for byte."""
+    from manymodels.data import read_table
     from manymodels.errors import SpecError
     from manymodels.retrain import retrain
 
@@ -151,7 +155,8 @@ def retrain_command(
     def say(line: str) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
-    result = retrain(data, source, name=name, out=out, runs=runs, register=register,
+    table = read_table(data, csv_delimiter=csv_delimiter) if csv_delimiter else data
+    result = retrain(table, source, name=name, out=out, runs=runs, register=register,
                      promote=promote, alias=alias, retrain_all=retrain_all, dry_run=dry_run,
                      segmenter=segmenter, trainer=trainer, jobs=jobs, backend=backend,
                      scheduler=scheduler, wait=wait, state_dir=state_dir, track=track,

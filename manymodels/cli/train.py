@@ -107,8 +107,12 @@ def register(app: typer.Typer) -> None:
         track: bool = typer.Option(True, help="Log the run to MLflow."),
         log_segments: bool = typer.Option(False, help="One MLflow child run per segment."),
         overwrite: bool = typer.Option(False, help="Replace an existing run of the same id."),
+        csv_delimiter: str = typer.Option(
+            None, "--csv-delimiter",
+            help="Field delimiter of a CSV --data (default: sniffed: , ; tab or |)."),
     ) -> None:
         """Segment the table, fit the candidates per segment in parallel, export ONNX."""
+        from manymodels.data import read_table
         from manymodels.training import TrainResult, train
 
         if gate not in (None, "on", "off"):
@@ -117,7 +121,8 @@ def register(app: typer.Typer) -> None:
         error: TrainingError | None = None
         result: TrainResult | None
         try:
-            result = train(data, segmenter, trainer, out=out, run_id=run_id, jobs=jobs,
+            table = read_table(data, csv_delimiter=csv_delimiter) if csv_delimiter else data
+            result = train(table, segmenter, trainer, out=out, run_id=run_id, jobs=jobs,
                            backend=backend, scheduler=scheduler,
                            gate=None if gate is None else gate == "on", max_failed=max_failed,
                            progress=not quiet, track=track, log_segments=log_segments,
@@ -129,5 +134,10 @@ def register(app: typer.Typer) -> None:
             print_summary(console, result.report, result.summary, result.run_dir)
         elif result is not None:
             console.print(str(result.run_dir))
+        if result is not None and result.summary.get("duplicate_rows"):
+            Console(stderr=True).print(
+                f"[yellow]warning[/]: {result.summary['duplicate_rows']:,} row(s) repeat a "
+                f"(segment, time) of another row and were trained on; set duplicates: refuse "
+                f"in the trainer spec to stop on them", highlight=False, soft_wrap=True)
         if error is not None:
             raise error

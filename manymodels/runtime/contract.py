@@ -11,7 +11,7 @@ value                      rule (reason code when refused)
 =========================  ==========================================================
 extra column               ignored; refused with ``strict_columns`` (``unexpected_column``)
 absent input column        refused (``missing_column``)
-int / float                taken as float32
+int / float / decimal      taken as float32
 numeric string ``"2.1"``   parsed as a decimal number, then as a number
 boolean                    refused in a numeric column (``not_numeric``)
 other text, list, object   refused (``not_numeric`` / ``not_a_string``)
@@ -34,6 +34,7 @@ fails it goes through the per-value rules, which then name the row, column and m
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -183,6 +184,10 @@ def number_of(value: Any) -> tuple[int, float]:
         if _DECIMAL.fullmatch(text):
             return number_of(float(text))
         return _NOT_NUMERIC, math.nan
+    if isinstance(value, decimal.Decimal):  # a Parquet decimal read by pandas
+        if value.is_nan():
+            return _NULL, math.nan
+        return number_of(float(value))
     if _is_missing_scalar(value):
         return _NULL, math.nan
     return _NOT_NUMERIC, math.nan

@@ -80,12 +80,27 @@ class ScoreResult:
         # pandas only on DataFrame paths: batch scoring never imports it
         import pandas as pd
 
-        frame = pd.DataFrame({"prediction": self.prediction, "model": self.model,
-                              "fallback": self.fallback})
+        frame = pd.DataFrame({"prediction": _typed_labels(self.prediction),
+                              "model": self.model, "fallback": self.fallback})
         if self.probabilities is not None and self.classes is not None:
             for i, label in enumerate(self.classes):
                 frame[f"proba_{label}"] = self.probabilities[:, i]
         return frame
+
+
+def _typed_labels(prediction: np.ndarray) -> np.ndarray:
+    """Class labels held as objects, as integers (or booleans) when every one is: a
+    classifier trained on 0/1 answers 0/1, not Python objects."""
+    if prediction.dtype != object or not len(prediction):
+        return prediction
+    values = prediction.tolist()
+    kinds = {type(v) for v in values}
+    if kinds and all(issubclass(k, int | np.integer) and not issubclass(k, bool | np.bool_)
+                     for k in kinds):
+        return np.asarray(values, dtype=np.int64)
+    if kinds <= {bool, np.bool_}:
+        return np.asarray(values, dtype=bool)
+    return prediction
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

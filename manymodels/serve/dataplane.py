@@ -195,8 +195,11 @@ def parse_csv(body: bytes) -> Table:
     values is one pass over the whole frame (not one pandas call per column)."""
     import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
 
+    from manymodels.data import sniff_delimiter
+
     try:
-        frame = pd.read_csv(io.BytesIO(body))
+        frame = pd.read_csv(io.BytesIO(body), sep=sniff_delimiter(body[:1 << 16]),
+                            encoding="utf-8-sig")
     except (ValueError, pd.errors.ParserError) as exc:
         raise MalformedBody(f"the CSV body cannot be parsed: {exc}") from None
     if frame.empty:
