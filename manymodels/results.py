@@ -65,6 +65,11 @@ class TrainResult:
     report: pd.DataFrame
     summary: dict[str, Any]
     results: dict[str, FitResult] = field(repr=False, default_factory=dict)
+    #: Segment -> what its route predicted out of fold on its held-out rows (in the
+    #: order of ``segment.rows[segment.holdout]``): a retrain compares these with the
+    #: champion on the rows the champion never saw.
+    holdout_routed: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(
+        repr=False, default_factory=dict)
 
     @property
     def failed_fraction(self) -> float:

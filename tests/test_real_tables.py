@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -82,16 +83,54 @@ def test_a_null_in_a_text_feature_is_scored_as_the_missing_category(champion: Pa
     assert tv["prediction"].iloc[0] != pytest.approx(alone["prediction"].iloc[0])
 
 
-def test_retrain_of_a_champion_that_pooled_small_segments_succeeds(
+def test_retrain_compares_champion_and_challenger_only_on_unseen_rows(
         champion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Check that a champion with a one-row segment (small pool unused by routing) retrains
-    after a week is appended, instead of failing on the small pool's missing result."""
+    """Check that a champion with a one-row segment (its small pool unused by routing)
+    retrains after weeks are appended, and that every retrained segment's current model
+    is scored only on the rows after the champion's data window, as the champion bundle
+    itself scores them."""
     monkeypatch.chdir(tmp_path)
-    longer = sales(weeks=31)
+    longer = sales(weeks=33)
     result = retrain(longer, champion, out=tmp_path / "bundle", runs=tmp_path / "runs",
                      jobs=1, track=False, state_dir=tmp_path / "state")
     assert result.bundle is not None
     assert Bundle(result.bundle).predict(longer)["prediction"].notna().all()
+    report = result.report[result.report["action"] == "retrain"]
+    assert len(report) >= 6
+    assert set(report["compared_on"]) == {"unseen rows"}
+    assert set(report["compared_rows"]) == {3}
+    old = Bundle(champion)
+    edge = pd.Timestamp(old.manifest.raw["data_window"]["max"])
+    unseen = longer[longer["date"] > edge]
+    routes = {(str(r["key"][0]), str(r["key"][1])): r
+              for r in old.manifest.raw["routes"] if r["level"] == 0}
+    for row in report.to_dict("records"):
+        # the champion bundle as it is, on the rows after its data window
+        route = routes[(str(row["key.store"]), str(row["key.brand"]))]
+        rows = unseen[(unseen["store"].astype(str) == str(row["key.store"]))
+                      & (unseen["brand"] == row["key.brand"])]
+        predicted = old.score_model(route["model"], rows).prediction
+        if "blend" in route:
+            partner = route["blend"]["with"]
+            other = old.score_model(partner, rows)
+            weight = route["blend"]["weight"]
+            predicted = weight * predicted + (1 - weight) * other.prediction
+        error = rows["quantity"].to_numpy() - predicted
+        assert row["current_rmse"] == pytest.approx(float(np.sqrt((error ** 2).mean())),
+                                                    rel=1e-5)
+
+
+def test_with_one_new_week_both_sides_are_compared_on_the_same_folds(
+        champion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that with fewer unseen rows than needed, champion and challenger are both
+    compared refitted on the new run's folds, and the report says so."""
+    monkeypatch.chdir(tmp_path)
+    result = retrain(sales(weeks=31), champion, out=tmp_path / "bundle",
+                     runs=tmp_path / "runs", jobs=1, track=False, state_dir=tmp_path / "state")
+    report = result.report[result.report["action"] == "retrain"]
+    assert len(report) >= 6
+    assert set(report["compared_on"]) == {"same folds"}
+    assert (report["compared_rows"] > 0).all()
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
@@ -137,3 +176,97 @@ def test_a_big_run_prints_no_worker_traceback_and_a_stopped_run_leaves_nothing(
     assert stopped.returncode == 130
     assert "Traceback" not in err and "stopped" in err, err
     assert list((tmp_path / "stopped").iterdir()) == []
+
+
+# -- the real-tables matrix -------------------------------------------------------------
+def _write_variant(kind: str, frame: pd.DataFrame, path: Path) -> dict[str, Any]:
+    """Write ``frame`` as a real table of ``kind``; returns the trainer spec changes."""
+    if kind == "iso-csv":
+        frame.to_csv(path, index=False)
+        return {}
+    if kind == "dmy-csv-semicolon-bom":
+        out = frame.assign(date=frame["date"].dt.strftime("%d/%m/%Y"))
+        path.write_bytes(b"\xef\xbb\xbf" + out.to_csv(index=False, sep=";").encode())
+        return {"date_format": "%d/%m/%Y"}
+    if kind == "typed-parquet":
+        import decimal
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = frame.assign(date=frame["date"].dt.tz_localize("Europe/Paris"),
+                           promo=frame["promo"].astype("category"),
+                           store=frame["store"].astype("Int64"),
+                           brand=frame["brand"].astype("string"))
+        table = pa.Table.from_pandas(out, preserve_index=False)
+        prices = pa.array([decimal.Decimal(f"{p:.4f}") for p in frame["price"]],
+                          pa.decimal128(12, 4))
+        table = table.set_column(table.schema.get_field_index("price"), "price", prices)
+        pq.write_table(table, path)
+        return {}
+    raise AssertionError(kind)
+
+
+VARIANTS = {"iso-csv": "t.csv", "dmy-csv-semicolon-bom": "t.csv", "typed-parquet": "t.parquet"}
+
+
+def _paths_agree(bundle_dir: Path, table_path: Path, frame: pd.DataFrame, work: Path
+                 ) -> np.ndarray:
+    """Score ``frame`` (the table at ``table_path``) on every path; all must agree."""
+    import mlflow.pyfunc
+    from test_serve import Running
+
+    from manymodels.batch import score_batch
+    from manymodels.data import read_table
+    from manymodels.serve import ServeSettings
+
+    bundle = Bundle(bundle_dir)
+    read = read_table(table_path)
+    expected = bundle.predict(read)
+    assert np.isfinite(expected["prediction"]).all()
+    np.testing.assert_allclose(bundle.predict(frame)["prediction"], expected["prediction"],
+                               rtol=1e-4)
+    pyfunc = mlflow.pyfunc.load_model(str(bundle_dir)).predict(read)
+    np.testing.assert_allclose(np.asarray(pyfunc["prediction"], dtype=float),
+                               expected["prediction"], rtol=1e-6)
+    features = frame[["store", "brand", "price", "promo"]].astype(object)
+    rows = features.where(features.notna(), None).to_dict(orient="records")
+    server = Running(ServeSettings(bundle=str(bundle_dir)))
+    try:
+        reply = server.client.post("/score", json={"data": rows})
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(reply.json()["predictions"], expected["prediction"],
+                                   rtol=1e-5)
+        assert reply.json()["model"] == expected["model"].tolist()
+    finally:
+        server.stop()
+    summary = score_batch(bundle_dir, table_path, work / "batch")
+    assert summary.rows_scored == len(frame) and summary.rows_rejected == 0
+    scored = pd.read_parquet(work / "batch" / "predictions").sort_values("row_number")
+    np.testing.assert_allclose(scored["prediction"], expected["prediction"], rtol=1e-5)
+    return expected["prediction"].to_numpy()
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+def test_real_tables_train_score_the_same_on_every_path(kind: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Check that a table written the way real ones are (text dates in a spreadsheet's
+    layout, a ';' CSV with a byte-order mark, Parquet decimals, categories, nullable
+    integers and zoned times; nulls in a text feature; a one-row segment) trains with its
+    data window in time order, and scores the same through Bundle.predict, pyfunc,
+    /score and batch."""
+    monkeypatch.chdir(tmp_path)
+    frame = sales()
+    path = tmp_path / VARIANTS[kind]
+    changes = _write_variant(kind, frame, path)
+    run = train(path, SEGMENTER, {**TRAINER, **changes}, out=tmp_path / "runs", jobs=1,
+                track=False)
+    window = run.summary and Bundle(run.run_dir).manifest.raw["data_window"]
+    first, last = pd.Timestamp(window["min"]), pd.Timestamp(window["max"])
+    assert (first.date(), last.date()) == (frame["date"].min().date(),
+                                           frame["date"].max().date())
+    if kind == "typed-parquet":
+        assert window["min"].endswith("+01:00")  # Paris in winter: the zone is kept
+    packed = package_run(run.run_dir, tmp_path / "bundle", name="sales").path
+    _paths_agree(packed, path, frame, tmp_path)

@@ -5,10 +5,15 @@ fitted part: its own new model, a pooled / global model, or a blend of its own m
 with a coarser one. The current model is what the champion routes the segment to (its
 own old model, a shared model, or its blend), scored as it would be served if kept:
 the champion's own model file, shared models as they are in the new bundle (kept ones
-are the champion's, refitted ones the new fit). Both are compared on the segment's
-*latest holdout* (:func:`compared_rows`): with time-ordered folds (rolling, time) the
-held-out rows of its latest fold, which the challenger predicted from earlier rows
-only; with shuffled folds every held-out row, as the mean over folds. The challenger
+are the champion's, refitted ones the new fit). Both are compared only on rows the
+champion never saw: the segment's held-out rows later than the champion's data window,
+which the challenger's fold models predicted from earlier rows, scored by the champion
+bundle as it is, shared models included (:func:`_compared`).
+Where there are fewer than :data:`MIN_UNSEEN_ROWS` of them, both are compared on the
+new run's folds (the champion's candidate or level refitted there, as the challenger
+was); only where that is not possible either (the candidate is gone from the spec) on
+the *latest holdout* (:func:`compared_rows`), which the report then says the champion
+saw. Every decision records what it was compared on and how many rows. The challenger
 replaces the current model unless it is worse by more than ``retrain.tolerance``; a
 retrain that failed keeps the current model. Every segment not retrained keeps the
 champion's route (its blend included), and its model files are copied byte for byte.
@@ -86,6 +91,11 @@ class Decision:
     fit_seconds: float = 0.0
     resumed: bool = False
     blend: dict[str, Any] | None = None  # the route's {"with": coarser, "weight": w}
+    #: What champion and challenger were compared on: ``unseen rows`` (after the
+    #: champion's data window), ``same folds`` (both refitted on the new run's folds) or
+    #: ``latest holdout`` (rows the champion may have seen), and how many rows.
+    compared_on: str = ""
+    compared_rows: int = 0
 
 
 def _finite(value: Any) -> float | None:
@@ -96,12 +106,15 @@ def _finite(value: Any) -> float | None:
 
 
 def _current_metric(route: dict[str, Any], segment: Segment, prepared: PreparedData,
-                    champion: Bundle, refitted: Bundle, fitted: set[str]
-                    ) -> tuple[float | None, str]:
-    """The current route's metric on the segment's latest holdout, scored as it would be
-    served if kept (see the module docstring), and a note when it cannot be scored."""
+                    champion: Bundle, refitted: Bundle, fitted: set[str],
+                    positions: np.ndarray | None = None) -> tuple[float | None, str]:
+    """The current route's metric on the segment's latest holdout (or on ``positions``
+    of its held-out rows, as one fold), scored as it would be served if kept (see the
+    module docstring), and a note when it cannot be scored."""
     expanding = prepared.plan.expanding
     rows = segment.rows[segment.holdout]
+    if positions is not None:
+        rows = rows[positions]
     if len(rows) == 0:
         return None, "no holdout rows to compare on"
     frame = prepared.frame.iloc[rows]
@@ -131,7 +144,8 @@ def _current_metric(route: dict[str, Any], segment: Segment, prepared: PreparedD
         return None, f"the current model cannot score the new data: {exc}"
     entry = champion.manifest.models[own]
     classes = np.asarray(entry.classes) if entry.classes is not None else None
-    fold_of = (np.asarray(segment.block)[segment.holdout] if segment.block is not None
+    fold_of = (np.asarray(segment.block)[segment.holdout]
+               if segment.block is not None and positions is None
                else np.zeros(len(rows), dtype=np.int16))
     truth = prepared.frame[prepared.trainer.target].to_numpy()[rows]
     folds = score_folds(prepared.trainer.metric, truth, prediction, fold_of, proba, classes)
@@ -172,7 +186,8 @@ def decide(plan: Plan, prepared: PreparedData, champion: Bundle, partial: TrainR
             continue
         out.append(_challenge(change, old_route, own_old, old_record, rows[change.segment],
                               segments[change.segment], prepared, champion,
-                              change.segment in resumed, (refitted, fitted)))
+                              change.segment in resumed, (refitted, fitted),
+                              partial.holdout_routed.get(change.segment)))
     return out
 
 
@@ -187,7 +202,8 @@ def _new_blend(row: dict[str, Any]) -> dict[str, Any] | None:
 def _challenge(change: SegmentChange, old_route: dict[str, Any] | None, own_old: bool,
                old_record: dict[str, Any], row: dict[str, Any], segment: Segment,
                prepared: PreparedData, champion: Bundle, resumed: bool,
-               refit: tuple[Bundle, set[str]]) -> Decision:
+               refit: tuple[Bundle, set[str]],
+               routed: tuple[np.ndarray, np.ndarray | None] | None = None) -> Decision:
     """Champion / challenger for one retrained segment."""
     metric, tolerance = prepared.trainer.metric, prepared.trainer.retrain.tolerance
     new_model = row["model"] if row["routed"] else None
@@ -202,12 +218,16 @@ def _challenge(change: SegmentChange, old_route: dict[str, Any] | None, own_old:
     old_model = str(old_route["model"]) if old_route is not None else None
     if old_route is None or old_model not in champion.manifest.models:
         return accepted
-    current, note = _current_metric(old_route, segment, prepared, champion, *refit)
-    accepted.metric_current = current
+    current, new_metric, how, count, note = _compared(
+        old_route, old_record, row, segment, prepared, champion, refit,
+        routed if new_model else None)
+    accepted.metric_current, accepted.metric_new = current, new_metric
+    accepted.compared_on, accepted.compared_rows = how, count
     kept = Decision(change, old_model, own_old, "kept current", "", "ok",
                     str(old_record.get("level", "own" if own_old else "")),
                     metric_current=current, metric_new=new_metric, fit_seconds=seconds,
-                    resumed=resumed, blend=old_route.get("blend"))
+                    resumed=resumed, blend=old_route.get("blend"), compared_on=how,
+                    compared_rows=count)
     if new_model is None:
         kept.reason = f"retraining failed ({row['reason']}); the current model stays"
         return kept
@@ -217,11 +237,96 @@ def _challenge(change: SegmentChange, old_route: dict[str, Any] | None, own_old:
                        f"{new_metric:.6g} is worse than the current "
                        f"{_served(str(old_model), kept.blend)} {current:.6g} by "
                        f"{-relative_gain(new_metric, current, metric):.2%} "
-                       f"(tolerance {tolerance:.2%})")
+                       f"(tolerance {tolerance:.2%}) on {how} ({count} rows)")
         return kept
     if note:
         accepted.reason = f"{change.reason}; {note}"
     return accepted
+
+
+#: Fewest rows after the champion's data window to compare on them; with fewer, both
+#: sides are compared on the new run's folds, fitted on the same rows.
+MIN_UNSEEN_ROWS = 2
+
+
+def unseen_positions(segment: Segment, prepared: PreparedData,
+                     window: dict[str, Any] | None) -> np.ndarray | None:
+    """Positions among the segment's held-out rows of those later than the champion's
+    data ``window`` (rows it never saw); None without a time column to tell."""
+    column = prepared.trainer.time_column
+    if not column or not window or window.get("column") != column or window.get("max") is None:
+        return None
+    times = prepared.frame[column].iloc[segment.rows[segment.holdout]]
+    try:
+        if times.dtype.kind in "iuf":
+            later = times.to_numpy(dtype=float) > float(window["max"])
+        else:
+            later = (times > pd.Timestamp(window["max"])).to_numpy()
+    except (TypeError, ValueError):  # a zoned window against naive times, or the reverse
+        return None
+    return np.flatnonzero(later)
+
+
+def _same_folds(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[str, Any],
+                champion: Bundle, expanding: bool) -> float | None:
+    """The champion's choice refitted on the new run's folds: its own candidate's fold
+    metric (own model), or its level's (pool, global, a blend of the same weight)."""
+    level = str(old_record.get("level", ""))
+    key: str | None = None
+    folds: dict[str, Any] = {}
+    try:
+        if level == "own":
+            entry = champion.manifest.models.get(str(old_route["model"]))
+            key = str(entry.raw.get("candidate", "")) if entry is not None else None
+            folds = json.loads(row.get("candidate_folds") or "{}")
+        else:
+            blend = old_route.get("blend")
+            key = f"blend {float(blend['weight']):g}" if blend is not None else level
+            folds = json.loads(row.get("level_folds") or "{}")
+    except (TypeError, ValueError):
+        return None
+    scores = folds.get(key or "")
+    if not isinstance(scores, dict) or not scores.get("folds"):
+        return None
+    return _finite(scores["folds"][-1] if expanding else scores.get("mean"))
+
+
+def _compared(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[str, Any],
+              segment: Segment, prepared: PreparedData, champion: Bundle,
+              refit: tuple[Bundle, set[str]],
+              routed: tuple[np.ndarray, np.ndarray | None] | None
+              ) -> tuple[float | None, float | None, str, int, str]:
+    """Current and new metric, on what they were compared, how many rows, and a note.
+
+    Only rows the champion never saw are fair to it and to the challenger (whose fold
+    models predicted them from earlier rows): the held-out rows after its data window,
+    scored by the champion bundle as it is (a refitted shared model has seen them).
+    With too few of them both are compared on the new run's folds (the champion's
+    candidate or level refitted there, as the challenger was); failing that, on the
+    latest holdout, which the champion was fitted on (and said so).
+    """
+    expanding = prepared.plan.expanding
+    new_metric = _finite(row.get("metric_latest"))
+    held = segment.rows[segment.holdout]
+    unseen = unseen_positions(segment, prepared, champion.manifest.raw.get("data_window"))
+    if unseen is not None and len(unseen) >= MIN_UNSEEN_ROWS and routed is not None:
+        # the champion as it is, shared models included: a refitted pool saw these rows
+        current, note = _current_metric(old_route, segment, prepared, champion, refit[0],
+                                        set(), unseen)
+        truth = prepared.frame[prepared.trainer.target].to_numpy()[held[unseen]]
+        entry = champion.manifest.models.get(str(old_route["model"]))
+        classes = (np.asarray(entry.classes)
+                   if entry is not None and entry.classes is not None else None)
+        proba = routed[1][unseen] if routed[1] is not None else None
+        scores = score_folds(prepared.trainer.metric, truth, routed[0][unseen],
+                             np.zeros(len(unseen), dtype=np.int16), proba, classes)
+        return current, _finite(scores.values[0]), "unseen rows", int(len(unseen)), note
+    latest = int(len(compared_rows(segment, expanding)))
+    same = _same_folds(old_route, old_record, row, champion, expanding)
+    if same is not None and new_metric is not None:
+        return same, new_metric, "same folds", latest, ""
+    current, note = _current_metric(old_route, segment, prepared, champion, *refit)
+    return current, new_metric, "latest holdout (the champion saw these rows)", latest, note
 
 
 def _served(model: str, blend: dict[str, Any] | None) -> str:

@@ -6,7 +6,7 @@ held-out rows of every validation fold of its job, so the level gate compares th
 retrained segments against it exactly as it will be served. (It is the champion's final
 model, fitted on all the old rows, so held-out rows that were already in the old data
 are not new to it; a model fitted on many segments' rows gains little from that, and
-champion / challenger compares on the latest fold, whose rows are the newest.)
+champion / challenger compares on rows after the champion's data window only.)
 A model a killed run already fitted is taken from the attempt's state instead of being fitted twice.
 """
 

@@ -146,7 +146,9 @@ def _report(decisions: list[Decision], prepared: PreparedData) -> pd.DataFrame:
                      "outcome": d.outcome, "reason": d.reason, "model": d.route,
                      "level": d.level, "status": d.status,
                      f"current_{metric}": d.metric_current, f"new_{metric}": d.metric_new,
-                     "gain": gain, "fit_seconds": d.fit_seconds, "resumed": d.resumed})
+                     "gain": gain, "compared_on": d.compared_on,
+                     "compared_rows": d.compared_rows, "fit_seconds": d.fit_seconds,
+                     "resumed": d.resumed})
     return pd.DataFrame(rows)
 
 
