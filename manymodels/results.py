@@ -70,6 +70,11 @@ class TrainResult:
     #: champion on the rows the champion never saw.
     holdout_routed: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(
         repr=False, default_factory=dict)
+    #: Segment -> model name -> that model's out-of-fold predictions on the same rows
+    #: (every level the gate compared), so a retrain can refit the champion's choice on
+    #: the same folds (a blend of its own model and a coarser one included).
+    holdout_options: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None]]] = field(
+        repr=False, default_factory=dict)
 
     @property
     def failed_fraction(self) -> float:

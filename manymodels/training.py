@@ -198,7 +198,7 @@ def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], prepared: P
                          "trainer": tr_spec.model_dump(mode="json")}
     report = pd.DataFrame(rows)
     write_run(staging, run_dir, manifest, used, report, seg_spec, tr_spec, overwrite)
-    routed_holdout = {seg.name: ev.routed for seg, ev in zip(segmentation.segments, evals,
-                                                            strict=True)
-                      if ev.routed is not None}
-    return TrainResult(run_id, run_dir, report, summary, results, routed_holdout)
+    pairs = list(zip(segmentation.segments, evals, strict=True))
+    return TrainResult(run_id, run_dir, report, summary, results,
+                       {seg.name: ev.routed for seg, ev in pairs if ev.routed is not None},
+                       {seg.name: ev.predictions for seg, ev in pairs if ev.predictions})

@@ -27,6 +27,7 @@ import math
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from manymodels.results import TrainResult
 from manymodels.runtime import MANIFEST_FILE, Bundle
 from manymodels.runtime.scoring import blend_outputs
 from manymodels.segment import Segment
-from manymodels.selection import score_folds
+from manymodels.selection import FoldScores, score_folds
 
 from ._plan import Plan, SegmentChange
 
@@ -187,7 +188,8 @@ def decide(plan: Plan, prepared: PreparedData, champion: Bundle, partial: TrainR
         out.append(_challenge(change, old_route, own_old, old_record, rows[change.segment],
                               segments[change.segment], prepared, champion,
                               change.segment in resumed, (refitted, fitted),
-                              partial.holdout_routed.get(change.segment)))
+                              partial.holdout_routed.get(change.segment),
+                              partial.holdout_options.get(change.segment)))
     return out
 
 
@@ -203,7 +205,9 @@ def _challenge(change: SegmentChange, old_route: dict[str, Any] | None, own_old:
                old_record: dict[str, Any], row: dict[str, Any], segment: Segment,
                prepared: PreparedData, champion: Bundle, resumed: bool,
                refit: tuple[Bundle, set[str]],
-               routed: tuple[np.ndarray, np.ndarray | None] | None = None) -> Decision:
+               routed: tuple[np.ndarray, np.ndarray | None] | None = None,
+               options: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None
+               ) -> Decision:
     """Champion / challenger for one retrained segment."""
     metric, tolerance = prepared.trainer.metric, prepared.trainer.retrain.tolerance
     new_model = row["model"] if row["routed"] else None
@@ -220,7 +224,7 @@ def _challenge(change: SegmentChange, old_route: dict[str, Any] | None, own_old:
         return accepted
     current, new_metric, how, count, note = _compared(
         old_route, old_record, row, segment, prepared, champion, refit,
-        routed if new_model else None)
+        routed if new_model else None, options or {})
     accepted.metric_current, accepted.metric_new = current, new_metric
     accepted.compared_on, accepted.compared_rows = how, count
     kept = Decision(change, old_model, own_old, "kept current", "", "ok",
@@ -268,10 +272,16 @@ def unseen_positions(segment: Segment, prepared: PreparedData,
 
 
 def _same_folds(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[str, Any],
-                champion: Bundle, expanding: bool) -> float | None:
+                champion: Bundle, expanding: bool,
+                blended: Callable[[str, float], FoldScores | None]) -> float | None:
     """The champion's choice refitted on the new run's folds: its own candidate's fold
-    metric (own model), or its level's (pool, global, a blend of the same weight)."""
+    metric (own model), its level's (pool, global), or its blend's (the same partner and
+    weight, mixed from both models' out-of-fold predictions)."""
     level = str(old_record.get("level", ""))
+    blend = old_route.get("blend")
+    if level == "blend" and blend is not None:
+        scores = blended(str(blend["with"]), float(blend["weight"]))
+        return compared_metric(scores, expanding) if scores is not None else None
     key: str | None = None
     folds: dict[str, Any] = {}
     try:
@@ -280,8 +290,7 @@ def _same_folds(old_route: dict[str, Any], old_record: dict[str, Any], row: dict
             key = str(entry.raw.get("candidate", "")) if entry is not None else None
             folds = json.loads(row.get("candidate_folds") or "{}")
         else:
-            blend = old_route.get("blend")
-            key = f"blend {float(blend['weight']):g}" if blend is not None else level
+            key = level
             folds = json.loads(row.get("level_folds") or "{}")
     except (TypeError, ValueError):
         return None
@@ -294,7 +303,8 @@ def _same_folds(old_route: dict[str, Any], old_record: dict[str, Any], row: dict
 def _compared(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[str, Any],
               segment: Segment, prepared: PreparedData, champion: Bundle,
               refit: tuple[Bundle, set[str]],
-              routed: tuple[np.ndarray, np.ndarray | None] | None
+              routed: tuple[np.ndarray, np.ndarray | None] | None,
+              options: dict[str, tuple[np.ndarray, np.ndarray | None]]
               ) -> tuple[float | None, float | None, str, int, str]:
     """Current and new metric, on what they were compared, how many rows, and a note.
 
@@ -322,7 +332,17 @@ def _compared(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[s
                              np.zeros(len(unseen), dtype=np.int16), proba, classes)
         return current, _finite(scores.values[0]), "unseen rows", int(len(unseen)), note
     latest = int(len(compared_rows(segment, expanding)))
-    same = _same_folds(old_route, old_record, row, champion, expanding)
+
+    def blended(partner: str, weight: float) -> FoldScores | None:
+        own, other = options.get(segment.name), options.get(partner)
+        if own is None or other is None or segment.block is None:
+            return None
+        return score_folds(prepared.trainer.metric,
+                           prepared.frame[prepared.trainer.target].to_numpy()[held],
+                           blend_outputs(own[0], other[0], weight),
+                           np.asarray(segment.block)[segment.holdout])
+
+    same = _same_folds(old_route, old_record, row, champion, expanding, blended)
     if same is not None and new_metric is not None:
         return same, new_metric, "same folds", latest, ""
     current, note = _current_metric(old_route, segment, prepared, champion, *refit)
