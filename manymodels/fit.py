@@ -100,15 +100,21 @@ def feature_stats(frame: pd.DataFrame, features: FeatureSet) -> dict[str, Any]:
     return stats
 
 
+class NothingToLearn(TrainingError):
+    """A classification segment whose rows hold one class: a fact of the data, not a
+    failure; its fallback serves it (status ``constant``, outside the failure budget)."""
+
+
 def _check_learnable(y: np.ndarray, task: str) -> None:
     first = y[0].item() if isinstance(y[0], np.generic) else y[0]  # 3.0, not np.float64(3.0)
     if task == "regression":
         if np.nanstd(y.astype(float)) == 0:
-            raise TrainingError(f"target is constant ({first!r} in all {len(y)} training rows): "
-                                "nothing to learn; the fallback model serves this segment")
+            raise TrainingError(f"target is constant ({first!r} in all {len(y)} training "
+                                "rows): nothing to learn; the fallback model serves this "
+                                "segment")
     elif len(pd.unique(y)) < 2:
-        raise TrainingError(f"only one class ({first!r}) in {len(y)} training rows; "
-                            "the fallback model serves this segment")
+        raise NothingToLearn(f"only one class ({first!r}) in {len(y)} training rows; "
+                             "the fallback model serves this segment")
 
 
 def _folds(job: FitJob, trainer: TrainerSpec, y: np.ndarray
@@ -356,6 +362,10 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
         result.holdout_fold = job.fold_block[job.fold_block >= 0]
         result.classes = None if chosen.classes is None else list(chosen.classes)
         result.feature_stats = feature_stats(job.frame, job.features)
+    except NothingToLearn as exc:  # served by the fallback; not against the failure budget
+        result.status = "constant"
+        result.reason = str(exc)
+        result.fit_seconds = time.perf_counter() - started
     except Exception as exc:
         result.status = "failed"
         result.reason = str(exc) if isinstance(exc, (TrainingError, ExportError)) else (

@@ -169,7 +169,8 @@ def decide_routes(segmentation: Segmentation, segmenter: SegmenterSpec, trainer:
         names: list[str | None] = [own_name, *_chain_for(seg, levels, trainer.target)]
         own = results.get(seg.name)
         status = "ok" if own is not None and own.status == "ok" else (
-            "small" if seg.small else "failed")
+            "small" if seg.small else "constant" if own is not None
+            and own.status == "constant" else "failed")
         if seg.small and segmenter.small_segments == "skip":
             status = "skipped"
         routed = status == "ok" or (status == "small" and segmenter.small_segments == "pool")
@@ -255,6 +256,7 @@ def summarise_run(rows: list[dict[str, Any]], results: dict[str, FitResult], tra
                gate: bool) -> dict[str, Any]:
     levels = pd.Series([r["level"] for r in rows]).value_counts().to_dict()
     failed = sum(r["status"] == "failed" for r in rows)
+    segments = {r["segment"] for r in rows}
     own_vs_global = [(r["metric_own"], r["metric_global"]) for r in rows
                      if r["metric_own"] is not None and r["metric_global"] is not None
                      and r["status"] == "ok"]
@@ -269,6 +271,11 @@ def summarise_run(rows: list[dict[str, Any]], results: dict[str, FitResult], tra
         "compared_with_global": len(own_vs_global),
         "holdout": _routed_metrics(trainer, segmentation, evals, rows, results, global_name),
         "fit_seconds": float(sum(r.fit_seconds + r.export_seconds for r in results.values())),
+        "constant": sum(r["status"] == "constant" for r in rows),
+        # pools and the global model that failed: the progress bar counted them with the
+        # segments (it counts models), the segment counts above do not
+        "shared_failed": {name: r.reason for name, r in results.items()
+                          if r.status == "failed" and name not in segments},
     }
     summary["segmenting_pays_off"] = levels.get("global", 0) <= len(rows) / 2
     return summary

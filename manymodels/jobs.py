@@ -132,7 +132,7 @@ def run_jobs(fit_jobs: list[FitJob], context: FitContext, workers: int, backend:
                 (models_dir / f"{res.name}.onnx").write_bytes(res.onnx)
                 res.onnx = None  # on disk now: the parent need not hold every model
         counts["done"] += len(done)
-        counts["failed"] += sum(r.status != "ok" for r in done)
+        counts["failed"] += sum(r.status == "failed" for r in done)  # "constant" is no failure
         if bar is not None:
             bar.update(counts["done"], counts["failed"])
         if on_progress is not None:

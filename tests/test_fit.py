@@ -117,3 +117,14 @@ def test_boosting_prefixes_leave_dart_and_other_algorithms_alone() -> None:
              Candidate("f", "random_forest", {"n_estimators": 10}),
              Candidate("g", "random_forest", {"n_estimators": 30})]
     assert boosting_prefixes(cands) == {"a": ("b", 10), "b": ("b", 30)}
+
+
+def test_a_single_class_segment_is_served_by_its_fallback_not_failed(frame: pd.DataFrame
+                                                                      ) -> None:
+    """Check that a classification segment whose rows hold one class is recorded as
+    'constant' with the reason, not as a failure."""
+    job = _job(frame.assign(quantity=1))
+    result = run_job(job, _context([{"algorithm": "logistic"}], task="classification",
+                                   metric="accuracy"))
+    assert result.status == "constant"
+    assert "only one class (1)" in result.reason and "fallback" in result.reason

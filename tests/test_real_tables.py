@@ -33,12 +33,24 @@ TRAINER = {"name": "real", "target": "quantity", "time_column": "date", "metric"
 PROMOS = ["none", "tv", None, "print"]
 
 
+#: Weeks generated; :func:`sales` of fewer weeks is a prefix (the same rows), so a test
+#: can append weeks to the champion's data.
+WEEKS = 34
+
+
 def sales(weeks: int = 30, stores: int = 3, seed: int = 0,
           start: str = "2024-01-01") -> pd.DataFrame:
     """Weekly sales per (store, brand) with real dates, a text feature with gaps, and one
-    store with a single row (a small segment, pooled)."""
+    store with a single row (a small segment, pooled): the first ``weeks`` of them."""
+    full = _sales(stores, seed, start)
+    return full[full["date"] < full["date"].min() + pd.Timedelta(weeks=weeks)] \
+        .reset_index(drop=True)
+
+
+def _sales(stores: int, seed: int, start: str) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frames = []
+    weeks = WEEKS
     dates = pd.date_range(start, periods=weeks, freq="W-MON")
     for store in range(1, stores + 1):
         for b, brand in enumerate(["alpha", "beta"]):

@@ -252,16 +252,19 @@ def test_a_new_segment_is_trained_and_routed(store: Path, data: pd.DataFrame) ->
 
 def test_a_worse_challenger_keeps_the_current_model_and_nothing_is_promoted(
         store: Path, data: pd.DataFrame, champion_bundle: Path) -> None:
-    """Check that a retrained model worse on the latest holdout does not replace the
-    current one, the report names it with both metrics, and --promote moves nothing."""
+    """Check that a retrained model worse than the current one does not replace it, the
+    report names it with both metrics, and with every challenger worse the run exits 10
+    (the new bundle would be the champion) having written and registered nothing."""
     worse = _pick(data, "g1", 2, own=True)
     new = _corrupt_training_rows(data, worse)
     new.to_parquet(store / "new.parquet")
     result = CliRunner().invoke(app, ["retrain", "--data", "new.parquet", "--from",
                                       f"models:/{NAME}@champion", "--promote", "-j", "1"])
-    assert result.exit_code == 12, result.output
+    assert result.exit_code == 10, result.output
     assert "kept current" in result.output and "no improvement" in result.output
-    report = pd.read_parquet(next((store / "runs").glob("*/retrain_report.parquet")))
+    assert not (store / "runs").exists() or not list((store / "runs").iterdir())
+    assert not (store / "bundles").exists() or not list((store / "bundles").iterdir())
+    report = retrain(new, f"models:/{NAME}@champion", jobs=1, track=False).report
     kept = report[report["outcome"] == "kept current"]
     assert set(kept["segment"]) == {_model_name("g1", s) for s in worse}
     for row in kept.to_dict("records"):

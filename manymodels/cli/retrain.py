@@ -1,8 +1,10 @@
 """CLI: ``manymodels retrain`` and ``manymodels models history``.
 
 Exit codes of ``retrain`` (docs/guide/retrain.md): 0 new version promoted (or,
-with ``--dry-run``, something to do), 10 nothing to do, 11 new version registered (or
-written) but not promoted, 12 no improvement so nothing promoted, 13 another retrain of
+with ``--dry-run``, something to do), 10 nothing to do (no segment changed, or no
+challenger was better: nothing written), 11 new version registered (or written) but not
+promoted, 12 ``--promote`` refused (validate failed, or the bundle is worse), 13 another
+retrain of
 the model holds its lock; a failure exits with the code of its error, as every command
 does (2 spec, 3 data, 4 bundle, 5 training, 6 registry, 1 other).
 """

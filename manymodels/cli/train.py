@@ -68,8 +68,14 @@ def print_summary(console: Console, report: Any, summary: dict[str, Any], run_di
     for row in failed.head(10).to_dict("records"):
         console.print(f"[red]failed[/] {row['segment']}: {row['reason']}", highlight=False)
     levels = ", ".join(f"{k}: {v}" for k, v in sorted(summary["levels"].items()))
+    constant = summary.get("constant", 0)
     console.print(f"segments: {summary['segments']}  trained: {summary['trained']}  "
-                  f"failed: {summary['failed']}  small: {summary['small']}  routing: {levels}")
+                  f"failed: {summary['failed']}  small: {summary['small']}  "
+                  + (f"one class (fallback): {constant}  " if constant else "")
+                  + f"routing: {levels}", highlight=False)
+    for name, reason in (summary.get("shared_failed") or {}).items():
+        console.print(f"[red]shared model failed[/] {name}: {reason} (its segments fall back "
+                      f"to the next level)", highlight=False)
     holdout = summary["holdout"]
     if holdout:
         console.print(f"holdout {metric}: routed {_fmt(holdout.get('routed'))}  vs global-only "

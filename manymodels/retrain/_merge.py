@@ -3,20 +3,21 @@
 For each retrained segment the challenger is what the level gate chose for it in the
 fitted part: its own new model, a pooled / global model, or a blend of its own model
 with a coarser one. The current model is what the champion routes the segment to (its
-own old model, a shared model, or its blend), scored as it would be served if kept:
-the champion's own model file, shared models as they are in the new bundle (kept ones
-are the champion's, refitted ones the new fit). Both are compared only on rows the
-champion never saw: the segment's held-out rows later than the champion's data window,
-which the challenger's fold models predicted from earlier rows, scored by the champion
-bundle as it is, shared models included (:func:`_compared`).
-Where there are fewer than :data:`MIN_UNSEEN_ROWS` of them, both are compared on the
-new run's folds (the champion's candidate or level refitted there, as the challenger
-was); only where that is not possible either (the candidate is gone from the spec) on
-the *latest holdout* (:func:`compared_rows`), which the report then says the champion
-saw. Every decision records what it was compared on and how many rows. The challenger
-replaces the current model unless it is worse by more than ``retrain.tolerance``; a
-retrain that failed keeps the current model. Every segment not retrained keeps the
-champion's route (its blend included), and its model files are copied byte for byte.
+own old model, a shared model, or its blend), scored as it would be served if kept: the
+champion's own model file, shared models as they are in the new bundle (kept ones are
+the champion's, refitted ones the new fit). Both are compared only on rows the champion
+never saw: the segment's held-out rows later than the champion's data window, which the
+challenger's fold models predicted from earlier rows, scored by the champion bundle as
+it is, shared models included (:func:`_compared`). Where there are some, but fewer than
+:data:`MIN_UNSEEN_ROWS`, both are compared on the new run's folds (the champion's
+candidate or level refitted there, as the challenger was). Where there are none (the
+data was corrected, not extended; no time column) or the champion's choice cannot be
+refitted (its candidate is gone from the spec), on the *latest holdout*
+(:func:`compared_rows`), which the report then says the champion saw. Every decision
+records what it was compared on and how many rows. The challenger replaces the current
+model unless it is worse by more than ``retrain.tolerance``; a retrain that failed keeps
+the current model. Every segment not retrained keeps the champion's route (its blend
+included), and its model files are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -312,8 +313,10 @@ def _compared(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[s
     models predicted them from earlier rows): the held-out rows after its data window,
     scored by the champion bundle as it is (a refitted shared model has seen them).
     With too few of them both are compared on the new run's folds (the champion's
-    candidate or level refitted there, as the challenger was); failing that, on the
-    latest holdout, which the champion was fitted on (and said so).
+    candidate or level refitted there, as the challenger was). Where the data does not
+    extend past the window at all (history corrected or rewritten, or no time column),
+    or the champion's choice cannot be refitted, on the latest holdout, which the
+    champion was fitted on in its old values (and said so).
     """
     expanding = prepared.plan.expanding
     new_metric = _finite(row.get("metric_latest"))
@@ -342,7 +345,9 @@ def _compared(old_route: dict[str, Any], old_record: dict[str, Any], row: dict[s
                            blend_outputs(own[0], other[0], weight),
                            np.asarray(segment.block)[segment.holdout])
 
-    same = _same_folds(old_route, old_record, row, champion, expanding, blended)
+    extended = unseen is not None and len(unseen) > 0  # too few rows, but new ones
+    same = _same_folds(old_route, old_record, row, champion, expanding, blended) \
+        if extended else None
     if same is not None and new_metric is not None:
         return same, new_metric, "same folds", latest, ""
     current, note = _current_metric(old_route, segment, prepared, champion, *refit)

@@ -152,17 +152,18 @@ def _report(decisions: list[Decision], prepared: PreparedData) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _same_content(new: Manifest, champion: Bundle) -> bool:
-    """Same routes and the same model files: nothing new to register."""
+def _same_routes_and_files(new: dict[str, Any], champion: Bundle) -> bool:
+    """The merged manifest ``new`` has the champion's routes and model files: the bundle
+    it would make is the champion, so nothing is written."""
 
-    def content(raw: dict[str, Any], models: dict[str, Any]) -> tuple[Any, ...]:
-        routes = frozenset((int(r["level"]), tuple(str(v) for v in r["key"]), str(r["model"]),
-                            json.dumps(r.get("blend"), sort_keys=True))
-                           for r in raw.get("routes", []))
-        return routes, frozenset((n, e.sha256) for n, e in models.items())
+    def routes(raw: dict[str, Any]) -> frozenset[tuple[Any, ...]]:
+        return frozenset((int(r["level"]), tuple(str(v) for v in r["key"]), str(r["model"]),
+                          json.dumps(r.get("blend"), sort_keys=True))
+                         for r in raw.get("routes", []))
 
-    return content(new.raw, new.models) == content(champion.manifest.raw,
-                                                   champion.manifest.models)
+    files = frozenset((str(n), str(e.get("sha256"))) for n, e in new.get("models", {}).items())
+    return routes(new) == routes(champion.manifest.raw) and files == frozenset(
+        (n, e.sha256) for n, e in champion.manifest.models.items())
 
 
 class _Clock:
@@ -338,6 +339,17 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
     run_dir = Path(runs) / run_id
     with clock.part("merge"):
         merged = merge(plan, decisions, prepared, champion.bundle, partial, fitted, run_id, origin)
+    if _same_routes_and_files(merged.manifest, champion.bundle):
+        # a nightly job whose challengers all lost: nothing new to write, register or serve
+        rejected = int((report["outcome"] == "kept current").sum())
+        result = RetrainResult(Outcome.NOTHING_TO_DO, model, plan, champion.version, report,
+                               plan.shared_frame(), {}, messages,
+                               metric=prepared.trainer.metric)
+        result.why = (f"no improvement: the new bundle would equal the champion ({rejected} "
+                      f"challenger(s) were not better); nothing written or registered")
+        _finish(result, attempt, clock, track, uri)
+        return result
+    with clock.part("merge"):
         if run_dir.exists():  # a rerun after a crash past this point: write it again
             shutil.rmtree(run_dir)
         write_merged_run(merged, run_dir, report, prepared,
@@ -357,13 +369,6 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
         bundle_dir = Path(packed.path)
         result.bundle, result.bundle_version = bundle_dir, packed.version
         assert packed.manifest is not None  # a local bundle
-    if _same_content(packed.manifest, champion.bundle):
-        rejected = int((report["outcome"] == "kept current").sum())
-        result.outcome = Outcome.NO_IMPROVEMENT if rejected else Outcome.NOTHING_TO_DO
-        result.why = (f"the new bundle equals the champion ({rejected} challenger(s) were not "
-                      "better); nothing registered")
-        _finish(result, attempt, clock, track, uri)
-        return result
     if register:
         with clock.part("register"):
             _register(result, packed.manifest, model, uri, tell)
