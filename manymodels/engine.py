@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -169,6 +170,21 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _quiet_threads() -> Iterator[None]:
+    """Silence, for a threaded run, the warnings each job silences for itself.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list, so with jobs on
+    threads one job's exit restores the list under another job still inside its block,
+    and scikit-learn's feature-name warnings leak to the terminal. Set before any thread
+    starts, the filter is in every list a job saves and restores.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="X does not have valid feature names",
+                                category=UserWarning)
+        yield
+
+
 def start_workers(workers: int, backend: str = "loky",
                   warm: Callable[[], object] = os.getpid) -> threading.Thread | None:
     """Start the local worker processes in the background while the caller prepares data.
@@ -219,6 +235,7 @@ def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], c
     ``threading`` or ``dask`` (``scheduler`` address, or a local cluster when None).
     """
     results: list[R] = []
+    stack = contextlib.ExitStack()
 
     def collect(done: list[R]) -> None:
         results.extend(done)
@@ -233,13 +250,16 @@ def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], c
     if backend in ("loky", "threading"):
         if backend == "loky":
             _use_fork_server(workers)
+        else:
+            stack.enter_context(_quiet_threads())
         # max_nbytes=None: arguments are pickled, never memory-mapped into /dev/shm. A
         # big job (the global model's rows) would otherwise be memory-mapped, and loky's
         # resource tracker prints KeyError tracebacks for those files, even under --quiet.
         parallel = joblib.Parallel(n_jobs=workers, backend=backend,
                                    return_as="generator_unordered", max_nbytes=None)
-        for done in parallel(calls):
-            collect(done)
+        with stack:
+            for done in parallel(calls):
+                collect(done)
         return results
     if backend == "dask":
         with _dask_backend(scheduler, workers):

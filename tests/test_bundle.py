@@ -263,7 +263,7 @@ def test_score_py_in_an_environment_without_training_packages(
     routed, named, unknown, garbage, short = json.loads(proc.stdout.splitlines()[-1])
     expected = Bundle(trained_run).score_frame(rows)
     np.testing.assert_allclose(routed["predictions"], expected.prediction, rtol=1e-6)
-    assert routed["models"] == list(expected.model)
+    assert routed["model"] == list(expected.model)
     assert routed["fallback"] == [bool(v) for v in expected.fallback]
     direct = Bundle(trained_run).score_model(name, rows.head(3))
     np.testing.assert_allclose(named["predictions"], direct.prediction, rtol=1e-6)
@@ -326,7 +326,7 @@ def test_azure_inference_server_runs_score_py(azure_server: str, trained_run: Pa
     body = reply.json()
     expected = Bundle(trained_run).score_frame(rows.head(20))
     np.testing.assert_allclose(body["predictions"], expected.prediction, rtol=1e-6)
-    assert body["models"] == list(expected.model)
+    assert body["model"] == list(expected.model)
     unknown = httpx.post(f"{azure_server}/score",
                          json={"model": "no-such-model", "data": records[:1]}, timeout=30)
     assert unknown.status_code == 404

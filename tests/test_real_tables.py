@@ -190,10 +190,32 @@ def test_a_big_run_prints_no_worker_traceback_and_a_stopped_run_leaves_nothing(
     assert list((tmp_path / "stopped").iterdir()) == []
 
 
+def test_a_threaded_run_prints_no_library_warnings(tmp_path: Path) -> None:
+    """Check that --backend threading prints none of the scikit-learn warnings each job
+    silences for itself (they leaked across threads)."""
+    import yaml
+
+    sales(weeks=34).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(SEGMENTER))
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "trainers" / "default.yaml")
+                             .read_text())
+    candidates = shipped["candidates"]  # the shipped set: LightGBM, forests, trees...
+    (tmp_path / "tr.yaml").write_text(yaml.safe_dump({**TRAINER, "candidates": candidates}))
+    done = _cli(["train", "--data", "t.parquet", "--segmenter", "seg.yaml", "--trainer",
+                 "tr.yaml", "--quiet", "--no-track", "-j", "2", "--backend", "threading"],
+                tmp_path)
+    out, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    assert "Warning" not in err and "Traceback" not in err, err
+
+
 # -- the real-tables matrix -------------------------------------------------------------
 def _write_variant(kind: str, frame: pd.DataFrame, path: Path) -> dict[str, Any]:
     """Write ``frame`` as a real table of ``kind``; returns the trainer spec changes."""
     if kind == "iso-csv":
+        frame.to_csv(path, index=False)
+        return {}
+    if kind == "odd-names-csv":
         frame.to_csv(path, index=False)
         return {}
     if kind == "dmy-csv-semicolon-bom":
@@ -219,7 +241,10 @@ def _write_variant(kind: str, frame: pd.DataFrame, path: Path) -> dict[str, Any]
     raise AssertionError(kind)
 
 
-VARIANTS = {"iso-csv": "t.csv", "dmy-csv-semicolon-bom": "t.csv", "typed-parquet": "t.parquet"}
+VARIANTS = {"iso-csv": "t.csv", "dmy-csv-semicolon-bom": "t.csv", "typed-parquet": "t.parquet",
+            "odd-names-csv": "t.csv"}
+#: Column names with a space, symbols and non-ASCII letters (the "odd-names" variant).
+ODD_NAMES = {"price": "unit price (€)", "promo": "promoción/tipo"}
 
 
 def _paths_agree(bundle_dir: Path, table_path: Path, frame: pd.DataFrame, work: Path
@@ -241,7 +266,7 @@ def _paths_agree(bundle_dir: Path, table_path: Path, frame: pd.DataFrame, work: 
     pyfunc = mlflow.pyfunc.load_model(str(bundle_dir)).predict(read)
     np.testing.assert_allclose(np.asarray(pyfunc["prediction"], dtype=float),
                                expected["prediction"], rtol=1e-6)
-    features = frame[["store", "brand", "price", "promo"]].astype(object)
+    features = frame.drop(columns=["date", "quantity"]).astype(object)
     rows = features.where(features.notna(), None).to_dict(orient="records")
     server = Running(ServeSettings(bundle=str(bundle_dir)))
     try:
@@ -270,6 +295,8 @@ def test_real_tables_train_score_the_same_on_every_path(kind: str, tmp_path: Pat
     /score and batch."""
     monkeypatch.chdir(tmp_path)
     frame = sales()
+    if kind == "odd-names-csv":
+        frame = frame.rename(columns=ODD_NAMES)
     path = tmp_path / VARIANTS[kind]
     changes = _write_variant(kind, frame, path)
     run = train(path, SEGMENTER, {**TRAINER, **changes}, out=tmp_path / "runs", jobs=1,
@@ -282,3 +309,5 @@ def test_real_tables_train_score_the_same_on_every_path(kind: str, tmp_path: Pat
         assert window["min"].endswith("+01:00")  # Paris in winter: the zone is kept
     packed = package_run(run.run_dir, tmp_path / "bundle", name="sales").path
     _paths_agree(packed, path, frame, tmp_path)
+    inputs = {c.name for entry in Bundle(packed).manifest.models.values() for c in entry.inputs}
+    assert set(frame.columns) - {"date", "quantity"} == inputs  # the user's own names

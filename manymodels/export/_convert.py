@@ -204,4 +204,30 @@ def convert_full(pipeline: Any, numeric: list[str], categorical: list[str],
         pipeline, initial_types=initial_types(numeric, categorical),
         target_opset=dict(TARGET_OPSET), options=options,
     )
+    return keep_column_names(model, [*numeric, *categorical])
+
+
+def keep_column_names(model: onnx.ModelProto, columns: list[str]) -> onnx.ModelProto:
+    """Name the graph's inputs after the table's columns again (in place).
+
+    skl2onnx rewrites an input name it finds unsafe (``unit price (€)`` becomes
+    ``unit_price____``), and a feed under the user's column name then misses it. ONNX
+    names are any strings, so the inputs (in ``columns`` order, as they were declared)
+    and every node reading them are renamed back: the schema, the runtime's feeds and the
+    V2 tensor names are the user's own column names, with no mapping to keep in step.
+    """
+    renames = {item.name: column for item, column in zip(model.graph.input, columns,
+                                                         strict=True)
+               if item.name != column}
+    if not renames:
+        return model
+    taken = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output} \
+        | {out for node in model.graph.node for out in node.output}
+    clash = [c for c in renames.values() if c in taken]
+    if clash:  # a column named like an internal value: leave the graph as converted
+        raise ValueError(f"column name(s) {clash} collide with names inside the graph")
+    for item in model.graph.input:
+        item.name = renames.get(item.name, item.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
     return model

@@ -22,7 +22,7 @@ forecast requests (no ``data``)::
 
 Answers are JSON objects, not JSON-encoded strings::
 
-    {"predictions": [...], "models": [...], "fallback": [...]}   (+ "classes", "probabilities")
+    {"predictions": [...], "model": [...], "fallback": [...]}    (+ "classes", "probabilities")
     {"error": {"code": "model_not_found", "message": "..."}}     on any bad request
 
 Rows are checked by the runtime's input contract, as on every other path: a refused row
@@ -171,7 +171,7 @@ def _plain(value: Any) -> Any:
 def _answer(result: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "predictions": [_plain(v) for v in result.prediction],
-        "models": [_plain(v) for v in result.model],
+        "model": [_plain(v) for v in result.model],  # the key /score answers with
         "fallback": [bool(v) for v in result.fallback],
     }
     if result.probabilities is not None and result.classes is not None:
