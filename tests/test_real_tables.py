@@ -95,6 +95,32 @@ def test_a_null_in_a_text_feature_is_scored_as_the_missing_category(champion: Pa
     assert tv["prediction"].iloc[0] != pytest.approx(alone["prediction"].iloc[0])
 
 
+def test_inspect_shows_every_segments_route(champion: Path) -> None:
+    """Check that inspect lists every segment, pooled, global, blended and fallback ones
+    too, each with the route the runtime takes for its key."""
+    from typer.testing import CliRunner
+
+    from manymodels.bundle import inspect_bundle
+    from manymodels.cli import app
+
+    summary = inspect_bundle(champion)
+    frame = sales()
+    assert len(summary.segments) == frame.groupby(["store", "brand"]).ngroups
+    bundle = Bundle(champion)
+    for route in summary.segments:
+        key = dict(part.split("=") for part in route.segment.split(", "))
+        rows = frame[(frame["store"].astype(str) == key["store"])
+                     & (frame["brand"] == key["brand"])].head(1)
+        assert bundle.predict(rows)["model"].iloc[0] == route.model, route
+        if route.kind == "blend":
+            assert route.blend_with and 0 < (route.weight or 0) < 1
+    lone = next(r for r in summary.segments if r.segment.startswith("store=99"))
+    assert lone.status == "small" and lone.kind.startswith("fallback to")
+    shown = CliRunner().invoke(app, ["inspect", str(champion), "--limit", "0"])
+    assert shown.exit_code == 0, shown.output
+    assert "segment routes (7)" in shown.output and "store=99" in shown.output
+
+
 def test_retrain_compares_champion_and_challenger_only_on_unseen_rows(
         champion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Check that a champion with a one-row segment (its small pool unused by routing)

@@ -26,7 +26,15 @@ Layout of a bundle::
 
 from __future__ import annotations
 
-from ._inspect import BundleSummary, ModelRow, inspect_bundle, selection_metric, summarise
+from ._inspect import (
+    BundleSummary,
+    ModelRow,
+    SegmentRoute,
+    inspect_bundle,
+    segment_routes,
+    selection_metric,
+    summarise,
+)
 from ._pack import (
     RUNTIME_MODULE,
     SERVING_PACKAGES,
@@ -46,10 +54,12 @@ __all__ = [
     "ModelRow",
     "PackResult",
     "Problem",
+    "SegmentRoute",
     "ValidationReport",
     "environment_record",
     "inspect_bundle",
     "package_run",
+    "segment_routes",
     "selection_metric",
     "summarise",
     "validate_bundle",

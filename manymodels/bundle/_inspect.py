@@ -6,14 +6,34 @@ import os
 import statistics
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from manymodels.runtime import Manifest, read_manifest
 
-__all__ = ["BundleSummary", "ModelRow", "format_key", "inspect_bundle", "selection_metric",
-           "summarise"]
+__all__ = ["BundleSummary", "ModelRow", "SegmentRoute", "format_key", "inspect_bundle",
+           "segment_routes", "selection_metric", "summarise"]
+
+
+@dataclass(frozen=True)
+class SegmentRoute:
+    """What serves one segment: its own model, a pool, the global model or a blend."""
+
+    segment: str  # its key, e.g. ``store=1, brand=a``
+    status: str  # ok, small, constant (one class), failed, skipped
+    kind: str  # own | pooled | global | blend | fallback | none
+    model: str | None  # the model its rows go to (a blend's own member)
+    blend_with: str | None = None
+    weight: float | None = None  # the own model's weight in a blend
+
+    def describe(self) -> str:
+        if self.kind == "blend":
+            return (f"blend: {self.weight:g} × {self.model} + {1 - (self.weight or 0):g} × "
+                    f"{self.blend_with}")
+        if self.model is None:
+            return "none (no model and no fallback)"
+        return f"{self.kind}: {self.model}"
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class BundleSummary:
     models: list[ModelRow]
     failed: list[dict[str, Any]]
     routes: int
+    #: Every segment the run saw and what serves it (pooled, global and blended ones too).
+    segments: list[SegmentRoute] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -114,7 +136,40 @@ def summarise(manifest: Manifest) -> BundleSummary:
         run_id=raw.get("run_id"), segment_columns=manifest.segment_columns,
         levels=manifest.levels, metric_name=metric, models=rows,
         failed=list(raw.get("failed", [])), routes=sum(len(t) for t in manifest.routes),
+        segments=segment_routes(manifest),
     )
+
+
+def segment_routes(manifest: Manifest) -> list[SegmentRoute]:
+    """One :class:`SegmentRoute` per segment the manifest records, in its order: the
+    route the runtime takes for the segment's key (own, pooled, global, or a blend)."""
+    columns = manifest.segment_columns
+    out = []
+    for record in manifest.raw.get("segments") or []:
+        values = [str(v) for v in record.get("key", [])]
+        if len(values) != len(columns):
+            continue
+        key = dict(zip(columns, values, strict=True))
+        name, fell_back = manifest.resolve(key)
+        status = str(record.get("status", "ok"))
+        blend = manifest.blends.get(name) if name is not None and not fell_back else None
+        entry = manifest.models.get(name) if name is not None else None
+        if name is None:
+            kind = "none"
+        elif blend is not None:
+            kind = "blend"
+        elif entry is not None and not entry.key:
+            kind = "global"
+        elif entry is not None and entry.level > 0 or name != record.get("segment"):
+            kind = "pooled"
+        else:
+            kind = "own"
+        if fell_back and status != "ok" and kind != "none":
+            kind = f"fallback to {kind}"
+        out.append(SegmentRoute(format_key(key), status, kind, name,
+                                blend.partner if blend is not None else None,
+                                blend.weight if blend is not None else None))
+    return out
 
 
 def _file_size(path: Path) -> int:

@@ -6,6 +6,7 @@ imported inside the commands so that ``manymodels --help`` does not pay for MLfl
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,6 +127,18 @@ def inspect(
     console.print(_summary_table(shown))
     if shown is not summary:
         console.print(f"... {len(summary.models) - limit} more (use --limit 0 for all)")
+    if summary.segments:
+        routes = Table(title=f"segment routes ({len(summary.segments):,})", show_lines=False)
+        for column in ("segment", "status", "route"):
+            routes.add_column(column)
+        for route in summary.segments[:limit or None]:
+            routes.add_row(route.segment, route.status, route.describe())
+        console.print(routes)
+        if limit and len(summary.segments) > limit:
+            console.print(f"... {len(summary.segments) - limit} more segments (--limit 0 for "
+                          "all)")
+        kinds = Counter(r.kind for r in summary.segments)
+        console.print("routes: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     _print_totals(summary)
 
 
