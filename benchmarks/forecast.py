@@ -157,6 +157,8 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
     print(f"manymodels time / mlforecast LightGBM (cross_validation + fit): {ours_s / ml_time:.2f}; "
           f"/ (AutoETS + mlforecast LightGBM): {ours_s / (ets_time + ml_time):.2f}")
     print(f"methods chosen: {summary['methods_chosen']}")
+    if summary.get("not_exported"):
+        print(f"not exported (dropped, series chose again): {summary['not_exported']}")
 
 
 def main() -> None:
