@@ -295,3 +295,15 @@ def test_cli_forecast_and_update(tmp_path: Path) -> None:
                           str(out)], capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "shop" not in bad.stderr or "store" in bad.stderr
+
+
+def test_a_method_that_fails_its_parity_check_is_dropped(tmp_path: Path) -> None:
+    """Check that a lag model failing export leaves its series to the other methods."""
+    spec = _trainer(4)
+    spec["candidates"] = [{"algorithm": "ridge"}]
+    spec["parity_tolerance"] = 1e-15  # no float32 graph can meet this: every lag model fails
+    result = manymodels.train(_panel_frame(48, freq="MS", season=12), SEGMENTER, spec,
+                              out=tmp_path, run_id="r", track=False)
+    assert result.summary["not_exported"]
+    assert all("ridge" not in m for m in result.report["members"].explode())
+    assert np.isfinite(manymodels.Bundle(result.run_dir).forecast(4)["forecast"]).all()

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,9 +164,11 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         while True:  # a method that does not export is dropped and its series choose again
             choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
             try:
-                routes, fallback = final.export(choices, methods, backtests, errors)
+                routes, fallback = final.export(choices, methods, backtests, errors, excluded)
                 break
             except _Unexportable as exc:
+                if (exc.label, exc.series) in excluded:
+                    raise ExportError(exc.reason) from exc
                 excluded[(exc.label, exc.series)] = exc.reason
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
@@ -206,14 +208,15 @@ class _Final:
         self.models: dict[str, dict[str, Any]] = {}
 
     def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
-               errors: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               errors: np.ndarray, excluded: Mapping[tuple[str, int | None], str]
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         labels = backtests.labels
         by_label = {m.label: m for m in methods.lag}
         users: dict[str, list[int]] = {}
         for i, choice in enumerate(choices):
             for member in choice.members:
                 users.setdefault(member, []).append(i)
-        fallback_label = self._fallback_label(methods, labels, errors)
+        fallback_label = self._fallback_label(methods, labels, errors, excluded)
         if fallback_label in by_label:
             users.setdefault(fallback_label, [])
         files: dict[tuple[str, int], str] = {}
@@ -254,11 +257,12 @@ class _Final:
                            "weight": 1.0, "kind": "builtin"}])
         return routes, fallback
 
-    def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray) -> str:
+    def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
+                        excluded: Mapping[tuple[str, int | None], str]) -> str:
         """The global lag method with the lowest mean backtest error: serves new series."""
         best, label = np.inf, ""
         for m in methods.lag:
-            if m.columns:
+            if m.columns or (m.label, None) in excluded:
                 continue
             values = errors[:, labels.index(m.label)]
             mean = float(np.nanmean(np.where(np.isfinite(values), values, np.nan))) \
