@@ -76,7 +76,8 @@ def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutof
             keep &= np.isfinite(values)
         if not keep.any():
             continue
-        part = {k: v[keep] for k, v in cols.items()}
+        # float32, as the ONNX models are fed: trees then split between values both see
+        part = {k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()}
         for j, column in enumerate(panel.key_columns):
             if column in spec.static:
                 part[column] = np.full(int(keep.sum()), panel.key_texts[i][j], dtype=object)

@@ -47,6 +47,12 @@ def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, se
     numeric = spec.numeric_names()
     categorical = [c for c in rows.frame.columns if c not in numeric]
     pipeline = build_pipeline(candidate, numeric, categorical, "regression", seed)
+    if candidate.algorithm == "lightgbm":
+        # trees need no scaling, and a scaler computed in float32 by ONNX moves lag values
+        # across split thresholds, compounding over the horizon: keep the values as they are
+        from sklearn.preprocessing import StandardScaler
+
+        pipeline.set_params(prep__num=StandardScaler(with_mean=False, with_std=False))
     pipeline.fit(rows.frame[numeric + categorical], rows.target)
     return pipeline
 
@@ -58,7 +64,8 @@ def native_predict(pipeline: Any) -> Predict:
     columns = [c for _, _, cols in prep.transformers_ for c in (cols if isinstance(cols, list) else [])]
 
     def predict(feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        frame = pd.DataFrame({c: feed[c] for c in columns})
+        # the values the ONNX model is fed: float32 numbers (see training_rows)
+        frame = pd.DataFrame({c: _as_fed(feed[c]) for c in columns})
         return np.asarray(model.predict(prep.transform(frame)), dtype=np.float64).ravel()
 
     return predict
@@ -85,6 +92,11 @@ def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
     beta = np.linalg.solve(gram, xs.T @ (y - y_mean))
     weights = beta / sd
     return weights, y_mean - float(np.sum(beta * mean / sd))
+
+
+def _as_fed(values: np.ndarray) -> np.ndarray:
+    arr = np.asarray(values)
+    return arr.astype(np.float32).astype(np.float64) if arr.dtype.kind == "f" else arr
 
 
 def own_linear_predict(fits: Sequence[tuple[np.ndarray, float]], spec: FeatureSpec) -> Predict:
