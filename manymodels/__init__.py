@@ -6,6 +6,7 @@ serving and batch scoring never pay for (or need) the training libraries.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from manymodels._version import __version__
@@ -59,7 +60,5 @@ _LAZY = {"train": "manymodels.training", "TrainResult": "manymodels.training",
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'manymodels' has no attribute {name!r}")

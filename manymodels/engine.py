@@ -215,10 +215,10 @@ def stop_workers() -> None:
 
     At interpreter exit loky asks each worker to stop and waits while its interpreter
     winds down with scikit-learn and SciPy loaded. Every result has been collected by
-    then, so the workers are
-    killed instead. loky keeps its reusable executor in a module global, read here
+    then, so the workers are killed instead. loky keeps its reusable executor in a module global, read here
     without creating one.
     """
+    # imported here: the command line reads "loky was used" from sys.modules
     from joblib.externals.loky import reusable_executor
 
     executor = getattr(reusable_executor, "_executor", None)

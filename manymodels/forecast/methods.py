@@ -7,11 +7,13 @@ compared on the same windows; :func:`fit_final` refits the chosen ones on all pe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from joblib import Parallel, delayed
 
 from manymodels.candidates import Candidate
 from manymodels.errors import ManyModelsError
@@ -171,8 +173,6 @@ def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.nd
 def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,
                   seed: int, jobs: int = 1) -> Backtests:
     """Every method on every window; cutoffs (windows, series) with -1 for missing."""
-    import time
-
     windows, n = cuts.shape
     actual = np.full((n, windows, h), np.nan)
     scale = np.full((n, windows), np.nan)
@@ -218,8 +218,6 @@ def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: in
     chunks = [c for c in chunks if c]
     work = [([panel.y[i] for i in c], cuts[:, c]) for c in chunks]
     if jobs > 1 and n > 1:
-        from joblib import Parallel, delayed
-
         done = Parallel(n_jobs=jobs, backend="loky")(
             delayed(_stat_chunk)(ys, cut, method, panel.season_length, h) for ys, cut in work)
     else:

@@ -9,6 +9,7 @@ to store the bins, so the rest is imported on first use.
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from .drift import DriftVerdict, drift_threshold, numeric_bins, psi
@@ -24,7 +25,5 @@ _LAZY = {"ALARM_EXIT_CODE": ".run", "MonitorReport": ".run", "monitor": ".run",
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from importlib import import_module
-
         return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -342,7 +342,7 @@ class Bundle:
     def _forecast_rows(self, frame: pd.DataFrame, strict: bool = True) -> ScoreResult:
         """Rows naming future periods of a forecasting bundle's series: their forecasts
         (refused rows stay NaN unless ``strict``)."""
-        from .forecast_request import forecast_future_rows
+        from .forecast_request import forecast_future_rows  # pandas: batch scoring avoids it
 
         done = forecast_future_rows(self.forecaster, frame, strict)
         n = len(done.values)
