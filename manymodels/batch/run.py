@@ -9,21 +9,17 @@ because it lives in the commit, not in the executor.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
 
 from manymodels.data import sniff_delimiter
 from manymodels.errors import DataError, SpecError
@@ -31,8 +27,8 @@ from manymodels.runtime import sha256_file
 from manymodels.sources import resolve_bundle_source
 from manymodels.storage import cache_root, is_remote, mirror_inputs
 
+from .executors import reuse_freed_memory, run_dask, run_inline, run_pool
 from .objlog import ObjectTxLog
-from .pipeline import run_pipelined
 from .plan import (
     SUFFIXES,
     InputFile,
@@ -44,7 +40,7 @@ from .plan import (
     parse_mini_batch,
     read_layout,
 )
-from .score import FileInfo, UnitResult, UnitTask, open_bundle, ready_bundle, score_unit
+from .score import FileInfo, UnitResult, UnitTask, open_bundle, ready_bundle
 from .txlog import REJECTED_DIR, PieceLog, TxLog
 
 __all__ = [
@@ -204,90 +200,6 @@ class _KillHook:
             self.left -= 1
             if self.left <= 0:
                 os.kill(os.getpid(), signal.SIGKILL)
-
-
-# -- executors -------------------------------------------------------------------------
-def _run_inline(tasks: list[UnitTask]) -> Iterator[UnitResult]:
-    yield from run_pipelined(tasks)
-
-
-def reuse_freed_memory() -> None:
-    """Let glibc keep freed large blocks for the next mini-batch (processes we own only).
-
-    Above its mmap threshold glibc gives every large block a fresh mapping and unmaps it
-    on free, so each million-row numpy array of each mini-batch is faulted in page by
-    page and handed back again, in system time. With
-    the threshold at its maximum (32 MB) and trimming only past 512 MB free, the blocks
-    of one mini-batch are reused by the next; resident memory stays at the peak of one
-    mini-batch's working set instead of going up and down. The CLI and the worker pool
-    call this; a library caller's process is left as it is.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def _init_pool_worker() -> None:
-    """Die with the parent (a kill -9 of the run must not leave scorers behind)."""
-    reuse_freed_memory()
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    pa.set_cpu_count(1)  # the cores belong to the worker processes
-
-
-def _run_pool(tasks: list[UnitTask], workers: int, stop: Callable[[], bool]
-              ) -> Iterator[UnitResult]:
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
-                             initializer=_init_pool_worker) as pool:
-        futures = [pool.submit(score_unit, task) for task in tasks]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-                if stop():
-                    break
-        finally:
-            for future in futures:
-                future.cancel()
-
-
-def _run_dask(tasks: list[UnitTask], workers: int, scheduler: Any,
-              stop: Callable[[], bool]) -> Iterator[UnitResult]:
-    try:
-        # optional extra: Dask only with --backend dask
-        from distributed import Client, LocalCluster
-        from distributed import as_completed as dask_completed
-    except ImportError as exc:  # pragma: no cover
-        raise SpecError("--backend dask needs dask[distributed]: pip install "
-                        "'dask[distributed]'") from exc
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
-    elif isinstance(scheduler, str):
-        client = Client(scheduler)
-    else:
-        client = scheduler  # an existing distributed.Client
-    try:
-        futures = client.map(score_unit, tasks, pure=False)
-        try:
-            for future in dask_completed(futures):
-                yield future.result()
-                if stop():
-                    break
-        finally:
-            client.cancel(futures)
-    finally:
-        if scheduler is None or isinstance(scheduler, str):
-            client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 # -- progress --------------------------------------------------------------------------
@@ -534,11 +446,11 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
     if not tasks:
         results: Iterator[UnitResult] = iter(())
     elif backend == "dask":
-        results = _run_dask(tasks, workers, scheduler, passed)
+        results = run_dask(tasks, workers, scheduler, passed)
     elif workers == 1:
-        results = _run_inline(tasks)
+        results = run_inline(tasks)
     else:
-        results = _run_pool(tasks, workers, passed)
+        results = run_pool(tasks, workers, passed)
     run_start = time.perf_counter()
     try:
         for result in results:

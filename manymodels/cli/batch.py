@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score CSV/Parquet rows through a bundle into Parquet, exactly once (resumable)."""
         from manymodels.batch import ErrorThresholdExceeded, NothingScored, score_batch
-        from manymodels.batch.run import reuse_freed_memory
+        from manymodels.batch.executors import reuse_freed_memory
 
         reuse_freed_memory()
 
