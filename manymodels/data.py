@@ -7,7 +7,6 @@ so a column means the same thing to all of them.
 
 from __future__ import annotations
 
-import csv
 import decimal
 import os
 import warnings
@@ -17,40 +16,16 @@ import numpy as np
 import pandas as pd
 
 from manymodels.errors import DataError
+from manymodels.io import CSV_DELIMITERS, SNIFF_BYTES, sniff_delimiter
 
 __all__ = ["CSV_DELIMITERS", "normalise_types", "parse_time_column", "read_table",
            "sniff_delimiter", "time_order"]
 
-#: Delimiters :func:`sniff_delimiter` chooses among (spreadsheets in many locales write ``;``).
-CSV_DELIMITERS = ",;\t|"
-#: Bytes of a CSV file read to guess its delimiter.
-_SNIFF_BYTES = 64 * 1024
 #: Day-month and month-day layouts tried when a text time column is not ISO 8601.
 _DAY_FIRST = ("%d/%m/%Y", "%d-%m-%Y", "%d.%m.%Y", "%d/%m/%y", "%d/%m/%Y %H:%M",
               "%d/%m/%Y %H:%M:%S")
 _MONTH_FIRST = ("%m/%d/%Y", "%m-%d-%Y", "%m.%d.%Y", "%m/%d/%y", "%m/%d/%Y %H:%M",
                 "%m/%d/%Y %H:%M:%S")
-
-
-def sniff_delimiter(sample: bytes | str) -> str:
-    """The delimiter of a CSV text from its first lines: one of :data:`CSV_DELIMITERS`.
-
-    The header row decides when the sniffer cannot (a one-column table, ragged quoting):
-    the candidate that occurs most often in it, else ``,``.
-    """
-    text = sample.decode("utf-8-sig", errors="replace") if isinstance(sample, bytes) \
-        else sample.lstrip("\ufeff")
-    lines = text.splitlines()
-    if len(text) >= _SNIFF_BYTES and len(lines) > 1:
-        lines = lines[:-1]  # the last line may be cut in the middle
-    head = "\n".join(lines[:50])
-    try:
-        return csv.Sniffer().sniff(head, delimiters=CSV_DELIMITERS).delimiter
-    except csv.Error:
-        header = lines[0] if lines else ""
-        counts = {d: header.count(d) for d in CSV_DELIMITERS}
-        best = max(counts, key=lambda d: counts[d])
-        return best if counts[best] else ","
 
 
 def _csv_delimiter(path: Path, delimiter: str | None) -> str:
@@ -59,7 +34,7 @@ def _csv_delimiter(path: Path, delimiter: str | None) -> str:
             raise DataError(f"--csv-delimiter must be one character, not {delimiter!r}")
         return delimiter
     with open(path, "rb") as handle:
-        return sniff_delimiter(handle.read(_SNIFF_BYTES))
+        return sniff_delimiter(handle.read(SNIFF_BYTES))
 
 
 def read_table(source: str | os.PathLike[str] | pd.DataFrame, *,

@@ -1,8 +1,10 @@
-"""Atomic writes (a crash leaves the old result or the new one, never a mix) and the
-JSON encoder of manifests."""
+"""Atomic writes (a crash leaves the old result or the new one, never a mix), the
+JSON encoder of manifests, and the CSV delimiter sniffer (here, not in
+:mod:`manymodels.data`, because the batch path never imports pandas)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import uuid
@@ -117,3 +119,30 @@ def json_ready(value: Any) -> Any:
     if hasattr(value, "isoformat"):  # dates and timestamps of a time column
         return value.isoformat()
     return value
+
+
+#: Delimiters :func:`sniff_delimiter` chooses among (spreadsheets in many locales write ``;``).
+CSV_DELIMITERS = ",;\t|"
+#: Bytes of a CSV file read to guess its delimiter.
+SNIFF_BYTES = 64 * 1024
+
+
+def sniff_delimiter(sample: bytes | str) -> str:
+    """The delimiter of a CSV text from its first lines: one of :data:`CSV_DELIMITERS`.
+
+    The header row decides when the sniffer cannot (a one-column table, ragged quoting):
+    the candidate that occurs most often in it, else ``,``.
+    """
+    text = sample.decode("utf-8-sig", errors="replace") if isinstance(sample, bytes) \
+        else sample.lstrip("\ufeff")
+    lines = text.splitlines()
+    if len(text) >= SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut in the middle
+    head = "\n".join(lines[:50])
+    try:
+        return csv.Sniffer().sniff(head, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        header = lines[0] if lines else ""
+        counts = {d: header.count(d) for d in CSV_DELIMITERS}
+        best = max(counts, key=lambda d: counts[d])
+        return best if counts[best] else ","

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manymodels.data import sniff_delimiter
 from manymodels.errors import DataError, SpecError
+from manymodels.io import sniff_delimiter
 from manymodels.runtime import sha256_file
 from manymodels.sources import resolve_bundle_source
 from manymodels.storage import cache_root, is_remote, mirror_inputs

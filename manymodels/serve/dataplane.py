@@ -195,7 +195,7 @@ def parse_csv(body: bytes) -> Table:
     values is one pass over the whole frame (not one pandas call per column)."""
     import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
 
-    from manymodels.data import sniff_delimiter
+    from manymodels.io import sniff_delimiter
 
     try:
         frame = pd.read_csv(io.BytesIO(body), sep=sniff_delimiter(body[:1 << 16]),
