@@ -24,7 +24,6 @@ from manymodels.candidates import build_candidates
 from manymodels.engine import check_parallelism, default_jobs
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob
-from manymodels.forecast.train import train_forecast
 from manymodels.gate import compared_metric, decide_routes, evaluate_segments, summarise_run
 from manymodels.jobs import CoarserModel, build_jobs, coarser_models, run_jobs
 from manymodels.prepare import PreparedData, prepare_data
@@ -113,6 +112,10 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
     if not isinstance(data, PreparedData):
         tr_forecast = load_trainer(trainer)
         if tr_forecast.task == "forecast":  # its own stages: lags, backtests, per-series choice
+            # export and statsforecast: only a forecasting run pays for them (retrain's
+            # planning imports this module and must not import a training library)
+            from manymodels.forecast.train import train_forecast
+
             return train_forecast(data, segmenter, tr_forecast, out=out, run_id=run_id,  # type: ignore[return-value]
                                   overwrite=overwrite, environment=training_environment(),
                                   jobs=jobs)

@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from manymodels.errors import BundleError, DataError, ModelLoadError
 from manymodels.runtime import Bundle, Routed, contract
-from manymodels.runtime.forecast_request import FutureForecast
 from manymodels.runtime.scoring import GroupLayout, GroupRun
 
 from .arrow import array_of, dictionary_of
@@ -32,10 +31,14 @@ from .columns import (
     prediction_array,
     segment_codes,
 )
-from .forecast import ForecastColumns, forecast_chunk, method_codes
 from .io import Chunk, PartWriter, read_chunks
 from .plan import Piece, Unit
 from .txlog import CommittedPiece
+
+if TYPE_CHECKING:  # pandas comes with them: imported where a forecasting bundle is scored
+    from manymodels.runtime.forecast_request import FutureForecast
+
+    from .forecast import ForecastColumns
 
 __all__ = [
     "FileInfo",
@@ -124,7 +127,12 @@ class ScoringPlan:
 
     @classmethod
     def of(cls, bundle: Bundle) -> ScoringPlan:
-        forecast = ForecastColumns.of(bundle)
+        forecast = None
+        if bundle.manifest.task == "forecast":
+            # pandas: forecasting bundles need it, batch scoring of the others never does
+            from .forecast import ForecastColumns
+
+            forecast = ForecastColumns.of(bundle)
         if forecast is not None:
             return cls(forecast.keys, frozenset(forecast.known_future), frozenset(), {},
                        frozenset(forecast.all), forecast)
@@ -328,6 +336,8 @@ def _prepare_forecast(bundle: Bundle, columns: ForecastColumns, table: pa.Table,
                               f"(strict columns)", contract.UNEXPECTED_COLUMN)
     if id_column and id_column not in table.column_names:
         rejections.reject_all(f"missing id column '{id_column}'", contract.MISSING_COLUMN)
+    from .forecast import forecast_chunk  # see _prepare: pandas for forecasting only
+
     done = forecast_chunk(bundle, columns, table)
     by_reason: dict[tuple[str, str], list[int]] = {}
     for row, refusal in done.refused.items():
@@ -348,6 +358,8 @@ def _assemble_forecast(ready: PreparedChunk, done: FutureForecast, rel: str, off
     scored: pa.Table | None = None
     models: dict[str, int] = {}
     if len(keep):
+        from .forecast import method_codes  # see _prepare: pandas for forecasting only
+
         index, names = method_codes(done.methods, rejections.code != 0)
         columns = _id_columns(table, keep, rel, offset, id_column, len(keep) == table.num_rows)
         columns["prediction"] = array_of(np.asarray(done.values[keep], dtype=np.float64))
