@@ -10,19 +10,19 @@ is uvicorn's httptools protocol with four more rules:
   of opening (or of the first byte of its next request), else it is closed;
 * a request's body must arrive within ``body_timeout_seconds`` of its headers;
 * past ``max_connections`` open connections, a new one is closed at once;
-* past ``max_concurrency`` requests being answered, a request gets 503 at once (uvicorn's
-  own answer) without reaching the application.
+* past ``max_concurrency`` open connections or requests in flight, a request gets 503 at
+  once without reaching the application (uvicorn's ``limit_concurrency``, passed as it
+  is; with the default connection limit below it, only requests count).
 
-Deadlines are not timers per request: each connection notes its deadline (a float) as
-the parser reaches each stage, and one sweep per server and half second closes the
-connections past theirs. The request path pays a clock read and a comparison.
+Deadlines are not timers per request: one sweep per server and half second looks at
+what each connection waits for (headers, or the rest of a body) and closes those that
+have waited too long. A request pays nothing for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import resource
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -67,8 +67,8 @@ class ConnectionLimits:
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header and body deadlines, a connection limit
-    and a concurrency limit (see the module docstring)."""
+    """uvicorn's httptools protocol with header and body deadlines and a connection
+    limit (see the module docstring)."""
 
     _from_environment: ClassVar[ConnectionLimits | None] = None
 
@@ -78,8 +78,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         limits = getattr(config, LIMITS_ATTRIBUTE, None)
         if limits is None:  # worker processes: the settings come from MANYMODELS_* variables
             limits = GuardedHttpTools._environment_limits()
-        self._limits: ConnectionLimits = limits
-        self._deadline = math.inf
+        self.limits: ConnectionLimits = limits
 
     @staticmethod
     def _environment_limits() -> ConnectionLimits:
@@ -89,32 +88,32 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self._limits.max_connections:
+        if len(self.connections) > self.limits.max_connections:
             transport.abort()  # no lingering close: the socket is freed now
             return
-        self._deadline = self.loop.time() + self._limits.header_seconds
         _Sweeper.start(self.server_state, self.loop)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._deadline = self.loop.time() + self._limits.header_seconds
-
-    def on_headers_complete(self) -> None:
-        self._deadline = self.loop.time() + self._limits.body_seconds
-        # uvicorn answers 503 itself when ``limit_concurrency`` is reached; it counts open
-        # connections as well, so the limit is set per request from the requests alone
-        self.limit_concurrency = 0 if len(self.tasks) >= self._limits.max_concurrency \
-            else None
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._deadline = math.inf  # answering, then uvicorn's keep-alive timeout
-        super().on_message_complete()
+    def stage(self) -> tuple[tuple[str, int], float] | None:
+        """What the connection waits for from its client, and for how long it may: the
+        headers of a request (a new connection, or the first bytes of the next request
+        arrived), or the rest of a body; ``None`` while it answers, or while it is idle
+        under uvicorn's own keep-alive timeout."""
+        if self.timeout_keep_alive_task is not None:
+            return None
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return ("headers", id(cycle)), self.limits.header_seconds
+        if cycle.more_body:
+            return ("body", id(cycle)), self.limits.body_seconds
+        return None
 
 
 class _Sweeper:
-    """Closes, twice a second, the connections of one server that are past their
-    deadline; runs while the server has connections."""
+    """Twice a second, closes the connections of one server that have waited for the
+    same headers or body longer than allowed; runs while the server has connections.
+
+    A stage is timed from the first sweep that sees it, so a connection is closed between
+    its deadline and a second after it, never before, and requests pay nothing."""
 
     INTERVAL = 0.5
     ATTRIBUTE = "manymodels_sweeper"
@@ -123,6 +122,7 @@ class _Sweeper:
         self.server_state = server_state
         self.loop = loop
         self.handle: asyncio.TimerHandle | None = None
+        self.seen: dict[GuardedHttpTools, tuple[tuple[str, int], float]] = {}
 
     @classmethod
     def start(cls, server_state: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -136,11 +136,21 @@ class _Sweeper:
     def sweep(self) -> None:
         self.handle = None
         now = self.loop.time()
+        seen: dict[GuardedHttpTools, tuple[tuple[str, int], float]] = {}
         connections = self.server_state.connections
-        for protocol in [p for p in connections
-                         if getattr(p, "_deadline", math.inf) < now]:
-            protocol._deadline = math.inf
-            if not protocol.transport.is_closing():
+        for protocol in list(connections):
+            if not isinstance(protocol, GuardedHttpTools) or protocol.transport.is_closing():
+                continue
+            stage = protocol.stage()
+            if stage is None:
+                continue
+            marker, allowed = stage
+            before = self.seen.get(protocol)
+            since = before[1] if before is not None and before[0] == marker else now
+            if now - since >= allowed:
                 protocol.transport.abort()
+            else:
+                seen[protocol] = (marker, since)
+        self.seen = seen
         if connections:
             self.handle = self.loop.call_later(self.INTERVAL, self.sweep)

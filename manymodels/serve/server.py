@@ -39,6 +39,7 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, object]:
             "http": GuardedHttpTools, "log_level": settings.log_level,
             "access_log": False, "server_header": False, "date_header": False,
             "timeout_keep_alive": settings.keep_alive_seconds,
+            "limit_concurrency": settings.max_concurrency,
             "ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
 
 

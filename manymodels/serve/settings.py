@@ -111,7 +111,8 @@ class ServeSettings(BaseSettings):
     """Open connections per worker; a new one beyond is closed at once. ``None``: half the
     process's open-file limit (``ulimit -n``), at most 4096."""
     max_concurrency: int = Field(default=1024, ge=1)
-    """Requests being answered at once per worker; beyond, a request gets 503 at once."""
+    """Open connections or requests being answered at once per worker (uvicorn's
+    ``limit_concurrency``); beyond, a request gets 503 at once."""
     max_body_mb: float = Field(default=16.0, gt=0)
     """Largest request body accepted; larger ones get 413."""
     preload: str = "none"
