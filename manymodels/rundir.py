@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from manymodels._version import __version__
+from manymodels.bundle import TRAINING_PACKAGES
 from manymodels.errors import SpecError
 from manymodels.fit import FitJob
 from manymodels.io import json_ready, manifest_json, swap_directory_into_place
@@ -84,8 +85,6 @@ def write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: se
     swap_directory_into_place(staging, final_dir)
 
 
-TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "onnxruntime",
-                     "numpy", "pandas", "joblib")
 
 
 def training_environment() -> dict[str, Any]:

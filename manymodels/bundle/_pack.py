@@ -39,7 +39,10 @@ RUNTIME_MODULE = "manymodels_runtime"
 #: What a bundle needs at serving time, pinned in ``requirements.txt``.
 SERVING_PACKAGES = ("onnxruntime", "numpy", "pandas")
 #: What produced the models; recorded, never required at serving time.
-TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "manymodels")
+#: The packages behind a bundle's models: recorded by training, and by packing for a run
+#: that did not record them.
+TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "onnxruntime",
+                     "statsforecast", "numpy", "pandas", "joblib", "manymodels")
 
 
 @dataclass(frozen=True)
