@@ -23,7 +23,9 @@ def test_shipped_segmenters_load(name: str) -> None:
 def test_shipped_trainers_load(name: str) -> None:
     """Check that every trainer in the catalogue is valid and found by name."""
     spec = load_trainer(name)
-    assert spec.name == name and spec.candidates
+    assert spec.name == name
+    # a forecasting trainer may leave its lag models to the defaults
+    assert spec.candidates or (spec.task == "forecast" and spec.horizon)
 
 
 def test_spec_by_path(tmp_path: Path) -> None:
