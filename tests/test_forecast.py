@@ -307,3 +307,14 @@ def test_a_method_that_fails_its_parity_check_is_dropped(tmp_path: Path) -> None
     assert result.summary["not_exported"]
     assert all("ridge" not in m for m in result.report["members"].explode())
     assert np.isfinite(manymodels.Bundle(result.run_dir).forecast(4)["forecast"]).all()
+
+
+def test_day_first_text_dates_with_date_format(tmp_path: Path) -> None:
+    """Check that dd/mm/yyyy text dates are parsed with the spec's date_format, in time order."""
+    frame = _panel_frame(40, freq="MS", season=12)
+    last = pd.Timestamp(frame["week"].max())
+    frame["week"] = pd.DatetimeIndex(frame["week"]).strftime("%d/%m/%Y")
+    spec = _trainer(3, date_format="%d/%m/%Y")
+    table = _train(tmp_path, frame, spec).forecast(3)
+    # as text, "01/12/2025" would sort before "02/01/2023"; as dates the next month follows
+    assert pd.Timestamp(table["week"].iloc[0]) == last + pd.offsets.MonthBegin(1)

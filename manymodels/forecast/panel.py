@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from manymodels.data import parse_time_column
 from manymodels.errors import DataError, SpecError
 from manymodels.runtime.forecast import FeatureSpec, default_calendar
 from manymodels.runtime.manifest import normalise_key_value
@@ -106,6 +107,8 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
         raise DataError(f"the table lacks column(s) {', '.join(missing)} named by the trainer "
                         f"or segmenter spec")
     data = frame[[*key_columns, time_col, target, *known]].copy()
+    # dates as dates (ISO, the spec's date_format, one unambiguous layout), then periods
+    data = parse_time_column(data, time_col, trainer.date_format)
     data[time_col] = parse_times(data[time_col], time_col)
     if data[time_col].isna().any():
         raise DataError(f"time column '{time_col}' has {int(data[time_col].isna().sum())} "
