@@ -405,3 +405,39 @@ def test_forecasts_equal_the_frozen_hot_path(bundle: Path,
     old = [frozen.forecast(12), frozen.forecast(5, keys=[frozen.forecaster.keys[1]])]
     for a, b in zip(new, old, strict=True):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_known_future_covariates_over_http(tmp_path: Path) -> None:
+    """Check that /forecast and future rows on /invocations use the known-future covariates
+    sent with them, as Bundle.forecast does, and that a missing step is a 422 naming it."""
+    trainer = {**TRAINER, "forecast": {"n_windows": 2, "known_future": ["price"]}}
+    run = train(make_oj(stores=2), "store_brand", trainer, out=tmp_path / "runs", jobs=1,
+                track=False).run_dir
+    packed = package_run(run, tmp_path / "bundle", name="oj-price").path
+    local = Bundle(packed)
+    last = int(local.forecaster.last[0])
+    key = dict(zip(KEYS, local.forecaster.keys[0], strict=True))
+    future = pd.DataFrame({**{c: [v] * 3 for c, v in key.items()},
+                           "week": [last + 1, last + 2, last + 3], "price": [1.5, 2.5, 3.5]})
+    want = local.forecast(3, keys=[key], future=future)["forecast"].to_numpy()
+    running = Running(ServeSettings(bundle=str(packed)))
+    try:
+        body = {"keys": [key], "horizon": 3, "future": future.to_dict("records")}
+        reply = running.client.post("/forecast", json=body)
+        assert reply.status_code == 200, reply.text
+        got = [row["forecast"] for row in reply.json()["forecasts"]]
+        np.testing.assert_allclose(got, want, rtol=RTOL)
+        rows = future.to_dict("records")
+        reply = running.client.post("/invocations", json={"dataframe_records": rows})
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose([r["prediction"] for r in reply.json()["predictions"]], want,
+                                   rtol=RTOL)
+        body["future"] = [rows[0], rows[2]]
+        refused = running.client.post("/forecast", json=body)
+        assert refused.status_code == 422
+        assert "'price'" in refused.text and "step 2" in refused.text
+        changed = future.assign(price=[9.0, 9.0, 9.0]).to_dict("records")
+        other = running.client.post("/forecast", json={**body, "future": changed})
+        assert not np.allclose([r["forecast"] for r in other.json()["forecasts"]], want)
+    finally:
+        running.stop()
