@@ -153,17 +153,37 @@ def lag_matrix(z: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> dict[str, 
 
 def _lag_columns(z: np.ndarray, spec: FeatureSpec, col: int) -> dict[str, np.ndarray]:
     """:func:`lag_matrix` of a series × time grid at one column (a recursion step): the
-    same values by the same operations, with plain integer indexing."""
+    same values by the same operations in the same order (a rolling sum is a sequential
+    cumulative sum, as the 1-D loop adds), with one gather for all lags."""
     n = z.shape[0]
+    lag_names, roll_names = _names(spec)
     out: dict[str, np.ndarray] = {}
-    for k, name in zip(spec.lags, _names(spec)[0], strict=True):
-        out[name] = z[:, col - k] if col >= k else np.full(n, np.nan)
-    for w, name in zip(spec.rolling, _names(spec)[1], strict=True):
+    if spec.lags and col >= max(spec.lags):
+        block = z[:, col - _lag_offsets(spec)]
+        for j, name in enumerate(lag_names):
+            out[name] = block[:, j]
+    else:
+        for k, name in zip(spec.lags, lag_names, strict=True):
+            out[name] = z[:, col - k] if col >= k else np.full(n, np.nan)
+    for w, name in zip(spec.rolling, roll_names, strict=True):
+        if col >= w:
+            out[name] = np.cumsum(z[:, col - w:col][:, ::-1], axis=1)[:, -1] / w
+            continue
         acc = z[:, col - 1].copy() if col >= 1 else np.full(n, np.nan)
         for j in range(2, w + 1):
             acc += z[:, col - j] if col >= j else np.full(n, np.nan)
         out[name] = acc / w
     return out
+
+
+_OFFSETS: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _lag_offsets(spec: FeatureSpec) -> np.ndarray:
+    found = _OFFSETS.get(spec.lags)
+    if found is None:
+        found = _OFFSETS[spec.lags] = np.asarray(spec.lags, dtype=np.int64)
+    return found
 
 
 _NAMES: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[str], list[str]]] = {}
