@@ -207,11 +207,11 @@ def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: in
                    ) -> tuple[np.ndarray, list[FittedStat | None]]:
     """(series, windows, h) forecasts of a fitted method, and each series' fitted model.
 
-    Parameters are estimated once per series, at its first window, and carried through
-    the later windows and to its last period by statsforecast's forward filter
-    (``refit=False`` in statsforecast's and mlforecast's cross-validation): no window sees
-    parameters estimated on its own future, and a series costs one fit, not one per
-    window. Chunks of series run in ``jobs`` worker processes.
+    Parameters are estimated once per series at its first window and carried through the
+    later windows by statsforecast's forward filter (``refit=False`` in statsforecast's
+    and mlforecast's cross-validation): no window sees parameters estimated on its own
+    future. The exported model is estimated again on every period. Chunks of series run
+    in ``jobs`` worker processes.
     """
     windows, n = cuts.shape
     chunks = [list(range(n))[k::max(jobs * 4, 1)] for k in range(max(jobs * 4, 1))]
@@ -247,8 +247,8 @@ def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: 
                 out[r, w] = fitted.forecast(h)
             except ManyModelsError:
                 fitted = None
-        try:
-            fitted = fit_stat(y, method, m) if fitted is None else fitted.forward(y)
+        try:  # the exported model: estimated on every period (a short series needs them)
+            fitted = fit_stat(y, method, m)
         except ManyModelsError:
             fitted = None
         finals.append(fitted)
