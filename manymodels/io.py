@@ -8,13 +8,18 @@ import csv
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+import yaml
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "json_ready", "link_or_copy",
+from manymodels.errors import SpecError
+from manymodels.runtime.manifest import MANIFEST_FILE
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "finish_run_dir", "json_ready", "link_or_copy",
            "manifest_json", "swap_directory_into_place"]
 
 _MANIFEST_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -65,6 +70,28 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def finish_run_dir(staging: Path, final_dir: Path, manifest: Any, report: Any,
+                   specs: Mapping[str, Any], overwrite: bool) -> None:
+    """Write a staged run's specs, report and manifest, then rename it into place.
+
+    Every run directory (regression, classification, forecasting) ends this way. Plain
+    writes suffice: the directory is private until the rename; with ``overwrite`` the
+    old run is moved aside first and deleted only once the new one is in place.
+    ``specs`` maps a name (``segmenter``, ``trainer``) to its pydantic spec and
+    ``report`` is a DataFrame.
+    """
+    (staging / "specs").mkdir(exist_ok=True)
+    for kind, spec in specs.items():
+        (staging / "specs" / f"{kind}.yaml").write_text(
+            yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    report.to_parquet(staging / "report.parquet", index=False)
+    (staging / MANIFEST_FILE).write_bytes(manifest_json(json_ready(manifest)))
+    if final_dir.exists() and not overwrite:
+        raise SpecError(f"run directory {final_dir} already exists; choose another "
+                        f"run id or pass overwrite")
+    swap_directory_into_place(staging, final_dir)
 
 
 def swap_directory_into_place(tmp: Path, out: Path) -> None:

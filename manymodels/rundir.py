@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from manymodels._version import __version__
 from manymodels.bundle import TRAINING_PACKAGES
-from manymodels.errors import SpecError
 from manymodels.fit import FitJob
-from manymodels.io import json_ready, manifest_json, swap_directory_into_place
+from manymodels.io import finish_run_dir, json_ready
 from manymodels.results import FitResult
-from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION
+from manymodels.runtime.manifest import SCHEMA_VERSION
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
 __all__ = ["TRAINING_PACKAGES", "model_entry", "new_run_id", "run_manifest", "segment_records",
@@ -72,17 +70,8 @@ def write_run(staging: Path, final_dir: Path, manifest: dict[str, Any], used: se
     for path in (staging / "models").glob("*.onnx"):
         if path.stem not in used:
             path.unlink()
-    (staging / "specs").mkdir(exist_ok=True)
-    (staging / "specs" / "segmenter.yaml").write_text(
-        yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
-    (staging / "specs" / "trainer.yaml").write_text(
-        yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
-    report.to_parquet(staging / "report.parquet", index=False)
-    (staging / MANIFEST_FILE).write_bytes(manifest_json(json_ready(manifest)))
-    if final_dir.exists() and not overwrite:
-        raise SpecError(f"run directory {final_dir} already exists; choose another "
-                        f"run id or pass overwrite")
-    swap_directory_into_place(staging, final_dir)
+    finish_run_dir(staging, final_dir, manifest, report,
+                   {"segmenter": segmenter, "trainer": trainer}, overwrite)
 
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from manymodels._version import __version__
 from manymodels.candidates import Candidate, build_candidates, build_pipeline
@@ -50,9 +49,9 @@ from manymodels.forecast.methods import (
 )
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
-from manymodels.io import atomic_write_bytes, manifest_json, swap_directory_into_place
+from manymodels.io import atomic_write_bytes, finish_run_dir
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
-from manymodels.runtime.manifest import MANIFEST_FILE, SCHEMA_VERSION, ModelEntry, _parse_model
+from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
 from manymodels.specs import (
     CandidateSpec,
@@ -182,7 +181,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         history_table(panel, history_periods(h, fc.n_windows, fc.step_size or h,
                                              panel.season_length)
                       ).to_parquet(staging / HISTORY_FILE, index=False)
-        _write(staging, run_dir, manifest, report, seg_spec, tr_spec, overwrite)
+        finish_run_dir(staging, run_dir, manifest, report,
+                       {"segmenter": seg_spec, "trainer": tr_spec}, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ForecastResult(run_id, run_dir, report, summary)
@@ -481,17 +481,3 @@ def _summary(choices: list[Choice], labels: list[str], errors: np.ndarray, train
                      **per_method},
         "seconds": round(seconds, 2),
     }
-
-
-def _write(staging: Path, run_dir: Path, manifest: dict[str, Any], report: pd.DataFrame,
-           segmenter: SegmenterSpec, trainer: TrainerSpec, overwrite: bool) -> None:
-    (staging / "specs").mkdir(exist_ok=True)
-    (staging / "specs" / "segmenter.yaml").write_text(
-        yaml.safe_dump(segmenter.model_dump(mode="json"), sort_keys=False))
-    (staging / "specs" / "trainer.yaml").write_text(
-        yaml.safe_dump(trainer.model_dump(mode="json"), sort_keys=False))
-    report.to_parquet(staging / "report.parquet", index=False)
-    (staging / MANIFEST_FILE).write_bytes(manifest_json(manifest))
-    if run_dir.exists() and not overwrite:
-        raise SpecError(f"run directory {run_dir} already exists")
-    swap_directory_into_place(staging, run_dir)
