@@ -243,6 +243,16 @@ class ForecastSpec(_Spec):
     ``pooled_key_max_categories`` values each) as categorical features."""
     max_horizon: int | None = Field(None, ge=1)
     """Longest forecast served; default ten horizons (recursive strategy)."""
+    hierarchy: list[list[str]] | None = None
+    """Coarser levels forecast as series of their own: each a subset of the segment
+    columns, e.g. ``[[store], []]`` for store totals and the grand total of store × brand
+    segments. An aggregate series is the sum of the segments it holds; its key holds
+    ``*`` in the columns it sums over. Default: none, or the segmenter's coarser
+    ``levels`` when ``reconcile`` is on."""
+    reconcile: Literal["none", "bottom_up", "mint_shrink"] = "none"
+    """Make the levels add up: ``bottom_up`` sums the segments' forecasts, ``mint_shrink``
+    combines every level's forecast (MinT with a shrunk covariance of the backtest
+    errors, by hierarchicalforecast). Fitted at training, applied when forecasting."""
 
     @field_validator("methods")
     @classmethod
@@ -251,6 +261,24 @@ class ForecastSpec(_Spec):
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(FORECAST_METHODS)}")
         return value
+
+    @field_validator("hierarchy")
+    @classmethod
+    def _distinct_levels(cls, value: list[list[str]] | None) -> list[list[str]] | None:
+        if value is None:
+            return value
+        seen = [tuple(sorted(level)) for level in value]
+        if len(set(seen)) != len(seen) or any(len(set(lv)) != len(lv) for lv in value):
+            raise ValueError(f"hierarchy levels repeat a level or a column: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _reconcile_fits(self) -> ForecastSpec:
+        if self.reconcile != "none" and self.known_future:
+            raise ValueError("reconcile needs forecasts without known_future covariates "
+                             "(an aggregate series has no covariate of its own); drop "
+                             "known_future or set reconcile: none")
+        return self
 
 
 class TrainerSpec(_Spec):

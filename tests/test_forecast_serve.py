@@ -276,8 +276,8 @@ assert httpx.post(url + "/invocations", json={"dataframe_records": rows}).status
 from manymodels.batch import score_batch
 score_batch(sys.argv[1], sys.argv[4], sys.argv[5])
 server.should_exit = True
-banned = ("statsforecast", "numba", "sklearn", "lightgbm", "skl2onnx", "manymodels.forecast",
-          "manymodels.training")
+banned = ("statsforecast", "numba", "sklearn", "lightgbm", "skl2onnx", "hierarchicalforecast",
+          "manymodels.forecast", "manymodels.training")
 print(json.dumps([m for m in banned if m in sys.modules]))
 """
 

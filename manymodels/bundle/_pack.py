@@ -42,7 +42,8 @@ SERVING_PACKAGES = ("onnxruntime", "numpy", "pandas")
 #: The packages behind a bundle's models: recorded by training, and by packing for a run
 #: that did not record them.
 TRAINING_PACKAGES = ("scikit-learn", "lightgbm", "skl2onnx", "onnxmltools", "onnx", "onnxruntime",
-                     "statsforecast", "numpy", "pandas", "joblib", "manymodels")
+                     "statsforecast", "hierarchicalforecast", "numpy", "pandas", "joblib",
+                     "manymodels")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,16 @@ from manymodels.forecast.evidence import (
     history_table,
 )
 from manymodels.forecast.features import SeriesScale, series_scales, training_rows
+from manymodels.forecast.hierarchy import (
+    Levels,
+    add_aggregates,
+    chosen_backtests,
+    fit_map,
+    hierarchy_levels,
+    level_accuracy,
+    reconcile_backtests,
+    series_errors,
+)
 from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
 from manymodels.forecast.methods import (
     Backtests,
@@ -136,6 +146,10 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     panel = build_panel(frame, list(seg_spec.columns), tr_spec)
     if not len(panel):
         raise DataError("the table holds no series to forecast")
+    levels: Levels | None = None
+    wanted_levels = hierarchy_levels(tr_spec, seg_spec)
+    if wanted_levels is not None:  # coarser levels are series too: sums of their segments
+        panel, levels = add_aggregates(panel, wanted_levels)
     spec = feature_spec(tr_spec, panel, _static_columns(frame, seg_spec, tr_spec))
     candidates = build_candidates(tr_spec) if tr_spec.candidates else [
         Candidate(c.algorithm, c.algorithm, dict(c.params), c.resolved_min_rows)
@@ -172,9 +186,14 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
+        hierarchy = None
+        if levels is not None:
+            hierarchy = _reconcile(levels, tr_spec, backtests, choices, report, summary)
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
         manifest = final.manifest(routes, fallback, summary, environment or {})
+        if hierarchy is not None:
+            manifest["forecast"]["hierarchy"] = hierarchy
         # what the report and notebooks plot: each series' windows and recent history
         backtest_table(panel, backtests, choices, cuts).to_parquet(staging / BACKTESTS_FILE,
                                                                     index=False)
@@ -433,6 +452,27 @@ class _Final:
                 "series": series, "routes": routes, "fallback": fallback,
             },
         }
+
+
+def _reconcile(levels: Levels, trainer: TrainerSpec, backtests: Backtests,
+               choices: list[Choice], report: pd.DataFrame, summary: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Fit the reconciliation map, score each level before and after on the backtests
+    (into ``report`` and ``summary``), and return the manifest's hierarchy section."""
+    method = trainer.forecast.reconcile
+    base = chosen_backtests(backtests, choices)
+    P = None if method == "none" else fit_map(levels, method, backtests.actual, base)
+    reconciled = base if P is None else reconcile_backtests(levels, P, base)
+    names = ["+".join(level) or "total" for level in levels.levels]
+    report["level"] = [names[d] for d in levels.level_of]
+    report["reconciled_error"] = series_errors(trainer.metric, backtests, reconciled)
+    summary["levels"] = {"reconcile": method,
+                         "accuracy": level_accuracy(levels, trainer.metric, backtests, base,
+                                                    reconciled)}
+    return {"levels": levels.levels, "reconcile": method,
+            "bottom": levels.bottom.tolist(), "members": [m.tolist() for m in levels.members],
+            # bottom-up keeps the segments' forecasts: no map to store
+            "P": P.tolist() if P is not None and method != "bottom_up" else None}
 
 
 def _plain_time(value: Any) -> Any:

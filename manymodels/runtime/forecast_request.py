@@ -106,17 +106,21 @@ def parse_forecast_request(body: Mapping[str, Any]) -> ForecastRequest:
     return ForecastRequest(None if horizon is None else int(horizon), keys, future, history)
 
 
-def _check_keys(keys: Sequence[Any], columns: Sequence[str]) -> None:
+def _check_keys(keys: Sequence[Any], columns: Sequence[str], levels: bool = False) -> None:
+    """Refuse keys that name no series; with ``levels`` a column left out or null names
+    the aggregate over it (the Forecaster then finds the series or says it has none)."""
     for i, key in enumerate(keys):
         if not isinstance(key, Mapping):
             continue  # a list of values: the Forecaster checks its length
         missing = [c for c in columns if c not in key]
-        if missing:
+        if missing and not levels:
             raise contract.InputRefused(
                 contract.MISSING_COLUMN, f"key {i} lacks the segment column(s) "
                 f"{', '.join(missing)} (segment columns: {', '.join(columns)})", i, missing[0])
         for column in columns:
-            code = contract.key_problem(key[column])
+            code = contract.key_problem(key.get(column))
+            if code == contract.NULL_SEGMENT_KEY and levels:
+                continue
             if code is not None:
                 raise contract.InputRefused(code, f"key {i} has {column}={key[column]!r}; a "
                                             f"segment key value is a string or a number", i,
@@ -129,7 +133,7 @@ def forecast_request(forecaster: Forecaster, body: Mapping[str, Any] | ForecastR
     request body (``keys``/``segment``, ``horizon``, ``future``, ``history``)."""
     request = body if isinstance(body, ForecastRequest) else parse_forecast_request(body)
     if request.keys is not None:
-        _check_keys(request.keys, forecaster.key_columns)
+        _check_keys(request.keys, forecaster.key_columns, forecaster.hierarchy is not None)
     return forecaster.forecast(request.horizon, request.keys, request.future, request.history)
 
 
@@ -167,11 +171,14 @@ def _check_future_rows(forecaster: Forecaster, frame: pd.DataFrame) -> None:
             contract.MISSING_COLUMN, f"forecast rows lack column(s) {', '.join(missing)} (a "
             f"forecast row names its series by {', '.join(forecaster.key_columns)} and a "
             f"future {forecaster.time_column})", 0, missing[0])
+    levels = forecaster.hierarchy is not None  # a null names the aggregate over a column
     for column in forecaster.key_columns:
         values = frame[column]
         if values.dtype == object or values.isna().any():
             for row, value in enumerate(values.tolist()):
                 code = contract.key_problem(value)
+                if code == contract.NULL_SEGMENT_KEY and levels:
+                    continue
                 if code is not None:
                     raise contract.InputRefused(code, f"row {row} has {column}={value!r}; a "
                                                 f"segment key value is a string or a number",

@@ -25,6 +25,7 @@ from .forecast import (
     scale_of,
 )
 from .manifest import Manifest, normalise_key_value
+from .reconcile import AGGREGATE, Hierarchy
 from .session import LoadedModel
 
 __all__ = ["Forecaster"]
@@ -71,6 +72,11 @@ class Forecaster:
                               str(r.get("method", ""))) for r in raw["routes"]]
         self.fallback = _Route(tuple(self._member_of(m) for m in raw.get("fallback") or []),
                                "fallback")
+        #: Levels and reconciliation map (``forecast.hierarchy``), or None without levels.
+        self.hierarchy = (Hierarchy.from_dict(raw["hierarchy"], len(self.keys))
+                          if raw.get("hierarchy") else None)
+        #: What a key leaves out or null addresses: the aggregate over that column.
+        self._fill = AGGREGATE if self.hierarchy is not None else None
 
     def _member_of(self, raw: Mapping[str, Any]) -> Member:
         origin = raw.get("origin")
@@ -83,10 +89,15 @@ class Forecaster:
                  history: pd.DataFrame | None = None) -> pd.DataFrame:
         """One row per series and step: key columns, the time column, ``forecast``."""
         h = self._check_horizon(self.horizon if h is None else h)
+        if history is not None:
+            history = self._aggregate_keys(history)
         rows, row_keys = self._select(keys, history)
+        asked = len(rows)
+        rows, row_keys = self._with_inputs(rows, row_keys)
         state = self._state(rows, row_keys, history)
-        values = self._run(rows, state, h, future)
-        return self._table(rows, state, values, h)
+        values = self._reconciled(rows, self._run(rows, state, h, future))
+        table = self._table(rows, state, values, h)
+        return table if len(rows) == asked else table.iloc[:asked * h].reset_index(drop=True)
 
     def forecast_rows(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         """Forecasts for rows naming future periods (keys, time, known covariates)."""
@@ -100,13 +111,14 @@ class Forecaster:
         methods = [""] * n
         if n == 0:
             return out, methods
+        frame = self._aggregate_keys(frame)
         keys = frame[self.key_columns].astype(object).to_numpy()
         norm = [tuple(normalise_key_value(v) for v in row) for row in keys]
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, key in enumerate(norm):
             groups.setdefault(key, []).append(i)
         wanted = list(groups)
-        rows, row_keys = self._select_keys(wanted)
+        rows, row_keys = self._with_inputs(*self._select_keys(wanted))
         state = self._state(rows, row_keys, None)
         steps_of: list[np.ndarray] = []
         for r, key in enumerate(wanted):
@@ -116,13 +128,37 @@ class Forecaster:
         fut = None
         if self.spec.known_future:
             fut = self._future_from_rows(frame, wanted, groups, steps_of)
-        values = self._run(rows, state, h, fut)
+        values = self._reconciled(rows, self._run(rows, state, h, fut))
         for r, key in enumerate(wanted):
             idx = groups[key]
             out[idx] = values[r, steps_of[r] - 1]
             for i in idx:
                 methods[i] = self.routes[rows[r]].method if rows[r] >= 0 else "fallback"
         return out, methods
+
+    # -- coherent levels (post-processing of the point forecasts) ------------------------
+    def _with_inputs(self, rows: list[int], row_keys: list[tuple[str, ...]]
+                     ) -> tuple[list[int], list[tuple[str, ...]]]:
+        """``rows`` and, after them, the series their reconciled forecasts depend on."""
+        extra = self.hierarchy.inputs(rows) if self.hierarchy is not None else []
+        return [*rows, *extra], [*row_keys, *(self.keys[i] for i in extra)]
+
+    def _reconciled(self, rows: list[int], values: np.ndarray) -> np.ndarray:
+        return values if self.hierarchy is None else self.hierarchy.apply(rows, values)
+
+    def _aggregate_keys(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Null segment-key values name the aggregate over that column (levels only)."""
+        if self._fill is None:
+            return frame
+        nulls = {c: frame[c].isna() | (frame[c].astype(object) == "") for c in self.key_columns
+                 if c in frame.columns}
+        nulls = {c: m for c, m in nulls.items() if m.any()}
+        if not nulls:
+            return frame
+        frame = frame.copy()
+        for c, mask in nulls.items():
+            frame[c] = frame[c].astype(object).where(~mask, self._fill)
+        return frame
 
     # -- pieces ---------------------------------------------------------------------------
     def _check_horizon(self, h: int) -> int:
@@ -140,7 +176,8 @@ class Forecaster:
         if keys is None:
             assert history is not None
             keys = history[self.key_columns].drop_duplicates()
-        return self._select_keys(_key_tuples(keys, self.key_columns), allow_new=history is not None)
+        return self._select_keys(_key_tuples(keys, self.key_columns, self._fill),
+                                 allow_new=history is not None)
 
     def _select_keys(self, keys: Sequence[tuple[str, ...]], allow_new: bool = False
                      ) -> tuple[list[int], list[tuple[str, ...]]]:
@@ -253,7 +290,7 @@ class Forecaster:
             raise InputSchemaError(f"future covariates lack column(s) {', '.join(missing)}")
         out = {c: np.full((n, h), np.nan) for c in names}
         steps = self._future_steps(future, state)
-        keys = _key_tuples(future[self.key_columns], self.key_columns)
+        keys = _key_tuples(future[self.key_columns], self.key_columns, self._fill)
         where = {k: r for r, k in enumerate(state.keys)}
         for i, key in enumerate(keys):
             r = where.get(key)
@@ -278,7 +315,7 @@ class Forecaster:
             return future["__step"].to_numpy(dtype=np.int64)
         if self.time_column not in future.columns:
             raise InputSchemaError(f"future covariates lack column '{self.time_column}'")
-        keys = _key_tuples(future[self.key_columns], self.key_columns)
+        keys = _key_tuples(future[self.key_columns], self.key_columns, self._fill)
         where = {k: r for r, k in enumerate(state.keys)}
         times = future[self.time_column].to_numpy()
         steps = np.zeros(len(future), dtype=np.int64)
@@ -365,19 +402,26 @@ def _key_tuple(key: Any, width: int) -> tuple[str, ...]:
     return tuple(normalise_key_value(v) for v in values[:width])
 
 
-def _key_tuples(keys: Any, columns: Sequence[str]) -> list[tuple[str, ...]]:
+def _key_tuples(keys: Any, columns: Sequence[str], fill: str | None = None
+                ) -> list[tuple[str, ...]]:
+    """Normalised key tuples; with ``fill`` (a bundle with levels) a column a key leaves
+    out or null takes ``fill``, the aggregate over it."""
     if isinstance(keys, pd.DataFrame):
         missing = [c for c in columns if c not in keys.columns]
-        if missing:
+        if missing and fill is None:
             raise InputSchemaError(f"keys lack segment column(s) {', '.join(missing)}")
-        return [tuple(normalise_key_value(v) for v in row)
-                for row in keys[list(columns)].astype(object).to_numpy()]
+        if fill is None:
+            return [tuple(normalise_key_value(v) for v in row)
+                    for row in keys[list(columns)].astype(object).to_numpy()]
+        present = [c for c in columns if c in keys.columns]
+        return [_key_of(dict(zip(present, row, strict=True)), columns, fill)
+                for row in keys[present].astype(object).to_numpy()]
     if isinstance(keys, Mapping):
-        return [tuple(normalise_key_value(keys[c]) for c in columns)]
+        return [_key_of(keys, columns, fill)]
     out = []
     for key in keys:
         if isinstance(key, Mapping):
-            out.append(tuple(normalise_key_value(key[c]) for c in columns))
+            out.append(_key_of(key, columns, fill))
         else:
             values = key if isinstance(key, (tuple, list)) else (key,)
             if len(values) != len(columns):
@@ -385,6 +429,22 @@ def _key_tuples(keys: Any, columns: Sequence[str]) -> list[tuple[str, ...]]:
                                        f"{', '.join(columns)}")
             out.append(tuple(normalise_key_value(v) for v in values))
     return out
+
+
+def _key_of(key: Mapping[Any, Any], columns: Sequence[str], fill: str | None
+            ) -> tuple[str, ...]:
+    if fill is None:
+        missing = [c for c in columns if c not in key]
+        if missing:
+            raise InputSchemaError(f"key {dict(key)!r} lacks segment column(s) "
+                                   f"{', '.join(missing)}")
+        return tuple(normalise_key_value(key[c]) for c in columns)
+    return tuple(fill if _is_null(key.get(c)) else normalise_key_value(key[c]) for c in columns)
+
+
+def _is_null(value: Any) -> bool:
+    return (value is None or (isinstance(value, float) and value != value) or value is pd.NA
+            or (isinstance(value, str) and value == ""))
 
 
 def _key_text(columns: Sequence[str], key: Sequence[str]) -> str:

@@ -1,0 +1,253 @@
+"""Coherent levels: aggregate series forecast beside the segments, reconciled bottom-up or by
+MinT (hierarchicalforecast) at training, and the map applied on every serving path so the
+levels add up: ``Bundle.forecast``, the MLflow pyfunc, ``/forecast`` and ``/invocations``
+(real HTTP on 127.0.0.1), ``manymodels batch`` and ``manymodels forecast``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from test_serve import Running
+
+from manymodels.batch import score_batch
+from manymodels.bundle import package_run
+from manymodels.datasets import make_oj
+from manymodels.errors import DataError, SegmentNotFound, SpecError
+from manymodels.runtime import Bundle
+from manymodels.runtime.reconcile import AGGREGATE
+from manymodels.serve.settings import ServeSettings
+from manymodels.specs import load_trainer
+from manymodels.training import train
+
+KEYS = ["region", "store", "brand"]
+SEGMENTER = {"columns": KEYS, "min_rows": 2}
+LEVELS = [["region", "store"], ["region"], []]
+#: "add up to float32 tolerance": relative to the aggregate's size
+RTOL = 1e-6
+
+
+def _frame() -> pd.DataFrame:
+    """Weekly units (not logs: levels sum units) of 4 stores × 3 brands in 2 regions."""
+    frame = make_oj(stores=4, weeks=70)
+    frame["quantity"] = np.exp(frame["quantity"]) / 100.0
+    frame["region"] = np.where(frame["store"] <= 2, "north", "south")
+    return frame
+
+
+def _trainer(reconcile: str, **forecast: Any) -> dict[str, Any]:
+    return {"target": "quantity", "task": "forecast", "time_column": "week", "horizon": 4,
+            "season_length": 13, "candidates": [{"algorithm": "ridge"}],
+            "forecast": {"n_windows": 3, "methods": ["naive", "seasonal_naive", "drift"],
+                         "hierarchy": LEVELS, "reconcile": reconcile, **forecast}}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same panel trained without reconciliation, bottom-up and with MinT."""
+    out = tmp_path_factory.mktemp("reconcile")
+    frame = _frame()
+    return {method: train(frame, SEGMENTER, _trainer(method), out=out / "runs", run_id=method,
+                          jobs=1, track=False).run_dir
+            for method in ("none", "bottom_up", "mint_shrink")}
+
+
+@pytest.fixture(scope="module")
+def bundle(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return package_run(runs["mint_shrink"], tmp_path_factory.mktemp("b") / "bundle",
+                       name="oj-levels").path
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[Running]:
+    running = Running(ServeSettings(bundle=str(bundle), inline_rows=8))
+    yield running
+    running.stop()
+
+
+def _check_coherent(table: pd.DataFrame, value: str = "forecast") -> int:
+    """Assert every aggregate row equals the sum of its segments' rows; how many checked."""
+    table = table.assign(**{c: table[c].astype(str) for c in KEYS})
+    bottom = table[(table[KEYS] != AGGREGATE).all(axis=1)]
+    checked = 0
+    for level in LEVELS:
+        rows = table[(table[level] != AGGREGATE).all(axis=1)
+                     & (table[[c for c in KEYS if c not in level]] == AGGREGATE).all(axis=1)]
+        sums = bottom.groupby([*level, "week"])[value].sum() if level else \
+            bottom.groupby("week")[value].sum()
+        got = rows.set_index([*level, "week"])[value]
+        np.testing.assert_allclose(got.to_numpy(), sums.loc[got.index].to_numpy(), rtol=RTOL,
+                                   err_msg=f"level {level}")
+        checked += len(rows)
+    return checked
+
+
+def _rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Future rows of every series as a caller sends them: aggregates with empty keys."""
+    rows = table[[*KEYS, "week"]].copy()
+    for c in KEYS:
+        rows[c] = rows[c].where(rows[c] != AGGREGATE, None)
+    rows["store"] = pd.to_numeric(rows["store"]).astype("Int64")
+    return rows.sample(frac=1.0, random_state=1).reset_index(drop=True)
+
+
+def _want(table: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    index = table.assign(**{c: table[c].astype(str) for c in KEYS}).set_index([*KEYS, "week"])
+    keys = rows[KEYS].astype(object).where(rows[KEYS].notna(), AGGREGATE).astype(str)
+    return index.loc[pd.MultiIndex.from_frame(keys.assign(week=rows["week"])),
+                     "forecast"].to_numpy()
+
+
+def test_levels_add_up_on_every_path(bundle: Path, server: Running, tmp_path: Path) -> None:
+    """Check that reconciled forecasts add up to each parent level to float32 tolerance
+    from Bundle.forecast, the pyfunc, /forecast, /invocations, batch and the CLI, and
+    that every path gives the same numbers."""
+    table = Bundle(bundle).forecast(6)
+    assert len(table) == (12 + 4 + 2 + 1) * 6
+    assert _check_coherent(table) == (4 + 2 + 1) * 6
+    rows = _rows(table)
+    want = _want(table, rows)
+    got: dict[str, np.ndarray] = {}
+    got["pyfunc"] = mlflow.pyfunc.load_model(str(bundle)).predict(rows)["prediction"].to_numpy()
+    reply = server.client.post("/forecast", json={"horizon": 6})
+    assert reply.status_code == 200, reply.text
+    served = pd.DataFrame(reply.json()["forecasts"])
+    assert _check_coherent(served) == (4 + 2 + 1) * 6
+    got["/forecast"] = _want(served, rows)
+    records = json.loads(rows.to_json(orient="records"))
+    reply = server.client.post("/invocations", json={"dataframe_records": records})
+    assert reply.status_code == 200, reply.text
+    got["/invocations"] = np.asarray([r["prediction"] for r in reply.json()["predictions"]])
+    rows.to_csv(tmp_path / "rows.csv", index=False)  # aggregates: empty cells
+    summary = score_batch(bundle, tmp_path / "rows.csv", tmp_path / "out")
+    assert (summary.rows_scored, summary.rows_rejected) == (len(rows), 0)
+    scored = pq.read_table(tmp_path / "out" / "predictions").to_pandas()
+    got["batch"] = scored.sort_values("row_number")["prediction"].to_numpy()
+    done = subprocess.run([sys.executable, "-m", "manymodels", "forecast", str(bundle),
+                           "--horizon", "6", "--out", str(tmp_path / "f.csv")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    cli = pd.read_csv(tmp_path / "f.csv", dtype={c: str for c in KEYS})
+    assert _check_coherent(cli) == (4 + 2 + 1) * 6
+    got["manymodels forecast"] = _want(cli, rows)
+    for path, values in got.items():
+        np.testing.assert_allclose(values, want, rtol=1e-5, err_msg=path)
+
+
+def test_keys_address_a_level_by_leaving_columns_out(bundle: Path, server: Running) -> None:
+    """Check that a key leaving out (or nulling, or starring) columns names the aggregate
+    over them, that its forecast is the reconciled one, and that a key naming no level is
+    not found."""
+    opened = Bundle(bundle)
+    every = opened.forecast(4)
+    region = opened.forecast(4, keys=[{"region": "north"}])
+    assert set(region["store"]) == {AGGREGATE} and set(region["brand"]) == {AGGREGATE}
+    np.testing.assert_allclose(region["forecast"], every[(every["region"] == "north")
+                                                         & (every["store"] == AGGREGATE)]
+                               ["forecast"], rtol=1e-12)
+    total = opened.forecast(4, keys=[{}])
+    same = opened.forecast(4, keys=[{"region": None, "store": "*", "brand": None}])
+    np.testing.assert_allclose(total["forecast"], same["forecast"], rtol=1e-12)
+    reply = server.client.post("/forecast", json={"horizon": 4, "segment": {"region": "south",
+                                                                             "store": 3}})
+    assert reply.status_code == 200, reply.text
+    store3 = pd.DataFrame(reply.json()["forecasts"])
+    assert list(store3["brand"]) == [AGGREGATE] * 4
+    np.testing.assert_allclose(store3["forecast"], every[(every["store"] == "3")
+                                                         & (every["brand"] == AGGREGATE)]
+                               ["forecast"], rtol=1e-12)
+    with pytest.raises(SegmentNotFound):
+        opened.forecast(4, keys=[{"brand": "tropicana"}])  # brand across stores: no level
+    reply = server.client.post("/forecast", json={"segment": {"brand": "tropicana"}})
+    assert reply.status_code == 404, reply.text
+
+
+def test_bottom_up_keeps_segments_and_mint_is_a_projection(runs: dict[str, Path]) -> None:
+    """Check that bottom-up leaves the segments' forecasts as they were and sums them, and
+    that MinT's stored map P reproduces any coherent forecast (P · S = I)."""
+    base = Bundle(runs["none"]).forecast(4)
+    up = Bundle(runs["bottom_up"]).forecast(4)
+    segments = (base[KEYS] != AGGREGATE).all(axis=1)
+    np.testing.assert_allclose(up[segments]["forecast"], base[segments]["forecast"],
+                               rtol=1e-12)
+    assert not np.allclose(up[~segments]["forecast"], base[~segments]["forecast"])
+    _check_coherent(up)
+    with pytest.raises(AssertionError):
+        _check_coherent(base)  # each level forecast on its own does not add up
+    manifest = json.loads((runs["mint_shrink"] / "manifest.json").read_text())
+    hierarchy = manifest["forecast"]["hierarchy"]
+    P = np.asarray(hierarchy["P"])
+    S = np.zeros((len(hierarchy["members"]), len(hierarchy["bottom"])))
+    for i, members in enumerate(hierarchy["members"]):
+        S[i, members] = 1.0
+    assert P.shape == (12, 19)
+    np.testing.assert_allclose(P @ S, np.eye(12), atol=1e-8)
+    assert json.loads((runs["bottom_up"] / "manifest.json").read_text()
+                      )["forecast"]["hierarchy"]["P"] is None
+
+
+def test_report_shows_each_level_before_and_after(runs: dict[str, Path]) -> None:
+    """Check that the run reports each level's backtest error before and after, and that
+    bottom-up changes the aggregates' errors but not the segments'."""
+    accuracy = {}
+    for method in ("bottom_up", "mint_shrink"):
+        manifest = json.loads((runs[method] / "manifest.json").read_text())
+        levels = manifest["summary"]["levels"]
+        assert levels["reconcile"] == method
+        accuracy[method] = {tuple(a["level"]): a for a in levels["accuracy"]}
+        assert set(accuracy[method]) == {tuple(KEYS), *map(tuple, LEVELS)}
+        assert all(np.isfinite([a["before"], a["after"]]).all()
+                   for a in accuracy[method].values())
+        report = pd.read_parquet(runs[method] / "report.parquet")
+        assert report["level"].value_counts().to_dict() == {
+            "region+store+brand": 12, "region+store": 4, "region": 2, "total": 1}
+        assert np.isfinite(report["reconciled_error"]).all()
+    up = accuracy["bottom_up"]
+    assert up[tuple(KEYS)]["before"] == up[tuple(KEYS)]["after"]
+    assert up[()]["before"] != up[()]["after"]
+    assert accuracy["mint_shrink"][()]["before"] == up[()]["before"]  # the same base forecasts
+
+
+def test_serving_reconciled_forecasts_imports_no_training_library(bundle: Path) -> None:
+    """Check that forecasting from a reconciled bundle never imports hierarchicalforecast
+    or another training library."""
+    probe = ("import sys, json; from manymodels.runtime import Bundle; "
+             f"Bundle({str(bundle)!r}).forecast(3); "
+             "print(json.dumps([m for m in ('hierarchicalforecast', 'statsforecast', "
+             "'sklearn', 'lightgbm', 'manymodels.forecast') if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(("forecast", "error", "match"), [
+    ({"hierarchy": [["shop"]]}, SpecError, "not segment columns"),
+    ({"hierarchy": [["region", "store", "brand"]]}, SpecError, "segments themselves"),
+    ({"hierarchy": [["region"], ["region"]]}, SpecError, "repeat a level"),
+    ({"known_future": ["price"]}, SpecError, "known_future"),
+])
+def test_level_settings_are_checked(tmp_path: Path, forecast: dict[str, Any],
+                                    error: type[Exception], match: str) -> None:
+    """Check that hierarchy and reconcile settings that cannot work are refused by name."""
+    trainer = _trainer("bottom_up", **forecast)
+    with pytest.raises(error, match=match):
+        load_trainer(trainer)
+        train(_frame(), SEGMENTER, trainer, out=tmp_path, jobs=1, track=False)
+
+
+def test_segments_ending_on_different_periods_are_refused(tmp_path: Path) -> None:
+    """Check that levels are refused, naming two series, when segments end apart."""
+    frame = _frame()
+    frame = frame[~((frame["store"] == 4) & (frame["week"] > 65))]
+    with pytest.raises(DataError, match="ends at 65"):
+        train(frame, SEGMENTER, _trainer("bottom_up"), out=tmp_path, jobs=1, track=False)
