@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -25,8 +26,11 @@ if TYPE_CHECKING:  # types only: the registry, serve and batch import this witho
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "EXPERIMENT",
+    "RUN_ARTIFACTS",
     "experiment_id",
+    "forecast_metrics",
     "log_training_run",
+    "metric_name",
     "sqlite_dir",
     "tracking_uri",
 ]
@@ -75,6 +79,32 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+#: What a run directory holds that the tracking run keeps: the per-segment report, the
+#: manifest, and for forecasting runs every series' backtest windows.
+RUN_ARTIFACTS = ("report.parquet", "manifest.json", "backtests.parquet")
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric name (a method label such as ``store+brand:ridge``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)
+
+
+def forecast_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """A forecasting run's metrics: counts, each method's and the chosen routes' mean
+    backtest error per metric (``backtest_mase.chosen``, ``backtest_mase.global:ridge``)
+    and how many series chose each method (``chosen.naive``)."""
+    metrics: dict[str, Any] = {k: summary.get(k) for k in (
+        "segments", "trained", "failed", "failed_fraction", "horizon", "season_length",
+        "windows", "filled_periods", "seconds")}
+    by_metric = summary.get("backtest_metrics") or {summary.get("metric", "error"):
+                                                    summary.get("backtest") or {}}
+    for metric, values in by_metric.items():
+        metrics.update({metric_name(f"backtest_{metric}.{k}"): v for k, v in values.items()})
+    metrics.update({metric_name(f"chosen.{k}"): v
+                    for k, v in (summary.get("methods_chosen") or {}).items()})
+    return metrics
+
+
 def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: TrainerSpec,
                      log_segments: bool = False) -> str:
     """Log specs as params, summary metrics, and the report + manifest as artifacts."""
@@ -91,13 +121,17 @@ def log_training_run(result: TrainResult, segmenter: SegmenterSpec, trainer: Tra
                              "manymodels.run_dir": str(result.run_dir.resolve())})
             mlflow.log_params({**_flat_params("segmenter", segmenter),
                                **_flat_params("trainer", trainer)})
-            metrics = {k: summary[k] for k in ("segments", "trained", "failed", "small",
-                                               "failed_fraction", "own_beats_global")}
-            metrics.update({f"holdout_{k}": v for k, v in summary["holdout"].items()})
-            metrics.update({f"level_{k}": v for k, v in summary["levels"].items()})
+            if summary.get("task") == "forecast":
+                metrics = forecast_metrics(summary)
+            else:
+                metrics = {k: summary[k] for k in ("segments", "trained", "failed", "small",
+                                                   "failed_fraction", "own_beats_global")}
+                metrics.update({f"holdout_{k}": v for k, v in summary["holdout"].items()})
+                metrics.update({f"level_{k}": v for k, v in summary["levels"].items()})
             mlflow.log_metrics(_finite(metrics))
-            mlflow.log_artifact(str(result.run_dir / "report.parquet"))
-            mlflow.log_artifact(str(result.run_dir / "manifest.json"))
+            for name in RUN_ARTIFACTS:
+                if (result.run_dir / name).is_file():
+                    mlflow.log_artifact(str(result.run_dir / name))
             if log_segments:
                 _log_segment_children(result, experiment)
             return str(run.info.run_id)
@@ -109,10 +143,12 @@ def _log_segment_children(result: TrainResult, experiment: str) -> None:
     # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow
 
-    metric_cols = ["metric_own", "metric_pool", "metric_global", "rows", "fit_seconds"]
+    # a forecasting run's report: its method and backtest error per series
+    metric_cols = ["metric_own", "metric_pool", "metric_global", "rows", "fit_seconds",
+                   "backtest_error", "periods"]
     for row in result.report.to_dict("records"):
         with mlflow.start_run(experiment_id=experiment, run_name=str(row["segment"]),
                               nested=True):
-            mlflow.log_params({k: row[k] for k in ("segment", "status", "winner", "level")
-                               if k in row})
+            mlflow.log_params({k: row[k] for k in ("segment", "status", "winner", "level",
+                                                   "method") if k in row})
             mlflow.log_metrics(_finite({k: row.get(k) for k in metric_cols}))

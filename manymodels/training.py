@@ -39,7 +39,7 @@ from manymodels.rundir import (
 )
 from manymodels.segment import Segmentation, model_name
 from manymodels.selection import choose_level
-from manymodels.specs import SegmenterSpec, TrainerSpec, load_trainer, spec_hash
+from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer, spec_hash
 from manymodels.tracking import log_training_run
 
 __all__ = ["CoarserModel", "PreparedData", "Reuse", "TrainResult", "choose_level", "coarser_models",
@@ -116,9 +116,13 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
             # planning imports this module and must not import a training library)
             from manymodels.forecast.train import train_forecast
 
-            return train_forecast(data, segmenter, tr_forecast, out=out, run_id=run_id,  # type: ignore[return-value]
-                                  overwrite=overwrite, environment=training_environment(),
-                                  jobs=jobs)
+            forecast = train_forecast(data, segmenter, tr_forecast, out=out, run_id=run_id,
+                                      overwrite=overwrite, environment=training_environment(),
+                                      jobs=jobs)
+            if track:
+                log_training_run(forecast, load_segmenter(segmenter), tr_forecast,
+                                 log_segments=log_segments)
+            return forecast
     check_parallelism(jobs, backend, scheduler)
     workers = jobs or default_jobs()
     if isinstance(data, PreparedData):

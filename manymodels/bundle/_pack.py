@@ -126,7 +126,7 @@ def package_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         _copy_runtime(tmp)
         _copy_score_script(tmp)
         _copy_training_report(run_root, tmp)
-        _write_mlmodel(tmp, bundle_name, bundle_version)
+        _write_mlmodel(tmp, bundle_name, bundle_version, forecast=bool(run.raw.get("forecast")))
         swap_directory_into_place(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,7 +341,7 @@ def _copy_training_report(run_root: Path, tmp: Path) -> None:
             shutil.copyfile(run_root / name, tmp / name)
 
 
-def _write_mlmodel(tmp: Path, name: str, version: str) -> None:
+def _write_mlmodel(tmp: Path, name: str, version: str, forecast: bool = False) -> None:
     """Write the ``MLmodel`` file with MLflow's own model API (not hand-written YAML)."""
     # mlflow takes seconds to import: only when the registry or tracking is used
     import mlflow.pyfunc
@@ -350,9 +350,11 @@ def _write_mlmodel(tmp: Path, name: str, version: str) -> None:
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     # No input schema: each segment's model has its own inputs and the runtime checks
-    # them. The optional "model" parameter scores every row with one named model.
-    signature = ModelSignature(inputs=None, outputs=None,
-                               params=ParamSchema([ParamSpec("model", "string", "")]))
+    # them. The optional "model" parameter scores every row with one named model; a
+    # forecasting bundle's "horizon" forecasts that many periods of the series the rows
+    # name (0, the default, means the rows are future periods).
+    spec = ParamSpec("horizon", "long", 0) if forecast else ParamSpec("model", "string", "")
+    signature = ModelSignature(inputs=None, outputs=None, params=ParamSchema([spec]))
     model = Model(signature=signature,
                   metadata={"manymodels_bundle": name, "manymodels_version": version})
     mlflow.pyfunc.add_to_model(model, loader_module=RUNTIME_MODULE, code="code",

@@ -7,7 +7,7 @@ noise. Ties in rank go to the simpler method (methods are listed simplest first)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from manymodels.forecast.backtest import score
 from manymodels.forecast.methods import Backtests
 
-__all__ = ["Choice", "choose"]
+__all__ = ["Choice", "choose", "chosen_forecasts", "metric_summary"]
 
 
 @dataclass
@@ -85,3 +85,37 @@ def _blend_error(bt: Backtests, metric: str, i: int, members: list[int]) -> floa
         f = np.mean([bt.forecasts[bt.labels[j]][i, w] for j in members], axis=0)
         values.append(score(metric, bt.actual[i, w], f, bt.scale[i, w]))
     return _mean(np.asarray(values))
+
+
+def chosen_forecasts(bt: Backtests, choices: Sequence[Choice]) -> np.ndarray:
+    """(series, windows, h) backtest forecasts of each series' route (its members'
+    weighted mean)."""
+    out = np.zeros_like(bt.actual)
+    for i, choice in enumerate(choices):
+        for label, weight in zip(choice.members, choice.weights, strict=True):
+            out[i] += weight * bt.forecasts[label][i]
+    return out
+
+
+def metric_summary(bt: Backtests, choices: Sequence[Choice], metrics: Sequence[str]
+                   ) -> dict[str, dict[str, float | None]]:
+    """Per metric: the mean over series of each method's and of the chosen routes' mean
+    backtest error (what the run log and the tracking server show side by side)."""
+    chosen = chosen_forecasts(bt, choices)
+    out: dict[str, dict[str, float | None]] = {}
+    for metric in metrics:
+        errors = bt.errors(metric)
+        n, _, windows = errors.shape
+        own = np.asarray([_mean(np.asarray([
+            score(metric, bt.actual[i, w], chosen[i, w], bt.scale[i, w])
+            for w in range(windows) if np.isfinite(bt.actual[i, w, 0])])) for i in range(n)])
+        row: dict[str, float | None] = {"chosen": _mean_of_series(own)}
+        for j, label in enumerate(bt.labels):
+            row[label] = _mean_of_series(np.asarray([_mean(errors[i, j]) for i in range(n)]))
+        out[metric] = row
+    return out
+
+
+def _mean_of_series(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None

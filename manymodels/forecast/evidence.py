@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from manymodels.forecast.choice import Choice
+from manymodels.forecast.choice import Choice, chosen_forecasts
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
 
@@ -77,16 +77,7 @@ def backtest_table(panel: Panel, bt: Backtests, choices: Sequence[Choice], cuts:
     columns["step"] = step
     columns[panel.time_column] = _times(panel, series, cut + step - 1)
     columns["actual"] = bt.actual[series, window, step - 1]
-    weights = np.zeros((len(choices), len(bt.labels)))
-    for i, choice in enumerate(choices):
-        for label, weight in zip(choice.members, choice.weights, strict=True):
-            weights[i, bt.labels.index(label)] += weight
-    chosen = np.zeros(len(series))
-    for j, label in enumerate(bt.labels):
-        w = weights[series, j]
-        used = w > 0
-        chosen[used] += w[used] * bt.forecasts[label][series[used], window[used], step[used] - 1]
-    columns[CHOSEN_COLUMN] = chosen
+    columns[CHOSEN_COLUMN] = chosen_forecasts(bt, choices)[series, window, step - 1]
     for label in bt.labels:
         columns[METHOD_PREFIX + label] = bt.forecasts[label][series, window, step - 1]
     return pd.DataFrame(columns)

@@ -30,7 +30,7 @@ from manymodels.engine import default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
-from manymodels.forecast.choice import Choice, choose
+from manymodels.forecast.choice import Choice, choose, metric_summary
 from manymodels.forecast.evidence import (
     BACKTESTS_FILE,
     HISTORY_FILE,
@@ -60,6 +60,7 @@ from manymodels.forecast.methods import (
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
 from manymodels.io import atomic_write_bytes, finish_run_dir
+from manymodels.results import TrainResult
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
 from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
@@ -72,7 +73,7 @@ from manymodels.specs import (
     spec_hash,
 )
 
-__all__ = ["DEFAULT_CANDIDATES", "ForecastResult", "train_forecast"]
+__all__ = ["DEFAULT_CANDIDATES", "TRACKED_METRICS", "ForecastResult", "train_forecast"]
 
 #: Lag models when the trainer names none: LightGBM's defaults and a ridge.
 DEFAULT_CANDIDATES = (
@@ -81,19 +82,14 @@ DEFAULT_CANDIDATES = (
     CandidateSpec(algorithm="ridge", params={"alpha": 1.0}),
 )
 
+#: Backtest metrics every run summarises per method (besides the trainer's own): the
+#: scaled error the choice is usually made on and the percentage error people read.
+TRACKED_METRICS = ("mase", "smape")
+
 
 @dataclass
-class ForecastResult:
-    """Where the run went, and each series' choice."""
-
-    run_id: str
-    run_dir: Path
-    report: pd.DataFrame
-    summary: dict[str, Any]
-
-    @property
-    def failed_fraction(self) -> float:
-        return 0.0
+class ForecastResult(TrainResult):
+    """Where the run went, and each series' choice (a run like any other to the tracker)."""
 
 
 def _safe(text: str) -> str:
@@ -189,6 +185,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         hierarchy = None
         if levels is not None:
             hierarchy = _reconcile(levels, tr_spec, backtests, choices, report, summary)
+        summary["backtest_metrics"] = metric_summary(
+            backtests, choices, list(dict.fromkeys([tr_spec.metric, *TRACKED_METRICS])))
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
         manifest = final.manifest(routes, fallback, summary, environment or {})

@@ -78,7 +78,11 @@ if TYPE_CHECKING:
 
 
 class PyFuncBundle:
-    """What ``mlflow.pyfunc.load_model`` returns for a bundle: routes and scores rows."""
+    """What ``mlflow.pyfunc.load_model`` returns for a bundle: routes and scores rows.
+
+    A forecasting bundle answers rows naming future periods with their forecasts, and
+    with ``params={"horizon": H}`` the next ``H`` periods of the series the rows name.
+    """
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -87,7 +91,13 @@ class PyFuncBundle:
         import pandas as pd  # here, not at import: batch and the CLI start faster without it
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        model_name = (params or {}).get("model")
+        params = params or {}
+        horizon = params.get("horizon")
+        if horizon and self.bundle.manifest.task == "forecast":  # 0 is the schema's "not set"
+            from .forecast_request import forecast_for_keys  # pandas paths only
+
+            return forecast_for_keys(self.bundle.forecaster, frame, horizon)
+        model_name = params.get("model")
         if model_name:
             return self.bundle.score_model(str(model_name), frame).to_frame()
         return self.bundle.predict(frame).reset_index(drop=True)

@@ -34,6 +34,7 @@ __all__ = [
     "FORECAST_FIELDS",
     "FutureForecast",
     "ForecastRequest",
+    "forecast_for_keys",
     "forecast_future_rows",
     "forecast_records",
     "forecast_request",
@@ -135,6 +136,31 @@ def forecast_request(forecaster: Forecaster, body: Mapping[str, Any] | ForecastR
     if request.keys is not None:
         _check_keys(request.keys, forecaster.key_columns, forecaster.hierarchy is not None)
     return forecaster.forecast(request.horizon, request.keys, request.future, request.history)
+
+
+def forecast_for_keys(forecaster: Forecaster, frame: pd.DataFrame, horizon: int
+                      ) -> pd.DataFrame:
+    """The forecast table of the next ``horizon`` periods of the series ``frame`` names.
+
+    ``frame``'s segment columns name the series (each distinct key once; no rows: every
+    series); when it also carries the time column, its rows are the known-future
+    covariates of those periods. This is the MLflow pyfunc's ``params={"horizon": H}``.
+    """
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
+        raise InputSchemaError(f"'horizon' must be a positive integer, got {horizon!r}")
+    columns = list(forecaster.key_columns)
+    keys: list[Any] | None = None
+    if len(frame):
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise contract.InputRefused(
+                contract.MISSING_COLUMN, f"the rows lack segment column(s) "
+                f"{', '.join(missing)}: with a horizon each row names a series by "
+                f"{', '.join(columns)}", 0, missing[0])
+        keys = frame[columns].drop_duplicates().to_dict(orient="records")
+        _check_keys(keys, columns)
+    future = frame if len(frame) and forecaster.time_column in frame.columns else None
+    return forecaster.forecast(int(horizon), keys, future, None)
 
 
 def forecast_records(table: pd.DataFrame, time_column: str) -> list[dict[str, Any]]:
