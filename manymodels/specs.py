@@ -253,6 +253,17 @@ class ForecastSpec(_Spec):
     """Make the levels add up: ``bottom_up`` sums the segments' forecasts, ``mint_shrink``
     combines every level's forecast (MinT with a shrunk covariance of the backtest
     errors, by hierarchicalforecast). Fitted at training, applied when forecasting."""
+    levels: list[int] = Field(default_factory=lambda: [80, 95])
+    """Prediction interval levels in percent (``lo_80``/``hi_80`` ... in every output),
+    calibrated on the backtest errors (split conformal); an empty list turns them off."""
+
+    @field_validator("levels")
+    @classmethod
+    def _interval_levels(cls, value: list[int]) -> list[int]:
+        bad = [v for v in value if not 1 <= v <= 99]
+        if bad:
+            raise ValueError(f"interval levels are percentages from 1 to 99, got {bad}")
+        return sorted(set(value))
 
     @field_validator("methods")
     @classmethod

@@ -93,7 +93,8 @@ def test_every_path_gives_the_same_forecast(bundle: Path, expected: pd.DataFrame
     reply = client.post("/forecast", json={"horizon": 6})
     assert reply.status_code == 200, reply.text
     table = pd.DataFrame(reply.json()["forecasts"])
-    assert list(table.columns) == [*KEYS, "week", "forecast", "method"]
+    assert list(table.columns) == [*KEYS, "week", "forecast", "lo_80", "hi_80", "lo_95",
+                                   "hi_95", "method"]
     got["/forecast"] = _want(table, rows)
     assert list(table["method"]) == list(expected["method"])
     for body in ({"data": _records(rows)}, {"dataframe_split": json.loads(

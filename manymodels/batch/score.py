@@ -363,6 +363,8 @@ def _assemble_forecast(ready: PreparedChunk, done: FutureForecast, rel: str, off
         index, names = method_codes(done.methods, rejections.code != 0)
         columns = _id_columns(table, keep, rel, offset, id_column, len(keep) == table.num_rows)
         columns["prediction"] = array_of(np.asarray(done.values[keep], dtype=np.float64))
+        for band, bound in done.bands.items():  # interval bounds: lo_80, hi_80, ...
+            columns[band] = array_of(np.asarray(bound[keep], dtype=np.float64))
         columns["model"] = dictionary_of(index[keep], names)
         columns["fallback"] = array_of(np.asarray(
             [done.methods[i] == "fallback" for i in keep.tolist()], dtype=bool))

@@ -49,6 +49,7 @@ from manymodels.forecast.hierarchy import (
     reconcile_backtests,
     series_errors,
 )
+from manymodels.forecast.intervals import calibrate
 from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
 from manymodels.forecast.methods import (
     Backtests,
@@ -189,7 +190,11 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
             backtests, choices, list(dict.fromkeys([tr_spec.metric, *TRACKED_METRICS])))
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
-        manifest = final.manifest(routes, fallback, summary, environment or {})
+        intervals = (calibrate(panel, backtests, errors, cuts, choices, fc.blend, fc.levels,
+                               excluded) if fc.levels else None)
+        if intervals is not None:
+            summary["interval_coverage"] = intervals[0]["backtest_coverage"]
+        manifest = final.manifest(routes, fallback, summary, environment or {}, intervals)
         if hierarchy is not None:
             manifest["forecast"]["hierarchy"] = hierarchy
         # what the report and notebooks plot: each series' windows and recent history
@@ -416,7 +421,8 @@ class _Final:
         return worst
 
     def manifest(self, routes: list[dict[str, Any]], fallback: list[dict[str, Any]],
-                 summary: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+                 summary: dict[str, Any], environment: dict[str, Any],
+                 intervals: tuple[dict[str, Any], list[float]] | None = None) -> dict[str, Any]:
         panel, spec = self.panel, self.spec
         length = spec.tail_length
         used = {m["model"] for r in [*routes, {"members": fallback}] for m in r["members"]
@@ -428,6 +434,8 @@ class _Final:
             "loc": self.scales.loc.tolist(), "scale": self.scales.scale.tolist(),
             "tail": [y[-length:].tolist() for y in panel.y],
         }
+        if intervals is not None:
+            series["interval_scale"] = intervals[1]
         times = pd.Index(np.concatenate([np.asarray(t) for t in panel.times]))
         return {
             "schema_version": SCHEMA_VERSION, "kind": "run", "name": None, "version": None,
@@ -448,6 +456,7 @@ class _Final:
                 "max_horizon": self.trainer.forecast.max_horizon or 10 * h,
                 "strategy": self.trainer.forecast.strategy, "features": spec.to_dict(),
                 "series": series, "routes": routes, "fallback": fallback,
+                **({"intervals": intervals[0]} if intervals is not None else {}),
             },
         }
 

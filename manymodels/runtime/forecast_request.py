@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -186,6 +186,8 @@ class FutureForecast:
     methods: list[str]
     #: Row position -> (reason code, message), only when not ``strict``.
     refused: dict[int, tuple[str, str]]
+    #: Interval bounds per row (``lo_80``, ``hi_80``, ...), NaN where refused.
+    bands: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _check_future_rows(forecaster: Forecaster, frame: pd.DataFrame) -> None:
@@ -232,16 +234,18 @@ def forecast_future_rows(forecaster: Forecaster, frame: pd.DataFrame, strict: bo
     """
     if strict:
         _check_future_rows(forecaster, frame)
-        values, methods = forecaster.forecast_rows(frame)
-        return FutureForecast(values, methods, {})
+        values, methods, bands = forecaster.forecast_rows(frame)
+        return FutureForecast(values, methods, {}, bands)
     try:
         return forecast_future_rows(forecaster, frame, strict=True)
     except ManyModelsError as whole:
         if isinstance(whole, contract.InputRefused) and whole.code == contract.MISSING_COLUMN:
-            return _refuse(len(frame), np.arange(len(frame)), _reason(whole), str(whole))
+            return _refuse(len(frame), np.arange(len(frame)), _reason(whole), str(whole),
+                           forecaster.band_names)
     # one series at a time, so that one bad series does not refuse the others
     n = len(frame)
-    out = FutureForecast(np.full(n, np.nan), [""] * n, {})
+    out = FutureForecast(np.full(n, np.nan), [""] * n, {},
+                         {name: np.full(n, np.nan) for name in forecaster.band_names})
     groups = frame.groupby(list(forecaster.key_columns), sort=False, dropna=False).indices
     for rows in groups.values():
         rows = np.asarray(rows, dtype=np.int64)
@@ -264,10 +268,14 @@ def _forecast_part(forecaster: Forecaster, frame: pd.DataFrame, rows: np.ndarray
             out.refused[row] = (_reason(exc), str(exc))
         return
     out.values[rows] = part.values
+    for name, band in part.bands.items():
+        out.bands[name][rows] = band
     for row, method in zip(rows.tolist(), part.methods, strict=True):
         out.methods[row] = method
 
 
-def _refuse(n: int, rows: np.ndarray, code: str, message: str) -> FutureForecast:
+def _refuse(n: int, rows: np.ndarray, code: str, message: str, names: Sequence[str]
+            ) -> FutureForecast:
     return FutureForecast(np.full(n, np.nan), [""] * n,
-                          {int(r): (code, message) for r in rows})
+                          {int(r): (code, message) for r in rows},
+                          {name: np.full(n, np.nan) for name in names})

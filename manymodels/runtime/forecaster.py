@@ -24,6 +24,7 @@ from .forecast import (
     recursive_forecast,
     scale_of,
 )
+from .intervals import Bands
 from .manifest import Manifest, normalise_key_value
 from .reconcile import AGGREGATE, Hierarchy
 from .session import LoadedModel
@@ -77,6 +78,8 @@ class Forecaster:
                           if raw.get("hierarchy") else None)
         #: What a key leaves out or null addresses: the aggregate over that column.
         self._fill = AGGREGATE if self.hierarchy is not None else None
+        #: Prediction intervals (``None`` for a bundle trained without them).
+        self.bands = Bands.from_section(raw, self.spec.season_length)
 
     def _member_of(self, raw: Mapping[str, Any]) -> Member:
         origin = raw.get("origin")
@@ -87,7 +90,8 @@ class Forecaster:
     # -- public ---------------------------------------------------------------------------
     def forecast(self, h: int | None = None, keys: Any = None, future: pd.DataFrame | None = None,
                  history: pd.DataFrame | None = None) -> pd.DataFrame:
-        """One row per series and step: key columns, the time column, ``forecast``."""
+        """One row per series and step: key columns, the time column, ``forecast``, the
+        interval bounds (``lo_80``, ``hi_80``, ...) and ``method``."""
         h = self._check_horizon(self.horizon if h is None else h)
         if history is not None:
             history = self._aggregate_keys(history)
@@ -96,11 +100,25 @@ class Forecaster:
         rows, row_keys = self._with_inputs(rows, row_keys)
         state = self._state(rows, row_keys, history)
         values = self._reconciled(rows, self._run(rows, state, h, future))
-        table = self._table(rows, state, values, h)
+        table = self._table(rows, state, values, h, self._bands(rows, state, values))
         return table if len(rows) == asked else table.iloc[:asked * h].reset_index(drop=True)
 
-    def forecast_rows(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-        """Forecasts for rows naming future periods (keys, time, known covariates)."""
+    @property
+    def band_names(self) -> list[str]:
+        """The interval columns every output carries (none without intervals)."""
+        return self.bands.names if self.bands is not None else []
+
+    def _bands(self, rows: list[int], state: SeriesState, values: np.ndarray
+               ) -> dict[str, np.ndarray]:
+        """Interval bounds (series, steps) around the point forecasts ``values``."""
+        if self.bands is None:
+            return {}
+        return self.bands.apply(values, self.bands.scales_of(rows, state.tails))
+
+    def forecast_rows(self, frame: pd.DataFrame
+                      ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+        """Forecasts for rows naming future periods (keys, time, known covariates), the
+        method of each, and their interval bounds (``lo_80``: one value per row, ...)."""
         missing = [c for c in [*self.key_columns, self.time_column] if c not in frame.columns]
         if missing:
             raise InputSchemaError(f"forecast rows lack column(s) {', '.join(missing)} "
@@ -109,8 +127,9 @@ class Forecaster:
         n = len(frame)
         out = np.full(n, np.nan)
         methods = [""] * n
+        bounds = {name: np.full(n, np.nan) for name in self.band_names}
         if n == 0:
-            return out, methods
+            return out, methods, bounds
         frame = self._aggregate_keys(frame)
         keys = frame[self.key_columns].astype(object).to_numpy()
         norm = [tuple(normalise_key_value(v) for v in row) for row in keys]
@@ -129,12 +148,15 @@ class Forecaster:
         if self.spec.known_future:
             fut = self._future_from_rows(frame, wanted, groups, steps_of)
         values = self._reconciled(rows, self._run(rows, state, h, fut))
+        bands = self._bands(rows, state, values)
         for r, key in enumerate(wanted):
             idx = groups[key]
             out[idx] = values[r, steps_of[r] - 1]
+            for name, band in bands.items():
+                bounds[name][idx] = band[r, steps_of[r] - 1]
             for i in idx:
                 methods[i] = self.routes[rows[r]].method if rows[r] >= 0 else "fallback"
-        return out, methods
+        return out, methods, bounds
 
     # -- coherent levels (post-processing of the point forecasts) ------------------------
     def _with_inputs(self, rows: list[int], row_keys: list[tuple[str, ...]]
@@ -366,8 +388,8 @@ class Forecaster:
                                   state.scale[idx], self.spec, h, calendar,
                                   {c: v[idx] for c, v in fut.items()}, static)
 
-    def _table(self, rows: list[int], state: SeriesState, values: np.ndarray, h: int
-               ) -> pd.DataFrame:
+    def _table(self, rows: list[int], state: SeriesState, values: np.ndarray, h: int,
+               bands: Mapping[str, np.ndarray]) -> pd.DataFrame:
         n = len(rows)
         columns: dict[str, Any] = {}
         for j, c in enumerate(self.key_columns):
@@ -376,6 +398,8 @@ class Forecaster:
         columns[self.time_column] = (np.concatenate([np.asarray(t) for t in times]) if n
                                      else np.asarray([]))
         columns["forecast"] = values.reshape(-1)
+        for name, band in bands.items():
+            columns[name] = band.reshape(-1)
         columns["method"] = np.repeat(np.asarray(
             [self.routes[r].method if r >= 0 else "fallback" for r in rows], dtype=object), h)
         return pd.DataFrame(columns)

@@ -75,12 +75,15 @@ class ScoreResult:
     fallback: np.ndarray
     probabilities: np.ndarray | None = None
     classes: Sequence[Any] | None = None
+    #: A forecasting bundle's interval bounds per row (``lo_80``, ``hi_80``, ...).
+    bands: Mapping[str, np.ndarray] | None = None
 
     def to_frame(self) -> pd.DataFrame:
         # pandas only on DataFrame paths: batch scoring never imports it
         import pandas as pd
 
         frame = pd.DataFrame({"prediction": _typed_labels(self.prediction),
+                              **(self.bands or {}),
                               "model": self.model, "fallback": self.fallback})
         if self.probabilities is not None and self.classes is not None:
             for i, label in enumerate(self.classes):
@@ -347,7 +350,7 @@ class Bundle:
         done = forecast_future_rows(self.forecaster, frame, strict)
         n = len(done.values)
         return ScoreResult(done.values, np.asarray(done.methods, dtype=object),
-                           np.zeros(n, dtype=bool))
+                           np.zeros(n, dtype=bool), bands=done.bands)
 
     def check_routed(self, columns: pd.DataFrame | Mapping[str, Any], routed: Routed,
                      n: int) -> contract.CheckedInputs:

@@ -362,6 +362,8 @@ class Prediction:
     prediction: np.ndarray
     probabilities: np.ndarray | None = None
     classes: Sequence[Any] | None = None
+    #: A forecasting bundle's interval bounds per row (``lo_80``, ``hi_80``, ...).
+    bands: Mapping[str, np.ndarray] | None = None
 
 
 def _scoring_error(served: ServedModel, exc: Exception) -> Exception:

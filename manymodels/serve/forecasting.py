@@ -81,12 +81,12 @@ async def forecast_table(registry: ModelRegistry, table: Table
         telemetry.scored(str(method), int(count), ns)
     fallback = [m == "fallback" for m in methods]
     telemetry.log(table.columns, table.n, done.values, methods, fallback)
-    return Prediction(done.values), methods, fallback
+    return Prediction(done.values, bands=done.bands), methods, fallback
 
 
 async def forecast_reply(registry: ModelRegistry, body: Any) -> dict[str, Any]:
     """The ``/forecast`` response: one record per series and step (segment columns, the
-    time column, ``forecast``, ``method``)."""
+    time column, ``forecast``, the interval bounds, ``method``)."""
     if not isinstance(body, dict):
         raise MalformedBody("the body must be a JSON object with 'horizon' and 'keys' or "
                             "'segment' (and optionally 'future' and 'history')")

@@ -161,8 +161,14 @@ class Scorer:
         else:
             prediction, models, fallback = await self.routed(table)
         values = prediction.prediction.tolist()
-        return {"predictions": [{"prediction": p, "model": m, "fallback": f}
-                                for p, m, f in zip(values, models, fallback, strict=True)]}
+        if not prediction.bands:
+            return {"predictions": [{"prediction": p, "model": m, "fallback": f}
+                                    for p, m, f in zip(values, models, fallback, strict=True)]}
+        bands = {band: bound.tolist() for band, bound in prediction.bands.items()}
+        return {"predictions": [{"prediction": p, **{b: v[i] for b, v in bands.items()},
+                                 "model": m, "fallback": f}
+                                for i, (p, m, f) in enumerate(zip(values, models, fallback,
+                                                                  strict=True))]}
 
     def reply_for(self, scope: Any) -> tuple[ReplyFunction, str] | None:
         """The reply function and the route template of a fast-lane ``POST`` route
@@ -188,6 +194,9 @@ class Scorer:
 
 
 def _with_classes(payload: dict[str, Any], prediction: Prediction) -> dict[str, Any]:
+    """``payload`` with the class probabilities, or a forecast's interval bounds."""
+    for band, bound in (prediction.bands or {}).items():
+        payload[band] = bound
     if prediction.probabilities is not None:
         payload["probabilities"] = prediction.probabilities
         payload["classes"] = list(prediction.classes or [])

@@ -18,11 +18,13 @@ forecast requests (no ``data``)::
     {"keys": [{"store": 5, "brand": "tropicana"}], "horizon": 8}   (or "segment": {...})
     optional "future": [rows of known covariates], "history": [fresher rows]
     -> {"forecasts": [{"store": "5", "brand": "tropicana", "week": 121,
-                       "forecast": 10.7, "method": "..."}, ...]}
+                       "forecast": 10.7, "lo_80": 8.9, "hi_80": 12.5, ...,
+                       "method": "..."}, ...]}
 
 Answers are JSON objects, not JSON-encoded strings::
 
-    {"predictions": [...], "model": [...], "fallback": [...]}    (+ "classes", "probabilities")
+    {"predictions": [...], "model": [...], "fallback": [...]}    (+ "classes", "probabilities";
+                                                   a forecast: "lo_80", "hi_80", ...)
     {"error": {"code": "model_not_found", "message": "..."}}     on any bad request
 
 Rows are checked by the runtime's input contract, as on every other path: a refused row
@@ -174,6 +176,8 @@ def _answer(result: Any) -> dict[str, Any]:
         "model": [_plain(v) for v in result.model],  # the key /score answers with
         "fallback": [bool(v) for v in result.fallback],
     }
+    for band, bound in (getattr(result, "bands", None) or {}).items():  # lo_80, hi_80, ...
+        body[band] = [_plain(v) for v in bound]
     if result.probabilities is not None and result.classes is not None:
         body["classes"] = [_plain(c) for c in result.classes]
         body["probabilities"] = [[_plain(p) for p in row] for row in result.probabilities]

@@ -1,0 +1,172 @@
+"""Prediction intervals calibrated on the backtests: split conformal, scaled, pooled per step.
+
+A series has ``n_windows`` (default 3) backtest errors per horizon step: too few for a
+95% quantile of its own (three errors bound at most 75% coverage). So each error is
+divided by its series' scale (:func:`~manymodels.runtime.intervals.series_scale`, taken
+from the periods before the window's cutoff), and the scaled errors of every series are
+pooled per step: a step's band is the conformal quantile of a few hundred or thousand
+scaled errors, times the series' own scale. Steps with too few errors borrow the
+neighbouring steps'.
+
+The errors are those of the route each series would have chosen *without* the window
+scored (its best ``blend`` methods by the other windows): the chosen route's own errors
+were picked for being small on those windows and would give bands that are too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from manymodels.forecast.choice import Choice
+from manymodels.forecast.methods import Backtests
+from manymodels.forecast.panel import Panel
+from manymodels.runtime.intervals import series_scale
+
+__all__ = ["calibrate", "conformal_quantile"]
+
+#: How the manifest names the method (``manymodels report`` shows it).
+METHOD = "split conformal on backtest errors, scaled per series, pooled across series per step"
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The ``ceil((n + 1) level)``-th smallest score (the largest when that is past ``n``)."""
+    ordered = np.sort(scores)
+    n = len(ordered)
+    if n == 0:
+        return float("nan")
+    k = math.ceil((n + 1) * level / 100.0)
+    return float(ordered[min(max(k, 1), n) - 1])
+
+
+def _needed(level: float) -> int:
+    """Scores a level's quantile needs to be finite in split conformal."""
+    return math.ceil(100.0 / (100.0 - level)) - 1
+
+
+def _step_quantiles(scores: np.ndarray, levels: Sequence[int]) -> np.ndarray:
+    """(levels, h) quantiles of scores (rows, h); a step short of scores widens to the
+    steps around it until it has enough; levels nest (a wider level is never narrower)."""
+    h = scores.shape[1]
+    out = np.full((len(levels), h), np.nan)
+    finite = [scores[:, k][np.isfinite(scores[:, k])] for k in range(h)]
+    for j, level in enumerate(levels):
+        need = _needed(level)
+        for k in range(h):
+            pool, d = finite[k], 0
+            while len(pool) < need and d < h:
+                d += 1
+                pool = np.concatenate(finite[max(k - d, 0): k + d + 1])
+            out[j, k] = conformal_quantile(pool, level)
+    return np.maximum.accumulate(out, axis=0) if len(levels) else out
+
+
+def _honest_forecasts(bt: Backtests, errors: np.ndarray, choices: Sequence[Choice], blend: int,
+                      blocked: np.ndarray) -> np.ndarray:
+    """(series, windows, h) forecasts of the route chosen on the *other* windows."""
+    n, windows, h = bt.actual.shape
+    stack = np.stack([bt.forecasts[label] for label in bt.labels], axis=1)  # n, M, W, h
+    finite = np.isfinite(errors)
+    out = np.full((n, windows, h), np.nan)
+    index = {label: j for j, label in enumerate(bt.labels)}
+    for w in range(windows):
+        others = np.ones(windows, dtype=bool)
+        others[w] = False
+        count = finite[:, :, others].sum(axis=2)
+        total = np.where(finite[:, :, others], errors[:, :, others], 0.0).sum(axis=2)
+        means = np.where((count > 0) & ~blocked, total / np.maximum(count, 1), np.inf)
+        order = np.argsort(means, axis=1, kind="stable")[:, :blend]
+        valid = np.isfinite(np.take_along_axis(means, order, axis=1))
+        picked = np.take_along_axis(stack[:, :, w, :], order[:, :, None], axis=1)  # n, b, h
+        picked = np.where(valid[:, :, None], picked, np.nan)
+        for i in np.flatnonzero(~valid.any(axis=1)):  # no other window: the route itself
+            members = [index[m] for m in choices[int(i)].members]
+            picked[i, : len(members)] = stack[i, members, w, :][:blend]
+        with np.errstate(invalid="ignore"):
+            usable = np.isfinite(picked)
+            sums = np.where(usable, picked, 0.0).sum(axis=1)
+            out[:, w] = np.where(usable.any(axis=1), sums / np.maximum(usable.sum(axis=1), 1),
+                                 np.nan)
+    return out
+
+
+def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
+              choices: Sequence[Choice], blend: int, levels: Sequence[int],
+              excluded: Mapping[tuple[str, int | None], str] | None = None
+              ) -> tuple[dict[str, Any], list[float]]:
+    """The manifest's ``intervals`` section and every series' scale.
+
+    The section holds the levels, a quantile per level and step (in units of a series'
+    scale), the scaled errors each step was calibrated on, and the backtest coverage of
+    bands calibrated without the window they cover (each window in turn).
+    """
+    n, windows, h = bt.actual.shape
+    m = panel.season_length
+    blocked = np.zeros((n, len(bt.labels)), dtype=bool)
+    for (label, series), _ in (excluded or {}).items():
+        j = bt.labels.index(label)
+        if series is None:
+            blocked[:, j] = True
+        else:
+            blocked[series, j] = True
+    forecasts = _honest_forecasts(bt, errors, choices, blend, blocked)
+    residual = np.abs(bt.actual - forecasts)  # NaN where a window or forecast is missing
+    scale = np.zeros((n, windows))
+    for w in range(windows):
+        for i in np.flatnonzero(cuts[w] > 0):
+            scale[i, w] = series_scale(panel.y[i][: int(cuts[w, i])], m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
+    flat = scores.reshape(n * windows, h)
+    scales = [series_scale(y, m) for y in panel.y]
+    method = METHOD
+    if not np.isfinite(flat).any():
+        flat = _in_sample_scores(panel, scales, h)
+        method = "no backtest window: in-sample seasonal naive errors, scaled per series"
+    quantiles = _step_quantiles(flat, levels)
+    quantiles = np.where(np.isfinite(quantiles), quantiles, 0.0)
+    section: dict[str, Any] = {
+        "levels": list(levels), "method": method,
+        "quantiles": {str(v): quantiles[j].tolist() for j, v in enumerate(levels)},
+        "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(h)],
+        "backtest_coverage": _held_out_coverage(scores, residual, scale, levels),
+    }
+    return section, scales
+
+
+def _held_out_coverage(scores: np.ndarray, residual: np.ndarray, scale: np.ndarray,
+                       levels: Sequence[int]) -> dict[str, float | None]:
+    """Per level, the share of backtest values inside bands calibrated on the other
+    windows (``None`` with a single window)."""
+    n, windows, h = scores.shape
+    if windows < 2:
+        return {str(v): None for v in levels}
+    inside = np.zeros(len(levels))
+    total = 0
+    for w in range(windows):
+        others = np.delete(scores, w, axis=1).reshape(-1, h)
+        if not np.isfinite(others).any():
+            continue
+        q = np.where(np.isfinite(q := _step_quantiles(others, levels)), q, 0.0)
+        seen = np.isfinite(residual[:, w])
+        for j in range(len(levels)):
+            half = scale[:, w, None] * q[j][None, :]
+            inside[j] += float(np.sum((residual[:, w] <= half + 1e-12) & seen))
+        total += int(seen.sum())
+    return {str(v): (float(inside[j] / total) if total else None) for j, v in enumerate(levels)}
+
+
+def _in_sample_scores(panel: Panel, scales: Sequence[float], h: int) -> np.ndarray:
+    """Scaled in-sample seasonal naive errors, the same for every step: the bands of a
+    panel too short for any backtest window."""
+    m = panel.season_length
+    parts = []
+    for y, s in zip(panel.y, scales, strict=True):
+        lag = m if len(y) > m else 1
+        if s > 0 and len(y) > lag:
+            parts.append(np.abs(y[lag:] - y[:-lag]) / s)
+    pooled = np.concatenate(parts) if parts else np.asarray([], dtype=np.float64)
+    return np.repeat(pooled[:, None], h, axis=1)

@@ -1,0 +1,251 @@
+"""Prediction intervals of a forecasting bundle: their coverage on future periods of a
+panel with known noise, and the same ``lo_*``/``hi_*`` columns on every serving path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from test_serve import Running
+
+import manymodels
+from manymodels.batch import score_batch
+from manymodels.bundle import package_run
+from manymodels.errors import SpecError
+from manymodels.forecast.intervals import _step_quantiles, conformal_quantile
+from manymodels.runtime import Bundle
+from manymodels.runtime.intervals import series_scale
+from manymodels.serve.settings import ServeSettings
+from manymodels.specs import load_trainer
+
+SEGMENTER = {"columns": ["item"], "min_rows": 2, "levels": [["item"], []]}
+BANDS = ["lo_80", "hi_80", "lo_95", "hi_95"]
+H = 6
+#: float32 models inside a recursion: another batch size may round the last bit
+RTOL = 1e-5
+
+
+def _trainer(**forecast: Any) -> dict[str, Any]:
+    return {"target": "y", "task": "forecast", "time_column": "period", "horizon": H,
+            "season_length": 12, "candidates": [{"algorithm": "ridge"}],
+            "forecast": {"methods": ["naive", "seasonal_naive"], "n_windows": 3, **forecast}}
+
+
+def _panel(series: int, periods: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seasonal series with a trend and Gaussian noise of a known, per-series size: the
+    first ``periods`` to train on and the next ``H`` drawn from the same process."""
+    rng = np.random.default_rng(seed)
+    past, future = [], []
+    for s in range(series):
+        t = np.arange(periods + H)
+        sigma = rng.uniform(0.5, 5.0)
+        season = rng.normal(0.0, 3.0 * sigma, 12)
+        y = (rng.uniform(20, 200) + season[t % 12] + rng.normal(0.0, 0.1) * t
+             + rng.normal(0.0, sigma, len(t)))
+        frame = pd.DataFrame({"item": f"s{s}", "period": t, "y": y})
+        past.append(frame.iloc[:periods])
+        future.append(frame.iloc[periods:])
+    return pd.concat(past, ignore_index=True), pd.concat(future, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def panel() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return _panel(series=120, periods=72, seed=7)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, panel: tuple[pd.DataFrame, pd.DataFrame]
+           ) -> Path:
+    out = tmp_path_factory.mktemp("intervals")
+    run = manymodels.train(panel[0], SEGMENTER, _trainer(), out=out / "runs", jobs=1,
+                           track=False).run_dir
+    return package_run(run, out / "bundle", name="intervals").path
+
+
+@pytest.fixture(scope="module")
+def expected(bundle: Path) -> pd.DataFrame:
+    return Bundle(bundle).forecast(H)
+
+
+def test_coverage_of_held_out_periods_is_near_nominal(expected: pd.DataFrame,
+                                                      panel: tuple[pd.DataFrame, pd.DataFrame]
+                                                      ) -> None:
+    """Check that the 80% and 95% intervals cover the held-out future of a panel with
+    known noise within 5 points of nominal."""
+    joined = expected.merge(panel[1], on=["item", "period"])
+    assert len(joined) == len(expected) == 120 * H
+    for level in (80, 95):
+        inside = (joined["y"] >= joined[f"lo_{level}"]) & (joined["y"] <= joined[f"hi_{level}"])
+        assert abs(100 * inside.mean() - level) <= 5, (level, inside.mean())
+
+
+def test_intervals_are_ordered_and_finite(bundle: Path, expected: pd.DataFrame,
+                                          panel: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    """Check that bands are finite and nest around the forecast: for stored series, past
+    the trained horizon, and for a new series sent with its history."""
+    opened = Bundle(bundle)
+    new = panel[0][panel[0]["item"] == "s3"].assign(item="brand-new")
+    longer = opened.forecast(3 * H)
+    fresh = opened.forecast(H, history=new)
+    for table in (expected, longer, fresh):
+        values = table[["forecast", *BANDS]].to_numpy()
+        assert np.isfinite(values).all()
+        assert (table["lo_95"] <= table["lo_80"]).all()
+        assert (table["lo_80"] <= table["forecast"]).all()
+        assert (table["forecast"] <= table["hi_80"]).all()
+        assert (table["hi_80"] <= table["hi_95"]).all()
+    width = (longer["hi_80"] - longer["lo_80"]).groupby(longer["item"]).agg(list)
+    assert all(w[-1] > w[H - 1] for w in width)  # steps past the horizon widen
+    section = opened.manifest.raw["forecast"]
+    assert fresh["method"].iloc[0] == "fallback"
+    s = series_scale(new["y"].to_numpy()[-len(section["series"]["tail"][0]):], 12)
+    q = section["intervals"]["quantiles"]["80"][0]
+    assert fresh["hi_80"].iloc[0] - fresh["forecast"].iloc[0] == pytest.approx(q * s)
+
+
+def _future_rows(expected: pd.DataFrame) -> pd.DataFrame:
+    rows = expected[["item", "period"]].iloc[: 6 * H]
+    return rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+def _want(expected: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    index = expected.set_index(["item", "period"])
+    return index.loc[pd.MultiIndex.from_frame(rows), ["forecast", *BANDS]].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[Running]:
+    running = Running(ServeSettings(bundle=str(bundle), inline_rows=8))
+    yield running
+    running.stop()
+
+
+def _score_py(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("MANYMODELS_BUNDLE_DIR", str(bundle))
+    spec = importlib.util.spec_from_file_location("intervals_score", bundle / "score.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.init()
+    return module
+
+
+def test_every_path_gives_the_same_intervals(bundle: Path, expected: pd.DataFrame,
+                                             server: Running, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that the CLI, Bundle.forecast, future rows through Bundle, the pyfunc,
+    score.py, /forecast, /score, /invocations and batch give the same bands."""
+    rows = _future_rows(expected)
+    want = _want(expected, rows)
+    got: dict[str, pd.DataFrame] = {}
+    named = {"prediction": "forecast"}
+    got["Bundle.predict"] = Bundle(bundle).predict(rows).rename(columns=named)
+    got["pyfunc"] = mlflow.pyfunc.load_model(str(bundle)).predict(rows).rename(columns=named)
+    score = _score_py(bundle, monkeypatch)
+    answer = score.run({"data": json.loads(rows.to_json(orient="records"))})
+    got["score.py rows"] = pd.DataFrame({"forecast": answer["predictions"],
+                                         **{b: answer[b] for b in BANDS}})
+    table = pd.DataFrame(score.run({"horizon": H})["forecasts"])
+    got["score.py forecast"] = _want(table, rows)
+    client = server.client
+    reply = client.post("/forecast", json={"horizon": H})
+    assert reply.status_code == 200, reply.text
+    table = pd.DataFrame(reply.json()["forecasts"])
+    assert list(table.columns) == ["item", "period", "forecast", *BANDS, "method"]
+    got["/forecast"] = _want(table, rows)
+    reply = client.post("/score", json={"data": json.loads(rows.to_json(orient="records"))})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    got["/score"] = pd.DataFrame({"forecast": body["predictions"], **{b: body[b] for b in BANDS}})
+    for kind, request in (("records", {"json": {"dataframe_records": json.loads(
+            rows.to_json(orient="records"))}}), ("csv", {
+            "content": rows.to_csv(index=False), "headers": {"content-type": "text/csv"}})):
+        reply = client.post("/invocations", **request)
+        assert reply.status_code == 200, reply.text
+        got[f"/invocations {kind}"] = pd.DataFrame(reply.json()["predictions"]).rename(
+            columns=named)
+    (tmp_path / "in").mkdir()
+    rows.to_parquet(tmp_path / "in" / "rows.parquet", index=False)
+    summary = score_batch(bundle, tmp_path / "in", tmp_path / "out")
+    assert summary.rows_scored == len(rows)
+    scored = pq.read_table(tmp_path / "out" / "predictions").to_pandas()
+    got["batch"] = scored.sort_values("row_number").reset_index(drop=True).rename(columns=named)
+    out = tmp_path / "cli.parquet"
+    done = subprocess.run([sys.executable, "-m", "manymodels", "forecast", str(bundle),
+                           "--horizon", str(H), "--out", str(out)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    got["manymodels forecast"] = _want(pd.read_parquet(out), rows)
+    for path, frame in got.items():
+        for column in ["forecast", *BANDS]:
+            np.testing.assert_allclose(frame[column].to_numpy(dtype=float), want[column],
+                                       rtol=RTOL, err_msg=f"{path}: {column}")
+    assert len(got) == 10
+
+
+def test_levels_come_from_the_spec(tmp_path: Path) -> None:
+    """Check that other levels name their columns and an empty list turns them off."""
+    past, _ = _panel(series=6, periods=40, seed=1)
+    ninety = manymodels.train(past, SEGMENTER, _trainer(levels=[90]), out=tmp_path,
+                              run_id="ninety", track=False, jobs=1)
+    table = Bundle(ninety.run_dir).forecast(2)
+    assert [c for c in table.columns if c[:3] in ("lo_", "hi_")] == ["lo_90", "hi_90"]
+    assert (table["lo_90"] < table["forecast"]).all()
+    off = manymodels.train(past, SEGMENTER, _trainer(levels=[]), out=tmp_path, run_id="off",
+                           track=False, jobs=1)
+    opened = Bundle(off.run_dir)
+    assert list(opened.forecast(2).columns) == ["item", "period", "forecast", "method"]
+    assert "prediction" in opened.predict(pd.DataFrame({"item": ["s1"], "period": [40]}))
+    assert list(opened.predict(pd.DataFrame({"item": ["s1"], "period": [40]})).columns) == [
+        "prediction", "model", "fallback"]
+    with pytest.raises(SpecError, match="interval levels are percentages"):
+        load_trainer(_trainer(levels=[80, 100]))
+
+
+def test_a_constant_series_and_a_panel_without_windows_still_get_bands(tmp_path: Path) -> None:
+    """Check that a constant series gets finite bands (zero wide) and that a panel too
+    short for any backtest window is calibrated on in-sample errors, never NaN."""
+    past, _ = _panel(series=4, periods=40, seed=2)
+    past.loc[past["item"] == "s0", "y"] = 5.0
+    run = manymodels.train(past, SEGMENTER, _trainer(), out=tmp_path, run_id="flat",
+                           track=False, jobs=1)
+    table = Bundle(run.run_dir).forecast(H)
+    assert np.isfinite(table[BANDS].to_numpy()).all()
+    flat = table[table["item"] == "s0"]
+    assert (flat["lo_95"] <= flat["forecast"]).all() and (flat["hi_95"] >= flat["forecast"]).all()
+    short, _ = _panel(series=4, periods=9, seed=3)
+    run = manymodels.train(short, SEGMENTER, _trainer(), out=tmp_path, run_id="short",
+                           track=False, jobs=1)
+    opened = Bundle(run.run_dir)
+    table = opened.forecast(H)
+    assert np.isfinite(table[BANDS].to_numpy()).all()
+    assert (table["hi_95"] > table["hi_80"]).all()
+    assert opened.manifest.raw["forecast"]["intervals"]["method"].startswith("no backtest")
+
+
+def test_conformal_quantile_and_steps_short_of_scores() -> None:
+    """Check the split-conformal rank, and that a step with too few scores for 95%
+    borrows its neighbours' while levels stay nested."""
+    scores = np.arange(1.0, 20.0)  # 19 scores: rank ceil(20 * 0.95) = 19
+    assert conformal_quantile(scores, 95) == 19.0
+    assert conformal_quantile(scores, 80) == 16.0
+    assert conformal_quantile(np.asarray([1.0, 2.0]), 95) == 2.0
+    grid = np.full((30, 3), np.nan)
+    grid[:, 0] = np.arange(30)
+    grid[:5, 1] = 100.0 + np.arange(5)  # step 2 has 5 scores: enough for 80%, not 95%
+    grid[:, 2] = np.arange(30) + 30
+    q = _step_quantiles(grid, [80, 95])
+    assert q[0, 1] == conformal_quantile(grid[:5, 1], 80) == 104.0
+    pooled = conformal_quantile(grid[np.isfinite(grid)], 95)  # from every step
+    assert q[1, 1] == max(pooled, q[0, 1]) and q[1, 0] == conformal_quantile(grid[:, 0], 95)
+    assert (q[1] >= q[0]).all()
