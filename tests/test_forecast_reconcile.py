@@ -23,6 +23,7 @@ from manymodels.batch import score_batch
 from manymodels.bundle import package_run
 from manymodels.datasets import make_oj
 from manymodels.errors import DataError, SegmentNotFound, SpecError
+from manymodels.report import build_report
 from manymodels.runtime import Bundle
 from manymodels.runtime.reconcile import AGGREGATE
 from manymodels.serve.settings import ServeSettings
@@ -38,7 +39,11 @@ RTOL = 1e-6
 
 def _frame() -> pd.DataFrame:
     """Weekly units (not logs: levels sum units) of 4 stores × 3 brands in 2 regions."""
-    frame = make_oj(stores=4, weeks=70)
+    return _frame_of(70)
+
+
+def _frame_of(weeks: int) -> pd.DataFrame:
+    frame = make_oj(stores=4, weeks=weeks)
     frame["quantity"] = np.exp(frame["quantity"]) / 100.0
     frame["region"] = np.where(frame["store"] <= 2, "north", "south")
     return frame
@@ -211,6 +216,13 @@ def test_report_shows_each_level_before_and_after(runs: dict[str, Path]) -> None
         assert report["level"].value_counts().to_dict() == {
             "region+store+brand": 12, "region+store": 4, "region": 2, "total": 1}
         assert np.isfinite(report["reconciled_error"]).all()
+    html = build_report(runs["mint_shrink"], runs["mint_shrink"].parent / "levels.html"
+                        ).read_text()
+    table = html[html.index('id="levels-table"'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 4 and "mint_shrink" in html
+    after = accuracy["mint_shrink"][()]["after"]
+    assert f'data-value="{after}"' in table
     up = accuracy["bottom_up"]
     assert up[tuple(KEYS)]["before"] == up[tuple(KEYS)]["after"]
     assert up[()]["before"] != up[()]["after"]
@@ -251,3 +263,26 @@ def test_segments_ending_on_different_periods_are_refused(tmp_path: Path) -> Non
     frame = frame[~((frame["store"] == 4) & (frame["week"] > 65))]
     with pytest.raises(DataError, match="ends at 65"):
         train(frame, SEGMENTER, _trainer("bottom_up"), out=tmp_path, jobs=1, track=False)
+
+
+def test_update_extends_aggregates_by_their_segments_sums(runs: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """Check that `update` moves every level's origin, each aggregate by the sum of its
+    segments' new values, and refuses rows that would leave the levels apart."""
+    from manymodels.forecast.update import update_bundle
+
+    newer = _frame_of(74)
+    new = newer[newer["week"] > 70]
+    moved = update_bundle(runs["bottom_up"], new, out=tmp_path / "moved").path
+    table = Bundle(moved).forecast(3)
+    assert set(table["week"]) == {75, 76, 77}
+    _check_coherent(table)
+    section = json.loads((moved / "manifest.json").read_text())["forecast"]
+    keys = [tuple(k) for k in section["series"]["keys"]]
+    total = section["series"]["tail"][keys.index((AGGREGATE,) * 3)]
+    np.testing.assert_allclose(total[-4:], new.groupby("week")["quantity"].sum(), rtol=1e-12)
+    with pytest.raises(DataError, match="needs the new periods of every segment"):
+        update_bundle(runs["bottom_up"], new[new["store"] != 4], out=tmp_path / "apart")
+    star = new.head(1).assign(store=AGGREGATE, brand=AGGREGATE)
+    with pytest.raises(DataError, match="is an aggregate"):
+        update_bundle(runs["bottom_up"], star, out=tmp_path / "star")

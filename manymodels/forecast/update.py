@@ -52,6 +52,10 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
     index = {tuple(normalise_key_value(v) for v in key): i for i, key in enumerate(series["keys"])}
     tails = [list(t) for t in series["tail"]]
     last = list(series["last"])
+    levels = section.get("hierarchy")
+    aggregate = {i for i, m in enumerate(levels["members"]) if i not in set(levels["bottom"])
+                 } if levels else set()
+    added: dict[int, np.ndarray] = {}
     moved = 0
     for key, part in frame.groupby(key_columns, sort=False, dropna=False):
         key_t = tuple(normalise_key_value(v) for v in (key if isinstance(key, tuple) else (key,)))
@@ -59,6 +63,9 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
         if i is None:
             raise DataError(f"series {_name(key_columns, key_t)} is not in the bundle; "
                             f"retrain to add new series")
+        if i in aggregate:
+            raise DataError(f"series {_name(key_columns, key_t)} is an aggregate: send the "
+                            f"rows of its segments, the update sums them")
         part = part.sort_values(time_col)
         stored = pd.Timestamp(last[i]) if freq != "int" else int(last[i])
         times = part[time_col].to_numpy()
@@ -77,15 +84,37 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
                             f"missing or not finite")
         tails[i] = (tails[i] + values.tolist())[-max(spec.tail_length, len(tails[i])):]
         last[i] = int(times[-1]) if freq == "int" else pd.Timestamp(times[-1]).isoformat()
+        added[i] = values
         moved += 1
     if not moved:
         raise DataError("no new periods after the bundle's last ones: nothing to update")
+    if levels:
+        _update_aggregates(levels, aggregate, added, tails, last, spec.tail_length,
+                           [tuple(k) for k in series["keys"]], key_columns)
     series.update(tail=tails, last=last)
     raw["forecast"] = {**section, "series": series}
     target_dir = Path(out) if out is not None else root
     return package_run(root, target_dir, name=name or manifest.name,
                        overwrite=out is None or target_dir.exists(),
                        manifest=parse_manifest(root, raw))
+
+
+def _update_aggregates(levels: dict[str, Any], aggregate: set[int], added: dict[int, np.ndarray],
+                       tails: list[list[float]], last: list[Any], length: int,
+                       keys: list[tuple[Any, ...]], columns: list[str]) -> None:
+    """Extend each aggregate series by the sums of its segments' new values: levels add up
+    only while every segment ends on the same period."""
+    bottom = [int(i) for i in levels["bottom"]]
+    behind = [i for i in bottom if last[i] != last[bottom[0]]]
+    if behind:
+        raise DataError(f"series {_name(columns, keys[behind[0]])} ends at {last[behind[0]]} "
+                        f"and {_name(columns, keys[bottom[0]])} at {last[bottom[0]]}: a "
+                        f"bundle with levels needs the new periods of every segment")
+    for i in sorted(aggregate):
+        members = [bottom[int(b)] for b in levels["members"][i]]
+        values = np.sum([added[m] for m in members], axis=0)
+        tails[i] = (tails[i] + values.tolist())[-max(length, len(tails[i])):]
+        last[i] = last[members[0]]
 
 
 def _after(value: Any, stored: Any, freq: str) -> bool:

@@ -193,7 +193,31 @@ def _methods_section(data: ReportData) -> str:
             f"{table}<h3>Most common routes</h3>{top}</section>")
 
 
-FORECAST_SECTIONS = (_summary_section, _series_section, _errors_section, _methods_section)
+def _levels_section(data: ReportData) -> str:
+    """Each level's backtest error before and after reconciliation (runs with levels)."""
+    levels = dict(data.summary.get("levels") or {})
+    accuracy = list(levels.get("accuracy") or [])
+    if not accuracy:
+        return ""
+    method = str(levels.get("reconcile", "none"))
+    rows = []
+    for a in accuracy:
+        before, after = a.get("before"), a.get("after")
+        change = (100.0 * (after - before) / before if before and after is not None
+                  else None)
+        rows.append(("+".join(a.get("level") or []) or "total", a.get("series"),
+                     a.get("windows"), before, after, change))
+    table = _table(["level", "series", "backtest windows", f"{data.metric} before",
+                    f"{data.metric} after", "change %"], rows, "levels-table", sortable=False)
+    what = ("each level forecast on its own (reconcile: none): after = before" if method == "none"
+            else f"reconciled with {method}; before: each level's own forecast")
+    return (f'<section id="levels"><h2>Levels</h2><p>Mean backtest {_esc(data.metric)} of '
+            f"each level's series, {_esc(what)}. The map was fitted on these windows, so the "
+            f"figures are in-sample for it.</p>{table}</section>")
+
+
+FORECAST_SECTIONS = (_summary_section, _levels_section, _series_section, _errors_section,
+                     _methods_section)
 
 # Draw the chosen series from the embedded records; switch on select, buttons or a row click.
 FORECAST_SCRIPT = """
