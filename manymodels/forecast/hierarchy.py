@@ -12,7 +12,6 @@ before and after. The runtime applies ``S · P`` (:mod:`manymodels.runtime.recon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +19,12 @@ import numpy as np
 
 from manymodels.errors import DataError, SpecError, TrainingError
 from manymodels.forecast.backtest import score
-from manymodels.forecast.choice import Choice
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
 from manymodels.runtime.reconcile import AGGREGATE
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
-__all__ = ["Levels", "add_aggregates", "chosen_backtests", "fit_map", "hierarchy_levels",
+__all__ = ["Levels", "add_aggregates", "fit_map", "hierarchy_levels",
            "level_accuracy", "reconcile_backtests", "series_errors"]
 
 
@@ -126,15 +124,6 @@ def add_aggregates(panel: Panel, levels: list[list[str]]) -> tuple[Panel, Levels
             level_of.append(depth)
             members.append(np.asarray(group, dtype=np.int64))
     return out, Levels([list(cols), *levels], np.asarray(level_of), np.arange(n), members)
-
-
-def chosen_backtests(bt: Backtests, choices: Sequence[Choice]) -> np.ndarray:
-    """Each series' chosen route's backtest forecasts (series, windows, h)."""
-    out = np.zeros_like(bt.actual)
-    for i, choice in enumerate(choices):
-        for label, weight in zip(choice.members, choice.weights, strict=True):
-            out[i] += weight * bt.forecasts[label][i]
-    return out
 
 
 def fit_map(levels: Levels, method: str, actual: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from manymodels.engine import default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
-from manymodels.forecast.choice import Choice, choose, metric_summary
+from manymodels.forecast.choice import Choice, choose, chosen_forecasts, metric_summary
 from manymodels.forecast.evidence import (
     BACKTESTS_FILE,
     HISTORY_FILE,
@@ -42,7 +42,6 @@ from manymodels.forecast.features import SeriesScale, series_scales, training_ro
 from manymodels.forecast.hierarchy import (
     Levels,
     add_aggregates,
-    chosen_backtests,
     fit_map,
     hierarchy_levels,
     level_accuracy,
@@ -467,7 +466,7 @@ def _reconcile(levels: Levels, trainer: TrainerSpec, backtests: Backtests,
     """Fit the reconciliation map, score each level before and after on the backtests
     (into ``report`` and ``summary``), and return the manifest's hierarchy section."""
     method = trainer.forecast.reconcile
-    base = chosen_backtests(backtests, choices)
+    base = chosen_forecasts(backtests, choices)
     P = None if method == "none" else fit_map(levels, method, backtests.actual, base)
     reconciled = base if P is None else reconcile_backtests(levels, P, base)
     names = ["+".join(level) or "total" for level in levels.levels]
