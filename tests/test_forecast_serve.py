@@ -392,20 +392,115 @@ def test_lag_matrix_fast_path_equals_the_frozen_copy(lags: tuple[int, ...],
             np.testing.assert_array_equal(new[name], old[name], err_msg=f"{name} at {col}")
 
 
-def test_forecasts_equal_the_frozen_hot_path(bundle: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Check that Bundle.forecast gives exactly what the frozen lag_matrix and
-    onnx_predict give, for every series and for subsets (string-input cache reused)."""
-    import manymodels.runtime.forecast as runtime_forecast
+def _frozen_recursive_forecast(predict: Any, tails: np.ndarray, loc: np.ndarray,
+                               scale: np.ndarray, spec: Any, h: int, calendar: Any, future: Any,
+                               static: Any) -> np.ndarray:
+    """``runtime.forecast.recursive_forecast`` before it wrote the step features into one
+    matrix bound to the model's inputs (frozen copy: a feature dict and a feed per step)."""
+    from manymodels.runtime.forecast import _last_finite
 
-    opened = Bundle(bundle)
-    new = [opened.forecast(12), opened.forecast(5, keys=[opened.forecaster.keys[1]])]
-    monkeypatch.setattr(runtime_forecast, "lag_matrix", _frozen_lag_matrix)
-    monkeypatch.setattr(runtime_forecast, "onnx_predict", _frozen_onnx_predict)
-    frozen = Bundle(bundle)
-    old = [frozen.forecast(12), frozen.forecast(5, keys=[frozen.forecaster.keys[1]])]
-    for a, b in zip(new, old, strict=True):
-        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    n = tails.shape[0]
+    loc2, scale2 = loc[:, None], scale[:, None]
+    s = (tails - loc2) / scale2 if spec.scale else tails.astype(np.float64)
+    z = s
+    for _ in range(spec.differences):
+        z = np.concatenate([np.full((n, 1), np.nan), np.diff(z, axis=1)], axis=1)
+    width = z.shape[1]
+    grid = np.concatenate([z, np.empty((n, h))], axis=1)
+    feed: dict[str, np.ndarray] = {name: np.asarray(v) for name, v in static.items()}
+    for k in range(h):
+        col = width + k
+        feed.update(_frozen_lag_matrix(grid, spec, np.asarray(col)))
+        for name, values in calendar.items():
+            feed[name] = values[:, k]
+        for name, values in future.items():
+            feed[name] = values[:, k]
+        grid[:, col] = predict(feed)
+    z_hat = grid[:, width:]
+    s_hat = _last_finite(s)[:, None] + np.cumsum(z_hat, axis=1) if spec.differences else z_hat
+    return s_hat * scale2 + loc2 if spec.scale else s_hat
+
+
+def _frozen_run(self: Any, rows: list[int], state: Any, h: int, future: Any) -> np.ndarray:
+    """``Forecaster._run`` before it ran a shared model once for all its series (frozen
+    copy: one recursion per model and weight, the frozen recursion and feed)."""
+    from manymodels.runtime.forecast import builtin_forecast, calendar_values, future_times
+    from manymodels.runtime.forecaster import _periods_between
+
+    out = np.zeros((len(rows), h))
+    fut = self._future_arrays(future, h, state)
+    by_member: dict[Any, list[int]] = {}
+    for r, row in enumerate(rows):
+        for member in (self.routes[row] if row >= 0 else self.fallback).members:
+            by_member.setdefault(member, []).append(r)
+    for member, where in by_member.items():
+        idx = np.asarray(where, dtype=np.int64)
+        if member.builtin is not None:
+            values = builtin_forecast(state.tails[idx], member.builtin,
+                                      self.spec.season_length, h)
+        elif member.kind == "stat":
+            loaded = self.model(member.model)
+            values = np.empty((len(idx), h))
+            for r, i in enumerate(idx):
+                offset = _periods_between(member.origin, state.last[i], self.freq)
+                steps = np.arange(offset + 1, offset + h + 1, dtype=np.int64)
+                values[r] = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
+                                       dtype=np.float64).ravel()
+        else:
+            times = [future_times(state.last[i], self.freq, h) for i in idx]
+            calendar = {name: np.stack([calendar_values(t, [name], self.spec.season_length)[name]
+                                        for t in times]) for name in self.spec.calendar}
+            static = {c: np.asarray([state.keys[i][j] for i in idx], dtype=object)
+                      for j, c in enumerate(self.key_columns) if c in self.spec.static}
+            values = _frozen_recursive_forecast(
+                _frozen_onnx_predict(self.model(member.model)), state.tails[idx],
+                state.loc[idx], state.scale[idx], self.spec, h, calendar,
+                {c: v[idx] for c, v in fut.items()}, static)
+        out[idx] += member.weight * values
+    return out
+
+
+@pytest.fixture(scope="module")
+def keyless_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``bundle`` with no segment keys among the features: every lag model's inputs
+    are numbers, bound once per recursion."""
+    out = tmp_path_factory.mktemp("forecast-keyless")
+    trainer = {**TRAINER, "forecast": {"n_windows": 2, "static_keys": False},
+               "candidates": [{"algorithm": "ridge"}, {"algorithm": "lightgbm",
+                                                       "params": {"n_estimators": 20}}]}
+    run = train(make_oj(stores=3), "store_brand", trainer, out=out / "runs", jobs=1,
+                track=False).run_dir
+    return package_run(run, out / "bundle", name="oj-keyless").path
+
+
+@pytest.mark.parametrize("which", ["bundle", "keyless_bundle"])
+def test_forecasts_equal_the_frozen_hot_path(which: str, request: pytest.FixtureRequest,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that Bundle.forecast gives what the frozen recursion gives, for every series
+    and for one, with lag models fed text keys and with bound numeric inputs.
+
+    The frozen copy ran each (model, weight) pair as its own batch and summed members in
+    that order; batches now follow the model and sums the route, so a float32 model may
+    round a last bit differently: equal to float32 tolerance, one series exactly.
+    """
+    from manymodels.runtime.forecaster import Forecaster
+
+    path = request.getfixturevalue(which)
+    opened = Bundle(path)
+    key = opened.forecaster.keys[1]
+    new = [opened.forecast(12), opened.forecast(5, keys=[key])]
+    monkeypatch.setattr(Forecaster, "_run", _frozen_run)
+    frozen = Bundle(path)
+    old = [frozen.forecast(12), frozen.forecast(5, keys=[key])]
+    pd.testing.assert_frame_equal(new[0], old[0], check_exact=False, rtol=RTOL)
+    pd.testing.assert_frame_equal(new[1], old[1], check_exact=True)
+    forecaster = opened.forecaster
+    lag = {m.model for r in forecaster.routes for m in r.members if m.kind == "lag"}
+    assert lag, "the chosen routes use lag models"
+    for name in lag:  # text inputs (segment keys) take a feed; numbers are bound
+        loaded = opened.model(name)
+        assert forecaster._steps_of(loaded).bindable == (not loaded.string_inputs)
+        assert not (which == "keyless_bundle" and loaded.string_inputs)
 
 
 def test_known_future_covariates_over_http(tmp_path: Path) -> None:

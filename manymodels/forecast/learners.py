@@ -18,9 +18,9 @@ from manymodels.forecast.features import SeriesScale, TrainingRows, tails_at, tr
 from manymodels.forecast.panel import Panel
 from manymodels.runtime.forecast import (
     FeatureSpec,
+    OnnxSteps,
     Predict,
-    calendar_values,
-    future_times,
+    calendar_rows,
     recursive_forecast,
 )
 
@@ -116,16 +116,13 @@ def own_linear_predict(fits: Sequence[tuple[np.ndarray, float]], spec: FeatureSp
     return predict
 
 
-def forecast_with(predict: Predict, panel: Panel, spec: FeatureSpec, members: Sequence[int],
+def forecast_with(predict: Predict | OnnxSteps, panel: Panel, spec: FeatureSpec, members: Sequence[int],
                   cutoffs: np.ndarray, scales: SeriesScale, h: int) -> np.ndarray:
     """Recursive ``h``-step forecasts of ``members`` from their cutoffs, (n, h)."""
     members = list(members)
     tails = tails_at(panel, members, cutoffs, spec.tail_length)
-    calendar: dict[str, np.ndarray] = {}
-    if spec.calendar:
-        times = [future_times(panel.times[i][int(cutoffs[i]) - 1], panel.freq, h) for i in members]
-        calendar = {name: np.stack([calendar_values(t, [name], spec.season_length)[name]
-                                    for t in times]) for name in spec.calendar}
+    calendar = calendar_rows([panel.times[i][int(cutoffs[i]) - 1] for i in members],
+                             panel.freq, h, spec.calendar, spec.season_length)
     future = {name: np.stack([_ahead(panel.covariates[name][i], int(cutoffs[i]), h)
                               for i in members]) for name in spec.known_future}
     static = {c: np.asarray([panel.key_texts[i][j] for i in members], dtype=object)

@@ -61,7 +61,7 @@ from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
 from manymodels.io import atomic_write_bytes, finish_run_dir
 from manymodels.results import TrainResult
-from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_predict
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_steps
 from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
 from manymodels.specs import (
@@ -408,7 +408,7 @@ class _Final:
         sample = [i for i in sample if cut[i] >= need]
         native = forecast_with(native_predict(pipeline), self.panel, spec, sample, cut,
                                self.scales, h)
-        onnx = forecast_with(onnx_predict(loaded), self.panel, spec, sample, cut,
+        onnx = forecast_with(onnx_steps(loaded), self.panel, spec, sample, cut,
                              self.scales, h)
         spread = np.asarray([max(1.0, float(np.std(self.panel.y[i]))) for i in sample])
         diff = np.abs(native - onnx) / spread[:, None]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .session import LoadedModel, as_string_column
+from .session import LoadedModel, as_string_column, bound_run
 
 __all__ = [
     "BUILTINS",
@@ -24,9 +24,14 @@ __all__ = [
     "Member",
     "SeriesState",
     "builtin_forecast",
+    "calendar_rows",
     "calendar_values",
+    "future_periods",
     "future_times",
+    "OnnxSteps",
     "lag_matrix",
+    "onnx_predict",
+    "onnx_steps",
     "recursive_forecast",
 ]
 
@@ -98,7 +103,15 @@ def future_times(last: Any, freq: str, steps: int) -> pd.Index:
     return pd.date_range(pd.Timestamp(last), periods=steps + 1, freq=freq)[1:]
 
 
-def calendar_values(times: pd.Index, names: Sequence[str], season_length: int
+def future_periods(last: Any, freq: str, steps: int) -> np.ndarray:
+    """:func:`future_times` as a plain array (int64 periods or datetime64), for the hot
+    path: integer periods need no pandas index."""
+    if freq == "int":
+        return np.arange(int(last) + 1, int(last) + 1 + steps, dtype=np.int64)
+    return np.asarray(future_times(last, freq, steps))
+
+
+def calendar_values(times: pd.Index | np.ndarray, names: Sequence[str], season_length: int
                     ) -> dict[str, np.ndarray]:
     """Calendar feature columns for the given periods (integer or dates)."""
     out: dict[str, np.ndarray] = {}
@@ -109,6 +122,26 @@ def calendar_values(times: pd.Index, names: Sequence[str], season_length: int
             out[name] = pd.DatetimeIndex(times).isocalendar().week.to_numpy(dtype=float)
         else:
             out[name] = np.asarray(getattr(pd.DatetimeIndex(times), name), dtype=float)
+    return out
+
+
+def calendar_rows(lasts: Sequence[Any], freq: str, h: int, names: Sequence[str],
+                  season_length: int) -> dict[str, np.ndarray]:
+    """Calendar feature columns (n, h) of the ``h`` periods after each of ``lasts``.
+
+    Computed once per distinct last period: the series of a bundle mostly share it.
+    """
+    out = {name: np.empty((len(lasts), h)) for name in names}
+    if not names:
+        return out
+    memo: dict[Any, dict[str, np.ndarray]] = {}
+    for r, last in enumerate(lasts):
+        values = memo.get(last)
+        if values is None:
+            values = memo[last] = calendar_values(future_periods(last, freq, h), names,
+                                                  season_length)
+        for name in names:
+            out[name][r] = values[name]
     return out
 
 
@@ -256,14 +289,18 @@ def _last_finite(tails: np.ndarray) -> np.ndarray:
     return np.where(ok.any(axis=1), vals, np.nan)
 
 
-def recursive_forecast(predict: Predict, tails: np.ndarray, loc: np.ndarray, scale: np.ndarray,
-                       spec: FeatureSpec, h: int, calendar: Mapping[str, np.ndarray],
-                       future: Mapping[str, np.ndarray], static: Mapping[str, np.ndarray]
-                       ) -> np.ndarray:
+def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.ndarray,
+                       scale: np.ndarray, spec: FeatureSpec, h: int,
+                       calendar: Mapping[str, np.ndarray], future: Mapping[str, np.ndarray],
+                       static: Mapping[str, np.ndarray]) -> np.ndarray:
     """Forecast ``h`` steps for a batch of series with one lag model, one step at a time.
 
     ``calendar`` and ``future`` hold (n, h) arrays; ``static`` (n,) string arrays. Each
     step's prediction is fed back as the next step's lag, then the transforms are undone.
+    The step features are written into one (features, series) matrix in
+    :meth:`FeatureSpec.numeric_names` order, the values :func:`lag_matrix` gives at that
+    column; ``predict`` reads it as a mapping of its rows, or an :class:`OnnxSteps` binds
+    its rows as the model's inputs once for all steps.
     """
     n = tails.shape[0]
     loc2, scale2 = loc[:, None], scale[:, None]
@@ -271,23 +308,91 @@ def recursive_forecast(predict: Predict, tails: np.ndarray, loc: np.ndarray, sca
     z = s
     for _ in range(spec.differences):
         z = np.concatenate([np.full((n, 1), np.nan), np.diff(z, axis=1)], axis=1)
-    width = z.shape[1]
-    grid = np.concatenate([z, np.empty((n, h))], axis=1)
-    feed: dict[str, np.ndarray] = {name: np.asarray(v) for name, v in static.items()}
+    pad = max(spec.window - z.shape[1], 0)  # a lag before the first column is missing
+    width = z.shape[1] + pad
+    grid = np.empty((n, width + h))
+    grid[:, :pad] = np.nan
+    grid[:, pad:width] = z
+    names = spec.numeric_names()
+    n_lags, n_roll = len(spec.lags), len(spec.rolling)
+    dtype = np.float32 if isinstance(predict, OnnxSteps) else np.float64
+    x = np.empty((len(names), n), dtype=dtype)
+    # the calendar and known-future rows of every step, ready to copy: (h, extra, n)
+    extra_names = names[n_lags + n_roll:]
+    extra = np.empty((h, len(extra_names), n), dtype=dtype)
+    for j, name in enumerate(extra_names):
+        extra[:, j, :] = (calendar[name] if name in calendar else future[name]).T
+    step = (predict.bind(x, names, static) if isinstance(predict, OnnxSteps)
+            else _mapping_step(predict, names, x, static))
+    offsets = -_lag_offsets(spec)
     for k in range(h):
         col = width + k
-        feed.update(lag_matrix(grid, spec, np.asarray(col)))  # type: ignore[arg-type]
-        for name, values in calendar.items():
-            feed[name] = values[:, k]
-        for name, values in future.items():
-            feed[name] = values[:, k]
-        grid[:, col] = predict(feed)
+        if n_lags:
+            x[:n_lags] = grid[:, col + offsets].T
+        for j, w in enumerate(spec.rolling):
+            x[n_lags + j] = grid[:, col - w:col][:, ::-1].cumsum(axis=1)[:, -1] / w
+        if extra_names:
+            x[n_lags + n_roll:] = extra[k]
+        grid[:, col] = step()
     z_hat = grid[:, width:]
     if spec.differences:
         s_hat = _last_finite(s)[:, None] + np.cumsum(z_hat, axis=1)
     else:
         s_hat = z_hat
     return s_hat * scale2 + loc2 if spec.scale else s_hat
+
+
+def _mapping_step(predict: Predict, names: Sequence[str], x: np.ndarray,
+                  static: Mapping[str, np.ndarray]) -> Callable[[], np.ndarray]:
+    """A step over a :data:`Predict`: its feed maps each feature name to a row of ``x``."""
+    feed: dict[str, np.ndarray] = {name: np.asarray(v) for name, v in static.items()}
+    feed.update({name: x[j] for j, name in enumerate(names)})
+    return lambda: predict(feed)
+
+
+class OnnxSteps:
+    """A loaded ONNX lag model bound to a recursion's feature matrix, one run per step.
+
+    Each numeric input is bound, once per recursion, to its row of the float32 feature
+    matrix and the output to a float32 buffer (onnxruntime's I/O binding), so a step is
+    one ``run`` with no feed to convert; models with text inputs (segment keys) or whose
+    output is not one float32 column are run with a feed each step, as
+    :func:`onnx_predict` does.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        outputs = model.session.get_outputs()
+        shape = outputs[0].shape if outputs else []
+        # onnxruntime binds no string tensors: a model with segment keys takes a feed
+        self.bindable = bool(model.float32_output and len(shape) == 2 and shape[1] == 1
+                             and not model.string_inputs)
+
+    def bind(self, x: np.ndarray, names: Sequence[str], static: Mapping[str, np.ndarray]
+             ) -> Callable[[], np.ndarray]:
+        """A step function reading ``x`` (features × series, float32) as it is then."""
+        model = self.model
+        n = x.shape[1]
+        run = None
+        if self.bindable:
+            row = {name: j for j, name in enumerate(names)}
+            inputs = {name: x[row[name]].reshape(n, 1) for name in model.input_names}
+            out = np.empty((n, 1), dtype=np.float32)
+            run = bound_run(model.session, inputs, model.output_names[0], out)
+        if run is None:
+            return _mapping_step(onnx_predict(model), names, x, static)
+        column = out[:, 0]
+
+        def step() -> np.ndarray:
+            run()
+            return column
+
+        return step
+
+
+def onnx_steps(model: LoadedModel) -> OnnxSteps:
+    """The recursion's way to run a loaded ONNX lag model (see :class:`OnnxSteps`)."""
+    return OnnxSteps(model)
 
 
 def onnx_predict(model: LoadedModel) -> Predict:

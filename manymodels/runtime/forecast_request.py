@@ -28,7 +28,7 @@ from . import contract
 from .errors import InputSchemaError, ManyModelsError, SegmentNotFound
 
 if TYPE_CHECKING:
-    from .forecaster import Forecaster
+    from .forecaster import Forecaster, ForecastTable
 
 __all__ = [
     "FORECAST_FIELDS",
@@ -38,6 +38,7 @@ __all__ = [
     "forecast_future_rows",
     "forecast_records",
     "forecast_request",
+    "forecast_request_table",
     "parse_forecast_request",
 ]
 
@@ -132,10 +133,18 @@ def forecast_request(forecaster: Forecaster, body: Mapping[str, Any] | ForecastR
                      ) -> pd.DataFrame:
     """The forecast table (key columns, time column, ``forecast``, ``method``) for a
     request body (``keys``/``segment``, ``horizon``, ``future``, ``history``)."""
+    return forecast_request_table(forecaster, body).frame()
+
+
+def forecast_request_table(forecaster: Forecaster, body: Mapping[str, Any] | ForecastRequest
+                           ) -> ForecastTable:
+    """:func:`forecast_request` before the DataFrame: the server turns it into JSON rows
+    directly (:func:`forecast_records`)."""
     request = body if isinstance(body, ForecastRequest) else parse_forecast_request(body)
     if request.keys is not None:
         _check_keys(request.keys, forecaster.key_columns, forecaster.hierarchy is not None)
-    return forecaster.forecast(request.horizon, request.keys, request.future, request.history)
+    return forecaster.forecast_table(request.horizon, request.keys, request.future,
+                                     request.history)
 
 
 def forecast_for_keys(forecaster: Forecaster, frame: pd.DataFrame, horizon: int
@@ -163,8 +172,11 @@ def forecast_for_keys(forecaster: Forecaster, frame: pd.DataFrame, horizon: int
     return forecaster.forecast(int(horizon), keys, future, None)
 
 
-def forecast_records(table: pd.DataFrame, time_column: str) -> list[dict[str, Any]]:
+def forecast_records(table: pd.DataFrame | ForecastTable, time_column: str
+                     ) -> list[dict[str, Any]]:
     """JSON-safe rows of a forecast table: dates as ISO 8601 text, NaN as null."""
+    if not isinstance(table, pd.DataFrame):
+        return table.records()
     out: dict[str, list[Any]] = {}
     for column in table.columns:
         values = table[column]

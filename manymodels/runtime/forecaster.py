@@ -16,20 +16,23 @@ from .errors import DataError, InputSchemaError, SegmentNotFound
 from .forecast import (
     FeatureSpec,
     Member,
+    OnnxSteps,
     SeriesState,
     builtin_forecast,
-    calendar_values,
+    calendar_rows,
+    future_periods,
     future_times,
-    onnx_predict,
+    onnx_steps,
     recursive_forecast,
     scale_of,
 )
+from .forecast_table import ForecastTable
 from .intervals import Bands
 from .manifest import Manifest, normalise_key_value
 from .reconcile import AGGREGATE, Hierarchy
 from .session import LoadedModel
 
-__all__ = ["Forecaster"]
+__all__ = ["ForecastTable", "Forecaster"]
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Forecaster:
         self._fill = AGGREGATE if self.hierarchy is not None else None
         #: Prediction intervals (``None`` for a bundle trained without them).
         self.bands = Bands.from_section(raw, self.spec.season_length)
+        self._runners: dict[str, OnnxSteps] = {}
 
     def _member_of(self, raw: Mapping[str, Any]) -> Member:
         origin = raw.get("origin")
@@ -92,6 +96,12 @@ class Forecaster:
                  history: pd.DataFrame | None = None) -> pd.DataFrame:
         """One row per series and step: key columns, the time column, ``forecast``, the
         interval bounds (``lo_80``, ``hi_80``, ...) and ``method``."""
+        return self.forecast_table(h, keys, future, history).frame()
+
+    def forecast_table(self, h: int | None = None, keys: Any = None,
+                       future: pd.DataFrame | None = None, history: pd.DataFrame | None = None
+                       ) -> ForecastTable:
+        """:meth:`forecast` before it becomes a DataFrame (JSON rows come from it directly)."""
         h = self._check_horizon(self.horizon if h is None else h)
         if history is not None:
             history = self._aggregate_keys(history)
@@ -101,7 +111,7 @@ class Forecaster:
         state = self._state(rows, row_keys, history)
         values = self._reconciled(rows, self._run(rows, state, h, future))
         table = self._table(rows, state, values, h, self._bands(rows, state, values))
-        return table if len(rows) == asked else table.iloc[:asked * h].reset_index(drop=True)
+        return table.first(asked)
 
     @property
     def band_names(self) -> list[str]:
@@ -349,18 +359,35 @@ class Forecaster:
 
     def _run(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
              ) -> np.ndarray:
+        """Each series' weighted sum of its members' forecasts, in route order; a model
+        that several series use runs once for all of them (one ONNX run per step)."""
         n = len(rows)
         out = np.zeros((n, h))
         fut = self._future_arrays(future, h, state)
-        by_member: dict[Member, list[int]] = {}
+        groups: dict[tuple[str | None, str | None], tuple[Member, list[tuple[int, int, float]]]] = {}
         for r, row in enumerate(rows):
             route = self.routes[row] if row >= 0 else self.fallback
-            for member in route.members:
-                by_member.setdefault(member, []).append(r)
-        for member, where in by_member.items():
-            idx = np.asarray(where, dtype=np.int64)
+            for p, member in enumerate(route.members):
+                key = (member.model, member.builtin)
+                found = groups.get(key)
+                if found is None:
+                    found = groups[key] = (member, [])
+                found[1].append((r, p, member.weight))
+        rows_at, places, terms = [], [], []
+        for member, uses in groups.values():
+            table = np.asarray(uses, dtype=np.float64).reshape(-1, 3)
+            idx = table[:, 0].astype(np.int64)
             values = self._member(member, idx, state, h, fut)
-            out[idx] += member.weight * values
+            rows_at.append(idx)
+            places.append(table[:, 1])
+            terms.append(table[:, 2][:, None] * values)
+        if not terms:
+            return out
+        where, place, term = (np.concatenate(rows_at), np.concatenate(places),
+                              np.concatenate(terms))
+        for p in range(int(place.max()) + 1):
+            at = place == p  # a series has one member at each place: no repeated rows
+            out[where[at]] += term[at]
         return out
 
     def _member(self, member: Member, idx: np.ndarray, state: SeriesState, h: int,
@@ -379,35 +406,38 @@ class Forecaster:
                 out[r] = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
                                     dtype=np.float64).ravel()
             return out
-        times = [future_times(state.last[i], self.freq, h) for i in idx]
-        calendar = {name: np.stack([calendar_values(t, [name], self.spec.season_length)[name]
-                                    for t in times]) for name in self.spec.calendar}
+        calendar = calendar_rows([state.last[i] for i in idx], self.freq, h,
+                                 self.spec.calendar, self.spec.season_length)
         static = {c: np.asarray([state.keys[i][j] for i in idx], dtype=object)
                   for j, c in enumerate(self.key_columns) if c in self.spec.static}
-        return recursive_forecast(onnx_predict(loaded), state.tails[idx], state.loc[idx],
+        return recursive_forecast(self._steps_of(loaded), state.tails[idx], state.loc[idx],
                                   state.scale[idx], self.spec, h, calendar,
                                   {c: v[idx] for c, v in fut.items()}, static)
 
+    def _steps_of(self, loaded: LoadedModel) -> OnnxSteps:
+        """The model's :class:`OnnxSteps`, made once per loaded session."""
+        found = self._runners.get(loaded.name)
+        if found is None or found.model is not loaded:
+            found = self._runners[loaded.name] = onnx_steps(loaded)
+        return found
+
     def _table(self, rows: list[int], state: SeriesState, values: np.ndarray, h: int,
-               bands: Mapping[str, np.ndarray]) -> pd.DataFrame:
-        n = len(rows)
-        columns: dict[str, Any] = {}
-        for j, c in enumerate(self.key_columns):
-            columns[c] = np.repeat(np.asarray([k[j] for k in state.keys], dtype=object), h)
-        times = [future_times(state.last[r], self.freq, h) for r in range(n)]
-        columns[self.time_column] = (np.concatenate([np.asarray(t) for t in times]) if n
-                                     else np.asarray([]))
-        columns["forecast"] = values.reshape(-1)
-        for name, band in bands.items():
-            columns[name] = band.reshape(-1)
-        columns["method"] = np.repeat(np.asarray(
-            [self.routes[r].method if r >= 0 else "fallback" for r in rows], dtype=object), h)
-        return pd.DataFrame(columns)
+               bands: Mapping[str, np.ndarray]) -> ForecastTable:
+        memo: dict[Any, np.ndarray] = {}
+        times = []
+        for last in state.last:
+            found = memo.get(last)
+            if found is None:
+                found = memo[last] = future_periods(last, self.freq, h)
+            times.append(found)
+        methods = [self.routes[r].method if r >= 0 else "fallback" for r in rows]
+        return ForecastTable(self.key_columns, self.time_column, list(state.keys), times,
+                             values, methods, dict(bands))
 
 
 def _periods_between(origin: Any, last: Any, freq: str) -> int:
     """Periods from ``origin`` to ``last`` (0 when the origin is unknown or the same)."""
-    if origin is None or last is None:
+    if origin is None or last is None or origin == last:
         return 0
     if freq == "int":
         return max(int(last) - int(origin), 0)

@@ -24,6 +24,7 @@ __all__ = [
     "MISSING_CATEGORY",
     "LoadedModel",
     "SessionCache",
+    "bound_run",
     "estimate_resident_bytes",
     "load_model",
     "make_session_options",
@@ -194,6 +195,46 @@ class LoadedModel:
 
     def predict_columns(self, columns: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         return self.run(self.build_feed(columns))
+
+
+def _cpu_device() -> Any:
+    """onnxruntime's C-level CPU device (made once; ``None`` in a build without it)."""
+    global _CPU_DEVICE
+    if _CPU_DEVICE is None:
+        try:
+            _CPU_DEVICE = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        except (AttributeError, TypeError):
+            _CPU_DEVICE = False
+    return _CPU_DEVICE or None
+
+
+_CPU_DEVICE: Any = None
+
+
+def bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output: str,
+              out: np.ndarray) -> Callable[[], None] | None:
+    """A ``run`` of ``session`` reading ``inputs`` and writing its ``output`` into ``out``
+    in place (onnxruntime's I/O binding), so that a caller that runs one model many times
+    over buffers it rewrites converts no feed per run; ``None`` where this onnxruntime
+    build lacks the calls. Inputs are numeric (onnxruntime binds no text), and they and
+    ``out`` C-contiguous; the returned function holds them."""
+    raw_session = getattr(session, "_sess", None)
+    device = _cpu_device()
+    binding_type = getattr(getattr(ort, "capi", None), "onnxruntime_pybind11_state", None)
+    if raw_session is None or device is None or binding_type is None:
+        return None
+    binding = binding_type.SessionIOBinding(raw_session)
+    for name, values in inputs.items():
+        binding.bind_input(name, device, values.dtype, list(values.shape), values.ctypes.data)
+    binding.bind_output(output, device, out.dtype, list(out.shape), out.ctypes.data)
+    run = raw_session.run_with_iobinding
+    kept = (dict(inputs), out)
+
+    def bound() -> None:
+        run(binding, None)
+        _ = kept  # the buffers the binding points into live as long as it
+
+    return bound
 
 
 def load_model(entry: ModelEntry, path: str | os.PathLike[str],

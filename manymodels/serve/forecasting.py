@@ -23,7 +23,7 @@ from manymodels.keys import parse_segment_key
 from manymodels.runtime.forecast_request import (
     forecast_future_rows,
     forecast_records,
-    forecast_request,
+    forecast_request_table,
     parse_forecast_request,
 )
 from manymodels.runtime.forecaster import Forecaster
@@ -101,10 +101,10 @@ async def forecast_reply(registry: ModelRegistry, body: Any) -> dict[str, Any]:
     series = len(request.keys) if request.keys is not None else len(forecaster.keys)
     rows = series * (request.horizon or forecaster.horizon)
     started = time.perf_counter_ns()
-    table = await _call(registry, rows, forecast_request, forecaster, request)
+    table = await _call(registry, rows, forecast_request_table, forecaster, request)
     ns = time.perf_counter_ns() - started
-    for method, count in table["method"].value_counts(sort=False).items():
-        registry.telemetry.scored(str(method), int(count), ns)
+    for method, count in table.method_counts().items():
+        registry.telemetry.scored(method, count, ns)
     return {"forecasts": forecast_records(table, forecaster.time_column)}
 
 
