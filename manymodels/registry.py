@@ -61,6 +61,7 @@ __all__ = [
     "resolve_bundle",
     "resolve_version",
     "seed_cache",
+    "set_version_tags",
     "tracking_uri",
 ]
 
@@ -246,6 +247,16 @@ def promote(name: str, version: str | int, alias: str = "champion",
         client.set_registered_model_alias(name, alias, str(version))
     _log_alias_move(name, alias, str(version), previous, reason, tracking_uri(uri))
     return str(previous) if previous is not None else None
+
+
+def set_version_tags(name: str, version: str | int, tags: Mapping[str, str],
+                     uri: str | None = None) -> None:
+    """Set tags on one registered version (a rollout marks a version ``rejected`` and says
+    why, so the next reader of the registry sees it)."""
+    client = _client(uri)
+    with _mlflow_errors(f"tag version {version} of '{name}'"):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
 
 def _log_alias_move(name: str, alias: str, version: str, previous: Any, reason: str,

@@ -143,6 +143,75 @@ def remove(name: Annotated[str, typer.Argument(help="Deployment with 0% live tra
     _print_endpoint(done)
 
 
+rollout_app = typer.Typer(help="The rollout of the alias the endpoint follows (serve --follow).",
+                          no_args_is_help=True)
+endpoint_app.add_typer(rollout_app, name="rollout")
+
+
+def _print_rollout(found: dict[str, Any]) -> None:
+    console = Console()
+    state = found.get("state")
+    if found.get("follow") is None or state is None:
+        console.print("this endpoint follows no alias (serve models:/NAME@ALIAS --follow)"
+                      if found.get("follow") is None else
+                      f"following {found['follow']}: no rollout state yet", highlight=False)
+        return
+    line = (f"following {found['follow']}: live version {state['stable']}, status "
+            f"{state['status']}")
+    if state["status"] == "running":
+        step = state["step"]
+        line += (f", candidate {state['candidate']} at step {step} "
+                 f"({'mirror phase' if step == 0 else str(state['candidate_percent']) + '%'})"
+                 f"{' PAUSED' if state['paused'] else ''}")
+    elif state.get("reason"):
+        line += f" ({state['reason']})"
+    console.print(line, highlight=False, soft_wrap=True)
+    if state.get("held_back"):
+        console.print(f"held back: {', '.join(state['held_back'])}", highlight=False)
+    verdict = state.get("last_verdict") or (state.get("verdicts") or [None])[-1]
+    if verdict and verdict.get("models"):
+        table = Table(title=f"step {verdict.get('step')}: {verdict['outcome']} "
+                            f"({verdict['requests']} compared requests, {verdict['seconds']} s)",
+                      title_justify="left")
+        for column in ("model", "requests", "rows", "errors", "divergent", "rel. diff p95",
+                       "p95 ms cand/live", "verdict"):
+            table.add_column(column, justify="left" if column in ("model", "verdict")
+                             else "right")
+        failing = verdict.get("failing", {})
+        for name, m in verdict["models"].items():
+            table.add_row(name, str(m["requests"]), str(m["rows"]), str(m["errors"]),
+                          f"{m['divergent_share']:.1%}", str(m["relative_diff_p95"]),
+                          f"{m['candidate_p95_ms']}/{m['live_p95_ms']}",
+                          failing.get(name) or ("unobserved" if name in verdict.get(
+                              "unobserved", []) else "ok"))
+        console.print(table)
+    for event in found.get("log", [])[-5:]:
+        console.print(f"{event['at']} {event['event']} (step {event['step']}, candidate "
+                      f"{event.get('candidate')})", highlight=False)
+
+
+@rollout_app.command("show")
+def rollout_show(url: Url = DEFAULT_URL) -> None:
+    """Status, step, the current phase's verdict per changed model, latest events."""
+    _print_rollout(_call(url, "GET", "/admin/rollout"))
+
+
+def _action(action: str, doc: str) -> None:
+    def command(url: Url = DEFAULT_URL) -> None:
+        _print_rollout(_call(url, "POST", f"/admin/rollout/{action}"))
+
+    command.__doc__ = doc
+    rollout_app.command(action)(command)
+
+
+for _name, _doc in (("pause", "Pause the rollout: no verdicts, traffic stays."),
+                    ("resume", "Resume a paused rollout."),
+                    ("abort", "Roll back now: candidate removed, alias moved back, version "
+                              "tagged rejected."),
+                    ("promote", "Promote now: the candidate takes all live traffic.")):
+    _action(_name, _doc)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``endpoint`` command group to ``app``."""
     app.add_typer(endpoint_app, name="endpoint")

@@ -61,6 +61,10 @@ def serve(
     endpoint: Annotated[str | None, typer.Option(
         help="Endpoint file: loaded if it exists, else written; rewritten on every change")
     ] = None,
+    follow: Annotated[bool | None, typer.Option(
+        "--follow", help="Follow the alias of models:/NAME@ALIAS: roll each new version it "
+        "names out by the spec's rollout policy (mirror phase, traffic steps, analysis)")
+    ] = None,
     monitor: Annotated[str | None, typer.Option(
         help="`manymodels monitor` JSON output: its drift flags are shown on /ui")] = None,
     auth: Annotated[str | None, typer.Option(
@@ -107,7 +111,7 @@ def serve(
                                    "rate_limit": rate_limit,
                                    "allow_unauthenticated": allow_unauthenticated},
                              strict_columns=strict_columns, verify_files=verify_files,
-                             audit_log=audit_log)
+                             audit_log=audit_log, follow=follow)
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)

@@ -15,10 +15,12 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .audit import who
 from .dataplane import dumps, read_json
 from .endpoint import Endpoint
 from .errors import DeploymentNotFound, EndpointConflict, FieldsRefused, MalformedBody
 from .mirror import Mirror
+from .rollout import ACTIONS, Action, Rollout
 from .settings import ServeSettings
 
 __all__ = ["make_admin_router"]
@@ -46,9 +48,9 @@ def _fields(body: Any, shape: str, allowed: set[str]) -> dict[str, Any]:
     return found
 
 
-def make_admin_router(endpoint: Endpoint, mirror: Mirror,
-                      settings: ServeSettings) -> APIRouter:
-    """The ``/admin`` routes over ``endpoint`` and its ``mirror``."""
+def make_admin_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings,
+                      rollout: Rollout | None = None) -> APIRouter:
+    """The ``/admin`` routes over ``endpoint``, its ``mirror`` and its ``rollout``."""
     router = APIRouter(prefix="/admin", tags=["admin"])
     limit = settings.max_body_bytes
 
@@ -152,4 +154,38 @@ def make_admin_router(endpoint: Endpoint, mirror: Mirror,
         share = await endpoint.set_mirror(name, percent)
         return reply(share.model_dump() if share else None)
 
+    @router.get("/rollout", response_class=Response,
+                summary="The rollout of the followed alias: step, verdicts, log")
+    async def get_rollout() -> Response:
+        """The shared state of the rollout (status, step, candidate, models held back),
+        the current phase's verdict so far per changed model, and the latest events of
+        the rollout log; ``{"follow": null}`` when the endpoint follows no alias."""
+        return reply(rollout.describe() if rollout is not None else {"follow": None})
+
+    def add_action(action: Action) -> None:
+        async def act(request: Request) -> Response:
+            if rollout is None:
+                raise EndpointConflict("this endpoint follows no alias, so it has no rollout; "
+                                       "serve models:/NAME@ALIAS with --follow")
+            await rollout.command(action, who(request.scope))
+            return reply(rollout.describe())
+
+        act.__doc__ = DOCS[action]
+        router.add_api_route(f"/rollout/{action}", act, methods=["POST"],
+                             response_class=Response, summary=DOCS[action].split(";")[0],
+                             name=f"rollout_{action}")
+
+    for action in ACTIONS:
+        add_action(action)  # type: ignore[arg-type]
     return router
+
+
+DOCS = {
+    "pause": "Pause the running rollout: no verdict is taken and traffic stays where it is; "
+             "every replica stops comparing within one poll interval.",
+    "resume": "Resume a paused rollout; its phase goes on with what it had seen.",
+    "abort": "Roll back now; the candidate is removed, the alias moved back to the live "
+             "version and the candidate tagged rejected with who aborted it.",
+    "promote": "Promote now; the candidate takes all live traffic and the live version is "
+               "removed, whatever the step.",
+}

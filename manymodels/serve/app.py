@@ -32,6 +32,7 @@ from .errors import install_error_handlers
 from .metrics import Metrics
 from .observe import ObserveMiddleware, Telemetries, Telemetry
 from .registry import ModelRegistry, SharedSessions
+from .rollout import Rollout
 from .routes import add_routes
 from .settings import ServeSettings
 from .stats import make_observe_router
@@ -90,6 +91,19 @@ def build_endpoint(settings: ServeSettings, telemetry_for: Callable[[str], Telem
     return endpoint
 
 
+def _followed(settings: ServeSettings, endpoint: Endpoint) -> str | None:
+    """The alias the endpoint follows: its file's, or with ``--follow`` the alias one of
+    its deployments was made from."""
+    if settings.follow and endpoint.follow is None:
+        aliases = [d.alias for d in endpoint.deployments.values() if d.alias]
+        if len(aliases) != 1:
+            raise BundleError("--follow needs one deployment made from a models:/NAME@ALIAS "
+                              "URI, e.g. `manymodels serve models:/oj-sales@champion --follow`")
+        endpoint.follow = aliases[0]
+        endpoint.write()
+    return endpoint.follow
+
+
 def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
                spec: EndpointSpec | None = None) -> ManyModelsAPI:
     """Build the application for ``settings`` (see :func:`build_endpoint`)."""
@@ -102,6 +116,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     def registries() -> list[ModelRegistry]:
         return [d.registry for d in endpoint.deployments.values()]
 
+    follow = _followed(settings, endpoint)
+    rollout = Rollout(endpoint, follow, settings.rollout, metrics) if follow else None
     audit = AuditLog(settings.audit_log, int(settings.audit_max_mb * 2**20),
                      settings.audit_backups) if settings.audit_log else None
 
@@ -119,6 +135,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
             if preload:
                 each.preloading = True
                 tasks.append(asyncio.ensure_future(each.run_in_thread(each.preload, preload)))
+        if rollout is not None:
+            tasks.append(asyncio.ensure_future(rollout.run()))
         started["ready"] = True
         try:
             yield
@@ -138,7 +156,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
     for each in registries():  # a bad preload file fails here, before the server starts
         each.preload_names(settings.preload)
     names = ", ".join(endpoint.deployments) or "none"
-    app = ManyModelsAPI(endpoint, settings.mirror_queue, settings.max_body_bytes,
+    app = ManyModelsAPI(endpoint, settings.mirror_queue, settings.max_body_bytes, rollout,
                         title="manymodels", version=__version__, lifespan=lifespan,
                         docs_url=None, redoc_url=None,
                         description=f"Serves the models of the deployments {names} by name, "
@@ -159,8 +177,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         lambda: started["ready"] and endpoint.live
         and not any(r.preloading for r in registries()))
     app.include_router(v2_router)
-    app.include_router(make_admin_router(endpoint, mirror, settings))
-    app.include_router(make_ui_router(endpoint, mirror, settings))
+    app.include_router(make_admin_router(endpoint, mirror, settings, rollout))
+    app.include_router(make_ui_router(endpoint, mirror, settings, rollout))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     if guard is not None:
         app.openapi = document_security(app.openapi, guard.mode)  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ the request (:func:`deployment_of`) and never branch on which one it is.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from .dataplane import check_headers, dumps, parse_json, receive_body
 from .endpoint import Deployment, Endpoint
 from .errors import render_exception
-from .mirror import Mirror
+from .mirror import SCORE_SECONDS, Canary, Mirror
 from .paths import DATA_PLANE, FAST_ROUTES
 from .scorer import ReplyFunction
 
@@ -52,11 +53,12 @@ class ManyModelsAPI(FastAPI):
     """
 
     def __init__(self, endpoint: Endpoint, mirror_queue: int, body_limit: int,
-                 **kwargs: Any) -> None:
-        """``kwargs`` go to FastAPI; ``mirror_queue`` bounds the mirrored copies waiting."""
+                 canary: Canary | None = None, **kwargs: Any) -> None:
+        """``kwargs`` go to FastAPI; ``mirror_queue`` bounds the mirrored copies waiting;
+        ``canary`` is a rollout's own comparisons (see :class:`~.mirror.Canary`)."""
         super().__init__(**kwargs)
         self.endpoint = endpoint
-        self.mirror = Mirror(endpoint, self.serve, mirror_queue)
+        self.mirror = Mirror(endpoint, self.serve, mirror_queue, canary)
         self.body_limit = body_limit
         self._entry: Any = self._dispatch
         self._fast_routes: dict[str, Any] = {}
@@ -87,7 +89,8 @@ class ManyModelsAPI(FastAPI):
         except Exception as exc:  # an unknown pinned deployment, no live traffic
             await _send_error(send, scope["path"], exc, ())
             return
-        shadow = None if choice.pinned else self.mirror.sample(scope["method"], scope["path"])
+        shadow = None if choice.pinned else self.mirror.sample(scope["method"], scope["path"],
+                                                                choice.deployment)
         if shadow is None:
             await self.serve(scope, receive, send, choice.deployment)
         else:
@@ -141,7 +144,9 @@ class ManyModelsAPI(FastAPI):
         try:
             check_headers(scope["headers"], self.body_limit)
             body = parse_json(await receive_body(receive, self.body_limit))
+            started = time.perf_counter()
             reply = await reply_to(body)
+            scope["state"][SCORE_SECONDS] = time.perf_counter() - started
             content = dumps(reply)
         except Exception as exc:  # every failure becomes one mapped answer, never a crash
             await _send_error(send, scope["path"], exc, (deployment.header,))

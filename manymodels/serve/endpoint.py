@@ -113,6 +113,16 @@ class EndpointSpec(_Spec):
     """Live weight per deployment, integers summing to 100, or all 0; unnamed ones get 0."""
     mirror: MirrorSpec | None = None
     """Mirrored traffic, or none."""
+    follow: str | None = None
+    """``models:/NAME@ALIAS`` this endpoint follows (``serve --follow``): each new version
+    the alias names is rolled out by the serving spec's ``rollout`` policy."""
+
+    @field_validator("follow")
+    @classmethod
+    def _alias(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^models:/[^/@]+@[\w-]+$", value):
+            raise ValueError(f"follow must be an alias URI models:/NAME@ALIAS, not {value!r}")
+        return value
 
     @field_validator("deployments")
     @classmethod
@@ -130,8 +140,10 @@ def check_name(name: str) -> str:
 
 
 def check_rules(names: Sequence[str], traffic: Mapping[str, int],
-                mirror: MirrorSpec | None) -> dict[str, int]:
-    """The full weight table for ``names`` after checking the endpoint's rules."""
+                mirror: MirrorSpec | None, changing: str = "mirror") -> dict[str, int]:
+    """The full weight table for ``names`` after checking the endpoint's rules;
+    ``changing`` (``traffic`` or ``mirror``) says which half the caller is changing, so a
+    refusal advises undoing the other half."""
     unknown = [n for n in traffic if n not in names]
     if unknown:
         raise DeploymentNotFound(unknown[0], list(names))
@@ -150,6 +162,12 @@ def check_rules(names: Sequence[str], traffic: Mapping[str, int],
             raise EndpointConflict(f"mirrored traffic is at most {MAX_MIRROR_PERCENT}%, "
                                    f"not {mirror.percent}%")
         if traffic.get(mirror.deployment, 0) and mirror.percent:
+            if changing == "traffic":
+                raise EndpointConflict(
+                    f"deployment '{mirror.deployment}' receives {mirror.percent}% mirrored "
+                    f"traffic, so it cannot take live traffic; stop the mirror first "
+                    f"(`manymodels endpoint mirror off`, or PUT /admin/mirror with "
+                    f"{{\"deployment\": null, \"percent\": 0}}), then set the traffic")
             raise EndpointConflict(f"deployment '{mirror.deployment}' takes live traffic "
                                    f"({traffic[mirror.deployment]}%), so it cannot take "
                                    f"mirrored traffic; set its traffic to 0 first")
@@ -304,6 +322,8 @@ class Endpoint:
     mirror: MirrorSpec | None = None
     #: Where admins may deploy from (:meth:`source_policy`, built on first use).
     sources: SourcePolicy | None = None
+    #: ``models:/NAME@ALIAS`` followed by a rollout (:mod:`.rollout`), if any.
+    follow: str | None = None
     _table: list[Deployment] = field(default_factory=list, init=False)
     _lock: asyncio.Lock | None = field(default=None, init=False)
 
@@ -330,7 +350,7 @@ class Endpoint:
                   telemetry_for: Callable[[str], Telemetry],
                   path: Path | None = None) -> Endpoint:
         """An endpoint in the state ``spec`` describes (bundles opened, not yet loaded)."""
-        endpoint = cls(settings, shared, telemetry_for, path, spec.name)
+        endpoint = cls(settings, shared, telemetry_for, path, spec.name, follow=spec.follow)
         weights = check_rules(list(spec.deployments), spec.traffic, spec.mirror)
         for name, deployment in spec.deployments.items():
             endpoint.deployments[name] = opened = endpoint.open(name, deployment.bundle,
@@ -369,7 +389,7 @@ class Endpoint:
     def spec(self) -> EndpointSpec:
         return EndpointSpec(name=self.name, deployments={
             n: DeploymentSpec(bundle=d.source, alias=d.alias) for n, d in self.deployments.items()},
-            traffic=dict(self.traffic), mirror=self.mirror)
+            traffic=dict(self.traffic), mirror=self.mirror, follow=self.follow)
 
     # -- the request path -----------------------------------------------------------------
     def choose(self, headers: Sequence[tuple[bytes, bytes]]) -> Choice:
@@ -423,7 +443,9 @@ class Endpoint:
         """Write the endpoint file atomically (temp file, fsync, rename)."""
         if self.path is not None:
             text = ("# manymodels endpoint: rewritten by the server on every change\n"
-                    + yaml.safe_dump(self.spec().model_dump(mode="json"), sort_keys=False))
+                    + yaml.safe_dump(self.spec().model_dump(
+                        mode="json", exclude={"follow"} if self.follow is None else None),
+                        sort_keys=False))
             atomic_write_text(self.path, text)
 
     async def save(self) -> None:
@@ -431,7 +453,7 @@ class Endpoint:
 
     async def set_traffic(self, traffic: Mapping[str, int]) -> dict[str, int]:
         async with self.lock:
-            weights = check_rules(list(self.deployments), traffic, self.mirror)
+            weights = check_rules(list(self.deployments), traffic, self.mirror, "traffic")
             self._apply(weights, self.mirror)
             await self.save()
             log.warning("endpoint traffic is now %s", _weights_text(weights))
@@ -517,7 +539,7 @@ class Endpoint:
         return drained
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "traffic": dict(self.traffic),
+        return {"name": self.name, "traffic": dict(self.traffic), "follow": self.follow,
                 "mirror": self.mirror.model_dump() if self.mirror else None,
                 "persisted": str(self.path) if self.path else None,
                 "cache": self.shared.stats(),

@@ -109,6 +109,13 @@ class Metrics:
         self.auth_denied = Counter("manymodels_auth_denied", "Requests refused by "
                                    "authentication (401), scope (403) or rate limit (429), "
                                    "by reason", ["reason"], registry=reg)
+        self.rollout_step = Gauge("manymodels_rollout_step", "Step of the running rollout: "
+                                  "0 the mirror phase, 1.. the traffic steps, -1 none",
+                                  registry=reg, multiprocess_mode="max")
+        self.rollout_step.set(-1)
+        self.rollout_verdicts = Counter("manymodels_rollout_verdicts", "Rollout phase "
+                                        "judgements by verdict (wait, pass, fail)",
+                                        ["verdict"], registry=reg)
         self._routes: dict[tuple[str, int, str], list[float]] = {}
         self.shared = _SharedHot(reg) if self.multiprocess else None
 

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -33,7 +33,8 @@ from .endpoint import Deployment, Endpoint
 from .errors import render_exception
 from .paths import is_mirrored_route
 
-__all__ = ["Mirror", "MirrorStats", "ServeOn", "paired_rows"]
+__all__ = ["SCORE_SECONDS", "Canary", "Mirror", "MirrorStats", "ServeOn", "paired_rows",
+           "reply_models", "reply_rows"]
 
 #: Answers one ASGI request (scope, receive, send) on a deployment: the app's own
 #: ``serve``, which returns the fast lane's parsed body and reply (``None`` otherwise).
@@ -41,21 +42,56 @@ ServeOn = Callable[[Any, Any, Any, Deployment], Awaitable[tuple[Any, dict[str, A
 
 log = logging.getLogger("manymodels.serve")
 
+#: Scope-state key of the seconds the fast lane spent computing a reply (parsing and
+#: sending excluded): the live side of a rollout's latency comparison, measured as the
+#: replay of the copy is.
+SCORE_SECONDS = "manymodels.score_seconds"
 #: Latencies kept per side for the percentiles (a sliding window of recent copies).
 LATENCY_WINDOW = 4096
+
+
+class Canary(Protocol):
+    """A rollout's own comparisons (:mod:`.rollout`): which answers are copied to which
+    deployment, and what to do with both answers. While one is set it decides first."""
+
+    def shadow_for(self, live: Deployment) -> Deployment | None:
+        """The deployment a request answered by ``live`` is copied to, if any."""
+
+    def wants(self, path: str, reply: Any) -> bool:
+        """Whether a fast-lane ``reply`` (``None``: the request failed) is worth replaying."""
+
+    def watches(self, live: Deployment, shadow: Deployment) -> bool:
+        """Whether a copy from ``live`` to ``shadow`` is the canary's."""
+
+    def observe(self, path: str, live: Deployment, live_status: int, live_reply: Any,
+                shadow_status: int, shadow_reply: Any, live_seconds: float,
+                shadow_seconds: float) -> None:
+        """Count one replayed copy (replies are dicts or JSON bytes)."""
+
+
+def reply_rows(path: str, reply: Any) -> list[tuple[str, Any]]:
+    """``(model, value)`` per row of a scoring route's answer (a dict or JSON bytes)."""
+    if isinstance(reply, bytes):
+        reply = orjson.loads(reply)
+    if path == "/invocations":
+        return [(p["model"], p["prediction"]) for p in reply["predictions"]]
+    if "outputs" in reply:  # V2 inference: the first output holds the predictions (or labels)
+        return [(reply["model_name"], v) for v in _plain(reply["outputs"][0]["data"])]
+    return _score_rows(reply)
+
+
+def reply_models(reply: Any) -> list[str]:
+    """The models a fast-lane answer (a dict) names, without reading its rows."""
+    if "outputs" in reply:
+        return [reply["model_name"]]
+    models = reply.get("model")
+    return [models] if isinstance(models, str) else list(models or ())
 
 
 def paired_rows(path: str, live: Any, shadow: Any) -> list[tuple[str, Any, str, Any]]:
     """``(live model, live value, shadow model, shadow value)`` per row of two answers of
     the same route; ``ValueError`` if the shadow's answer does not have the live shape."""
-    if path == "/score":
-        sides = [_score_rows(live), _score_rows(shadow)]
-    elif path == "/invocations":
-        sides = [[(p["model"], p["prediction"]) for p in reply["predictions"]]
-                 for reply in (live, shadow)]
-    else:  # V2 inference: the first output holds the predictions (or the labels)
-        sides = [[(reply["model_name"], v) for v in _plain(reply["outputs"][0]["data"])]
-                 for reply in (live, shadow)]
+    sides = [reply_rows(path, live), reply_rows(path, shadow)]
     if len(sides[0]) != len(sides[1]):
         raise ValueError(f"{len(sides[1])} rows in the shadow's answer, {len(sides[0])} live")
     return [(lm, lv, sm, sv) for (lm, lv), (sm, sv) in zip(sides[0], sides[1], strict=True)]
@@ -160,6 +196,8 @@ class _Copy:
     shadow: Deployment
     parsed: tuple[Any, dict[str, Any]] | None = None
     """Fast lane: the parsed body and the live reply, reused instead of parsed again."""
+    live: Deployment | None = None
+    """The deployment that answered the live request."""
 
 
 class _Recorder:
@@ -202,16 +240,24 @@ class _Capture:
 class Mirror:
     """The queue of mirrored copies and the task that replays and compares them."""
 
-    def __init__(self, endpoint: Endpoint, serve: ServeOn, queue_size: int) -> None:
+    def __init__(self, endpoint: Endpoint, serve: ServeOn, queue_size: int,
+                 canary: Canary | None = None) -> None:
         self.endpoint = endpoint
         self._serve = serve
         self.queue_size = queue_size
+        self.canary = canary
         self.stats: dict[str, MirrorStats] = {}
         self._queue: asyncio.Queue[_Copy] | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    def sample(self, method: str, path: str) -> Deployment | None:
-        """The shadow deployment if this (unpinned) request is to be copied."""
+    def sample(self, method: str, path: str, live: Deployment) -> Deployment | None:
+        """The shadow deployment if this (unpinned) request answered by ``live`` is to be
+        copied: the canary's choice while a rollout runs, else the endpoint's mirror."""
+        canary = self.canary
+        if canary is not None:
+            shadow = canary.shadow_for(live)
+            if shadow is not None:
+                return shadow if is_mirrored_route(method, path) else None
         target = self.endpoint.mirror_target()
         if target is None or random.random() * 100 >= target[1] \
                 or not is_mirrored_route(method, path):
@@ -238,10 +284,15 @@ class Mirror:
         if live.scorer.reply_for(scope) is not None:
             answer = await self._serve(scope, receive, send, live)
             elapsed = time.perf_counter() - started
+            canary = self.canary
+            if canary is not None and canary.watches(live, shadow):
+                if not canary.wants(scope["path"], answer[1] if answer else None):
+                    return  # no changed model: both versions answer with the same session
+                elapsed = scope["state"].get(SCORE_SECONDS, elapsed)
             # the shadow's fast lane reads only the method, path, headers and query of the
             # scope, which nothing changes once the live answer is sent: no copy needed
             self.offer(_Copy(scope, b"", 200 if answer else 400, b"", elapsed, shadow,
-                             answer))
+                             answer, live))
             return
         copy_scope = {k: v for k, v in scope.items() if k not in ("state", "app", "router",
                                                                  "endpoint", "route")}
@@ -249,7 +300,7 @@ class Mirror:
         await self._serve(scope, recorder.receive, recorder.send, live)
         elapsed = time.perf_counter() - started
         self.offer(_Copy(copy_scope, b"".join(recorder.body), recorder.status,
-                         b"".join(recorder.reply), elapsed, shadow))
+                         b"".join(recorder.reply), elapsed, shadow, live=live))
 
     def offer(self, copy: _Copy) -> None:
         stats = self.stats_for(copy.shadow)
@@ -289,6 +340,16 @@ class Mirror:
             status, reply = await self._answer_recorded(copy)
         answered = time.perf_counter()
         live = copy.parsed[1] if copy.parsed is not None else copy.live_body
+        canary = self.canary
+        if canary is not None and copy.live is not None and canary.watches(copy.live,
+                                                                           copy.shadow):
+            try:
+                canary.observe(copy.scope["path"], copy.live, copy.live_status, live, status,
+                               reply, copy.live_seconds, answered - started)
+            except (ValueError, KeyError, TypeError, IndexError):
+                stats.mismatched += 1
+            stats.shadow_busy_seconds += time.perf_counter() - started
+            return
         self._compare(stats, copy.scope["path"], copy.live_status, live, status, reply)
         stats.shadow_latency.append(answered - started)
         stats.live_latency.append(copy.live_seconds)

@@ -54,7 +54,7 @@ def run(settings: ServeSettings, spec: EndpointSpec | None = None) -> None:
     """Serve until interrupted. A registry URI is resolved once, before workers start;
     several workers read the deployments from the endpoint file."""
     logging.getLogger("manymodels").setLevel(settings.log_level.upper())
-    if settings.bundle is not None:
+    if settings.bundle is not None and not settings.follow:  # following keeps the alias
         settings = settings.model_copy(update={"bundle": str(resolve_bundle_source(settings.bundle))})
     if settings.workers == 1:
         uvicorn.Server(uvicorn_config(settings, spec)).run()

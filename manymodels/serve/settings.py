@@ -21,6 +21,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from manymodels.errors import SpecError
 from manymodels.specs import load_spec
 
+from .policy import RolloutPolicy
+
 __all__ = ["AuthSettings", "ServeSettings", "load_settings"]
 
 
@@ -81,6 +83,13 @@ class ServeSettings(BaseSettings):
     """Object-store URL prefixes (``s3://bucket/bundles/``) ``POST /admin/deployments``
     may fetch a bundle from, besides the buckets of the remote bundles served at
     start-up. Any other URL (``http://``, ``file://``, other protocols) is refused."""
+    follow: bool = False
+    """Follow the alias of a ``models:/NAME@ALIAS`` bundle: poll the registry every
+    ``rollout.poll_seconds`` and roll each new version it names out by ``rollout``
+    (kept in the endpoint file, so a restart follows again)."""
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    """How a followed alias's new version reaches live traffic: mirror phase, traffic
+    steps, thresholds (``rollout:`` in a spec)."""
     monitor: str | None = None
     """``manymodels monitor`` JSON output whose drift flags the ``/ui`` page shows (read
     on every refresh of the page, so a scheduled monitor run shows up without a restart)."""

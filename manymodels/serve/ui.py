@@ -34,6 +34,7 @@ from manymodels.report import load_monitor, monitor_records
 from .dataplane import dumps
 from .endpoint import Endpoint
 from .mirror import Mirror
+from .rollout import Rollout
 from .settings import ServeSettings
 
 __all__ = ["PAGE_HEADERS", "has_route", "make_ui_router", "monitor_flags", "ui_page", "ui_state"]
@@ -98,7 +99,7 @@ def _psi_values(value: Any, named: bool = False) -> list[float]:
 
 
 def ui_state(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings, started: float,
-             process: psutil.Process) -> dict[str, Any]:
+             process: psutil.Process, rollout: Rollout | None = None) -> dict[str, Any]:
     """What the page shows that is not a Prometheus counter, in one answer."""
     described = endpoint.describe()
     registries = {name: d.registry for name, d in endpoint.deployments.items()}
@@ -117,6 +118,7 @@ def ui_state(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings, starte
                    "workers": settings.workers, "time": time.time()},
         "metrics": settings.metrics,  # the app serves /metrics exactly when this is on
         "monitor": monitor_flags(settings.monitor) if settings.monitor else None,
+        "rollout": rollout.describe() if rollout is not None else None,
     }
 
 
@@ -132,7 +134,8 @@ def has_route(routes: Any, path: str) -> bool:
     return False
 
 
-def make_ui_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings) -> APIRouter:
+def make_ui_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings,
+                   rollout: Rollout | None = None) -> APIRouter:
     """``GET /ui`` (the page) and ``GET /ui/state`` (its JSON) over ``endpoint``."""
     router = APIRouter(tags=["ui"])
     page = ui_page()
@@ -150,7 +153,8 @@ def make_ui_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings) 
     @router.get("/ui/state", response_class=Response,
                 summary="Deployments, traffic and mirror shares, session cache, drift flags")
     async def state() -> Response:
-        return Response(dumps(ui_state(endpoint, mirror, settings, started, process)),
+        return Response(dumps(ui_state(endpoint, mirror, settings, started, process,
+                                             rollout)),
                         media_type="application/json", headers={"cache-control": "no-store"})
 
     return router
