@@ -104,7 +104,9 @@ def test_settings_reference_lists_every_field_and_variable(gen: ModuleType) -> N
     AuthSettings, with its environment variable and its docstring."""
     page = gen.settings_markdown()
     expected = [(name, f"MANYMODELS_{name.upper()}") for name in ServeSettings.model_fields
-                if name != "auth"]
+                if name not in ("auth", "rollout")]
+    expected += [("rollout.poll_seconds", "MANYMODELS_ROLLOUT__POLL_SECONDS"),
+                 ("rollout.mirror.min_requests", "MANYMODELS_ROLLOUT__MIRROR__MIN_REQUESTS")]
     expected += [(f"auth.{name}", f"MANYMODELS_AUTH__{name.upper()}")
                  for name in AuthSettings.model_fields]
     assert len(expected) > 35
