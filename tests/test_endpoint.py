@@ -183,6 +183,21 @@ def test_traffic_rules_are_checked(serve: Any) -> None:
     assert state["traffic"] == {"blue": 100, "green": 0} and state["mirror"] is None
 
 
+def test_live_traffic_to_a_mirrored_deployment_says_to_stop_the_mirror(serve: Any) -> None:
+    """Check that `traffic green=100` while green is mirrored is refused with the way out
+    (stop the mirror first), not "set its traffic to 0", and works once the mirror stops."""
+    running = serve({"blue": 100, "green": 0},
+                    MirrorSpec(deployment="green", percent=10))
+    refused = running.client.put("/admin/traffic", json={"green": 100})
+    assert refused.status_code == 409
+    detail = refused.json()["detail"]
+    assert "stop the mirror first" in detail and "set its traffic to 0" not in detail
+    assert running.client.put("/admin/mirror", json={"deployment": None,
+                                                     "percent": 0}).status_code == 200
+    assert running.client.put("/admin/traffic", json={"green": 100}).json() == \
+        {"blue": 0, "green": 100}
+
+
 # -- mirrored traffic ----------------------------------------------------------------------
 def test_mirror_leaves_answers_byte_identical_and_counts_differences(
         serve: Any, bundles: dict[str, Any]) -> None:
