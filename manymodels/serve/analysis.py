@@ -244,11 +244,13 @@ def _latency_failure(counts: ModelCounts, policy: RolloutPolicy) -> str | None:
 
 
 def judge(policy: RolloutPolicy, phase: MirrorPhase, changed: Iterable[str], requests: int,
-          models: Mapping[str, ModelCounts], seconds: float) -> Verdict:
+          models: Mapping[str, ModelCounts], seconds: float, patient: bool = False) -> Verdict:
     """The verdict of a phase from the merged counts, ``seconds`` after it began.
 
-    A changed model with ``min_model_rows`` rows fails at once on errors or divergence;
-    the phase waits for ``min_requests`` and ``min_seconds`` (or ``max_seconds``), then
+    A changed model with ``min_model_rows`` rows fails at once on errors or divergence
+    (``patient``, as in the mirror phase where no client sees the candidate: once every
+    changed model has its rows, so that one verdict names every failing model); the
+    phase waits for ``min_requests`` and ``min_seconds`` (or ``max_seconds``), then
     latency is judged too, and models with too few rows pass as ``unobserved``."""
     verdict = Verdict("wait", requests, seconds)
     for name in sorted(changed):
@@ -260,7 +262,9 @@ def judge(policy: RolloutPolicy, phase: MirrorPhase, changed: Iterable[str], req
                 verdict.failing[name] = why
     done = (requests >= phase.min_requests and seconds >= phase.min_seconds) \
         or seconds >= phase.max_seconds
-    if verdict.failing:
+    unjudged = any((models.get(n) or ModelCounts()).rows < policy.min_model_rows
+                   for n in changed)
+    if verdict.failing and not (patient and unjudged and not done):
         verdict.outcome = "fail"
     if not done:
         return verdict

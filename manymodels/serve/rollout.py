@@ -142,7 +142,10 @@ class Rollout:
     async def run(self) -> None:
         """Poll until cancelled; a failed poll is logged and retried at the next one."""
         self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
+            due += self.policy.poll_seconds  # a fixed rate: a slow poll does not push the next
             try:
                 await self.poll()
                 self.last_error = None
@@ -151,8 +154,11 @@ class Rollout:
             except Exception as exc:
                 self.last_error = one_line(exc)
                 log.warning("rollout of %s: poll failed: %s", self.follow, self.last_error)
+            delay = due - loop.time()
+            if delay < 0:
+                due, delay = loop.time(), 0.0
             try:
-                await asyncio.wait_for(self._wake.wait(), self.policy.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -240,7 +246,7 @@ class Rollout:
         phase = self.policy.phase(record.step)
         requests, models = merge_observations(record.observations.values())
         verdict = judge(self.policy, phase, record.changed, requests, models,
-                        time.time() - record.step_started_at)
+                        time.time() - record.step_started_at, patient=record.step == 0)
         record.last_verdict = {"step": record.step, **verdict.as_json()}
         if self.metrics is not None:
             self.metrics.rollout_verdicts.labels(verdict.outcome).inc()
