@@ -19,7 +19,7 @@ import pytest
 from test_serve import Running
 
 from manymodels.batch import score_batch
-from manymodels.bundle import package_run, validate_bundle
+from manymodels.bundle import package_run, segment_routes, validate_bundle
 from manymodels.datasets import make_mixed
 from manymodels.errors import BundleError
 from manymodels.runtime import Bundle, read_manifest
@@ -70,7 +70,8 @@ def _reweighted_bundle(run: Path, out: Path, weight: float | None) -> Path:
     return out / "bundle"
 
 
-def _score_py(bundle: Path, rows: pd.DataFrame, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+def _score_py(bundle: Path, rows: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+              ) -> dict[str, Any]:
     monkeypatch.setenv("MANYMODELS_BUNDLE_DIR", str(bundle))
     spec = importlib.util.spec_from_file_location(f"score_{bundle.parent.name}",
                                                   bundle / "score.py")
@@ -80,50 +81,60 @@ def _score_py(bundle: Path, rows: pd.DataFrame, monkeypatch: pytest.MonkeyPatch)
     score.init()
     answer = score.run({"data": json.loads(rows.to_json(orient="records"))})
     assert "error" not in answer, answer
-    return np.asarray(answer["predictions"], dtype=float)
+    return dict(answer)
 
 
-def _served(bundle: Path, rows: pd.DataFrame) -> Iterator[np.ndarray]:
+def _served(bundle: Path, rows: pd.DataFrame) -> Iterator[dict[str, Any]]:
     running = Running(ServeSettings(bundle=str(bundle), inline_rows=10))
     try:
         records = json.loads(rows.to_json(orient="records"))
         for chunk in (records, records[:1], records[5:9]):  # inline and threaded, 1 group
             reply = running.client.post("/score", json={"data": chunk})
             assert reply.status_code == 200, reply.text
-            yield np.asarray(reply.json()["predictions"], dtype=float)
+            yield reply.json()
     finally:
         running.stop()
 
 
-def _batch(bundle: Path, rows: pd.DataFrame, tmp: Path) -> np.ndarray:
+def _batch(bundle: Path, rows: pd.DataFrame, tmp: Path) -> pd.DataFrame:
     (tmp / "in").mkdir()
     rows.to_parquet(tmp / "in" / "rows.parquet", index=False)
     score_batch(bundle, tmp / "in", tmp / "out")
-    scored = pq.read_table(tmp / "out" / "predictions").to_pandas().sort_values("row_number")
-    return scored["prediction"].to_numpy(dtype=float)
+    return pq.read_table(tmp / "out" / "predictions").to_pandas().sort_values("row_number")
+
+
+def _answers(bundle: Path, rows: pd.DataFrame, tmp: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> dict[str, tuple[np.ndarray, list[Any]]]:
+    """Predictions and the ``model`` each path names, per scoring path."""
+    served = list(_served(bundle, rows))
+    predictions = [np.asarray(s["predictions"], dtype=float) for s in served]
+    # smaller requests (scored inline, not in the thread pool): ONNX Runtime may round a
+    # 1-row batch differently in the last float32 bit
+    np.testing.assert_allclose(predictions[1], predictions[0][:1], rtol=1e-6)
+    np.testing.assert_allclose(predictions[2], predictions[0][5:9], rtol=1e-6)
+    opened = Bundle(bundle).score_frame(rows)
+    pyfunc = mlflow.pyfunc.load_model(str(bundle)).predict(rows)
+    score_py = _score_py(bundle, rows, monkeypatch)
+    batch = _batch(bundle, rows, tmp)
+    return {
+        "bundle": (opened.prediction, list(opened.model)),
+        "pyfunc": (pyfunc["prediction"].to_numpy(), list(pyfunc["model"])),
+        "score.py": (np.asarray(score_py["predictions"], dtype=float), score_py["model"]),
+        "/score": (predictions[0], served[0]["model"]),
+        "batch": (batch["prediction"].to_numpy(dtype=float), list(batch["model"].astype(str))),
+    }
 
 
 def _all_paths(bundle: Path, rows: pd.DataFrame, tmp: Path,
                monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    served = list(_served(bundle, rows))
-    # smaller requests (scored inline, not in the thread pool): ONNX Runtime may round a
-    # 1-row batch differently in the last float32 bit
-    np.testing.assert_allclose(served[1], served[0][:1], rtol=1e-6)
-    np.testing.assert_allclose(served[2], served[0][5:9], rtol=1e-6)
-    return {
-        "bundle": Bundle(bundle).score_frame(rows).prediction,
-        "pyfunc": mlflow.pyfunc.load_model(str(bundle)).predict(rows)["prediction"].to_numpy(),
-        "score.py": _score_py(bundle, rows, monkeypatch),
-        "/score": served[0],
-        "batch": _batch(bundle, rows, tmp),
-    }
+    return {path: got[0] for path, got in _answers(bundle, rows, tmp, monkeypatch).items()}
 
 
 def _per_model(bundle: Path, rows: pd.DataFrame, pick: str) -> np.ndarray:
     """Each route's rows scored together by its own model (``own``) or its blend partner
     (ONNX Runtime may round a batch differently from a single row, so groups stay whole)."""
     opened = Bundle(bundle)
-    routed = opened.score_frame(rows)
+    routed = opened.route_frame(rows)
     out = np.empty(len(rows))
     for name in dict.fromkeys(routed.model):
         at = np.flatnonzero(routed.model == name)
@@ -167,17 +178,31 @@ def test_trained_blends_validate_and_score_identically_on_every_path(
     bundle = _reweighted_bundle(run, tmp_path, None)
     assert validate_bundle(bundle).ok
     rows = _rows(frame)
-    paths = _all_paths(bundle, rows, tmp_path, monkeypatch)
+    answers = _answers(bundle, rows, tmp_path, monkeypatch)
+    paths = {path: got[0] for path, got in answers.items()}
     for path, got in paths.items():
         np.testing.assert_array_equal(got, paths["bundle"], err_msg=path)
     opened = Bundle(bundle)
     own, partner = _per_model(bundle, rows, "own"), _per_model(bundle, rows, "partner")
-    names = opened.score_frame(rows).model
+    names = opened.route_frame(rows).model
     weights = np.array([opened.manifest.blends[n].weight if n in opened.manifest.blends
                         else 1.0 for n in names])
     np.testing.assert_allclose(paths["bundle"], weights * own + (1 - weights) * partner,
                                rtol=1e-6, atol=1e-6)
     assert (weights < 1).any()
+    # every path names a blended row's blend (both members, both weights), not one member
+    blends = opened.manifest.blends
+    expected = [f"blend({blends[n].weight:g}*{n}+{1 - blends[n].weight:g}*{blends[n].partner})"
+                if n in blends else n for n in names]
+    assert any(e.startswith("blend(") for e in expected)
+    for path, (_, models) in answers.items():
+        assert list(models) == expected, path
+    # inspect's routes say the same name for each blended segment
+    routes = {r.segment: r for r in segment_routes(opened.manifest)}
+    for name in blends:
+        key = opened.manifest.models[name].key
+        route = routes[", ".join(f"{c}={key[c]}" for c in opened.manifest.segment_columns)]
+        assert route.kind == "blend" and route.answer == expected[list(names).index(name)]
 
 
 @pytest.mark.parametrize(("change", "message"), [

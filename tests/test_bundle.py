@@ -77,10 +77,13 @@ def _direct_predictions(run_dir: Path, frame: pd.DataFrame) -> list[tuple[str, f
         route = next(t[key] for lv, t in enumerate(tables)
                      if (key := tuple(str(row[c]) for c in manifest["levels"][lv])) in t)
         value = run_one(route["model"], row)
-        if "blend" in route:
+        name = route["model"]
+        if "blend" in route:  # answers name the blend: both members and their weights
             w = np.float32(route["blend"]["weight"])
             value = value * w + run_one(route["blend"]["with"], row) * (np.float32(1) - w)
-        out.append((route["model"], float(value)))
+            weight = route["blend"]["weight"]
+            name = f"blend({weight:g}*{name}+{1 - weight:g}*{route['blend']['with']})"
+        out.append((name, float(value)))
     return out
 
 

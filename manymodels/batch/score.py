@@ -409,7 +409,8 @@ def assemble_chunk(bundle: Bundle, ready: PreparedChunk, ran: GroupRun | None, r
         columns = _id_columns(table, rows_kept, rel, offset, id_column, keep is None)
         prediction = prediction if keep is None else prediction[keep]
         columns["prediction"] = prediction_array(prediction)
-        columns["model"] = dictionary_of(index, routed.model_names)
+        answer = bundle.manifest.answer_name  # a blended route's rows name the blend
+        columns["model"] = dictionary_of(index, [answer(m) for m in routed.model_names])
         columns["fallback"] = array_of(np.asarray(fallback, dtype=bool))
         if probabilities is not None and ran.classes is not None:
             for i, label in enumerate(ran.classes):

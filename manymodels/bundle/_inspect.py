@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manymodels.runtime import Manifest, read_manifest
+from manymodels.runtime import Manifest, blend_label, read_manifest
 
 __all__ = ["BundleSummary", "ModelRow", "SegmentRoute", "format_key", "inspect_bundle",
            "segment_routes", "selection_metric", "summarise"]
@@ -26,6 +26,20 @@ class SegmentRoute:
     model: str | None  # the model its rows go to (a blend's own member)
     blend_with: str | None = None
     weight: float | None = None  # the own model's weight in a blend
+
+    @property
+    def answer(self) -> str | None:
+        """What a scoring answer's ``model`` field names for this segment's rows: the
+        model, or a blend with its members and weights."""
+        if self.kind == "blend" and self.model is not None and self.blend_with is not None:
+            return blend_label(self.model, self.blend_with, self.weight or 0.0)
+        return self.model
+
+    def as_dict(self) -> dict[str, Any]:
+        """The route as JSON-ready fields, with its description and answer name."""
+        return {"segment": self.segment, "status": self.status, "kind": self.kind,
+                "model": self.model, "blend_with": self.blend_with, "weight": self.weight,
+                "route": self.describe(), "answer": self.answer}
 
     def describe(self) -> str:
         if self.kind == "blend":
@@ -142,10 +156,18 @@ def summarise(manifest: Manifest) -> BundleSummary:
 
 def segment_routes(manifest: Manifest) -> list[SegmentRoute]:
     """One :class:`SegmentRoute` per segment the manifest records, in its order: the
-    route the runtime takes for the segment's key (own, pooled, global, or a blend)."""
+    route the runtime takes for the segment's key (own, pooled, global, or a blend).
+
+    A manifest without a segment record (written by hand or by another tool) lists the
+    keys of its segment routes (level 0) instead.
+    """
     columns = manifest.segment_columns
     out = []
-    for record in manifest.raw.get("segments") or []:
+    records = manifest.raw.get("segments") or [
+        {"key": route.get("key", []), "segment": route.get("model")}
+        for route in manifest.raw.get("routes") or []
+        if route.get("level") == 0 and manifest.levels and len(manifest.levels[0]) == len(columns)]
+    for record in records:
         values = [str(v) for v in record.get("key", [])]
         if len(values) != len(columns):
             continue

@@ -64,6 +64,7 @@ __all__ = [
     "InputColumn",
     "Manifest",
     "ModelEntry",
+    "blend_label",
     "normalise_key_value",
     "read_manifest",
 ]
@@ -133,6 +134,17 @@ class Blend:
     partner: str  # the coarser model ("with")
     weight: float  # weight of the route's own model
 
+    def label(self, model: str) -> str:
+        """What an answer's ``model`` field says for rows of blended ``model``: both
+        members and their weights (one member alone would name a different number)."""
+        return blend_label(model, self.partner, self.weight)
+
+
+def blend_label(model: str, partner: str, weight: float) -> str:
+    """``blend(0.75*<model>+0.25*<partner>)``: the route a blended row was scored by
+    (weights to six significant digits; model names hold no ``*``, ``+`` or parentheses)."""
+    return f"blend({weight:g}*{model}+{1 - weight:g}*{partner})"
+
 
 @dataclass
 class Manifest:
@@ -146,6 +158,19 @@ class Manifest:
     routes: list[dict[str, str]]  # one dict per level: joined key -> model name
     #: Models scored as a blend (model name -> partner and weight); empty for most bundles.
     blends: dict[str, Blend] = field(default_factory=dict)
+
+    def answer_name(self, name: str) -> str:
+        """The ``model`` an answer names for rows routed to model ``name``: the name
+        itself, or for a blended model its blend (:func:`blend_label`)."""
+        blend = self.blends.get(name)
+        return name if blend is None else blend.label(name)
+
+    def answer_names(self, names: Iterable[str | None]) -> list[str | None]:
+        """:meth:`answer_name` of each name (``None`` stays ``None``)."""
+        blends = self.blends
+        if not blends:
+            return list(names)
+        return [n if n is None or n not in blends else blends[n].label(n) for n in names]
 
     def inputs_of(self, name: str) -> list[str]:
         """Input columns scoring model ``name`` needs, its blend partner's included."""

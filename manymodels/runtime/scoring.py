@@ -365,8 +365,19 @@ class Bundle:
     def score_routed(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed) -> ScoreResult:
         """Score pre-routed rows; ``frame`` may be a DataFrame or a mapping of column arrays."""
         prediction, probabilities, classes = self.score_groups(frame, routed)
-        return ScoreResult(prediction, model_names_of(routed), routed.fallback, probabilities,
-                           classes)
+        return ScoreResult(prediction, self.answer_models(routed), routed.fallback,
+                           probabilities, classes)
+
+    def answer_models(self, routed: Routed) -> np.ndarray:
+        """What the answer's ``model`` says per row: the model's name, or for a blended
+        route the blend with its members and weights (:meth:`Manifest.answer_name`)."""
+        if not self.manifest.blends:
+            return model_names_of(routed)
+        if routed.model_index is not None and routed.model_names is not None:
+            labels = [*self.manifest.answer_names(routed.model_names), None]
+            return np.array(labels, dtype=object)[routed.model_index]
+        names = model_names_of(routed)
+        return np.array(self.manifest.answer_names(names.tolist()), dtype=object)
 
     def score_groups(self, frame: pd.DataFrame | Mapping[str, Any], routed: Routed
                      ) -> tuple[np.ndarray, np.ndarray | None, Sequence[Any] | None]:

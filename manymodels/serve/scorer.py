@@ -99,6 +99,9 @@ class Scorer:
             fell_back = sum(fallback[r] for r in rows) if any_fallback else 0
             telemetry.scored(name, len(rows), ns, fell_back, models[name].loaded.entry.level)
         telemetry.log(table.columns, table.n, prediction.prediction, routing.model, fallback)
+        if routing.blends:  # the answer names a blended row's blend, not one member
+            answer = registry.bundle.manifest.answer_name
+            return prediction, [answer(n) for n in routing.model], fallback
         return prediction, routing.model, fallback
 
     async def score_reply(self, body: Any) -> dict[str, Any]:
