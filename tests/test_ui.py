@@ -224,3 +224,82 @@ def test_page_asks_for_a_read_credential_and_sends_it(bundles: dict[str, Any],
     finally:
         browser.close()
         server.stop()
+
+
+def _blended_bundle(blue: Path, root: Path) -> tuple[Path, str, str]:
+    """``blue`` with its first segment blended with the global model (weight 0.25) and a
+    segment that got no model of its own (small) recorded: own, blend and fallback
+    routes. Returns the bundle, the blended model and its answer name."""
+    import shutil
+
+    shutil.copytree(blue, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    routes = manifest["routes"]
+    own = [r for r in routes if r["level"] == 0]
+    partner = next(r["model"] for r in routes if r["level"] == 1)
+    own[0]["blend"] = {"with": partner, "weight": 0.25}
+    manifest["segments"] = [{"key": r["key"], "status": "ok", "segment": r["model"]}
+                            for r in own] + [
+        {"key": ["99", "tropicana"], "status": "small",
+         "segment": "quantity__store=99__brand=tropicana"}]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    name = own[0]["model"]
+    return root, name, f"blend(0.25*{name}+0.75*{partner})"
+
+
+def test_routes_show_every_segment_and_the_name_answers_carry(bundles: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    """Check that /ui/routes and the page list every segment's route (own, blend with its
+    weights, fallback), and that /score names a blended row's blend as the page does."""
+    root, blended, label = _blended_bundle(bundles["blue"], tmp_path / "blended")
+    server = Running(ServeSettings(bundle=str(root)))
+    browser = Chromium()
+    try:
+        table = server.client.get("/ui/routes", params={"deployment": "default"}).json()
+        assert table["segments"] == table["matched"] == len(table["routes"]) == 7
+        assert table["kinds"] == {"blend": 1, "fallback to global": 1, "own": 5}
+        by_kind = {r["kind"]: r for r in table["routes"]}
+        assert by_kind["blend"]["answer"] == label
+        assert by_kind["blend"]["route"] == \
+            f"blend: 0.25 × {blended} + 0.75 × quantity__global"
+        assert by_kind["fallback to global"]["segment"] == "store=99, brand=tropicana"
+        assert by_kind["fallback to global"]["answer"] == "quantity__global"
+        searched = server.client.get("/ui/routes", params={"deployment": "default",
+                                                           "q": "BLEND("}).json()
+        assert [r["answer"] for r in searched["routes"]] == [label]
+        missing = server.client.get("/ui/routes", params={"deployment": "nope"})
+        assert missing.status_code == 404 and "nope" in missing.text
+        # /score names the blend for its rows, the route the page shows
+        key = by_kind["blend"]["segment"]
+        store, brand = (part.split("=")[1] for part in key.split(", "))
+        rows = [r for r in bundles["rows"] if str(r["store"]) == store and r["brand"] == brand]
+        other = next(r for r in bundles["rows"] if str(r["store"]) != store)
+        unknown = {**other, "store": 99}
+        answer = server.client.post("/score", json={"data": [rows[0], other, unknown]}).json()
+        assert answer["model"][0] == label and answer["model"][2] == "quantity__global"
+        assert not answer["model"][1].startswith("blend(")
+        named = server.client.post(f"/models/{blended}/score", json={"data": [rows[0]]}).json()
+        assert named["predictions"][0] != pytest.approx(answer["predictions"][0])
+        page = browser.new_page()
+        page.goto(f"{server.url}/ui?refresh=0.5")
+        count = "document.querySelectorAll('#routes tbody tr').length"
+        assert page.wait_for(f"({count}) === 7 && ({count})") == 7
+        shown = page.evaluate("""[...document.querySelectorAll('#routes tbody tr')].map(tr =>
+            Object.fromEntries([...tr.querySelectorAll('td')].map(td =>
+              [td.getAttribute('data-field'), td.textContent])))""")
+        blend_row = next(r for r in shown if r["kind"] == "blend")
+        assert blend_row["answer"] == label and "0.25 ×" in blend_row["route"]
+        assert {r["kind"] for r in shown} == {"own", "blend", "fallback to global"}
+        kinds = page.evaluate("Object.fromEntries([...document.querySelectorAll("
+                              "'#routes-kinds [data-kind]')].map(d => [d.getAttribute("
+                              "'data-kind'), d.querySelector('b').textContent]))")
+        assert kinds == {"blend": "1", "fallback to global": "1", "own": "5"}
+        page.evaluate("const s = document.querySelector('#routes-search'); s.value = "
+                      "'fallback'; s.dispatchEvent(new Event('input'))")
+        assert page.wait_for(f"({count}) === 1 && document.querySelector('#routes tbody tr')"
+                             ".getAttribute('data-segment')") == "store=99, brand=tropicana"
+        page.screenshot("ui-routes.png")
+        assert page.console_errors() == []
+    finally:
+        browser.close()
+        server.stop()

@@ -10,7 +10,10 @@ every couple of seconds it fetches
   ``manymodels monitor`` output, the models flagged for drift;
 * ``GET /metrics`` when the server exports Prometheus metrics, for requests/s, latency
   percentiles and error rate per deployment and the busiest models (the page computes
-  rates from the counters' change between two fetches).
+  rates from the counters' change between two fetches);
+* ``GET /ui/routes`` once per deployment (and on each search): what serves every segment,
+  its own model, a pool, the global model, a blend with its weights or a fallback, the
+  same routes ``manymodels inspect`` lists and the names answers carry in ``model``.
 
 Both are data routes like any other: with authentication on they need a ``read``
 credential, which the page asks for and sends as ``Authorization: Bearer``.
@@ -25,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from starlette.responses import Response
 
+from manymodels.bundle import SegmentRoute, segment_routes
 from manymodels.errors import DataError
 from manymodels.report import load_monitor, monitor_records
 
 from .dataplane import dumps
 from .endpoint import Endpoint
+from .errors import DeploymentNotFound
 from .mirror import Mirror
 from .rollout import Rollout
 from .settings import ServeSettings
 
-__all__ = ["PAGE_HEADERS", "has_route", "make_ui_router", "monitor_flags", "ui_page", "ui_state"]
+__all__ = ["PAGE_HEADERS", "has_route", "make_ui_router", "monitor_flags", "route_table",
+           "ui_page", "ui_state"]
 
 #: The page may load nothing from anywhere and talk to this origin only.
 PAGE_HEADERS = {
@@ -122,6 +128,42 @@ def ui_state(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings, starte
     }
 
 
+#: Routes shown per request at most: the page searches, it does not page through 50,000.
+ROUTES_SHOWN = 500
+
+
+class RouteCache:
+    """Every segment route of each deployment's bundle, worked out once per bundle (a
+    deployment swapped to another bundle gets its routes anew)."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[object, list[SegmentRoute]]] = {}
+
+    def of(self, endpoint: Endpoint, name: str) -> list[SegmentRoute]:
+        deployment = endpoint.deployments.get(name)
+        if deployment is None:
+            raise DeploymentNotFound(name, list(endpoint.deployments))
+        manifest = deployment.registry.bundle.manifest
+        held = self._routes.get(name)
+        if held is None or held[0] is not manifest:
+            held = self._routes[name] = (manifest, segment_routes(manifest))
+        return held[1]
+
+
+def route_table(routes: list[SegmentRoute], query: str = "", limit: int = ROUTES_SHOWN
+                ) -> dict[str, Any]:
+    """The routes whose segment, kind, status or model contains ``query`` (case-blind),
+    the first ``limit`` of them, with the count of every kind over all routes."""
+    kinds: dict[str, int] = {}
+    for route in routes:
+        kinds[route.kind] = kinds.get(route.kind, 0) + 1
+    needle = query.strip().lower()
+    matched = [r for r in routes if not needle or needle in
+               f"{r.segment}\x1f{r.kind}\x1f{r.status}\x1f{r.answer or ''}".lower()]
+    return {"segments": len(routes), "kinds": dict(sorted(kinds.items())),
+            "matched": len(matched), "routes": [r.as_dict() for r in matched[:limit]]}
+
+
 def has_route(routes: Any, path: str) -> bool:
     """Whether a route answers ``path``, looking inside included routers too (FastAPI
     keeps an included router as one entry whose own routes hold the paths)."""
@@ -155,6 +197,22 @@ def make_ui_router(endpoint: Endpoint, mirror: Mirror, settings: ServeSettings,
     async def state() -> Response:
         return Response(dumps(ui_state(endpoint, mirror, settings, started, process,
                                              rollout)),
+                        media_type="application/json", headers={"cache-control": "no-store"})
+
+    routes = RouteCache()
+
+    @router.get("/ui/routes", response_class=Response,
+                summary="What serves every segment of a deployment: own, pooled, global, "
+                        "blend with weights, or a fallback")
+    async def segment_route_table(
+            deployment: str = Query(..., description="the deployment's name"),
+            q: str = Query("", description="keep routes whose segment, kind, status or "
+                                           "model contains this text"),
+            limit: int = Query(ROUTES_SHOWN, ge=0, le=ROUTES_SHOWN)) -> Response:
+        """The routes ``manymodels inspect`` lists, with the name an answer's ``model``
+        field carries for the segment's rows (a blend names its members and weights)."""
+        table = route_table(routes.of(endpoint, deployment), q, limit)
+        return Response(dumps({"deployment": deployment, **table}),
                         media_type="application/json", headers={"cache-control": "no-store"})
 
     return router
