@@ -36,6 +36,7 @@ from manymodels.candidates import (
 from manymodels.errors import ExportError, TrainingError
 from manymodels.monitor.drift import numeric_bins
 from manymodels.results import FitResult
+from manymodels.runtime.manifest import ACCEPTS_MISSING_BY_DEFAULT
 from manymodels.segment import FeatureSet, fingerprint
 from manymodels.selection import SIMPLICITY, FoldScores, pick
 from manymodels.specs import TrainerSpec
@@ -158,18 +159,23 @@ def _eligible(ctx: FitContext, rows: int, result: FitResult) -> list[Candidate]:
 
 
 def _score_candidates(job: FitJob, ctx: FitContext, result: FitResult,
-                      started: float) -> list[_Scored]:
+                      started: float, among: set[str] | None = None) -> list[_Scored]:
     """Fit every candidate on the training rows of each fold and score the held-out rows.
 
     The preprocessing is fitted once per fold and its output shared by all candidates:
     it is the same for every candidate, and refitting it per candidate was most of the
     per-segment cost on small segments. Each held-out row is predicted by the models of
     its fold only (out-of-fold predictions), which the level gate compares later.
+    ``among`` limits the candidates to those labels.
     """
     trainer = ctx.trainer
     x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
     candidates = _eligible(ctx, len(y), result)
+    if among is not None:
+        candidates = [c for c in candidates if c.label in among]
+        if not candidates:
+            return []
     folds = _folds(job, trainer, y)
     tested = job.fold_block >= 0
     position = np.cumsum(tested) - 1  # row -> its index among the held-out rows
@@ -275,23 +281,39 @@ def _rank(scored: list[_Scored], metric: str, rule: str = "best") -> tuple[list[
     return [winner, *(s for s in by_metric if s is not winner)], info
 
 
-def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: FitResult) -> _Scored:
-    """Refit candidates on all rows in rank order until one exports and passes parity."""
+def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: FitResult,
+                 filled: tuple[FitJob, dict[str, float]] | None = None) -> _Scored:
+    """Refit candidates on all rows in rank order until one exports and passes parity.
+
+    With ``filled`` (the job with its gaps filled by the training medians, and those
+    medians), candidates that cannot take missing values are refitted on it, and the
+    medians are recorded when one of them is exported.
+    """
     # scikit-learn: imported where an estimator is built, not by every command
     from sklearn.pipeline import Pipeline
 
     from manymodels.export import export_model  # import here: heavy, and only workers need it
 
     trainer = ctx.trainer
-    x = job.frame[job.features.columns]
     y = job.frame[trainer.target].to_numpy()
-    holdout_x = x[job.holdout] if job.holdout.any() else x.head(50)
-    if len(holdout_x) > 5000:  # plenty for a parity check, and cheap for the global model
-        holdout_x = holdout_x.iloc[-5000:]
-    prep = build_prep(job.features.numeric, job.features.categorical).fit(x)
-    all_x = prep.transform(x)
+    prepared: dict[bool, tuple[Any, Any, Any]] = {}
+
+    def fitted_prep(imputed: bool) -> tuple[Any, Any, Any]:
+        """The preprocessing fitted on all rows, those rows transformed, holdout rows."""
+        if imputed not in prepared:
+            frame = filled[0].frame if imputed and filled is not None else job.frame
+            x = frame[job.features.columns]
+            holdout_x = x[job.holdout] if job.holdout.any() else x.head(50)
+            if len(holdout_x) > 5000:  # plenty for a parity check, and cheap for the global
+                holdout_x = holdout_x.iloc[-5000:]
+            prep = build_prep(job.features.numeric, job.features.categorical).fit(x)
+            prepared[imputed] = (prep, prep.transform(x), holdout_x)
+        return prepared[imputed]
+
     with tempfile.TemporaryDirectory(prefix="mm-export-") as tmp:
         for scored in ranked:
+            imputed = filled is not None and scored.candidate.algorithm not in TAKES_MISSING
+            prep, all_x, holdout_x = fitted_prep(imputed)
             model = build_estimator(scored.candidate, trainer.task, trainer.seed).fit(all_x, y)
             pipe = Pipeline([("prep", prep), ("model", model)])
             metadata = {**ctx.metadata, **_job_metadata(job, scored, result)}
@@ -309,6 +331,8 @@ def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: Fi
                              "inputs": exported.inputs, "output": exported.output,
                              "parity": exported.parity,
                              "accepts_missing": exported.accepts_missing}
+            if imputed and filled is not None:
+                result.impute = filled[1]
             return scored
     raise ExportError(f"model '{job.name}': no candidate exported and passed the parity check: "
                       + "; ".join(result.export_notes))
@@ -342,7 +366,17 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
             job, result.impute = _imputed(job)
         y = job.frame[trainer.target].to_numpy()
         _check_learnable(y, trainer.task)
-        scored = _score_candidates(job, ctx, result, started)
+        filled: tuple[FitJob, dict[str, float]] | None = None
+        if trainer.missing == "native" and not _all_finite(job):
+            # candidates that cannot take NaN learn from the training medians (and the
+            # runtime fills them in at scoring) instead of failing on the first gap
+            filled = _imputed(job)
+            native = {c.label for c in ctx.candidates if c.algorithm in TAKES_MISSING}
+            scored = _score_candidates(job, ctx, result, started, native) + \
+                _score_candidates(filled[0], ctx, result, started,
+                                  {c.label for c in ctx.candidates} - native)
+        else:
+            scored = _score_candidates(job, ctx, result, started)
         if not scored:
             raise TrainingError("every candidate failed: " + "; ".join(
                 f"{k}: {v}" for k, v in result.candidate_errors.items()))
@@ -351,7 +385,7 @@ def run_job(job: FitJob, ctx: FitContext) -> FitResult:
         result.candidate_folds.update({s.candidate.label: s.scores.as_dict() for s in ranked})
         result.fit_seconds = time.perf_counter() - started
         export_started = time.perf_counter()
-        chosen = _export_best(ranked, job, ctx, result)
+        chosen = _export_best(ranked, job, ctx, result, filled)
         result.export_seconds = time.perf_counter() - export_started
         others = [s for s in ranked if s is not chosen]
         result.winner, result.algorithm = chosen.candidate.label, chosen.candidate.algorithm
@@ -403,6 +437,12 @@ def run_chunk(jobs: list[FitJob], ctx: FitContext) -> list[FitResult]:
             with sklearn.config_context(assume_finite=_all_finite(job)):
                 results.append(run_job(job, ctx))
     return results
+
+
+#: Algorithms fitted on missing numeric values as they are under ``missing: native``
+#: (their exported graphs were measured to route NaN as the native model does); the
+#: others learn from the training medians when a segment's rows have gaps.
+TAKES_MISSING = ACCEPTS_MISSING_BY_DEFAULT
 
 
 def _all_finite(job: FitJob) -> bool:

@@ -358,9 +358,9 @@ def extra_columns(present: Iterable[str], allowed: frozenset[str] | set[str]) ->
 class CheckedInputs:
     """Model inputs that passed the contract, in row order, and the refused rows.
 
-    ``columns`` hold float32 arrays (nulls filled per model: NaN for a model that
-    accepts missing values, its training median for one trained with ``impute``) and
-    ONNX string arrays. A refused row's values are undefined: it must not be scored.
+    ``columns`` hold float32 arrays (a null is NaN where the model accepts missing values
+    or fills its training median in as it runs, ``impute``) and ONNX string arrays.
+    A refused row's values are undefined: it must not be scored.
     """
 
     columns: dict[str, np.ndarray]
@@ -405,11 +405,9 @@ def _fill_missing(values: np.ndarray, null_rows: np.ndarray, column: str, entry:
     """Apply ``entry``'s missing-value policy to ``null_rows`` of ``values`` (in place)."""
     if not len(null_rows):
         return None
-    median = entry.impute.get(column)
-    if median is not None:
-        values[null_rows] = np.float32(median)
-        return None
-    if entry.accepts_missing:
+    if entry.accepts_missing or column in entry.impute:
+        # left NaN: a model trained with medians fills them in as it runs
+        # (runtime.session.fill_gaps), so a blend's partner still sees the gap its way
         values[null_rows] = np.float32(np.nan)
         return None
     return Refusal(MISSING_VALUE, f"column {column} is null; model {entry.name} does not "

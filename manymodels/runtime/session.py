@@ -113,6 +113,31 @@ def as_float_column(values: Any, column: str, model: LoadedModel) -> np.ndarray:
     return arr
 
 
+def fills_of(entry: ModelEntry, input_names: Sequence[str], string_inputs: frozenset[str]
+             ) -> tuple[tuple[str, np.float32], ...]:
+    """The numeric inputs a model fills with its training medians, and the medians."""
+    return tuple((c, np.float32(entry.impute[c])) for c in input_names
+                 if c in entry.impute and c not in string_inputs)
+
+
+def fill_gaps(feed: dict[str, np.ndarray], fills: Sequence[tuple[str, np.float32]]
+              ) -> dict[str, np.ndarray]:
+    """``feed`` with the NaN of each filled input replaced by its median, on copies: the
+    input contract leaves a null as NaN for every model, so that a blend's two members,
+    trained with different medians (or none), each see the gap their own way."""
+    out = feed
+    for column, median in fills:
+        values = feed.get(column)
+        if values is None or values.dtype.kind != "f":
+            continue
+        gaps = np.isnan(values)
+        if gaps.any():
+            if out is feed:
+                out = dict(feed)
+            out[column] = np.where(gaps, median, values).astype(values.dtype, copy=False)
+    return out
+
+
 @dataclass
 class LoadedModel:
     """A ready session plus everything resolved once at load time."""
@@ -129,6 +154,8 @@ class LoadedModel:
     classifier: bool = field(init=False)
     #: The first output is float32 (every converted regressor): float64 adds no digits.
     float32_output: bool = False
+    #: Numeric inputs filled with training medians at run time (``missing: impute``).
+    _fills: tuple[tuple[str, np.float32], ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
@@ -140,9 +167,16 @@ class LoadedModel:
         raw = getattr(session, "_sess", None)
         names = list(self.output_names)
         self.classifier = self.entry.kind == "classification"
-        self.outputs = (
+        plain: Callable[[dict[str, np.ndarray]], list[Any]] = (
             (lambda feed: raw.run(names, feed, None)) if raw is not None and names
             else (lambda feed: session.run(None, feed)))
+        fills = self._fills = fills_of(self.entry, self.input_names, self.string_inputs)
+        self.outputs = plain if not fills else (lambda feed: plain(fill_gaps(feed, fills)))
+
+    def filled(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feed`` with its gaps (NaN) filled by this model's training medians when it
+        was trained with them (``impute``); the feed itself when not."""
+        return fill_gaps(feed, self._fills) if self._fills else feed
 
     @property
     def kind(self) -> str:

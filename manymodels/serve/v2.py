@@ -112,7 +112,7 @@ def infer(registry: ModelRegistry, served: ServedModel, table: Table,
                                    f"(outputs: {', '.join(outputs)})")
     feed = feed_of(served, checked, None)
     try:
-        results = served.loaded.session.run(wanted, feed)
+        results = served.loaded.session.run(wanted, served.loaded.filled(feed))
     except Exception as exc:  # onnxruntime raises its own non-exported exception types
         raise InputSchemaError(f"model '{served.name}' rejected the input (schema: "
                                f"{served.loaded.schema_text()}): {exc}") from exc
