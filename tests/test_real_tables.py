@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from manymodels.bundle import package_run
+from manymodels.bundle import inspect_bundle, package_run
 from manymodels.retrain import retrain
 from manymodels.runtime import Bundle
 from manymodels.training import train
@@ -39,19 +39,20 @@ WEEKS = 34
 
 
 def sales(weeks: int = 30, stores: int = 3, seed: int = 0,
-          start: str = "2024-01-01") -> pd.DataFrame:
-    """Weekly sales per (store, brand) with real dates, a text feature with gaps, and one
-    store with a single row (a small segment, pooled): the first ``weeks`` of them."""
-    full = _sales(stores, seed, start)
+          start: str = "2024-01-01", daily: bool = False) -> pd.DataFrame:
+    """Weekly (or ``daily``) sales per (store, brand) with real dates, a text feature with
+    gaps, and one store with a single row (a small segment, pooled): the first ``weeks``
+    of them."""
+    full = _sales(stores, seed, start, daily)
     return full[full["date"] < full["date"].min() + pd.Timedelta(weeks=weeks)] \
         .reset_index(drop=True)
 
 
-def _sales(stores: int, seed: int, start: str) -> pd.DataFrame:
+def _sales(stores: int, seed: int, start: str, daily: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frames = []
-    weeks = WEEKS
-    dates = pd.date_range(start, periods=weeks, freq="W-MON")
+    weeks = WEEKS * 7 if daily else WEEKS
+    dates = pd.date_range(start, periods=weeks, freq="D" if daily else "W-MON")
     for store in range(1, stores + 1):
         for b, brand in enumerate(["alpha", "beta"]):
             price = rng.uniform(1.0, 4.0, weeks)
@@ -111,7 +112,7 @@ def test_inspect_shows_every_segments_route(champion: Path) -> None:
         key = dict(part.split("=") for part in route.segment.split(", "))
         rows = frame[(frame["store"].astype(str) == key["store"])
                      & (frame["brand"] == key["brand"])].head(1)
-        assert bundle.predict(rows)["model"].iloc[0] == route.model, route
+        assert bundle.predict(rows)["model"].iloc[0] == route.answer, route
         if route.kind == "blend":
             assert route.blend_with and 0 < (route.weight or 0) < 1
     lone = next(r for r in summary.segments if r.segment.startswith("store=99"))
@@ -236,17 +237,53 @@ def test_a_threaded_run_prints_no_library_warnings(tmp_path: Path) -> None:
 
 
 # -- the real-tables matrix -------------------------------------------------------------
+#: Column names with a space, symbols and non-ASCII letters (the "odd-names" variant).
+ODD_NAMES = {"price": "unit price (€)", "promo": "promoción/tipo"}
+#: The matrix: how each variant's table is written (dialect, dtypes, names, task).
+VARIANTS = {
+    "iso-csv": "t.csv",  # ',' without a byte-order mark, ISO dates
+    "dmy-csv-semicolon-bom": "t.csv",  # ';' with a BOM, dd/mm/yyyy and date_format
+    "typed-parquet": "t.parquet",  # decimal, category, nullable Int64, string, zoned times
+    "odd-names-csv-semicolon": "t.csv",  # ';' without a BOM, odd column names
+    "single-class-csv-bom": "t.csv",  # ',' with a BOM, classification, a one-class segment
+}
+#: The classification variant's segment whose training rows hold one class.
+ONE_CLASS = (2, "beta")
+
+
+def _matrix_table(kind: str, weeks: int) -> pd.DataFrame:
+    """The first ``weeks`` of the daily sales the variant ``kind`` is made of: nulls in
+    the text feature and in the numeric one, a one-row segment; for the classification
+    variant an integer label with one segment holding a single class."""
+    frame = sales(weeks=weeks, daily=True)
+    frame["price"] = frame["price"].round(4)  # what a decimal(12, 4) column holds
+    gaps = (np.arange(len(frame)) % 23 == 5) & (frame["store"] != 99)
+    frame.loc[gaps, "price"] = np.nan  # nulls in a numeric feature
+    if kind == "single-class-csv-bom":
+        label = (frame["quantity"] > 8.6).astype(int)
+        one = (frame["store"] == ONE_CLASS[0]) & (frame["brand"] == ONE_CLASS[1])
+        frame = frame.drop(columns=["quantity"]).assign(bought=np.where(one, 1, label))
+    if kind == "odd-names-csv-semicolon":
+        frame = frame.rename(columns=ODD_NAMES)
+    return frame
+
+
 def _write_variant(kind: str, frame: pd.DataFrame, path: Path) -> dict[str, Any]:
     """Write ``frame`` as a real table of ``kind``; returns the trainer spec changes."""
+    bom = b"\xef\xbb\xbf"
     if kind == "iso-csv":
         frame.to_csv(path, index=False)
         return {}
-    if kind == "odd-names-csv":
-        frame.to_csv(path, index=False)
+    if kind == "odd-names-csv-semicolon":
+        frame.to_csv(path, index=False, sep=";")
         return {}
+    if kind == "single-class-csv-bom":
+        path.write_bytes(bom + frame.to_csv(index=False).encode())
+        return {"target": "bought", "task": "classification", "metric": "accuracy",
+                "candidates": [{"algorithm": "logistic"}]}
     if kind == "dmy-csv-semicolon-bom":
         out = frame.assign(date=frame["date"].dt.strftime("%d/%m/%Y"))
-        path.write_bytes(b"\xef\xbb\xbf" + out.to_csv(index=False, sep=";").encode())
+        path.write_bytes(bom + out.to_csv(index=False, sep=";").encode())
         return {"date_format": "%d/%m/%Y"}
     if kind == "typed-parquet":
         import decimal
@@ -259,81 +296,174 @@ def _write_variant(kind: str, frame: pd.DataFrame, path: Path) -> dict[str, Any]
                            store=frame["store"].astype("Int64"),
                            brand=frame["brand"].astype("string"))
         table = pa.Table.from_pandas(out, preserve_index=False)
-        prices = pa.array([decimal.Decimal(f"{p:.4f}") for p in frame["price"]],
-                          pa.decimal128(12, 4))
+        prices = pa.array([None if np.isnan(p) else decimal.Decimal(f"{p:.4f}")
+                           for p in frame["price"]], pa.decimal128(12, 4))
         table = table.set_column(table.schema.get_field_index("price"), "price", prices)
         pq.write_table(table, path)
         return {}
     raise AssertionError(kind)
 
 
-VARIANTS = {"iso-csv": "t.csv", "dmy-csv-semicolon-bom": "t.csv", "typed-parquet": "t.parquet",
-            "odd-names-csv": "t.csv"}
-#: Column names with a space, symbols and non-ASCII letters (the "odd-names" variant).
-ODD_NAMES = {"price": "unit price (€)", "promo": "promoción/tipo"}
+def _score_py(bundle_dir: Path, rows: list[dict[str, Any]],
+              monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The answer of the bundle's Azure ML ``score.py`` (``init()`` then ``run()``)."""
+    import importlib.util
+
+    monkeypatch.setenv("MANYMODELS_BUNDLE_DIR", str(bundle_dir))
+    spec = importlib.util.spec_from_file_location(f"score_{bundle_dir.parent.name}",
+                                                  bundle_dir / "score.py")
+    assert spec is not None and spec.loader is not None
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    score.init()
+    return dict(score.run({"data": rows}))
 
 
-def _paths_agree(bundle_dir: Path, table_path: Path, frame: pd.DataFrame, work: Path
-                 ) -> np.ndarray:
-    """Score ``frame`` (the table at ``table_path``) on every path; all must agree."""
+def _batch_cli(bundle_dir: Path, table_path: Path, out: Path) -> pd.DataFrame:
+    """``manymodels batch`` in its own process: exit 0, no traceback, every row scored."""
+    done = _cli(["batch", str(bundle_dir), str(table_path), str(out), "--no-progress"],
+                out.parent)
+    stdout, stderr = done.communicate(timeout=600)
+    assert done.returncode == 0, stderr
+    assert "Traceback" not in stdout + stderr, stderr
+    assert not any((out / "rejected").glob("*.parquet")), stderr
+    return pd.read_parquet(out / "predictions").sort_values("row_number").reset_index(drop=True)
+
+
+def _same(got: Any, expected: pd.Series, path: str, classification: bool) -> None:
+    if classification:
+        assert [int(v) for v in got] == expected.astype(int).tolist(), path
+    else:
+        np.testing.assert_allclose(np.asarray(got, dtype=float), expected.to_numpy(float),
+                                   rtol=1e-5, err_msg=path)
+
+
+def _paths_agree(bundle_dir: Path, table_path: Path, frame: pd.DataFrame, work: Path,
+                 monkeypatch: pytest.MonkeyPatch, target: str) -> pd.DataFrame:
+    """Score ``frame`` (the table at ``table_path``) on every path: Bundle.predict on the
+    table as read and as generated, MLflow pyfunc, score.py, /score and ``manymodels
+    batch`` all give the same predictions and name the same model for each row."""
     import mlflow.pyfunc
     from test_serve import Running
 
-    from manymodels.batch import score_batch
     from manymodels.data import read_table
     from manymodels.serve import ServeSettings
 
     bundle = Bundle(bundle_dir)
+    classification = bundle.manifest.task == "classification"
     read = read_table(table_path)
     expected = bundle.predict(read)
-    assert np.isfinite(expected["prediction"]).all()
-    np.testing.assert_allclose(bundle.predict(frame)["prediction"], expected["prediction"],
-                               rtol=1e-4)
+    assert expected["prediction"].notna().all()
+    if classification:  # integer labels come back as integers
+        assert expected["prediction"].dtype.kind == "i"
+    models = expected["model"].tolist()
+    generated = bundle.predict(frame)
+    _same(generated["prediction"], expected["prediction"], "generated", classification)
+    assert generated["model"].tolist() == models
     pyfunc = mlflow.pyfunc.load_model(str(bundle_dir)).predict(read)
-    np.testing.assert_allclose(np.asarray(pyfunc["prediction"], dtype=float),
-                               expected["prediction"], rtol=1e-6)
-    features = frame.drop(columns=["date", "quantity"]).astype(object)
+    _same(pyfunc["prediction"], expected["prediction"], "pyfunc", classification)
+    assert list(pyfunc["model"]) == models
+    features = frame.drop(columns=["date", target]).astype(object)
     rows = features.where(features.notna(), None).to_dict(orient="records")
+    answer = _score_py(bundle_dir, rows, monkeypatch)
+    assert "error" not in answer, answer
+    _same(answer["predictions"], expected["prediction"], "score.py", classification)
+    assert answer["model"] == models
     server = Running(ServeSettings(bundle=str(bundle_dir)))
     try:
         reply = server.client.post("/score", json={"data": rows})
         assert reply.status_code == 200, reply.text
-        np.testing.assert_allclose(reply.json()["predictions"], expected["prediction"],
-                                   rtol=1e-5)
-        assert reply.json()["model"] == expected["model"].tolist()
+        _same(reply.json()["predictions"], expected["prediction"], "/score", classification)
+        assert reply.json()["model"] == models
     finally:
         server.stop()
-    summary = score_batch(bundle_dir, table_path, work / "batch")
-    assert summary.rows_scored == len(frame) and summary.rows_rejected == 0
-    scored = pd.read_parquet(work / "batch" / "predictions").sort_values("row_number")
-    np.testing.assert_allclose(scored["prediction"], expected["prediction"], rtol=1e-5)
-    return expected["prediction"].to_numpy()
+    scored = _batch_cli(bundle_dir, table_path, work / "batch")
+    assert len(scored) == len(frame)
+    _same(scored["prediction"], expected["prediction"], "batch", classification)
+    assert scored["model"].astype(str).tolist() == models
+    return expected
+
+
+def _metric(metric: str, truth: np.ndarray, predicted: np.ndarray) -> float:
+    if metric == "accuracy":
+        return float(np.mean(truth == predicted))
+    return float(np.sqrt(np.mean((truth - predicted) ** 2)))
 
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
-def test_real_tables_train_score_the_same_on_every_path(kind: str, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch
-                                                        ) -> None:
+def test_real_tables_train_score_the_same_on_every_path_and_retrain_fairly(
+        kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
     """Check that a table written the way real ones are (text dates in a spreadsheet's
-    layout, a ';' CSV with a byte-order mark, Parquet decimals, categories, nullable
-    integers and zoned times; nulls in a text feature; a one-row segment) trains with its
-    data window in time order, and scores the same through Bundle.predict, pyfunc,
-    /score and batch."""
+    layout, ';' and ',' CSVs with and without a byte-order mark, Parquet decimals,
+    categories, nullable integers, strings and zoned times; odd column names; nulls in a
+    text and a numeric feature; a one-row segment; a one-class segment) trains with its
+    data window in time order, scores the same through Bundle.predict, pyfunc, score.py,
+    /score and batch, and retrains after one more week comparing champion and challenger
+    only on the rows the champion never saw; no traceback anywhere."""
     monkeypatch.chdir(tmp_path)
-    frame = sales()
-    if kind == "odd-names-csv":
-        frame = frame.rename(columns=ODD_NAMES)
+    frame = _matrix_table(kind, weeks=30)
     path = tmp_path / VARIANTS[kind]
     changes = _write_variant(kind, frame, path)
-    run = train(path, SEGMENTER, {**TRAINER, **changes}, out=tmp_path / "runs", jobs=1,
-                track=False)
-    window = run.summary and Bundle(run.run_dir).manifest.raw["data_window"]
+    trainer = {**TRAINER, **changes}
+    target = trainer["target"]
+    run = train(path, SEGMENTER, trainer, out=tmp_path / "runs", jobs=1, track=False)
+    window = Bundle(run.run_dir).manifest.raw["data_window"]
     first, last = pd.Timestamp(window["min"]), pd.Timestamp(window["max"])
+    assert first < last
     assert (first.date(), last.date()) == (frame["date"].min().date(),
                                            frame["date"].max().date())
     if kind == "typed-parquet":
         assert window["min"].endswith("+01:00")  # Paris in winter: the zone is kept
+    # the gaps in a numeric feature cost no candidate: those that cannot take NaN learn
+    # from the training medians (which the runtime fills in) instead of failing
+    report = pd.read_parquet(run.run_dir / "report.parquet")
+    trained = report[report["status"] == "ok"]
+    assert len(trained) >= 5
+    assert trained["candidates"].str.contains(trainer["candidates"][0]["algorithm"]).all()
     packed = package_run(run.run_dir, tmp_path / "bundle", name="sales").path
-    _paths_agree(packed, path, frame, tmp_path)
-    inputs = {c.name for entry in Bundle(packed).manifest.models.values() for c in entry.inputs}
-    assert set(frame.columns) - {"date", "quantity"} == inputs  # the user's own names
+    champion = Bundle(packed)
+    learned = [e for e in champion.manifest.models.values()
+               if e.algorithm == trainer["candidates"][0]["algorithm"]]
+    assert learned and all(set(e.impute) == {ODD_NAMES["price"] if kind.startswith("odd")
+                                             else "price"} for e in learned)
+    inputs = {c.name for entry in champion.manifest.models.values() for c in entry.inputs}
+    assert set(frame.columns) - {"date", target} == inputs  # the user's own names
+    routes = {r.segment: r for r in inspect_bundle(packed).segments}
+    assert routes["store=99, brand=alpha"].kind.startswith("fallback to")  # pooled/global
+    if kind == "single-class-csv-bom":
+        one = routes[f"store={ONE_CLASS[0]}, brand={ONE_CLASS[1]}"]
+        assert one.status == "constant" and one.kind.startswith("fallback to"), one
+        assert run.summary["failed"] == 0
+    _paths_agree(packed, path, frame, tmp_path, monkeypatch, target)
+
+    # one more week, written the same way, then retrain
+    longer = _matrix_table(kind, weeks=31)
+    appended = tmp_path / "next" / VARIANTS[kind]
+    appended.parent.mkdir()
+    _write_variant(kind, longer, appended)
+    result = retrain(appended, packed, out=tmp_path / "retrained", runs=tmp_path / "runs2",
+                     jobs=1, track=False, state_dir=tmp_path / "state")
+    report = result.report[result.report["action"] == "retrain"]
+    assert len(report) >= 5, result.report
+    edge = pd.Timestamp(champion.manifest.raw["data_window"]["max"])
+    unseen = longer[longer["date"] > (edge.tz_localize(None) if edge.tzinfo else edge)]
+    assert len(unseen) and unseen["date"].min() > frame["date"].max()
+    metric = trainer["metric"]
+    for row in report.to_dict("records"):
+        if row["status"] == "constant":  # one class again: its fallback serves it, unjudged
+            assert (row["key.store"], row["key.brand"]) == tuple(map(str, ONE_CLASS)), row
+            assert row["compared_on"] == "" and row["compared_rows"] == 0, row
+            continue
+        # the champion as it is, scored on its segment's rows after its data window only
+        rows = unseen[(unseen["store"].astype(str) == str(row["key.store"]))
+                      & (unseen["brand"] == row["key.brand"])]
+        assert row["compared_on"] == "unseen rows", row
+        assert row["compared_rows"] == len(rows) == 7, row
+        predicted = champion.predict(rows)["prediction"].to_numpy()
+        assert row[f"current_{metric}"] == pytest.approx(
+            _metric(metric, rows[target].to_numpy(), predicted), rel=1e-5), row
+    if result.bundle is not None:
+        assert Bundle(result.bundle).predict(longer)["prediction"].notna().all()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err, captured.err
