@@ -10,7 +10,13 @@ one after the other, on the same cores:
 - mlforecast, LightGBM and Ridge on lags 1..m, a rolling mean of lag 1 over one season,
   ``Differences([1])`` and a local standard scaler (an untuned configuration), timed for
   ``fit`` plus ``cross_validation`` with the same windows as manymodels' backtests;
-- statsforecast SeasonalNaive and AutoETS, timed for ``forecast``.
+- statsforecast SeasonalNaive and AutoETS, timed for ``forecast`` (with their own 80% and
+  95% prediction intervals).
+
+Prediction intervals: the share of held-out values inside each contender's 80% and 95%
+intervals (the issue's bar: within 5 points of nominal), and MSIS at 95% (the M4
+competition's interval score: width plus 40 × the misses, scaled like MASE; lower is
+better).
 
 Run: ``python benchmarks/forecast.py [--panels monthly,quarterly] [--limit N]``.
 """
@@ -33,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import record  # noqa: E402
 
 WINDOWS = 3
+LEVELS = (80, 95)
 
 
 def trainer_spec(h: int, m: int) -> dict[str, Any]:
@@ -71,6 +78,29 @@ def mase(train: pd.DataFrame, test: pd.DataFrame, forecast: pd.DataFrame, column
     return float(np.mean(values))
 
 
+def interval_rows(train: pd.DataFrame, merged: pd.DataFrame, m: int,
+                  bounds: dict[str, str]) -> list[tuple[str, float, float, float]]:
+    """(contender, coverage 80, coverage 95, MSIS 95) from ``<prefix>80`` style columns."""
+    scales = {}
+    for uid, part in train.groupby("unique_id", sort=False):
+        y = part["y"].to_numpy()
+        lag = m if len(y) > m else 1
+        scales[uid] = float(np.mean(np.abs(y[lag:] - y[:-lag])))
+    scale = merged["unique_id"].map(scales).to_numpy()
+    y = merged["y"].to_numpy()
+    out = []
+    for name, prefix in bounds.items():
+        cover = []
+        for level in LEVELS:
+            lo, hi = merged[f"{prefix}lo-{level}"].to_numpy(), merged[f"{prefix}hi-{level}"].to_numpy()
+            cover.append(float(np.mean((y >= lo) & (y <= hi))))
+        lo, hi = merged[f"{prefix}lo-95"].to_numpy(), merged[f"{prefix}hi-95"].to_numpy()
+        penalty = (hi - lo) + 40 * (lo - y) * (y < lo) + 40 * (y - hi) * (y > hi)
+        msis = pd.Series(penalty / scale).groupby(merged["unique_id"].to_numpy()).mean().mean()
+        out.append((name, cover[0], cover[1], float(msis)))
+    return out
+
+
 def run_manymodels(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, float, dict]:
     import manymodels
 
@@ -80,7 +110,9 @@ def run_manymodels(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, f
                                   track=False)
         seconds = time.perf_counter() - started
         table = manymodels.Bundle(result.run_dir).forecast(h)
-    table = table.rename(columns={"forecast": "manymodels"})
+    table = table.rename(columns={"forecast": "manymodels", **{
+        f"{side}_{level}": f"manymodels-{side}-{level}" for level in LEVELS
+        for side in ("lo", "hi")}})
     return table, seconds, result.summary
 
 
@@ -119,7 +151,7 @@ def run_statsforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame
                         ("AutoETS", AutoETS(season_length=m))):
         sf = StatsForecast(models=[model], freq=1, n_jobs=1)
         started = time.perf_counter()
-        pred = sf.forecast(df=data, h=h)
+        pred = sf.forecast(df=data, h=h, level=list(LEVELS))
         out[name] = time.perf_counter() - started
         frames.append(pred.rename(columns={"ds": "t"}).set_index(["unique_id", "t"]))
     return pd.concat(frames, axis=1).reset_index(), out
@@ -135,7 +167,10 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
     ours["t"] = ours["t"].astype(int)
     ml, ml_s = run_mlforecast(train, h, m)
     sf, sf_s = run_statsforecast(train, h, m)
-    merged = test.merge(ours[["unique_id", "t", "manymodels"]], on=["unique_id", "t"], how="left")
+    ours_columns = ["manymodels", *(f"manymodels-{side}-{level}" for level in LEVELS
+                                    for side in ("lo", "hi"))]
+    merged = test.merge(ours[["unique_id", "t", *ours_columns]], on=["unique_id", "t"],
+                        how="left")
     merged = merged.merge(ml, on=["unique_id", "t"], how="left").merge(sf, on=["unique_id", "t"],
                                                                         how="left")
     rows = []
@@ -156,6 +191,15 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
           f"/ best mlforecast: {rows[0][1] / best_ml:.3f}; / AutoETS: {rows[0][1] / rows[4][1]:.3f}")
     print(f"manymodels time / mlforecast LightGBM (cross_validation + fit): {ours_s / ml_time:.2f}; "
           f"/ (AutoETS + mlforecast LightGBM): {ours_s / (ets_time + ml_time):.2f}")
+    print("\n| intervals | coverage 80% | coverage 95% | MSIS 95% |\n|---|---:|---:|---:|")
+    for name, c80, c95, msis in interval_rows(train, merged, m, {
+            "manymodels (conformal on backtests)": "manymodels-",
+            "SeasonalNaive (statsforecast)": "SeasonalNaive-",
+            "AutoETS (statsforecast)": "AutoETS-"}):
+        print(f"| {name} | {100 * c80:.1f} | {100 * c95:.1f} | {msis:.2f} |")
+    held = summary.get("interval_coverage") or {}
+    print("\nmanymodels' own backtest coverage (bands calibrated on the other windows): "
+          + ", ".join(f"{k}%: {100 * v:.1f}" for k, v in held.items() if v is not None))
     print(f"methods chosen: {summary['methods_chosen']}")
     if summary.get("not_exported"):
         print(f"not exported (dropped, series chose again): {summary['not_exported']}")
