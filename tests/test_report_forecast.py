@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +271,68 @@ def test_a_run_needing_future_covariates_reports_why_no_forecast_is_plotted(
     assert all(s["backtests"] and len([t for t in s["backtests"]["t"] if t]) == 4
                for s in series)
     assert series[0]["history"]["t"][0].startswith("20")  # dates as ISO text for plotly
+
+
+def _mase_by_method(segment: pd.DataFrame, series: pd.DataFrame, m: int) -> dict[str, float]:
+    """Each method's mean backtest MASE for one series, from backtests.parquet and the
+    training rows (scaled by the seasonal-naive error before each window's cutoff)."""
+    out = {}
+    for method in [c.removeprefix("fc.") for c in segment.columns if c.startswith("fc.")]:
+        values = []
+        for _, win in segment.groupby("window"):
+            past = series.loc[series["week"] <= win["cutoff"].iloc[0], "quantity"].to_numpy()
+            lag = m if len(past) > m else 1
+            scale = np.mean(np.abs(past[lag:] - past[:-lag]))
+            values.append(np.mean(np.abs(win["actual"] - win[f"fc.{method}"])) / scale)
+        out[method] = float(np.mean(values))
+    return out
+
+
+def test_each_series_says_why_its_route_won(page: Path, forecast_run: Path,
+                                           oj_small: pd.DataFrame) -> None:
+    """Check that every series' one-line reason names its members and their backtest
+    MASE as recomputed from backtests.parquet, the next method, and that the page shows it
+    in the error table and under the series plot."""
+    html = page.read_text()
+    report = pd.read_parquet(forecast_run / "report.parquet")
+    backtests = pd.read_parquet(forecast_run / "backtests.parquet")
+    m = int(json.loads((forecast_run / "manifest.json").read_text())["summary"]["season_length"])
+    shown = {s["segment"]: s["reason"] for s in embedded(html)["series"]}
+    rows = "".join(error_rows(html))
+    checked = 0
+    for record in report.to_dict("records"):
+        segment = backtests[backtests["segment"] == record["segment"]]
+        series = oj_small[(oj_small["store"].astype(str) == record["store"])
+                          & (oj_small["brand"].astype(str) == record["brand"])].sort_values("week")
+        errors = _mase_by_method(segment, series, m)
+        order = sorted(errors, key=lambda k: errors[k])  # ties: the simpler method (stable)
+        best = order[:3]
+        assert record["members"].tolist() == best
+        assert record["reason"].startswith(
+            f"mean of {', '.join(best)} — best three by backtest MASE "
+            + ", ".join(f"{errors[k]:#.3g}" for k in best))
+        assert f"; next: {order[3]} {errors[order[3]]:#.3g}" in record["reason"]
+        for method in errors:
+            assert record[f"bt.{method}"] == pytest.approx(errors[method], rel=1e-9)
+        assert f"<td>{html_escape(record['reason'])}</td>" in rows
+        if record["segment"] in shown:
+            assert shown[record["segment"]] == record["reason"]
+        checked += 1
+    assert checked == len(report) and shown
+    assert 'id="series-reason"' in html
+
+
+def test_forecast_report_shows_intervals(page: Path, forecast_run: Path) -> None:
+    """Check the plotted series carry the forecast's 95% and 80% bands (widest first) as
+    Bundle.forecast gives them, and the summary their backtest coverage."""
+    html = page.read_text()
+    series = embedded(html)["series"][0]
+    table = Bundle(forecast_run).forecast(H)
+    store, brand = [p.split("=")[1] for p in series["segment"].split("__")]
+    mine = table[(table["store"] == store) & (table["brand"] == brand)]
+    assert [b["level"] for b in series["forecast"]["bands"]] == [95, 80]
+    np.testing.assert_allclose(series["forecast"]["bands"][1]["lo"], mine["lo_80"], rtol=1e-5)
+    np.testing.assert_allclose(series["forecast"]["bands"][0]["hi"], mine["hi_95"], rtol=1e-5)
+    coverage = json.loads((forecast_run / "manifest.json").read_text())["summary"][
+        "interval_coverage"]
+    assert f'data-stat="coverage-80"><b>{round(100 * coverage["80"], 1)}' in html

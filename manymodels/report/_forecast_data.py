@@ -119,6 +119,15 @@ def _windows(rows: pd.DataFrame, time_column: str, methods: list[str]) -> dict[s
             "cutoffs": cutoffs}
 
 
+def _bands(forecast: pd.DataFrame) -> list[dict[str, Any]]:
+    """The forecast's prediction intervals, widest first (``lo_95``/``hi_95``, ...)."""
+    levels = sorted((int(c[3:]) for c in forecast.columns
+                     if c.startswith("lo_") and c[3:].isdigit() and f"hi_{c[3:]}" in forecast),
+                    reverse=True)
+    return [{"level": level, "lo": _numbers(forecast[f"lo_{level}"]),
+             "hi": _numbers(forecast[f"hi_{level}"])} for level in levels]
+
+
 def _forecast(root: Path, keys: list[tuple[str, ...]], horizon: int, segment_columns: list[str]
               ) -> tuple[pd.DataFrame | None, str | None]:
     """The served forecast of ``keys``, or why there is none."""
@@ -182,6 +191,8 @@ def load_forecast_evidence(root: Path, manifest: dict[str, Any], segments: pd.Da
                         "y": _numbers(hist["actual"]) if hist is not None else []},
             "backtests": _windows(bt, time_column, methods) if bt is not None else None,
             "forecast": {"t": _times(fc[time_column]) if fc is not None else [],
-                         "y": _numbers(fc["forecast"]) if fc is not None else []},
+                         "y": _numbers(fc["forecast"]) if fc is not None else [],
+                         "bands": _bands(fc) if fc is not None else []},
+            "reason": str(record.get("reason") or ""),
         })
     return evidence

@@ -71,6 +71,10 @@ def _summary_section(data: ReportData) -> str:
                                           f"({best})", backtest[best]))
     if short:
         stats.append(_stat("too-short", "series too short for any window", short))
+    for level, share in dict(summary.get("interval_coverage") or {}).items():
+        if share is not None:  # bands calibrated on the other windows, each in turn
+            stats.append(_stat(f"coverage-{level}", f"{level}% interval coverage in "
+                                                    f"backtests", round(100 * share, 1)))
     meta = [("target", data.manifest.get("target")), ("task", "forecast"),
             ("metric", metric), ("series columns", ", ".join(data.manifest.get(
                 "segment_columns", []))),
@@ -100,11 +104,13 @@ def _series_section(data: ReportData) -> str:
     return (f'<section id="series"><h2>One series: history, backtests and forecast</h2>'
             f'<p class="note">Pick a series (or click a row of the error table). Dotted lines: '
             f"each method's backtest forecasts (the chosen route's members shown, the others in "
-            f"the legend); vertical lines: the backtest cutoffs.</p>"
+            f"the legend); vertical lines: the backtest cutoffs; shaded: the forecast's "
+            f"prediction intervals.</p>"
             f'<div class="picker"><button type="button" id="series-prev">◀</button>'
             f'<select id="series-select" aria-label="series">{options}</select>'
             f'<button type="button" id="series-next">▶</button> '
             f'<span id="series-caption" class="note"></span></div>'
+            f'<p id="series-reason" class="note"></p>'
             f'<div id="fig-series" class="plotly-graph-div" style="height:460px;width:100%">'
             f"</div>"
             f'<script type="application/json" id="series-data">{payload}</script></section>')
@@ -240,6 +246,13 @@ FORECAST_SCRIPT = """
       out.push({x: bt.t, y: bt.chosen, name: "backtest: " + s.method, mode: "lines+markers",
                 line: {color: "#cf222e", width: 2.5}, marker: {size: 4}});
     }
+    (s.forecast.bands || []).forEach(function (b, k) {
+      var shade = k === 0 ? "rgba(9,105,218,0.12)" : "rgba(9,105,218,0.24)";
+      out.push({x: s.forecast.t, y: b.lo, name: b.level + "% interval", mode: "lines",
+                line: {width: 0}, showlegend: false, hoverinfo: "skip"});
+      out.push({x: s.forecast.t, y: b.hi, name: b.level + "% interval", mode: "lines",
+                line: {width: 0}, fill: "tonexty", fillcolor: shade});
+    });
     out.push({x: s.forecast.t, y: s.forecast.y, name: "forecast", mode: "lines+markers",
               line: {color: "#0969da", width: 3}, marker: {size: 5}});
     return out;
@@ -261,6 +274,7 @@ FORECAST_SCRIPT = """
     select.value = String(i);
     document.getElementById("series-caption").textContent =
       (i + 1) + " of " + data.series.length;
+    document.getElementById("series-reason").textContent = s.reason ? "Why: " + s.reason : "";
     Plotly.react("fig-series", traces(s), layout(s), config);
   }
   select.addEventListener("change", function () { show(Number(select.value)); });
