@@ -119,6 +119,10 @@ def test_levels_add_up_on_every_path(bundle: Path, server: Running, tmp_path: Pa
     table = Bundle(bundle).forecast(6)
     assert len(table) == (12 + 4 + 2 + 1) * 6
     assert _check_coherent(table) == (4 + 2 + 1) * 6
+    # intervals sit around the reconciled point forecast, wider for the larger totals
+    assert ((table["lo_80"] < table["forecast"]) & (table["forecast"] < table["hi_80"])).all()
+    width = (table["hi_80"] - table["lo_80"]).groupby(table["region"] == AGGREGATE).mean()
+    assert width[True] > width[False]
     rows = _rows(table)
     want = _want(table, rows)
     got: dict[str, np.ndarray] = {}
