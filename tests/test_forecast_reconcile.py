@@ -150,6 +150,14 @@ def test_levels_add_up_on_every_path(bundle: Path, server: Running, tmp_path: Pa
     got["manymodels forecast"] = _want(cli, rows)
     for path, values in got.items():
         np.testing.assert_allclose(values, want, rtol=1e-5, err_msg=path)
+    done = subprocess.run([sys.executable, "-m", "manymodels", "forecast", str(bundle),
+                           "--horizon", "6", "--keys", "region=south", "--out",
+                           str(tmp_path / "south.csv")], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    south = pd.read_csv(tmp_path / "south.csv", dtype={c: str for c in KEYS})
+    np.testing.assert_allclose(south["forecast"], table[(table["region"] == "south") & (
+        table["store"] == AGGREGATE)]["forecast"], rtol=1e-5)
 
 
 def test_keys_address_a_level_by_leaving_columns_out(bundle: Path, server: Running) -> None:

@@ -16,18 +16,19 @@ console = Console(stderr=True)
 __all__ = ["register"]
 
 
-def _keys(values: list[str], columns: list[str]) -> list[dict[str, str]]:
-    """``--keys store=2,brand=tropicana`` (repeatable) as key mappings."""
+def _keys(values: list[str], columns: list[str], levels: bool = False) -> list[dict[str, str]]:
+    """``--keys store=2,brand=tropicana`` (repeatable) as key mappings; with ``levels`` a
+    column left out names the aggregate over it (``--keys store=2``: store 2's total)."""
     from manymodels.errors import SpecError
 
     out = []
     for text in values:
         parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
         missing = [c for c in columns if c not in parts]
-        if missing:
+        if missing and not levels:
             raise SpecError(f"--keys {text!r} does not name {', '.join(missing)} "
                             f"(segment columns: {', '.join(columns)})")
-        out.append({c: parts[c] for c in columns})
+        out.append({c: parts[c] for c in columns if c in parts})
     return out
 
 
@@ -50,7 +51,9 @@ def forecast(
     from manymodels.runtime import Bundle
 
     opened = Bundle(resolve_bundle(bundle))
-    table = opened.forecast(horizon or None, keys=_keys(keys, opened.segment_columns) or None,
+    levels = opened.forecaster.hierarchy is not None
+    table = opened.forecast(horizon or None,
+                            keys=_keys(keys, opened.segment_columns, levels) or None,
                             future=read_table(future) if future else None,
                             history=read_table(history) if history else None)
     path = Path(out)
