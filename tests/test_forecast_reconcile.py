@@ -22,7 +22,7 @@ from test_serve import Running
 from manymodels.batch import score_batch
 from manymodels.bundle import package_run
 from manymodels.datasets import make_oj
-from manymodels.errors import DataError, SegmentNotFound, SpecError
+from manymodels.errors import DataError, InputSchemaError, SegmentNotFound, SpecError
 from manymodels.report import build_report
 from manymodels.runtime import Bundle
 from manymodels.runtime.reconcile import AGGREGATE
@@ -184,6 +184,10 @@ def test_keys_address_a_level_by_leaving_columns_out(bundle: Path, server: Runni
                                ["forecast"], rtol=1e-12)
     with pytest.raises(SegmentNotFound):
         opened.forecast(4, keys=[{"brand": "tropicana"}])  # brand across stores: no level
+    fresher = pd.DataFrame({"region": "north", "store": 1, "brand": "tropicana",
+                            "week": [71, 72], "quantity": [100.0, 110.0]})
+    with pytest.raises(InputSchemaError, match="same period"):
+        opened.forecast(4, keys=[{"region": "north"}], history=fresher)
     reply = server.client.post("/forecast", json={"segment": {"brand": "tropicana"}})
     assert reply.status_code == 404, reply.text
 

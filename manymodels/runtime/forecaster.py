@@ -109,6 +109,7 @@ class Forecaster:
         asked = len(rows)
         rows, row_keys = self._with_inputs(rows, row_keys)
         state = self._state(rows, row_keys, history)
+        self._check_origins(rows, state)
         values = self._reconciled(rows, self._run(rows, state, h, future))
         table = self._table(rows, state, values, h, self._bands(rows, state, values))
         return table.first(asked)
@@ -174,6 +175,22 @@ class Forecaster:
         """``rows`` and, after them, the series their reconciled forecasts depend on."""
         extra = self.hierarchy.inputs(rows) if self.hierarchy is not None else []
         return [*rows, *extra], [*row_keys, *(self.keys[i] for i in extra)]
+
+    def _check_origins(self, rows: list[int], state: SeriesState) -> None:
+        """Reconciliation adds forecasts step by step: every series in it must forecast
+        from the same period (history can move some series and not others)."""
+        if self.hierarchy is None or self.hierarchy.method == "none":
+            return
+        known = [k for k, r in enumerate(rows) if r >= 0]
+        apart = [k for k in known if state.last[k] != state.last[known[0]]]
+        if apart:
+            a, b = known[0], apart[0]
+            raise InputSchemaError(
+                f"reconciled forecasts add up series forecast from the same period, but "
+                f"series {_key_text(self.key_columns, state.keys[a])} ends at "
+                f"{state.last[a]} and {_key_text(self.key_columns, state.keys[b])} at "
+                f"{state.last[b]}: send history for every series of the bundle (its "
+                f"aggregates' too), or update the bundle (manymodels update)")
 
     def _reconciled(self, rows: list[int], values: np.ndarray) -> np.ndarray:
         return values if self.hierarchy is None else self.hierarchy.apply(rows, values)
