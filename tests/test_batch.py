@@ -22,6 +22,7 @@ import pytest
 from builders import build_bundle
 
 from manymodels.batch import ErrorThresholdExceeded, score_batch
+from manymodels.errors import DataError
 from manymodels.runtime import Bundle
 
 ROWS_PER_FILE = 1_200
@@ -198,6 +199,29 @@ def test_hive_partitioned_folder(bundle: tuple[Path, pd.DataFrame], tmp_path: Pa
     np.testing.assert_allclose(got["prediction"], want["prediction"], rtol=1e-6)
     assert got["model"].astype(str).tolist() == want["model"].tolist()
     assert not got["fallback"].any()
+
+
+def test_glob_input_scores_the_files_it_matches(bundle: tuple[Path, pd.DataFrame],
+                                               tmp_path: Path) -> None:
+    """Check that a glob input scores exactly the matching files, named from the folder
+    above the first wildcard."""
+    root, rows = bundle
+    frames = _write_files(rows, tmp_path / "in" / "day=1")
+    _write_files(rows, tmp_path / "in" / "day=2", n_files=1)
+    (tmp_path / "in" / "day=1" / "notes.txt").write_text("not an input")
+    summary = score_batch(root, str(tmp_path / "in" / "day=1" / "part-[01].parquet"),
+                          tmp_path / "out")
+    got = _read_output(tmp_path / "out")
+    assert sorted(got["source_file"].unique()) == ["part-0.parquet", "part-1.parquet"]
+    assert summary.rows_scored == 2 * ROWS_PER_FILE
+    summary = score_batch(root, str(tmp_path / "in" / "day=*" / "*.parquet"), tmp_path / "o2")
+    assert summary.rows_scored == (N_FILES + 1) * ROWS_PER_FILE
+    assert {f.split("/")[0] for f in _read_output(tmp_path / "o2")["source_file"]} == {
+        "day=1", "day=2"}
+    _assert_exactly_once(tmp_path / "out", _expected(root, {
+        k: v for k, v in frames.items() if k in ("part-0.parquet", "part-1.parquet")}))
+    with pytest.raises(DataError, match="matches no .parquet or .csv file"):
+        score_batch(root, str(tmp_path / "in" / "*.csv"), tmp_path / "o3")
 
 
 # -- exactly once ----------------------------------------------------------------------

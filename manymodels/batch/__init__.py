@@ -8,7 +8,15 @@ missing and leaves exactly one output row per input row.
 
 from __future__ import annotations
 
-from .run import BatchSummary, ErrorThresholdExceeded, NothingScored, choose_workers, score_batch
+from .run import (
+    BatchProgress,
+    BatchSummary,
+    ErrorThresholdExceeded,
+    NothingScored,
+    choose_workers,
+    score_batch,
+)
 
-__all__ = ["BatchSummary", "ErrorThresholdExceeded", "NothingScored", "choose_workers",
+__all__ = ["BatchProgress", "BatchSummary", "ErrorThresholdExceeded", "NothingScored",
+           "choose_workers",
            "score_batch"]

@@ -130,12 +130,15 @@ def _partitions(rel_parts: Iterable[str]) -> dict[str, str]:
 
 
 def list_inputs(source: str | os.PathLike[str], exclude: Path | None = None) -> list[InputFile]:
-    """The CSV/Parquet files of ``source`` (a file or a folder, searched recursively).
+    """The CSV/Parquet files of ``source`` (a file, a folder searched recursively, or a
+    glob pattern such as ``in/*.parquet``).
 
     Hidden files and names starting with ``_`` (``_SUCCESS``, ``_metadata``) are skipped,
     as Spark and pyarrow do; ``key=value`` directories become partition columns.
     """
     root = Path(source)
+    if any(c in str(source) for c in "*?["):
+        return _glob_inputs(root)
     if root.is_file():
         fmt = SUFFIXES.get(root.suffix.lower())
         if fmt is None:
@@ -157,6 +160,24 @@ def list_inputs(source: str | os.PathLike[str], exclude: Path | None = None) -> 
             found.append(InputFile(path, "/".join(rel_parts), fmt, _partitions(rel_parts[:-1])))
     if not found:
         raise DataError(f"input folder {root} holds no .parquet or .csv files")
+    return found
+
+
+def _glob_inputs(pattern: Path) -> list[InputFile]:
+    """The CSV/Parquet files a glob (``in/2026-*/*.parquet``) matches, named relative to
+    the folder above its first wildcard."""
+    parts = pattern.parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    found = []
+    for path in sorted(base.glob(str(Path(*parts[fixed:])))):
+        fmt = SUFFIXES.get(path.suffix.lower())
+        if fmt is None or not path.is_file() or path.name.startswith((".", "_")):
+            continue
+        rel_parts = path.relative_to(base).parts
+        found.append(InputFile(path, "/".join(rel_parts), fmt, _partitions(rel_parts[:-1])))
+    if not found:
+        raise DataError(f"input pattern {pattern} matches no .parquet or .csv file")
     return found
 
 

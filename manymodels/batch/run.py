@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +42,15 @@ from .plan import (
 )
 from .score import FileInfo, UnitResult, UnitTask, open_bundle, ready_bundle
 from .txlog import REJECTED_DIR, PieceLog, TxLog
+from .watch import BatchProgress, Watch
 
 __all__ = [
+    "BatchProgress",
     "BatchSummary",
     "ErrorThresholdExceeded",
     "NothingScored",
     "choose_workers",
+    "first_rejection",
     "reuse_freed_memory",
     "score_batch",
 ]
@@ -95,7 +98,7 @@ class NothingScored(DataError):
         self.summary = summary
 
 
-def _first_rejection(output: Path | str) -> str | None:
+def first_rejection(output: Path | str) -> str | None:
     """The reason of the first rejected row in a local OUTPUT (None when unknown)."""
     if not isinstance(output, Path):
         return None
@@ -135,6 +138,7 @@ class BatchSummary:
     backend: str
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False  # asked to stop (``should_stop``) before every piece was done
 
     @property
     def rows_per_second(self) -> float:
@@ -326,6 +330,8 @@ def score_batch(
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     strict_columns: bool = False,
     csv_delimiter: str | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchSummary:
     """Score every row of ``input`` through ``bundle`` into ``output``, exactly once.
 
@@ -364,6 +370,13 @@ def score_batch(
     csv_delimiter
         Field delimiter of CSV inputs; by default sniffed per file (``,``, ``;``, tab
         or ``|``).
+    on_progress
+        Called after planning and after every commit with a :class:`BatchProgress`
+        (the endpoint's batch jobs record it).
+    should_stop
+        Asked after every commit; when it answers true the run stops there, deletes what
+        it staged and returns with ``stopped`` set: OUTPUT holds only whole committed
+        pieces, and a later run resumes from them.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -400,7 +413,10 @@ def score_batch(
             warmer.join()  # forked workers inherit the sessions; never fork mid-creation
         summary = _execute(root, manifest.name, files, units, log, out, mini_batch, n_workers,
                            error_threshold, id_column, backend, scheduler, progress,
-                           cache_bytes, failed, timings, strict_columns, csv_delimiter)
+                           cache_bytes, failed, timings, strict_columns, csv_delimiter,
+                           Watch(on_progress, should_stop, time.perf_counter()))
+        if summary.stopped:
+            log.clean()  # staged pieces that were not committed
     finally:
         if warmer is not None:
             warmer.join()
@@ -410,7 +426,7 @@ def score_batch(
     if summary.threshold_passed:
         raise ErrorThresholdExceeded(summary)
     if summary.rows_scored == 0 and summary.rows_rejected > 0:
-        raise NothingScored(summary, _first_rejection(summary.output))
+        raise NothingScored(summary, first_rejection(summary.output))
     return summary
 
 
@@ -420,7 +436,7 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
              id_column: str | None, backend: str, scheduler: Any, progress: bool,
              cache_bytes: int | None, failed: list[tuple[str, str]],
              timings: dict[str, float], strict_columns: bool = False,
-             csv_delimiter: str | None = None) -> BatchSummary:
+             csv_delimiter: str | None = None, watch: Watch | None = None) -> BatchSummary:
     # absolute paths: workers of a remote Dask cluster do not share our working directory
     infos = {f.rel: FileInfo(str(f.path.resolve()), f.format, f.partitions,
                              _delimiter(f, csv_delimiter))
@@ -440,8 +456,14 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
     def passed() -> bool:
         return error_threshold >= 0 and _errors(log, failed, mini_batch) > error_threshold
 
+    watch = watch or Watch(None, None, time.perf_counter())
+    watch.plan(log, units, failed)
+    halted = False
     if passed():
         stopped = True
+        tasks = []
+    elif watch.stop():
+        halted = True
         tasks = []
     if not tasks:
         results: Iterator[UnitResult] = iter(())
@@ -464,8 +486,12 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
             rows = sum(o.committed.rows + o.committed.rejected for o in good if o.committed)
             rows_now += rows
             bar.advance(rows or sum(o.piece.rows for o in result.outcomes))
+            watch.committed(log, rows_now, failed)
             if passed():
                 stopped = True
+                break
+            if watch.stop():
+                halted = True
                 break
     finally:
         close = getattr(results, "close", None)
@@ -473,8 +499,10 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
             close()
         bar.close()
     timings["score"] = time.perf_counter() - run_start
-    return _summarise(log, out, len(files), committed_now, failed, rows_now, mini_batch,
-                      error_threshold, stopped, workers, backend, timings)
+    summary = _summarise(log, out, len(files), committed_now, failed, rows_now, mini_batch,
+                         error_threshold, stopped, workers, backend, timings)
+    summary.stopped = halted
+    return summary
 
 
 def _delimiter(item: InputFile, given: str | None) -> str:
