@@ -10,6 +10,14 @@ the server (never inside a bundle), so they live here rather than in the runtime
         ├── MissingCredentials   none at all (401, a bare ``WWW-Authenticate`` challenge)
         ├── Forbidden        valid credentials without the scope the route needs (403)
         └── RateLimited      the credential's request budget is spent for now (429)
+
+Batch jobs of an endpoint (:mod:`manymodels.jobstore`) add two more::
+
+    ManyModelsError
+    └── JobError             a batch job cannot be found or made
+        ├── JobNotFound      no job with that id (404)
+        └── JobConflict      an Idempotency-Key reused for another request, or an output
+                             another active job uses (409)
 """
 
 from manymodels.runtime.errors import (
@@ -36,6 +44,9 @@ __all__ = [
     "ExportError",
     "Forbidden",
     "InputSchemaError",
+    "JobConflict",
+    "JobError",
+    "JobNotFound",
     "LockError",
     "ManyModelsError",
     "MissingCredentials",
@@ -87,3 +98,27 @@ class RateLimited(AuthError):
         super().__init__(f"request rate limit reached for these credentials; retry after "
                          f"{retry_after} s")
         self.retry_after = retry_after
+
+
+class JobError(ManyModelsError):
+    """A batch job of an endpoint cannot be found or made as asked."""
+
+    code = "job_error"
+
+
+class JobNotFound(JobError, LookupError):
+    """No batch job has this id (on this endpoint's job store)."""
+
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no batch job '{job_id}' on this endpoint; GET /batch/jobs lists "
+                         f"them")
+        self.job_id = job_id
+
+
+class JobConflict(JobError):
+    """The job would clash with another: an Idempotency-Key already used for another
+    request, or an output location an active job reads or writes."""
+
+    code = "job_conflict"

@@ -1,0 +1,171 @@
+"""The process that runs one batch job of an endpoint: ``python -m manymodels.batch.jobrunner``.
+
+The endpoint starts one such process per running job (:mod:`manymodels.serve.jobs`), so
+scoring never runs on the serving event loop or in its process. The runner reads the
+job's record from the endpoint's job store (:mod:`manymodels.jobstore`), runs
+:func:`~.run.score_batch` — the same exactly-once run as ``manymodels batch``, with the
+same transaction log and ``rejected/`` — with the job's options, records progress after
+every commit and the outcome at the end, and exits.
+
+It dies with the server that started it (``PR_SET_PDEATHSIG``): a server killed mid-job
+leaves the job ``running`` under a dead owner, and the restarted server queues it again;
+the new run resumes from the committed parts. ``SIGTERM`` (a cancel) stops the run at
+its next commit and deletes what it staged, so OUTPUT keeps only whole committed parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from manymodels.errors import ManyModelsError
+from manymodels.jobstore import Job, JobStore
+from manymodels.runtime import sha256_file
+from manymodels.storage import is_remote
+
+from .executors import reuse_freed_memory
+from .run import ErrorThresholdExceeded, NothingScored, first_rejection, score_batch
+from .watch import BatchProgress
+
+__all__ = ["main", "run_job"]
+
+log = logging.getLogger("manymodels.batch.job")
+
+#: How often at most the runner asks the store whether its job was canceled.
+CANCEL_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent: int) -> None:
+    """Be killed when the server that started us dies (Linux), and check it still lives."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the lease on the job still expires
+        pass
+    if parent and os.getppid() != parent:
+        os._exit(1)  # the server died before the line above took effect
+
+
+def _executor(spec: str) -> tuple[str, str | None]:
+    """``local`` or ``dask://host:port`` as ``score_batch``'s backend and scheduler."""
+    if spec.startswith("dask://"):
+        return "dask", "tcp://" + spec[len("dask://"):]
+    return "local", None
+
+
+def _stopper(store: JobStore, job_id: str, stop: threading.Event) -> Callable[[], bool]:
+    last = [0.0]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if not stop.is_set() and now - last[0] >= CANCEL_POLL_SECONDS:
+            last[0] = now
+            if store.cancel_requested(job_id):
+                stop.set()
+        return stop.is_set()
+
+    return should_stop
+
+
+def run_job(store: JobStore, job: Job, owner: str, stop: threading.Event) -> str:
+    """Run ``job`` once and record its outcome; returns the state it ended in."""
+    options = job.options
+    if not is_remote(job.bundle) and sha256_file(Path(job.bundle) / "manifest.json") \
+            != job.bundle_sha256:
+        reason = (f"the bundle pinned at submission ({job.bundle}) has changed on disk; "
+                  f"submit the job again")
+        store.finish(job.id, "failed", reason, owner=owner)
+        return "failed"
+    backend, scheduler = _executor(str(options.get("executor", "local")))
+
+    def progress(done: BatchProgress) -> None:
+        store.record_progress(job.id, done.as_dict(), done.errors or None)
+        log.info("parts %d/%d, rows %d scored + %d rejected of %d, %.0f rows/s",
+                 done.parts_done, done.parts_total, done.rows_scored, done.rows_rejected,
+                 done.rows_total, done.rows_per_second)
+
+    log.info("attempt %d: %s -> %s with bundle %s (%s)", job.attempts, job.input, job.output,
+             job.bundle, backend)
+    try:
+        summary = score_batch(
+            job.bundle, job.input, job.output, mini_batch_size=options["mini_batch_size"],
+            workers=job.workers if backend == "local" else None,
+            error_threshold=int(options["error_threshold"]), id_column=options.get("id_column"),
+            backend=backend, scheduler=scheduler, strict_columns=bool(
+                options.get("strict_columns", False)),
+            on_progress=progress, should_stop=_stopper(store, job.id, stop))
+    except (ErrorThresholdExceeded, NothingScored) as exc:
+        errors = [f"{rel}: {error}" for rel, error in exc.summary.failed_files]
+        first = first_rejection(exc.summary.output)
+        if first:
+            errors.append(f"rejected rows: {exc.summary.rows_rejected} (first reason: {first})")
+        store.finish(job.id, "failed", exc.message, errors, owner=owner)
+        log.error("failed: %s", exc.message)
+        return "failed"
+    except ManyModelsError as exc:  # the input, output or options: another try fails alike
+        store.finish(job.id, "failed", exc.message, owner=owner)
+        log.error("failed: %s", exc.message)
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - a store or network failure may pass
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        retries = int(options.get("retries", 0))
+        if job.attempts <= retries:
+            store.finish(job.id, "queued", f"attempt {job.attempts} failed ({reason}); retrying",
+                         owner=owner)
+            log.warning("attempt %d failed, retrying: %s", job.attempts, reason)
+            return "queued"
+        store.finish(job.id, "failed", reason, owner=owner)
+        log.error("failed after %d attempt(s): %s", job.attempts, reason)
+        return "failed"
+    if summary.stopped:
+        store.finish(job.id, "canceled", f"canceled after {summary.pieces_total} committed "
+                     f"part(s); uncommitted work was deleted", owner=owner)
+        log.warning("canceled; %d part(s) committed", summary.pieces_total)
+        return "canceled"
+    if summary.failed_files:
+        errors = [f"{rel}: {error}" for rel, error in summary.failed_files]
+        store.finish(job.id, "failed", f"{len(errors)} input file(s) or part(s) could not be "
+                     f"read or scored", errors, owner=owner)
+        return "failed"
+    store.finish(job.id, "succeeded", None, owner=owner)
+    log.info("succeeded: %d rows scored, %d rejected, %d this run in %.1f s",
+             summary.rows_scored, summary.rows_rejected, summary.rows_this_run, summary.seconds)
+    return "succeeded"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m manymodels.batch.jobrunner")
+    parser.add_argument("--db", required=True, help="the endpoint's job store (SQLite)")
+    parser.add_argument("--job", required=True, help="the job's id")
+    parser.add_argument("--owner", required=True, help="the server's owner id in the store")
+    parser.add_argument("--parent", type=int, default=0, help="the server's process id")
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if args.nice:
+        os.nice(args.nice)
+    reuse_freed_memory()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    store = JobStore(args.db)
+    job = store.get(args.job)
+    if job.state != "running" or job.owner != args.owner:
+        log.warning("job %s is %s (owner %s), not ours to run", job.id, job.state, job.owner)
+        return 1
+    run_job(store, job, args.owner, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: sessions and pools go with the process
