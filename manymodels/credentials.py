@@ -60,10 +60,11 @@ __all__ = [
 
 log = logging.getLogger("manymodels.serve")
 
-#: Every scope, from the weakest; ``admin`` implies ``read`` and ``score``.
-SCOPES = ("read", "score", "admin")
-IMPLIED = {"admin": frozenset(SCOPES), "score": frozenset({"score"}),
-           "read": frozenset({"read"})}
+#: Every scope, from the weakest; ``admin`` implies the others. ``batch`` starts, watches
+#: and cancels batch jobs (``/batch/jobs``).
+SCOPES = ("read", "score", "batch", "admin")
+IMPLIED = {"admin": frozenset(SCOPES), "batch": frozenset({"batch"}),
+           "score": frozenset({"score"}), "read": frozenset({"read"})}
 ACTIVE_PER_NAME = 2
 KEY_PREFIX = "mmk_"
 AUDIENCE = "manymodels"

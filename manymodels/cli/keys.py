@@ -24,7 +24,8 @@ token_app = typer.Typer(help="Expiring JWTs for the endpoint (--auth token).",
 KeyFileOption = Annotated[str | None, typer.Option(
     "--key-file", help="Key file (default ~/.config/manymodels/keys.json)")]
 ScopeOption = Annotated[list[str], typer.Option(
-    "--scope", help="read | score | admin (repeat for several; admin implies the others)")]
+    "--scope",
+    help="read | score | batch | admin (repeat for several; admin implies the others)")]
 
 
 def _key_file(path: str | None) -> Path:

@@ -93,6 +93,19 @@ def serve(
     strict_columns: Annotated[bool | None, typer.Option(
         "--strict-columns/--ignore-extra-columns",
         help="422 for rows with columns no model takes (default: ignore them)")] = None,
+    state_dir: Annotated[str | None, typer.Option(
+        help="The endpoint's state: batch jobs database and logs (default: beside the "
+             "endpoint file)")] = None,
+    batch_root: Annotated[list[str] | None, typer.Option(
+        help="A directory batch jobs may read and write under (repeat for several)")] = None,
+    batch_bucket: Annotated[list[str] | None, typer.Option(
+        help="An s3://bucket/prefix/ batch jobs may read and write under (repeatable)")
+    ] = None,
+    batch_executor: Annotated[str | None, typer.Option(
+        help="Where batch jobs run: local (worker processes) or dask://HOST:PORT")] = None,
+    batch_max_workers: Annotated[int | None, typer.Option(
+        help="Worker processes of all running batch jobs together (default: the cores)")
+    ] = None,
 ) -> None:
     """Serve bundles over HTTP: /score, /invocations, /models, the V2 protocol, /admin."""
     from manymodels.serve import load_settings, run  # FastAPI/uvicorn only when serving
@@ -111,7 +124,11 @@ def serve(
                                    "rate_limit": rate_limit,
                                    "allow_unauthenticated": allow_unauthenticated},
                              strict_columns=strict_columns, verify_files=verify_files,
-                             audit_log=audit_log, follow=follow)
+                             audit_log=audit_log, follow=follow, state_dir=state_dir,
+                             batch={"roots": batch_root or None,
+                                    "buckets": batch_bucket or None,
+                                    "executor": batch_executor,
+                                    "max_workers": batch_max_workers})
     mode = auth_mode(settings)  # refuses `none` on a non-loopback host, with the reason
     plan = endpoint_plan(settings.bundle, deployment or [], traffic, mirror,
                          settings.endpoint)

@@ -1,7 +1,7 @@
 """The composition root of the server: settings in, a ready application out.
 
 :func:`create_app` builds the endpoint (its deployments and their shared session cache),
-the telemetry, the mirror, the credentials check and every router, and wires them
+the telemetry, the mirror, the batch jobs, the credentials check and every router, and wires them
 together through their constructors; nothing below this module imports it.
 """
 
@@ -29,6 +29,8 @@ from .auth import AuthMiddleware, build_guard, document_security
 from .docs import add_docs
 from .endpoint import DeploymentSpec, Endpoint, EndpointSpec, load_endpoint_spec
 from .errors import install_error_handlers
+from .jobroutes import make_jobs_router
+from .jobs import JobManager
 from .metrics import Metrics
 from .observe import ObserveMiddleware, Telemetries, Telemetry
 from .registry import ModelRegistry, SharedSessions
@@ -118,6 +120,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
 
     follow = _followed(settings, endpoint)
     rollout = Rollout(endpoint, follow, settings.rollout, metrics) if follow else None
+    jobs = JobManager(settings, endpoint)
     audit = AuditLog(settings.audit_log, int(settings.audit_max_mb * 2**20),
                      settings.audit_backups) if settings.audit_log else None
 
@@ -138,9 +141,11 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         if rollout is not None:
             tasks.append(asyncio.ensure_future(rollout.run()))
         started["ready"] = True
+        jobs.start()  # resumes the jobs of a server that stopped mid-job
         try:
             yield
         finally:
+            jobs.close()
             for task in tasks:
                 task.cancel()
             mirror.close()
@@ -178,6 +183,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None,
         and not any(r.preloading for r in registries()))
     app.include_router(v2_router)
     app.include_router(make_admin_router(endpoint, mirror, settings, rollout))
+    app.include_router(make_jobs_router(jobs, settings))
     app.include_router(make_ui_router(endpoint, mirror, settings, rollout))
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     if guard is not None:

@@ -7,7 +7,8 @@ the FastAPI routes; there is no per-route dependency to forget. It is not Starle
 
 The scope a request needs is decided by its path alone (:func:`required_scope`), with
 **default deny**: the health routes and the static page shell ``/ui`` are open, the
-scoring routes need ``score``, admin routes and model load/unload need ``admin``, and
+scoring routes need ``score``, the batch jobs API (``/batch/...``) needs ``batch``, admin
+routes and model load/unload need ``admin``, and
 every other path — including any route added later and unknown paths, which would answer
 404 — needs ``read``. No credentials
 (or bad ones) → 401 with ``WWW-Authenticate: Bearer``; valid but without the scope →
@@ -41,6 +42,7 @@ from .errors import render_error
 from .paths import (
     OPEN_PATHS,
     SCORE_PATHS,
+    is_batch_path,
     is_model_score_path,
     is_repository_change,
     split_infer_path,
@@ -82,6 +84,8 @@ def required_scope(path: str) -> str | None:
         return "score"
     if path == "/admin" or path.startswith("/admin/") or is_repository_change(path):
         return "admin"
+    if is_batch_path(path):
+        return "batch"
     return "read"
 
 
@@ -300,7 +304,7 @@ def document_security(openapi: Callable[[], dict[str, Any]],
         document.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer",
             "description": f"`Authorization: Bearer <{mode}>`: {what}. Scopes: read, score, "
-                           f"admin (admin implies the others)."}
+                           f"batch, admin (admin implies the others)."}
         for path, operations in document.get("paths", {}).items():
             needed = required_scope(path.replace("{", "").replace("}", ""))
             for operation in operations.values():

@@ -49,7 +49,7 @@ from .integrity import file_problems
 from .observe import Telemetry
 from .registry import ModelRegistry, SharedSessions
 from .scorer import Scorer
-from .settings import ServeSettings
+from .settings import BatchDefaults, ServeSettings
 from .source_policy import SourcePolicy
 
 __all__ = [
@@ -91,6 +91,9 @@ class DeploymentSpec(_Spec):
     restart serves the same bundle even if the alias has moved since."""
     alias: str | None = None
     """The ``models:/<name>@<alias>`` URI the deployment was asked for, if any."""
+    batch: BatchDefaults | None = None
+    """Options of the batch jobs this deployment scores (mini-batch size, concurrency,
+    error threshold, retries), unless a job's request overrides them."""
 
 
 class MirrorSpec(_Spec):
@@ -271,6 +274,8 @@ class Deployment:
     scorer: Scorer
     alias: str | None = None
     header: tuple[bytes, bytes] = (b"", b"")
+    batch: BatchDefaults | None = None
+    """Batch job options of this deployment (its spec's ``batch:``)."""
     inflight: int = 0
     """Requests (and mirrored copies) being answered by this deployment right now."""
 
@@ -355,6 +360,7 @@ class Endpoint:
         for name, deployment in spec.deployments.items():
             endpoint.deployments[name] = opened = endpoint.open(name, deployment.bundle,
                                                                 deployment.alias)
+            opened.batch = deployment.batch
             if settings.verify_files:
                 endpoint.refuse_changed_files(opened)
         endpoint._apply(weights, spec.mirror)
@@ -388,7 +394,8 @@ class Endpoint:
 
     def spec(self) -> EndpointSpec:
         return EndpointSpec(name=self.name, deployments={
-            n: DeploymentSpec(bundle=d.source, alias=d.alias) for n, d in self.deployments.items()},
+            n: DeploymentSpec(bundle=d.source, alias=d.alias, batch=d.batch)
+            for n, d in self.deployments.items()},
             traffic=dict(self.traffic), mirror=self.mirror, follow=self.follow)
 
     # -- the request path -----------------------------------------------------------------
@@ -442,10 +449,13 @@ class Endpoint:
     def write(self) -> None:
         """Write the endpoint file atomically (temp file, fsync, rename)."""
         if self.path is not None:
+            state = self.spec().model_dump(
+                mode="json", exclude={"follow"} if self.follow is None else None)
+            for deployment in state["deployments"].values():
+                if deployment.get("batch") is None:  # no batch defaults of its own
+                    deployment.pop("batch", None)
             text = ("# manymodels endpoint: rewritten by the server on every change\n"
-                    + yaml.safe_dump(self.spec().model_dump(
-                        mode="json", exclude={"follow"} if self.follow is None else None),
-                        sort_keys=False))
+                    + yaml.safe_dump(state, sort_keys=False))
             atomic_write_text(self.path, text)
 
     async def save(self) -> None:

@@ -24,6 +24,8 @@ from manymodels.errors import (
     DataError,
     Forbidden,
     InputSchemaError,
+    JobConflict,
+    JobNotFound,
     LockError,
     ManyModelsError,
     ModelLoadError,
@@ -134,6 +136,8 @@ class NoLiveTraffic(ModelLoadError):
 #: Status per error class; the first class that matches wins, so subclasses come first.
 HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
     (EndpointConflict, 409),
+    (JobConflict, 409),
+    (JobNotFound, 404),
     (RateLimited, 429),
     (Forbidden, 403),
     (AuthError, 401),

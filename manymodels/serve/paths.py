@@ -10,6 +10,8 @@ from __future__ import annotations
 import urllib.parse
 
 __all__ = [
+    "BATCH",
+    "BATCH_JOBS",
     "DATA_PLANE",
     "FAST_ROUTES",
     "FORECAST",
@@ -21,6 +23,7 @@ __all__ = [
     "SEGMENT_SCORE",
     "V2_INFER",
     "V2_INFER_VERSION",
+    "is_batch_path",
     "is_mirrored_route",
     "is_model_score_path",
     "is_repository_change",
@@ -37,6 +40,9 @@ MODEL_SCORE = "/models/{name}/score"
 SEGMENT_SCORE = "/segments/score"
 #: Forecasts of a forecasting bundle's series (see :mod:`.forecasting`).
 FORECAST = "/forecast"
+#: Batch jobs (see :mod:`.jobroutes`); every path under ``/batch`` needs scope ``batch``.
+BATCH = "/batch"
+BATCH_JOBS = "/batch/jobs"
 #: Route templates the fast lane answers without FastAPI's routing.
 FAST_ROUTES = (SCORE, V2_INFER, V2_INFER_VERSION, MODEL_SCORE, SEGMENT_SCORE, FORECAST)
 #: Paths answered by one deployment; the rest (health, docs, admin) by the endpoint.
@@ -79,6 +85,11 @@ def is_repository_change(path: str) -> bool:
     """V2 model repository extension: ``/v2/repository/models/{name}/load|unload``."""
     return path.startswith("/v2/repository/models/") and (
         path.endswith("/load") or path.endswith("/unload"))
+
+
+def is_batch_path(path: str) -> bool:
+    """``/batch`` and every path under it (the batch jobs API)."""
+    return path == BATCH or path.startswith(BATCH + "/")
 
 
 def is_mirrored_route(method: str, path: str) -> bool:

@@ -23,7 +23,7 @@ from manymodels.specs import load_spec
 
 from .policy import RolloutPolicy
 
-__all__ = ["AuthSettings", "ServeSettings", "load_settings"]
+__all__ = ["AuthSettings", "BatchDefaults", "BatchSettings", "ServeSettings", "load_settings"]
 
 
 class AuthSettings(BaseModel):
@@ -60,6 +60,63 @@ class AuthSettings(BaseModel):
     for no limit. A key created with ``--rate-limit`` has its own."""
     rate_burst: float | None = Field(default=None, ge=1)
     """Bucket size of the rate limit (default: one second's worth)."""
+
+
+class BatchDefaults(BaseModel):
+    """A batch job's options (``batch:`` of a deployment, or of the server): each job may
+    override any of them in its request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mini_batch_size: int | str | None = None
+    """Rows per mini-batch (whole Parquet row groups), or ``"N files"`` (default 1,000,000)."""
+    max_concurrency: int | None = Field(default=None, ge=1, le=256)
+    """Worker processes of one job (default 1: one pipelined process, about two cores);
+    never more than the server's ``batch.max_workers``."""
+    error_threshold: int | None = Field(default=None, ge=-1)
+    """Rows (or files) allowed to fail before the job fails; -1 never (the default)."""
+    retries: int | None = Field(default=None, ge=0, le=10)
+    """Times a job is tried again after a failure of its run that is not about the input
+    (a store or network error); each try resumes from the committed parts (default 0)."""
+    output_format: Literal["parquet"] | None = None
+    """Format of the predictions: Parquet (the only one batch writes)."""
+
+
+class BatchSettings(BaseModel):
+    """Batch jobs over HTTP (``batch:`` in a spec, ``MANYMODELS_BATCH__*``); see
+    :mod:`manymodels.serve.jobs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roots: list[str] = Field(default_factory=list)
+    """Directories under which a job may read its input and write its output. With none
+    (and no ``buckets``) every job is refused (422)."""
+    buckets: list[str] = Field(default_factory=list)
+    """Object-store URL prefixes (``s3://bucket/jobs/``) a job may read from and write to."""
+    executor: str = "local"
+    """Where jobs run: ``local`` (worker processes of this machine) or
+    ``dask://host:8786`` (an existing Dask cluster)."""
+    max_workers: int | None = Field(default=None, ge=1, le=1024)
+    """Worker processes of all running jobs together (default: the cores this server may
+    use); a job waits in the queue until its workers fit."""
+    nice: int = Field(default=10, ge=0, le=19)
+    """How much lower than the server's the jobs' CPU priority is, so online requests
+    go first when both want the cores."""
+    lease_seconds: float = Field(default=30.0, gt=0)
+    """A running job whose server has not been heard from for this long (another host
+    sharing the store) is queued again."""
+    cancel_grace_seconds: float = Field(default=20.0, gt=0)
+    """A canceled job's runner that has not stopped within this time is killed (its
+    uncommitted files are deleted by a clean-up run)."""
+    defaults: BatchDefaults = Field(default_factory=BatchDefaults)
+    """Options of every job unless its deployment or its request sets them."""
+
+    @field_validator("executor")
+    @classmethod
+    def _executor_known(cls, value: str) -> str:
+        if value == "local" or (value.startswith("dask://") and len(value) > 7):
+            return value
+        raise ValueError(f"batch executor must be 'local' or 'dask://HOST:PORT', not {value!r}")
 
 
 class ServeSettings(BaseSettings):
@@ -177,6 +234,23 @@ class ServeSettings(BaseSettings):
     """PEM private key of ``ssl_certfile``."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
     """Credentials: mode, key file, token keys, rate limit."""
+    state_dir: str | None = None
+    """Directory of the endpoint's durable state: the batch jobs database
+    (``jobs.sqlite``) and the jobs' logs. Default: ``<endpoint file>.state`` beside the
+    endpoint file, else ``$XDG_STATE_HOME/manymodels/endpoint-<port>``."""
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    """Batch jobs over HTTP: allowed roots and buckets, executor, worker cap, defaults."""
+
+    @property
+    def state_path(self) -> Path:
+        """The state directory (see ``state_dir``)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        if self.endpoint:
+            endpoint = Path(self.endpoint).expanduser().resolve()
+            return endpoint.with_name(endpoint.name + ".state")
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return base / "manymodels" / f"endpoint-{self.port}"
 
     @field_validator("access_log", mode="before")
     @classmethod
