@@ -36,6 +36,7 @@ from . import (
     endpoint,
     fleet,
     forecast,
+    jobs,
     keys,
     monitor,
     package,
@@ -82,8 +83,8 @@ def _root(
     """One model per segment: segment, train, export to ONNX, package, serve, batch-score."""
 
 
-for _module in (datasets, train, package, serve, endpoint, keys, batch, report, monitor, fleet,
-                retrain, forecast):
+for _module in (datasets, train, package, serve, endpoint, jobs, keys, batch, report, monitor,
+                fleet, retrain, forecast):
     _module.register(app)
 
 
