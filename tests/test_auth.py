@@ -33,8 +33,9 @@ from manymodels.serve import ServeSettings
 from manymodels.serve.auth import RateLimiter, auth_mode, is_loopback, required_scope
 
 GLOBAL = "quantity__global"
-SCOPES = ("read", "score", "admin")
-GRANTS = {"read": {"read"}, "score": {"score"}, "admin": {"read", "score", "admin"}}
+SCOPES = ("read", "score", "batch", "admin")
+GRANTS = {"read": {"read"}, "score": {"score"}, "batch": {"batch"},
+          "admin": {"read", "score", "batch", "admin"}}
 
 # The policy, written here a second time on purpose: a route added to the app without a
 # decision lands in "read" (default deny), and this table says what each route must need.
@@ -45,7 +46,7 @@ SCORING = {"/score", "/invocations", "/v2/models/{name}/infer",
            "/segments/score", "/forecast"}
 # Paths outside the OpenAPI document that must be guarded as well.
 EXTRA = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/ui"),
-         ("GET", "/nope"), ("POST", "/admin/nope"), ("GET", "/score/"),
+         ("GET", "/nope"), ("POST", "/admin/nope"), ("GET", "/score/"), ("GET", "/batch/nope"),
          ("POST", "/v2/models/a/b/infer")]
 
 
@@ -58,6 +59,8 @@ def expected_scope(template: str) -> str | None:
             template.startswith("/v2/repository/models/")
             and template.endswith(("/load", "/unload"))):
         return "admin"
+    if template == "/batch" or template.startswith("/batch/"):
+        return "batch"
     return "read"
 
 
@@ -391,7 +394,8 @@ def test_schemathesis_finds_no_server_error(token_servers: list[Live],
     ("/metrics", "read"), ("/v2/models/m/stats", "read"), ("/ui", None), ("/ui/state", "read"),
     ("/ui/", "read"), ("/docs", "read"),
     ("/openapi.json", "read"), ("/", "read"), ("/score/", "read"), ("/administrator", "read"),
-    ("/PING", "read"), ("/ping/", "read"),
+    ("/PING", "read"), ("/ping/", "read"), ("/batch/jobs", "batch"), ("/batch/jobs/j/log", "batch"),
+    ("/batch", "batch"), ("/batchjobs", "read"),
 ])
 def test_required_scope_by_path_default_deny(path: str, scope: str | None) -> None:
     """Check the scope decision per path, unknown paths needing read (default deny)."""
