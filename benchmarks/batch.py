@@ -4,6 +4,17 @@ Usage::
 
     .venv/bin/python benchmarks/batch.py            # 1M rows in one file
     .venv/bin/python benchmarks/batch.py --ten-m    # ... and 10M rows in 10 files
+    .venv/bin/python benchmarks/batch.py --ten-m --jobs-only   # only the batch-job rows
+
+``--jobs`` (or ``--jobs-only``) adds the rows of batch jobs over HTTP (issue 30): the
+largest input scored by a job submitted to a running ``manymodels serve`` (``POST
+/batch/jobs``, then ``GET /batch/jobs/{id}?wait=`` until it ends: wall time from the
+submission to the client seeing the end) against ``manymodels batch`` on the same input
+(the default, and the job's runner at the default ``batch.nice`` 10 and at 0); then
+online single-row ``/score`` requests at concurrency 4 (the load client of
+``benchmarks/serve.py``, in its own process) against the same server idle and while a job
+runs, p99 compared. Bars: job throughput ≥ 0.9× ``manymodels batch``; p99 during a job
+≤ 2× idle.
 
 Over 1,000 models (334 stores × 3 brands of Ridge pipelines + a global fallback, built
 by tests/builders.py), every contender runs file to file in its own fresh process:
@@ -54,7 +65,7 @@ UNKNOWN_SHARE = 0.001  # rows of unknown stores: they go to the global fallback
 
 
 # -- setup -----------------------------------------------------------------------------
-def build_inputs(work: Path, ten_m: bool) -> dict[str, Path]:
+def build_inputs(work: Path, ten_m: bool, with_native: bool = True) -> dict[str, Path]:
     """Bundle, native joblib models and the Parquet inputs (reused when present)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -67,7 +78,7 @@ def build_inputs(work: Path, ten_m: bool) -> dict[str, Path]:
 
     rows = make_rows(N_STORES, 40, seed=0)
     native = work / "native"
-    if not (native / "global.joblib").exists():
+    if with_native and not (native / "global.joblib").exists():
         fit_native(rows, native)
     sizes = {"1M": (work / "in-1m", 1)}
     if ten_m:
@@ -283,12 +294,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mm-batch-bench")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per contender (the median is reported; hand-written once)")
+    parser.add_argument("--jobs", action="store_true",
+                        help="also the batch-job rows (a job over HTTP, online p99 beside it)")
+    parser.add_argument("--jobs-only", action="store_true", help="only the batch-job rows")
     args = parser.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    paths = build_inputs(work, args.ten_m)
+    paths = build_inputs(work, args.ten_m, with_native=not args.jobs_only)
     print(f"setup (bundle, native models, data): {time.perf_counter() - t:.1f} s", flush=True)
+    if args.jobs_only:
+        run_jobs(paths, work, args.repeat)
+        return
     python = sys.executable
     cli = [str(Path(python).parent / "manymodels"), "batch"]
     results: dict[str, dict[str, tuple[float, float, str, float]]] = {}
@@ -327,6 +344,150 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
         results[size] = {name: _median(runs_) for name, runs_ in samples.items()}
     report(results)
+    if args.jobs:
+        print()
+        run_jobs(paths, work, args.repeat)
+
+
+# -- batch jobs over HTTP ------------------------------------------------------------------
+def _serve(bundle: Path, work: Path, nice: int) -> tuple[subprocess.Popen[bytes], str, int]:
+    """A ``manymodels serve`` taking batch jobs under ``work`` (its runners at ``nice``)."""
+    import httpx
+    from conftest import free_port
+
+    port = free_port()
+    state = work / f"state-nice{nice}"
+    shutil.rmtree(state, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", str(port),
+         "--batch-root", str(work), "--state-dir", str(state), "--pin-fallbacks"],
+        env={**__import__("os").environ, "MANYMODELS_BATCH__NICE": str(nice)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ping", timeout=1).status_code == 200:
+                return proc, url, port
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("manymodels serve did not start")
+
+
+def _job(url: str, source: Path, out: Path) -> tuple[float, dict[str, Any]]:
+    """Submit a job and wait for it through the API: seconds from POST to the end seen."""
+    import httpx
+
+    shutil.rmtree(out, ignore_errors=True)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        start = time.perf_counter()
+        job = client.post("/batch/jobs", json={"input": str(source), "output": str(out)}).json()
+        while job["state"] in ("queued", "running"):
+            job = client.get(f"/batch/jobs/{job['id']}", params={"wait": 60}).json()
+        seconds = time.perf_counter() - start
+    if job["state"] != "succeeded":
+        raise SystemExit(f"job {job['id']} {job['state']}: {job['reason']}")
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, job
+
+
+def _online(port: int, n: int, work: Path) -> dict[str, float]:
+    """``n`` single-row ``/score`` requests at concurrency 4 (benchmarks/serve.py's load
+    client, in its own process): p50, p99 and requests/s."""
+    bodies = work / "bodies.txt"
+    rng = np.random.default_rng(1)
+    brands = ["dominicks", "minute.maid", "tropicana"]
+    bodies.write_text("\n".join(json.dumps({"data": [{
+        "store": int(rng.integers(1, N_STORES + 1)), "brand": brands[i % 3],
+        "price": float(rng.uniform(1, 4)), "feat": float(i % 2)}]}) for i in range(512)))
+    result = work / "online.json"
+    subprocess.run([sys.executable, str(HERE / "serve.py"), "client", "--port", str(port),
+                    "--path", "/score", "--bodies", str(bodies), "--n", str(n), "--c", "4",
+                    "--out", str(result)], check=True, cwd=ROOT)
+    got = json.loads(result.read_text())
+    lat = np.array(got["latencies"]) * 1e3
+    bad = sum(1 for s in got["statuses"] if s != 200)
+    if bad:
+        raise SystemExit(f"{bad} online requests failed")
+    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "rps": n / got["wall"], "wall": got["wall"]}
+
+
+def run_jobs(paths: dict[str, Path], work: Path, repeat: int) -> None:
+    """The batch-job rows (see the module docstring)."""
+    import threading
+
+    size = "10M" if "10M" in paths else "1M"
+    source, bundle = paths[size], paths["bundle"]
+    rows = ROWS_PER_FILE * (10 if size == "10M" else 1)
+    cli = [str(Path(sys.executable).parent / "manymodels"), "batch", str(bundle), str(source),
+           str(work / "out" / "jobs-cli"), "--no-progress"]
+    servers = {nice: _serve(bundle, work, nice) for nice in (10, 0)}
+    try:
+        samples: dict[str, list[float]] = {"manymodels batch": [], "job (nice 10)": [],
+                                           "job (nice 0)": []}
+        for round_ in range(repeat):  # round-robin: drift of the machine hits all alike
+            shutil.rmtree(work / "out" / "jobs-cli", ignore_errors=True)
+            seconds = measure(cli)[0]
+            samples["manymodels batch"].append(seconds)
+            print(f"  {size:>4} manymodels batch   {seconds:7.2f} s", flush=True)
+            for nice, (_, url, _) in servers.items():
+                seconds, job = _job(url, source, work / "out" / f"jobs-{nice}-{round_}")
+                samples[f"job (nice {nice})"].append(seconds)
+                print(f"  {size:>4} job (nice {nice:>2})     {seconds:7.2f} s  (runner: "
+                      f"{job['timings']['seconds']:.2f} s from claim to end)", flush=True)
+        medians = {k: float(np.median(v)) for k, v in samples.items()}
+        _, url, port = servers[10]
+        _online(port, 2_000, work)  # warm: every model of the requests loaded
+        idle = [_online(port, 4_000, work) for _ in range(repeat)]
+        busy = []
+        for round_ in range(repeat):
+            done: dict[str, Any] = {}
+
+            def submit(done: dict[str, Any] = done, out: Path = work / "out" / f"busy-{round_}"
+                       ) -> None:
+                done["seconds"], done["job"] = _job(url, source, out)
+
+            thread = threading.Thread(target=submit)
+            thread.start()
+            time.sleep(1.0)  # the runner has started and scores
+            rate = float(np.median([r["rps"] for r in idle]))
+            n = max(500, int(rate * max(medians["job (nice 10)"] - 2.0, 1.0) * 0.7))
+            busy.append(_online(port, n, work))
+            thread.join()
+            busy[-1]["overlap"] = min(1.0, (done["seconds"] - 1.0) / busy[-1]["wall"])
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    print()
+    print(f"| {size} rows | wall s (median of {repeat}) | M rows/s | vs manymodels batch |")
+    print("|---|---|---|---|")
+    base = medians["manymodels batch"]
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds:.2f} | {rows / seconds / 1e6:.2f} | {base / seconds:.2f}× |")
+    print()
+    print("| online /score, 1 row, concurrency 4 | requests | p50 ms | p99 ms | req/s |")
+    print("|---|---|---|---|---|")
+    for label, runs in (("idle", idle), ("while a job runs", busy)):
+        for r in runs:
+            extra = f" (job running for {r['overlap']:.0%} of the load)" if "overlap" in r else ""
+            print(f"| {label}{extra} | {int(r['rps'] * r['wall'])} | {r['p50']:.2f} | "
+                  f"{r['p99']:.2f} | {r['rps']:,.0f} |")
+    idle99 = float(np.median([r["p99"] for r in idle]))
+    busy99 = float(np.median([r["p99"] for r in busy]))
+    print()
+    for label, value, bar, higher in (
+            ("job (nice 10) throughput / manymodels batch", base / medians["job (nice 10)"], 0.9,
+             True),
+            ("job (nice 0) throughput / manymodels batch", base / medians["job (nice 0)"], 0.9,
+             True),
+            ("online p99 during a job / idle p99", busy99 / idle99, 2.0, False)):
+        ok = value >= bar if higher else value <= bar
+        print(f"{label:<48} {value:5.2f} (bar {'≥' if higher else '≤'} {bar}) "
+              f"{'PASS' if ok else 'FAIL'}")
 
 
 def _median(samples: list[tuple[float, float, str, float]]) -> tuple[float, float, str, float]:
@@ -376,6 +537,8 @@ if __name__ == "__main__":
         runner = run_floor if sys.argv[1] == "_floor" else run_handwritten
         print(json.dumps(runner(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))))
     else:
-        with record("batch-10m" if "--ten-m" in sys.argv else "batch",
-                    "Batch scoring: `benchmarks/batch.py`"):
+        name = "batch-10m" if "--ten-m" in sys.argv else "batch"
+        if "--jobs-only" in sys.argv:
+            name += "-jobs"
+        with record(name, "Batch scoring: `benchmarks/batch.py`"):
             main()

@@ -377,6 +377,8 @@ def errors_markdown() -> str:
               "is complete) |"]
     lines += [f"| `manymodels retrain` | {code} | {_cell(meaning)} |"
               for code, meaning in retrain_outcomes()]
+    lines += [f"| `manymodels jobs wait`, `jobs submit --wait` | {code} | {_cell(meaning)} |"
+              for code, meaning in job_outcomes()]
     lines.append("")
     return "\n".join(lines)
 
@@ -386,6 +388,18 @@ def retrain_outcomes() -> list[tuple[int, str]]:
     from manymodels.retrain import Outcome
 
     return [(outcome.exit_code, f"{outcome.label} (`{outcome.name}`)") for outcome in Outcome]
+
+
+def job_outcomes() -> list[tuple[int, str]]:
+    """The exit codes of a command that waited for a batch job, one per outcome."""
+    from manymodels.client import JOB_EXIT_CODES
+
+    meanings: dict[int, list[str]] = {}
+    for state, code in JOB_EXIT_CODES.items():
+        meanings.setdefault(code, []).append(f"`{state}`")
+    return [(code, "the job is " + " or ".join(states) + (
+        " (still, when `--timeout` ran out)" if code == JOB_EXIT_CODES["running"] else ""))
+        for code, states in sorted(meanings.items())]
 
 
 def _first_sentence(text: str | None) -> str:

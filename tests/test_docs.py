@@ -24,7 +24,7 @@ from manymodels.cli import app as cli_app
 from manymodels.cli import exit_code_for
 from manymodels.serve import ServeSettings, create_app
 from manymodels.serve import errors as serve_errors
-from manymodels.serve.settings import AuthSettings
+from manymodels.serve.settings import AuthSettings, BatchDefaults, BatchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,15 +100,20 @@ def test_cli_reference_lists_every_command_and_option(gen: ModuleType) -> None:
 
 
 def test_settings_reference_lists_every_field_and_variable(gen: ModuleType) -> None:
-    """Check that the settings reference has a row per field of ServeSettings and
-    AuthSettings, with its environment variable and its docstring."""
+    """Check that the settings reference has a row per field of ServeSettings and its
+    sections (AuthSettings, BatchSettings and its defaults), with its environment variable
+    and its docstring."""
     page = gen.settings_markdown()
     expected = [(name, f"MANYMODELS_{name.upper()}") for name in ServeSettings.model_fields
-                if name not in ("auth", "rollout")]
+                if name not in ("auth", "rollout", "batch")]
     expected += [("rollout.poll_seconds", "MANYMODELS_ROLLOUT__POLL_SECONDS"),
                  ("rollout.mirror.min_requests", "MANYMODELS_ROLLOUT__MIRROR__MIN_REQUESTS")]
     expected += [(f"auth.{name}", f"MANYMODELS_AUTH__{name.upper()}")
                  for name in AuthSettings.model_fields]
+    expected += [(f"batch.{name}", f"MANYMODELS_BATCH__{name.upper()}")
+                 for name in BatchSettings.model_fields if name != "defaults"]
+    expected += [(f"batch.defaults.{name}", f"MANYMODELS_BATCH__DEFAULTS__{name.upper()}")
+                 for name in BatchDefaults.model_fields]
     assert len(expected) > 35
     rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
     for field, variable in expected:

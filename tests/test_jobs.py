@@ -201,8 +201,8 @@ def test_kill_9_mid_job_then_restart_resumes_exactly_once(bundle: tuple[Path, pd
             "input": str(data / "in"), "output": str(data / "out"),
             "mini_batch_size": 1_000}).json()
         _wait_for(server, job["id"], lambda j: j["progress"].get("parts_done", 0) >= 3)
-        runners = [p for p in psutil.process_iter(["cmdline"])
-                   if job["id"] in " ".join(p.info["cmdline"] or [])]
+        runners = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                   if "manymodels.batch.jobrunner" in " ".join(p.cmdline())]
         assert runners, "the job should run in its own process"
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
@@ -337,20 +337,27 @@ def test_credentials_scopes_and_roots(api: tuple[Server, Path], tmp_path: Path) 
     assert server.call("GET", "/batch/jobs?state=done").status_code == 422
 
 
-def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path]) -> None:
+def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path],
+                                                  bundle: tuple[Path, pd.DataFrame]) -> None:
     """Check that a second job may not write where an active job writes (409) until it
     has ended, and that list filters by state and pages with a cursor."""
     server, data = api
-    body = {"input": str(data / "in"), "output": str(data / "out-busy"), "mini_batch_size": 1000}
+    _write_input(bundle[1], data / "in-long" / "rows.parquet", 20_000, 12, 500)
+    body = {"input": str(data / "in-long"), "output": str(data / "out-busy"),
+            "mini_batch_size": 500}
     first = server.call("POST", "/batch/jobs", json=body)
     assert first.status_code == 202
     for output in ("out-busy", "out-busy/inner"):
         clash = server.call("POST", "/batch/jobs", json={**body, "output": str(data / output)})
-        assert clash.status_code == 409 and first.json()["id"] in clash.json()["detail"]
+        assert clash.status_code == 409 and first.json()["id"] in clash.json()["detail"], (
+            clash.text, server.call("GET", f"/batch/jobs/{first.json()['id']}").text)
     client = server.client()
-    active = client.jobs(state="running")["jobs"] + client.jobs(state="queued")["jobs"]
-    assert first.json()["id"] in {j["id"] for j in active}
-    assert client.wait_job(first.json()["id"], timeout=120)["state"] == "succeeded"
+    running = {j["id"] for state in ("queued", "running")
+               for j in client.jobs(state=state, limit=500)["jobs"]}
+    client.cancel_job(first.json()["id"])
+    assert client.wait_job(first.json()["id"], timeout=120)["state"] == "canceled"
+    canceled = {j["id"] for j in client.jobs(state="canceled", limit=500)["jobs"]}
+    assert first.json()["id"] in running and first.json()["id"] in canceled
     assert server.call("POST", "/batch/jobs", json=body).status_code == 202  # free again
     page = client.jobs(limit=1)
     assert len(page["jobs"]) == 1 and page["next"] is not None

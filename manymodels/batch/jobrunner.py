@@ -7,6 +7,10 @@ job's record from the endpoint's job store (:mod:`manymodels.jobstore`), runs
 same transaction log and ``rejected/`` — with the job's options, records progress after
 every commit and the outcome at the end, and exits.
 
+The endpoint keeps one runner started ahead (``--warm``): it has paid for its imports
+and waits on its standard input for the next job (one JSON line naming the job and its
+log file), so a job starts scoring without an interpreter's start-up.
+
 It dies with the server that started it (``PR_SET_PDEATHSIG``): a server killed mid-job
 leaves the job ``running`` under a dead owner, and the restarted server queues it again;
 the new run resumes from the committed parts. ``SIGTERM`` (a cancel) stops the run at
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -140,24 +145,51 @@ def run_job(store: JobStore, job: Job, owner: str, stop: threading.Event) -> str
     return "succeeded"
 
 
+def _await_job() -> str | None:
+    """(Warm runner) the next job's id from standard input, with our output sent to its
+    log; ``None`` when the server closes the pipe instead."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    order = json.loads(line)
+    log_fd = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return str(order["job"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manymodels.batch.jobrunner")
     parser.add_argument("--db", required=True, help="the endpoint's job store (SQLite)")
-    parser.add_argument("--job", required=True, help="the job's id")
+    parser.add_argument("--job", help="the job's id (else --warm: read from standard input)")
+    parser.add_argument("--warm", action="store_true",
+                        help="wait for the job on standard input, imports done")
     parser.add_argument("--owner", required=True, help="the server's owner id in the store")
     parser.add_argument("--parent", type=int, default=0, help="the server's process id")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
     if args.nice:
         os.nice(args.nice)
     reuse_freed_memory()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    job_id = args.job
+    if args.warm:
+        import onnxruntime  # noqa: F401 - what the first mini-batch would import
+        import pyarrow.parquet  # noqa: F401
+
+        job_id = _await_job()
+        if job_id is None:
+            return 0
+    if job_id is None:
+        parser.error("give --job or --warm")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
     store = JobStore(args.db)
-    job = store.get(args.job)
+    job = store.get(job_id)
     if job.state != "running" or job.owner != args.owner:
         log.warning("job %s is %s (owner %s), not ours to run", job.id, job.state, job.owner)
         return 1

@@ -176,6 +176,7 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_beat = 0.0
+        self._warm: subprocess.Popen[bytes] | None = None
 
     @property
     def store(self) -> JobStore:
@@ -292,7 +293,7 @@ class JobManager:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for proc in self._procs.values():
+        for proc in [*self._procs.values(), *([self._warm] if self._warm else [])]:
             _kill(proc)
 
     def _loop(self) -> None:
@@ -336,25 +337,53 @@ class JobManager:
             if resumed:
                 log.warning("batch jobs %s of a server that stopped are queued again",
                             ", ".join(resumed))
-        if self._stop.is_set() or not self.store.any_queued():
+        if self._stop.is_set():
             return
-        for job in self.store.claim(self.owner, self.cap):
-            self._spawn(job)
+        if self.store.any_queued():
+            for job in self.store.claim(self.owner, self.cap):
+                self._spawn(job)
+        if batch.warm_runner and (self._warm is None or self._warm.poll() is not None):
+            self._warm = self._start([])  # the next job's runner, imports paid ahead
+
+    def _start(self, job_args: list[str], log_file: Path | None = None
+               ) -> subprocess.Popen[bytes] | None:
+        """A runner process: for one job (``--job ID``, output to ``log_file``), or warm
+        (waiting on its standard input for the next job)."""
+        command = [sys.executable, "-m", RUNNER_MODULE, "--db", str(self.store.path),
+                   *(job_args or ["--warm"]), "--owner", self.owner,
+                   "--parent", str(os.getpid()), "--nice", str(self.settings.batch.nice)]
+        try:
+            if log_file is None:
+                return subprocess.Popen(command, stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+            with open(log_file, "ab") as sink:
+                return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.warning("batch jobs: cannot start a runner: %s", exc)
+            return None
 
     def _spawn(self, job: Job) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", RUNNER_MODULE, "--db", str(self.store.path),
-                   "--job", job.id, "--owner", self.owner, "--parent", str(os.getpid()),
-                   "--nice", str(self.settings.batch.nice)]
-        try:
-            with open(self.logs / f"{job.id}.log", "ab") as sink:
-                self._procs[job.id] = subprocess.Popen(
-                    command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True)
-        except OSError as exc:
-            self.store.finish(job.id, "failed", f"could not start the job's runner: {exc}",
-                              owner=self.owner)
+        log_file = self.logs / f"{job.id}.log"
+        warm, self._warm = self._warm, None
+        proc = None
+        if warm is not None and warm.poll() is None and warm.stdin is not None:
+            try:
+                warm.stdin.write(json.dumps({"job": job.id, "log": str(log_file)}).encode()
+                                 + b"\n")
+                warm.stdin.close()
+                proc = warm
+            except OSError:  # it died meanwhile: start one for this job
+                _kill(warm)
+        if proc is None:
+            proc = self._start(["--job", job.id], log_file)
+        if proc is None:
+            self.store.finish(job.id, "failed", "could not start the job's runner; see the "
+                              "server log", owner=self.owner)
             return
+        self._procs[job.id] = proc
         log.info("batch job %s started (attempt %d, %d worker(s))", job.id, job.attempts,
                  job.workers)
 

@@ -105,6 +105,9 @@ class BatchSettings(BaseModel):
     lease_seconds: float = Field(default=30.0, gt=0)
     """A running job whose server has not been heard from for this long (another host
     sharing the store) is queued again."""
+    warm_runner: bool = True
+    """Keep one runner process started ahead, its imports done, so the next job starts
+    scoring at once (it costs the memory of one idle process)."""
     cancel_grace_seconds: float = Field(default=20.0, gt=0)
     """A canceled job's runner that has not stopped within this time is killed (its
     uncommitted files are deleted by a clean-up run)."""
