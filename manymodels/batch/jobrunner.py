@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(args.parent)
     if args.nice:
         os.nice(args.nice)
+        try:  # Linux: a CPU-bound process the scheduler never prefers on wake-up
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
     reuse_freed_memory()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -101,7 +101,8 @@ class BatchSettings(BaseModel):
     use); a job waits in the queue until its workers fit."""
     nice: int = Field(default=10, ge=0, le=19)
     """How much lower than the server's the jobs' CPU priority is, so online requests
-    go first when both want the cores."""
+    go first when both want the cores (above 0 the runners are also ``SCHED_BATCH`` on
+    Linux: never preferred on wake-up); 0 runs them like the server."""
     lease_seconds: float = Field(default=30.0, gt=0)
     """A running job whose server has not been heard from for this long (another host
     sharing the store) is queued again."""
