@@ -225,7 +225,9 @@ class JobStore:
     def submit(self, job: Job) -> tuple[Job, bool]:
         """Insert ``job`` (queued); ``(job, True)``. The same caller's same idempotency
         key returns the job it made first, ``(that job, False)``; with another request
-        it is a :class:`JobConflict`, as is an output another active job reads or writes."""
+        it is a :class:`JobConflict`, as is an input or output another active job reads
+        or writes, and an earlier job's output unless the same input goes to the same
+        output again (which resumes its work)."""
         with self._write() as db:
             if job.idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE caller = ? AND idempotency_key = ?",
@@ -237,12 +239,21 @@ class JobStore:
                             f"Idempotency-Key '{job.idempotency_key}' was used for job "
                             f"{earlier.id} with another request; use a new key for a new job")
                     return earlier, False
-            for row in db.execute("SELECT id, input, output FROM jobs WHERE state IN "
-                                  "('queued', 'running')"):
-                if _overlaps(row["output"], job.output) or _overlaps(row["input"], job.output):
+            for row in db.execute("SELECT id, state, input, output FROM jobs"):
+                active = row["state"] in ACTIVE_STATES
+                if active and (_overlaps(row["output"], job.output)
+                               or _overlaps(row["input"], job.output)
+                               or _overlaps(row["output"], job.input)):
                     raise JobConflict(
-                        f"output {job.output} is in use by active job {row['id']} (its input "
-                        f"or output); wait for it to end or choose another output")
+                        f"active job {row['id']} reads or writes {row['output']} (input "
+                        f"{row['input']}), which overlaps this job's input or output; wait "
+                        f"for it to end or choose another output")
+                if not active and _overlaps(row["output"], job.output) and (
+                        row["output"] != job.output or row["input"] != job.input):
+                    raise JobConflict(
+                        f"output {job.output} overlaps {row['output']}, the output of job "
+                        f"{row['id']} (input {row['input']}); choose another output, or "
+                        f"submit the same input to the same output to resume that job's work")
             db.execute(
                 "INSERT INTO jobs (id, state, deployment, bundle, bundle_sha256, input, output, "
                 "options, workers, caller, idempotency_key, request_hash, created) "

@@ -339,8 +339,9 @@ def test_credentials_scopes_and_roots(api: tuple[Server, Path], tmp_path: Path) 
 
 def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path],
                                                   bundle: tuple[Path, pd.DataFrame]) -> None:
-    """Check that a second job may not write where an active job writes (409) until it
-    has ended, and that list filters by state and pages with a cursor."""
+    """Check that a second job may not write where an active job writes (409), nor over
+    an ended job's output with another input (the same input resumes), and that list
+    filters by state and pages with a cursor."""
     server, data = api
     _write_input(bundle[1], data / "in-long" / "rows.parquet", 20_000, 12, 500)
     body = {"input": str(data / "in-long"), "output": str(data / "out-busy"),
@@ -358,7 +359,11 @@ def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path],
     assert client.wait_job(first.json()["id"], timeout=120)["state"] == "canceled"
     canceled = {j["id"] for j in client.jobs(state="canceled", limit=500)["jobs"]}
     assert first.json()["id"] in running and first.json()["id"] in canceled
-    assert server.call("POST", "/batch/jobs", json=body).status_code == 202  # free again
+    other = server.call("POST", "/batch/jobs", json={**body, "input": str(data / "in")})
+    assert other.status_code == 409 and "resume" in other.json()["detail"]  # not over it
+    resumed = server.call("POST", "/batch/jobs", json=body)  # the same work: it resumes
+    assert resumed.status_code == 202
+    client.cancel_job(resumed.json()["id"])
     page = client.jobs(limit=1)
     assert len(page["jobs"]) == 1 and page["next"] is not None
     older = client.jobs(limit=1, before=page["next"])["jobs"]
