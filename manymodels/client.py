@@ -5,7 +5,10 @@ so a request must carry one key. :meth:`Client.score` therefore splits rows of m
 segments by segment key, sends one ``POST /segments/score`` per key concurrently (the key
 in the ``x-manymodels-key`` header) and puts the answers back in row order: the reply
 is the one a single server's ``POST /score`` gives for the same rows.
-:meth:`Client.score_model` sends rows to ``POST /models/{name}/score``.
+:meth:`Client.score_model` sends rows to ``POST /models/{name}/score``. Both forms are
+the ones ``manymodels fleet``'s proxies canonicalise to one key per model (the segment
+key's pairs, the model name without its target), so a segment's own model is loaded on
+one replica whichever method reaches it.
 
 Batch jobs (``/batch/jobs``, scope ``batch``): :meth:`Client.submit_job` starts one
 (with an ``Idempotency-Key`` so a retried submission makes one job),

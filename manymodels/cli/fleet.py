@@ -38,11 +38,13 @@ def config(
 def up(
     bundle: Annotated[str, typer.Argument(help="Bundle directory, models:/ URI or s3:// URL")],
     replicas: Annotated[int, typer.Option(help="Number of replicas")] = 3,
-    listen: Annotated[str, typer.Option(help="Where nginx listens")] = "127.0.0.1:8080",
+    listen: Annotated[str, typer.Option(help="Where the proxy listens")] = "127.0.0.1:8080",
     max_memory_mb: Annotated[float | None, typer.Option(
         help="Model cache budget per replica, MB")] = None,
+    proxy: Annotated[str, typer.Option(help="nginx or haproxy")] = "nginx",
 ) -> None:
-    """Start replicas and nginx on this machine, until Ctrl-C (for trying a fleet)."""
+    """Start replicas and a proxy on this machine, until Ctrl-C (for trying a fleet); a
+    replica that exits is started again (with backoff) while the others serve."""
     from manymodels.errors import SpecError
     from manymodels.fleet import LocalFleet
 
@@ -50,14 +52,19 @@ def up(
         raise SpecError(f"--replicas must be at least 1, got {replicas}")
     args = ["--max-memory-mb", f"{max_memory_mb:g}"] if max_memory_mb else []
     console = Console(stderr=True)
-    with LocalFleet(bundle, replicas, listen, args) as fleet:
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    with LocalFleet(bundle, replicas, listen, args, proxy_name=proxy, say=say) as fleet:
         members = ", ".join(r.url for r in fleet.members)
-        console.print(f"fleet of {replicas} on [bold]{fleet.url}[/] (nginx) over {members}; "
-                      f"Ctrl-C stops it", highlight=False, soft_wrap=True)
+        say(f"fleet of {replicas} on [bold]{fleet.url}[/] ({proxy}) over {members}; "
+            f"Ctrl-C stops it")
         try:
-            while all(r.process.poll() is None for r in fleet.members):
+            while fleet.proxy is not None and fleet.proxy.poll() is None:
                 time.sleep(0.5)
-            console.print("[red]a replica exited[/]; stopping the fleet", highlight=False)
+            raise SpecError(f"{proxy} exited with code {fleet.proxy.returncode if fleet.proxy else '?'}; "
+                            f"the fleet stopped")
         except KeyboardInterrupt:
             pass
 
