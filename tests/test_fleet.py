@@ -1,15 +1,23 @@
 """Tests of a fleet: three real ``manymodels serve`` replicas behind real nginx on loopback.
 
 Real parts only: a bundle of 300 ONNX segment models, replicas started by
-:class:`manymodels.fleet.LocalFleet` (the code behind ``manymodels fleet up``), nginx from
-Debian's package routing by ``hash ... consistent``, a replica killed with SIGKILL.
+:class:`manymodels.fleet.LocalFleet` (the code behind ``manymodels fleet up``), nginx and
+HAProxy from Debian's packages routing by consistent hashing of one key per model, and
+``manymodels fleet up`` itself with a replica killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,9 +28,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from builders import NUMERIC, build_bundle
+from test_serve import free_port
 
 from manymodels.client import Client, EndpointError
-from manymodels.fleet import LocalFleet, nginx_config
+from manymodels.fleet import LocalFleet, haproxy_config, nginx_config
 from manymodels.keys import KEY_HEADER, format_segment_key, parse_segment_key
 from manymodels.serve.registry import ModelRegistry
 
@@ -41,6 +50,13 @@ def fleet(bundle: tuple[Path, pd.DataFrame]) -> Iterator[LocalFleet]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def haproxy_fleet(bundle: tuple[Path, pd.DataFrame]) -> Iterator[LocalFleet]:
+    with LocalFleet(str(bundle[0]), replicas=3, listen="127.0.0.1:0",
+                    proxy_name="haproxy") as running:
+        yield running
+
+
 def _stats(url: str) -> dict[str, Any]:
     reply = httpx.get(url + "/stats", params={"by_model": "true"}, timeout=30)
     reply.raise_for_status()
@@ -55,36 +71,87 @@ def _segment_models(root: Path) -> list[str]:
         registry.close()
 
 
-def _score_all(client: Client, names: list[str], rows: pd.DataFrame) -> None:
-    frame = rows[NUMERIC].head(2)
-    with ThreadPoolExecutor(4) as pool:
-        for reply in pool.map(lambda n: client.score_model(n, frame), names):
-            assert len(reply["predictions"]) == 2
+#: The four ways to reach a segment's own model through a fleet's proxy.
+ROUTES = ("header", "query", "query-encoded", "model")
 
 
-def test_keys_stay_on_one_replica_and_only_a_dead_replicas_keys_move(
-        fleet: LocalFleet, bundle: tuple[Path, pd.DataFrame]) -> None:
-    """Check that after requests for 300 models through nginx each model was loaded on
-    exactly one replica, that the caches add up to what one replica holding all needs,
-    and that killing a replica reloads only its models, each on one survivor."""
+def _send(http: httpx.Client, route: str, name: str, key: dict[str, Any],
+          data: dict[str, list[Any]]) -> httpx.Response:
+    """One request for model ``name`` (segment ``key``) by ``route``."""
+    text = format_segment_key(key)
+    body = {"data": data}
+    if route == "header":
+        return http.post("/segments/score", json=body, headers={KEY_HEADER: text})
+    if route == "query":  # the key as it is: ',' and '=' are fine in a query
+        return http.post(f"/segments/score?key={text}", json=body)
+    if route == "query-encoded":  # the key percent-encoded as a whole
+        return http.post(f"/segments/score?key={urllib.parse.quote(text, safe='')}",
+                         json=body)
+    return http.post(f"/models/{urllib.parse.quote(name, safe='')}/score", json=body)
+
+
+def _key_of(name: str) -> dict[str, Any]:
+    """``quantity__store=42__brand=b`` -> ``{"store": 42, "brand": "b"}``."""
+    pairs = dict(part.split("=") for part in name.split("__")[1:])
+    return {"store": int(pairs["store"]), "brand": pairs["brand"]}
+
+
+def _mixed_traffic(url: str, names: list[str], rows: pd.DataFrame, shift: int = 0,
+                   workers: int = 4) -> list[str]:
+    """Two rows for every model, model ``i`` by route ``ROUTES[(i + shift) % 4]``;
+    returns what failed (status and route), empty when everything answered 200."""
+    data = {c: rows[c].head(2).tolist() for c in NUMERIC}
+    failed: list[str] = []
+
+    def one(item: tuple[int, str]) -> None:
+        i, name = item
+        route = ROUTES[(i + shift) % len(ROUTES)]
+        try:
+            reply = _send(http, route, name, _key_of(name), data)
+        except httpx.HTTPError as exc:
+            failed.append(f"{name} by {route}: {exc!r}")
+            return
+        if reply.status_code != 200 or len(reply.json()["predictions"]) != 2:
+            failed.append(f"{name} by {route}: {reply.status_code} {reply.text[:200]}")
+
+    with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, enumerate(names)))
+    return failed
+
+
+def _owners(urls: list[str], names: list[str]) -> dict[str, list[int]]:
+    """Per model, the replicas (indexes) that loaded it, once per load."""
+    loads = [_stats(u)["loads_by_model"] for u in urls]
+    return {n: [k for k, counts in enumerate(loads) for _ in range(counts.get(n, 0))]
+            for n in names}
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
+def test_mixed_routes_load_each_model_on_exactly_one_replica(
+        proxy: str, request: pytest.FixtureRequest, bundle: tuple[Path, pd.DataFrame]
+        ) -> None:
+    """Check that after requests for 300 models through the proxy, each model reached by
+    segment key in the header, by raw and by percent-encoded ?key= and by
+    /models/{name}/score (every model by two of the routes), each model was loaded
+    exactly once, on one replica, and the keys spread over the replicas."""
+    running: LocalFleet = request.getfixturevalue("fleet" if proxy == "nginx"
+                                                  else "haproxy_fleet")
     root, rows = bundle
     names = _segment_models(root)
     assert len(names) == 3 * N_STORES
-    base = [_stats(r.url) for r in fleet.members]
-    with Client(fleet.url) as client:
-        _score_all(client, names, rows)
-        _score_all(client, names, rows)  # a second pass loads nothing anywhere
-    after = [_stats(r.url) for r in fleet.members]
-    owner: dict[str, int] = {}
-    for index, stats in enumerate(after):
-        for name, count in stats["loads_by_model"].items():
-            if name in names:
-                assert count == 1, f"{name} loaded {count} times on replica {index}"
-                assert name not in owner, f"{name} loaded on replicas {owner[name]} and {index}"
-                owner[name] = index
-    assert set(owner) == set(names)
-    shares = [sum(1 for i in owner.values() if i == k) for k in range(3)]
+    urls = [r.url for r in running.members]
+    base = [_stats(u) for u in urls]
+    for shift in (0, 3):  # every model by two of the four routes
+        assert _mixed_traffic(running.url, names, rows, shift) == []
+    owners = _owners(urls, names)
+    split = {n: o for n, o in owners.items() if len(o) != 1}
+    assert not split, f"{len(split)} models not loaded exactly once: {list(split.items())[:5]}"
+    shares = [sum(1 for o in owners.values() if o == [k]) for k in range(3)]
     assert min(shares) >= 30, shares  # consistent hashing spreads the keys
+    after = [_stats(u) for u in urls]
+    print(f"\n{proxy}: keys per replica {shares}")
+    if proxy != "nginx":
+        return  # the memory figure is the proxy's no more than the keys are
     # memory: the fleet holds each model once (+ the pinned global fallback per replica)
     single = ModelRegistry(root)
     try:
@@ -95,22 +162,156 @@ def test_keys_stay_on_one_replica_and_only_a_dead_replicas_keys_move(
     finally:
         single.close()
     fleet_bytes = sum(s["bytes"] for s in after)
-    print(f"\nkeys per replica {shares}; cache bytes fleet {fleet_bytes:,} vs one replica "
-          f"{one_replica:,} ({fleet_bytes / one_replica:.3f}x); base RSS per replica "
-          f"{[round(s['rss'] / 2**20) for s in base]} MB, grown by "
-          f"{[round((a['rss'] - b['rss']) / 2**20) for a, b in zip(after, base, strict=True)]} MB")
+    print(f"cache bytes fleet {fleet_bytes:,} vs one replica {one_replica:,} "
+          f"({fleet_bytes / one_replica:.3f}x); base RSS per replica "
+          f"{[round(s['rss'] / 2**20) for s in base]} MB")
     assert one_replica <= fleet_bytes <= 1.15 * one_replica
-    # a replica dies: only its keys move, the survivors keep what they loaded
-    fleet.kill(0)
-    with Client(fleet.url) as client:
-        _score_all(client, names, rows)
-    survivors = {k: _stats(fleet.members[k].url)["loads_by_model"] for k in (1, 2)}
-    for name in names:
-        counts = [survivors[k].get(name, 0) for k in (1, 2)]
-        if owner[name] == 0:
-            assert sorted(counts) == [0, 1], f"{name} of the dead replica: loads {counts}"
-        else:
-            assert survivors[owner[name]][name] == 1 and sum(counts) == 1, (name, counts)
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
+def test_bodies_up_to_the_server_limit_pass_the_proxy(
+        proxy: str, request: pytest.FixtureRequest, bundle: tuple[Path, pd.DataFrame]
+        ) -> None:
+    """Check that 200-row bodies (tens of KB: nginx writes them to a temporary file) pass
+    the proxy on every route, also when the fleet was started as root (nginx's worker
+    then runs unprivileged and must own its temporary folders)."""
+    running: LocalFleet = request.getfixturevalue("fleet" if proxy == "nginx"
+                                                  else "haproxy_fleet")
+    _, rows = bundle
+    name = _segment_models(bundle[0])[7]
+    key = _key_of(name)
+    mine = rows[(rows["store"] == key["store"]) & (rows["brand"] == key["brand"])]
+    note = [f"order {i:06d} " + "x" * 90 for i in range(200)]  # a column no model takes
+    data = {**{c: np.resize(mine[c].to_numpy(), 200).tolist() for c in NUMERIC}, "note": note}
+    few = rows[rows["store"] <= 2]  # six segments: a few models, loaded in no time
+    mixed = few.sample(200, replace=True, random_state=3).drop(columns=["quantity"])
+    body = {"data": {**{c: mixed[c].tolist() for c in mixed.columns}, "note": note}}
+    # over nginx's in-memory body buffer (8 or 16 KB): written to a temporary file
+    assert len(json.dumps(body)) > 16 * 1024 and len(json.dumps({"data": data})) > 16 * 1024
+    if os.geteuid() == 0 and proxy == "nginx":
+        assert running.runtime_dir is not None
+        assert "\nuser nobody" in (running.runtime_dir / "nginx.conf").read_text()
+    with httpx.Client(base_url=running.url, timeout=60) as http:
+        answers = [_send(http, route, name, key, data) for route in ROUTES]
+        answers.append(http.post("/score", json=body))
+    for route, reply in zip([*ROUTES, "/score"], answers, strict=True):
+        assert reply.status_code == 200, (route, reply.status_code, reply.text[:300])
+        assert len(reply.json()["predictions"]) == 200, route
+    first = answers[0].json()["predictions"]
+    for reply in answers[1:len(ROUTES)]:
+        np.testing.assert_allclose(reply.json()["predictions"], first, rtol=1e-6)
+
+
+def _cli_fleet(bundle: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "manymodels", "fleet", "up", str(bundle),
+                             "--replicas", "3", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
+        bundle: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    """Check under `manymodels fleet up` that kill -9 of one replica loses no request
+    (the proxy retries it on the next replica of the ring), moves only that replica's
+    models (the survivors load nothing they had), and that the replica is started again
+    and serves, the fleet never stopping."""
+    root, rows = bundle
+    names = _segment_models(root)[::5]  # 60 models: enough to see whose keys move
+    port = free_port()
+    up = _cli_fleet(root, port)
+    err = _Lines(up)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert up.poll() is None, "".join(err.lines)
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "fleet up did not answer"
+            time.sleep(0.2)
+        members = sorted(set(re.findall(r"http://127\.0\.0\.1:\d+", err.wait_for("Ctrl-C"))) -
+                         {url})
+        assert len(members) == 3, members
+        assert _mixed_traffic(url, names, rows) == []
+        owners = {n: o[0] for n, o in _owners(members, names).items()}
+        victim = 0
+        pid = _stats(members[victim])["pid"]
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            shift = 0
+            while not stop.is_set():
+                failures.extend(_mixed_traffic(url, names, rows, shift, workers=2))
+                shift += 1
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        restarted = err.wait_for("started again")
+        assert "exited with code -9" in restarted, restarted
+        deadline = time.monotonic() + 120
+        while True:  # the same address answers again, from a new process
+            try:
+                again = _stats(members[victim])
+                if again["pid"] != pid:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the replica was not started again"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        sender.join(timeout=120)
+        assert failures == [], failures[:5]
+        survivors = {k: _stats(members[k])["loads_by_model"] for k in range(3) if k != victim}
+        moved = [n for n, o in owners.items() if o == victim
+                 and any(s.get(n) for s in survivors.values())]
+        assert moved, "no request met the dead replica's keys while it was down"
+        for name, owner in owners.items():
+            if owner != victim:  # a survivor's models stayed where they were, loaded once
+                assert survivors[owner].get(name) == 1, (name, owner)
+                assert all(survivors[k].get(name, 0) == 0 for k in survivors if k != owner)
+            else:  # the dead replica's models: loaded on one survivor at most
+                assert sum(s.get(name, 0) for s in survivors.values()) <= 1, name
+        assert _mixed_traffic(url, names, rows) == []  # and the fleet serves on
+        assert up.poll() is None
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+    time.sleep(0.5)
+    assert "Traceback" not in "".join(err.lines), "".join(err.lines)
+
+
+class _Lines:
+    """The lines a process writes to stderr, read by a thread as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        """Everything written up to the first line holding ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, line in enumerate(list(self.lines)):
+                if text in line:
+                    return "".join(self.lines[:i + 1])
+            time.sleep(0.1)
+        raise AssertionError(f"never printed {text!r}: {''.join(self.lines)}")
 
 
 def test_client_split_by_key_equals_one_server(fleet: LocalFleet,
@@ -179,3 +380,21 @@ def test_fleet_config_nginx_is_valid(tmp_path: Path) -> None:
     checked = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(tmp_path)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_fleet_config_haproxy_is_valid(tmp_path: Path) -> None:
+    """Check that `manymodels fleet config haproxy` prints a configuration HAProxy accepts
+    that reads the key header whole (req.fhdr, not req.hdr) and decodes ?key= and paths."""
+    printed = subprocess.run([sys.executable, "-m", "manymodels", "fleet", "config", "haproxy",
+                              "--replicas", "127.0.0.1:8001,127.0.0.1:8002"],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == haproxy_config(["127.0.0.1:8001", "127.0.0.1:8002"])
+    assert "req.fhdr(x-manymodels-key),url_dec" in printed.stdout
+    assert "req.hdr(" not in printed.stdout
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(printed.stdout)
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    checked = subprocess.run([haproxy, "-c", "-f", str(conf)], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
