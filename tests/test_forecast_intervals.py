@@ -249,3 +249,28 @@ def test_conformal_quantile_and_steps_short_of_scores() -> None:
     pooled = conformal_quantile(grid[np.isfinite(grid)], 95)  # from every step
     assert q[1, 1] == max(pooled, q[0, 1]) and q[1, 0] == conformal_quantile(grid[:, 0], 95)
     assert (q[1] >= q[0]).all()
+
+
+def test_reconciled_levels_get_bands_calibrated_on_reconciled_backtests(tmp_path: Path
+                                                                         ) -> None:
+    """Check that with MinT reconciliation every level's forecast has ordered, finite
+    bands around the reconciled value, calibrated on reconciled backtest forecasts."""
+    from test_forecast_reconcile import SEGMENTER as LEVELLED
+    from test_forecast_reconcile import _frame, _trainer
+
+    run = manymodels.train(_frame(), LEVELLED, _trainer("mint_shrink"), out=tmp_path,
+                           run_id="levels", jobs=1, track=False).run_dir
+    opened = Bundle(run)
+    table = opened.forecast(4)
+    assert (table["store"] == "*").any()  # the aggregates are forecast too
+    assert np.isfinite(table[BANDS].to_numpy()).all()
+    assert ((table["lo_95"] <= table["lo_80"]) & (table["lo_80"] <= table["forecast"])
+            & (table["forecast"] <= table["hi_80"]) & (table["hi_80"] <= table["hi_95"])).all()
+    section = opened.manifest.raw["forecast"]
+    assert section["intervals"]["method"].endswith("on reconciled forecasts")
+    total = table[(table["region"] == "*") & (table["store"] == "*")]
+    i = [tuple(k) for k in section["series"]["keys"]].index(tuple(total.iloc[0][
+        ["region", "store", "brand"]]))
+    half = section["series"]["interval_scale"][i] * np.asarray(
+        section["intervals"]["quantiles"]["95"][:4])
+    np.testing.assert_allclose(total["hi_95"] - total["forecast"], half, rtol=1e-9)

@@ -16,7 +16,7 @@ were picked for being small on those windows and would give bands that are too n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,9 +95,13 @@ def _honest_forecasts(bt: Backtests, errors: np.ndarray, choices: Sequence[Choic
 
 def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
               choices: Sequence[Choice], blend: int, levels: Sequence[int],
-              excluded: Mapping[tuple[str, int | None], str] | None = None
+              excluded: Mapping[tuple[str, int | None], str] | None = None,
+              reconcile: Callable[[np.ndarray], np.ndarray] | None = None
               ) -> tuple[dict[str, Any], list[float]]:
     """The manifest's ``intervals`` section and every series' scale.
+
+    ``reconcile`` maps backtest forecasts (series, windows, h) to their reconciled values
+    when the levels are reconciled: the bands then cover the forecasts that are served.
 
     The section holds the levels, a quantile per level and step (in units of a series'
     scale), the scaled errors each step was calibrated on, and the backtest coverage of
@@ -113,6 +117,9 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         else:
             blocked[series, j] = True
     forecasts = _honest_forecasts(bt, errors, choices, blend, blocked)
+    if reconcile is not None:  # windows where a series has no forecast stay unreconciled
+        reconciled = reconcile(forecasts)
+        forecasts = np.where(np.isfinite(reconciled), reconciled, forecasts)
     residual = np.abs(bt.actual - forecasts)  # NaN where a window or forecast is missing
     scale = np.zeros((n, windows))
     for w in range(windows):
@@ -129,7 +136,8 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     quantiles = _step_quantiles(flat, levels)
     quantiles = np.where(np.isfinite(quantiles), quantiles, 0.0)
     section: dict[str, Any] = {
-        "levels": list(levels), "method": method,
+        "levels": list(levels),
+        "method": method + ("; on reconciled forecasts" if reconcile is not None else ""),
         "quantiles": {str(v): quantiles[j].tolist() for j, v in enumerate(levels)},
         "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(h)],
         "backtest_coverage": _held_out_coverage(scores, residual, scale, levels),

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,15 +182,16 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
-        hierarchy = None
+        hierarchy, reconcile = None, None
         if levels is not None:
-            hierarchy = _reconcile(levels, tr_spec, backtests, choices, report, summary)
+            hierarchy, reconcile = _reconcile(levels, tr_spec, backtests, choices, report,
+                                              summary)
         summary["backtest_metrics"] = metric_summary(
             backtests, choices, list(dict.fromkeys([tr_spec.metric, *TRACKED_METRICS])))
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
         intervals = (calibrate(panel, backtests, errors, cuts, choices, fc.blend, fc.levels,
-                               excluded) if fc.levels else None)
+                               excluded, reconcile) if fc.levels else None)
         if intervals is not None:
             summary["interval_coverage"] = intervals[0]["backtest_coverage"]
         manifest = final.manifest(routes, fallback, summary, environment or {}, intervals)
@@ -462,9 +463,10 @@ class _Final:
 
 def _reconcile(levels: Levels, trainer: TrainerSpec, backtests: Backtests,
                choices: list[Choice], report: pd.DataFrame, summary: dict[str, Any]
-               ) -> dict[str, Any]:
+               ) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray] | None]:
     """Fit the reconciliation map, score each level before and after on the backtests
-    (into ``report`` and ``summary``), and return the manifest's hierarchy section."""
+    (into ``report`` and ``summary``); the manifest's hierarchy section, and the map as a
+    function of backtest forecasts (series, windows, h) for the intervals."""
     method = trainer.forecast.reconcile
     base = chosen_forecasts(backtests, choices)
     P = None if method == "none" else fit_map(levels, method, backtests.actual, base)
@@ -475,10 +477,14 @@ def _reconcile(levels: Levels, trainer: TrainerSpec, backtests: Backtests,
     summary["levels"] = {"reconcile": method,
                          "accuracy": level_accuracy(levels, trainer.metric, backtests, base,
                                                     reconciled)}
-    return {"levels": levels.levels, "reconcile": method,
-            "bottom": levels.bottom.tolist(), "members": [m.tolist() for m in levels.members],
-            # bottom-up keeps the segments' forecasts: no map to store
-            "P": P.tolist() if P is not None and method != "bottom_up" else None}
+    section = {"levels": levels.levels, "reconcile": method,
+               "bottom": levels.bottom.tolist(), "members": [m.tolist() for m in levels.members],
+               # bottom-up keeps the segments' forecasts: no map to store
+               "P": P.tolist() if P is not None and method != "bottom_up" else None}
+    if P is None:
+        return section, None
+    fitted = P
+    return section, lambda forecasts: reconcile_backtests(levels, fitted, forecasts)
 
 
 def _plain_time(value: Any) -> Any:
