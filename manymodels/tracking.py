@@ -92,7 +92,8 @@ def metric_name(text: str) -> str:
 def forecast_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """A forecasting run's metrics: counts, each method's and the chosen routes' mean
     backtest error per metric (``backtest_mase.chosen``, ``backtest_mase.global:ridge``)
-    and how many series chose each method (``chosen.naive``)."""
+    and how many series chose each method (``chosen.naive``); with levels, each level's
+    backtest error before and after reconciliation (``level_mase.region_store.after``)."""
     metrics: dict[str, Any] = {k: summary.get(k) for k in (
         "segments", "trained", "failed", "failed_fraction", "horizon", "season_length",
         "windows", "filled_periods", "seconds")}
@@ -102,6 +103,11 @@ def forecast_metrics(summary: dict[str, Any]) -> dict[str, Any]:
         metrics.update({metric_name(f"backtest_{metric}.{k}"): v for k, v in values.items()})
     metrics.update({metric_name(f"chosen.{k}"): v
                     for k, v in (summary.get("methods_chosen") or {}).items()})
+    metric = summary.get("metric", "error")
+    for a in (summary.get("levels") or {}).get("accuracy") or []:  # coherent levels
+        level = "+".join(a.get("level") or []) or "total"
+        for when in ("before", "after"):
+            metrics[metric_name(f"level_{metric}.{level}.{when}")] = a.get(when)
     return metrics
 
 

@@ -28,6 +28,7 @@ from manymodels.runtime import Bundle
 from manymodels.runtime.reconcile import AGGREGATE
 from manymodels.serve.settings import ServeSettings
 from manymodels.specs import load_trainer
+from manymodels.tracking import forecast_metrics
 from manymodels.training import train
 
 KEYS = ["region", "store", "brand"]
@@ -239,6 +240,11 @@ def test_report_shows_each_level_before_and_after(runs: dict[str, Path]) -> None
     assert table.count("<tr>") == 1 + 4 and "mint_shrink" in html
     after = accuracy["mint_shrink"][()]["after"]
     assert f'data-value="{after}"' in table
+    summary = json.loads((runs["mint_shrink"] / "manifest.json").read_text())["summary"]
+    tracked = forecast_metrics(summary)
+    assert tracked["level_mase.total.after"] == after
+    assert tracked["level_mase.region_store.before"] == \
+        accuracy["mint_shrink"][("region", "store")]["before"]
     up = accuracy["bottom_up"]
     assert up[tuple(KEYS)]["before"] == up[tuple(KEYS)]["after"]
     assert up[()]["before"] != up[()]["after"]
