@@ -178,6 +178,41 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
                             env={**os.environ, "PYTHONWARNINGS": "default"})
 
 
+def test_a_batch_that_scores_no_row_fails_with_the_first_rows_reason(
+        champion: Path, tmp_path: Path) -> None:
+    """Check that `manymodels batch` on a ';' file read with ',' (every row lacks the
+    segment columns) exits with the data error's code and one line naming the rows read
+    and the first row's reason, never with success, and prints no traceback."""
+    sales().head(20).to_csv(tmp_path / "t.csv", sep=";", index=False)
+    done = _cli(["batch", str(champion), "t.csv", "out", "--csv-delimiter", ",",
+                 "--no-progress"], tmp_path)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 3, err
+    assert "read 20 row(s) and scored none of them" in err, err
+    assert "store" in err and "--csv-delimiter" in err and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("mode", ["warn", "refuse"])
+def test_duplicate_segment_time_rows_are_counted_or_refused(mode: str) -> None:
+    """Check that rows repeating a (segment, time) of another row are counted (warn, the
+    default) or stop the run with the count and the first one (refuse)."""
+    from manymodels.errors import DataError
+    from manymodels.prepare import prepare_data
+
+    frame = sales()
+    doubled = pd.concat([frame, frame.iloc[[3, 40]]], ignore_index=True)
+    trainer = {**TRAINER, "duplicates": mode}
+    if mode == "refuse":
+        first = frame.iloc[3]
+        with pytest.raises(DataError, match=rf"^2 row\(s\) repeat a \(segment, date\) of "
+                                            rf"another row, first store={first['store']}, "
+                                            rf"brand={first['brand']}"):
+            prepare_data(doubled, SEGMENTER, trainer)
+    else:
+        assert prepare_data(doubled, SEGMENTER, trainer).duplicate_rows == 2
+        assert prepare_data(frame, SEGMENTER, trainer).duplicate_rows == 0
+
+
 def _big_table(path: Path) -> None:
     """A table whose global model's rows are several MB: joblib would memory-map them."""
     rng = np.random.default_rng(1)
