@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -114,17 +115,32 @@ def _dask_backend(scheduler: str | None, workers: int) -> Iterator[Any]:
             cluster.close()
 
 
-#: Set by the command line (``cli.main``): local workers are forked from one server process
-#: that imported the training stack once, instead of each importing it (see
-#: :func:`_use_fork_server`). Library callers keep loky's own start method, which never
-#: re-imports their ``__main__``.
-SHARED_IMPORTS = {"enabled": False}
+#: Whether local workers are forked from one server process that imported the training
+#: stack once, instead of each importing it (see :func:`_use_fork_server`). ``None``: only
+#: when this process is the command line (:func:`_started_as_manymodels`); library callers
+#: keep loky's own start method, which never re-imports their ``__main__``. The command line
+#: does not set it, so that serving, which never starts workers, never imports joblib.
+SHARED_IMPORTS: dict[str, bool | None] = {"enabled": None}
 
 #: What the fork server imports before forking any worker (the training stack, the command
 #: line, and a quick exit; see that module).
 _PRELOAD = ["manymodels._forkserver"]
 
 _SERVER = {"started": False}
+
+
+def _started_as_manymodels() -> bool:
+    """Whether this process is ``manymodels`` or ``python -m manymodels``.
+
+    Then a forked worker does not run ``__main__`` again: ``python -m`` mains are never
+    re-imported by multiprocessing, and the console script guards its call. A script of a
+    user's that calls ``cli.main`` may not guard it, so it keeps loky's own workers.
+    """
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None:
+        return bool(spec.name == "manymodels.__main__")
+    return os.path.basename(getattr(main_module, "__file__", "") or "") == "manymodels"
 
 
 def _use_fork_server(workers: int) -> None:
@@ -137,7 +153,10 @@ def _use_fork_server(workers: int) -> None:
     worker's share of the cores), since the libraries read them as they load, in the server.
     Where there is no fork server (Windows), loky spawns each worker.
     """
-    if SHARED_IMPORTS["enabled"] and "forkserver" in multiprocessing.get_all_start_methods():
+    enabled = SHARED_IMPORTS["enabled"]
+    if enabled is None:
+        enabled = _started_as_manymodels()
+    if enabled and "forkserver" in multiprocessing.get_all_start_methods():
         if not _SERVER["started"]:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(_PRELOAD)

@@ -22,6 +22,7 @@ from manymodels._version import __version__
 from manymodels.errors import (
     BundleError,
     DataError,
+    ImageError,
     LockError,
     ManyModelsError,
     ModelNotFound,
@@ -36,6 +37,7 @@ from . import (
     endpoint,
     fleet,
     forecast,
+    image,
     jobs,
     keys,
     monitor,
@@ -64,6 +66,7 @@ EXIT_CODES: list[tuple[type[ManyModelsError], int]] = [
     (ModelNotFound, 4),
     (TrainingError, 5),
     (RegistryError, 6),
+    (ImageError, 7),  # manymodels image: a tool is missing or refused
     (LockError, 13),  # retrain: another run of the model holds its lock (see cli.retrain)
 ]
 
@@ -84,7 +87,7 @@ def _root(
 
 
 for _module in (datasets, train, package, serve, endpoint, jobs, keys, batch, report, monitor,
-                fleet, retrain, forecast):
+                fleet, image, retrain, forecast):
     _module.register(app)
 
 
@@ -97,9 +100,6 @@ def exit_code_for(exc: ManyModelsError) -> int:
 
 def main() -> None:
     """Console-script entry point."""
-    from manymodels.engine import SHARED_IMPORTS
-
-    SHARED_IMPORTS["enabled"] = _started_as_manymodels()
     signal.signal(signal.SIGTERM, _stop)
     try:
         app(prog_name="manymodels")
@@ -138,20 +138,6 @@ def _stop(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a scheduler's stop) ends a command like Ctrl-C does: by an
     exception, so every ``finally`` removes what the command had half-written."""
     raise KeyboardInterrupt
-
-
-def _started_as_manymodels() -> bool:
-    """Whether this process is ``manymodels`` or ``python -m manymodels``.
-
-    Then a forked worker does not run ``__main__`` again: ``python -m`` mains are never
-    re-imported by multiprocessing, and the console script guards its call. A script of a
-    user's that calls :func:`main` may not guard it, so it keeps loky's own workers.
-    """
-    main_module = sys.modules.get("__main__")
-    spec = getattr(main_module, "__spec__", None)
-    if spec is not None:
-        return bool(spec.name == "manymodels.__main__")
-    return os.path.basename(getattr(main_module, "__file__", "") or "") == "manymodels"
 
 
 def _quick_exit() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -135,6 +136,10 @@ def serve(
     sources: list[str | None] = [d.bundle for d in plan.deployments.values()] if plan \
         else [settings.bundle]
     _check_bundles(sources, settings.endpoint)  # fail before "serving ..." is printed
+    if settings.log_predictions and importlib.util.find_spec("pyarrow") is None:
+        raise SpecError("the prediction log (--log-predictions) writes Parquet and needs "
+                        "pyarrow: pip install pyarrow, or build the image with "
+                        "`manymodels image build --prediction-log`")
     budget = f"{settings.max_memory_mb:g} MB" if settings.max_memory_mb else "unbounded"
     what = ", ".join(f"{n}={d.bundle}" for n, d in plan.deployments.items()) if plan else (
         settings.endpoint if settings.bundle is None else settings.bundle)
