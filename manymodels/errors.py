@@ -18,6 +18,11 @@ Batch jobs of an endpoint (:mod:`manymodels.jobstore`) add two more::
         ├── JobNotFound      no job with that id (404)
         └── JobConflict      an Idempotency-Key reused for another request, or an output
                              another active job uses (409)
+
+``manymodels image`` adds one (exit code 7)::
+
+    ManyModelsError
+    └── ImageError           a tool is missing, or a build, push or run step failed
 """
 
 from manymodels.runtime.errors import (
@@ -43,6 +48,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "Forbidden",
+    "ImageError",
     "InputSchemaError",
     "JobConflict",
     "JobError",
@@ -122,3 +128,10 @@ class JobConflict(JobError):
     request, or an output location an active job reads or writes."""
 
     code = "job_conflict"
+
+
+class ImageError(ManyModelsError, RuntimeError):
+    """A step of ``manymodels image`` failed: a tool is missing, or buildah, podman or
+    mmdebstrap refused. The message names the step and ends with the tool's own last line."""
+
+    code = "image_failed"
