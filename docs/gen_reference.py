@@ -44,6 +44,7 @@ PYTHON_MODULES = [
     "manymodels.monitor",
     "manymodels.retrain",
     "manymodels.report",
+    "manymodels.image",
 ]
 
 
