@@ -308,3 +308,41 @@ def test_update_extends_aggregates_by_their_segments_sums(runs: dict[str, Path],
     star = new.head(1).assign(store=AGGREGATE, brand=AGGREGATE)
     with pytest.raises(DataError, match="is an aggregate"):
         update_bundle(runs["bottom_up"], star, out=tmp_path / "star")
+
+
+def test_levels_default_to_the_segmenters_coarser_levels() -> None:
+    """Check that reconcile without hierarchy takes the segmenter's coarser levels (the
+    total when it names none), and that neither setting means no levels."""
+    from manymodels.forecast.hierarchy import hierarchy_levels
+    from manymodels.specs import load_segmenter
+
+    nested = load_segmenter({"columns": KEYS, "levels": [KEYS, ["region"], []]})
+    plain = load_segmenter({"columns": KEYS})
+    on = load_trainer({**_trainer("mint_shrink"), "forecast": {"reconcile": "mint_shrink"}})
+    off = load_trainer({**_trainer("none"), "forecast": {}})
+    assert hierarchy_levels(on, nested) == [["region"], []]
+    assert hierarchy_levels(on, plain) == [[]]
+    assert hierarchy_levels(off, nested) is None
+
+
+def test_grouped_levels_reconcile_as_a_projection() -> None:
+    """Check that crossed (not nested) levels, store totals and brand totals, give series
+    that sum their segments and MinT and bottom-up maps with P · S = I."""
+    from manymodels.forecast.hierarchy import add_aggregates, fit_map
+    from manymodels.forecast.panel import build_panel
+
+    frame = _frame()
+    spec = load_trainer(_trainer("mint_shrink"))
+    panel, levels = add_aggregates(build_panel(frame, KEYS, spec), [["brand"], ["region"], []])
+    assert len(panel) == 12 + 3 + 2 + 1
+    brand = panel.key_texts.index(("*", "*", "tropicana"))
+    np.testing.assert_allclose(panel.y[brand], frame[frame["brand"] == "tropicana"]
+                               .groupby("week")["quantity"].sum(), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    actual = np.stack([y[-12:] for y in panel.y]).reshape(len(panel), 3, 4)
+    base = actual * rng.normal(1.0, 0.1, actual.shape)
+    S = levels.summing()
+    for method in ("bottom_up", "mint_shrink"):
+        P = fit_map(levels, method, actual, base)
+        np.testing.assert_allclose(P @ S, np.eye(12), atol=1e-8, err_msg=method)
+    assert not np.allclose(fit_map(levels, "mint_shrink", actual, base)[:, 12:], 0.0)
