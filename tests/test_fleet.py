@@ -213,7 +213,7 @@ def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
     """Check under `manymodels fleet up` that kill -9 of one replica loses no request
     (the proxy retries it on the next replica of the ring), moves only that replica's
     models (the survivors load nothing they had), and that the replica is started again
-    and serves, the fleet never stopping."""
+    and serves, the fleet never stopping; a second death soon after doubles the pause."""
     root, rows = bundle
     names = _segment_models(root)[::5]  # 60 models: enough to see whose keys move
     port = free_port()
@@ -278,6 +278,11 @@ def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
             else:  # the dead replica's models: loaded on one survivor at most
                 assert sum(s.get(name, 0) for s in survivors.values()) <= 1, name
         assert _mixed_traffic(url, names, rows) == []  # and the fleet serves on
+        # dying again soon after its start doubles the pause before the next start
+        os.kill(_stats(members[victim])["pid"], signal.SIGKILL)
+        again = err.wait_for("(restart 2)")
+        assert again.count("exited with code -9") == 2, again
+        assert "starting it again in 0.5 s" in again and "starting it again in 1 s" in again
         assert up.poll() is None
     finally:
         up.send_signal(signal.SIGINT)
