@@ -40,7 +40,9 @@ class ScoreResponse(BaseModel):
 
     predictions: list[Any]
     model: str | list[str] = Field(description="The model named in the request, or per row "
-                                   "the model that scored it.")
+                                   "the route that scored it: a model's name, or for a "
+                                   "blended segment 'blend(w*own+(1-w)*coarser)', both "
+                                   "members and their weights.")
     fallback: list[bool] | None = Field(None, description="Per routed row: a coarser level "
                                         "(pooled or global model) served it.")
     probabilities: list[list[float]] | None = None
@@ -58,7 +60,8 @@ class InvocationsRequest(BaseModel):
 
 
 class InvocationsResponse(BaseModel):
-    """One record per row: prediction, model and fallback flag."""
+    """One record per row: prediction, model (a blended segment's blend, as in
+    ``/score``) and fallback flag."""
 
     predictions: list[dict[str, Any]]
 

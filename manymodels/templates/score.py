@@ -27,6 +27,9 @@ Answers are JSON objects, not JSON-encoded strings::
                                                    a forecast: "lo_80", "hi_80", ...)
     {"error": {"code": "model_not_found", "message": "..."}}     on any bad request
 
+``model`` names per row the route that scored it, as ``/score`` does: a model's name, or
+for a blended segment ``blend(w*own+(1-w)*coarser)``.
+
 Rows are checked by the runtime's input contract, as on every other path: a refused row
 answers its reason code (``missing_value``, ``not_numeric``, ``float32_overflow``...).
 Columns no model takes are ignored; ``MANYMODELS_STRICT_COLUMNS=1`` refuses them.
