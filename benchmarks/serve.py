@@ -18,6 +18,12 @@ deployment, two deployments 90/10, and two deployments 90/10 with 10% mirrored t
 third (shadow) deployment, run round-robin, median of the rounds; it reports the ratio to
 one deployment and the mirror's CPU per mirrored request.
 
+``--canary`` adds the rows of a rollout by analysis: ``serve models:/NAME@champion
+--follow`` held at its first traffic step (90/10, every candidate answer copied to the
+live version and compared per changed model; 5% of the models changed) against one
+deployment, and the same step paused (no comparisons) to price the analysis: server CPU
+per request, and per compared request.
+
 ``--scale`` adds the scale mode: 10,000 models served with ``--max-memory-mb 512`` under
 random-model traffic; it reports the resident memory against budget + base, checks every
 answer against in-process scoring, and gives the latency of requests that load a model.
@@ -31,7 +37,7 @@ the bar is metrics on ≥ 95% of the requests/s of metrics off.
 ``--auth token`` (single-row requests, concurrency 16, interleaved rounds, median).
 
 Usage: ``python benchmarks/serve.py [--quick] [--scale] [--rollout[-only]] [--skip-peers]
-[--observe] [--auth | --auth-only]``
+[--observe] [--auth | --auth-only] [--canary]``
 """
 
 from __future__ import annotations
@@ -630,6 +636,129 @@ def print_rollout(runs: dict[str, list[dict[str, Any]]], before: dict[str, Any],
     print(f"- non-200 answers over all rollout runs: {errors}")
 
 
+# -- a rollout step with analysis (serve --follow) ------------------------------------------
+def run_canary(args: argparse.Namespace, work: Path) -> None:
+    """One deployment vs a followed alias held at its 90/10 step, analysing and paused."""
+    import httpx
+    import yaml
+    from builders import build_bundle, derive_bundle
+
+    from manymodels.registry import promote, register_bundle
+    from manymodels.runtime import Bundle
+
+    blue, rows = build_bundle(work / "canary-v1", n_stores=args.stores, rows_per_segment=40)
+    models = Bundle(blue).model_names
+    green = derive_bundle(blue, work / "canary-v2", models[::20], shift=0.01)
+    names = {(int(s), b): f"quantity__store={s}__brand={b}"
+             for s, b in rows[["store", "brand"]].drop_duplicates().itertuples(index=False)}
+    named, _, _ = make_bodies(rows, names, 1, 256, seed=11)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'canary.db'}",
+           "MANYMODELS_CACHE_DIR": str(work / "canary-cache"),
+           "MANYMODELS_STATE_DIR": str(work / "canary-state")}
+    os.environ.update(env)
+    register_bundle(blue, name="bench", alias="champion")
+    register_bundle(green, name="bench")
+    hold = {"min_requests": 0, "min_seconds": 0, "max_seconds": 10**6}
+    spec = work / "canary.yaml"
+    spec.write_text(yaml.safe_dump({"rollout": {
+        "poll_seconds": 1.0, "mirror": {"percent": 10, **hold},
+        "steps": [{"percent": 10, **hold, "min_seconds": 10**6, "min_requests": 10**9},
+                  {"percent": 100, **hold}]}}))
+    serve = [PY, "-m", "manymodels", "serve", "--port", "{port}"]
+    one_server = Server("one", [*serve, str(blue)], "/ping")
+    follow = Server("follow", [*serve, "models:/bench@champion", "--follow", "--spec", str(spec),
+                               "--endpoint", str(work / "canary-endpoint.yaml")], "/ping", env)
+    url = f"http://127.0.0.1:{follow.port}/admin/rollout"
+    runs: dict[str, list[dict[str, Any]]] = {"one deployment": [], "rollout step, paused": [],
+                                             "rollout step, analysing": []}
+    try:
+        promote("bench", 2, "champion", reason="benchmark")
+        deadline = time.time() + 120
+        while (httpx.get(url).json().get("state") or {}).get("step") != 1:
+            if time.time() > deadline:
+                raise RuntimeError(f"the rollout did not reach step 1: {httpx.get(url).json()}")
+            time.sleep(0.5)
+        for server in (one_server, follow):
+            load(server, "/score", named, 2000, 16, work)  # warm up: every model loaded
+        compared: list[int] = []
+        mirror_url = f"http://127.0.0.1:{follow.port}/admin/deployments/default/mirror"
+        mirror_before = httpx.get(mirror_url).json()
+        order = list(runs)
+        for round_ in range(args.rounds):
+            for label in order[round_ % len(order):] + order[:round_ % len(order)]:
+                server = one_server if label == "one deployment" else follow
+                if server is follow:
+                    httpx.post(f"{url}/{'pause' if 'paused' in label else 'resume'}")
+                before = _analysed(url)
+                res = load(server, "/score", named, args.n, 16, work)
+                time.sleep(1.5)  # the last copies replayed and published (poll 1 s)
+                res["compared"] = _analysed(url) - before
+                runs[label].append(res)
+                print(f"  round {round_ + 1} {label:<26} {res['rps']:9.0f} req/s "
+                      f"cpu={res['cpu_us']:6.0f} us/req compared={res['compared']} "
+                      f"errors={res['errors']}", flush=True)
+            compared.append(runs["rollout step, analysing"][-1]["compared"])
+        state = httpx.get(url).json()["state"]
+        mirror_after = httpx.get(mirror_url).json()
+    finally:
+        one_server.stop()
+        follow.stop()
+    median = {label: {k: float(np.median([r[k] for r in results]))
+                      for k in ("rps", "cpu_us", "p50", "p99")}
+              for label, results in runs.items()}
+    base = median["one deployment"]
+    print(f"\n| rollout step 90/10 (1-row, c=16, median of {args.rounds} interleaved runs) "
+          f"| requests | p50 ms | p99 ms | req/s | vs one | server CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, m in median.items():
+        print(f"| {label} | {args.n} | {m['p50']:.3f} | {m['p99']:.3f} | {m['rps']:,.0f} | "
+              f"{m['rps'] / base['rps']:.0%} | {m['cpu_us']:,.0f} |")
+    ratio = median["rollout step, analysing"]["rps"] / base["rps"]
+    print(f"\n- rollout step (90/10, analysis on) / one deployment = {ratio:.0%} (bar >= 90%) "
+          f"{'PASS' if ratio >= 0.9 else 'FAIL'}")
+    capacity = base["cpu_us"] / median["rollout step, analysing"]["cpu_us"]
+    print(f"- by server CPU per request: one / analysing = {capacity:.0%} "
+          f"{'PASS' if capacity >= 0.9 else 'FAIL'}")
+    gap = median["rollout step, analysing"]["cpu_us"] - median["rollout step, paused"]["cpu_us"]
+    per = float(np.median(compared)) / args.n
+    replays = mirror_after["compared"] - mirror_before["compared"]
+    loop_us = mirror_after["shadow_loop_ms_per_request"] * 1e3
+    print(f"- {per:.1%} of requests reached a changed model and were compared ({replays} "
+          f"copies replayed); the others were not copied")
+    print(f"- analysis CPU per compared request, as the server measures it (event-loop time "
+          f"of the replay on the live version, pairing and counting): {loop_us:.0f} µs; "
+          f"per request on average: {loop_us * per:.2f} µs")
+    print(f"- of which the counting alone (Analysis.observe + reply_rows, one row, "
+          f"in-process CPU time): {_observe_cost():.2f} µs")
+    print(f"- server CPU per request, analysing − paused: {gap:.1f} µs (the difference of two "
+          f"noisy medians on a shared machine)")
+    print(f"- state at the end: step {state['step']}, status {state['status']}, "
+          f"{len(state['changed'])} changed models of {len(models)}")
+    print(f"- non-200 answers: {sum(r['errors'] for rs in runs.values() for r in rs)}")
+
+
+def _observe_cost(n: int = 100_000) -> float:
+    """Microseconds to pair and count one single-row answer of a changed model."""
+    from manymodels.serve.analysis import Analysis
+    from manymodels.serve.mirror import reply_rows
+
+    analysis = Analysis(["m"], 1, 0.2)
+    live = {"predictions": np.array([9.0]), "model": "m"}
+    candidate = {"predictions": np.array([9.01]), "model": "m"}
+    started = time.process_time()  # CPU time: the machine is shared
+    for _ in range(n):
+        analysis.observe(reply_rows("/score", live), reply_rows("/score", candidate),
+                         0.0002, 0.0002)
+    return (time.process_time() - started) / n * 1e6
+
+
+def _analysed(url: str) -> int:
+    import httpx
+
+    verdict = (httpx.get(url).json().get("state") or {}).get("last_verdict") or {}
+    return int(verdict.get("requests", 0))
+
+
 # -- observability cost --------------------------------------------------------------------
 def run_observe(args: argparse.Namespace, work: Path) -> None:
     from builders import build_bundle
@@ -740,6 +869,8 @@ def main() -> None:
     parser.add_argument("--scale-requests", type=int, default=20000)
     parser.add_argument("--rollout", action="store_true", help="also run the rollout rows")
     parser.add_argument("--rollout-only", action="store_true")
+    parser.add_argument("--canary", action="store_true",
+                        help="only the rows of a rollout step with analysis (serve --follow)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (--rollout, --observe)")
     parser.add_argument("--observe", action="store_true", help="only the metrics-cost rows")
     parser.add_argument("--auth", action="store_true",
@@ -752,6 +883,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="mm-bench-serve-") as tmp:
         work = Path(tmp)
+        if args.canary:
+            with record("serve-canary", "A rollout step with analysis: "
+                        "`benchmarks/serve.py --canary`"):
+                run_canary(args, work)
+            return
         if args.observe:
             with record("serve-observe", "Cost of metrics and request ids: `benchmarks/serve.py --observe`"):
                 run_observe(args, work)

@@ -486,3 +486,54 @@ def test_kill_9_mid_rollout_resumes_at_the_same_step(versions: dict[str, Any], s
     assert_answers(load.finish(), versions, {"default": "1", "v2": "2"})
     events = [e["event"] for e in RolloutStore(NAME, "champion").events()]
     assert events.count("started") == 1 and events[-1] == "promoted"
+
+
+@pytest.mark.slow
+def test_a_retrain_promotes_and_the_follower_rolls_it_out(
+        trained_run: Path, oj_small: pd.DataFrame, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check the whole loop with nobody awake: `retrain --promote` on data that changed for
+    two segments moves the alias, and a following server rolls the new version out to all
+    traffic comparing only the models whose file the retrain changed, every answer 200
+    and exactly one version's."""
+    from manymodels.bundle import package_run
+    from manymodels.registry import resolve_bundle
+    from manymodels.retrain import retrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("MANYMODELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    register_bundle(package_run(trained_run, tmp_path / "b1", name="oj-sales").path,
+                    name="oj-sales", alias="champion")
+    follow = "models:/oj-sales@champion"
+    # the retrained models legitimately predict other values: this test is about the loop,
+    # so the divergence bar is wide (the other tests hold it at 0.2)
+    running = Running(ServeSettings(bundle=follow, follow=True, endpoint=str(
+        tmp_path / "endpoint.yaml"), rollout=fast_policy(max_relative_diff=1e6)))
+    features = oj_small.drop(columns=["quantity"])
+    rows = {f"{r['store']}/{r['brand']}": r for r in features.drop_duplicates(
+        ["store", "brand"]).to_dict(orient="records")}
+    load = Load(running.url, rows)
+    try:
+        changed = oj_small.copy()
+        picked = changed["store"].isin(sorted(changed["store"].unique())[:1]) \
+            & changed["brand"].isin(sorted(changed["brand"].unique())[:2])
+        changed.loc[picked, "quantity"] = changed.loc[picked, "quantity"] * 1.7 + 3.0
+        result = retrain(changed, follow, promote=True, jobs=1, track=False)
+        assert result.exit_code == 0, result.why
+        state = wait_for(lambda: (s := rollout_state(running.url)).get("status")
+                         == "promoted" and s, 180, "promoted")
+        time.sleep(0.3)
+        results = load.finish()
+    finally:
+        running.stop()
+    assert state["stable"] == result.version == resolve_version(follow).version
+    paths = {v: resolve_bundle(f"models:/oj-sales/{v}") for v in ("1", result.version)}
+    manifests = {v: Bundle(p).manifest for v, p in paths.items()}
+    assert state["changed"] == changed_models(manifests["1"], manifests[result.version])
+    assert 0 < len(state["changed"]) < len(manifests["1"].models)
+    expected = {v: {key: Bundle(p).score_frame(pd.DataFrame([row])).to_frame()[
+        "prediction"].tolist()[0] for key, row in rows.items()} for v, p in paths.items()}
+    seen = assert_answers(results, {"expected": expected},
+                          {"default": "1", f"v{result.version}": result.version})
+    assert seen["1"] > 0 and seen[result.version] > 0

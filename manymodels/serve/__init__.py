@@ -10,6 +10,8 @@ Layers, bottom to top (a module imports only the ones below it):
   :mod:`.auth` and :mod:`.stats`;
 - :mod:`.scorer` (a deployment's replies), :mod:`.endpoint` (deployments and traffic),
   :mod:`.mirror` (shadow traffic), :mod:`.asgi` (deployment choice and fast lane);
+- :mod:`.policy`, :mod:`.analysis`, :mod:`.rollout_state` and :mod:`.holdback`, then
+  :mod:`.rollout` (following an alias: rollouts by analysis, per changed model);
 - :mod:`.jobs` (batch jobs: submission checks, the job store, runner processes);
 - :mod:`.routes`, :mod:`.admin`, :mod:`.jobroutes` and :mod:`.ui` (HTTP only);
 - :mod:`.app`, the composition root, and :mod:`.server` (uvicorn).

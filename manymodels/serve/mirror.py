@@ -346,6 +346,7 @@ class Mirror:
             try:
                 canary.observe(copy.scope["path"], copy.live, copy.live_status, live, status,
                                reply, copy.live_seconds, answered - started)
+                stats.compared += 1
             except (ValueError, KeyError, TypeError, IndexError):
                 stats.mismatched += 1
             stats.shadow_busy_seconds += time.perf_counter() - started
