@@ -32,6 +32,8 @@ from manymodels.promotions import actor, state_dir
 __all__ = ["RolloutRecord", "RolloutStore"]
 
 Status = Literal["idle", "running", "promoted", "rolled_back"]
+#: Bytes read per event when only the latest events are asked for (lines are shorter).
+TAIL_BYTES = 4096
 
 
 class RolloutRecord(BaseModel):
@@ -127,11 +129,20 @@ class RolloutStore:
         return line
 
     def events(self, last: int | None = None) -> list[dict[str, Any]]:
-        """Logged events, oldest first (a torn last line is skipped)."""
+        """Logged events, oldest first (a torn last line is skipped); ``last``: only the
+        latest, read from the end of the file (the page asks every few seconds)."""
         if not self.log_path.is_file():
             return []
+        with self.log_path.open("rb") as handle:
+            if last:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - TAIL_BYTES * last))
+            data = handle.read().decode("utf-8", errors="replace")
+        lines = data.splitlines()
+        if last and len(data.encode()) >= TAIL_BYTES * last:
+            lines = lines[1:]  # the first line read from the middle of the file is partial
         out = []
-        for text in self.log_path.read_text(encoding="utf-8").splitlines():
+        for text in lines:
             try:
                 out.append(json.loads(text))
             except ValueError:
