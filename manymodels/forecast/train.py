@@ -431,6 +431,9 @@ class _Final:
         series = {
             "keys": [list(k) for k in panel.key_texts],
             "last": [_plain_time(t[-1]) for t in panel.times],
+            # the period each series' route was fitted up to (update moves "last" only):
+            # retrain's max_age counts from here
+            "fitted": [_plain_time(t[-1]) for t in panel.times],
             "loc": self.scales.loc.tolist(), "scale": self.scales.scale.tolist(),
             "tail": [y[-length:].tolist() for y in panel.y],
         }

@@ -8,6 +8,7 @@ is a new bundle version (its content digest covers the tails).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from manymodels.forecast.panel import parse_times
 from manymodels.runtime.forecast import FeatureSpec, future_times
 from manymodels.runtime.manifest import normalise_key_value, parse_manifest, read_manifest
 
-__all__ = ["update_bundle"]
+__all__ = ["MovedOrigins", "move_origins", "update_bundle"]
 
 
 def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] | pd.DataFrame,
@@ -40,9 +41,38 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
     section = raw.get("forecast")
     if not isinstance(section, dict):
         raise BundleError(f"{root} is not a forecasting bundle (trained without task: forecast)")
-    frame = read_table(data)
-    key_columns = list(manifest.segment_columns)
-    time_col, target, freq = section["time_column"], manifest.target, str(section["freq"])
+    moved = move_origins(section, read_table(data), list(manifest.segment_columns),
+                         manifest.target)
+    if moved.unknown:
+        raise DataError(f"series {moved.unknown[0]} is not in the bundle; retrain to add "
+                        f"new series")
+    if not moved.moved:
+        raise DataError("no new periods after the bundle's last ones: nothing to update")
+    raw["forecast"] = {**section, "series": moved.series}
+    target_dir = Path(out) if out is not None else root
+    return package_run(root, target_dir, name=name or manifest.name,
+                       overwrite=out is None or target_dir.exists(),
+                       manifest=parse_manifest(root, raw))
+
+
+@dataclass
+class MovedOrigins:
+    """The forecast section's ``series`` with each known series' newer periods appended."""
+
+    series: dict[str, Any]
+    moved: list[int]  # positions of the series that got new periods
+    unknown: list[str]  # series of the rows that the section does not know, by name
+
+
+def move_origins(section: dict[str, Any], frame: pd.DataFrame, key_columns: list[str],
+                 target: str) -> MovedOrigins:
+    """Append ``frame``'s rows after each series' last period to its tail: the update of
+    ``manymodels update`` and of the series a ``manymodels retrain`` does not refit.
+
+    Rows at or before a series' last period are ignored; a gap or a repeat right after
+    it, and missing values, are refused naming the series. The section is not changed.
+    """
+    time_col, freq = section["time_column"], str(section["freq"])
     missing = [c for c in [*key_columns, time_col, target] if c not in frame.columns]
     if missing:
         raise DataError(f"the new rows lack column(s) {', '.join(missing)}")
@@ -56,13 +86,13 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
     aggregate = {i for i, m in enumerate(levels["members"]) if i not in set(levels["bottom"])
                  } if levels else set()
     added: dict[int, np.ndarray] = {}
-    moved = 0
+    out = MovedOrigins(series, [], [])
     for key, part in frame.groupby(key_columns, sort=False, dropna=False):
         key_t = tuple(normalise_key_value(v) for v in (key if isinstance(key, tuple) else (key,)))
         i = index.get(key_t)
         if i is None:
-            raise DataError(f"series {_name(key_columns, key_t)} is not in the bundle; "
-                            f"retrain to add new series")
+            out.unknown.append(_name(key_columns, key_t))
+            continue
         if i in aggregate:
             raise DataError(f"series {_name(key_columns, key_t)} is an aggregate: send the "
                             f"rows of its segments, the update sums them")
@@ -85,18 +115,12 @@ def update_bundle(bundle: str | os.PathLike[str], data: str | os.PathLike[str] |
         tails[i] = (tails[i] + values.tolist())[-max(spec.tail_length, len(tails[i])):]
         last[i] = int(times[-1]) if freq == "int" else pd.Timestamp(times[-1]).isoformat()
         added[i] = values
-        moved += 1
-    if not moved:
-        raise DataError("no new periods after the bundle's last ones: nothing to update")
-    if levels:
+        out.moved.append(i)
+    if levels and added:
         _update_aggregates(levels, aggregate, added, tails, last, spec.tail_length,
                            [tuple(k) for k in series["keys"]], key_columns)
     series.update(tail=tails, last=last)
-    raw["forecast"] = {**section, "series": series}
-    target_dir = Path(out) if out is not None else root
-    return package_run(root, target_dir, name=name or manifest.name,
-                       overwrite=out is None or target_dir.exists(),
-                       manifest=parse_manifest(root, raw))
+    return out
 
 
 def _update_aggregates(levels: dict[str, Any], aggregate: set[int], added: dict[int, np.ndarray],
