@@ -202,6 +202,15 @@ class RetrainSpec(_Spec):
     """A retrained model replaces the current one unless its metric on the segment's
     latest holdout is worse by more than this share (relative); the same tolerance
     applies to the bundle as a whole before ``--promote`` moves the alias."""
+    max_age: int | None = Field(None, ge=1)
+    """Forecasting (the refit policy): a series whose route was fitted more than this
+    many periods (of the series' frequency) before its newest period is refitted; by
+    default age alone never refits."""
+    error_growth: float | None = Field(0.2, ge=0)
+    """Forecasting (the refit policy): a series is refitted when the champion's error on
+    its newest periods (at most a horizon of them, all after the periods it was fitted
+    on) exceeds its backtest error by more than this share; ``null``: error never refits.
+    A series not refitted keeps its models and only its origin moves."""
 
 
 class ForecastSpec(_Spec):

@@ -8,7 +8,9 @@ retrained model faces the current one on the segment's latest holdout and replac
 only when no worse (:mod:`._merge`); the result is packed and registered as a new
 version, and the alias moves only when the bundle validates and is no worse as a whole.
 A lock per registered model (:mod:`._lock`) and a resumable state (:mod:`._state`)
-make it safe to run unattended.
+make it safe to run unattended. A forecasting champion follows its refit policy instead
+(:mod:`._forecast`): series refitted when new, too old or worse than their backtests,
+the others only moved to their newest periods.
 """
 
 from ._lock import LockHolder, hold_lock, read_holder

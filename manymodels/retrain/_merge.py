@@ -28,7 +28,7 @@ import math
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -496,10 +496,12 @@ def _rows_of(report: pd.DataFrame, segments: set[str], order: dict[str, int]) ->
 
 
 def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
-                     prepared: PreparedData, trained: pd.DataFrame) -> None:
+                     specs: Mapping[str, Any], trained: pd.DataFrame,
+                     tables: Mapping[str, pd.DataFrame] | None = None) -> None:
     """Write the merged run directory atomically (staged beside it, renamed into place):
     ``report.parquet`` is the per-segment training report, ``retrain_report.parquet``
-    what the retrain did with each segment."""
+    what the retrain did with each segment, ``specs`` the specs by kind (``segmenter``,
+    ``trainer``) and ``tables`` further files (a forecasting run's backtests)."""
     if run_dir.exists():
         raise BundleError(f"run directory {run_dir} already exists; choose another run id")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -514,11 +516,14 @@ def write_merged_run(merged: Merged, run_dir: Path, report: pd.DataFrame,
             merged.manifest["models"][name] = {**merged.manifest["models"][name],
                                                "file": f"models/{name}.onnx"}
         (staging / "specs").mkdir()
-        for kind, spec in (("segmenter", prepared.segmenter), ("trainer", prepared.trainer)):
+        for kind, spec in specs.items():
             (staging / "specs" / f"{kind}.yaml").write_text(
                 yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         report.to_parquet(staging / "retrain_report.parquet", index=False)
         trained.to_parquet(staging / "report.parquet", index=False)
+        for name, table in (tables or {}).items():
+            if len(table.columns):
+                table.to_parquet(staging / name, index=False)
         (staging / MANIFEST_FILE).write_bytes(manifest_json(merged.manifest))
         swap_directory_into_place(staging, run_dir)
     finally:

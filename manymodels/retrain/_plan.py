@@ -64,13 +64,16 @@ class Plan:
     shared: dict[str, SharedChange]
     spec_changes: list[str]
     identity: str  # same champion, data and specs -> same identity (resume key)
+    #: Series whose origin moves to new periods without a refit (forecasting)
+    moved: int = 0
 
     def __post_init__(self) -> None:
         self.retrained = {s.segment for s in self.segments if s.retrain}
 
     @property
     def nothing_to_do(self) -> bool:
-        return not self.retrained and not any(s.action == "refit" for s in self.shared.values())
+        return not self.retrained and not self.moved \
+            and not any(s.action == "refit" for s in self.shared.values())
 
     def counts(self) -> dict[str, int]:
         reasons: dict[str, int] = {}

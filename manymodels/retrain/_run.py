@@ -11,6 +11,7 @@ data. Each part is timed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import pandas as pd
 
 from manymodels.bundle import package_run, validate_bundle
 from manymodels.candidates import score_metric
+from manymodels.data import read_table
 from manymodels.engine import default_jobs, start_workers
 from manymodels.errors import BundleError, SpecError
 from manymodels.fit import warm_worker
@@ -44,11 +46,21 @@ from manymodels.registry import (
 from manymodels.results import TrainResult
 from manymodels.rundir import new_run_id
 from manymodels.runtime import Bundle, Manifest, parse_manifest, read_manifest
+from manymodels.specs import load_segmenter, load_trainer
 from manymodels.training import train
 
+from ._forecast import (
+    SeriesOutcome,
+    bundle_comparison,
+    compare_series,
+    merge_forecast,
+    plan_forecast,
+    retrain_report,
+)
 from ._lock import hold_lock
 from ._merge import (
     Decision,
+    Merged,
     compared_rows,
     decide,
     merge,
@@ -255,10 +267,12 @@ def retrain(data: str | os.PathLike[str] | pd.DataFrame, source: str | os.PathLi
         with clock.part("open champion"):
             champion = stack.enter_context(_open_champion(text, uri, throwaway=dry_run))
         raw = champion.bundle.manifest.raw
-        if raw.get("task") == "forecast":
-            raise SpecError(f"{champion.root} is a forecasting bundle: move its origin to new "
-                            f"periods with `manymodels update BUNDLE --data NEW_ROWS`, refit "
-                            f"it with `manymodels train`")
+        if raw.get("task") == "forecast":  # its series change every period: a refit policy
+            return _retrain_forecast(data, champion, model, clock, messages, tell,
+                                     segmenter=segmenter, trainer=trainer, out=out, runs=runs,
+                                     register=register, promote=promote, alias=alias,
+                                     retrain_all=retrain_all, dry_run=dry_run, jobs=jobs,
+                                     uri=uri, track=track)
         with clock.part("prepare data"):
             specs = raw.get("specs") or {}
             seg_spec = segmenter if segmenter is not None else specs.get("segmenter")
@@ -352,11 +366,26 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
     with clock.part("merge"):
         if run_dir.exists():  # a rerun after a crash past this point: write it again
             shutil.rmtree(run_dir)
-        write_merged_run(merged, run_dir, report, prepared,
+        write_merged_run(merged, run_dir, report,
+                         {"segmenter": prepared.segmenter, "trainer": prepared.trainer},
                          training_report(decisions, champion.bundle, partial))
     result = RetrainResult(Outcome.NEW_VERSION, model, plan, champion.version, report,
                            plan.shared_frame(), {}, messages, run_dir=run_dir,
                            metric=prepared.trainer.metric)
+    _publish(result, merged.manifest, champion, model, run_id, clock, tell, out=out,
+             register=register, promote=promote, alias=alias, uri=uri,
+             compare=lambda root: _comparison(root, champion.bundle, prepared))
+    _finish(result, attempt, clock, track, uri)
+    return result
+
+
+def _publish(result: RetrainResult, manifest: dict[str, Any], champion: _Champion, model: str,
+             run_id: str, clock: _Clock, tell: Callable[[str], None], *,
+             out: str | os.PathLike[str] | None, register: bool, promote: bool, alias: str,
+             uri: str | None, compare: Callable[[Path], BundleComparison]) -> None:
+    """Pack the merged run ``result.run_dir``, register it, and promote it when it
+    validates and ``compare`` finds it no worse than the champion."""
+    assert result.run_dir is not None
     with clock.part("package"):
         if out is not None and os.fspath(out).startswith("s3://"):
             raise SpecError(f"--out {out}: retrain writes a local bundle (register it to share "
@@ -364,19 +393,16 @@ def _locked(prepared: PreparedData, plan: Plan, champion: _Champion, model: str,
         target = Path(out) if out is not None else Path("bundles") / f"{model}-{run_id}"
         if target.resolve() == champion.root.resolve():
             raise BundleError(f"--out {target} is the champion's own directory; choose another")
-        packed = package_run(run_dir, target, name=model, overwrite=True,
-                             manifest=parse_manifest(run_dir, merged.manifest))
-        bundle_dir = Path(packed.path)
-        result.bundle, result.bundle_version = bundle_dir, packed.version
+        packed = package_run(result.run_dir, target, name=model, overwrite=True,
+                             manifest=parse_manifest(result.run_dir, manifest))
+        result.bundle, result.bundle_version = Path(packed.path), packed.version
         assert packed.manifest is not None  # a local bundle
     if register:
         with clock.part("register"):
             _register(result, packed.manifest, model, uri, tell)
     if promote:
         with clock.part("promote"):
-            _promote(result, prepared, champion, model, alias, uri, tell)
-    _finish(result, attempt, clock, track, uri)
-    return result
+            _promote(result, champion, model, alias, uri, compare)
 
 
 def _partial_from_disk(run_dir: Path, read: Callable[[Path], Any]) -> Any:
@@ -401,8 +427,8 @@ def _register(result: RetrainResult, bundle: Manifest, model: str, uri: str | No
     seed_cache(bundle.root, model, result.version, uri)
 
 
-def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion, model: str,
-             alias: str, uri: str | None, tell: Callable[[str], None]) -> None:
+def _promote(result: RetrainResult, champion: _Champion, model: str, alias: str,
+             uri: str | None, compare: Callable[[Path], BundleComparison]) -> None:
     assert result.bundle is not None and result.version is not None
     report = validate_bundle(result.bundle)
     if not report.ok:
@@ -410,7 +436,7 @@ def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion,
         result.why = (f"validate failed ({len(report.errors)} problem(s), first: "
                       f"{report.errors[0]}); {alias} stays at version {champion.version}")
         return
-    comparison = _comparison(result.bundle, champion.bundle, prepared)
+    comparison = compare(result.bundle)
     result.comparison = comparison
     if comparison.worse:
         result.outcome = Outcome.NO_IMPROVEMENT
@@ -430,11 +456,84 @@ def _promote(result: RetrainResult, prepared: PreparedData, champion: _Champion,
     result.why = f"{model}@{alias}: version {previous} -> {result.version}; {reason}"
 
 
-def _finish(result: RetrainResult, attempt: Attempt, clock: _Clock, track: bool,
+def _finish(result: RetrainResult, attempt: Attempt | None, clock: _Clock, track: bool,
             uri: str | None) -> None:
     result.timings = clock.total()
     if track:
         with clock.part("log"):
             log_retrain(result, uri)
-    attempt.finish()
+    if attempt is not None:
+        attempt.finish()
     result.timings = clock.total()
+
+
+def _retrain_forecast(data: str | os.PathLike[str] | pd.DataFrame, champion: _Champion,
+                      model: str, clock: _Clock, messages: list[str],
+                      tell: Callable[[str], None], *, segmenter: Any, trainer: Any,
+                      out: str | os.PathLike[str] | None, runs: str | os.PathLike[str],
+                      register: bool, promote: bool, alias: str, retrain_all: bool,
+                      dry_run: bool, jobs: int | None, uri: str | None, track: bool
+                      ) -> RetrainResult:
+    """A forecasting champion: refit the series its refit policy names, move the other
+    series' origin (:mod:`._forecast`); packed, registered and promoted as any retrain."""
+    raw = champion.bundle.manifest.raw
+    with clock.part("prepare data"):
+        specs = raw.get("specs") or {}
+        seg_source = segmenter if segmenter is not None else specs.get("segmenter")
+        tr_source = trainer if trainer is not None else specs.get("trainer")
+        if seg_source is None or tr_source is None:
+            raise SpecError(f"{champion.root} records no specs: pass --segmenter and --trainer")
+        seg_spec, tr_spec = load_segmenter(seg_source), load_trainer(tr_source)
+        frame = read_table(data)
+    with clock.part("plan"):
+        fplan = plan_forecast(champion.bundle, frame, seg_spec, tr_spec, retrain_all)
+    plan = fplan.as_plan(hashlib.sha256(json.dumps(
+        [raw.get("run_id"), raw.get("version"), champion.version, len(frame)],
+        default=str).encode()).hexdigest()[:20])
+    metric = tr_spec.metric
+    if dry_run or fplan.nothing_to_do:
+        result = RetrainResult(Outcome.PLANNED if dry_run else Outcome.NOTHING_TO_DO, model,
+                               plan, champion.version, fplan.frame_of_plan(), pd.DataFrame(),
+                               clock.total(), messages, metric=metric)
+        if not dry_run:
+            result.why = "no series needs a refit and none has new periods; nothing written"
+        return result
+    run_id = new_run_id()
+    scratch = Path(runs) / f".{run_id}.challenger"
+    outcomes: dict[str, SeriesOutcome] = {}
+    try:
+        challenger = None
+        if fplan.refit:
+            with clock.part("fit"):
+                challenger = train(frame, seg_spec, tr_spec, out=scratch, run_id=run_id,
+                                   jobs=jobs, track=False).run_dir
+            with clock.part("compare"):
+                outcomes = compare_series(fplan, challenger, tr_spec.retrain.tolerance)
+        report = retrain_report(fplan, outcomes)
+        taken = any(o.outcome in ("replaced", "new") for o in outcomes.values())
+        if not taken and not any(s.new_periods and s.champion is not None
+                                 for s in fplan.series):
+            result = RetrainResult(Outcome.NOTHING_TO_DO, model, plan, champion.version, report,
+                                   pd.DataFrame(), {}, messages, metric=metric)
+            result.why = (f"no improvement: {len(outcomes)} refitted series were not better "
+                          f"and no series has new periods; nothing written or registered")
+            _finish(result, None, clock, track, uri)
+            return result
+        run_dir = Path(runs) / run_id
+        with clock.part("merge"):
+            merged = merge_forecast(fplan, champion.bundle, challenger, outcomes, run_id, {
+                "source": str(champion.root), "name": champion.registered,
+                "version": champion.version, "bundle_version": raw.get("version"),
+                "run_id": raw.get("run_id")})
+            write_merged_run(Merged(merged.manifest, merged.sources, []), run_dir, report,
+                             {"segmenter": seg_spec, "trainer": tr_spec}, merged.report,
+                             merged.tables)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = RetrainResult(Outcome.NEW_VERSION, model, plan, champion.version, report,
+                           pd.DataFrame(), {}, messages, run_dir=run_dir, metric=metric)
+    _publish(result, merged.manifest, champion, model, run_id, clock, tell, out=out,
+             register=register, promote=promote, alias=alias, uri=uri,
+             compare=lambda root: bundle_comparison(fplan, outcomes))
+    _finish(result, None, clock, track, uri)
+    return result
