@@ -176,6 +176,9 @@ def test_max_age_refits_and_new_series_join(champion: Path, here: Path) -> None:
     table = Bundle(result.bundle).forecast(4)
     assert sorted(table["store"].unique()) == ["1", "2", "3", "4", "9"]
     assert np.isfinite(table["forecast"]).all()
+    # prediction intervals for every series, whichever side its route came from
+    assert np.isfinite(table[["lo_80", "hi_95"]].to_numpy()).all()
+    assert (table["lo_80"] < table["forecast"]).all()
     # each series' fitted period: the new data's end where replaced, the champion's where kept
     manifest = read_manifest(result.bundle).raw["forecast"]["series"]
     fitted = dict(zip([k[0] for k in manifest["keys"]], manifest["fitted"], strict=True))
