@@ -152,3 +152,28 @@ def test_chosen_mase_matches_the_report(tmp_path: Path) -> None:
     assert result.summary["metric"] == "mase"
     np.testing.assert_allclose(result.summary["backtest_metrics"]["mase"]["chosen"],
                                result.report["backtest_error"].mean(), rtol=1e-9)
+
+
+def test_invocations_takes_the_horizon_param_as_the_pyfunc_does(bundle: Path) -> None:
+    """Check that /invocations with params.horizon answers the pyfunc's table (real HTTP
+    on 127.0.0.1), and a bad horizon is a 422 naming it."""
+    from test_serve import Running
+
+    from manymodels.serve.settings import ServeSettings
+
+    keys = pd.DataFrame({"store": [3, 1]})
+    want = mlflow.pyfunc.load_model(str(bundle)).predict(keys, params={"horizon": 8})
+    running = Running(ServeSettings(bundle=str(bundle)))
+    try:
+        reply = running.client.post("/invocations", json={
+            "dataframe_records": [{"store": 3}, {"store": 1}], "params": {"horizon": 8}})
+        assert reply.status_code == 200, reply.text
+        got = pd.DataFrame(reply.json()["predictions"])
+        assert list(got.columns) == list(want.columns)
+        np.testing.assert_allclose(got["forecast"], want["forecast"], rtol=1e-6)
+        assert list(got["store"]) == list(want["store"])
+        bad = running.client.post("/invocations", json={
+            "dataframe_records": [{"store": 1}], "params": {"horizon": "8"}})
+        assert bad.status_code == 422 and "horizon" in bad.text
+    finally:
+        running.stop()

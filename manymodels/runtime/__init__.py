@@ -98,7 +98,7 @@ class PyFuncBundle:
         if horizon and self.bundle.manifest.task == "forecast":  # 0 is the schema's "not set"
             from .forecast_request import forecast_for_keys  # pandas paths only
 
-            return forecast_for_keys(self.bundle.forecaster, frame, horizon)
+            return forecast_for_keys(self.bundle.forecaster, frame, horizon).frame()
         model_name = params.get("model")
         if model_name:
             return self.bundle.score_model(str(model_name), frame).to_frame()

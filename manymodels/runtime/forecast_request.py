@@ -147,29 +147,32 @@ def forecast_request_table(forecaster: Forecaster, body: Mapping[str, Any] | For
                                      request.history)
 
 
-def forecast_for_keys(forecaster: Forecaster, frame: pd.DataFrame, horizon: int
-                      ) -> pd.DataFrame:
+def forecast_for_keys(forecaster: Forecaster, frame: pd.DataFrame, horizon: Any
+                      ) -> ForecastTable:
     """The forecast table of the next ``horizon`` periods of the series ``frame`` names.
 
     ``frame``'s segment columns name the series (each distinct key once; no rows: every
-    series); when it also carries the time column, its rows are the known-future
-    covariates of those periods. This is the MLflow pyfunc's ``params={"horizon": H}``.
+    series; with levels, a column left out or null names the aggregate over it); when it
+    also carries the time column, its rows are the known-future covariates of those
+    periods. This is ``params={"horizon": H}`` of the MLflow pyfunc and ``/invocations``.
     """
     if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
         raise InputSchemaError(f"'horizon' must be a positive integer, got {horizon!r}")
     columns = list(forecaster.key_columns)
+    levels = forecaster.hierarchy is not None
     keys: list[Any] | None = None
     if len(frame):
+        present = [c for c in columns if c in frame.columns]
         missing = [c for c in columns if c not in frame.columns]
-        if missing:
+        if missing and not levels:
             raise contract.InputRefused(
                 contract.MISSING_COLUMN, f"the rows lack segment column(s) "
                 f"{', '.join(missing)}: with a horizon each row names a series by "
                 f"{', '.join(columns)}", 0, missing[0])
-        keys = frame[columns].drop_duplicates().to_dict(orient="records")
-        _check_keys(keys, columns)
+        keys = frame[present].drop_duplicates().to_dict(orient="records")
+        _check_keys(keys, columns, levels)
     future = frame if len(frame) and forecaster.time_column in frame.columns else None
-    return forecaster.forecast(int(horizon), keys, future, None)
+    return forecaster.forecast_table(int(horizon), keys, future, None)
 
 
 def forecast_records(table: pd.DataFrame | ForecastTable, time_column: str

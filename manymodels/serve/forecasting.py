@@ -21,6 +21,7 @@ import pandas as pd
 
 from manymodels.keys import parse_segment_key
 from manymodels.runtime.forecast_request import (
+    forecast_for_keys,
     forecast_future_rows,
     forecast_records,
     forecast_request_table,
@@ -32,7 +33,7 @@ from .dataplane import Prediction, Table
 from .errors import MalformedBody
 from .registry import ModelRegistry
 
-__all__ = ["forecast_reply", "forecast_table", "is_forecasting"]
+__all__ = ["forecast_keys_reply", "forecast_reply", "forecast_table", "is_forecasting"]
 
 T = TypeVar("T")
 
@@ -106,6 +107,23 @@ async def forecast_reply(registry: ModelRegistry, body: Any) -> dict[str, Any]:
     for method, count in table.method_counts().items():
         registry.telemetry.scored(method, count, ns)
     return {"forecasts": forecast_records(table, forecaster.time_column)}
+
+
+async def forecast_keys_reply(registry: ModelRegistry, table: Table, horizon: Any
+                              ) -> dict[str, Any]:
+    """``/invocations`` with ``params: {"horizon": H}``: the next ``H`` periods of the
+    series the rows name, as the MLflow pyfunc answers them (one record per series and
+    step, under ``predictions``)."""
+    forecaster = _forecaster(registry)
+    frame = pd.DataFrame(table.columns)
+    series = len(frame) or len(forecaster.keys)
+    rows = series * (horizon if isinstance(horizon, int) else 1)
+    started = time.perf_counter_ns()
+    done = await _call(registry, rows, forecast_for_keys, forecaster, frame, horizon)
+    ns = time.perf_counter_ns() - started
+    for method, count in done.method_counts().items():
+        registry.telemetry.scored(method, count, ns)
+    return {"predictions": forecast_records(done, forecaster.time_column)}
 
 
 def is_forecasting(registry: ModelRegistry) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .dataplane import Prediction, Table, parse_table, route_rows, score_groups, score_model
 from .errors import MalformedBody
-from .forecasting import forecast_reply, forecast_table, is_forecasting
+from .forecasting import forecast_keys_reply, forecast_reply, forecast_table, is_forecasting
 from .keyed import fill_segment_key, key_of_scope
 from .paths import (
     FORECAST,
@@ -158,6 +158,9 @@ class Scorer:
             table = parse_table(body, INVOCATION_FIELDS)
             params = body.get("params") or {}
             name = params.get("model") if isinstance(params, dict) else None
+            horizon = params.get("horizon") if isinstance(params, dict) else None
+            if horizon and is_forecasting(self.registry):  # as the MLflow pyfunc's param
+                return await forecast_keys_reply(self.registry, table, horizon)
         if name is not None:
             prediction = await self.named(name, table)
             models, fallback = [name] * table.n, [False] * table.n
