@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,9 @@ def test_routes_show_every_segment_and_the_name_answers_carry(bundles: dict[str,
         assert not answer["model"][1].startswith("blend(")
         named = server.client.post(f"/models/{blended}/score", json={"data": [rows[0]]}).json()
         assert named["predictions"][0] != pytest.approx(answer["predictions"][0])
+        by_label = server.client.post(f"/models/{urllib.parse.quote(label, safe='')}/score",
+                                      json={"data": [rows[0]]})
+        assert by_label.status_code == 404 and "segment key" in by_label.json()["detail"]
         page = browser.new_page()
         page.goto(f"{server.url}/ui?refresh=0.5")
         count = "document.querySelectorAll('#routes tbody tr').length"

@@ -101,6 +101,10 @@ class ModelNotFound(ManyModelsError, KeyError):
     def __init__(self, name: str, known: int | None = None) -> None:
         tail = (f" (the bundle has {known} models; `manymodels inspect` or GET /models lists them)"
                 if known else "")
+        if name.startswith("blend("):  # an answer's model field, copied into a named call
+            tail = ("; a blend names the two models a segment's rows are mixed from: send "
+                    "the rows with their segment key (/score, /segments/score) to get the "
+                    "blend, or name one member")
         super().__init__(f"model '{name}' not found{tail}")
         self.name = name
 
