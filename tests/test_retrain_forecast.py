@@ -6,6 +6,7 @@ MLflow SQLite store."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,21 @@ def test_known_future_covariates_feed_the_recent_forecasts(here: Path) -> None:
     assert np.isfinite(result.report["recent_mase"]).all()
     assert set(result.report["action"]) == {"retrain"}
     assert validate_bundle(result.bundle).ok
+
+
+def test_a_retrained_bundle_retrains_again(champion: Path, here: Path) -> None:
+    """Check that a merged bundle is a champion like any other: its fitted periods drive
+    max_age, and a name kept under its digest is not suffixed twice."""
+    first = _run(_panel(shift={2: 2.5}), champion, here, trainer=_trainer(error_growth=0.5))
+    later = _panel(periods=PERIODS + NEW + 3, shift={2: 2.5})
+    second = retrain(later, first.bundle, runs=here / "runs2", out=here / "new2", jobs=1,
+                     state_dir=here / "state", track=False,
+                     trainer=_trainer(max_age=2, error_growth=None))
+    report = second.report.set_index("segment")
+    assert set(report["action"]) == {"retrain"}
+    assert all(r.startswith("age: fitted") for r in report["reason"])
+    assert validate_bundle(second.bundle).ok
+    names = list(read_manifest(second.bundle).models)
+    assert not [n for n in names if re.search(r"(\.[0-9a-f]{10}){2}$", n)], names
+    table = Bundle(second.bundle).forecast(4)
+    assert pd.Timestamp(table["week"].min()) > pd.Timestamp(later["week"].max())
