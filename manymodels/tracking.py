@@ -93,7 +93,8 @@ def forecast_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """A forecasting run's metrics: counts, each method's and the chosen routes' mean
     backtest error per metric (``backtest_mase.chosen``, ``backtest_mase.global:ridge``)
     and how many series chose each method (``chosen.naive``); with levels, each level's
-    backtest error before and after reconciliation (``level_mase.region_store.after``)."""
+    backtest error before and after reconciliation (``level_mase.region_store.after``);
+    the backtest coverage of each prediction interval level (``interval_coverage.80``)."""
     metrics: dict[str, Any] = {k: summary.get(k) for k in (
         "segments", "trained", "failed", "failed_fraction", "horizon", "season_length",
         "windows", "filled_periods", "seconds")}
@@ -108,6 +109,9 @@ def forecast_metrics(summary: dict[str, Any]) -> dict[str, Any]:
         level = "+".join(a.get("level") or []) or "total"
         for when in ("before", "after"):
             metrics[metric_name(f"level_{metric}.{level}.{when}")] = a.get(when)
+    metrics.update({f"interval_coverage.{k}": v  # held-out backtest coverage per level
+                    for k, v in (summary.get("interval_coverage") or {}).items()
+                    if v is not None})
     return metrics
 
 

@@ -274,3 +274,14 @@ def test_reconciled_levels_get_bands_calibrated_on_reconciled_backtests(tmp_path
     half = section["series"]["interval_scale"][i] * np.asarray(
         section["intervals"]["quantiles"]["95"][:4])
     np.testing.assert_allclose(total["hi_95"] - total["forecast"], half, rtol=1e-9)
+
+
+def test_interval_coverage_is_an_mlflow_metric(bundle: Path) -> None:
+    """Check that a run's held-out backtest coverage per level becomes a tracked metric."""
+    from manymodels.tracking import forecast_metrics
+
+    summary = Bundle(bundle).manifest.raw["summary"]
+    metrics = forecast_metrics(summary)
+    for level in ("80", "95"):
+        assert metrics[f"interval_coverage.{level}"] == summary["interval_coverage"][level]
+        assert 0.5 < metrics[f"interval_coverage.{level}"] <= 1.0
