@@ -276,6 +276,27 @@ def test_error_threshold_exceeded_fails_the_job_with_the_reason(
     assert ended["progress"]["rows_rejected"] == 100
 
 
+def test_job_on_an_external_dask_cluster(bundle: tuple[Path, pd.DataFrame],
+                                        keys: tuple[Path, dict[str, str]], tmp_path: Path,
+                                        external_dask: str) -> None:
+    """Check that --batch-executor dask://HOST:PORT scores a job's units on an existing
+    Dask cluster, exactly once and equal to Bundle.predict."""
+    root, rows = bundle
+    data = tmp_path / "data"
+    frame = _write_input(rows, data / "in" / "rows.parquet", 6_000, 13, 1_000)
+    executor = "dask://" + external_dask.removeprefix("tcp://")
+    with serving(root, keys, tmp_path / "state", [data],
+                 flags=["--batch-executor", executor]) as server:
+        client = server.client()
+        job = client.submit_job(str(data / "in"), str(data / "out"), mini_batch_size=1_000)
+        ended = client.wait_job(job["id"], timeout=180)
+        log = client.job_log(job["id"])
+    assert ended["state"] == "succeeded", ended
+    assert ended["options"]["executor"] == executor and "(dask)" in log
+    assert len({p["id"] for p in _committed(data / "out")}) == 6
+    _assert_equals_bundle(root, frame, pd.read_parquet(data / "out" / "predictions"))
+
+
 # -- the API's rules ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def api(bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],

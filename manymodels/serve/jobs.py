@@ -409,7 +409,7 @@ def describe(job: Job) -> dict[str, Any]:
         "id": job.id, "state": job.state, "deployment": job.deployment,
         "bundle": job.bundle, "bundle_sha256": job.bundle_sha256,
         "input": job.input, "output": job.output,
-        "options": {k: job.options.get(k) for k in (*BUILT_IN, "id_column")},
+        "options": {k: job.options.get(k) for k in (*BUILT_IN, "id_column", "executor")},
         "workers": job.workers, "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
         "progress": progress,
