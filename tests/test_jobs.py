@@ -74,12 +74,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 
 
 @contextlib.contextmanager
-def serving(bundle: Path, keys: tuple[Path, dict[str, str]], state: Path, roots: list[Path],
+def serving(bundle: Path | None, keys: tuple[Path, dict[str, str]], state: Path,
+            roots: list[Path],
             env: dict[str, str] | None = None, flags: list[str] | None = None
             ) -> Iterator[Server]:
     """``manymodels serve`` with ``--auth key``, batch roots and a state directory."""
     port = free_port()
-    command = [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", str(port),
+    command = [sys.executable, "-m", "manymodels", "serve", *([str(bundle)] if bundle else []),
+               "--port", str(port),
                "--auth", "key", "--key-file", str(keys[0]), "--state-dir", str(state),
                *[a for root in roots for a in ("--batch-root", str(root))], *(flags or [])]
     log = open(state.parent / f"server-{port}.log", "wb")  # noqa: SIM115
@@ -297,6 +299,33 @@ def test_job_on_an_external_dask_cluster(bundle: tuple[Path, pd.DataFrame],
     _assert_equals_bundle(root, frame, pd.read_parquet(data / "out" / "predictions"))
 
 
+def test_bundle_is_pinned_at_submission_across_a_rollout(bundle: tuple[Path, pd.DataFrame],
+                                                         keys: tuple[Path, dict[str, str]],
+                                                         tmp_path: Path) -> None:
+    """Check that a job keeps the bundle of the live deployment when it was submitted,
+    even when traffic moves to another bundle mid-job; a job submitted after uses the new."""
+    root, rows = bundle
+    other, _ = build_bundle(tmp_path / "other", n_stores=4, seed=5)
+    data = tmp_path / "data"
+    frame = _write_input(rows, data / "in" / "rows.parquet", 8_000, 14, 1_000)
+    flags = ["--deployment", f"blue={root}", "--deployment", f"green={other}",
+             "--traffic", "blue=100,green=0"]
+    with serving(None, keys, tmp_path / "state", [data], flags=flags,
+                 env={"MANYMODELS_BATCH_TEST_SLEEP": "0.3"}) as server:
+        client = server.client()
+        before = client.submit_job(str(data / "in"), str(data / "out-blue"), mini_batch_size=1000)
+        _wait_for(server, before["id"], lambda j: j["progress"].get("parts_done", 0) >= 1)
+        moved = server.call("PUT", "/admin/traffic", "admin", json={"blue": 0, "green": 100})
+        assert moved.status_code == 200, moved.text
+        after = client.submit_job(str(data / "in"), str(data / "out-green"), mini_batch_size=1000)
+        ended = [client.wait_job(j["id"], timeout=180) for j in (before, after)]
+    assert [j["deployment"] for j in ended] == ["blue", "green"]
+    assert [j["state"] for j in ended] == ["succeeded", "succeeded"]
+    assert ended[0]["bundle"] == str(root.resolve()) != ended[1]["bundle"]
+    _assert_equals_bundle(root, frame, pd.read_parquet(data / "out-blue" / "predictions"))
+    _assert_equals_bundle(other, frame, pd.read_parquet(data / "out-green" / "predictions"))
+
+
 # -- the API's rules ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def api(bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],
@@ -331,8 +360,9 @@ def test_same_idempotency_key_twice_makes_one_job(api: tuple[Server, Path]) -> N
 
 
 def test_credentials_scopes_and_roots(api: tuple[Server, Path], tmp_path: Path) -> None:
-    """Check 401 without credentials, 403 for score and read keys, admin allowed, and 422
-    for inputs or outputs outside the batch roots (symbolic links resolved)."""
+    """Check 401 without credentials, 403 for score and read keys, admin allowed, 422
+    for inputs or outputs outside the batch roots (symbolic links resolved), and that the
+    routes pass the same body limit and request metrics as every other route."""
     server, data = api
     body = {"input": str(data / "in"), "output": str(data / "out-auth")}
     assert server.call("POST", "/batch/jobs", None, json=body).status_code == 401
@@ -356,6 +386,11 @@ def test_credentials_scopes_and_roots(api: tuple[Server, Path], tmp_path: Path) 
     assert unknown.status_code == 422 and "workers" in unknown.json()["detail"]
     assert server.call("GET", "/batch/jobs/job-none").status_code == 404
     assert server.call("GET", "/batch/jobs?state=done").status_code == 422
+    huge = server.call("POST", "/batch/jobs", content=b" " * (17 << 20),
+                       headers={"content-type": "application/json"})
+    assert huge.status_code == 413  # the body limit of every route
+    metrics = server.call("GET", "/metrics", "read").text
+    assert 'route="/batch/jobs"' in metrics and 'route="/batch/jobs/{job_id}"' in metrics
 
 
 def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path],
@@ -391,7 +426,8 @@ def test_output_of_a_running_job_cannot_be_reused(api: tuple[Server, Path],
     assert older and older[0]["id"] != page["jobs"][0]["id"]
 
 
-def test_cli_submit_wait_exit_codes(api: tuple[Server, Path]) -> None:
+def test_cli_submit_wait_exit_codes(api: tuple[Server, Path],
+                                    bundle: tuple[Path, pd.DataFrame]) -> None:
     """Check ``manymodels jobs submit --wait`` exits 0 on success and ``wait`` exits with the
     state's code for a canceled job."""
     server, data = api
@@ -402,9 +438,11 @@ def test_cli_submit_wait_exit_codes(api: tuple[Server, Path]) -> None:
                          text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     assert "succeeded" in run.stdout
+    _write_input(bundle[1], data / "in-cli" / "rows.parquet", 20_000, 15, 500)
     job_id = server.call("POST", "/batch/jobs", json={
-        "input": str(data / "in"), "output": str(data / "out-cli2")}).json()["id"]
-    server.call("DELETE", f"/batch/jobs/{job_id}")  # at once: before its runner commits
+        "input": str(data / "in-cli"), "output": str(data / "out-cli2"),
+        "mini_batch_size": 500}).json()["id"]
+    server.call("DELETE", f"/batch/jobs/{job_id}")  # long before its 40 parts are done
     waited = subprocess.run([sys.executable, "-m", "manymodels", "jobs", "wait", job_id],
                             env=env, capture_output=True, text=True, timeout=120)
     assert waited.returncode == JOB_EXIT_CODES["canceled"] == 21, waited.stdout + waited.stderr

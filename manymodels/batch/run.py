@@ -459,6 +459,7 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
     watch = watch or Watch(None, None, time.perf_counter())
     watch.plan(log, units, failed)
     halted = False
+    units_done = 0
     if passed():
         stopped = True
         tasks = []
@@ -483,6 +484,7 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
                         for o in good if o.committed is not None), hook=hook)
             hook("after_commit")
             committed_now += len(good)
+            units_done += 1
             rows = sum(o.committed.rows + o.committed.rejected for o in good if o.committed)
             rows_now += rows
             bar.advance(rows or sum(o.piece.rows for o in result.outcomes))
@@ -501,7 +503,7 @@ def _execute(root: Path, name: str, files: list[InputFile], units: list[Unit],
     timings["score"] = time.perf_counter() - run_start
     summary = _summarise(log, out, len(files), committed_now, failed, rows_now, mini_batch,
                          error_threshold, stopped, workers, backend, timings)
-    summary.stopped = halted
+    summary.stopped = halted and units_done < len(units)  # asked to stop with work left
     return summary
 
 
