@@ -11,7 +11,12 @@ forecast; ``reconcile: none``), *bottom-up* (the segments' base forecasts, summe
 error and averaged per level; the table also gives the in-sample backtest figures the run
 reports (``summary.levels``) and how far each level is from adding up.
 
-Run: ``python benchmarks/forecast_levels.py [--stores 100] [--weeks 120] [--horizon 8]``.
+With ``--origins K`` the panel is held out at K consecutive origins (one training each,
+the last ``K·h`` weeks) and MASE is averaged over series and origins: the coarse levels
+have few series, and one window of one series says little.
+
+Run: ``python benchmarks/forecast_levels.py [--stores 100] [--weeks 120] [--horizon 8]
+[--origins K]``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def level_of(row: pd.Series) -> str:
 
 def mase_by_level(train: pd.DataFrame, test: pd.DataFrame, forecasts: dict[str, pd.DataFrame]
                   ) -> pd.DataFrame:
+    """MASE of every series (with its level) for each contender's forecasts."""
     scale = {}
     for key, part in train.groupby(KEYS, sort=False):
         y = part.sort_values("week")["units"].to_numpy()
@@ -83,7 +89,7 @@ def mase_by_level(train: pd.DataFrame, test: pd.DataFrame, forecasts: dict[str, 
             err = np.mean(np.abs(part["units"].to_numpy() - part["forecast"].to_numpy()))
             rows.append({"method": name, "level": level_of(pd.Series(dict(zip(KEYS, key, strict=True)))),
                          "mase": err / scale[key]})
-    return pd.DataFrame(rows).groupby(["level", "method"])["mase"].mean().unstack("method")
+    return pd.DataFrame(rows)
 
 
 def incoherence(table: pd.DataFrame) -> float:
@@ -100,67 +106,85 @@ def incoherence(table: pd.DataFrame) -> float:
     return worst
 
 
-def bench(stores: int, weeks: int, h: int) -> None:
+def run_origin(frame: pd.DataFrame, cut: int, h: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train on the weeks up to ``cut``, forecast the next ``h``: MASE per series and
+    contender, the run's summary, and timings."""
     import manymodels
     from manymodels.runtime import Bundle
 
-    frame = panel(stores, weeks)
-    cut = frame["week"].max() - h
-    train, test = frame[frame["week"] <= cut], frame[frame["week"] > cut]
-    full_train, full_test = with_levels(train), with_levels(test)
-    n = {name: int(count) for name, count in
-         full_train.groupby(KEYS).size().reset_index().apply(level_of, axis=1)
-         .value_counts().items()}
-    print(f"\n## OJ units, {stores} stores × 3 brands in {(stores + 9) // 10} regions: "
-          f"{sum(n.values())} series ({n}), {weeks - h} training weeks, h={h}, season "
-          f"{SEASON}\n")
+    train, test = frame[frame["week"] <= cut], frame[(frame["week"] > cut)
+                                                     & (frame["week"] <= cut + h)]
     with tempfile.TemporaryDirectory() as tmp:
         segmenter = {"columns": KEYS, "min_rows": 2}
         started = time.perf_counter()
         result = manymodels.train(train, segmenter, trainer_spec(h, "mint_shrink"), out=tmp,
                                   run_id="r", track=False)
-        seconds = time.perf_counter() - started
-        bundle = Bundle(result.run_dir)
-        forecaster = bundle.forecaster
+        info: dict[str, Any] = {"train_s": time.perf_counter() - started,
+                                "summary": result.summary}
+        forecaster = Bundle(result.run_dir).forecaster
         mint = forecaster.hierarchy
         assert mint is not None
         forecaster.forecast(h)  # load every model first: the timings compare warm calls
         tables: dict[str, pd.DataFrame] = {}
-        timings: dict[str, float] = {}
         for name, method, P in (("base", "none", None), ("bottom_up", "bottom_up", None),
                                 ("mint_shrink", "mint_shrink", mint.P)):
             forecaster.hierarchy = dataclasses.replace(mint, method=method, P=P)
             started = time.perf_counter()
             tables[name] = forecaster.forecast(h)
-            timings[name] = time.perf_counter() - started
-        one = time.perf_counter()
+            info[f"{name}_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         forecaster.forecast(h, keys=[{"region": "r00", "store": 1, "brand": "tropicana"}])
-        one_s = time.perf_counter() - one
+        info["one_s"] = time.perf_counter() - started
     for table in tables.values():
         table["store"] = table["store"].astype(str)
-    accuracy = mase_by_level(full_train, full_test, tables)
+    info["gaps"] = {name: incoherence(table) for name, table in tables.items()}
+    return mase_by_level(with_levels(train), with_levels(test), tables), info
+
+
+def bench(stores: int, weeks: int, h: int, origins: int) -> None:
+    frame = panel(stores, weeks)
+    last = int(frame["week"].max())
+    cuts = [last - h * (k + 1) for k in reversed(range(origins))]
+    n = with_levels(frame[frame["week"] == last]).apply(level_of, axis=1).value_counts()
+    print(f"\n## OJ units, {stores} stores × 3 brands in {(stores + 9) // 10} regions: "
+          f"{int(n.sum())} series ({n.to_dict()}), h={h}, season {SEASON}, held-out origins "
+          f"after weeks {cuts}\n")
+    parts, infos = [], []
+    for cut in cuts:
+        rows, info = run_origin(frame, cut, h)
+        parts.append(rows)
+        infos.append(info)
+    accuracy = pd.concat(parts).groupby(["level", "method"])["mase"].mean().unstack("method")
     order = ["region+store+brand", "region+store", "region", "total"]
-    backtest = {("+".join(a["level"]) or "total"): a for a in result.summary["levels"]["accuracy"]}
+    backtest = {level: (np.mean([b[level]["before"] for b in _backtests(infos)]),
+                        np.mean([b[level]["after"] for b in _backtests(infos)]))
+                for level in order}
     print("| level | series | base MASE | bottom-up MASE | MinT MASE | MinT / base | "
           "backtest before | backtest after (MinT) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for level in order:
         row = accuracy.loc[level]
-        bt = backtest[level]
-        print(f"| {level} | {n[level]} | {row['base']:.3f} | {row['bottom_up']:.3f} | "
+        print(f"| {level} | {int(n[level])} | {row['base']:.3f} | {row['bottom_up']:.3f} | "
               f"{row['mint_shrink']:.3f} | {row['mint_shrink'] / row['base']:.3f} | "
-              f"{bt['before']:.3f} | {bt['after']:.3f} |")
+              f"{backtest[level][0]:.3f} | {backtest[level][1]:.3f} |")
     means = accuracy.loc[order].mean()
     print(f"| mean of levels | | {means['base']:.3f} | {means['bottom_up']:.3f} | "
           f"{means['mint_shrink']:.3f} | {means['mint_shrink'] / means['base']:.3f} | | |")
-    print(f"\nlargest gap between a parent and the sum of its segments: base "
-          f"{incoherence(tables['base']):.2e}, bottom-up {incoherence(tables['bottom_up']):.2e}, "
-          f"MinT {incoherence(tables['mint_shrink']):.2e}")
-    print(f"train (every level's backtests, choice, export, MinT map): {seconds:.1f} s; "
-          f"forecast of every series: base {timings['base']:.2f} s, MinT "
-          f"{timings['mint_shrink']:.2f} s; one segment with MinT (needs every series' base "
-          f"forecast): {one_s:.2f} s")
-    print(f"methods chosen: {result.summary['methods_chosen']}")
+    gaps = {name: max(i["gaps"][name] for i in infos) for name in infos[0]["gaps"]}
+    print(f"\nMASE: mean over series and held-out origins. Largest gap between a parent and "
+          f"the sum of its segments: base {gaps['base']:.2e}, bottom-up "
+          f"{gaps['bottom_up']:.2e}, MinT {gaps['mint_shrink']:.2e}")
+    for cut, info in zip(cuts, infos, strict=True):
+        print(f"origin after week {cut}: train (every level's backtests, choice, export, MinT "
+              f"map) {info['train_s']:.1f} s; forecast of every series (warm): base "
+              f"{info['base_s']:.2f} s, MinT {info['mint_shrink_s']:.2f} s; one segment with "
+              f"MinT {info['one_s']:.2f} s; methods chosen "
+              f"{info['summary']['methods_chosen']}")
+
+
+def _backtests(infos: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]]:
+    return [{("+".join(a["level"]) or "total"): a for a in i["summary"]["levels"]["accuracy"]}
+            for i in infos]
 
 
 def main() -> None:
@@ -168,15 +192,18 @@ def main() -> None:
     parser.add_argument("--stores", type=int, default=100)
     parser.add_argument("--weeks", type=int, default=120)
     parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--origins", type=int, default=1,
+                        help="held-out windows of h weeks, the latest last (one training each)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    bench(args.stores, args.weeks, args.horizon)
+    bench(args.stores, args.weeks, args.horizon, args.origins)
 
 
 if __name__ == "__main__":
     if os.environ.get("MANYMODELS_BENCH_DOCS", "1") != "0":
-        with record("forecast-levels", "Forecasting: coherent levels on the OJ panel"):
+        page = "forecast-levels" + ("-origins" if "--origins" in sys.argv else "")
+        with record(page, "Forecasting: coherent levels on the OJ panel"):
             main()
     else:
         main()
