@@ -664,6 +664,7 @@ def run_canary(args: argparse.Namespace, work: Path) -> None:
         "poll_seconds": 1.0, "mirror": {"percent": 10, **hold},
         "steps": [{"percent": 10, **hold, "min_seconds": 10**6, "min_requests": 10**9},
                   {"percent": 100, **hold}]}}))
+    inprocess = canary_asgi_cost(blue, named, spec, args.rounds)
     serve = [PY, "-m", "manymodels", "serve", "--port", "{port}"]
     one_server = Server("one", [*serve, str(blue)], "/ping")
     follow = Server("follow", [*serve, "models:/bench@champion", "--follow", "--spec", str(spec),
@@ -732,9 +733,80 @@ def run_canary(args: argparse.Namespace, work: Path) -> None:
           f"in-process CPU time): {_observe_cost():.2f} µs")
     print(f"- server CPU per request, analysing − paused: {gap:.1f} µs (the difference of two "
           f"noisy medians on a shared machine)")
+    print(f"- in-process CPU per /score request through the whole ASGI app (no HTTP; median "
+          f"of {args.rounds} interleaved rounds of 20,000): "
+          + ", ".join(f"{label} {us:.1f} µs" for label, us in inprocess.items()
+                      if label != "compared over the analysing rounds")
+          + f" ({inprocess['compared over the analysing rounds']:.0f} requests compared "
+            f"over the analysing rounds)"
+          + f"; analysing / one = {inprocess['one deployment'] / inprocess['analysing']:.0%}")
     print(f"- state at the end: step {state['step']}, status {state['status']}, "
           f"{len(state['changed'])} changed models of {len(models)}")
     print(f"- non-200 answers: {sum(r['errors'] for rs in runs.values() for r in rs)}")
+
+
+def canary_asgi_cost(bundle: Path, bodies: list[bytes], spec: Path, rounds: int,
+                     n: int = 20000) -> dict[str, float]:
+    """CPU µs per ``/score`` request through the whole ASGI app in this process: one
+    deployment, and a follower held at its 90/10 step, paused and analysing."""
+    from manymodels.registry import promote
+    from manymodels.serve import create_app
+    from manymodels.serve.settings import load_settings
+
+    state = os.environ["MANYMODELS_STATE_DIR"]
+    os.environ["MANYMODELS_STATE_DIR"] = state + "-inprocess"  # its own rollout state
+    one = create_app(load_settings(bundle=str(bundle)))
+    follow = create_app(load_settings(spec, bundle="models:/bench@champion", follow=True))
+    os.environ["MANYMODELS_STATE_DIR"] = state
+    rollout = follow.mirror.canary
+    assert rollout is not None
+    promote("bench", 2, "champion", reason="benchmark, in-process")
+    scopes = [{"type": "http", "method": "POST", "path": "/score", "headers": [
+        (b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+        (b"content-length", str(len(b)).encode())], "state": {}} for b in bodies]
+
+    async def send(message: Any) -> None:
+        pass
+
+    def receiver(body: bytes) -> Any:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+        return receive
+
+    async def run(app: Any) -> float:
+        start = time.process_time()
+        for i in range(n):
+            j = i % len(bodies)
+            await app({**scopes[j], "state": {}}, receiver(bodies[j]), send)
+            await asyncio.sleep(0)  # the mirror's replays run between requests, as when served
+        return (time.process_time() - start) / n * 1e6
+
+    async def measure() -> dict[str, list[float]]:
+        while (rollout.record.step if rollout.record else -1) != 1 \
+                or rollout.record.status != "running":
+            await rollout.poll()  # started, then past the mirror phase (no minimum)
+        times: dict[str, list[float]] = {"one deployment": [], "paused": [], "analysing": []}
+        for app in (one, follow):
+            for i in range(len(bodies)):  # warm up: load every model
+                await app({**scopes[i], "state": {}}, receiver(bodies[i]), send)
+        order = list(times)
+        for round_ in range(rounds):
+            for label in order[round_ % 3:] + order[:round_ % 3]:
+                if label != "one deployment":
+                    if rollout.record.paused != (label == "paused"):
+                        await rollout.command("pause" if label == "paused" else "resume",
+                                              "benchmark")
+                times[label].append(await run(one if label == "one deployment" else follow))
+        # comparisons over all analysing rounds (pausing keeps the counts)
+        times["compared over the analysing rounds"] = [
+            float(rollout.analysis.requests) if rollout.analysis is not None else 0.0]
+        return times
+
+    times = asyncio.run(measure())
+    promote("bench", 1, "champion", reason="benchmark: the processes start from version 1")
+    one.endpoint.close()
+    follow.endpoint.close()
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 
 def _observe_cost(n: int = 100_000) -> float:
