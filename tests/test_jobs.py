@@ -255,6 +255,32 @@ def test_cancel_stops_within_seconds_and_keeps_only_whole_parts(
     assert len(pd.read_parquet(out / "predictions")) == 1_000 * len(pieces)
 
 
+def test_cancel_in_the_middle_of_a_long_part_stops_it_there(
+        bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],
+        tmp_path: Path) -> None:
+    """Check that a canceled job whose part would take a minute stops within seconds all
+    the same (interrupted in the part), leaving nothing staged and no part."""
+    root, rows = bundle
+    data = tmp_path / "data"
+    _write_input(rows, data / "in" / "rows.parquet", 2_000, 16, 1_000)
+    with serving(root, keys, tmp_path / "state", [data],
+                 env={"MANYMODELS_BATCH_TEST_SLEEP": "60"}) as server:
+        job = server.call("POST", "/batch/jobs", json={
+            "input": str(data / "in"), "output": str(data / "out"),
+            "mini_batch_size": 1_000}).json()
+        _wait_for(server, job["id"], lambda j: j["progress"].get("parts_total") == 2)
+        time.sleep(1.5)  # in the first part's minute
+        asked = time.monotonic()
+        server.call("DELETE", f"/batch/jobs/{job['id']}")
+        ended = _wait_for(server, job["id"], lambda j: j["state"] != "running", 30)
+        took = time.monotonic() - asked
+    assert ended["state"] == "canceled" and "middle of a part" in ended["reason"], ended
+    assert took < 10, took
+    out = data / "out"
+    assert list((out / "predictions").iterdir()) == []
+    assert list((out / "_manymodels_batch" / "staging").iterdir()) == []
+
+
 def test_error_threshold_exceeded_fails_the_job_with_the_reason(
         bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],
         tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ log file), so a job starts scoring without an interpreter's start-up.
 It dies with the server that started it (``PR_SET_PDEATHSIG``): a server killed mid-job
 leaves the job ``running`` under a dead owner, and the restarted server queues it again;
 the new run resumes from the committed parts. ``SIGTERM`` (a cancel) stops the run at
-its next commit and deletes what it staged, so OUTPUT keeps only whole committed parts.
+its next commit and deletes what it staged, so OUTPUT keeps only whole committed parts;
+``SIGINT`` (a cancel still waiting after a few seconds) stops it where it is and then
+deletes whatever was staged or renamed but not committed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from manymodels.errors import ManyModelsError
 from manymodels.jobstore import Job, JobStore
@@ -98,14 +101,24 @@ def run_job(store: JobStore, job: Job, owner: str, stop: threading.Event) -> str
 
     log.info("attempt %d: %s -> %s with bundle %s (%s)", job.attempts, job.input, job.output,
              job.bundle, backend)
-    try:
-        summary = score_batch(
+
+    def run(should_stop: Callable[[], bool], on_progress: Any = None) -> Any:
+        return score_batch(
             job.bundle, job.input, job.output, mini_batch_size=options["mini_batch_size"],
             workers=job.workers if backend == "local" else None,
             error_threshold=int(options["error_threshold"]), id_column=options.get("id_column"),
             backend=backend, scheduler=scheduler, strict_columns=bool(
                 options.get("strict_columns", False)),
-            on_progress=progress, should_stop=_stopper(store, job.id, stop))
+            on_progress=on_progress, should_stop=should_stop)
+
+    try:
+        summary = run(_stopper(store, job.id, stop), progress)
+    except KeyboardInterrupt:  # SIGINT: a cancel that could not wait for the next commit
+        log.warning("interrupted mid-part; deleting what was staged")
+        run(lambda: True)  # opens OUTPUT's log, deletes unlisted parts and staging, stops
+        store.finish(job.id, "canceled", "canceled in the middle of a part; uncommitted work "
+                     "was deleted", owner=owner)
+        return "canceled"
     except (ErrorThresholdExceeded, NothingScored) as exc:
         errors = [f"{rel}: {error}" for rel, error in exc.summary.failed_files]
         first = first_rejection(exc.summary.output)
@@ -179,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     reuse_freed_memory()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # cancel at the next commit
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # cancel now
     job_id = args.job
     if args.warm:
         import onnxruntime  # noqa: F401 - what the first mini-batch would import

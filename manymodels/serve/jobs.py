@@ -53,6 +53,8 @@ log = logging.getLogger("manymodels.serve")
 RUNNER_MODULE = "manymodels.batch.jobrunner"
 #: Seconds between two rounds of the supervisor (claim, cancel, heartbeat).
 TICK_SECONDS = 0.25
+#: Seconds a canceled job may take to reach its next commit before it is interrupted.
+CANCEL_INTERRUPT_SECONDS = 3.0
 #: Seconds between two heartbeats (and looks for the jobs of servers that died).
 HEARTBEAT_SECONDS = 5.0
 #: Built-in job options, under the server's and the deployment's.
@@ -177,6 +179,7 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._next_beat = 0.0
         self._warm: subprocess.Popen[bytes] | None = None
+        self._interrupted: set[str] = set()
 
     @property
     def store(self) -> JobStore:
@@ -315,6 +318,7 @@ class JobManager:
             if code is None:
                 continue
             del self._procs[job_id]
+            self._interrupted.discard(job_id)
             canceled = self._cancel_sent.pop(job_id, None) is not None
             state, why = ("canceled", "canceled; its runner was stopped") if canceled else (
                 "failed", f"the job's runner ended with code {code} without an outcome; see "
@@ -325,11 +329,14 @@ class JobManager:
             if runner is None or not job.cancel_requested:
                 continue
             sent = self._cancel_sent.get(job.id)
-            if sent is None:
+            if sent is None:  # stop at the next commit
                 runner.send_signal(signal.SIGTERM)
                 self._cancel_sent[job.id] = now
             elif now - sent > batch.cancel_grace_seconds:
                 _kill(runner)
+            elif now - sent > CANCEL_INTERRUPT_SECONDS and job.id not in self._interrupted:
+                runner.send_signal(signal.SIGINT)  # a long part: stop in it, then clean up
+                self._interrupted.add(job.id)
         if now >= self._next_beat:  # a few seconds apart: each is a write
             self._next_beat = now + min(HEARTBEAT_SECONDS, batch.lease_seconds / 3)
             self.store.heartbeat(self.owner)

@@ -110,8 +110,9 @@ class BatchSettings(BaseModel):
     """Keep one runner process started ahead, its imports done, so the next job starts
     scoring at once (it costs the memory of one idle process)."""
     cancel_grace_seconds: float = Field(default=20.0, gt=0)
-    """A canceled job's runner that has not stopped within this time is killed (its
-    uncommitted files are deleted by a clean-up run)."""
+    """A canceled job's runner that has not stopped within this time is killed (it is
+    interrupted in its part after 3 s; a killed runner's staged files are deleted by the
+    next run into that output)."""
     defaults: BatchDefaults = Field(default_factory=BatchDefaults)
     """Options of every job unless its deployment or its request sets them."""
 
