@@ -2,7 +2,8 @@
 
 Exit codes of ``retrain`` (docs/guide/retrain.md): 0 new version promoted (or,
 with ``--dry-run``, something to do), 10 nothing to do (no segment changed, or no
-challenger was better: nothing written), 11 new version registered (or written) but not
+challenger was better; a forecasting bundle: no series needs a refit and none has new
+periods: nothing written), 11 new version registered (or written) but not
 promoted, 12 ``--promote`` refused (validate failed, or the bundle is worse), 13 another
 retrain of
 the model holds its lock; a failure exits with the code of its error, as every command
@@ -143,7 +144,11 @@ def retrain_command(
                                              help="Field delimiter of a CSV --data "
                                                   "(default: sniffed: , ; tab or |)."),
 ) -> None:
-    """Retrain only the segments that changed; keep every other model byte for byte."""
+    """Retrain only the segments that changed; keep every other model byte for byte.
+
+    A forecasting bundle refits the series its refit policy names (new, older than
+    retrain.max_age, error grown past retrain.error_growth) and moves the others' origin.
+    """
     from manymodels.data import read_table
     from manymodels.errors import SpecError
     from manymodels.retrain import retrain
