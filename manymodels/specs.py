@@ -227,7 +227,10 @@ class ForecastSpec(_Spec):
     """Standardise each series before the lag models see it, so one pooled or global model
     serves series of any size; undone after prediction."""
     strategy: Literal["recursive", "direct"] = "recursive"
-    """``recursive``: one model, each step's prediction fed back as the next lag."""
+    """``recursive``: one model, each step's prediction fed back as the next lag (forecasts
+    any number of steps up to ``max_horizon``). ``direct``: one model for all steps of the
+    horizon, the step number one of its features and every step predicted from the
+    origin's lags (nothing fed back; one model call per forecast; only ``horizon`` steps)."""
     n_windows: int = Field(3, ge=1, le=50)
     """Rolling-origin backtest windows of ``horizon`` steps, the same for every method."""
     step_size: int | None = Field(None, ge=1)
@@ -251,7 +254,8 @@ class ForecastSpec(_Spec):
     """Pooled and global lag models see the segment columns (at most
     ``pooled_key_max_categories`` values each) as categorical features."""
     max_horizon: int | None = Field(None, ge=1)
-    """Longest forecast served; default ten horizons (recursive strategy)."""
+    """Longest forecast served; default ten horizons (recursive strategy), the horizon
+    (direct strategy, which cannot go further)."""
     hierarchy: list[list[str]] | None = None
     """Coarser levels forecast as series of their own: each a subset of the segment
     columns, e.g. ``[[store], []]`` for store totals and the grand total of store × brand

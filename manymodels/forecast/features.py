@@ -56,34 +56,32 @@ class TrainingRows:
 
 
 def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutoffs: np.ndarray,
-                  scales: SeriesScale) -> TrainingRows:
-    """Feature rows of ``members`` with target positions before each one's cutoff."""
+                  scales: SeriesScale, horizon: int = 1) -> TrainingRows:
+    """Feature rows of ``members`` with target positions before each one's cutoff.
+
+    Recursive: one row per target position, its features those of the position itself.
+    Direct (``spec.direct``): for every step ``1..horizon``, one row per origin whose
+    step lands before the cutoff, with the origin's lag features, the target period's
+    calendar and known-future values, and the step number.
+    """
     parts: list[dict[str, np.ndarray]] = []
     targets, owners = [], []
     start = spec.window + spec.differences
+    steps = range(1, horizon + 1) if spec.direct else range(1, 2)
     for i in members:
         c = int(cutoffs[i])
         if c - start < 1:
             continue
         z = transform(panel.y[i][:c], spec, scales.loc[i], scales.scale[i])
-        rows = np.arange(start, c)
-        cols = lag_matrix(z, spec, rows)
-        cols.update(calendar_values(panel.times[i][rows], spec.calendar, spec.season_length))
-        for name in spec.known_future:
-            cols[name] = panel.covariates[name][i][rows]
-        keep = np.isfinite(z[rows])
-        for values in cols.values():
-            keep &= np.isfinite(values)
-        if not keep.any():
-            continue
-        # float32, as the ONNX models are fed: trees then split between values both see
-        part = {k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()}
-        for j, column in enumerate(panel.key_columns):
-            if column in spec.static:
-                part[column] = np.full(int(keep.sum()), panel.key_texts[i][j], dtype=object)
-        parts.append(part)
-        targets.append(z[rows][keep])
-        owners.append(np.full(int(keep.sum()), i))
+        origins = np.arange(start, c)
+        at_origin = lag_matrix(z, spec, origins)
+        for step in steps:
+            part, target = _step_rows(panel, spec, i, z, origins, at_origin, step)
+            if part is None:
+                continue
+            parts.append(part)
+            targets.append(target)
+            owners.append(np.full(len(target), i))
     names = spec.numeric_names() + [c for c in panel.key_columns if c in spec.static]
     if not parts:
         return TrainingRows({n: np.empty(0) for n in names}, np.empty(0), np.empty(0, int))
@@ -91,6 +89,33 @@ def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutof
         return TrainingRows({n: parts[0][n] for n in names}, targets[0], owners[0])
     columns = {n: np.concatenate([p[n] for p in parts]) for n in names}
     return TrainingRows(columns, np.concatenate(targets), np.concatenate(owners))
+
+
+def _step_rows(panel: Panel, spec: FeatureSpec, i: int, z: np.ndarray, origins: np.ndarray,
+               at_origin: dict[str, np.ndarray], step: int
+               ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+    """Series ``i``'s rows for one step ahead of each origin (step 1: the position itself)."""
+    usable = len(z) - (step - 1) - origins[0]
+    if usable < 1:
+        return None, np.empty(0)
+    rows = origins[:usable] + (step - 1)  # the target positions
+    cols = {k: v[:usable] for k, v in at_origin.items()}
+    cols.update(calendar_values(panel.times[i][rows], spec.calendar, spec.season_length))
+    for name in spec.known_future:
+        cols[name] = panel.covariates[name][i][rows]
+    if spec.direct:
+        cols["step"] = np.full(usable, float(step))
+    keep = np.isfinite(z[rows])
+    for values in cols.values():
+        keep &= np.isfinite(values)
+    if not keep.any():
+        return None, np.empty(0)
+    # float32, as the ONNX models are fed: trees then split between values both see
+    part = {k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()}
+    for j, column in enumerate(panel.key_columns):
+        if column in spec.static:
+            part[column] = np.full(int(keep.sum()), panel.key_texts[i][j], dtype=object)
+    return part, z[rows][keep]
 
 
 def tails_at(panel: Panel, members: Sequence[int], cutoffs: np.ndarray, length: int) -> np.ndarray:

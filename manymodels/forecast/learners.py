@@ -21,7 +21,7 @@ from manymodels.runtime.forecast import (
     OnnxSteps,
     Predict,
     calendar_rows,
-    recursive_forecast,
+    forecast_steps,
 )
 
 __all__ = ["LagMethod", "fit_own_linear", "fit_pipeline", "forecast_with", "native_predict",
@@ -103,7 +103,8 @@ def own_linear_predict(fits: Sequence[tuple[np.ndarray, float]], spec: FeatureSp
     """One :data:`Predict` for many own linear models, row r scored by model r.
 
     A scaler followed by ridge is one linear map per series, so the batch of series is
-    scored with one multiply instead of a pipeline call per series and step.
+    scored with one multiply instead of a pipeline call per series and step. A direct
+    forecast sends ``h`` consecutive rows per series (series-major).
     """
     names = spec.numeric_names()
     weights = np.stack([w for w, _ in fits]) if fits else np.zeros((0, len(names)))
@@ -111,14 +112,18 @@ def own_linear_predict(fits: Sequence[tuple[np.ndarray, float]], spec: FeatureSp
 
     def predict(feed: Mapping[str, np.ndarray]) -> np.ndarray:
         x = np.column_stack([np.asarray(feed[n], dtype=np.float64) for n in names])
-        return np.einsum("ij,ij->i", x, weights) + bias
+        per = x.shape[0] // max(len(bias), 1)  # a direct forecast: h rows per series
+        if per == 1:
+            return np.einsum("ij,ij->i", x, weights) + bias
+        return np.einsum("ij,ij->i", x, np.repeat(weights, per, axis=0)) + np.repeat(bias, per)
 
     return predict
 
 
 def forecast_with(predict: Predict | OnnxSteps, panel: Panel, spec: FeatureSpec, members: Sequence[int],
                   cutoffs: np.ndarray, scales: SeriesScale, h: int) -> np.ndarray:
-    """Recursive ``h``-step forecasts of ``members`` from their cutoffs, (n, h)."""
+    """``h``-step forecasts of ``members`` from their cutoffs, (n, h), by the spec's
+    strategy (recursive or direct)."""
     members = list(members)
     tails = tails_at(panel, members, cutoffs, spec.tail_length)
     calendar = calendar_rows([panel.times[i][int(cutoffs[i]) - 1] for i in members],
@@ -128,7 +133,7 @@ def forecast_with(predict: Predict | OnnxSteps, panel: Panel, spec: FeatureSpec,
     static = {c: np.asarray([panel.key_texts[i][j] for i in members], dtype=object)
               for j, c in enumerate(panel.key_columns) if c in spec.static}
     idx = np.asarray(members, dtype=np.int64)
-    return recursive_forecast(predict, tails, scales.loc[idx], scales.scale[idx], spec, h,
+    return forecast_steps(predict, tails, scales.loc[idx], scales.scale[idx], spec, h,
                               calendar, future, static)
 
 

@@ -120,7 +120,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
     if method.own:
         pipes, served = [], []
         for i in members:
-            rows = training_rows(panel, own_spec, [i], cut, scales)
+            rows = training_rows(panel, own_spec, [i], cut, scales, h)
             if len(rows.target) < len(own_spec.numeric_names()) + 2:
                 continue
             linear = fit_own_linear(rows, method.candidate, own_spec)
@@ -134,7 +134,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
                 out[where[i]] = values[r]
         return out, fitted
     for key, group in groups_of(panel, method, members).items():
-        rows = training_rows(panel, spec, group, cut, scales)
+        rows = training_rows(panel, spec, group, cut, scales, h)
         if len(rows.target) < max(len(spec.numeric_names()) + 2, method.candidate.min_rows):
             continue
         pipe = fit_pipeline(rows, method.candidate, spec, seed)
@@ -148,7 +148,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
 def _own_spec(spec: FeatureSpec) -> FeatureSpec:
     """Own models see no segment columns: they are constant within a series."""
     return FeatureSpec(spec.lags, spec.rolling, spec.season_length, spec.calendar,
-                       spec.differences, spec.scale, spec.known_future, ())
+                       spec.differences, spec.scale, spec.known_future, (), spec.strategy)
 
 
 def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.ndarray, h: int

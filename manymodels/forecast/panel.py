@@ -185,8 +185,9 @@ def feature_spec(trainer: TrainerSpec, panel: Panel, static: list[str]) -> Featu
     if min(lags + rolling) < 1:
         raise SpecError("forecast.lags and forecast.rolling must be positive")
     clash = [c for c in fc.known_future if c.startswith(("lag", "rolling_mean_"))
-             or c in ("season", "month", "quarter", "week", "dayofweek", "hour")]
+             or c in ("season", "month", "quarter", "week", "dayofweek", "hour", "step")]
     if clash:
         raise SpecError(f"known_future column(s) {clash} clash with feature names; rename them")
     return FeatureSpec(tuple(lags), tuple(rolling), m, default_calendar(panel.freq, m),
-                       fc.differences, fc.scale, tuple(fc.known_future), tuple(static))
+                       fc.differences, fc.scale, tuple(fc.known_future), tuple(static),
+                       fc.strategy)

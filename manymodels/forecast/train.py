@@ -136,8 +136,11 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     seg_spec, tr_spec = load_segmenter(segmenter), load_trainer(trainer)
     if tr_spec.task != "forecast":
         raise SpecError(f"trainer '{tr_spec.name}' has task {tr_spec.task!r}, not forecast")
-    if tr_spec.forecast.strategy != "recursive":
-        raise SpecError("forecast.strategy: only 'recursive' is available in this version")
+    fc_spec = tr_spec.forecast
+    if fc_spec.strategy == "direct" and (fc_spec.max_horizon or 0) > int(tr_spec.horizon or 1):
+        raise SpecError(f"forecast.max_horizon={fc_spec.max_horizon} is over the horizon "
+                        f"({tr_spec.horizon}): a direct model forecasts only the steps it was "
+                        f"trained for; raise horizon or use strategy: recursive")
     frame = read_table(data)
     panel = build_panel(frame, list(seg_spec.columns), tr_spec)
     if not len(panel):
@@ -316,14 +319,15 @@ class _Final:
             return self.spec
         s = self.spec
         return FeatureSpec(s.lags, s.rolling, s.season_length, s.calendar, s.differences,
-                           s.scale, s.known_future, ())
+                           s.scale, s.known_future, (), s.strategy)
 
     def _export_one(self, method: LagMethod, spec: FeatureSpec, group: list[int],
                     key: Sequence[str]) -> str:
         name = _model_name(self.trainer.target, method, key, self.panel.key_columns)
         if name in self.models:
             return name
-        rows = training_rows(self.panel, spec, group, self.cut, self.scales)
+        rows = training_rows(self.panel, spec, group, self.cut, self.scales,
+                             int(self.trainer.horizon or 1))
         if len(rows.target) < len(spec.numeric_names()) + 2:
             raise ExportError(f"model '{name}': too few periods to fit its lag features")
         if method.own:
@@ -456,7 +460,8 @@ class _Final:
             "manymodels_version": __version__, "environment": environment,
             "forecast": {
                 "time_column": panel.time_column, "freq": panel.freq, "horizon": h,
-                "max_horizon": self.trainer.forecast.max_horizon or 10 * h,
+                "max_horizon": self.trainer.forecast.max_horizon or (
+                    h if spec.direct else 10 * h),
                 "strategy": self.trainer.forecast.strategy, "features": spec.to_dict(),
                 "series": series, "routes": routes, "fallback": fallback,
                 **({"intervals": intervals[0]} if intervals is not None else {}),

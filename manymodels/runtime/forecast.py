@@ -26,6 +26,8 @@ __all__ = [
     "builtin_forecast",
     "calendar_rows",
     "calendar_values",
+    "direct_forecast",
+    "forecast_steps",
     "future_periods",
     "future_times",
     "OnnxSteps",
@@ -58,6 +60,13 @@ class FeatureSpec:
     scale: bool
     known_future: tuple[str, ...] = ()
     static: tuple[str, ...] = ()
+    #: ``recursive``: one step ahead, fed back; ``direct``: every step from the origin's
+    #: features, the step number (1..horizon) a feature of its own.
+    strategy: str = "recursive"
+
+    @property
+    def direct(self) -> bool:
+        return self.strategy == "direct"
 
     @property
     def window(self) -> int:
@@ -71,13 +80,15 @@ class FeatureSpec:
 
     def numeric_names(self) -> list[str]:
         return ([f"lag{k}" for k in self.lags] + [f"rolling_mean_{w}" for w in self.rolling]
-                + list(self.calendar) + list(self.known_future))
+                + list(self.calendar) + list(self.known_future)
+                + (["step"] if self.direct else []))
 
     def to_dict(self) -> dict[str, Any]:
         return {"lags": list(self.lags), "rolling": list(self.rolling),
                 "season_length": self.season_length, "calendar": list(self.calendar),
                 "differences": self.differences, "scale": self.scale,
-                "known_future": list(self.known_future), "static": list(self.static)}
+                "known_future": list(self.known_future), "static": list(self.static),
+                "strategy": self.strategy}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FeatureSpec:
@@ -85,7 +96,8 @@ class FeatureSpec:
                    int(raw["season_length"]), tuple(str(c) for c in raw["calendar"]),
                    int(raw["differences"]), bool(raw["scale"]),
                    tuple(str(c) for c in raw.get("known_future", ())),
-                   tuple(str(c) for c in raw.get("static", ())))
+                   tuple(str(c) for c in raw.get("static", ())),
+                   str(raw.get("strategy", "recursive")))
 
 
 def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
@@ -289,6 +301,17 @@ def _last_finite(tails: np.ndarray) -> np.ndarray:
     return np.where(ok.any(axis=1), vals, np.nan)
 
 
+def forecast_steps(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.ndarray,
+                   scale: np.ndarray, spec: FeatureSpec, h: int,
+                   calendar: Mapping[str, np.ndarray], future: Mapping[str, np.ndarray],
+                   static: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``h`` steps of a lag model by its strategy (:func:`recursive_forecast` or
+    :func:`direct_forecast`): what training's backtests and parity checks and every
+    serving path call."""
+    run = direct_forecast if spec.direct else recursive_forecast
+    return run(predict, tails, loc, scale, spec, h, calendar, future, static)
+
+
 def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.ndarray,
                        scale: np.ndarray, spec: FeatureSpec, h: int,
                        calendar: Mapping[str, np.ndarray], future: Mapping[str, np.ndarray],
@@ -303,16 +326,7 @@ def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.
     its rows as the model's inputs once for all steps.
     """
     n = tails.shape[0]
-    loc2, scale2 = loc[:, None], scale[:, None]
-    s = (tails - loc2) / scale2 if spec.scale else tails.astype(np.float64)
-    z = s
-    for _ in range(spec.differences):
-        z = np.concatenate([np.full((n, 1), np.nan), np.diff(z, axis=1)], axis=1)
-    pad = max(spec.window - z.shape[1], 0)  # a lag before the first column is missing
-    width = z.shape[1] + pad
-    grid = np.empty((n, width + h))
-    grid[:, :pad] = np.nan
-    grid[:, pad:width] = z
+    grid, s, width = _transformed_grid(tails, loc, scale, spec, h)
     names = spec.numeric_names()
     n_lags, n_roll = len(spec.lags), len(spec.rolling)
     dtype = np.float32 if isinstance(predict, OnnxSteps) else np.float64
@@ -334,12 +348,66 @@ def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.
         if extra_names:
             x[n_lags + n_roll:] = extra[k]
         grid[:, col] = step()
-    z_hat = grid[:, width:]
+    return _undo(grid[:, width:], s, loc, scale, spec)
+
+
+def direct_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.ndarray,
+                    scale: np.ndarray, spec: FeatureSpec, h: int,
+                    calendar: Mapping[str, np.ndarray], future: Mapping[str, np.ndarray],
+                    static: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Forecast ``h`` steps for a batch of series with one direct lag model, in one call.
+
+    Every step sees the features at the origin (:func:`lag_matrix` at the first future
+    column, as training computes them at each origin), the calendar and known-future
+    values of its own period and its step number; the model predicts each step's
+    transformed value, and the transforms are undone as the recursion undoes them.
+    Rows are series-major: row ``i * h + k`` is series ``i``, step ``k + 1``.
+    """
+    n = tails.shape[0]
+    grid, s, width = _transformed_grid(tails, loc, scale, spec, 0)
+    names = spec.numeric_names()
+    dtype = np.float32 if isinstance(predict, OnnxSteps) else np.float64
+    x = np.empty((len(names), n * h), dtype=dtype)
+    origin = lag_matrix(grid, spec, np.asarray(width))  # type: ignore[arg-type]
+    for j, name in enumerate(names):
+        if name in origin:
+            x[j] = np.repeat(origin[name], h)
+        elif name == "step":
+            x[j] = np.tile(np.arange(1, h + 1, dtype=np.float64), n)
+        else:
+            x[j] = (calendar[name] if name in calendar else future[name]).reshape(-1)
+    wide = {c: np.repeat(np.asarray(v), h) for c, v in static.items()}
+    step = (predict.bind(x, names, wide) if isinstance(predict, OnnxSteps)
+            else _mapping_step(predict, names, x, wide))
+    z_hat = np.asarray(step(), dtype=np.float64).reshape(n, h)
+    return _undo(z_hat, s, loc, scale, spec)
+
+
+def _transformed_grid(tails: np.ndarray, loc: np.ndarray, scale: np.ndarray, spec: FeatureSpec,
+                      h: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The transformed tails with room for ``h`` steps (series × time), the scaled tails,
+    and the first future column; padded on the left to a full window of NaN."""
+    n = tails.shape[0]
+    s = (tails - loc[:, None]) / scale[:, None] if spec.scale else tails.astype(np.float64)
+    z = s
+    for _ in range(spec.differences):
+        z = np.concatenate([np.full((n, 1), np.nan), np.diff(z, axis=1)], axis=1)
+    pad = max(spec.window - z.shape[1], 0)  # a lag before the first column is missing
+    width = z.shape[1] + pad
+    grid = np.empty((n, width + h))
+    grid[:, :pad] = np.nan
+    grid[:, pad:width] = z
+    return grid, s, width
+
+
+def _undo(z_hat: np.ndarray, s: np.ndarray, loc: np.ndarray, scale: np.ndarray,
+          spec: FeatureSpec) -> np.ndarray:
+    """Transformed forecasts (n, h) back to the series' units."""
     if spec.differences:
         s_hat = _last_finite(s)[:, None] + np.cumsum(z_hat, axis=1)
     else:
         s_hat = z_hat
-    return s_hat * scale2 + loc2 if spec.scale else s_hat
+    return s_hat * scale[:, None] + loc[:, None] if spec.scale else s_hat
 
 
 def _mapping_step(predict: Predict, names: Sequence[str], x: np.ndarray,

@@ -20,10 +20,10 @@ from .forecast import (
     SeriesState,
     builtin_forecast,
     calendar_rows,
+    forecast_steps,
     future_periods,
     future_times,
     onnx_steps,
-    recursive_forecast,
     scale_of,
 )
 from .forecast_table import ForecastTable
@@ -214,8 +214,10 @@ class Forecaster:
         if not isinstance(h, (int, np.integer)) or h < 1:
             raise InputSchemaError(f"horizon must be a positive integer, got {h!r}")
         if h > self.max_horizon:
+            how = " with the direct strategy" if self.spec.direct else ""
             raise InputSchemaError(f"horizon {h} is over this bundle's limit of "
-                                   f"{self.max_horizon} steps (trained for {self.horizon})")
+                                   f"{self.max_horizon} steps (trained for {self.horizon}"
+                                   f"{how})")
         return int(h)
 
     def _select(self, keys: Any, history: pd.DataFrame | None
@@ -427,7 +429,7 @@ class Forecaster:
                                  self.spec.calendar, self.spec.season_length)
         static = {c: np.asarray([state.keys[i][j] for i in idx], dtype=object)
                   for j, c in enumerate(self.key_columns) if c in self.spec.static}
-        return recursive_forecast(self._steps_of(loaded), state.tails[idx], state.loc[idx],
+        return forecast_steps(self._steps_of(loaded), state.tails[idx], state.loc[idx],
                                   state.scale[idx], self.spec, h, calendar,
                                   {c: v[idx] for c, v in fut.items()}, static)
 
