@@ -31,7 +31,8 @@ from manymodels.forecast.panel import Panel
 from manymodels.forecast.stats import FittedStat, fit_stat
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
-__all__ = ["Backtests", "MethodSet", "lag_methods", "run_backtests", "stat_forecasts"]
+__all__ = ["Backtests", "MethodSet", "fit_final_stats", "lag_methods", "run_backtests",
+           "stat_forecasts"]
 
 
 @dataclass
@@ -56,8 +57,6 @@ class Backtests:
     actual: np.ndarray  # (series, windows, h), NaN where a window is missing
     scale: np.ndarray  # (series, windows) MASE scale from the periods before the cutoff
     seconds: dict[str, float] = field(default_factory=dict)
-    #: Fitted statistical models moved to each series' last period (exported as they are).
-    fitted: dict[str, list[FittedStat | None]] = field(default_factory=dict)
 
     def errors(self, metric: str) -> np.ndarray:
         """(series, methods, windows) errors, NaN where the window is missing."""
@@ -178,7 +177,6 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
     scale = np.full((n, windows), np.nan)
     forecasts = {label: np.full((n, windows, h), np.nan) for label in methods.labels}
     seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
-    fitted: dict[str, list[FittedStat | None]] = {}
     for w in range(windows):
         members = [i for i in range(n) if cuts[w, i] > 0]
         cut = np.where(cuts[w] > 0, cuts[w], 0)
@@ -198,24 +196,22 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             seconds[method.label] += time.perf_counter() - started
     for label in methods.stats:
         started = time.perf_counter()
-        forecasts[label], fitted[label] = _stat_backtest(panel, label, cuts, h, jobs)
+        forecasts[label] = _stat_backtest(panel, label, cuts, h, jobs)
         seconds[label] += time.perf_counter() - started
-    return Backtests(methods.labels, forecasts, actual, scale, seconds, fitted)
+    return Backtests(methods.labels, forecasts, actual, scale, seconds)
 
 
 def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int
-                   ) -> tuple[np.ndarray, list[FittedStat | None]]:
-    """(series, windows, h) forecasts of a fitted method, and each series' fitted model.
+                   ) -> np.ndarray:
+    """(series, windows, h) forecasts of a fitted method.
 
     Parameters are estimated once per series at its first window and carried through the
     later windows by statsforecast's forward filter (``refit=False`` in statsforecast's
     and mlforecast's cross-validation): no window sees parameters estimated on its own
-    future. The exported model is estimated again on every period. Chunks of series run
-    in ``jobs`` worker processes.
+    future. Chunks of series run in ``jobs`` worker processes.
     """
     windows, n = cuts.shape
-    chunks = [list(range(n))[k::max(jobs * 4, 1)] for k in range(max(jobs * 4, 1))]
-    chunks = [c for c in chunks if c]
+    chunks = _chunks(list(range(n)), jobs)
     work = [([panel.y[i] for i in c], cuts[:, c]) for c in chunks]
     if jobs > 1 and n > 1:
         done = Parallel(n_jobs=jobs, backend="loky")(
@@ -223,19 +219,20 @@ def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: in
     else:
         done = [_stat_chunk(ys, cut, method, panel.season_length, h) for ys, cut in work]
     out = np.full((n, windows, h), np.nan)
-    fitted: list[FittedStat | None] = [None] * n
-    for chunk, (values, fits) in zip(chunks, done, strict=True):
+    for chunk, values in zip(chunks, done, strict=True):
         out[chunk] = values
-        for i, fit in zip(chunk, fits, strict=True):
-            fitted[i] = fit
-    return out, fitted
+    return out
+
+
+def _chunks(items: list[Any], jobs: int) -> list[list[Any]]:
+    parts = max(jobs * 4, 1)
+    return [c for c in (items[k::parts] for k in range(parts)) if c]
 
 
 def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: int
-                ) -> tuple[np.ndarray, list[FittedStat | None]]:
+                ) -> np.ndarray:
     windows = cuts.shape[0]
     out = np.full((len(ys), windows, h), np.nan)
-    finals: list[FittedStat | None] = []
     for r, y in enumerate(ys):
         fitted = None
         for w in range(windows):
@@ -247,9 +244,35 @@ def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: 
                 out[r, w] = fitted.forecast(h)
             except ManyModelsError:
                 fitted = None
-        try:  # the exported model: estimated on every period (a short series needs them)
-            fitted = fit_stat(y, method, m)
+    return out
+
+
+def fit_final_stats(panel: Panel, wanted: Sequence[tuple[str, int]], jobs: int
+                    ) -> dict[tuple[str, int], FittedStat | None]:
+    """The exported statistical models: each wanted (method, series) estimated on every
+    period (a short series' parameters from its first window are poor), ``None`` where
+    it cannot be fitted. Only the series that chose a method need its model, so these are
+    fitted after the choice, not with the backtests."""
+    pairs = list(wanted)
+    chunks = _chunks(pairs, jobs)
+    work = [[(label, panel.y[i]) for label, i in c] for c in chunks]
+    m = panel.season_length
+    if jobs > 1 and len(pairs) > 1:
+        done = Parallel(n_jobs=jobs, backend="loky")(
+            delayed(_final_chunk)(items, m) for items in work)
+    else:
+        done = [_final_chunk(items, m) for items in work]
+    out: dict[tuple[str, int], FittedStat | None] = {}
+    for chunk, fits in zip(chunks, done, strict=True):
+        out.update(zip(chunk, fits, strict=True))
+    return out
+
+
+def _final_chunk(items: list[tuple[str, np.ndarray]], m: int) -> list[FittedStat | None]:
+    fits: list[FittedStat | None] = []
+    for method, y in items:
+        try:
+            fits.append(fit_stat(y, method, m))
         except ManyModelsError:
-            fitted = None
-        finals.append(fitted)
-    return out, finals
+            fits.append(None)
+    return fits

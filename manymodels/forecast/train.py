@@ -53,6 +53,7 @@ from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with,
 from manymodels.forecast.methods import (
     Backtests,
     MethodSet,
+    fit_final_stats,
     groups_of,
     lag_methods,
     run_backtests,
@@ -171,7 +172,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     staging = run_dir.parent / f".{run_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
     (staging / "models").mkdir(parents=True)
     try:
-        final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id)
+        final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id, jobs or default_jobs())
         excluded: dict[tuple[str, int | None], str] = {}
         while True:  # a method that does not export is dropped and its series choose again
             choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
@@ -225,12 +226,15 @@ class _Final:
     """Refits the chosen lag models on every period and exports them, checked over ``h``."""
 
     def __init__(self, panel: Panel, spec: FeatureSpec, trainer: TrainerSpec,
-                 segmenter: SegmenterSpec, staging: Path, run_id: str) -> None:
+                 segmenter: SegmenterSpec, staging: Path, run_id: str, jobs: int = 1) -> None:
         self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
         self.staging, self.run_id = staging, run_id
         self.cut = np.asarray([len(y) for y in panel.y])
         self.scales: SeriesScale = series_scales(panel, spec, self.cut)
         self.models: dict[str, dict[str, Any]] = {}
+        #: Exported statistical models by (method, series), fitted once when first chosen.
+        self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
+        self.jobs = jobs
 
     def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
                errors: np.ndarray, excluded: Mapping[tuple[str, int | None], str]
@@ -257,11 +261,13 @@ class _Final:
             files.update({(label, i): name for i, name in placed.items()})
             if label == fallback_label:
                 fallback_model = self._global_name(method)
+        wanted = [(label, i) for label in methods.stats for i in users.get(label, [])
+                  if (label, i) not in self.stat_fits]
+        self.stat_fits.update(fit_final_stats(self.panel, wanted, self.jobs))
         for label in methods.stats:
             for i in users.get(label, []):
                 try:
-                    files[(label, i)] = self._export_stat(label, i,
-                                                          backtests.fitted[label][i])
+                    files[(label, i)] = self._export_stat(label, i, self.stat_fits[(label, i)])
                 except ManyModelsError as exc:
                     raise _Unexportable(label, i, str(exc)) from exc
         routes = []
@@ -364,7 +370,7 @@ class _Final:
         return name
 
     def _export_stat(self, method: str, i: int, fitted: FittedStat | None) -> str:
-        """Write series ``i``'s fitted ``method`` (from the backtests) as its graph."""
+        """Write series ``i``'s ``method``, estimated on every period, as its graph."""
         key = self.panel.key_texts[i]
         name = (f"{self.trainer.target}__"
                 + "__".join(f"{c}={_safe(v)}" for c, v in zip(self.panel.key_columns, key,
