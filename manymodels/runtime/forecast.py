@@ -339,12 +339,19 @@ def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.
     step = (predict.bind(x, names, static) if isinstance(predict, OnnxSteps)
             else _mapping_step(predict, names, x, static))
     offsets = -_lag_offsets(spec)
+    # lags 1..L (the default) are the last L columns reversed: a view, no gather
+    contiguous = spec.lags == tuple(range(1, n_lags + 1))
+    sums = np.empty((n, max(spec.rolling, default=0)))
     for k in range(h):
         col = width + k
-        if n_lags:
+        if contiguous:
+            x[:n_lags] = grid[:, col - n_lags:col][:, ::-1].T
+        elif n_lags:
             x[:n_lags] = grid[:, col + offsets].T
         for j, w in enumerate(spec.rolling):
-            x[n_lags + j] = grid[:, col - w:col][:, ::-1].cumsum(axis=1)[:, -1] / w
+            # the sequential sum lag_matrix adds, into a buffer, then the mean as fed
+            np.cumsum(grid[:, col - w:col][:, ::-1], axis=1, out=sums[:, :w])
+            np.divide(sums[:, w - 1], w, out=x[n_lags + j])
         if extra_names:
             x[n_lags + n_roll:] = extra[k]
         grid[:, col] = step()
