@@ -7,7 +7,11 @@ times, after a warm-up:
 - one series, h=24, through the runtime in-process (``Bundle.forecast``): p50 and p99;
 - every series in one ``Bundle.forecast`` call;
 - one series, h=24, through ``POST /forecast`` of ``manymodels serve`` (its own process)
-  over HTTP on 127.0.0.1, one request at a time: p50 and p99 of the round trip.
+  over HTTP on 127.0.0.1, one request at a time: p50 and p99 of the round trip;
+
+each on the compute path (the models run: ``Forecaster.reuse_stored`` off, or fresher
+history sent) and from the stored origin (each series' forecast from the bundle's tail,
+computed once and reused), labelled apart.
 
     python benchmarks/forecast_serve.py [--limit N] [--requests 500] [--work DIR]
 
@@ -24,6 +28,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +37,8 @@ from _docs import record  # benchmarks/ is the script's path
 TRAINER = {"target": "y", "task": "forecast", "time_column": "t", "horizon": 24,
            "season_length": 12}
 SEGMENTER = {"columns": ["series"], "min_rows": 2, "levels": [["series"], []]}
+#: Periods of history a caller sends to make the runtime compute (the compute path).
+HISTORY = 36
 
 
 def tourism_frame(limit: int | None) -> pd.DataFrame:
@@ -66,33 +73,57 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-def in_process(bundle: Path, repeats: int) -> tuple[list[float], float, int, str]:
-    """Per-call seconds for one series (cycling through the series), and one call for all."""
+def _timed(call: Any, repeats: int, n: int) -> list[float]:
+    """Seconds of ``call(i)`` for i in 0..repeats-1 (series cycled over ``n``)."""
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        call(i % n)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def histories(frame: pd.DataFrame, keys: list[str], periods: int) -> dict[str, pd.DataFrame]:
+    """Each series' last ``periods`` observations: what a caller sends as fresher history."""
+    out = {}
+    for key, part in frame.groupby("series", sort=False):
+        out[str(key)] = part.tail(periods).reset_index(drop=True)
+    return {k: out[k] for k in keys}
+
+
+def in_process(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
+               ) -> tuple[dict[str, list[float]], dict[str, float], int, str]:
+    """Per-call seconds for one series (cycling through the series) and for all, on the
+    compute path and with the stored-origin forecasts reused."""
     from manymodels.runtime import Bundle
 
     opened = Bundle(bundle)
-    keys = [{"series": k[0]} for k in opened.forecaster.keys]
+    forecaster = opened.forecaster
+    keys = [{"series": k[0]} for k in forecaster.keys]
+    names = [k[0] for k in forecaster.keys]
+    n = len(keys)
     opened.forecast(24)  # loads every model once
-    for key in keys[:20]:
-        opened.forecast(24, keys=[key])
-    one = []
-    for i in range(repeats):
-        key = keys[i % len(keys)]
-        start = time.perf_counter()
-        opened.forecast(24, keys=[key])
-        one.append(time.perf_counter() - start)
-    alls = []
-    for _ in range(5):
-        start = time.perf_counter()
-        table = opened.forecast(24)
-        alls.append(time.perf_counter() - start)
+    one: dict[str, list[float]] = {}
+    alls: dict[str, float] = {}
+    forecaster.reuse_stored = False
+    for i in range(20):
+        opened.forecast(24, keys=[keys[i]])
+    one["computed"] = _timed(lambda i: opened.forecast(24, keys=[keys[i]]), repeats, n)
+    one["history"] = _timed(lambda i: opened.forecast(24, keys=[keys[i]],
+                                                      history=history[names[i]]), repeats, n)
+    alls["computed"] = float(np.median(_timed(lambda i: opened.forecast(24), 5, 1)))
+    forecaster.reuse_stored = True
+    table = opened.forecast(24)  # every series' stored-origin forecast, computed once
+    one["stored"] = _timed(lambda i: opened.forecast(24, keys=[keys[i]]), repeats, n)
+    alls["stored"] = float(np.median(_timed(lambda i: opened.forecast(24), 5, 1)))
     methods = table.drop_duplicates("series")["method"].value_counts()
-    return one, float(np.median(alls)), len(keys), ", ".join(
-        f"{m} ({c})" for m, c in methods.head(4).items())
+    return one, alls, n, ", ".join(f"{m} ({c})" for m, c in methods.head(4).items())
 
 
-def over_http(bundle: Path, repeats: int) -> list[float]:
-    """Round trips of POST /forecast for one series at a time, one request in flight."""
+def over_http(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
+              ) -> dict[str, list[float]]:
+    """Round trips of POST /forecast for one series at a time, one request in flight:
+    from the stored tail, and with the series' history sent (the compute path)."""
     import httpx
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -101,21 +132,32 @@ def over_http(bundle: Path, repeats: int) -> list[float]:
     from manymodels.runtime import read_manifest
 
     keys = [k[0] for k in read_manifest(bundle).raw["forecast"]["series"]["keys"]]
+    sent = {k: history[k].to_dict(orient="list") for k in keys}
+    bodies = {
+        "stored": lambda i: {"keys": [{"series": keys[i]}], "horizon": 24},
+        "history": lambda i: {"keys": [{"series": keys[i]}], "horizon": 24,
+                              "history": {"columns": list(sent[keys[i]]),
+                                          "data": [list(r) for r in zip(*sent[keys[i]].values(),
+                                                                         strict=True)]}},
+    }
     command = [sys.executable, "-m", "manymodels", "serve", str(bundle), "--port", "{port}",
                "--preload", "all"]
+    out: dict[str, list[float]] = {}
     with answering(command, "/ping", "manymodels serve") as url, \
             httpx.Client(base_url=url, timeout=30) as client:
-        for key in keys[:50]:
-            assert client.post("/forecast", json={"keys": [{"series": key}],
-                                                  "horizon": 24}).status_code == 200
-        seconds = []
-        for i in range(repeats):
-            body = {"keys": [{"series": keys[i % len(keys)]}], "horizon": 24}
-            start = time.perf_counter()
-            reply = client.post("/forecast", json=body)
-            seconds.append(time.perf_counter() - start)
-            assert reply.status_code == 200, reply.text
-    return seconds
+        for what, body in bodies.items():
+            for i in range(min(50, len(keys))):
+                reply = client.post("/forecast", json=body(i))
+                assert reply.status_code == 200, reply.text
+            seconds = []
+            for i in range(repeats):
+                payload = body(i % len(keys))
+                start = time.perf_counter()
+                reply = client.post("/forecast", json=payload)
+                seconds.append(time.perf_counter() - start)
+                assert reply.status_code == 200, reply.text
+            out[what] = seconds
+    return out
 
 
 def main() -> None:
@@ -129,20 +171,39 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bundle = build(work, args.limit)
-    one, everything, series, methods = in_process(bundle, args.requests)
-    http = over_http(bundle, args.requests)
-    p50, p99 = percentiles(one)
-    h50, h99 = percentiles(http)
+    frame = tourism_frame(args.limit)
+    from manymodels.runtime import read_manifest
+
+    keys = [k[0] for k in read_manifest(bundle).raw["forecast"]["series"]["keys"]]
+    history = histories(frame, keys, HISTORY)
+    one, everything, series, methods = in_process(bundle, args.requests, history)
+    http = over_http(bundle, args.requests, history)
     print(f"Tourism monthly, {series} series, h=24; most chosen methods: {methods}\n")
-    print("| what | p50 | p99 | bar |")
-    print("|---|---:|---:|---:|")
-    print(f"| one series, `Bundle.forecast` in-process | {p50:.2f} ms | {p99:.2f} ms | "
-          f"≤ 1 ms (p50) |")
-    print(f"| all {series} series, one `Bundle.forecast` call (median of 5) | "
-          f"{everything * 1e3:.0f} ms | | ≤ 500 ms |")
-    print(f"| one series, `POST /forecast` over HTTP, concurrency 1 | {h50:.2f} ms | "
-          f"{h99:.2f} ms | ≤ 2 ms (p50) |")
-    print(f"\n{args.requests} calls each, series cycled; the server runs in its own process "
+    print("| what | path | p50 | p99 | bar |")
+    print("|---|---|---:|---:|---:|")
+    rows = [
+        ("one series, `Bundle.forecast` in-process", "computed", one["computed"], "≤ 1 ms"),
+        ("one series, `Bundle.forecast` in-process", f"computed, {HISTORY} periods of "
+         "history sent", one["history"], "≤ 1 ms"),
+        ("one series, `Bundle.forecast` in-process", "stored origin, reused", one["stored"],
+         "≤ 1 ms"),
+    ]
+    for what, path, seconds, bar in rows:
+        p50, p99 = percentiles(seconds)
+        print(f"| {what} | {path} | {p50:.2f} ms | {p99:.2f} ms | {bar} (p50) |")
+    for path, label in (("computed", "computed"), ("stored", "stored origin, reused")):
+        print(f"| all {series} series, one `Bundle.forecast` call (median of 5) | {label} | "
+              f"{everything[path] * 1e3:.0f} ms | | ≤ 500 ms |")
+    for path, label in (("history", f"computed, {HISTORY} periods of history sent"),
+                        ("stored", "stored origin, reused")):
+        p50, p99 = percentiles(http[path])
+        print(f"| one series, `POST /forecast` over HTTP, concurrency 1 | {label} | "
+              f"{p50:.2f} ms | {p99:.2f} ms | ≤ 2 ms (p50) |")
+    print(f"\n{args.requests} calls each, series cycled. 'computed': every call runs the "
+          f"models (Forecaster.reuse_stored = False; over HTTP, the series' last {HISTORY} "
+          f"periods sent as history make the server compute). 'stored origin, reused': the "
+          f"forecast from the bundle's stored tail, computed the first time a series is "
+          f"asked for, then reused (a lookup). The server runs in its own process "
           f"(`manymodels serve --preload all`), the client is httpx with keep-alive.")
 
 

@@ -503,6 +503,44 @@ def test_forecasts_equal_the_frozen_hot_path(which: str, request: pytest.Fixture
         assert not (which == "keyless_bundle" and loaded.string_inputs)
 
 
+def test_stored_origin_forecasts_are_computed_once_and_reused(
+        bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that a series' forecast from its stored tail is computed the first time it is
+    asked for and reused after, equal to the computed one, while a longer horizon or
+    fresher history computes again."""
+    from manymodels.runtime.forecaster import Forecaster
+
+    opened = Bundle(bundle)
+    forecaster = opened.forecaster
+    n, h = len(forecaster.keys), forecaster.horizon
+    forecaster.reuse_stored = False
+    computed = opened.forecast(h)
+    forecaster.reuse_stored = True
+    key = forecaster.keys[2]
+    runs: list[int] = []
+    original = Forecaster._run
+
+    def counted(self: Forecaster, rows: list[int], *rest: Any) -> np.ndarray:
+        runs.append(len(rows))
+        return original(self, rows, *rest)
+
+    monkeypatch.setattr(Forecaster, "_run", counted)
+    first = opened.forecast(h - 1, keys=[key])
+    again = opened.forecast(h - 1, keys=[key])
+    assert runs == [1]
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
+    np.testing.assert_allclose(first["forecast"], computed["forecast"][2 * h:3 * h - 1],
+                               rtol=RTOL)
+    everything = opened.forecast(h)
+    assert runs == [1, n - 1]  # the series already asked for is not computed again
+    np.testing.assert_allclose(everything["forecast"], computed["forecast"], rtol=RTOL)
+    opened.forecast(h + 2, keys=[key])
+    history = pd.DataFrame({"store": [key[0]] * 3, "brand": [key[1]] * 3,
+                            "week": [0, 1, 2], "quantity": [5.0, 6.0, 7.0]})
+    opened.forecast(h, keys=[key], history=history)
+    assert runs == [1, n - 1, 1, 1]
+
+
 def test_known_future_covariates_over_http(tmp_path: Path) -> None:
     """Check that /forecast and future rows on /invocations use the known-future covariates
     sent with them, as Bundle.forecast does, and that a missing step is a 422 naming it."""
