@@ -201,6 +201,10 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
     print("\nmanymodels' own backtest coverage (bands calibrated on the other windows): "
           + ", ".join(f"{k}%: {100 * v:.1f}" for k, v in held.items() if v is not None))
     print(f"methods chosen: {summary['methods_chosen']}")
+    stages = summary.get("stage_seconds", {})
+    if stages:
+        print("manymodels fit time by stage (s): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in stages.items()))
     if summary.get("not_exported"):
         print(f"not exported (dropped, series chose again): {summary['not_exported']}")
 

@@ -160,8 +160,10 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     lengths = np.asarray([len(y) for y in panel.y])
     cuts = cutoffs(lengths, h, fc.n_windows, fc.step_size or h,
                    spec.window + spec.differences + 2)
+    stage = time.perf_counter()
     backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed,
                               jobs=jobs or default_jobs())
+    backtest_seconds = time.perf_counter() - stage
     simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run_dir = Path(out) / run_id
@@ -174,6 +176,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     try:
         final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id, jobs or default_jobs())
         excluded: dict[tuple[str, int | None], str] = {}
+        stage = time.perf_counter()
         while True:  # a method that does not export is dropped and its series choose again
             choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
             try:
@@ -183,9 +186,17 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                 if (exc.label, exc.series) in excluded:
                     raise ExportError(exc.reason) from exc
                 excluded[(exc.label, exc.series)] = exc.reason
+        export_seconds = time.perf_counter() - stage
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
+        # where the time went: each method's backtests, the exported statistical fits,
+        # the lag models' final fits with their ONNX export and parity checks
+        summary["stage_seconds"] = {
+            "backtests": round(backtest_seconds, 2),
+            **{f"backtest.{k}": round(v, 2) for k, v in backtests.seconds.items()},
+            "final_stat_fits": round(final.stat_seconds, 2),
+            "lag_refit_export_parity": round(export_seconds - final.stat_seconds, 2)}
         hierarchy, reconcile = None, None
         if levels is not None:
             hierarchy, reconcile = _reconcile(levels, tr_spec, backtests, choices, report,
@@ -235,6 +246,7 @@ class _Final:
         #: Exported statistical models by (method, series), fitted once when first chosen.
         self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
         self.jobs = jobs
+        self.stat_seconds = 0.0
 
     def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
                errors: np.ndarray, excluded: Mapping[tuple[str, int | None], str]
@@ -263,7 +275,9 @@ class _Final:
                 fallback_model = self._global_name(method)
         wanted = [(label, i) for label in methods.stats for i in users.get(label, [])
                   if (label, i) not in self.stat_fits]
+        fitting = time.perf_counter()
         self.stat_fits.update(fit_final_stats(self.panel, wanted, self.jobs))
+        self.stat_seconds += time.perf_counter() - fitting
         for label in methods.stats:
             for i in users.get(label, []):
                 try:
