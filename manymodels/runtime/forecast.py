@@ -439,9 +439,10 @@ class OnnxSteps:
         self.model = model
         outputs = model.session.get_outputs()
         shape = outputs[0].shape if outputs else []
-        # onnxruntime binds no string tensors: a model with segment keys takes a feed
+        # onnxruntime binds no string tensors: a model with segment keys takes a feed, as
+        # does one that fills gaps with training medians (``LoadedModel.outputs`` does)
         self.bindable = bool(model.float32_output and len(shape) == 2 and shape[1] == 1
-                             and not model.string_inputs)
+                             and not model.string_inputs and not model._fills)
 
     def bind(self, x: np.ndarray, names: Sequence[str], static: Mapping[str, np.ndarray]
              ) -> Callable[[], np.ndarray]:
