@@ -9,15 +9,18 @@ works when nothing but the serving set is importable (what the image holds).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -203,13 +206,25 @@ def test_serve_runs_with_only_the_serving_set_importable(small_bundle: Path,
 
 
 # ---------------------------------------------------------------------- the real image
-_TOOLS = ("buildah", "podman", "mmdebstrap", "runc")
+_TOOLS = ("buildah", "podman", "mmdebstrap", "runc", "docker-registry")
 _missing = [t for t in _TOOLS if shutil.which(t) is None]
 
 
-def _podman(storage: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["podman", "--storage-driver", "vfs", "--root", str(storage / "root"),
-                           "--runroot", str(storage / "run"), *args], capture_output=True,
+@dataclass(frozen=True)
+class _Store:
+    """A container store of the test's own: images under ``root``, run state in a short
+    path (podman refuses a runroot longer than 50 characters)."""
+
+    root: Path
+    runroot: Path
+
+    def options(self) -> list[str]:
+        return ["--storage-root", str(self.root), "--storage-runroot", str(self.runroot)]
+
+
+def _podman(store: _Store, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["podman", "--storage-driver", "vfs", "--root", str(store.root),
+                           "--runroot", str(store.runroot), *args], capture_output=True,
                           text=True, check=False, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)}: {proc.stderr}")
@@ -217,16 +232,15 @@ def _podman(storage: Path, *args: str, check: bool = True) -> str:
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Path]:
-    """A container store of the test's own, removed with every image and container in it."""
-    root = tmp_path / "containers"
-    root.mkdir()
+def store(tmp_path: Path) -> Iterator[_Store]:
+    """The test's store, removed afterwards with every image and container in it."""
+    made = _Store(tmp_path / "containers", Path(tempfile.mkdtemp(prefix="mm-image-")))
     try:
-        yield root
+        yield made
     finally:
-        _podman(root, "rm", "--all", "--force", "--time", "2", check=False)
-        _podman(root, "rmi", "--all", "--force", check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        _podman(made, "rm", "--all", "--force", "--time", "2", check=False)
+        shutil.rmtree(made.root, ignore_errors=True)
+        shutil.rmtree(made.runroot, ignore_errors=True)
 
 
 def _demo_bundle(tmp_path: Path) -> Path:
@@ -243,21 +257,48 @@ def _demo_bundle(tmp_path: Path) -> Path:
     return tmp_path / "bundles" / "oj-sales"
 
 
-def _build(bundle: Path, tag: str, store: Path) -> dict[str, object]:
+def _build(bundle: Path, tag: str, store: _Store, *options: str) -> dict[str, object]:
     proc = subprocess.run([*CLI, "image", "build", str(bundle), "--tag", tag, "--json",
-                           "--storage-root", str(store / "root"), "--storage-runroot",
-                           str(store / "run")], capture_output=True, text=True, check=False)
+                           *store.options(), *options], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
+
+
+@contextlib.contextmanager
+def _registry(tmp_path: Path) -> Iterator[str]:
+    """A real OCI registry (Debian's docker-registry) on a loopback port, plain HTTP."""
+    config = tmp_path / "registry.yml"
+    port = free_port()
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
+                      f"{tmp_path / 'registry'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    registry = subprocess.Popen(["docker-registry", "serve", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert registry.poll() is None and time.monotonic() < deadline, \
+                "docker-registry did not start"
+            time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        registry.terminate()
+        registry.wait(timeout=30)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} (.ci/run installs them)")
 @pytest.mark.skipif(os.geteuid() != 0, reason="buildah with the vfs driver and chroot runs as root")
-def test_demo_image_serves_like_the_host(tmp_path: Path, store: Path) -> None:
+def test_demo_image_serves_like_the_host(tmp_path: Path, store: _Store) -> None:
     """Check that the demo bundle's image builds with the project's command, stays under
     500 MB, says what it serves, holds no training library, answers /health and its health
-    check, scores like the host's server, and that a rebuild gives the same layers."""
+    check, scores like the host's server, and that a rebuild gives the same layers and
+    pushes to a registry."""
     bundle = _demo_bundle(tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     built = _build(bundle, "oj-sales-test", store)
@@ -273,8 +314,7 @@ def test_demo_image_serves_like_the_host(tmp_path: Path, store: Path) -> None:
 
     port = free_port()
     proc = subprocess.run([*CLI, "image", "run", tag, "--port", str(port), "--detach", "--name",
-                           "mm-image-test", "--storage-root", str(store / "root"),
-                           "--storage-runroot", str(store / "run")], capture_output=True,
+                           "mm-image-test", *store.options()], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     url = f"http://127.0.0.1:{port}"
@@ -309,6 +349,14 @@ def test_demo_image_serves_like_the_host(tmp_path: Path, store: Path) -> None:
         str(canonicalize_name(t)) for t in TRAINING_LIBRARIES}
     _podman(store, "rm", "--force", "--time", "2", "mm-image-test")
 
-    again = _build(bundle, "oj-sales-again", store)
-    assert again["layers"] == built["layers"]
-    assert again["image_id"] == built["image_id"]
+    with _registry(tmp_path) as registry:
+        again = _build(bundle, f"{registry}/oj-sales", store, "--push", "--no-tls-verify")
+        assert again["layers"] == built["layers"]
+        assert again["pushed"] == f"docker://{registry}/oj-sales:{manifest['version']}"
+        accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+        pushed = httpx.get(f"http://{registry}/v2/oj-sales/manifests/{manifest['version']}",
+                           headers=accept, timeout=30).json()
+        config = httpx.get(f"http://{registry}/v2/oj-sales/blobs/{pushed['config']['digest']}",
+                           timeout=30).json()
+    assert config["config"]["Labels"]["io.manymodels.bundle.sha256"] == bundle_digest(bundle)
+    assert len(pushed["layers"]) == len(built["layers"])  # type: ignore[arg-type]
