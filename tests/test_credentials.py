@@ -31,10 +31,11 @@ from manymodels.errors import AuthError, SpecError
 SECRET = b"s" * 64
 
 
-def test_admin_implies_read_and_score_but_score_implies_nothing_else() -> None:
+def test_admin_implies_the_others_but_score_implies_nothing_else() -> None:
     """Check the scope implications and that an unknown scope is refused by name."""
-    assert expand_scopes(["admin"]) == {"admin", "read", "score"}
+    assert expand_scopes(["admin"]) == {"admin", "read", "score", "batch"}
     assert expand_scopes(["score"]) == {"score"}
+    assert expand_scopes(["batch"]) == {"batch"}
     assert expand_scopes(["read", "score"]) == {"read", "score"}
     with pytest.raises(SpecError, match="unknown scope 'write'"):
         expand_scopes(["write"])
@@ -192,7 +193,7 @@ def test_public_keys_verify_rs256_and_es256_and_refuse_hs256_confusion(tmp_path:
         verifier = TokenVerifier.from_files(None, tmp_path / f"{algorithm}.pub")
         assert verifier.algorithms == [algorithm]
         token = create_token(["admin"], 60, subject="issuer", key=pem, algorithm=algorithm)
-        assert verifier.verify(token, time.time()).scopes == {"admin", "read", "score"}
+        assert verifier.verify(token, time.time()).scopes == {"admin", "read", "score", "batch"}
         header = _b64({"alg": "HS256", "typ": "JWT"})
         body = _b64({"sub": "x", "aud": "manymodels", "scope": "admin", "iat": int(time.time()),
                      "exp": int(time.time()) + 60})
