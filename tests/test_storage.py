@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from builders import build_bundle
 from moto import server as moto_server
+from s3fs import S3FileSystem
 from test_batch import _expected
 
 from manymodels.batch import score_batch
@@ -41,6 +42,9 @@ def s3() -> Iterator[dict[str, str]]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 call
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # fsspec keeps one S3 filesystem per arguments, endpoint read from the environment when
+    # made: another module's server (stopped since) must not be the one reused here
+    S3FileSystem.clear_instance_cache()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -48,9 +52,11 @@ def s3() -> Iterator[dict[str, str]]:
         for key, value in env.items():
             patch.setenv(key, value)
         fs, _ = filesystem("s3://bkt")
-        fs.mkdir("bkt")
+        if not fs.exists("bkt"):  # moto's backends outlive a server of another module
+            fs.mkdir("bkt")
         yield env
     server.stop()
+    S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(autouse=True)

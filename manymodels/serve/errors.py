@@ -25,6 +25,7 @@ from manymodels.errors import (
     Forbidden,
     InputSchemaError,
     JobConflict,
+    JobError,
     JobNotFound,
     LockError,
     ManyModelsError,
@@ -138,6 +139,7 @@ HTTP_STATUS: list[tuple[type[ManyModelsError], int]] = [
     (EndpointConflict, 409),
     (JobConflict, 409),
     (JobNotFound, 404),
+    (JobError, 422),  # a job that cannot be made as asked
     (RateLimited, 429),
     (Forbidden, 403),
     (AuthError, 401),
