@@ -93,7 +93,6 @@ class Rollout:
         self.compare_share = 0.0
         self.last_error: str | None = None
         self.polls = 0
-        self._wake: asyncio.Event | None = None
         self._apply_lock: asyncio.Lock | None = None
 
     # -- the canary's comparisons (called by the mirror on the request path) -----------------
@@ -141,7 +140,6 @@ class Rollout:
     # -- the poll loop -----------------------------------------------------------------------
     async def run(self) -> None:
         """Poll until cancelled; a failed poll is logged and retried at the next one."""
-        self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
@@ -157,11 +155,7 @@ class Rollout:
             delay = due - loop.time()
             if delay < 0:
                 due, delay = loop.time(), 0.0
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(delay)
 
     async def poll(self) -> RolloutRecord:
         """Read the alias and the shared state, publish this replica's counts, take the
@@ -403,11 +397,6 @@ class Rollout:
         for name, deployment in list(self.endpoint.deployments.items()):
             if name not in weights and self._version_of(deployment) is not None:
                 await self.endpoint.remove(name)
-
-    def wake(self) -> None:
-        """Poll now rather than at the end of the interval."""
-        if self._wake is not None:
-            self._wake.set()
 
     def describe(self) -> dict[str, Any]:
         """The state, the current phase's verdict so far and the latest log events."""
