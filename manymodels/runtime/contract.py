@@ -348,6 +348,19 @@ def string_column(values: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return as_string_column(arr), None
 
 
+def require_segment_columns(present: Iterable[str], segment_columns: Sequence[str],
+                            naming: str) -> None:
+    """Refuse rows that lack a segment column: without it no model can be picked for them
+    (``naming`` says how the caller names a model instead)."""
+    have = set(present)
+    missing = [c for c in segment_columns if c not in have]
+    if missing:
+        raise InputRefused(
+            MISSING_COLUMN,
+            f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
+            f"(segment columns: {', '.join(segment_columns)}); or {naming}", 0, missing[0])
+
+
 def extra_columns(present: Iterable[str], allowed: frozenset[str] | set[str]) -> list[str]:
     """Columns of a request that no model takes and that are not segment columns."""
     return [c for c in present if c not in allowed]

@@ -189,13 +189,8 @@ class Bundle:
         return hit
 
     def _check_segment_columns(self, columns: Sequence[str]) -> None:
-        missing = [c for c in self.segment_columns if c not in set(columns)]
-        if missing:
-            raise contract.InputRefused(
-                contract.MISSING_COLUMN,
-                f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
-                f"(segment columns: {', '.join(self.segment_columns)}); "
-                f"or name the model explicitly", 0, missing[0])
+        contract.require_segment_columns(columns, self.segment_columns,
+                                         "name the model explicitly")
 
     def route_frame(self, frame: pd.DataFrame) -> Routed:
         """Group the rows of ``frame`` by the model that serves them (fallback chain)."""

@@ -444,13 +444,8 @@ def route_rows(registry: ModelRegistry, table: Table) -> Routing:
     """Group rows by the model their segment key routes to (unknown keys fall back)."""
     segment_columns = registry.segment_columns
     bundle = registry.bundle
-    missing = [c for c in segment_columns if c not in table.columns]
-    if missing:
-        raise contract.InputRefused(
-            contract.MISSING_COLUMN,
-            f"rows lack the segment column(s) {', '.join(missing)} needed to pick a model "
-            f"(segment columns: {', '.join(segment_columns)}); or name the model with "
-            f"\"model\"", 0, missing[0])
+    contract.require_segment_columns(table.columns, segment_columns,
+                                     'name the model with "model"')
     n = table.n
     by_key: dict[tuple[Any, ...], list[int]] = {}
     try:
