@@ -272,8 +272,9 @@ def summarise_run(rows: list[dict[str, Any]], results: dict[str, FitResult], tra
         "holdout": _routed_metrics(trainer, segmentation, evals, rows, results, global_name),
         "fit_seconds": float(sum(r.fit_seconds + r.export_seconds for r in results.values())),
         "constant": sum(r["status"] == "constant" for r in rows),
-        # pools and the global model that failed: the progress bar counted them with the
-        # segments (it counts models), the segment counts above do not
+        # pools and the global model: the progress bar counts them with the segments (it
+        # counts models), the segment counts above do not
+        "shared": sum(name not in segments for name in results),
         "shared_failed": {name: r.reason for name, r in results.items()
                           if r.status == "failed" and name not in segments},
     }

@@ -20,7 +20,7 @@ class TrainProgress:
     def __init__(self, total: int, label: str = "training") -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(),
+            TextColumn("models [red]{task.fields[failed]} failed"), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(), transient=False)
         self._task = self._progress.add_task(label, total=total, failed=0)
         self._progress.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,30 @@ def test_train_command_writes_a_run_and_prints_the_summary(oj_small: pd.DataFram
         "--out", str(tmp_path / "runs"), "--jobs", "1", "--no-track"])
     assert verbose.exit_code == 0, verbose.output
     assert "vs global-only" in verbose.output and "routing:" in verbose.output
+
+
+def test_the_progress_bar_and_the_summary_count_the_same_failures(
+        oj_small: pd.DataFrame, tmp_path: Path, specs: tuple[Path, Path]) -> None:
+    """Check that the progress bar's models and failures add up to the summary's segments
+    and shared models, failed ones included (the bar counts models, pools too)."""
+    frame = oj_small.copy()
+    frame.loc[frame["brand"] == "tropicana", "quantity"] = 1.0  # its segments and pool fail
+    frame.to_parquet(tmp_path / "oj.parquet")
+    proc = subprocess.run([sys.executable, "-m", "manymodels", "train", "--data", "oj.parquet",
+                           "--segmenter", str(specs[0]), "--trainer", str(specs[1]), "--out",
+                           "runs", "--jobs", "1", "--no-track", "--max-failed", "0.9"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # the summary wraps at the terminal's width
+    bar = re.search(r"training \S* (\d+)/(\d+) models (\d+) failed", text)
+    summary = re.search(r"segments: (\d+) trained: \d+ failed: (\d+) .*shared models: (\d+)"
+                        r"(?: \((\d+) failed\))?", text)
+    assert bar is not None and summary is not None, text[:2000]
+    done, total, bar_failed = (int(g) for g in bar.groups())
+    segments, failed, shared = (int(g) for g in summary.groups()[:3])
+    shared_failed = int(summary.group(4) or 0)
+    assert done == total == segments + shared
+    assert bar_failed == failed + shared_failed and failed > 0 and shared_failed > 0
 
 
 def test_train_logs_one_mlflow_run(oj_small: pd.DataFrame, tmp_path: Path,

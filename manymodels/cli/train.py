@@ -42,6 +42,16 @@ def print_forecast_summary(console: Console, report: Any, summary: dict[str, Any
     console.print(f"run directory: {run_dir}")
 
 
+def _shared_counts(summary: dict[str, Any]) -> str:
+    """Pools and the global model, which the progress bar counts as models with the
+    segments: so that its totals add up to the summary's."""
+    shared = summary.get("shared", 0)
+    failed = len(summary.get("shared_failed") or {})
+    if not shared:
+        return ""
+    return f"shared models: {shared}" + (f" ({failed} failed)  " if failed else "  ")
+
+
 def print_summary(console: Console, report: Any, summary: dict[str, Any], run_dir: Path,
                   limit: int = 20) -> None:
     """Segments table (worst gains first), failures, level counts and the routed metric."""
@@ -72,6 +82,7 @@ def print_summary(console: Console, report: Any, summary: dict[str, Any], run_di
     console.print(f"segments: {summary['segments']}  trained: {summary['trained']}  "
                   f"failed: {summary['failed']}  small: {summary['small']}  "
                   + (f"one class (fallback): {constant}  " if constant else "")
+                  + _shared_counts(summary)
                   + f"routing: {levels}", highlight=False)
     for name, reason in (summary.get("shared_failed") or {}).items():
         console.print(f"[red]shared model failed[/] {name}: {reason} (its segments fall back "
