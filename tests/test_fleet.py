@@ -202,14 +202,16 @@ def test_bodies_up_to_the_server_limit_pass_the_proxy(
         np.testing.assert_allclose(reply.json()["predictions"], first, rtol=1e-6)
 
 
-def _cli_fleet(bundle: Path, port: int) -> subprocess.Popen[str]:
+def _cli_fleet(bundle: Path, port: int, proxy: str = "nginx") -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "manymodels", "fleet", "up", str(bundle),
-                             "--replicas", "3", "--listen", f"127.0.0.1:{port}"],
+                             "--replicas", "3", "--listen", f"127.0.0.1:{port}",
+                             "--proxy", proxy],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
 def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
-        bundle: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+        bundle: tuple[Path, pd.DataFrame], tmp_path: Path, proxy: str) -> None:
     """Check under `manymodels fleet up` that kill -9 of one replica loses no request
     (the proxy retries it on the next replica of the ring), moves only that replica's
     models (the survivors load nothing they had), and that the replica is started again
@@ -217,7 +219,7 @@ def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
     root, rows = bundle
     names = _segment_models(root)[::5]  # 60 models: enough to see whose keys move
     port = free_port()
-    up = _cli_fleet(root, port)
+    up = _cli_fleet(root, port, proxy)
     err = _Lines(up)
     url = f"http://127.0.0.1:{port}"
     try:
