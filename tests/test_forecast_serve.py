@@ -575,3 +575,26 @@ def test_known_future_covariates_over_http(tmp_path: Path) -> None:
         assert not np.allclose([r["forecast"] for r in other.json()["forecasts"]], want)
     finally:
         running.stop()
+
+
+def test_preloading_every_model_computes_the_stored_origin_forecasts(bundle: Path,
+                                                                    expected: pd.DataFrame
+                                                                    ) -> None:
+    """Check that a registry preloading all of a forecasting bundle's models also
+    computes each series' stored-origin forecast (first requests are lookups), equal to
+    the computed forecast."""
+    from manymodels.serve.registry import ModelRegistry
+
+    registry = ModelRegistry(bundle)
+    forecaster = registry.bundle.forecaster
+    assert not forecaster._stored_done.any()
+    assert registry.preload(registry.preload_names("all")) == len(registry.bundle.model_names)
+    assert forecaster._stored_done.all()
+    assert forecaster.warm() == 0  # nothing left to compute
+    h = forecaster.horizon
+    stored = forecaster._stored.copy()
+    forecaster.reuse_stored = False
+    computed = forecaster.forecast(h)["forecast"].to_numpy().reshape(len(forecaster.keys), h)
+    np.testing.assert_allclose(stored, computed, rtol=RTOL)
+    np.testing.assert_allclose(stored[:, :h], expected["forecast"].to_numpy().reshape(
+        len(forecaster.keys), -1)[:, :h], rtol=RTOL)

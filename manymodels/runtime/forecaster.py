@@ -119,6 +119,20 @@ class Forecaster:
         table = self._table(rows, state, values, h, self._bands(rows, state, values))
         return table.first(asked)
 
+    def warm(self) -> int:
+        """Compute every series' forecast from its stored origin now (what :meth:`_point`
+        reuses), so that the first request for a series is a lookup too; returns the
+        series computed (none when forecasts need known-future covariates, or reuse is
+        off)."""
+        if not self.reuse_stored or self.spec.known_future or not self.keys:
+            return 0
+        todo = np.flatnonzero(~self._stored_done)
+        if todo.size:
+            rows = todo.tolist()
+            state = self._state(rows, [self.keys[r] for r in rows], None)
+            self._point(rows, state, self.horizon, None, None)
+        return int(todo.size)
+
     @property
     def band_names(self) -> list[str]:
         """The interval columns every output carries (none without intervals)."""

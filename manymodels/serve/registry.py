@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from manymodels.errors import BundleError, ModelLoadError, ModelNotFound, SpecError
+from manymodels.errors import (
+    BundleError,
+    ManyModelsError,
+    ModelLoadError,
+    ModelNotFound,
+    SpecError,
+)
 from manymodels.runtime import Bundle, LoadedModel, SessionCache, load_model
 from manymodels.runtime.manifest import ModelEntry
 
@@ -469,7 +475,11 @@ class ModelRegistry:
         return names
 
     def preload(self, names: Iterable[str]) -> int:
-        """Load ``names`` in the calling thread; models that fail are recorded, not raised."""
+        """Load ``names`` in the calling thread; models that fail are recorded, not raised.
+
+        A forecasting bundle with every model loaded also computes each series' forecast
+        from its stored origin (:meth:`~manymodels.runtime.forecaster.Forecaster.warm`),
+        so that no first request for a series pays for running its models."""
         self.preloading = True
         done = 0
         try:
@@ -479,9 +489,19 @@ class ModelRegistry:
                     done += 1
                 except ModelUnavailable:
                     pass
+            if self.task == "forecast" and done == len(self.bundle.manifest.models):
+                self._warm_forecasts()
         finally:
             self.preloading = False
         return done
+
+    def _warm_forecasts(self) -> None:
+        try:
+            warmed = self.bundle.forecaster.warm()
+        except ManyModelsError as exc:  # the requests that need it will answer the error
+            log.warning("stored-origin forecasts not computed at preload: %s", exc)
+            return
+        log.info("computed the stored-origin forecasts of %d series", warmed)
 
     # -- reporting -------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
