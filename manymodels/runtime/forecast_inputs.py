@@ -1,0 +1,121 @@
+"""Segment keys and periods of a forecast's inputs: keys normalised as the bundle stores
+them, periods read by the bundle's frequency, a history's periods checked to be regular.
+Split from :mod:`.forecaster`, which calls them for every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputSchemaError
+from .forecast import future_times
+from .manifest import normalise_key_value
+
+
+def _periods_between(origin: Any, last: Any, freq: str) -> int:
+    """Periods from ``origin`` to ``last`` (0 when the origin is unknown or the same)."""
+    if origin is None or last is None or origin == last:
+        return 0
+    if freq == "int":
+        return max(int(last) - int(origin), 0)
+    return max(len(pd.date_range(pd.Timestamp(origin), pd.Timestamp(last), freq=freq)) - 1, 0)
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _key_tuple(key: Any, width: int) -> tuple[str, ...]:
+    values = key if isinstance(key, tuple) else (key,)
+    return tuple(normalise_key_value(v) for v in values[:width])
+
+
+def _key_tuples(keys: Any, columns: Sequence[str], fill: str | None = None
+                ) -> list[tuple[str, ...]]:
+    """Normalised key tuples; with ``fill`` (a bundle with levels) a column a key leaves
+    out or null takes ``fill``, the aggregate over it."""
+    if isinstance(keys, pd.DataFrame):
+        missing = [c for c in columns if c not in keys.columns]
+        if missing and fill is None:
+            raise InputSchemaError(f"keys lack segment column(s) {', '.join(missing)}")
+        if fill is None:
+            return [tuple(normalise_key_value(v) for v in row)
+                    for row in keys[list(columns)].astype(object).to_numpy()]
+        present = [c for c in columns if c in keys.columns]
+        return [_key_of(dict(zip(present, row, strict=True)), columns, fill)
+                for row in keys[present].astype(object).to_numpy()]
+    if isinstance(keys, Mapping):
+        return [_key_of(keys, columns, fill)]
+    out = []
+    for key in keys:
+        if isinstance(key, Mapping):
+            out.append(_key_of(key, columns, fill))
+        else:
+            values = key if isinstance(key, (tuple, list)) else (key,)
+            if len(values) != len(columns):
+                raise InputSchemaError(f"key {key!r} does not name the segment column(s) "
+                                       f"{', '.join(columns)}")
+            out.append(tuple(normalise_key_value(v) for v in values))
+    return out
+
+
+def _key_of(key: Mapping[Any, Any], columns: Sequence[str], fill: str | None
+            ) -> tuple[str, ...]:
+    if fill is None:
+        missing = [c for c in columns if c not in key]
+        if missing:
+            raise InputSchemaError(f"key {dict(key)!r} lacks segment column(s) "
+                                   f"{', '.join(missing)}")
+        return tuple(normalise_key_value(key[c]) for c in columns)
+    return tuple(fill if _is_null(key.get(c)) else normalise_key_value(key[c]) for c in columns)
+
+
+def _is_null(value: Any) -> bool:
+    return (value is None or (isinstance(value, float) and value != value) or value is pd.NA
+            or (isinstance(value, str) and value == ""))
+
+
+def _key_text(columns: Sequence[str], key: Sequence[str]) -> str:
+    return ", ".join(f"{c}={v}" for c, v in zip(columns, key, strict=True))
+
+
+def _time_value(value: Any, freq: str) -> Any:
+    if freq == "int":
+        return int(value)
+    return pd.Timestamp(value)
+
+
+def _as_timestamp(value: Any, column: str) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(value)
+    except (TypeError, ValueError):
+        raise InputSchemaError(f"column '{column}' holds {value!r}, not a date") from None
+
+
+def _after(start: Any, last: Any, freq: str, max_gap: int) -> bool:
+    """``start`` is the period right after ``last`` (or overlaps it by ``max_gap``)."""
+    if freq == "int":
+        return bool(start == last + 1)
+    return bool(future_times(last, freq, 1)[0] == pd.Timestamp(start))
+
+
+def _check_regular(times: np.ndarray, freq: str, key: tuple[str, ...], columns: Sequence[str]
+                   ) -> None:
+    if len(times) < 2:
+        return
+    if freq == "int":
+        steps = np.diff(np.asarray(times, dtype=np.int64))
+        regular = bool((steps == 1).all())
+    else:
+        expected = pd.date_range(pd.Timestamp(times[0]), periods=len(times), freq=freq)
+        regular = bool((pd.DatetimeIndex(times) == expected).all())
+    if not regular:
+        raise InputSchemaError(f"history of series {_key_text(columns, key)} has gaps or "
+                               f"duplicate periods; send consecutive {freq} periods")
