@@ -3,20 +3,29 @@
 Training builds its feature matrices with :func:`lag_matrix` and its backtests with
 :func:`recursive_forecast`, and every serving path calls :class:`~.forecaster.Forecaster`, so a
 forecast served from a bundle is computed by the same numpy code that was validated at
-training time. Like the rest of ``runtime`` this imports only numpy, pandas and
-onnxruntime (through :mod:`.session`).
+training time (an ONNX lag model's recursion runs as one graph, :mod:`.recursion_graph`,
+that builds the same features; training's parity check runs it). Like the rest of
+``runtime`` this imports only numpy, pandas and onnxruntime.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 
+from .recursion_graph import recursion_graph
 from .session import LoadedModel, as_string_column, bound_run
+
+log = logging.getLogger("manymodels.runtime")
+
+#: A lag model's whole recursion: ``(window, extra, h)`` to the (n, h) float32 steps.
+Whole = Callable[[np.ndarray, "np.ndarray | None", int], np.ndarray]
 
 __all__ = [
     "BUILTINS",
@@ -323,16 +332,29 @@ def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.
     The step features are written into one (features, series) matrix in
     :meth:`FeatureSpec.numeric_names` order, the values :func:`lag_matrix` gives at that
     column; ``predict`` reads it as a mapping of its rows, or an :class:`OnnxSteps` binds
-    its rows as the model's inputs once for all steps.
+    its rows as the model's inputs once for all steps. An :class:`OnnxSteps` that can
+    (:meth:`OnnxSteps.recursion`) runs every step in one graph that computes the same
+    features the same way instead.
     """
     n = tails.shape[0]
     grid, s, width = _transformed_grid(tails, loc, scale, spec, h)
     names = spec.numeric_names()
     n_lags, n_roll = len(spec.lags), len(spec.rolling)
+    extra_names = names[n_lags + n_roll:]
+    whole = predict.recursion(spec) if isinstance(predict, OnnxSteps) and n else None
+    if whole is not None:
+        # every step in one run (recursion_graph): the window the first step sees and
+        # each step's calendar and known-future values, float64 as the step path has them
+        rows = None
+        if extra_names:
+            rows = np.empty((h, n, len(extra_names)))
+            for j, name in enumerate(extra_names):
+                rows[:, :, j] = (calendar[name] if name in calendar else future[name]).T
+        grid[:, width:] = whole(grid[:, width - spec.window:width], rows, h)
+        return _undo(grid[:, width:], s, loc, scale, spec)
     dtype = np.float32 if isinstance(predict, OnnxSteps) else np.float64
     x = np.empty((len(names), n), dtype=dtype)
     # the calendar and known-future rows of every step, ready to copy: (h, extra, n)
-    extra_names = names[n_lags + n_roll:]
     extra = np.empty((h, len(extra_names), n), dtype=dtype)
     for j, name in enumerate(extra_names):
         extra[:, j, :] = (calendar[name] if name in calendar else future[name]).T
@@ -435,7 +457,7 @@ class OnnxSteps:
     :func:`onnx_predict` does.
     """
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, whole: bool = True) -> None:
         self.model = model
         outputs = model.session.get_outputs()
         shape = outputs[0].shape if outputs else []
@@ -443,6 +465,49 @@ class OnnxSteps:
         # does one that fills gaps with training medians (``LoadedModel.outputs`` does)
         self.bindable = bool(model.float32_output and len(shape) == 2 and shape[1] == 1
                              and not model.string_inputs and not model._fills)
+        #: Run a recursion's every step in one ``run`` (:meth:`recursion`) where it can.
+        self.whole = whole and self.bindable and bool(model.path)
+        self._wholes: dict[tuple[Any, ...], Whole | None] = {}
+
+    def recursion(self, spec: FeatureSpec) -> Whole | None:
+        """The recursion of ``spec``'s features as one ``run`` (:mod:`.recursion_graph`),
+        made once per feature set; ``None`` where the model runs step by step (text
+        inputs, filled gaps, a file that cannot be wrapped)."""
+        if not self.whole or spec.direct:
+            return None
+        key = (spec.lags, spec.rolling, spec.calendar, spec.known_future)
+        if key not in self._wholes:
+            self._wholes[key] = self._whole(spec)
+        return self._wholes[key]
+
+    def _whole(self, spec: FeatureSpec) -> Whole | None:
+        model = self.model
+        try:
+            with open(model.path, "rb") as handle:
+                graph = recursion_graph(handle.read(), model.input_names, model.output_names[0],
+                                        spec.numeric_names(), spec.lags, spec.rolling,
+                                        spec.window)
+            if graph is None:
+                return None
+            session = ort.InferenceSession(graph, sess_options=model.options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - the step path gives the same numbers
+            log.warning("model %s runs its forecast step by step: %s", model.name, exc)
+            return None
+        raw = getattr(session, "_sess", None)
+        names = ["mm_loop_forecast"]
+        run: Callable[[dict[str, np.ndarray]], list[Any]] = (
+            (lambda feed: raw.run(names, feed, None)) if raw is not None
+            else (lambda feed: session.run(names, feed)))
+
+        def whole(window: np.ndarray, extra: np.ndarray | None, h: int) -> np.ndarray:
+            feed = {"mm_loop_steps": np.asarray(h, dtype=np.int64),
+                    "mm_loop_window": np.ascontiguousarray(window)}
+            if extra is not None:
+                feed["mm_loop_extra"] = extra
+            return np.asarray(run(feed)[0])[:, :, 0].T
+
+        return whole
 
     def bind(self, x: np.ndarray, names: Sequence[str], static: Mapping[str, np.ndarray]
              ) -> Callable[[], np.ndarray]:
@@ -466,9 +531,10 @@ class OnnxSteps:
         return step
 
 
-def onnx_steps(model: LoadedModel) -> OnnxSteps:
-    """The recursion's way to run a loaded ONNX lag model (see :class:`OnnxSteps`)."""
-    return OnnxSteps(model)
+def onnx_steps(model: LoadedModel, whole: bool = True) -> OnnxSteps:
+    """The recursion's way to run a loaded ONNX lag model (see :class:`OnnxSteps`);
+    ``whole=False`` runs it step by step even where one run could do every step."""
+    return OnnxSteps(model, whole)
 
 
 def onnx_predict(model: LoadedModel) -> Predict:

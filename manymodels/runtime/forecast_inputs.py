@@ -32,9 +32,19 @@ def _float_or_nan(value: Any) -> float:
         return float("nan")
 
 
-def _key_tuple(key: Any, width: int) -> tuple[str, ...]:
-    values = key if isinstance(key, tuple) else (key,)
-    return tuple(normalise_key_value(v) for v in values[:width])
+def _positions_by_key(frame: pd.DataFrame, columns: Sequence[str]
+                      ) -> dict[tuple[str, ...], np.ndarray]:
+    """Row positions of each normalised segment key in ``frame`` (a dictionary pass over
+    the key values: a request's history is a few series, where a pandas groupby and a
+    sort per series cost more than the forecast)."""
+    memo: dict[tuple[Any, ...], tuple[str, ...]] = {}
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, raw in enumerate(zip(*(frame[c].tolist() for c in columns), strict=True)):
+        key = memo.get(raw)
+        if key is None:
+            key = memo[raw] = tuple(normalise_key_value(v) for v in raw)
+        groups.setdefault(key, []).append(i)
+    return {key: np.asarray(rows, dtype=np.int64) for key, rows in groups.items()}
 
 
 def _key_tuples(keys: Any, columns: Sequence[str], fill: str | None = None

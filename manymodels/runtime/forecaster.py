@@ -32,9 +32,9 @@ from .forecast_inputs import (
     _check_regular,
     _float_or_nan,
     _key_text,
-    _key_tuple,
     _key_tuples,
     _periods_between,
+    _positions_by_key,
     _time_value,
 )
 from .forecast_table import ForecastTable
@@ -284,23 +284,24 @@ class Forecaster:
     def _apply_history(self, rows: list[int], history: pd.DataFrame, state: SeriesState) -> None:
         tails, last, loc, scale = state.tails, state.last, state.loc, state.scale
         target = self.manifest.target
-        missing = [c for c in [*self.key_columns, self.time_column, target]
-                   if c not in history.columns]
+        present = set(history.columns)
+        missing = [c for c in [*self.key_columns, self.time_column, target] if c not in present]
         if missing:
             raise InputSchemaError(f"history lacks column(s) {', '.join(missing)}")
-        by_key = {_key_tuple(k, len(self.key_columns)): g for k, g in
-                  history.groupby(self.key_columns, sort=False, dropna=False)}
+        by_key = _positions_by_key(history, self.key_columns)
+        all_times = history[self.time_column].to_numpy()
+        all_y = history[target].to_numpy()
         width = tails.shape[1]
         for r, key in enumerate(state.keys):
-            part = by_key.get(key)
-            if part is None:
+            at = by_key.get(key)
+            if at is None:
                 continue
-            part = part.sort_values(self.time_column)
-            y = part[target].to_numpy(dtype=np.float64)
+            at = at[np.argsort(all_times[at], kind="stable")]
+            y = np.asarray(all_y[at], dtype=np.float64)
             if not np.isfinite(y).all():
                 raise InputSchemaError(f"history of series {_key_text(self.key_columns, key)} "
                                        f"holds missing or non-finite {target} values")
-            times = part[self.time_column].to_numpy()
+            times = all_times[at]
             _check_regular(times, self.freq, key, self.key_columns)
             start = _time_value(times[0], self.freq)
             prior_last = last[r]

@@ -156,6 +156,10 @@ class LoadedModel:
     float32_output: bool = False
     #: Numeric inputs filled with training medians at run time (``missing: impute``).
     _fills: tuple[tuple[str, np.float32], ...] = field(init=False, repr=False, default=())
+    #: The model file, and the options its session was made with: what a graph built
+    #: around the model (a forecast's whole recursion) is read from and made with.
+    path: str = ""
+    options: ort.SessionOptions | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
@@ -274,8 +278,9 @@ def bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], o
 def load_model(entry: ModelEntry, path: str | os.PathLike[str],
                options: ort.SessionOptions | None = None) -> LoadedModel:
     """Create the session for one manifest entry and resolve its inputs and outputs."""
+    options = options or make_session_options()
     try:
-        session = ort.InferenceSession(os.fspath(path), sess_options=options or make_session_options(),
+        session = ort.InferenceSession(os.fspath(path), sess_options=options,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own non-exported exception types
         raise ModelLoadError(f"model '{entry.name}' cannot be loaded from {path}: {exc}") from exc
@@ -298,6 +303,8 @@ def load_model(entry: ModelEntry, path: str | os.PathLike[str],
         output_names=tuple(o.name for o in outputs),
         cost_bytes=estimate_resident_bytes(file_bytes),
         float32_output=bool(outputs) and outputs[0].type == "tensor(float)",
+        path=os.fspath(path),
+        options=options,
     )
 
 
