@@ -198,7 +198,8 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
             "AutoETS (statsforecast)": "AutoETS-"}):
         print(f"| {name} | {100 * c80:.1f} | {100 * c95:.1f} | {msis:.2f} |")
     held = summary.get("interval_coverage") or {}
-    print("\nmanymodels' own backtest coverage (bands calibrated on the other windows): "
+    print("\nmanymodels' own backtest coverage (each window by bands calibrated on the "
+          "windows before it): "
           + ", ".join(f"{k}%: {100 * v:.1f}" for k, v in held.items() if v is not None))
     print(f"methods chosen: {summary['methods_chosen']}")
     stages = summary.get("stage_seconds", {})

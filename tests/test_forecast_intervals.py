@@ -22,9 +22,9 @@ import manymodels
 from manymodels.batch import score_batch
 from manymodels.bundle import package_run
 from manymodels.errors import SpecError
-from manymodels.forecast.intervals import _step_quantiles, conformal_quantile
+from manymodels.forecast.intervals import _step_quantiles, conformal_quantile, recent_scores
 from manymodels.runtime import Bundle
-from manymodels.runtime.intervals import series_scale
+from manymodels.runtime.intervals import Bands, floor_at_zero, series_scale
 from manymodels.serve.settings import ServeSettings
 from manymodels.specs import load_trainer
 
@@ -251,6 +251,25 @@ def test_conformal_quantile_and_steps_short_of_scores() -> None:
     assert (q[1] >= q[0]).all()
 
 
+def test_the_latest_window_calibrates_alone_when_it_holds_enough_scores() -> None:
+    """Check that the bands come from the latest window's scores when it holds at least
+    ``least`` per step, and that older windows join, newest first, while it does not."""
+    scores = np.full((150, 3, 2), np.nan)
+    scores[:, 0] = 9.0  # the oldest window's models, fitted on the fewest periods, err most
+    scores[:, 1] = 5.0
+    scores[:, 2, 0] = 1.0  # step 1: every series has the latest window
+    scores[:60, 2, 1] = 1.0  # step 2: 60 of them do
+    pooled = recent_scores(scores, least=100)
+    assert pooled.shape == (450, 2)
+    assert np.unique(pooled[:, 0][np.isfinite(pooled[:, 0])]).tolist() == [1.0]
+    assert np.isfinite(pooled[:, 0]).sum() == 150
+    step2 = pooled[:, 1][np.isfinite(pooled[:, 1])]
+    assert sorted(np.unique(step2).tolist()) == [1.0, 5.0] and len(step2) == 210
+    assert np.isfinite(recent_scores(scores, least=10_000)).sum() == 150 * 3 + 150 * 2 + 60
+    q = _step_quantiles(pooled, [80])
+    assert q[0, 0] == 1.0 and q[0, 1] == 5.0
+
+
 def test_reconciled_levels_get_bands_calibrated_on_reconciled_backtests(tmp_path: Path
                                                                          ) -> None:
     """Check that with MinT reconciliation every level's forecast has ordered, finite
@@ -285,3 +304,108 @@ def test_interval_coverage_is_an_mlflow_metric(bundle: Path) -> None:
     for level in ("80", "95"):
         assert metrics[f"interval_coverage.{level}"] == summary["interval_coverage"][level]
         assert 0.5 < metrics[f"interval_coverage.{level}"] <= 1.0
+
+
+def _fading(periods: int = 48) -> pd.DataFrame:
+    """Sales falling to zero (``fade``: never below it) and the same series with one
+    negative value in its history (``owed``: a balance, not clipped), plus steady ones."""
+    t = np.arange(periods)
+    rng = np.random.default_rng(5)
+    down = 0.5 * (periods - 1 - t) + rng.uniform(0.0, 0.05, periods)
+    owed = down.copy()
+    owed[10] = -1.0
+    frames = [pd.DataFrame({"item": "fade", "period": t, "y": down}),
+              pd.DataFrame({"item": "owed", "period": t, "y": owed})]
+    for s in range(4):
+        frames.append(pd.DataFrame({"item": f"steady{s}", "period": t,
+                                    "y": 30.0 + 5 * s + rng.normal(0.0, 1.0, periods)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def fading(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fading")
+    trainer = {**_trainer(methods=["naive", "drift"], blend=1, own_models=False),
+               "candidates": [{"algorithm": "ridge"}]}
+    run = manymodels.train(_fading(), SEGMENTER, trainer, out=out / "runs", jobs=1,
+                           track=False).run_dir
+    return package_run(run, out / "bundle", name="fading").path
+
+
+def test_non_negative_series_are_clipped_at_zero_on_every_path(fading: Path, tmp_path: Path
+                                                               ) -> None:
+    """Check that a series whose history is never negative gets forecasts and lower
+    bounds clipped at 0 on every path, and a series with a negative value does not."""
+    opened = Bundle(fading)
+    flags = dict(zip((k[0] for k in opened.manifest.raw["forecast"]["series"]["keys"]),
+                     opened.manifest.raw["forecast"]["series"]["nonnegative"], strict=True))
+    assert flags["fade"] and not flags["owed"] and flags["steady0"]
+    table = opened.forecast(H)
+    owed, fade = table[table["item"] == "owed"], table[table["item"] == "fade"]
+    assert (owed["forecast"] < 0).any() and (owed["lo_80"] < 0).all()  # the premise
+    assert (fade["forecast"] >= 0).all() and (fade["forecast"] == 0).any()
+    for band in BANDS:
+        assert (fade[band] >= 0).all(), band
+    assert (fade["lo_95"] == 0).all() and (fade["hi_80"] > 0).all()
+    rows = table[["item", "period"]]
+    want = table[["forecast", *BANDS]].reset_index(drop=True)
+    named = {"prediction": "forecast"}
+    got = {"Bundle.predict": Bundle(fading).predict(rows).rename(columns=named),
+           "pyfunc": mlflow.pyfunc.load_model(str(fading)).predict(rows).rename(columns=named)}
+    running = Running(ServeSettings(bundle=str(fading)))
+    try:
+        reply = running.client.post("/forecast", json={"horizon": H})
+        assert reply.status_code == 200, reply.text
+        got["/forecast"] = pd.DataFrame(reply.json()["forecasts"])[["forecast", *BANDS]]
+    finally:
+        running.stop()
+    (tmp_path / "in").mkdir()
+    rows.to_parquet(tmp_path / "in" / "rows.parquet", index=False)
+    score_batch(fading, tmp_path / "in", tmp_path / "out")
+    scored = pq.read_table(tmp_path / "out" / "predictions").to_pandas()
+    got["batch"] = scored.sort_values("row_number").reset_index(drop=True).rename(columns=named)
+    for path, frame in got.items():
+        for column in ["forecast", *BANDS]:
+            np.testing.assert_allclose(frame[column].to_numpy(dtype=float), want[column],
+                                       rtol=RTOL, atol=1e-9, err_msg=f"{path}: {column}")
+
+
+def test_history_sent_decides_for_a_new_series_and_can_unclip_a_stored_one(fading: Path
+                                                                           ) -> None:
+    """Check that a new series is clipped when the history it is sent with is never
+    negative, and a stored series is not once the history sent holds a negative value."""
+    past = _fading()
+    opened = Bundle(fading)
+    new = past[past["item"] == "fade"].assign(item="fresh")
+    fresh = opened.forecast(H, history=new)
+    assert (fresh["forecast"] >= 0).all() and (fresh["lo_95"] >= 0).all()
+    dipped = past[past["item"] == "fade"].copy()
+    dipped.loc[dipped.index[5], "y"] = -0.5
+    moved = opened.forecast(H, history=dipped, keys=pd.DataFrame({"item": ["fade"]}))
+    assert (moved["lo_95"] < 0).any()
+
+
+def test_bands_clip_only_non_negative_rows() -> None:
+    """Check that Bands.apply stops lower bounds at 0 for non-negative rows only, and
+    leaves a row whose (reconciled) forecast is below 0 with bounds that hold it."""
+    bands = Bands((80,), np.asarray([[1.0, 2.0]]), np.asarray([1.0, 1.0, 1.0]), 12)
+    values = floor_at_zero(np.asarray([[0.5, -1.0], [0.5, -1.0], [0.5, 3.0]]),
+                           np.asarray([True, False, False]))
+    assert values.tolist() == [[0.5, 0.0], [0.5, -1.0], [0.5, 3.0]]
+    values[2, 0] = -0.2  # a reconciled forecast below zero for a non-negative series
+    out = bands.apply(values, np.ones(3), np.asarray([True, False, True]))
+    assert out["lo_80"].tolist() == [[0.0, 0.0], [-0.5, -3.0], [-1.2, 1.0]]
+    assert out["hi_80"].tolist() == [[1.5, 2.0], [1.5, 1.0], [0.8, 5.0]]
+
+
+def test_an_update_below_zero_ends_the_clipping(fading: Path) -> None:
+    """Check that new rows below zero turn a series' clipping off and others keep it."""
+    from manymodels.forecast.update import move_origins
+
+    section = Bundle(fading).manifest.raw["forecast"]
+    rows = pd.DataFrame({"item": ["fade", "steady0"], "period": [48, 48], "y": [-0.1, 30.0]})
+    moved = move_origins(section, rows, ["item"], "y")
+    keys = [k[0] for k in moved.series["keys"]]
+    flags = dict(zip(keys, moved.series["nonnegative"], strict=True))
+    assert not flags["fade"] and flags["steady0"] and not flags["owed"]
+    assert section["series"]["nonnegative"][keys.index("fade")]  # the section is unchanged

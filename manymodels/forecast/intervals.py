@@ -8,9 +8,16 @@ pooled per step: a step's band is the conformal quantile of a few hundred or tho
 scaled errors, times the series' own scale. Steps with too few errors borrow the
 neighbouring steps'.
 
+Only the latest window's errors are pooled while it holds at least :data:`LEAST` of them
+per step (older windows join until it does): its models were fitted on the most periods
+and its errors are the most recent, so it is the window most like the future the bands
+are for. Older windows' models, fitted on fewer periods, err more, and pooling their
+errors made bands too wide (the measurements are in the forecasting guide).
+
 The errors are those of the route each series would have chosen *without* the window
 scored (its best ``blend`` methods by the other windows): the chosen route's own errors
 were picked for being small on those windows and would give bands that are too narrow.
+Forecasts of a non-negative series are clipped at 0 first, as the runtime serves them.
 """
 
 from __future__ import annotations
@@ -24,12 +31,17 @@ import numpy as np
 from manymodels.forecast.choice import Choice
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.intervals import series_scale
+from manymodels.runtime.intervals import is_nonnegative, series_scale
 
-__all__ = ["calibrate", "conformal_quantile"]
+__all__ = ["LEAST", "calibrate", "conformal_quantile", "recent_scores"]
 
 #: How the manifest names the method (``manymodels report`` shows it).
-METHOD = "split conformal on backtest errors, scaled per series, pooled across series per step"
+METHOD = ("split conformal on backtest errors, scaled per series, pooled across series per "
+          "step, latest window first")
+
+#: Scaled errors per step the latest window must hold to calibrate alone (one window of
+#: a panel of at least this many series); older windows join a smaller panel's.
+LEAST = 100
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
@@ -62,6 +74,20 @@ def _step_quantiles(scores: np.ndarray, levels: Sequence[int]) -> np.ndarray:
                 pool = np.concatenate(finite[max(k - d, 0): k + d + 1])
             out[j, k] = conformal_quantile(pool, level)
     return np.maximum.accumulate(out, axis=0) if len(levels) else out
+
+
+def recent_scores(scores: np.ndarray, least: int = LEAST) -> np.ndarray:
+    """(rows, h) scores to calibrate on, from (series, windows, h): per step the latest
+    window's, and the windows before it while the step holds fewer than ``least``
+    finite scores (the rest NaN)."""
+    n, windows, h = scores.shape
+    out = np.full_like(scores, np.nan)
+    for k in range(h):
+        used = 1
+        while used < windows and np.isfinite(scores[:, windows - used:, k]).sum() < least:
+            used += 1
+        out[:, windows - used:, k] = scores[:, windows - used:, k]
+    return out.reshape(n * windows, h)
 
 
 def _honest_forecasts(bt: Backtests, errors: np.ndarray, choices: Sequence[Choice], blend: int,
@@ -105,7 +131,7 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
 
     The section holds the levels, a quantile per level and step (in units of a series'
     scale), the scaled errors each step was calibrated on, and the backtest coverage of
-    bands calibrated without the window they cover (each window in turn).
+    each window after the first by bands calibrated on the windows before it.
     """
     n, windows, h = bt.actual.shape
     m = panel.season_length
@@ -117,6 +143,8 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         else:
             blocked[series, j] = True
     forecasts = _honest_forecasts(bt, errors, choices, blend, blocked)
+    floor = np.asarray([is_nonnegative(y) for y in panel.y], dtype=bool)
+    forecasts = np.where(floor[:, None, None], np.maximum(forecasts, 0.0), forecasts)
     if reconcile is not None:  # windows where a series has no forecast stay unreconciled
         reconciled = reconcile(forecasts)
         forecasts = np.where(np.isfinite(reconciled), reconciled, forecasts)
@@ -127,7 +155,7 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
             scale[i, w] = series_scale(panel.y[i][: int(cuts[w, i])], m)
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
-    flat = scores.reshape(n * windows, h)
+    flat = recent_scores(scores)
     scales = [series_scale(y, m) for y in panel.y]
     method = METHOD
     if not np.isfinite(flat).any():
@@ -147,18 +175,19 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
 
 def _held_out_coverage(scores: np.ndarray, residual: np.ndarray, scale: np.ndarray,
                        levels: Sequence[int]) -> dict[str, float | None]:
-    """Per level, the share of backtest values inside bands calibrated on the other
-    windows (``None`` with a single window)."""
+    """Per level, the share of backtest values inside bands calibrated, the same way, on
+    the windows before theirs (``None`` with a single window): how the bands fared on
+    futures they had not seen."""
     n, windows, h = scores.shape
     if windows < 2:
         return {str(v): None for v in levels}
     inside = np.zeros(len(levels))
     total = 0
-    for w in range(windows):
-        others = np.delete(scores, w, axis=1).reshape(-1, h)
-        if not np.isfinite(others).any():
+    for w in range(1, windows):
+        before = recent_scores(scores[:, :w])
+        if not np.isfinite(before).any():
             continue
-        q = np.where(np.isfinite(q := _step_quantiles(others, levels)), q, 0.0)
+        q = np.where(np.isfinite(q := _step_quantiles(before, levels)), q, 0.0)
         seen = np.isfinite(residual[:, w])
         for j in range(len(levels)):
             half = scale[:, w, None] * q[j][None, :]

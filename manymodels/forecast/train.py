@@ -63,6 +63,7 @@ from manymodels.forecast.stats import FittedStat
 from manymodels.io import atomic_write_bytes, finish_run_dir
 from manymodels.results import TrainResult
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_steps
+from manymodels.runtime.intervals import is_nonnegative
 from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
 from manymodels.specs import (
@@ -460,6 +461,8 @@ class _Final:
             "fitted": [_plain_time(t[-1]) for t in panel.times],
             "loc": self.scales.loc.tolist(), "scale": self.scales.scale.tolist(),
             "tail": [y[-length:].tolist() for y in panel.y],
+            # no value below zero: the runtime clips forecasts and lower bounds at 0
+            "nonnegative": [is_nonnegative(y) for y in panel.y],
         }
         if intervals is not None:
             series["interval_scale"] = intervals[1]

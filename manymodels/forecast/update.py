@@ -20,6 +20,7 @@ from manymodels.data import read_table
 from manymodels.errors import BundleError, DataError
 from manymodels.forecast.panel import parse_times
 from manymodels.runtime.forecast import FeatureSpec, future_times
+from manymodels.runtime.intervals import is_nonnegative
 from manymodels.runtime.manifest import normalise_key_value, parse_manifest, read_manifest
 
 __all__ = ["MovedOrigins", "move_origins", "update_bundle"]
@@ -82,6 +83,7 @@ def move_origins(section: dict[str, Any], frame: pd.DataFrame, key_columns: list
     index = {tuple(normalise_key_value(v) for v in key): i for i, key in enumerate(series["keys"])}
     tails = [list(t) for t in series["tail"]]
     last = list(series["last"])
+    nonnegative = list(series["nonnegative"]) if "nonnegative" in series else None
     levels = section.get("hierarchy")
     aggregate = {i for i, m in enumerate(levels["members"]) if i not in set(levels["bottom"])
                  } if levels else set()
@@ -113,19 +115,24 @@ def move_origins(section: dict[str, Any], frame: pd.DataFrame, key_columns: list
             raise DataError(f"series {_name(key_columns, key_t)}: new {target} values are "
                             f"missing or not finite")
         tails[i] = (tails[i] + values.tolist())[-max(spec.tail_length, len(tails[i])):]
+        if nonnegative is not None:
+            nonnegative[i] = bool(nonnegative[i]) and is_nonnegative(values)
         last[i] = int(times[-1]) if freq == "int" else pd.Timestamp(times[-1]).isoformat()
         added[i] = values
         out.moved.append(i)
     if levels and added:
         _update_aggregates(levels, aggregate, added, tails, last, spec.tail_length,
-                           [tuple(k) for k in series["keys"]], key_columns)
+                           [tuple(k) for k in series["keys"]], key_columns, nonnegative)
     series.update(tail=tails, last=last)
+    if nonnegative is not None:
+        series["nonnegative"] = nonnegative
     return out
 
 
 def _update_aggregates(levels: dict[str, Any], aggregate: set[int], added: dict[int, np.ndarray],
                        tails: list[list[float]], last: list[Any], length: int,
-                       keys: list[tuple[Any, ...]], columns: list[str]) -> None:
+                       keys: list[tuple[Any, ...]], columns: list[str],
+                       nonnegative: list[bool] | None) -> None:
     """Extend each aggregate series by the sums of its segments' new values: levels add up
     only while every segment ends on the same period."""
     bottom = [int(i) for i in levels["bottom"]]
@@ -138,6 +145,8 @@ def _update_aggregates(levels: dict[str, Any], aggregate: set[int], added: dict[
         members = [bottom[int(b)] for b in levels["members"][i]]
         values = np.sum([added[m] for m in members], axis=0)
         tails[i] = (tails[i] + values.tolist())[-max(length, len(tails[i])):]
+        if nonnegative is not None:
+            nonnegative[i] = bool(nonnegative[i]) and is_nonnegative(values)
         last[i] = last[members[0]]
 
 

@@ -72,7 +72,7 @@ def _summary_section(data: ReportData) -> str:
     if short:
         stats.append(_stat("too-short", "series too short for any window", short))
     for level, share in dict(summary.get("interval_coverage") or {}).items():
-        if share is not None:  # bands calibrated on the other windows, each in turn
+        if share is not None:  # each window by bands calibrated on those before it
             stats.append(_stat(f"coverage-{level}", f"{level}% interval coverage in "
                                                     f"backtests", round(100 * share, 1)))
     meta = [("target", data.manifest.get("target")), ("task", "forecast"),

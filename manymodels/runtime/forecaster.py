@@ -38,7 +38,7 @@ from .forecast_inputs import (
     _time_value,
 )
 from .forecast_table import ForecastTable
-from .intervals import Bands
+from .intervals import Bands, floor_at_zero, nonnegative_rows
 from .manifest import Manifest, normalise_key_value
 from .reconcile import AGGREGATE, Hierarchy
 from .session import LoadedModel
@@ -94,6 +94,8 @@ class Forecaster:
         self._fill = AGGREGATE if self.hierarchy is not None else None
         #: Prediction intervals (``None`` for a bundle trained without them).
         self.bands = Bands.from_section(raw, self.spec.season_length)
+        #: Series never below zero in training: clipped at 0 (none in an older bundle).
+        self.nonnegative = np.asarray(series.get("nonnegative") or [0] * len(self.keys), bool)
         self._runners: dict[str, OnnxSteps] = {}
         #: Reuse each series' forecast at its stored origin (see :meth:`_point`); off, every
         #: call computes (the benchmark times both).
@@ -126,8 +128,9 @@ class Forecaster:
         rows, row_keys = self._with_inputs(rows, row_keys)
         state = self._state(rows, row_keys, history)
         self._check_origins(rows, state)
-        values = self._reconciled(rows, self._point(rows, state, h, future, history))
-        table = self._table(rows, state, values, h, self._bands(rows, state, values))
+        floor = self._nonnegative(rows, state, history)
+        values = self._reconciled(rows, self._point(rows, state, h, future, history), floor)
+        table = self._table(rows, state, values, h, self._bands(rows, state, values, floor))
         return table.first(asked)
 
     def warm(self) -> int:
@@ -149,12 +152,20 @@ class Forecaster:
         """The interval columns every output carries (none without intervals)."""
         return self.bands.names if self.bands is not None else []
 
-    def _bands(self, rows: list[int], state: SeriesState, values: np.ndarray
-               ) -> dict[str, np.ndarray]:
+    def _bands(self, rows: list[int], state: SeriesState, values: np.ndarray,
+               nonnegative: np.ndarray) -> dict[str, np.ndarray]:
         """Interval bounds (series, steps) around the point forecasts ``values``."""
         if self.bands is None:
             return {}
-        return self.bands.apply(values, self.bands.scales_of(rows, state.tails))
+        return self.bands.apply(values, self.bands.scales_of(rows, state.tails), nonnegative)
+
+    def _nonnegative(self, rows: list[int], state: SeriesState, history: pd.DataFrame | None
+                     ) -> np.ndarray:
+        """Rows to clip at 0 (:func:`.intervals.nonnegative_rows`)."""
+        below = set() if history is None else set(_key_tuples(history.loc[history[
+            self.manifest.target].to_numpy(dtype=np.float64) < 0, self.key_columns],
+            self.key_columns, self._fill))
+        return nonnegative_rows(self.nonnegative, rows, state.keys, below)
 
     def forecast_rows(self, frame: pd.DataFrame
                       ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
@@ -188,8 +199,9 @@ class Forecaster:
         fut = None
         if self.spec.known_future:
             fut = self._future_from_rows(frame, wanted, groups, steps_of)
-        values = self._reconciled(rows, self._point(rows, state, h, fut, None))
-        bands = self._bands(rows, state, values)
+        floor = self._nonnegative(rows, state, None)
+        values = self._reconciled(rows, self._point(rows, state, h, fut, None), floor)
+        bands = self._bands(rows, state, values, floor)
         for r, key in enumerate(wanted):
             idx = groups[key]
             out[idx] = values[r, steps_of[r] - 1]
@@ -222,7 +234,9 @@ class Forecaster:
                 f"{state.last[b]}: send history for every series of the bundle (its "
                 f"aggregates' too), or update the bundle (manymodels update)")
 
-    def _reconciled(self, rows: list[int], values: np.ndarray) -> np.ndarray:
+    def _reconciled(self, rows: list[int], values: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """Point forecasts clipped at 0 where ``floor``, then added up to the levels."""
+        values = floor_at_zero(values, floor)
         return values if self.hierarchy is None else self.hierarchy.apply(rows, values)
 
     def _aggregate_keys(self, frame: pd.DataFrame) -> pd.DataFrame:

@@ -5,17 +5,47 @@ by each series' scale, and every series' scale (:func:`series_scale`); the runti
 ``lo_<level>`` and ``hi_<level>`` = forecast ∓ quantile × scale as one step after the
 point forecasts, so every serving path gets the same bands from the same numbers. Like
 the rest of ``runtime`` this imports only numpy.
+
+Non-negative series (sales: no value below zero in their training history, see
+:func:`is_nonnegative`) get forecasts and lower bounds clipped at zero
+(:func:`floor_at_zero`, :meth:`Bands.apply`), on every path alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Bands", "band_names", "series_scale"]
+__all__ = ["Bands", "band_names", "floor_at_zero", "is_nonnegative", "nonnegative_rows",
+           "series_scale"]
+
+
+def is_nonnegative(y: np.ndarray) -> bool:
+    """Whether a history holds no value below zero (its forecasts are then clipped at 0)."""
+    y = np.asarray(y, dtype=np.float64)
+    return bool(np.all(y[np.isfinite(y)] >= 0))
+
+
+def nonnegative_rows(stored: np.ndarray, rows: Sequence[int], keys: Sequence[tuple[str, ...]],
+                     below: Collection[tuple[str, ...]]) -> np.ndarray:
+    """Which forecast rows to clip at 0: a stored series (``rows[r] >= 0``) by its training
+    history (``stored``), a new one by the history it was sent with, and neither when the
+    history sent with the call has a value below zero (``below``: those series' keys).
+    Reconciled levels clip before they are added up, so they still add up."""
+    out = np.asarray([bool(stored[r]) if r >= 0 else True for r in rows], dtype=bool)
+    if below:
+        out &= np.asarray([key not in below for key in keys], dtype=bool)
+    return out
+
+
+def floor_at_zero(values: np.ndarray, nonnegative: np.ndarray) -> np.ndarray:
+    """Forecasts (series, steps) with the rows of non-negative series clipped at 0."""
+    if not nonnegative.any():
+        return values
+    return np.where(nonnegative[:, None], np.maximum(values, 0.0), values)
 
 
 def series_scale(y: np.ndarray, season_length: int) -> float:
@@ -78,12 +108,19 @@ class Bands:
             out[r] = self.scales[row] if row >= 0 else series_scale(tails[r], self.season_length)
         return np.where(np.isfinite(out) & (out > 0), out, 0.0)
 
-    def apply(self, values: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
-        """``lo_<level>``/``hi_<level>`` arrays shaped like ``values`` (series, steps)."""
+    def apply(self, values: np.ndarray, scales: np.ndarray,
+              nonnegative: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``lo_<level>``/``hi_<level>`` arrays shaped like ``values`` (series, steps);
+        lower bounds of ``nonnegative`` series stop at 0 where their forecast is not below
+        it (a reconciled forecast may be, and its bounds must still hold it)."""
         widths = self.half_widths(values.shape[1])
+        floor = None
+        if nonnegative is not None and nonnegative.any():
+            floor = nonnegative[:, None] & (values >= 0)
         out: dict[str, np.ndarray] = {}
         for j, level in enumerate(self.levels):
             half = scales[:, None] * widths[j][None, :]
-            out[f"lo_{level}"] = values - half
+            lo = values - half
+            out[f"lo_{level}"] = lo if floor is None else np.where(floor, np.maximum(lo, 0.0), lo)
             out[f"hi_{level}"] = values + half
         return out
