@@ -223,6 +223,46 @@ def test_kill_9_mid_job_then_restart_resumes_exactly_once(bundle: tuple[Path, pd
     _assert_equals_bundle(root, frame, pd.read_parquet(data / "out" / "predictions"))
 
 
+def test_a_runner_killed_mid_part_leaves_only_committed_parts(
+        bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],
+        tmp_path: Path) -> None:
+    """Check that a job whose runner dies mid-part (kill -9, as the out-of-memory killer
+    does) fails naming the runner's end, and that what the runner had staged is deleted
+    while every committed part stays."""
+    root, rows = bundle
+    data = tmp_path / "data"
+    for k in range(6):  # units of two files: a unit's first file waits staged
+        _write_input(rows, data / "in" / f"rows-{k}.parquet", 500, k, 500)
+    staging = data / "out" / "_manymodels_batch" / "staging"
+    with serving(root, keys, tmp_path / "state", [data],
+                 env={"MANYMODELS_BATCH_TEST_SLEEP": "1.5"}) as server:
+        job = server.call("POST", "/batch/jobs", json={
+            "input": str(data / "in"), "output": str(data / "out"),
+            "mini_batch_size": "2 files"}).json()
+        _wait_for(server, job["id"], lambda j: j["progress"].get("parts_done", 0) >= 1)
+        deadline = time.monotonic() + 30
+        while not (staging.is_dir() and any(staging.iterdir())):
+            assert time.monotonic() < deadline, "nothing was ever staged"
+            time.sleep(0.02)
+        lock = str((data / "out" / "_manymodels_batch" / "lock").resolve())
+        runner = next(p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                      if "manymodels.batch.jobrunner" in p.cmdline()
+                      and any(f.path == lock for f in p.open_files()))  # holds the output
+        runner.kill()
+        ended = _wait_for(server, job["id"], lambda j: j["state"] != "running", 30)
+        deadline = time.monotonic() + 30
+        while any(staging.iterdir()):
+            assert time.monotonic() < deadline, f"still staged: {list(staging.iterdir())}"
+            time.sleep(0.1)
+        log = server.call("GET", f"/batch/jobs/{job['id']}/log").text
+    assert ended["state"] == "failed" and "without an outcome" in ended["reason"], ended
+    assert "uncommitted file(s) deleted" in log, log[-2000:]
+    pieces = _committed(data / "out")
+    assert 1 <= len(pieces) < 6
+    assert {f.name for f in (data / "out" / "predictions").iterdir()} == {
+        p["part"] for p in pieces}
+
+
 def test_cancel_stops_within_seconds_and_keeps_only_whole_parts(
         bundle: tuple[Path, pd.DataFrame], keys: tuple[Path, dict[str, str]],
         tmp_path: Path) -> None:

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from manymodels.errors import ManyModelsError
-from manymodels.jobstore import Job, JobStore
+from manymodels.jobstore import TERMINAL_STATES, Job, JobStore
 from manymodels.runtime import sha256_file
 from manymodels.storage import is_remote
 
 from .executors import reuse_freed_memory
 from .run import ErrorThresholdExceeded, NothingScored, first_rejection, score_batch
+from .txlog import clean_abandoned
 from .watch import BatchProgress
 
 __all__ = ["main", "run_job"]
@@ -173,6 +174,17 @@ def _await_job() -> str | None:
     return str(order["job"])
 
 
+def _clean(job: Job) -> int:
+    """Delete the staged files and unlisted parts a killed runner left in a local output
+    (an object store's staging was that runner's temporary directory)."""
+    if job.state not in TERMINAL_STATES or is_remote(job.output):
+        return 0  # running again (its own opening cleans), or nothing here to clean
+    removed = clean_abandoned(Path(job.output))
+    log.info("job %s ended without its runner: %d uncommitted file(s) deleted in %s",
+             job.id, removed, job.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manymodels.batch.jobrunner")
     parser.add_argument("--db", required=True, help="the endpoint's job store (SQLite)")
@@ -182,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner", required=True, help="the server's owner id in the store")
     parser.add_argument("--parent", type=int, default=0, help="the server's process id")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority")
+    parser.add_argument("--clean", action="store_true",
+                        help="delete what the job's killed runner left staged, and stop")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     if args.nice:
@@ -208,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     store = JobStore(args.db)
     job = store.get(job_id)
+    if args.clean:
+        return _clean(job)
     if job.state != "running" or job.owner != args.owner:
         log.warning("job %s is %s (owner %s), not ours to run", job.id, job.state, job.owner)
         return 1

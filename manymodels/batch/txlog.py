@@ -37,7 +37,7 @@ try:  # flock keeps two runs from writing the same OUTPUT; absent on Windows
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CommittedPiece", "PieceLog", "TxLog", "fsync_dir"]
+__all__ = ["CommittedPiece", "PieceLog", "TxLog", "clean_abandoned", "fsync_dir"]
 
 STATE_DIR = "_manymodels_batch"
 PREDICTIONS_DIR = "predictions"
@@ -302,3 +302,20 @@ class TxLog(CommittedState):
         self._handle.close()
         if self._lock is not None:
             self._lock.close()
+
+
+def clean_abandoned(output: Path) -> int:
+    """Delete what a run killed mid-part left in ``output`` (staged files, parts no commit
+    lists), so that a job that ends that way leaves only its committed parts; nothing when
+    ``output`` holds no log or another run writes to it. Returns the files removed."""
+    if not (output / STATE_DIR / LOG_FILE).is_file():
+        return 0
+    staged = sum(1 for _ in (output / STATE_DIR / "staging").glob("*"))
+    try:
+        log = TxLog(output, {})  # an empty header checks nothing: the log's own is kept
+    except SpecError:  # another run holds the lock: its own opening cleans
+        return 0
+    try:
+        return log.clean() + staged
+    finally:
+        log.close()

@@ -179,6 +179,7 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._next_beat = 0.0
         self._warm: subprocess.Popen[bytes] | None = None
+        self._cleaners: list[subprocess.Popen[bytes]] = []  # runners deleting staged files
         self._interrupted: set[str] = set()
 
     @property
@@ -308,11 +309,20 @@ class JobManager:
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
 
+    def _clean_after(self, job_id: str) -> None:
+        """A runner that ended without an outcome (killed, out of memory) may have left
+        staged files in its output: a runner started to delete them (it keeps what was
+        committed), reaped at a later round."""
+        cleaner = self._start(["--job", job_id, "--clean"], self.logs / f"{job_id}.log")
+        if cleaner is not None:
+            self._cleaners.append(cleaner)
+
     def tick(self) -> None:
         """One round: reap ended runners, pass on cancels, heartbeat, resume the jobs of
         dead servers, start what fits."""
         batch = self.settings.batch
         now = time.monotonic()
+        self._cleaners = [c for c in self._cleaners if c.poll() is None]
         for job_id, proc in list(self._procs.items()):
             code = proc.poll()
             if code is None:
@@ -323,7 +333,8 @@ class JobManager:
             state, why = ("canceled", "canceled; its runner was stopped") if canceled else (
                 "failed", f"the job's runner ended with code {code} without an outcome; see "
                           f"GET /batch/jobs/{job_id}/log")
-            self.store.finish(job_id, state, why, owner=self.owner)
+            if self.store.finish(job_id, state, why, owner=self.owner):
+                self._clean_after(job_id)
         for job in self.store.running_of(self.owner):
             runner = self._procs.get(job.id)
             if runner is None or not job.cancel_requested:
