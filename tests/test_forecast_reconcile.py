@@ -279,6 +279,22 @@ def test_level_settings_are_checked(tmp_path: Path, forecast: dict[str, Any],
         train(_frame(), SEGMENTER, trainer, out=tmp_path, jobs=1, track=False)
 
 
+def test_a_mint_map_too_large_for_the_manifest_is_refused_before_any_fit(
+        tmp_path: Path) -> None:
+    """Check that MinT over 1,000 segments and their 1,003 sums (a dense 1,000 x 2,003
+    map in the manifest) is refused before anything is fitted, naming bottom_up."""
+    rng = np.random.default_rng(0)
+    weeks, n = 30, 1000
+    frame = pd.DataFrame({"region": np.repeat(np.arange(n) % 2, weeks).astype(str),
+                          "store": np.repeat(np.arange(n) // 2, weeks),
+                          "brand": "b", "week": np.tile(np.arange(weeks), n),
+                          "quantity": rng.gamma(2.0, size=n * weeks)})
+    trainer = {**_trainer("mint_shrink"), "season_length": 4}
+    with pytest.raises(SpecError, match=r"1,000 x 2,003 map.*reconcile: bottom_up"):
+        train(frame, SEGMENTER, trainer, out=tmp_path, jobs=1, track=False)
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
 def test_segments_ending_on_different_periods_are_refused(tmp_path: Path) -> None:
     """Check that levels are refused, naming two series, when segments end apart."""
     frame = _frame()

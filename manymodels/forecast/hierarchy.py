@@ -24,7 +24,8 @@ from manymodels.forecast.panel import Panel
 from manymodels.runtime.reconcile import AGGREGATE
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
-__all__ = ["Levels", "add_aggregates", "fit_map", "hierarchy_levels",
+__all__ = ["MAX_MAP_CELLS", "Levels", "add_aggregates", "check_map_size", "fit_map",
+           "hierarchy_levels",
            "level_accuracy", "reconcile_backtests", "series_errors"]
 
 
@@ -124,6 +125,21 @@ def add_aggregates(panel: Panel, levels: list[list[str]]) -> tuple[Panel, Levels
             level_of.append(depth)
             members.append(np.asarray(group, dtype=np.int64))
     return out, Levels([list(cols), *levels], np.asarray(level_of), np.arange(n), members)
+
+
+#: Cells of the largest MinT map a bundle stores (bottom series × series, in the manifest).
+MAX_MAP_CELLS = 1_000_000
+
+
+def check_map_size(levels: Levels, method: str) -> None:
+    """Refuse, before any fit, a MinT map too large for the manifest: bottom-up stores none,
+    MinT one dense number per bottom series and series."""
+    n_bottom, n = len(levels.bottom), len(levels.members)
+    if method == "mint_shrink" and n_bottom * n > MAX_MAP_CELLS:
+        raise SpecError(f"forecast.reconcile: mint_shrink over {n:,} series ({n_bottom:,} "
+                        f"segments) would store a {n_bottom:,} x {n:,} map, over "
+                        f"{MAX_MAP_CELLS:,} numbers; use reconcile: bottom_up, or fewer "
+                        f"segments or levels")
 
 
 def fit_map(levels: Levels, method: str, actual: np.ndarray, base: np.ndarray) -> np.ndarray:

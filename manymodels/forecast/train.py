@@ -42,6 +42,7 @@ from manymodels.forecast.features import SeriesScale, series_scales, training_ro
 from manymodels.forecast.hierarchy import (
     Levels,
     add_aggregates,
+    check_map_size,
     fit_map,
     hierarchy_levels,
     level_accuracy,
@@ -151,6 +152,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     wanted_levels = hierarchy_levels(tr_spec, seg_spec)
     if wanted_levels is not None:  # coarser levels are series too: sums of their segments
         panel, levels = add_aggregates(panel, wanted_levels)
+        check_map_size(levels, tr_spec.forecast.reconcile)
     spec = feature_spec(tr_spec, panel, _static_columns(frame, seg_spec, tr_spec))
     candidates = build_candidates(tr_spec) if tr_spec.candidates else [
         Candidate(c.algorithm, c.algorithm, dict(c.params), c.resolved_min_rows)
