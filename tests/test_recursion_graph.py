@@ -4,6 +4,8 @@ and run by onnxruntime."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,7 @@ def test_the_graph_is_valid_onnx(tmp_path: Path, reads: str) -> None:
     ops = [node.op_type for node in body.node]
     assert ("Split" in ops) == (reads == "twice")
     assert ops.count("Concat") == (2 if reads == "once" else 3)
+    assert "Div" not in ops and ops.count("Gather") == 2  # the extra row and the shift
 
 
 def test_an_old_opset_runs_step_by_step(tmp_path: Path) -> None:
@@ -135,3 +138,20 @@ def test_an_old_opset_runs_step_by_step(tmp_path: Path) -> None:
     tails, loc, scale, calendar = _inputs(spec, 2, 5)
     assert np.isfinite(forecast_steps(steps, tails, loc, scale, spec, 5, calendar, {},
                                       {})[0]).all()
+
+
+def test_the_recursion_goes_with_its_loaded_model(tmp_path: Path) -> None:
+    """Check that a runner kept on its loaded model (as the Forecaster keeps it) is freed
+    with the model by reference counting alone: no cycle keeps an evicted model's
+    sessions alive."""
+    spec = SPECS["no calendar, one lag"]
+    loaded = _model(tmp_path, spec, "ridge", 13, "once")
+    steps = loaded.companions["steps"] = onnx_steps(loaded, weak=True)
+    assert steps.recursion(spec) is not None
+    runner, model = weakref.ref(steps), weakref.ref(loaded)
+    gc.disable()
+    try:
+        del steps, loaded
+        assert model() is None and runner() is None
+    finally:
+        gc.enable()

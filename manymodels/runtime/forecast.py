@@ -11,6 +11,7 @@ that builds the same features; training's parity check runs it). Like the rest o
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -343,14 +344,14 @@ def recursive_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.
     extra_names = names[n_lags + n_roll:]
     whole = predict.recursion(spec) if isinstance(predict, OnnxSteps) and n else None
     if whole is not None:
-        # every step in one run (recursion_graph): the window the first step sees and
-        # each step's calendar and known-future values, float64 as the step path has them
+        # every step in one run (recursion_graph): the window the first step sees, newest
+        # first, and each step's calendar and known-future values, float64 as the step path has them
         rows = None
         if extra_names:
             rows = np.empty((h, n, len(extra_names)))
             for j, name in enumerate(extra_names):
                 rows[:, :, j] = (calendar[name] if name in calendar else future[name]).T
-        grid[:, width:] = whole(grid[:, width - spec.window:width], rows, h)
+        grid[:, width:] = whole(grid[:, width - spec.window:width][:, ::-1], rows, h)
         return _undo(grid[:, width:], s, loc, scale, spec)
     dtype = np.float32 if isinstance(predict, OnnxSteps) else np.float64
     x = np.empty((len(names), n), dtype=dtype)
@@ -457,8 +458,11 @@ class OnnxSteps:
     :func:`onnx_predict` does.
     """
 
-    def __init__(self, model: LoadedModel, whole: bool = True) -> None:
-        self.model = model
+    def __init__(self, model: LoadedModel, whole: bool = True, weak: bool = False) -> None:
+        """``weak``: hold ``model`` by a weak reference, for a runner kept in the model's
+        own ``companions`` (no cycle); its caller then holds the model while it runs."""
+        self._model: Callable[[], LoadedModel | None] = (
+            weakref.ref(model) if weak else (lambda: model))
         outputs = model.session.get_outputs()
         shape = outputs[0].shape if outputs else []
         # onnxruntime binds no string tensors: a model with segment keys takes a feed, as
@@ -468,6 +472,13 @@ class OnnxSteps:
         #: Run a recursion's every step in one ``run`` (:meth:`recursion`) where it can.
         self.whole = whole and self.bindable and bool(model.path)
         self._wholes: dict[tuple[Any, ...], Whole | None] = {}
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model (alive while a caller holds it to forecast)."""
+        model = self._model()
+        assert model is not None, "the loaded model was released"
+        return model
 
     def recursion(self, spec: FeatureSpec) -> Whole | None:
         """The recursion of ``spec``'s features as one ``run`` (:mod:`.recursion_graph`),
@@ -531,10 +542,10 @@ class OnnxSteps:
         return step
 
 
-def onnx_steps(model: LoadedModel, whole: bool = True) -> OnnxSteps:
+def onnx_steps(model: LoadedModel, whole: bool = True, weak: bool = False) -> OnnxSteps:
     """The recursion's way to run a loaded ONNX lag model (see :class:`OnnxSteps`);
     ``whole=False`` runs it step by step even where one run could do every step."""
-    return OnnxSteps(model, whole)
+    return OnnxSteps(model, whole, weak)
 
 
 def onnx_predict(model: LoadedModel) -> Predict:

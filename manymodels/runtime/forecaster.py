@@ -96,7 +96,6 @@ class Forecaster:
         self.bands = Bands.from_section(raw, self.spec.season_length)
         #: Series never below zero in training: clipped at 0 (none in an older bundle).
         self.nonnegative = np.asarray(series.get("nonnegative") or [0] * len(self.keys), bool)
-        self._runners: dict[str, OnnxSteps] = {}
         #: Reuse each series' forecast at its stored origin (see :meth:`_point`); off, every
         #: call computes (the benchmark times both).
         self.reuse_stored = True
@@ -502,10 +501,12 @@ class Forecaster:
 
     def _steps_of(self, loaded: LoadedModel) -> OnnxSteps:
         """The model's :class:`OnnxSteps`, made once per loaded session."""
-        found = self._runners.get(loaded.name)
-        if found is None or found.model is not loaded:
-            found = self._runners[loaded.name] = onnx_steps(loaded)
-        return found
+        found = loaded.companions.get("steps")
+        if found is None:
+            # kept on the loaded model, so that it (and its recursion's session) goes when
+            # the session cache evicts the model
+            found = loaded.companions["steps"] = onnx_steps(loaded, weak=True)
+        return found  # type: ignore[no-any-return]
 
     def _table(self, rows: list[int], state: SeriesState, values: np.ndarray, h: int,
                bands: Mapping[str, np.ndarray]) -> ForecastTable:

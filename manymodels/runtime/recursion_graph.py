@@ -3,12 +3,13 @@
 Run step by step, a recursive forecast costs one onnxruntime ``run`` and a round of
 Python per step, more than the model itself for one series. :func:`recursion_graph`
 wraps a lag model's graph in a ``Loop`` whose body builds the step's features from a
-window of the transformed series (the lags by a gather, the rolling means by a sum and a
-division, in float64 like :func:`~.forecast.lag_matrix`, then float32 as the step path
-feeds them), runs the model's own nodes and shifts its prediction into the window: one
-``run`` for the whole horizon. The graph is written as protobuf bytes here, because the
-runtime imports neither ``onnx`` nor ``protobuf`` (a bundle runs on onnxruntime, numpy
-and pandas alone); only the top-level fields of the model file are read.
+window of the transformed series (the lags by a gather, the rolling means by a mean, in
+float64 like :func:`~.forecast.lag_matrix`, then float32 as the step path feeds them;
+the mean adds in another order than numpy's sequential sum, which float32 absorbs), runs
+the model's own nodes and shifts its prediction into the window: one ``run`` for the
+whole horizon. The graph is written as protobuf bytes here, because the runtime imports
+neither ``onnx`` nor ``protobuf`` (a bundle runs on onnxruntime, numpy and pandas
+alone); only the top-level fields of the model file are read.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def recursion_graph(model: bytes, model_inputs: Sequence[str], output: str,
     the model's file is not one this module can wrap (an old opset or IR version).
 
     Inputs: ``mm_loop_steps`` (int64 scalar, the horizon), ``mm_loop_window`` (float64
-    (n, window): each series' last ``window`` transformed values, oldest first) and, when
+    (n, window): each series' last ``window`` transformed values, newest first: column
+    ``k - 1`` is lag ``k``) and, when
     ``features`` has more than the lags and rolling means, ``mm_loop_extra`` (float64
     (steps, n, extra): each step's calendar and known-future values, in ``features``
     order). Output ``mm_loop_forecast``: float32 (steps, n, 1), the model's prediction of
@@ -192,8 +194,10 @@ def recursion_graph(model: bytes, model_inputs: Sequence[str], output: str,
     p = LOOP_PREFIX
     n_extra = len(features) - len(lags) - len(rolling)
     nodes, inits, parts = [], [], []
-    if lags:
-        inits.append(_tensor(f"{p}lag_at", np.asarray([window - k for k in lags], np.int64),
+    if tuple(lags) == tuple(range(1, window + 1)):
+        parts.append(f"{p}win")  # the window, newest first, is the lags
+    elif lags:
+        inits.append(_tensor(f"{p}lag_at", np.asarray([k - 1 for k in lags], np.int64),
                              _INT64))
         nodes.append(_node("Gather", [f"{p}win", f"{p}lag_at"], [f"{p}lags"],
                            _attr_int("axis", 1)))
@@ -202,20 +206,17 @@ def recursion_graph(model: bytes, model_inputs: Sequence[str], output: str,
         source = f"{p}win"
         if w != window:
             source = f"{p}last{w}"
-            inits.append(_tensor(f"{p}last{w}_at", np.arange(window - w, window, dtype=np.int64),
-                                 _INT64))
+            inits.append(_tensor(f"{source}_at", np.arange(w, dtype=np.int64), _INT64))
             nodes.append(_node("Gather", [f"{p}win", f"{source}_at"], [source],
                                _attr_int("axis", 1)))
-        if opset < 13:
-            nodes.append(_node("ReduceSum", [source], [f"{p}sum{w}"], _attr_ints("axes", [1]),
+        if opset < 18:
+            nodes.append(_node("ReduceMean", [source], [f"{p}roll{w}"], _attr_ints("axes", [1]),
                                _attr_int("keepdims", 1)))
         else:
-            nodes.append(_node("ReduceSum", [source, f"{p}axis1"], [f"{p}sum{w}"],
+            nodes.append(_node("ReduceMean", [source, f"{p}axis1"], [f"{p}roll{w}"],
                                _attr_int("keepdims", 1)))
-        inits.append(_tensor(f"{p}w{w}", np.asarray(float(w)), _DOUBLE))
-        nodes.append(_node("Div", [f"{p}sum{w}", f"{p}w{w}"], [f"{p}roll{w}"]))
         parts.append(f"{p}roll{w}")
-    if rolling and opset >= 13:
+    if rolling and opset >= 18:
         inits.append(_tensor(f"{p}axis1", np.asarray([1], np.int64), _INT64))
     if n_extra:
         nodes.append(_node("Gather", [f"{p}extra", f"{p}it"], [f"{p}now"], _attr_int("axis", 0)))
@@ -242,11 +243,11 @@ def recursion_graph(model: bytes, model_inputs: Sequence[str], output: str,
             nodes.append(_node("Split", [f"{p}x", f"{p}ones"], names, _attr_int("axis", 1)))
     tail = [
         _node("Cast", [output], [f"{p}y64"], _attr_int("to", _DOUBLE)),
-        _node("Concat", [f"{p}older", f"{p}y64"], [f"{p}win_out"], _attr_int("axis", 1)),
+        _node("Concat", [f"{p}y64", f"{p}older"], [f"{p}win_out"], _attr_int("axis", 1)),
         _node("Identity", [f"{p}cond"], [f"{p}cond_out"]),
     ]
-    if window > 1:
-        inits.append(_tensor(f"{p}keep", np.arange(1, window, dtype=np.int64), _INT64))
+    if window > 1:  # the prediction becomes lag 1, the oldest value leaves
+        inits.append(_tensor(f"{p}keep", np.arange(window - 1, dtype=np.int64), _INT64))
         tail.insert(1, _node("Gather", [f"{p}win", f"{p}keep"], [f"{p}older"],
                              _attr_int("axis", 1)))
     else:  # a window of one value is replaced by the prediction

@@ -160,6 +160,10 @@ class LoadedModel:
     #: around the model (a forecast's whole recursion) is read from and made with.
     path: str = ""
     options: ort.SessionOptions | None = field(default=None, repr=False, compare=False)
+    #: Objects made once per loaded model by its users (a forecast's recursion runner),
+    #: so that they live exactly as long as the model stays loaded; they must not refer
+    #: to the model strongly (a cycle would leave an evicted session to the cyclic GC).
+    companions: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # onnxruntime's Python ``run`` re-validates the feed's names and rebuilds the
