@@ -305,6 +305,8 @@ def builtin_forecast(tails: np.ndarray, method: str, season_length: int, h: int)
 
 
 def _last_finite(tails: np.ndarray) -> np.ndarray:
+    if tails.shape[1] and np.isfinite(tails[:, -1]).all():
+        return tails[:, -1].copy()  # tails are padded on the left: the usual case
     ok = np.isfinite(tails)
     idx = tails.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
     vals = tails[np.arange(tails.shape[0]), idx]

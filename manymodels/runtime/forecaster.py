@@ -170,7 +170,8 @@ class Forecaster:
                       ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
         """Forecasts for rows naming future periods (keys, time, known covariates), the
         method of each, and their interval bounds (``lo_80``: one value per row, ...)."""
-        missing = [c for c in [*self.key_columns, self.time_column] if c not in frame.columns]
+        present = set(frame.columns)
+        missing = [c for c in [*self.key_columns, self.time_column] if c not in present]
         if missing:
             raise InputSchemaError(f"forecast rows lack column(s) {', '.join(missing)} "
                                    f"(a forecast row names its series and a future "
@@ -182,18 +183,14 @@ class Forecaster:
         if n == 0:
             return out, methods, bounds
         frame = self._aggregate_keys(frame)
-        keys = frame[self.key_columns].astype(object).to_numpy()
-        norm = [tuple(normalise_key_value(v) for v in row) for row in keys]
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, key in enumerate(norm):
-            groups.setdefault(key, []).append(i)
+        groups = _positions_by_key(frame, self.key_columns)
         wanted = list(groups)
         rows, row_keys = self._with_inputs(*self._select_keys(wanted))
         state = self._state(rows, row_keys, None)
         steps_of: list[np.ndarray] = []
+        all_times = frame[self.time_column].to_numpy()
         for r, key in enumerate(wanted):
-            times = frame[self.time_column].to_numpy()[groups[key]]
-            steps_of.append(self._steps(state.last[r], times, key))
+            steps_of.append(self._steps(state.last[r], all_times[groups[key]], key))
         h = self._check_horizon(max(int(s.max()) for s in steps_of))
         fut = None
         if self.spec.known_future:
@@ -206,8 +203,9 @@ class Forecaster:
             out[idx] = values[r, steps_of[r] - 1]
             for name, band in bands.items():
                 bounds[name][idx] = band[r, steps_of[r] - 1]
-            for i in idx:
-                methods[i] = self.routes[rows[r]].method if rows[r] >= 0 else "fallback"
+            method = self.routes[rows[r]].method if rows[r] >= 0 else "fallback"
+            for i in idx.tolist():
+                methods[i] = method
         return out, methods, bounds
 
     # -- coherent levels (post-processing of the point forecasts) ------------------------
@@ -359,7 +357,7 @@ class Forecaster:
         return steps.astype(np.int64)
 
     def _future_from_rows(self, frame: pd.DataFrame, wanted: list[tuple[str, ...]],
-                          groups: Mapping[tuple[str, ...], list[int]], steps_of: list[np.ndarray]
+                          groups: Mapping[tuple[str, ...], np.ndarray], steps_of: list[np.ndarray]
                           ) -> pd.DataFrame:
         parts = []
         for r, key in enumerate(wanted):
