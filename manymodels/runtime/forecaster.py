@@ -161,9 +161,12 @@ class Forecaster:
     def _nonnegative(self, rows: list[int], state: SeriesState, history: pd.DataFrame | None
                      ) -> np.ndarray:
         """Rows to clip at 0 (:func:`.intervals.nonnegative_rows`)."""
-        below = set() if history is None else set(_key_tuples(history.loc[history[
-            self.manifest.target].to_numpy(dtype=np.float64) < 0, self.key_columns],
-            self.key_columns, self._fill))
+        below: set[tuple[str, ...]] = set()
+        if history is not None:
+            negative = history[self.manifest.target].to_numpy(dtype=np.float64) < 0
+            if negative.any():  # the usual history has none: no pandas selection
+                below = set(_key_tuples(history.loc[negative, self.key_columns],
+                                        self.key_columns, self._fill))
         return nonnegative_rows(self.nonnegative, rows, state.keys, below)
 
     def forecast_rows(self, frame: pd.DataFrame
