@@ -18,7 +18,7 @@ import manymodels
 from manymodels.errors import DataError, InputSchemaError, SegmentNotFound, SpecError
 from manymodels.forecast.backtest import cutoffs, score
 from manymodels.forecast.features import training_rows
-from manymodels.forecast.learners import fit_own_linear
+from manymodels.forecast.learners import fit_own_linear, native_predict
 from manymodels.forecast.panel import build_panel, feature_spec, season_length_of
 from manymodels.runtime.forecast import FeatureSpec, lag_matrix, recursive_forecast
 from manymodels.specs import load_trainer
@@ -223,6 +223,28 @@ def test_own_linear_matches_scikit_learn_pipeline() -> None:
     pipe.fit(rows.frame, rows.target)
     x = rows.numeric(spec.numeric_names())
     np.testing.assert_allclose(x @ weights + bias, pipe.predict(rows.frame), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm,params", [("ridge", {"alpha": 2.0}), ("lightgbm", {"n_estimators": 20})])
+def test_native_predict_array_path_equals_pipeline_predict(algorithm: str,
+                                                           params: dict[str, object]) -> None:
+    """Check that native_predict scores a numeric-only pipeline as its own predict does (to float rounding)."""
+    from manymodels.candidates import Candidate, build_pipeline
+    from manymodels.forecast.features import series_scales
+
+    frame = _panel_frame(60, stores=1)
+    trainer = load_trainer(_trainer(4))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, [])
+    cut = np.asarray([len(panel.y[0])])
+    rows = training_rows(panel, spec, [0], cut, series_scales(panel, spec, cut))
+    names = spec.numeric_names()
+    pipe = build_pipeline(Candidate(algorithm, algorithm, params), names, [], "regression", 0)
+    pipe.fit(rows.frame[names], rows.target)
+    feed = {n: rows.frame[n].to_numpy() for n in names}
+    expected = pipe.predict(pd.DataFrame({n: v.astype(np.float32).astype(np.float64)
+                                          for n, v in feed.items()}))
+    np.testing.assert_allclose(native_predict(pipe)(feed), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_lag_features_and_recursion_share_one_definition() -> None:

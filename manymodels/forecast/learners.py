@@ -58,10 +58,30 @@ def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, se
 
 
 def native_predict(pipeline: Any) -> Predict:
-    """A batched :data:`Predict` over a fitted pipeline (one DataFrame per step)."""
+    """A batched :data:`Predict` over a fitted pipeline (one DataFrame per step).
+
+    A pipeline whose preprocessing is one ``StandardScaler`` on numeric columns (an own
+    series' model) is scored on a plain array through the scaler's fitted ``mean_`` and
+    ``scale_`` and the estimator's own ``predict``: the same arithmetic as
+    ``ColumnTransformer.transform``, without its per-call DataFrame handling, which
+    dominates a recursion that calls it once per step and series.
+    """
     prep = pipeline.named_steps["prep"]
     model = pipeline.named_steps["model"]
     columns = [c for _, _, cols in prep.transformers_ for c in (cols if isinstance(cols, list) else [])]
+    scaler = _only_scaler(prep)
+    if scaler is not None:
+        mean, scale = getattr(scaler, "mean_", None), getattr(scaler, "scale_", None)
+
+        def predict_array(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+            x = np.column_stack([_as_fed(feed[c]) for c in columns]).astype(np.float64)
+            if mean is not None:
+                x -= mean
+            if scale is not None:
+                x /= scale
+            return np.asarray(model.predict(x), dtype=np.float64).ravel()
+
+        return predict_array
 
     def predict(feed: Mapping[str, np.ndarray]) -> np.ndarray:
         # the values the ONNX model is fed: float32 numbers (see training_rows)
@@ -69,6 +89,17 @@ def native_predict(pipeline: Any) -> Predict:
         return np.asarray(model.predict(prep.transform(frame)), dtype=np.float64).ravel()
 
     return predict
+
+
+def _only_scaler(prep: Any) -> Any:
+    """The ``StandardScaler`` when it is the only transformer that outputs anything."""
+    from sklearn.preprocessing import StandardScaler  # fitted pipelines imported it already
+
+    live = [(t, cols) for name, t, cols in prep.transformers_
+            if t != "drop" and not (name == "remainder" and not len(cols))]
+    if len(live) == 1 and type(live[0][0]) is StandardScaler:
+        return live[0][0]
+    return None
 
 
 def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
