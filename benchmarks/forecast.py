@@ -11,7 +11,11 @@ one after the other, on the same cores:
   ``Differences([1])`` and a local standard scaler (an untuned configuration), timed for
   ``fit`` plus ``cross_validation`` with the same windows as manymodels' backtests;
 - statsforecast SeasonalNaive and AutoETS, timed for ``forecast`` (with their own 80% and
-  95% prediction intervals).
+  95% prediction intervals), AutoETS with as many worker processes (``n_jobs``) as
+  manymodels uses, so both run on the same cores;
+- manymodels with the lag models only (``forecast.methods: []``: no naive or statistical
+  method; global LightGBM and ridge, an own ridge per series), timed against mlforecast's
+  LightGBM and Ridge (``cross_validation`` + ``fit`` of both), like for like.
 
 Prediction intervals: the share of held-out values inside each contender's 80% and 95%
 intervals (the issue's bar: within 5 points of nominal), and MSIS at 95% (the M4
@@ -46,6 +50,13 @@ def trainer_spec(h: int, m: int) -> dict[str, Any]:
     """manymodels' forecasting defaults, with the panel's horizon and season."""
     return {"target": "y", "task": "forecast", "time_column": "t", "horizon": h,
             "season_length": m, "forecast": {"n_windows": WINDOWS}}
+
+
+def lag_only_spec(h: int, m: int) -> dict[str, Any]:
+    """The defaults without naive or statistical methods: lag models only."""
+    spec = trainer_spec(h, m)
+    spec["forecast"]["methods"] = []
+    return spec
 
 
 SEGMENTER = {"columns": ["unique_id"], "min_rows": 2, "levels": [["unique_id"], []]}
@@ -101,15 +112,18 @@ def interval_rows(train: pd.DataFrame, merged: pd.DataFrame, m: int,
     return out
 
 
-def run_manymodels(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame, float, dict]:
+def run_manymodels(train: pd.DataFrame, h: int, m: int, lag_only: bool = False
+                   ) -> tuple[pd.DataFrame, float, dict]:
     import manymodels
 
+    spec = lag_only_spec(h, m) if lag_only else trainer_spec(h, m)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = manymodels.train(train, SEGMENTER, trainer_spec(h, m), out=tmp, run_id="r",
-                                  track=False)
+        result = manymodels.train(train, SEGMENTER, spec, out=tmp, run_id="r", track=False)
         seconds = time.perf_counter() - started
         table = manymodels.Bundle(result.run_dir).forecast(h)
+    if lag_only:
+        return table.rename(columns={"forecast": "manymodels_lag_only"}), seconds, result.summary
     table = table.rename(columns={"forecast": "manymodels", **{
         f"{side}_{level}": f"manymodels-{side}-{level}" for level in LEVELS
         for side in ("lo", "hi")}})
@@ -144,12 +158,16 @@ def run_statsforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame
     from statsforecast import StatsForecast
     from statsforecast.models import AutoETS, SeasonalNaive
 
+    from manymodels.engine import default_jobs
+
     out: dict[str, float] = {}
     frames = []
     data = train.rename(columns={"t": "ds"})
     for name, model in (("SeasonalNaive", SeasonalNaive(season_length=m)),
                         ("AutoETS", AutoETS(season_length=m))):
-        sf = StatsForecast(models=[model], freq=1, n_jobs=1)
+        # AutoETS gets manymodels' workers (its own process pool); seasonal naive needs none
+        sf = StatsForecast(models=[model], freq=1,
+                           n_jobs=default_jobs() if name == "AutoETS" else 1)
         started = time.perf_counter()
         pred = sf.forecast(df=data, h=h, level=list(LEVELS))
         out[name] = time.perf_counter() - started
@@ -158,13 +176,16 @@ def run_statsforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame
 
 
 def bench(dataset: str, period: str, limit: int | None) -> None:
+    from manymodels.engine import default_jobs
+
     train, test, h, m = load(dataset, period, limit)
     n = train["unique_id"].nunique()
     print(f"\n## {dataset} {period}: {n} series, h={h}, season {m}, {WINDOWS} backtest "
           f"windows\n")
     ours, ours_s, summary = run_manymodels(train, h, m)
-    ours = ours.rename(columns={"unique_id": "unique_id"})
     ours["t"] = ours["t"].astype(int)
+    lag, lag_s, lag_summary = run_manymodels(train, h, m, lag_only=True)
+    lag["t"] = lag["t"].astype(int)
     ml, ml_s = run_mlforecast(train, h, m)
     sf, sf_s = run_statsforecast(train, h, m)
     ours_columns = ["manymodels", *(f"manymodels-{side}-{level}" for level in LEVELS
@@ -173,13 +194,17 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
                         how="left")
     merged = merged.merge(ml, on=["unique_id", "t"], how="left").merge(sf, on=["unique_id", "t"],
                                                                         how="left")
+    merged = merged.merge(lag[["unique_id", "t", "manymodels_lag_only"]], on=["unique_id", "t"],
+                          how="left")
     rows = []
     for column, seconds, what in (
             ("manymodels", ours_s, "train: backtests of every method + final fit + ONNX export"),
             ("mlforecast_lgbm", ml_s["mlforecast_lgbm"], "cross_validation + fit"),
             ("mlforecast_ridge", ml_s["mlforecast_ridge"], "cross_validation + fit"),
             ("SeasonalNaive", sf_s["SeasonalNaive"], "forecast"),
-            ("AutoETS", sf_s["AutoETS"], "forecast (one fit per series)")):
+            ("AutoETS", sf_s["AutoETS"], "forecast (one fit per series)"),
+            ("manymodels_lag_only", lag_s, "train, lag models only: backtests + final fit + "
+                                           "ONNX export")):
         rows.append((column, mase(train, test, merged, column, m), seconds, what))
     print("| method | MASE | seconds | timed |\n|---|---:|---:|---|")
     for column, value, seconds, what in rows:
@@ -191,6 +216,13 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
           f"/ best mlforecast: {rows[0][1] / best_ml:.3f}; / AutoETS: {rows[0][1] / rows[4][1]:.3f}")
     print(f"manymodels time / mlforecast LightGBM (cross_validation + fit): {ours_s / ml_time:.2f}; "
           f"/ (AutoETS + mlforecast LightGBM): {ours_s / (ets_time + ml_time):.2f}")
+    ml_both = ml_s["mlforecast_lgbm"] + ml_s["mlforecast_ridge"]
+    print(f"manymodels lag models only: MASE {rows[5][1]:.3f}; time / mlforecast LightGBM "
+          f"(cross_validation + fit): {lag_s / ml_time:.2f}; / mlforecast LightGBM + Ridge: "
+          f"{lag_s / ml_both:.2f}; stages (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in lag_summary.get("stage_seconds", {}).items()))
+    print(f"workers: manymodels {default_jobs()}, statsforecast AutoETS {default_jobs()}, "
+          f"mlforecast LightGBM its own threads")
     print("\n| intervals | coverage 80% | coverage 95% | MSIS 95% |\n|---|---:|---:|---:|")
     for name, c80, c95, msis in interval_rows(train, merged, m, {
             "manymodels (conformal on backtests)": "manymodels-",
