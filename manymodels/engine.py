@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import joblib
 from joblib.externals.loky.backend.context import set_start_method
@@ -24,8 +24,8 @@ from joblib.parallel import LokyBackend
 
 from manymodels.errors import SpecError
 
-__all__ = ["BACKENDS", "SHARED_IMPORTS", "check_parallelism", "chunk_jobs", "default_jobs",
-           "run_chunks", "start_workers", "stop_workers"]
+__all__ = ["BACKENDS", "SHARED_IMPORTS", "Pending", "background", "check_parallelism",
+           "chunk_jobs", "default_jobs", "run_chunks", "start_workers", "stop_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,6 +37,47 @@ class _Costed(Protocol):
 
 
 J = TypeVar("J", bound=_Costed)
+
+
+class Pending(Generic[R]):
+    """A call running in a background thread: :meth:`result` waits for its value or
+    raises its error in the caller."""
+
+    def __init__(self, func: Callable[..., R], args: tuple[Any, ...], run: bool) -> None:
+        self._value: R | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if run:
+            self._thread = threading.Thread(target=self._call, args=(func, args),
+                                            name="manymodels-background", daemon=True)
+            self._thread.start()
+        else:  # nothing to overlap with: the call runs when its result is asked for
+            self._later: tuple[Callable[..., R], tuple[Any, ...]] | None = (func, args)
+
+    def _call(self, func: Callable[..., R], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = func(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> R:
+        if self._thread is None:
+            func, args = self._later or (None, ())
+            self._later = None
+            if func is not None:
+                self._call(func, args)
+        else:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def background(func: Callable[..., R], *args: Any, run: bool = True) -> Pending[R]:
+    """Start ``func(*args)`` in a thread, so the caller's own work overlaps work that
+    waits on worker processes (``run=False``: the call is deferred to ``result()``,
+    for a caller with no workers to wait on)."""
+    return Pending(func, args, run)
 
 
 def default_jobs() -> int:

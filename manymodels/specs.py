@@ -244,6 +244,14 @@ class ForecastSpec(_Spec):
     """Statistical methods compared with the lag models for every series: naive,
     seasonal_naive, drift, ets (AutoETS picks the form), theta, croston (intermittent
     demand). The fitted ones are fitted by statsforecast and served as ONNX graphs."""
+    ets_search: Literal["once", "every_fit"] = "once"
+    """How often ``ets`` runs AutoETS's search over forms (error, trend, damping,
+    season), most of its fit time. ``once``: per series, on every period (the model
+    exported when the series chooses ETS); the backtest windows estimate that form's
+    parameters on their own periods, so they know which form suits the whole series but
+    not its values. ``every_fit``: the first backtest window searches on its own periods
+    and the exported model searches again on every period (about half as much ETS time
+    again)."""
     own_models: bool = True
     """Fit a lag model per series (the trainer's ridge candidates) besides the pooled and
     global ones."""

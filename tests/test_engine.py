@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from joblib.externals.loky.backend.context import set_start_method
 
-from manymodels.engine import SHARED_IMPORTS, chunk_jobs, run_chunks, stop_workers
+from manymodels.engine import SHARED_IMPORTS, background, chunk_jobs, run_chunks, stop_workers
 from manymodels.errors import SpecError
 
 
@@ -132,3 +132,25 @@ def test_command_line_workers_are_forked_from_one_preloaded_server() -> None:
     expected = os.environ.get("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // 2, 1)))
     assert {f[4] for f in facts} == {expected}
     assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == expected
+
+
+@pytest.mark.parametrize("run", [True, False])
+def test_background_returns_the_value_or_raises_the_error_in_the_caller(run: bool) -> None:
+    """Check that background gives the call's value, raises its error on result(), and
+    with run=False runs nothing until the result is asked for."""
+    calls: list[int] = []
+
+    def work(x: int) -> int:
+        calls.append(x)
+        return x * 2
+
+    pending = background(work, 21, run=run)
+    if not run:
+        assert calls == []
+    assert pending.result() == 42 and calls == [21]
+
+    def fail() -> None:
+        raise SpecError("no such thing")
+
+    with pytest.raises(SpecError, match="no such thing"):
+        background(fail, run=run).result()

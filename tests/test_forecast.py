@@ -228,7 +228,7 @@ def test_own_linear_matches_scikit_learn_pipeline() -> None:
 @pytest.mark.parametrize("algorithm,params", [("ridge", {"alpha": 2.0}), ("lightgbm", {"n_estimators": 20})])
 def test_native_predict_array_path_equals_pipeline_predict(algorithm: str,
                                                            params: dict[str, object]) -> None:
-    """Check that native_predict scores a numeric-only pipeline as its own predict does (to float rounding)."""
+    """Check that native_predict scores a numeric-only pipeline as its predict does."""
     from manymodels.candidates import Candidate, build_pipeline
     from manymodels.forecast.features import series_scales
 
@@ -245,6 +245,34 @@ def test_native_predict_array_path_equals_pipeline_predict(algorithm: str,
     expected = pipe.predict(pd.DataFrame({n: v.astype(np.float32).astype(np.float64)
                                           for n, v in feed.items()}))
     np.testing.assert_allclose(native_predict(pipe)(feed), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("ets_search", "jobs"), [("once", 1), ("once", 2), ("every_fit", 1)])
+def test_ets_searches_its_form_once_or_at_every_fit(ets_search: str, jobs: int) -> None:
+    """Check that ets_search=once searches each series once, on every period (that fit is
+    kept to export), and the first window refits that form; every_fit searches there."""
+    from manymodels.forecast.methods import MethodSet, run_backtests
+    from manymodels.forecast.stats import fit_stat, refit_form
+
+    frame = _panel_frame(40, stores=2, season=4, freq=None)
+    trainer = load_trainer(_trainer(4, season_length=4))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, [])
+    cuts = cutoffs(np.asarray([len(y) for y in panel.y]), 4, 2, 4, 8)
+    bt = run_backtests(panel, spec, MethodSet([], ["ets"], []), cuts, 4, 0, jobs=jobs,
+                       ets_search=ets_search)
+    for i, y in enumerate(panel.y):
+        c = int(cuts[0, i])
+        full = fit_stat(y, "ets", 4)
+        if ets_search == "once":
+            kept = bt.final[("ets", i)]
+            assert kept is not None and kept.n_obs == len(y)
+            np.testing.assert_array_equal(kept.forecast(4), full.forecast(4))
+            expected = refit_form(full, y[:c]).forecast(4)
+        else:
+            assert not bt.final
+            expected = fit_stat(y[:c], "ets", 4).forecast(4)
+        np.testing.assert_allclose(bt.forecasts["ets"][i, 0], expected, rtol=1e-12)
 
 
 def test_lag_features_and_recursion_share_one_definition() -> None:

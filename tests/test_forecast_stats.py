@@ -21,6 +21,7 @@ from manymodels.forecast.stats import (
     backtest_stat,
     fit_stat,
     fit_stats_panel,
+    refit_form,
 )
 from manymodels.forecast.stats_onnx import ClosedForm, build_forecast_graph
 
@@ -251,6 +252,39 @@ def test_forward_matches_statsforecast_on_the_longer_series(method: str) -> None
     np.testing.assert_allclose(moved.forecast(H), expected, rtol=1e-12)
     assert not np.allclose(moved.forecast(H), fitted.forecast(H))
     assert relative_gap(moved, y) <= TOLERANCE
+
+
+# -- refitting a form (one ETS search per series) -----------------------------------------
+
+@pytest.mark.parametrize("name", ["mad_m", "aaa", "ana", "adn"])
+def test_refit_form_keeps_the_form_and_estimates_again(name: str) -> None:
+    """Check that refit_form fits the searched form to other data, as AutoETS with that
+    form fixed does, and exports with parity."""
+    from statsforecast.models import AutoETS
+
+    make, m = SERIES[name]
+    y = make()
+    searched = fit_stat(y, "ets", m)
+    refitted = refit_form(searched, y[: len(y) - 2 * max(m, 4)])
+    assert refitted.fitted_form == searched.fitted_form and refitted.n_obs < searched.n_obs
+    error, trend, season, damped = searched.model.model_["components"][:4]
+    fixed = AutoETS(season_length=m, model=f"{error}{trend}{season}",
+                    damped=damped == "D").fit(y[: refitted.n_obs])
+    np.testing.assert_allclose(refitted.forecast(H), fixed.predict(H)["mean"], rtol=1e-12)
+    assert not np.array_equal(refitted.model.model_["par"], searched.model.model_["par"])
+    assert relative_gap(refitted, y[: refitted.n_obs]) <= TOLERANCE
+
+
+def test_refit_form_searches_when_the_form_does_not_fit() -> None:
+    """Check that a seasonal form refitted to less than two seasons searches a
+    non-seasonal one (with its fallback), and other methods are fitted as usual."""
+    y = series_mad_m()
+    searched = fit_stat(y, "ets", 12)
+    short = refit_form(searched, y[:20])
+    assert short.fallback and short.fitted_form.endswith(",N)")
+    np.testing.assert_array_equal(short.forecast(H), fit_stat(y[:20], "ets", 12).forecast(H))
+    theta = refit_form(fit_stat(y, "theta", 12), y[:60])
+    np.testing.assert_array_equal(theta.forecast(H), fit_stat(y[:60], "theta", 12).forecast(H))
 
 
 # -- panels and backtests -----------------------------------------------------------------

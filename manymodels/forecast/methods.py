@@ -16,6 +16,7 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from manymodels.candidates import Candidate
+from manymodels.engine import background
 from manymodels.errors import ManyModelsError
 from manymodels.forecast.backtest import score, seasonal_scale
 from manymodels.forecast.features import series_scales, tails_at, training_rows
@@ -28,7 +29,7 @@ from manymodels.forecast.learners import (
     own_linear_predict,
 )
 from manymodels.forecast.panel import Panel
-from manymodels.forecast.stats import FittedStat, fit_stat
+from manymodels.forecast.stats import FittedStat, fit_stat, refit_form
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
 __all__ = ["Backtests", "MethodSet", "fit_final_stats", "lag_methods", "run_backtests",
@@ -57,6 +58,9 @@ class Backtests:
     actual: np.ndarray  # (series, windows, h), NaN where a window is missing
     scale: np.ndarray  # (series, windows) MASE scale from the periods before the cutoff
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Statistical models already estimated on every period, by (method, series): the
+    #: exported models when those series choose the method.
+    final: dict[tuple[str, int], FittedStat | None] = field(default_factory=dict)
 
     def errors(self, metric: str) -> np.ndarray:
         """(series, methods, windows) errors, NaN where the window is missing."""
@@ -170,13 +174,19 @@ def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.nd
 
 
 def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,
-                  seed: int, jobs: int = 1) -> Backtests:
-    """Every method on every window; cutoffs (windows, series) with -1 for missing."""
+                  seed: int, jobs: int = 1, ets_search: str = "once") -> Backtests:
+    """Every method on every window; cutoffs (windows, series) with -1 for missing.
+
+    ``ets_search`` is the trainer's ``forecast.ets_search`` (see `_stat_chunk`).
+    """
     windows, n = cuts.shape
     actual = np.full((n, windows, h), np.nan)
     scale = np.full((n, windows), np.nan)
     forecasts = {label: np.full((n, windows, h), np.nan) for label in methods.labels}
     seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
+    # the statistical fits run in the worker processes while this one runs the lag models
+    stats = background(_stat_backtests, panel, methods.stats, cuts, h, jobs, ets_search,
+                       run=jobs > 1)
     for w in range(windows):
         members = [i for i in range(n) if cuts[w, i] > 0]
         cut = np.where(cuts[w] > 0, cuts[w], 0)
@@ -194,16 +204,31 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed)
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
-    for label in methods.stats:
+    final: dict[tuple[str, int], FittedStat | None] = {}
+    for label, (values, fits, spent) in stats.result().items():
+        forecasts[label] = values
+        final.update({(label, i): f for i, f in fits.items()})
+        seconds[label] += spent
+    return Backtests(methods.labels, forecasts, actual, scale, seconds, final)
+
+
+def _stat_backtests(panel: Panel, labels: Sequence[str], cuts: np.ndarray, h: int, jobs: int,
+                    ets_search: str) -> dict[str, tuple[np.ndarray, dict[int, FittedStat | None],
+                                                         float]]:
+    """Each fitted method's backtest forecasts, final fits and seconds, one after another."""
+    out = {}
+    for label in labels:
         started = time.perf_counter()
-        forecasts[label] = _stat_backtest(panel, label, cuts, h, jobs)
-        seconds[label] += time.perf_counter() - started
-    return Backtests(methods.labels, forecasts, actual, scale, seconds)
+        search_once = label == "ets" and ets_search == "once"
+        values, fits = _stat_backtest(panel, label, cuts, h, jobs, search_once)
+        out[label] = (values, fits, time.perf_counter() - started)
+    return out
 
 
-def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int
-                   ) -> np.ndarray:
-    """(series, windows, h) forecasts of a fitted method.
+def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int,
+                   search_once: bool = False) -> tuple[np.ndarray, dict[int, FittedStat | None]]:
+    """(series, windows, h) forecasts of a fitted method, and the models it estimated on
+    every period by the way (see `_stat_chunk`).
 
     Parameters are estimated once per series at its first window and carried through the
     later windows by statsforecast's forward filter (``refit=False`` in statsforecast's
@@ -215,13 +240,18 @@ def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: in
     work = [([panel.y[i] for i in c], cuts[:, c]) for c in chunks]
     if jobs > 1 and n > 1:
         done = Parallel(n_jobs=jobs, backend="loky")(
-            delayed(_stat_chunk)(ys, cut, method, panel.season_length, h) for ys, cut in work)
+            delayed(_stat_chunk)(ys, cut, method, panel.season_length, h, search_once)
+            for ys, cut in work)
     else:
-        done = [_stat_chunk(ys, cut, method, panel.season_length, h) for ys, cut in work]
+        done = [_stat_chunk(ys, cut, method, panel.season_length, h, search_once)
+                for ys, cut in work]
     out = np.full((n, windows, h), np.nan)
-    for chunk, values in zip(chunks, done, strict=True):
+    final: dict[int, FittedStat | None] = {}
+    for chunk, (values, fits) in zip(chunks, done, strict=True):
         out[chunk] = values
-    return out
+        if fits is not None:
+            final.update(zip(chunk, fits, strict=True))
+    return out, final
 
 
 def _chunks(items: list[Any], jobs: int) -> list[list[Any]]:
@@ -229,22 +259,44 @@ def _chunks(items: list[Any], jobs: int) -> list[list[Any]]:
     return [c for c in (items[k::parts] for k in range(parts)) if c]
 
 
-def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: int
-                ) -> np.ndarray:
+def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: int,
+                search_once: bool = False
+                ) -> tuple[np.ndarray, list[FittedStat | None] | None]:
+    """A chunk's window forecasts; with ``search_once``, also the fits on every period.
+
+    AutoETS's search over forms is most of its cost. ``search_once`` searches once per
+    series, on every period (that fit is the model exported if the series chooses the
+    method), and the first window estimates the parameters of that form on its own
+    periods; otherwise the first window searches, and the exported model searches again
+    after the choice.
+    """
     windows = cuts.shape[0]
     out = np.full((len(ys), windows, h), np.nan)
+    finals: list[FittedStat | None] = []
     for r, y in enumerate(ys):
+        full: FittedStat | None = None
+        if search_once:
+            try:
+                full = fit_stat(y, method, m)
+            except ManyModelsError:
+                full = None
+            finals.append(full)
         fitted = None
         for w in range(windows):
             c = int(cuts[w, r])
             if c <= 0:
                 continue
             try:
-                fitted = fit_stat(y[:c], method, m) if fitted is None else fitted.forward(y[:c])
+                if fitted is not None:
+                    fitted = fitted.forward(y[:c])
+                elif full is not None:
+                    fitted = refit_form(full, y[:c])
+                else:
+                    fitted = fit_stat(y[:c], method, m)
                 out[r, w] = fitted.forecast(h)
             except ManyModelsError:
                 fitted = None
-    return out
+    return out, (finals if search_once else None)
 
 
 def fit_final_stats(panel: Panel, wanted: Sequence[tuple[str, int]], jobs: int

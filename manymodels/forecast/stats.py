@@ -38,6 +38,7 @@ __all__ = [
     "backtest_stat",
     "fit_stat",
     "fit_stats_panel",
+    "refit_form",
 ]
 
 STAT_METHODS: tuple[str, ...] = ("seasonal_naive", "naive", "drift", "ets", "theta", "croston")
@@ -185,6 +186,36 @@ def fit_stat(y: np.ndarray, method: str, season_length: int) -> FittedStat:
     _check_positive_int(season_length, "season_length", "fit_stat")
     series = _check_series(y, "fit_stat")
     return _fit(series, method, int(season_length))
+
+
+def refit_form(fitted: FittedStat, y: np.ndarray) -> FittedStat:
+    """``fitted``'s form (an ETS model's error, trend, season and damping) with its
+    parameters estimated again on ``y``: one model fitted instead of AutoETS's search
+    over every form. Other methods have no form to keep and are fitted as usual; an ETS
+    form that does not fit ``y`` (too short for its season, statsforecast failing) is
+    searched again.
+
+    Raises
+    ------
+    DataError, TrainingError
+        As `fit_stat`.
+    """
+    series = _check_series(y, "refit_form")
+    if fitted.method != "ets" or type(fitted.model).__name__ != "AutoETS":
+        return _fit(series, fitted.method, fitted.season_length)
+    m = fitted.season_length
+    error, trend, season, damped = fitted.model.model_["components"][:4]
+    short = _short_for_season(int(series.size), m, "non-seasonal ETS")
+    if series.size < _MIN_LENGTH["ets"] or (short and season != "N"):
+        return _fit(series, "ets", m)
+    try:
+        model = _sf_models().AutoETS(season_length=1 if season == "N" else m,
+                                     model=f"{error}{trend}{season}",
+                                     damped=damped == "D").fit(series)
+    except Exception:  # statsforecast raises bare ValueError/Exception: search instead
+        return _fit(series, "ets", m)
+    return FittedStat(method="ets", season_length=m, fitted_form=_ets_form(model.model_),
+                      fallback=short, n_obs=int(series.size), model=model)
 
 
 def _fit(y: np.ndarray, method: str, m: int) -> FittedStat:

@@ -26,7 +26,7 @@ import pandas as pd
 from manymodels._version import __version__
 from manymodels.candidates import Candidate, build_candidates, build_pipeline
 from manymodels.data import read_table
-from manymodels.engine import default_jobs
+from manymodels.engine import background, default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.export import export_model
 from manymodels.forecast.backtest import cutoffs
@@ -165,7 +165,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    spec.window + spec.differences + 2)
     stage = time.perf_counter()
     backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed,
-                              jobs=jobs or default_jobs())
+                              jobs=jobs or default_jobs(), ets_search=fc.ets_search)
     backtest_seconds = time.perf_counter() - stage
     simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -178,6 +178,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     (staging / "models").mkdir(parents=True)
     try:
         final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id, jobs or default_jobs())
+        final.stat_fits.update(backtests.final)
         excluded: dict[tuple[str, int | None], str] = {}
         stage = time.perf_counter()
         while True:  # a method that does not export is dropped and its series choose again
@@ -189,7 +190,6 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                 if (exc.label, exc.series) in excluded:
                     raise ExportError(exc.reason) from exc
                 excluded[(exc.label, exc.series)] = exc.reason
-        export_seconds = time.perf_counter() - stage
         report = _report(panel, choices, backtests.labels, errors)
         summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
@@ -199,7 +199,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
             "backtests": round(backtest_seconds, 2),
             **{f"backtest.{k}": round(v, 2) for k, v in backtests.seconds.items()},
             "final_stat_fits": round(final.stat_seconds, 2),
-            "lag_refit_export_parity": round(export_seconds - final.stat_seconds, 2)}
+            "lag_refit_export_parity": round(final.export_seconds, 2)}
         hierarchy, reconcile = None, None
         if levels is not None:
             hierarchy, reconcile = _reconcile(levels, tr_spec, backtests, choices, report,
@@ -249,7 +249,10 @@ class _Final:
         #: Exported statistical models by (method, series), fitted once when first chosen.
         self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
         self.jobs = jobs
+        #: Seconds of the exported statistical fits (in workers, beside the lag exports),
+        #: and of this process's refits, ONNX exports and parity checks.
         self.stat_seconds = 0.0
+        self.export_seconds = 0.0
 
     def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
                errors: np.ndarray, excluded: Mapping[tuple[str, int | None], str]
@@ -265,28 +268,34 @@ class _Final:
             users.setdefault(fallback_label, [])
         files: dict[tuple[str, int], str] = {}
         fallback_model: str | None = None
-        for label, series in users.items():
-            method = by_label.get(label)
-            if method is None:
-                continue
-            try:
-                placed = self._export_method(method, series)
-            except ExportError as exc:
-                raise _Unexportable(label, None, str(exc)) from exc
-            files.update({(label, i): name for i, name in placed.items()})
-            if label == fallback_label:
-                fallback_model = self._global_name(method)
         wanted = [(label, i) for label in methods.stats for i in users.get(label, [])
                   if (label, i) not in self.stat_fits]
-        fitting = time.perf_counter()
-        self.stat_fits.update(fit_final_stats(self.panel, wanted, self.jobs))
-        self.stat_seconds += time.perf_counter() - fitting
+        # the chosen statistical models are fitted in the worker processes meanwhile
+        fitting = background(self._fit_stats, wanted, run=self.jobs > 1 and bool(wanted))
+        started = time.perf_counter()
+        try:
+            for label, series in users.items():
+                method = by_label.get(label)
+                if method is None:
+                    continue
+                try:
+                    placed = self._export_method(method, series)
+                except ExportError as exc:
+                    raise _Unexportable(label, None, str(exc)) from exc
+                files.update({(label, i): name for i, name in placed.items()})
+                if label == fallback_label:
+                    fallback_model = self._global_name(method)
+        finally:
+            self.export_seconds += time.perf_counter() - started
+            self.stat_fits.update(fitting.result())
+        started = time.perf_counter()
         for label in methods.stats:
             for i in users.get(label, []):
                 try:
                     files[(label, i)] = self._export_stat(label, i, self.stat_fits[(label, i)])
                 except ManyModelsError as exc:
                     raise _Unexportable(label, i, str(exc)) from exc
+        self.export_seconds += time.perf_counter() - started
         routes = []
         for i, choice in enumerate(choices):
             members = []
@@ -304,6 +313,13 @@ class _Final:
                     else [{"builtin": "seasonal_naive" if self.panel.season_length > 1 else "naive",
                            "weight": 1.0, "kind": "builtin"}])
         return routes, fallback
+
+    def _fit_stats(self, wanted: list[tuple[str, int]]
+                   ) -> dict[tuple[str, int], FittedStat | None]:
+        started = time.perf_counter()
+        fits = fit_final_stats(self.panel, wanted, self.jobs)
+        self.stat_seconds += time.perf_counter() - started
+        return fits
 
     def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
                         excluded: Mapping[tuple[str, int | None], str]) -> str:
