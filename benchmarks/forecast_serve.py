@@ -75,6 +75,8 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 #: Process CPU seconds of each in-process call, by what was timed (see :func:`_timed`).
 CPU: dict[int, list[float]] = {}
+#: Mean CPU seconds per HTTP request of the server (None without /proc) and the client.
+HTTP_CPU: dict[str, tuple[float | None, float]] = {}
 
 
 def _timed(call: Any, repeats: int, n: int) -> list[float]:
@@ -133,10 +135,34 @@ def in_process(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
     return one, alls, n, ", ".join(f"{m} ({c})" for m, c in methods.head(4).items())
 
 
+def _server_cpu(url: str) -> Any:
+    """A function giving the CPU seconds used so far by the server listening at ``url``
+    (found by its ``--port`` in /proc; ``None`` where there is no /proc)."""
+    port = url.rsplit(":", 1)[1]
+    found = None
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and port.encode() in argv and b"--port" in argv:
+            found = entry / "stat"
+    if found is None:
+        return lambda: None
+    stat, tick = found, os.sysconf("SC_CLK_TCK")
+
+    def used() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return used
+
+
 def over_http(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
               ) -> dict[str, list[float]]:
     """Round trips of POST /forecast for one series at a time, one request in flight:
-    from the stored tail, and with the series' history sent (the compute path)."""
+    from the stored tail, and with the series' history sent (the compute path); the
+    server's and this client's CPU seconds per request go to ``HTTP_CPU``."""
     import httpx
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -158,6 +184,7 @@ def over_http(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
     out: dict[str, list[float]] = {}
     with answering(command, "/ping", "manymodels serve") as url, \
             httpx.Client(base_url=url, timeout=30) as client:
+        server_cpu = _server_cpu(url)
         for what, body in bodies.items():
             # every series once, so that the stored path times reuse, not first requests
             # (the server computes them at --preload all; this checks they answer)
@@ -165,13 +192,18 @@ def over_http(bundle: Path, repeats: int, history: dict[str, pd.DataFrame]
                 reply = client.post("/forecast", json=body(i))
                 assert reply.status_code == 200, reply.text
             seconds = []
+            server_before, client_cpu = server_cpu(), 0.0
             for i in range(repeats):
                 payload = body(i % len(keys))
-                start = time.perf_counter()
+                start, used = time.perf_counter(), time.process_time()
                 reply = client.post("/forecast", json=payload)
+                client_cpu += time.process_time() - used
                 seconds.append(time.perf_counter() - start)
                 assert reply.status_code == 200, reply.text
             out[what] = seconds
+            server_after = server_cpu()
+            HTTP_CPU[what] = (None if server_before is None else
+                              (server_after - server_before) / repeats, client_cpu / repeats)
     return out
 
 
@@ -214,15 +246,21 @@ def main() -> None:
     for path, label in (("history", f"computed, {HISTORY} periods of history sent"),
                         ("stored", "stored origin, reused")):
         p50, p99 = percentiles(http[path])
+        server, client = HTTP_CPU[path]
+        cpu = (f"server {server * 1e3:.2f} + client {client * 1e3:.2f} ms (means)"
+               if server is not None else f"client {client * 1e3:.2f} ms (mean)")
         print(f"| one series, `POST /forecast` over HTTP, concurrency 1 | {label} | "
-              f"{p50:.2f} ms | {p99:.2f} ms | | ≤ 2 ms (p50) |")
+              f"{p50:.2f} ms | {p99:.2f} ms | {cpu} | ≤ 2 ms (p50) |")
     print(f"\n{args.requests} calls each, series cycled. 'computed': every call runs the "
           f"models (Forecaster.reuse_stored = False; over HTTP, the series' last {HISTORY} "
           f"periods sent as history make the server compute). 'stored origin, reused': the "
           f"forecast from the bundle's stored tail, computed the first time a series is "
           f"asked for, then reused (a lookup). CPU: this process's CPU time per call (wall "
-          f"time on a busy machine includes waiting for a core). The server runs in its own process "
-          f"(`manymodels serve --preload all`), the client is httpx with keep-alive.")
+          f"time on a busy machine includes waiting for a core); over HTTP, the server process's "
+          f"and the client's CPU time per request. The server runs in its own process "
+          f"(`manymodels serve --preload all`, which computes every stored-origin forecast "
+          f"at start-up; every series is asked for once before timing), the client is httpx "
+          f"with keep-alive.")
 
 
 if __name__ == "__main__":
