@@ -211,8 +211,10 @@ global
     option redispatch
     option http-keep-alive
     retries 3
-    # scoring has no side effects: a request that met a dead replica is sent again
-    retry-on conn-failure empty-response response-timeout 502 503
+    # scoring has no side effects: a request that met a dead replica is sent again; a
+    # retry needs the whole request in haproxy's buffer, body included, before it is sent
+    option http-buffer-request
+    retry-on conn-failure empty-response junk-response response-timeout 502 503
 
 frontend manymodels
     bind {listen}
