@@ -101,6 +101,7 @@ class Forecaster:
         self.reuse_stored = True
         self._stored = np.full((len(self.keys), self.horizon), np.nan)
         self._stored_done = np.zeros(len(self.keys), dtype=bool)
+        self._calendars: dict[tuple[Any, int], dict[str, np.ndarray]] = {}
 
     def _member_of(self, raw: Mapping[str, Any]) -> Member:
         origin = raw.get("origin")
@@ -450,6 +451,12 @@ class Forecaster:
         n = len(rows)
         out = np.zeros((n, h))
         fut = self._future_arrays(future, h, state)
+        if n == 1:  # one series (the usual request): its members in route order, no grouping
+            route = self.routes[rows[0]] if rows[0] >= 0 else self.fallback
+            first = np.zeros(1, dtype=np.int64)
+            for member in route.members:
+                out[0] += member.weight * self._member(member, first, state, h, fut)[0]
+            return out
         groups: dict[tuple[str | None, str | None], tuple[Member, list[tuple[int, int, float]]]] = {}
         for r, row in enumerate(rows):
             route = self.routes[row] if row >= 0 else self.fallback
@@ -492,13 +499,30 @@ class Forecaster:
                 out[r] = np.asarray(loaded.outputs({loaded.input_names[0]: steps})[0],
                                     dtype=np.float64).ravel()
             return out
-        calendar = calendar_rows([state.last[i] for i in idx], self.freq, h,
-                                 self.spec.calendar, self.spec.season_length)
+        calendar = self._calendar([state.last[i] for i in idx], h)
         static = {c: np.asarray([state.keys[i][j] for i in idx], dtype=object)
                   for j, c in enumerate(self.key_columns) if c in self.spec.static}
         return forecast_steps(self._steps_of(loaded), state.tails[idx], state.loc[idx],
                                   state.scale[idx], self.spec, h, calendar,
                                   {c: v[idx] for c, v in fut.items()}, static)
+
+    def _calendar(self, lasts: list[Any], h: int) -> dict[str, np.ndarray]:
+        """:func:`.forecast.calendar_rows`, kept for one series' origin and horizon (the
+        same for every request until the bundle or the sent history moves it)."""
+        if len(lasts) != 1:
+            return calendar_rows(lasts, self.freq, h, self.spec.calendar,
+                                 self.spec.season_length)
+        key = (lasts[0], h)
+        found = self._calendars.get(key)
+        if found is None:
+            if len(self._calendars) >= 4096:
+                self._calendars.clear()
+            found = calendar_rows(lasts, self.freq, h, self.spec.calendar,
+                                  self.spec.season_length)
+            for values in found.values():
+                values.setflags(write=False)  # shared by later requests: read only
+            self._calendars[key] = found
+        return found
 
     def _steps_of(self, loaded: LoadedModel) -> OnnxSteps:
         """The model's :class:`OnnxSteps`, made once per loaded session."""
