@@ -7,7 +7,8 @@ backtest windows plus the competition's test window; every method is backtested 
 three windows, each rule picks per series from them, and the table gives the test-window
 MASE (mean over series) of every single method and every rule.
 
-Run: ``python benchmarks/forecast_tuning.py M3 quarterly [ets,theta]``.
+Run: ``python benchmarks/forecast_tuning.py M3 quarterly [ets,theta] [forward|refit]``
+(the last: ``forecast.stat_windows``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from _docs import record  # noqa: E402
 
 from manymodels.candidates import build_candidates
 from manymodels.forecast.backtest import cutoffs
+from manymodels.forecast.choice import panel_leaders
 from manymodels.forecast.methods import MethodSet, lag_methods, run_backtests
 from manymodels.forecast.panel import build_panel, feature_spec
 from manymodels.specs import load_trainer
@@ -75,12 +77,57 @@ def rules(bt: object, labels: list[str]) -> dict[str, float]:
     threshold = mb[np.arange(n), best] + se[np.arange(n), best]
     first = np.argmax(mb <= threshold[:, None], 1)
     out["per series: one-SE, simplest first"] = float(np.nanmean(et[np.arange(n), first]))
+    for margin in (0.05, 0.10, 0.20, 0.30, 0.50):  # methods far behind on the panel left out
+        keep = panel_leaders(mb, margin)  # forecast.panel_margin's own rule
+        masked = np.where(keep[None, :], mb, np.inf)
+        order = np.argsort(masked, 1)
+        k = min(3, int(keep.sum()))
+        fc = np.stack([f[np.arange(n), order[:, q], WINDOWS] for q in range(k)]).mean(0)
+        out[f"per series: mean of best {k} of the methods within {margin:.0%} of the "
+            f"panel's best"] = float(np.nanmean(test_mase(fc)))
+    top = np.argsort(np.where(np.isnan(panel), np.inf, panel))[:3]
+    fc = f[:, top, WINDOWS].mean(1)
+    out["panel: mean of its best 3 methods ("
+        + ", ".join(labels[int(j)] for j in top) + ")"] = float(np.nanmean(test_mase(fc)))
+    return out
+
+
+def _fit_chunk(ys: list[np.ndarray], cuts: list[int], stats: list[str], m: int, h: int
+               ) -> dict[str, np.ndarray]:
+    from manymodels.errors import ManyModelsError
+    from manymodels.forecast.stats import fit_stat
+
+    out = {label: np.full((len(ys), h), np.nan) for label in stats}
+    for r, (y, c) in enumerate(zip(ys, cuts, strict=True)):
+        for label in stats if c > 0 else ():
+            try:
+                out[label][r] = fit_stat(y[:c], label, m).forecast(h)
+            except ManyModelsError:
+                pass
+    return out
+
+
+def final_fits(ys: list[np.ndarray], cut: np.ndarray, stats: list[str], m: int, h: int
+               ) -> dict[str, np.ndarray]:
+    """Each statistical method fitted (form searched) on every period before ``cut``."""
+    from joblib import Parallel, delayed
+
+    n = len(ys)
+    parts = [list(range(n))[k::8] for k in range(8)]
+    done = Parallel(n_jobs=2, backend="loky")(
+        delayed(_fit_chunk)([ys[i] for i in p], [int(cut[i]) for i in p], stats, m, h)
+        for p in parts)
+    out = {label: np.full((n, h), np.nan) for label in stats}
+    for p, got in zip(parts, done, strict=True):
+        for label in stats:
+            out[label][p] = got[label]
     return out
 
 
 def main() -> None:
     name, period = sys.argv[1], sys.argv[2]
     stats = sys.argv[3].split(",") if len(sys.argv) > 3 else []
+    stat_windows = sys.argv[4] if len(sys.argv) > 4 else "forward"
     frame, h, m = panel_frame(name, period)
     trainer = load_trainer({"target": "y", "task": "forecast", "time_column": "t", "horizon": h,
                             "season_length": m, "candidates": [
@@ -95,14 +142,20 @@ def main() -> None:
     lengths = np.asarray([len(y) for y in panel.y])
     cuts = cutoffs(lengths, h, WINDOWS + 1, h, spec.window + spec.differences + 2)
     started = time.perf_counter()
-    bt = run_backtests(panel, spec, methods, cuts, h, 0)
-    print(f"{name} {period}: {len(panel)} series, h={h}, {time.perf_counter() - started:.0f} s")
+    bt = run_backtests(panel, spec, methods, cuts, h, 0, jobs=2, stat_windows=stat_windows)
+    for label, refit in final_fits(panel.y, cuts[WINDOWS], stats, m, h).items():
+        # the test window as the final model forecasts it: estimated on every period
+        # before it (the backtests carry the first window's ets/theta parameters on)
+        bt.forecasts[label][:, WINDOWS] = refit
+    print(f"{name} {period}: {len(panel)} series, h={h}, statistical backtest windows "
+          f"{stat_windows}, {time.perf_counter() - started:.0f} s")
     print("\n| rule | test-window MASE |\n|---|---:|")
     for rule, value in rules(bt, methods.labels).items():
         print(f"| {rule} | {value:.3f} |")
 
 
 if __name__ == "__main__":
-    with record(f"forecast-tuning-{sys.argv[1].lower()}-{sys.argv[2]}",
+    refit = "-refit" if sys.argv[4:5] == ["refit"] else ""
+    with record(f"forecast-tuning-{sys.argv[1].lower()}-{sys.argv[2]}{refit}",
                 f"Forecast choice rules on {sys.argv[1]} {sys.argv[2]} (tuning panel)"):
         main()

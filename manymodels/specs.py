@@ -252,6 +252,17 @@ class ForecastSpec(_Spec):
     not its values. ``every_fit``: the first backtest window searches on its own periods
     and the exported model searches again on every period (about half as much ETS time
     again)."""
+    stat_windows: Literal["forward", "refit"] = "forward"
+    """How the fitted statistical methods (ets, theta) meet the later backtest windows:
+    ``forward`` moves the first window's parameters forward over the new periods
+    (statsforecast's forward filter); ``refit`` estimates them again on each window's
+    own periods (ets keeps its searched form), as the exported model is estimated on
+    every period."""
+    panel_margin: float | None = Field(0.5, ge=0)
+    """Methods whose mean backtest error over the whole panel is more than this fraction
+    above the best method's (``0.5``: half as large again) are left out of every series'
+    choice: a few short windows of one series cannot tell that a method is poor for the
+    whole panel. ``null`` lets every series choose among every method."""
     own_models: bool = True
     """Fit a lag model per series (the trainer's ridge candidates) besides the pooled and
     global ones."""

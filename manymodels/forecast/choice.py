@@ -15,7 +15,7 @@ import numpy as np
 from manymodels.forecast.backtest import score
 from manymodels.forecast.methods import Backtests
 
-__all__ = ["Choice", "choose", "chosen_forecasts", "explain", "metric_summary"]
+__all__ = ["Choice", "choose", "chosen_forecasts", "explain", "metric_summary", "panel_leaders"]
 
 
 @dataclass
@@ -40,14 +40,16 @@ def _mean(values: np.ndarray) -> float:
 
 
 def choose(bt: Backtests, metric: str, blend: int, fallback: str,
-           excluded: Mapping[tuple[str, int | None], str] | None = None
-           ) -> tuple[list[Choice], np.ndarray]:
+           excluded: Mapping[tuple[str, int | None], str] | None = None,
+           panel_margin: float | None = None) -> tuple[list[Choice], np.ndarray]:
     """A :class:`Choice` per series, and the (series, methods, windows) error array.
 
     Each series takes the equal-weight mean of its ``blend`` methods with the lowest mean
     backtest error (``blend: 1``: the best alone). Across the tuning panels (M3 and M1,
     monthly and quarterly) this beat choosing among single methods and blends by their
-    backtest error, which overfits a few windows.
+    backtest error, which overfits a few windows. ``panel_margin`` first leaves out the
+    methods far behind on the whole panel (see `panel_leaders`), which a few short
+    windows of one series cannot tell.
     """
     errors = bt.errors(metric)
     n = errors.shape[0]
@@ -58,9 +60,13 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
             means[:, j] = np.inf
         else:
             means[series, j] = np.inf
+    leaders = panel_leaders(means, panel_margin)
     out: list[Choice] = []
     for i in range(n):
         row = means[i]
+        kept = np.where(leaders, row, np.inf)
+        if np.isfinite(kept).any():  # a series none of the leaders forecast keeps every method
+            row = kept
         if not np.isfinite(row).any():
             out.append(Choice([fallback], [1.0], float("nan"),
                               "too short for a backtest window: the simplest method"))
@@ -69,9 +75,27 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
         members = order[:blend]
         names = [bt.labels[j] for j in members]
         err = _blend_error(bt, metric, i, members) if len(members) > 1 else float(row[members[0]])
-        out.append(Choice(names, [1.0 / len(names)] * len(names), err,
-                          explain(bt.labels, row, order, len(members), metric, err)))
+        reason = explain(bt.labels, row, order, len(members), metric, err)
+        if not leaders.all():
+            reason += "; left out on the whole panel: " + ", ".join(
+                label for label, kept in zip(bt.labels, leaders, strict=True) if not kept)
+        out.append(Choice(names, [1.0 / len(names)] * len(names), err, reason))
     return out, errors
+
+
+def panel_leaders(means: np.ndarray, margin: float | None) -> np.ndarray:
+    """Per method, whether its mean backtest error over the panel's series (those it
+    forecast) is within ``margin`` of the best method's; all ``True`` without a margin."""
+    leaders = np.ones(means.shape[1], dtype=bool)
+    if margin is None or not means.size:
+        return leaders
+    finite = np.isfinite(means)
+    counts = finite.sum(axis=0)
+    panel = np.where(counts > 0, np.where(finite, means, 0.0).sum(axis=0) / np.maximum(counts, 1),
+                     np.inf)
+    if not np.isfinite(panel).any():
+        return leaders
+    return panel <= panel[np.isfinite(panel)].min() * (1 + margin)
 
 
 #: Baselines a reason always quotes when they are not among the methods it lists.

@@ -174,10 +174,12 @@ def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.nd
 
 
 def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.ndarray, h: int,
-                  seed: int, jobs: int = 1, ets_search: str = "once") -> Backtests:
+                  seed: int, jobs: int = 1, ets_search: str = "once",
+                  stat_windows: str = "forward") -> Backtests:
     """Every method on every window; cutoffs (windows, series) with -1 for missing.
 
-    ``ets_search`` is the trainer's ``forecast.ets_search`` (see `_stat_chunk`).
+    ``ets_search`` and ``stat_windows`` are the trainer's ``forecast.ets_search`` and
+    ``forecast.stat_windows`` (see `_stat_chunk`).
     """
     windows, n = cuts.shape
     actual = np.full((n, windows, h), np.nan)
@@ -186,7 +188,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
     seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
     # the statistical fits run in the worker processes while this one runs the lag models
     stats = background(_stat_backtests, panel, methods.stats, cuts, h, jobs, ets_search,
-                       run=jobs > 1)
+                       stat_windows == "refit", run=jobs > 1)
     for w in range(windows):
         members = [i for i in range(n) if cuts[w, i] > 0]
         cut = np.where(cuts[w] > 0, cuts[w], 0)
@@ -213,20 +215,21 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
 
 
 def _stat_backtests(panel: Panel, labels: Sequence[str], cuts: np.ndarray, h: int, jobs: int,
-                    ets_search: str) -> dict[str, tuple[np.ndarray, dict[int, FittedStat | None],
-                                                         float]]:
+                    ets_search: str, refit: bool = False
+                    ) -> dict[str, tuple[np.ndarray, dict[int, FittedStat | None], float]]:
     """Each fitted method's backtest forecasts, final fits and seconds, one after another."""
     out = {}
     for label in labels:
         started = time.perf_counter()
         search_once = label == "ets" and ets_search == "once"
-        values, fits = _stat_backtest(panel, label, cuts, h, jobs, search_once)
+        values, fits = _stat_backtest(panel, label, cuts, h, jobs, search_once, refit)
         out[label] = (values, fits, time.perf_counter() - started)
     return out
 
 
 def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int,
-                   search_once: bool = False) -> tuple[np.ndarray, dict[int, FittedStat | None]]:
+                   search_once: bool = False, refit: bool = False
+                   ) -> tuple[np.ndarray, dict[int, FittedStat | None]]:
     """(series, windows, h) forecasts of a fitted method, and the models it estimated on
     every period by the way (see `_stat_chunk`).
 
@@ -240,10 +243,10 @@ def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: in
     work = [([panel.y[i] for i in c], cuts[:, c]) for c in chunks]
     if jobs > 1 and n > 1:
         done = Parallel(n_jobs=jobs, backend="loky")(
-            delayed(_stat_chunk)(ys, cut, method, panel.season_length, h, search_once)
+            delayed(_stat_chunk)(ys, cut, method, panel.season_length, h, search_once, refit)
             for ys, cut in work)
     else:
-        done = [_stat_chunk(ys, cut, method, panel.season_length, h, search_once)
+        done = [_stat_chunk(ys, cut, method, panel.season_length, h, search_once, refit)
                 for ys, cut in work]
     out = np.full((n, windows, h), np.nan)
     final: dict[int, FittedStat | None] = {}
@@ -260,7 +263,7 @@ def _chunks(items: list[Any], jobs: int) -> list[list[Any]]:
 
 
 def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: int,
-                search_once: bool = False
+                search_once: bool = False, refit: bool = False
                 ) -> tuple[np.ndarray, list[FittedStat | None] | None]:
     """A chunk's window forecasts; with ``search_once``, also the fits on every period.
 
@@ -268,7 +271,8 @@ def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: 
     series, on every period (that fit is the model exported if the series chooses the
     method), and the first window estimates the parameters of that form on its own
     periods; otherwise the first window searches, and the exported model searches again
-    after the choice.
+    after the choice. With ``refit``, every window estimates its parameters on its own
+    periods (the searched form kept), instead of moving the first window's forward.
     """
     windows = cuts.shape[0]
     out = np.full((len(ys), windows, h), np.nan)
@@ -287,7 +291,7 @@ def _stat_chunk(ys: list[np.ndarray], cuts: np.ndarray, method: str, m: int, h: 
             if c <= 0:
                 continue
             try:
-                if fitted is not None:
+                if fitted is not None and not refit:
                     fitted = fitted.forward(y[:c])
                 elif full is not None:
                     fitted = refit_form(full, y[:c])

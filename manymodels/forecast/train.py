@@ -165,7 +165,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    spec.window + spec.differences + 2)
     stage = time.perf_counter()
     backtests = run_backtests(panel, spec, methods, cuts, h, tr_spec.seed,
-                              jobs=jobs or default_jobs(), ets_search=fc.ets_search)
+                              jobs=jobs or default_jobs(), ets_search=fc.ets_search,
+                              stat_windows=fc.stat_windows)
     backtest_seconds = time.perf_counter() - stage
     simplest = methods.builtins[0] if methods.builtins else methods.labels[0]
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -182,7 +183,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         excluded: dict[tuple[str, int | None], str] = {}
         stage = time.perf_counter()
         while True:  # a method that does not export is dropped and its series choose again
-            choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded)
+            choices, errors = choose(backtests, tr_spec.metric, fc.blend, simplest, excluded,
+                                     fc.panel_margin)
             try:
                 routes, fallback = final.export(choices, methods, backtests, errors, excluded)
                 break
