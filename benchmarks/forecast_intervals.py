@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forecast_tuning import final_fits  # noqa: E402  (benchmarks/ is on the path)
 
 WINDOWS = 3
 LEVELS = (80, 95)
@@ -156,41 +157,15 @@ def main() -> None:
 STATS = ("ets", "theta")
 
 
-def _refit_chunk(ys: list[np.ndarray], cuts: list[int], m: int, h: int) -> dict[str, np.ndarray]:
-    from manymodels.errors import ManyModelsError
-    from manymodels.forecast.stats import fit_stat
-
-    out = {label: np.full((len(ys), h), np.nan) for label in STATS}
-    for r, (y, c) in enumerate(zip(ys, cuts, strict=True)):
-        for label in STATS:
-            if c > 0:
-                try:
-                    out[label][r] = fit_stat(y[:c], label, m).forecast(h)
-                except ManyModelsError:
-                    pass
-    return out
-
-
 def refits(data: dict[str, Any], window: int, cache: Path, name: str) -> dict[str, np.ndarray]:
     """Forecasts of the statistical methods at ``window`` with parameters estimated on
     every period before its cutoff (the backtests carry the first window's)."""
-    from joblib import Parallel, delayed
-
     path = cache / f"{name}-refit{window}.pkl"
     if path.exists():
         with path.open("rb") as fh:
             return pickle.load(fh)  # type: ignore[no-any-return]
-    panel, h, m = data["panel"], data["h"], data["m"]
-    cuts = data["cuts"][window]
-    n = len(panel)
-    parts = [list(range(n))[k::8] for k in range(8)]
-    done = Parallel(n_jobs=2, backend="loky")(
-        delayed(_refit_chunk)([panel.y[i] for i in p], [int(cuts[i]) for i in p], m, h)
-        for p in parts)
-    out = {label: np.full((n, h), np.nan) for label in STATS}
-    for p, got in zip(parts, done, strict=True):
-        for label in STATS:
-            out[label][p] = got[label]
+    panel = data["panel"]
+    out = final_fits(list(panel.y), data["cuts"][window], list(STATS), data["m"], data["h"])
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:
         pickle.dump(out, fh)
