@@ -61,12 +61,13 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
         else:
             means[series, j] = np.inf
     leaders = panel_leaders(means, panel_margin)
+    led = np.where(leaders, means, np.inf)
+    left_out = ("" if leaders.all() else "; left out on the whole panel: " + ", ".join(
+        label for label, kept in zip(bt.labels, leaders, strict=True) if not kept))
     out: list[Choice] = []
     for i in range(n):
-        row = means[i]
-        kept = np.where(leaders, row, np.inf)
-        if np.isfinite(kept).any():  # a series none of the leaders forecast keeps every method
-            row = kept
+        # a series none of the leaders forecast keeps every method
+        row = led[i] if np.isfinite(led[i]).any() else means[i]
         if not np.isfinite(row).any():
             out.append(Choice([fallback], [1.0], float("nan"),
                               "too short for a backtest window: the simplest method"))
@@ -75,10 +76,7 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
         members = order[:blend]
         names = [bt.labels[j] for j in members]
         err = _blend_error(bt, metric, i, members) if len(members) > 1 else float(row[members[0]])
-        reason = explain(bt.labels, row, order, len(members), metric, err)
-        if not leaders.all():
-            reason += "; left out on the whole panel: " + ", ".join(
-                label for label, kept in zip(bt.labels, leaders, strict=True) if not kept)
+        reason = explain(bt.labels, row, order, len(members), metric, err) + left_out
         out.append(Choice(names, [1.0 / len(names)] * len(names), err, reason))
     return out, errors
 
@@ -86,16 +84,11 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
 def panel_leaders(means: np.ndarray, margin: float | None) -> np.ndarray:
     """Per method, whether its mean backtest error over the panel's series (those it
     forecast) is within ``margin`` of the best method's; all ``True`` without a margin."""
-    leaders = np.ones(means.shape[1], dtype=bool)
-    if margin is None or not means.size:
-        return leaders
-    finite = np.isfinite(means)
-    counts = finite.sum(axis=0)
-    panel = np.where(counts > 0, np.where(finite, means, 0.0).sum(axis=0) / np.maximum(counts, 1),
-                     np.inf)
-    if not np.isfinite(panel).any():
-        return leaders
-    return panel <= panel[np.isfinite(panel)].min() * (1 + margin)
+    panel = np.asarray([_mean(means[:, j]) for j in range(means.shape[1])])
+    finite = np.isfinite(panel)
+    if margin is None or not finite.any():
+        return np.ones(means.shape[1], dtype=bool)
+    return panel <= panel[finite].min() * (1 + margin)
 
 
 #: Baselines a reason always quotes when they are not among the methods it lists.
