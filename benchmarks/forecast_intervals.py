@@ -164,8 +164,7 @@ def refits(data: dict[str, Any], window: int, cache: Path, name: str) -> dict[st
     if path.exists():
         with path.open("rb") as fh:
             return pickle.load(fh)  # type: ignore[no-any-return]
-    panel = data["panel"]
-    out = final_fits(list(panel.y), data["cuts"][window], list(STATS), data["m"], data["h"])
+    out = final_fits(data["panel"], data["cuts"][window], list(STATS), data["h"])
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:
         pickle.dump(out, fh)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -215,13 +214,11 @@ def _lean_client(url: str, bodies: list[bytes], repeats: int) -> list[float]:
     """Round trips of the same bodies from ``benchmarks/serve.py``'s load client (raw
     asyncio sockets, one keep-alive connection, in its own process): the server's latency
     without httpx's own cost per call, as the scoring benchmark measures it."""
+    from serve import run_client  # benchmarks/serve.py (benchmarks/ is the script's path)
+
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "bodies.txt").write_bytes(b"\n".join(bodies))
-        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "serve.py"),
-                        "client", "--port", url.rsplit(":", 1)[1], "--path", "/forecast",
-                        "--bodies", str(Path(tmp) / "bodies.txt"), "--n", str(repeats),
-                        "--c", "1", "--out", str(Path(tmp) / "result.json")], check=True)
-        result = json.loads((Path(tmp) / "result.json").read_text())
+        result = run_client(int(url.rsplit(":", 1)[1]), "/forecast", bodies, repeats, 1,
+                            Path(tmp))
     bad = [s for s in result["statuses"] if s != 200]
     assert not bad, f"{len(bad)} requests failed: statuses {sorted(set(bad))}"
     return [float(x) for x in result["latencies"]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ from _docs import record  # noqa: E402
 from manymodels.candidates import build_candidates
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import panel_leaders
-from manymodels.forecast.methods import MethodSet, lag_methods, run_backtests
-from manymodels.forecast.panel import build_panel, feature_spec
+from manymodels.forecast.methods import MethodSet, fit_final_stats, lag_methods, run_backtests
+from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.specs import load_trainer
 
 WINDOWS = 3
@@ -92,35 +93,17 @@ def rules(bt: object, labels: list[str]) -> dict[str, float]:
     return out
 
 
-def _fit_chunk(ys: list[np.ndarray], cuts: list[int], stats: list[str], m: int, h: int
+def final_fits(panel: Panel, cut: np.ndarray, stats: list[str], h: int
                ) -> dict[str, np.ndarray]:
-    from manymodels.errors import ManyModelsError
-    from manymodels.forecast.stats import fit_stat
-
-    out = {label: np.full((len(ys), h), np.nan) for label in stats}
-    for r, (y, c) in enumerate(zip(ys, cuts, strict=True)):
-        for label in stats if c > 0 else ():
-            try:
-                out[label][r] = fit_stat(y[:c], label, m).forecast(h)
-            except ManyModelsError:
-                pass
-    return out
-
-
-def final_fits(ys: list[np.ndarray], cut: np.ndarray, stats: list[str], m: int, h: int
-               ) -> dict[str, np.ndarray]:
-    """Each statistical method fitted (form searched) on every period before ``cut``."""
-    from joblib import Parallel, delayed
-
-    n = len(ys)
-    parts = [list(range(n))[k::8] for k in range(8)]
-    done = Parallel(n_jobs=2, backend="loky")(
-        delayed(_fit_chunk)([ys[i] for i in p], [int(cut[i]) for i in p], stats, m, h)
-        for p in parts)
-    out = {label: np.full((n, h), np.nan) for label in stats}
-    for p, got in zip(parts, done, strict=True):
-        for label in stats:
-            out[label][p] = got[label]
+    """Each statistical method fitted (form searched) on every period before ``cut``, as
+    the exported models are (`fit_final_stats` on the panel cut there); NaN where a series
+    has no such window or the method cannot fit it."""
+    short = replace(panel, y=[y[:max(int(c), 0)] for y, c in zip(panel.y, cut, strict=True)])
+    wanted = [(label, i) for i in range(len(panel)) if cut[i] > 0 for label in stats]
+    out = {label: np.full((len(panel), h), np.nan) for label in stats}
+    for (label, i), fitted in fit_final_stats(short, wanted, jobs=2).items():
+        if fitted is not None:
+            out[label][i] = fitted.forecast(h)
     return out
 
 
@@ -143,7 +126,7 @@ def main() -> None:
     cuts = cutoffs(lengths, h, WINDOWS + 1, h, spec.window + spec.differences + 2)
     started = time.perf_counter()
     bt = run_backtests(panel, spec, methods, cuts, h, 0, jobs=2, stat_windows=stat_windows)
-    for label, refit in final_fits(panel.y, cuts[WINDOWS], stats, m, h).items():
+    for label, refit in final_fits(panel, cuts[WINDOWS], stats, h).items():
         # the test window as the final model forecasts it: estimated on every period
         # before it (the backtests carry the first window's ets/theta parameters on)
         bt.forecasts[label][:, WINDOWS] = refit

@@ -218,24 +218,31 @@ class Server:
             self.process.kill()
 
 
+def run_client(port: int, path: str, bodies: list[bytes], n: int, c: int, workdir: Path,
+               keep: bool = False, header: str = "") -> dict[str, Any]:
+    """The load client (its own process) against ``port``: latencies, statuses, wall."""
+    body_file = workdir / "bodies.txt"
+    body_file.write_bytes(b"\n".join(bodies))
+    out = workdir / "result.json"
+    header_file = workdir / "header.txt"
+    header_file.write_text(header)
+    subprocess.run([PY, __file__, "client", "--port", str(port), "--path", path,
+                    "--bodies", str(body_file), "--n", str(n), "--c", str(c), "--out", str(out),
+                    "--header-file", str(header_file)]
+                   + (["--keep"] if keep else []), check=True)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def load(server: Server, path: str, bodies: list[bytes], n: int, c: int, workdir: Path,
          keep: bool = False, header: str = "") -> dict[str, Any]:
     """Run the load client against ``server``; latencies, req/s and server CPU/request.
 
     ``header`` (``Name: value``) is sent with every request, e.g. the credentials; it
     reaches the client through a file so it never shows in a process listing."""
-    body_file = workdir / "bodies.txt"
-    body_file.write_bytes(b"\n".join(bodies))
-    out = workdir / "result.json"
-    header_file = workdir / "header.txt"
-    header_file.write_text(header)
     cpu0 = server.cpu()
-    subprocess.run([PY, __file__, "client", "--port", str(server.port), "--path", path,
-                    "--bodies", str(body_file), "--n", str(n), "--c", str(c), "--out", str(out),
-                    "--header-file", str(header_file)]
-                   + (["--keep"] if keep else []), check=True)
+    result = run_client(server.port, path, bodies, n, c, workdir, keep, header)
     cpu = server.cpu() - cpu0
-    result: dict[str, Any] = json.loads(out.read_text())
     lat = np.array(result["latencies"])
     bad = sum(1 for s in result["statuses"] if s != 200)
     result.update(p50=np.percentile(lat, 50) * 1e3, p99=np.percentile(lat, 99) * 1e3,
