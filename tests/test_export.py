@@ -441,3 +441,62 @@ def test_bad_arguments_raise_export_error(kwargs: dict[str, Any], message: str,
     with pytest.raises(ExportError, match=message) as info:
         export_model(pipeline, **arguments)
     assert "m1" in str(info.value)
+
+
+def _linear_parts(frame: pd.DataFrame) -> tuple[Pipeline, tuple[Any, ...]]:
+    """A numeric-only scaler + ridge pipeline and its numbers (mean, scale, coef, intercept)."""
+    pipeline = make_pipeline(Ridge(alpha=2.0), categorical=[]).fit(
+        frame[NUMERIC], make_target(frame, "regression"))
+    scaler = pipeline.named_steps["prep"].named_transformers_["num"]
+    ridge = pipeline.named_steps["model"]
+    return pipeline, (scaler.mean_, scaler.scale_, ridge.coef_, float(ridge.intercept_))
+
+
+def test_linear_export_scores_like_the_pipeline_export(tmp_path: Path) -> None:
+    """Check that a linear model exported from its numbers scores as the converted pipeline."""
+    frame = make_frame()
+    pipeline, parts = _linear_parts(frame)
+    linear = export.export_linear(*parts, name="own", numeric=NUMERIC, check_frame=frame,
+                                  metadata={"method": "own:ridge"}, tolerance=TOLERANCE,
+                                  path=tmp_path / "own.onnx")
+    converted = run_export(pipeline, frame, tmp_path / "full.onnx", "regression",
+                           categorical=[])
+    assert linear.inputs == converted.inputs and linear.output == {"kind": "regression"}
+    assert not linear.accepts_missing
+    feed = {c: frame[[c]].to_numpy(np.float32) for c in NUMERIC}
+    ours = np.asarray(load_for_scoring(linear).outputs(feed)[0]).ravel()
+    theirs = ort.InferenceSession(str(converted.path)).run(None, feed)[0].ravel()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(ours, pipeline.predict(frame[NUMERIC]), rtol=1e-5)
+    meta = read_metadata(linear.path)
+    assert meta["method"] == "own:ridge"
+    assert json.loads(meta["input_schema"]) == linear.inputs
+
+
+def test_linear_export_with_a_wrong_graph_fails_parity(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that a linear graph that does not compute its numbers raises and writes nothing."""
+    frame = make_frame()
+    _, (mean, scale, coef, intercept) = _linear_parts(frame)
+    real = export.linear_graph
+    monkeypatch.setattr(export, "linear_graph",
+                        lambda numeric, m, s, c, b: real(numeric, m, s, c * 1.5, b))
+    with pytest.raises(ExportError, match=r"model 'own' \(Ridge\): ONNX and native outputs"):
+        export.export_linear(mean, scale, coef, intercept, name="own", numeric=NUMERIC,
+                             check_frame=frame, metadata={}, tolerance=TOLERANCE,
+                             path=tmp_path / "own.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("check_frame", "message"), [
+    (pd.DataFrame(columns=NUMERIC), "check frame is empty"),
+    (make_frame().drop(columns=["promo"]), "lacks column"),
+])
+def test_linear_export_bad_arguments_raise_export_error(check_frame: pd.DataFrame, message: str,
+                                                        tmp_path: Path) -> None:
+    """Check that a linear export without usable check rows names the model and the problem."""
+    _, parts = _linear_parts(make_frame())
+    with pytest.raises(ExportError, match=message) as info:
+        export.export_linear(*parts, name="m2", numeric=NUMERIC, check_frame=check_frame,
+                             metadata={}, tolerance=TOLERANCE, path=tmp_path / "m.onnx")
+    assert "m2" in str(info.value)

@@ -35,6 +35,7 @@ from manymodels.io import atomic_write_bytes
 from manymodels.runtime.session import as_string_column, make_session_options
 
 from ._convert import TARGET_OPSET, convert_full, ensure_registered
+from ._linear import linear_graph
 from ._templates import TemplateCache, fill_template, structure_key
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "ExportedModel",
     "clear_template_cache",
     "conversion_stats",
+    "export_linear",
     "export_model",
     "read_metadata",
 ]
@@ -299,17 +301,30 @@ def _parity(pipeline: Any, outputs: list[Any], native_frame: pd.DataFrame, class
                 f"{int(wrong.sum())} of {len(labels)} check rows; not exported"
             )
     else:
-        native = native.ravel()
-        got = np.asarray(outputs[0], dtype=np.float64).ravel()
-        if got.shape != native.shape:
-            raise ExportError(f"model '{name}' ({algorithm}): ONNX predictions have shape "
-                              f"{got.shape}, the native model {native.shape}")
-        diff = float(np.max(np.abs(got - native))) if native.size else 0.0
-        bound = tolerance * max(1.0, float(np.std(native)))
+        return _regression_parity(native, outputs, tolerance, name, algorithm)
     if not np.isfinite(diff) or diff > bound:
         raise ExportError(
             f"model '{name}' ({algorithm}): ONNX and native outputs differ by {diff:.3g} "
             f"(allowed {bound:.3g}) on {len(native_frame)} check rows; not exported"
+        )
+    return diff
+
+
+def _regression_parity(native: np.ndarray, outputs: list[Any], tolerance: float, name: str,
+                       algorithm: str) -> float:
+    """``max |native - onnx|`` of predictions, within ``tolerance * max(1, std(native))``
+    (targets in the thousands are not held to a bound meant for unit-scale ones)."""
+    native = np.asarray(native, dtype=np.float64).ravel()
+    got = np.asarray(outputs[0], dtype=np.float64).ravel()
+    if got.shape != native.shape:
+        raise ExportError(f"model '{name}' ({algorithm}): ONNX predictions have shape "
+                          f"{got.shape}, the native model {native.shape}")
+    diff = float(np.max(np.abs(got - native))) if native.size else 0.0
+    bound = tolerance * max(1.0, float(np.std(native)))
+    if not np.isfinite(diff) or diff > bound:
+        raise ExportError(
+            f"model '{name}' ({algorithm}): ONNX and native outputs differ by {diff:.3g} "
+            f"(allowed {bound:.3g}) on {len(native)} check rows; not exported"
         )
     return diff
 
@@ -425,6 +440,43 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output=output, parity=parity,
         seconds=time.perf_counter() - started, fast_path=fast, accepts_missing=accepts,
+    )
+
+
+def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, *,
+                  name: str, numeric: list[str], check_frame: pd.DataFrame,
+                  metadata: Mapping[str, str], tolerance: float, path: Path,
+                  algorithm: str = "Ridge") -> ExportedModel:
+    """A standardised linear regression (``((x - mean) / scale) @ coef + intercept``)
+    from its solved numbers to ONNX: the graph :func:`export_model` writes for a
+    ``StandardScaler`` + linear pipeline, checked against the same numbers in float64
+    on ``check_frame`` (numerics rounded through float32, as served), stamped and
+    written atomically like every exported model.
+
+    For models solved outside scikit-learn (an own series' ridge, in closed form), where
+    fitting a pipeline only to convert it would cost more than the solve.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    if len(check_frame) == 0:
+        raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
+                          "one row of training data as check_frame")
+    missing = [c for c in numeric if c not in check_frame.columns]
+    if missing:
+        raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
+    model = linear_graph(numeric, mean, scale, coef, intercept)
+    inputs = _inputs(model)
+    _stamp(model, name, inputs, metadata, algorithm, "regression")
+    data = model.SerializeToString()
+    x = _native_frame(check_frame, numeric, []).to_numpy(dtype=np.float64)
+    native = ((x - mean) / scale) @ np.asarray(coef, dtype=np.float64) + intercept
+    outputs = _run_onnx(data, [_feed(check_frame, numeric, [])], name)[0]
+    parity = _regression_parity(native, outputs, tolerance, name, algorithm)
+    atomic_write_bytes(path, data)
+    return ExportedModel(
+        name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+        inputs=inputs, output={"kind": "regression"}, parity=parity,
+        seconds=time.perf_counter() - started, accepts_missing=not numeric,
     )
 
 

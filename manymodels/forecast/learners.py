@@ -24,8 +24,8 @@ from manymodels.runtime.forecast import (
     forecast_steps,
 )
 
-__all__ = ["LagMethod", "fit_own_linear", "fit_pipeline", "forecast_with", "native_predict",
-           "own_linear_predict"]
+__all__ = ["LagMethod", "OwnLinear", "fit_own_linear", "fit_pipeline", "forecast_with",
+           "native_predict", "own_linear_predict", "solve_own_linear"]
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,30 @@ def _only_scaler(prep: Any) -> Any:
     return None
 
 
-def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
-                   ) -> tuple[np.ndarray, float]:
-    """An own series' ``StandardScaler`` + ``Ridge`` as one linear map on raw features.
+@dataclass(frozen=True)
+class OwnLinear:
+    """An own series' ``StandardScaler`` + ``Ridge``, solved: the scaler's ``mean`` and
+    ``scale`` (population, 1 where a feature is constant) and the ridge's ``coef`` on the
+    scaled features with its ``intercept``."""
 
-    The closed form of exactly the exported pipeline (population scale, centred ridge
-    with an unpenalised intercept), solved directly: a backtest fits one per series and
-    window, where scikit-learn's per-call validation costs more than the solve. The
-    final models are fitted by scikit-learn and checked against this in the tests.
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    def folded(self) -> tuple[np.ndarray, float]:
+        """The same map on raw features: weights and bias."""
+        return self.coef / self.scale, self.intercept - float(np.sum(self.coef * self.mean
+                                                                       / self.scale))
+
+
+def solve_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec) -> OwnLinear:
+    """The closed form of exactly the exported pipeline (population scale, centred ridge
+    with an unpenalised intercept), solved directly.
+
+    A backtest fits one per series and window, and the final fit one per series, where
+    scikit-learn's per-call validation costs more than the solve; the tests check it
+    against scikit-learn's pipeline.
     """
     x = rows.numeric(spec.numeric_names())
     y = rows.target
@@ -121,8 +137,13 @@ def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
     y_mean = float(y.mean())
     gram = xs.T @ xs + alpha * np.eye(x.shape[1])
     beta = np.linalg.solve(gram, xs.T @ (y - y_mean))
-    weights = beta / sd
-    return weights, y_mean - float(np.sum(beta * mean / sd))
+    return OwnLinear(mean, sd, beta, y_mean)
+
+
+def fit_own_linear(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec
+                   ) -> tuple[np.ndarray, float]:
+    """:func:`solve_own_linear` as one linear map on raw features (weights, bias)."""
+    return solve_own_linear(rows, candidate, spec).folded()
 
 
 def _as_fed(values: np.ndarray) -> np.ndarray:

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from manymodels._version import __version__
-from manymodels.candidates import Candidate, build_candidates, build_pipeline
+from manymodels.candidates import Candidate, build_candidates
 from manymodels.data import read_table
 from manymodels.engine import background, default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
-from manymodels.export import export_model
+from manymodels.export import export_linear, export_model
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import Choice, choose, chosen_forecasts, metric_summary
 from manymodels.forecast.evidence import (
@@ -50,7 +50,14 @@ from manymodels.forecast.hierarchy import (
     series_errors,
 )
 from manymodels.forecast.intervals import calibrate
-from manymodels.forecast.learners import LagMethod, fit_pipeline, forecast_with, native_predict
+from manymodels.forecast.learners import (
+    LagMethod,
+    fit_pipeline,
+    forecast_with,
+    native_predict,
+    own_linear_predict,
+    solve_own_linear,
+)
 from manymodels.forecast.methods import (
     Backtests,
     MethodSet,
@@ -63,7 +70,7 @@ from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
 from manymodels.io import atomic_write_bytes, finish_run_dir
 from manymodels.results import TrainResult
-from manymodels.runtime.forecast import BUILTINS, FeatureSpec, onnx_steps
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec, Predict, onnx_steps
 from manymodels.runtime.intervals import is_nonnegative
 from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
 from manymodels.runtime.session import load_model, make_session_options
@@ -371,22 +378,28 @@ class _Final:
                              int(self.trainer.horizon or 1))
         if len(rows.target) < len(spec.numeric_names()) + 2:
             raise ExportError(f"model '{name}': too few periods to fit its lag features")
-        if method.own:
-            numeric = spec.numeric_names()
-            pipeline = build_pipeline(method.candidate, numeric, [], "regression", self.trainer.seed)
-            pipeline.fit(rows.frame[numeric], rows.target)
-        else:
-            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
         numeric = spec.numeric_names()
         categorical = [c for c in self.panel.key_columns if c in spec.static]
         path = self.staging / "models" / f"{name}.onnx"
         check = rows.frame.iloc[-min(len(rows.target), 256):]
-        exported = export_model(
-            pipeline, name=name, numeric=numeric, categorical=categorical, task="regression",
-            check_frame=check, tolerance=self.trainer.parity_tolerance, path=path,
-            metadata={"manymodels_run_id": self.run_id, "method": method.label,
-                      "trainer_hash": spec_hash(self.trainer),
-                      "segmenter_hash": spec_hash(self.segmenter)})
+        metadata = {"manymodels_run_id": self.run_id, "method": method.label,
+                    "trainer_hash": spec_hash(self.trainer),
+                    "segmenter_hash": spec_hash(self.segmenter)}
+        native: Predict
+        if method.own:
+            # the closed form the backtests scored, written as its graph directly
+            fit = solve_own_linear(rows, method.candidate, spec)
+            exported = export_linear(fit.mean, fit.scale, fit.coef, fit.intercept, name=name,
+                                     numeric=numeric, check_frame=check, metadata=metadata,
+                                     tolerance=self.trainer.parity_tolerance, path=path)
+            native = own_linear_predict([fit.folded()], spec)
+        else:
+            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
+            exported = export_model(
+                pipeline, name=name, numeric=numeric, categorical=categorical,
+                task="regression", check_frame=check, tolerance=self.trainer.parity_tolerance,
+                path=path, metadata=metadata)
+            native = native_predict(pipeline)
         level_key = dict(zip(self.panel.key_columns if method.own else method.columns, key,
                              strict=True))
         entry: dict[str, Any] = {
@@ -400,7 +413,7 @@ class _Final:
                      "level": str(method.level), **{f"key.{k}": v for k, v in level_key.items()}},
         }
         entry["metrics"]["horizon_parity_max_abs_diff"] = self._horizon_parity(
-            pipeline, path, _parse_model(name, entry), spec, group, name)
+            native, path, _parse_model(name, entry), spec, group, name)
         self.models[name] = entry
         return name
 
@@ -440,8 +453,8 @@ class _Final:
         self.models[name] = entry
         return name
 
-    def _horizon_parity(self, pipeline: Any, path: Path, entry: ModelEntry, spec: FeatureSpec,
-                        group: list[int], name: str) -> float:
+    def _horizon_parity(self, native_model: Predict, path: Path, entry: ModelEntry,
+                        spec: FeatureSpec, group: list[int], name: str) -> float:
         """Native and ONNX recursions over the whole horizon, on up to 64 of the series."""
         need = spec.window + spec.differences
         sample = [i for i in group if len(self.panel.y[i]) >= need][:64]
@@ -452,7 +465,7 @@ class _Final:
         # known-future covariates exist only in the past: check from h periods back
         cut = self.cut - h if spec.known_future else self.cut
         sample = [i for i in sample if cut[i] >= need]
-        native = forecast_with(native_predict(pipeline), self.panel, spec, sample, cut,
+        native = forecast_with(native_model, self.panel, spec, sample, cut,
                                self.scales, h)
         onnx = forecast_with(onnx_steps(loaded), self.panel, spec, sample, cut,
                              self.scales, h)
