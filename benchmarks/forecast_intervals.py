@@ -340,6 +340,22 @@ def _recent_scale(sp: Split, recent: int, latest: bool) -> tuple[np.ndarray, np.
     return _pooled(scores[:, -1:] if latest else scores), scale
 
 
+def _blended_scale(sp: Split, recent: int, latest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each series' scale the geometric mean of its whole-history scale and that of its
+    last ``recent`` periods (at each window's cutoff, and at the test cutoff)."""
+    from manymodels.runtime.intervals import series_scale
+
+    honest = _honest(sp)
+    whole, last = sp.scores(honest), sp.scores(honest, recent)
+    with np.errstate(invalid="ignore"):
+        scores = np.sqrt(whole * last)  # |e| / sqrt(s_whole * s_recent)
+    scale = np.asarray([
+        np.sqrt(series_scale(y[: int(c)], sp.m) * series_scale(y[max(int(c) - recent, 0): int(c)],
+                                                               sp.m)) if c > 0 else 0.0
+        for y, c in zip(sp.panel.y, sp.test_cut, strict=True)])
+    return _latest_first(scores) if latest else _pooled(scores), scale
+
+
 def _latest_neighbours(sp: Split, d: int) -> np.ndarray:
     """The latest window's scores, each step pooled with the ``d`` steps either side."""
     from manymodels.forecast.intervals import conformal_quantile
@@ -551,6 +567,10 @@ RULES: dict[str, Callable[[Split], Any]] = {
     "recency-weighted windows (1/9, 1/3, 1)": lambda sp: _weighted(sp, 1 / 3),
     "scale of the last 3 seasons + 1, all windows": lambda sp: _recent_scale(sp, 4 * sp.m, False),
     "scale of the last 3 seasons + 1, latest window": lambda sp: _recent_scale(sp, 4 * sp.m, True),
+    "geometric mean of the whole and the last 3 seasons + 1 scale, latest first":
+        lambda sp: _blended_scale(sp, 4 * sp.m, True),
+    "geometric mean of the whole and the last 3 seasons + 1 scale, all windows":
+        lambda sp: _blended_scale(sp, 4 * sp.m, False),
     "chosen route's own errors, all windows": rule_chosen,
     "latest window only, no top-up": lambda sp: _pooled(sp.scores(_honest(sp))[:, -1:]),
     "(a) scores x sqrt(n_cut / n_full), latest first": lambda sp: _length_factor(sp, 0.5),
