@@ -36,7 +36,9 @@ from forecast_tuning import final_fits  # noqa: E402  (benchmarks/ is on the pat
 WINDOWS = 3
 LEVELS = (80, 95)
 #: The row of manymodels' own rule (the MSIS column of the summary is against it).
-CURRENT = "latest window, topped up to 100 scores per step (manymodels)"
+CURRENT = ("scale of the last 3 seasons + 1, latest window topped up to 100 scores per step "
+           "(manymodels)")
+BEFORE = "latest window, topped up to 100 scores per step (manymodels before)"
 PANELS = ("M3:monthly:0,M3:quarterly:0,M1:monthly:0,M1:quarterly:0,gen:gauss,gen:student,"
           "gen:short,M3:yearly:0,M1:yearly:0")
 
@@ -269,11 +271,20 @@ def _honest(sp: Split) -> np.ndarray:
     return _honest_forecasts(sp.past, sp.errors, sp.choices, 3, blocked)
 
 
-def rule_current(sp: Split) -> np.ndarray:
+def _product_scale(sp: Split) -> np.ndarray:
+    """Each series' interval scale at the test cutoff, as manymodels stores it."""
+    from manymodels.runtime.intervals import interval_scale
+
+    return np.asarray([interval_scale(y[: max(int(c), 0)], sp.m) if c > 0 else 0.0
+                       for y, c in zip(sp.panel.y, sp.test_cut, strict=True)])
+
+
+def rule_current(sp: Split) -> tuple[np.ndarray, np.ndarray]:
+    """manymodels' own calibration (``forecast.intervals.calibrate``) and scale."""
     from manymodels.forecast.intervals import calibrate
 
     section, _ = calibrate(sp.panel, sp.past, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
-    return np.asarray([section["quantiles"][str(v)] for v in LEVELS])
+    return np.asarray([section["quantiles"][str(v)] for v in LEVELS]), _product_scale(sp)
 
 
 def rule_chosen(sp: Split) -> np.ndarray:
@@ -370,7 +381,7 @@ def _latest_neighbours(sp: Split, d: int) -> np.ndarray:
     return np.maximum.accumulate(out, axis=0)
 
 
-def rule_latest_refit(sp: Split) -> np.ndarray:
+def rule_latest_refit(sp: Split) -> tuple[np.ndarray, np.ndarray]:
     """The rule of manymodels with the statistical methods' latest-window forecasts from
     parameters estimated at that window's cutoff, as the final models' are."""
     from manymodels.forecast.intervals import calibrate
@@ -385,7 +396,7 @@ def rule_latest_refit(sp: Split) -> np.ndarray:
                                                forecasts[label][:, -1])
     bt = Backtests(sp.past.labels, forecasts, sp.past.actual, sp.past.scale)
     section, _ = calibrate(sp.panel, bt, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
-    return np.asarray([section["quantiles"][str(v)] for v in LEVELS])
+    return np.asarray([section["quantiles"][str(v)] for v in LEVELS]), _product_scale(sp)
 
 
 def rule_all_windows(sp: Split) -> np.ndarray:
@@ -558,6 +569,7 @@ def _scale_at(sp: Split, i: int, w: int) -> float:
 RULES: dict[str, Callable[[Split], Any]] = {
     "all windows pooled (the rule before)": rule_all_windows,
     CURRENT: rule_current,
+    BEFORE: lambda sp: _topped_up(sp, 100),
     "latest window, its ets/theta refitted at its cutoff": rule_latest_refit,
     "latest window, topped up to 200 scores per step": lambda sp: _topped_up(sp, 200),
     "latest window, topped up to 300 scores per step": lambda sp: _topped_up(sp, 300),

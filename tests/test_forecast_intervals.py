@@ -24,7 +24,13 @@ from manymodels.bundle import package_run
 from manymodels.errors import SpecError
 from manymodels.forecast.intervals import _step_quantiles, conformal_quantile, recent_scores
 from manymodels.runtime import Bundle
-from manymodels.runtime.intervals import Bands, floor_at_zero, series_scale
+from manymodels.runtime.intervals import (
+    SCALE_SEASONS,
+    Bands,
+    floor_at_zero,
+    interval_scale,
+    series_scale,
+)
 from manymodels.serve.settings import ServeSettings
 from manymodels.specs import load_trainer
 
@@ -108,9 +114,32 @@ def test_intervals_are_ordered_and_finite(bundle: Path, expected: pd.DataFrame,
     assert all(w[-1] > w[H - 1] for w in width)  # steps past the horizon widen
     section = opened.manifest.raw["forecast"]
     assert fresh["method"].iloc[0] == "fallback"
-    s = series_scale(new["y"].to_numpy()[-len(section["series"]["tail"][0]):], 12)
+    s = interval_scale(new["y"].to_numpy()[-len(section["series"]["tail"][0]):], 12)
     q = section["intervals"]["quantiles"]["80"][0]
     assert fresh["hi_80"].iloc[0] - fresh["forecast"].iloc[0] == pytest.approx(q * s)
+
+
+def test_interval_scale_is_the_recent_seasons_scale(bundle: Path,
+                                                    panel: tuple[pd.DataFrame, pd.DataFrame]
+                                                    ) -> None:
+    """Check that a series' interval scale is the seasonal-difference scale of its last
+    seasons only (wild early changes do not widen its bands), as stored at training."""
+    rng = np.random.default_rng(3)
+    season = rng.normal(0.0, 5.0, 12)
+    calm = 50 + season[np.arange(48) % 12] + rng.normal(0.0, 1.0, 48)
+    wild = rng.normal(0.0, 80.0, 60)
+    y = np.concatenate([wild, calm])
+    assert (SCALE_SEASONS + 1) * 12 == 48
+    assert interval_scale(y, 12) == pytest.approx(series_scale(calm, 12))
+    assert interval_scale(y, 12) < series_scale(y, 12) / 5
+    assert interval_scale(np.r_[np.nan, np.nan, calm], 12) == interval_scale(calm, 12)
+    assert interval_scale(np.asarray([1.0, 3.0, 2.0, 6.0, 5.0]), 1) == pytest.approx(
+        series_scale(np.asarray([3.0, 2.0, 6.0, 5.0]), 1))
+    stored = Bundle(bundle).manifest.raw["forecast"]["series"]
+    train = panel[0]
+    for i, key in enumerate(stored["keys"][:10]):
+        values = train.loc[train["item"] == key[0], "y"].to_numpy()
+        assert stored["interval_scale"][i] == pytest.approx(interval_scale(values, 12))
 
 
 def _future_rows(expected: pd.DataFrame) -> pd.DataFrame:

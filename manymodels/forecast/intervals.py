@@ -2,8 +2,8 @@
 
 A series has ``n_windows`` (default 3) backtest errors per horizon step: too few for a
 95% quantile of its own (three errors bound at most 75% coverage). So each error is
-divided by its series' scale (:func:`~manymodels.runtime.intervals.series_scale`, taken
-from the periods before the window's cutoff), and the scaled errors of every series are
+divided by its series' scale (:func:`~manymodels.runtime.intervals.interval_scale`, taken
+from the last seasons before the window's cutoff), and the scaled errors of every series are
 pooled per step: a step's band is the conformal quantile of a few hundred or thousand
 scaled errors, times the series' own scale. Steps with too few errors borrow the
 neighbouring steps'.
@@ -31,7 +31,7 @@ import numpy as np
 from manymodels.forecast.choice import Choice
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.intervals import is_nonnegative, series_scale
+from manymodels.runtime.intervals import interval_scale, is_nonnegative
 
 __all__ = ["LEAST", "calibrate", "conformal_quantile", "recent_scores"]
 
@@ -152,11 +152,11 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     scale = np.zeros((n, windows))
     for w in range(windows):
         for i in np.flatnonzero(cuts[w] > 0):
-            scale[i, w] = series_scale(panel.y[i][: int(cuts[w, i])], m)
+            scale[i, w] = interval_scale(panel.y[i][: int(cuts[w, i])], m)
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
     flat = recent_scores(scores)
-    scales = [series_scale(y, m) for y in panel.y]
+    scales = [interval_scale(y, m) for y in panel.y]
     method = METHOD
     if not np.isfinite(flat).any():
         flat = _in_sample_scores(panel, scales, h)

@@ -34,7 +34,7 @@ from manymodels.forecast.panel import Panel, build_panel
 from manymodels.forecast.update import move_origins
 from manymodels.runtime import MANIFEST_FILE, Bundle
 from manymodels.runtime.forecast import FeatureSpec
-from manymodels.runtime.intervals import series_scale
+from manymodels.runtime.intervals import interval_scale
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
 from ._merge import is_worse, relative_gain
@@ -446,7 +446,7 @@ def _fill_interval_scales(series: dict[str, Any], panel: Panel) -> None:
     for j, key in enumerate(series["keys"]):
         if scales[j] is None:
             i = where.get(tuple(str(v) for v in key))
-            scales[j] = 0.0 if i is None else series_scale(panel.y[i], panel.season_length)
+            scales[j] = 0.0 if i is None else interval_scale(panel.y[i], panel.season_length)
 
 
 def _regular_rows(panel: Panel) -> pd.DataFrame:

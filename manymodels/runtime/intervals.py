@@ -19,8 +19,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Bands", "band_names", "floor_at_zero", "is_nonnegative", "nonnegative_rows",
-           "series_scale"]
+__all__ = ["SCALE_SEASONS", "Bands", "band_names", "floor_at_zero", "interval_scale",
+           "is_nonnegative", "nonnegative_rows", "series_scale"]
+
+#: Seasons of seasonal differences (one period each without a season) a series' interval
+#: scale is taken over: its recent changes, not its whole history's.
+SCALE_SEASONS = 3
 
 
 def is_nonnegative(y: np.ndarray) -> bool:
@@ -59,6 +63,16 @@ def series_scale(y: np.ndarray, season_length: int) -> float:
             if value > 0:
                 return value
     return 0.0
+
+
+def interval_scale(y: np.ndarray, season_length: int) -> float:
+    """The unit of a series' interval widths: :func:`series_scale` of its last
+    ``SCALE_SEASONS + 1`` seasons (periods without a season), so that a series whose
+    changes grew or shrank over its history gets bands of its present size; chosen over
+    the whole history on the tuning panels (``benchmarks/forecast_intervals.py``)."""
+    y = np.asarray(y, dtype=np.float64)
+    y = y[np.isfinite(y)]
+    return series_scale(y[-(SCALE_SEASONS + 1) * max(int(season_length), 1):], season_length)
 
 
 def band_names(levels: Sequence[int]) -> list[str]:
@@ -105,7 +119,8 @@ class Bands:
         the tail a new series was sent with otherwise."""
         out = np.empty(len(rows))
         for r, row in enumerate(rows):
-            out[r] = self.scales[row] if row >= 0 else series_scale(tails[r], self.season_length)
+            out[r] = (self.scales[row] if row >= 0
+                      else interval_scale(tails[r], self.season_length))
         return np.where(np.isfinite(out) & (out > 0), out, 0.0)
 
     def apply(self, values: np.ndarray, scales: np.ndarray,
