@@ -15,7 +15,10 @@ one after the other, on the same cores:
   manymodels uses, so both run on the same cores;
 - manymodels with the lag models only (``forecast.methods: []``: no naive or statistical
   method; global LightGBM and ridge, an own ridge per series), timed against mlforecast's
-  LightGBM and Ridge (``cross_validation`` + ``fit`` of both), like for like.
+  LightGBM and Ridge (``cross_validation`` + ``fit`` of both), like for like;
+- manymodels with one global LightGBM only (the default LightGBM candidate, no other
+  method, no own models): the model of mlforecast's LightGBM row, with manymodels'
+  backtests, final fit, ONNX export and horizon parity check.
 
 Prediction intervals: the share of held-out values inside each contender's 80% and 95%
 intervals (the issue's bar: within 5 points of nominal), and MSIS at 95% (the M4
@@ -62,6 +65,22 @@ def lag_only_spec(h: int, m: int) -> dict[str, Any]:
     spec["forecast"]["methods"] = []
     return spec
 
+
+def global_lgbm_spec(h: int, m: int) -> dict[str, Any]:
+    """One global LightGBM on lags (manymodels' default LightGBM candidate), no other
+    method: the same model as mlforecast's LightGBM row, through manymodels' backtests,
+    final fit, ONNX export and parity check."""
+    spec = lag_only_spec(h, m)
+    spec["forecast"]["own_models"] = False
+    spec["candidates"] = [{"algorithm": "lightgbm",
+                           "params": {"n_estimators": 100, "num_leaves": 31,
+                                      "min_child_samples": 20}}]
+    return spec
+
+
+#: The manymodels configurations of a run: column name and trainer spec.
+CONFIGS = {"manymodels": trainer_spec, "manymodels_lag_only": lag_only_spec,
+           "manymodels_global_lgbm": global_lgbm_spec}
 
 SEGMENTER = {"columns": ["unique_id"], "min_rows": 2, "levels": [["unique_id"], []]}
 
@@ -116,18 +135,19 @@ def interval_rows(train: pd.DataFrame, merged: pd.DataFrame, m: int,
     return out
 
 
-def run_manymodels(train: pd.DataFrame, h: int, m: int, lag_only: bool = False
+def run_manymodels(train: pd.DataFrame, h: int, m: int, column: str = "manymodels"
                    ) -> tuple[pd.DataFrame, float, dict]:
+    """Train ``column``'s configuration (:data:`CONFIGS`) and forecast the test window."""
     import manymodels
 
-    spec = lag_only_spec(h, m) if lag_only else trainer_spec(h, m)
+    spec = CONFIGS[column](h, m)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = manymodels.train(train, SEGMENTER, spec, out=tmp, run_id="r", track=False)
         seconds = time.perf_counter() - started
         table = manymodels.Bundle(result.run_dir).forecast(h)
-    if lag_only:
-        return table.rename(columns={"forecast": "manymodels_lag_only"}), seconds, result.summary
+    if column != "manymodels":
+        return table.rename(columns={"forecast": column}), seconds, result.summary
     table = table.rename(columns={"forecast": "manymodels", **{
         f"{side}_{level}": f"manymodels-{side}-{level}" for level in LEVELS
         for side in ("lo", "hi")}})
@@ -198,8 +218,10 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
           f"windows\n")
     ours, ours_s, summary = run_manymodels(train, h, m)
     ours["t"] = ours["t"].astype(int)
-    lag, lag_s, lag_summary = run_manymodels(train, h, m, lag_only=True)
+    lag, lag_s, lag_summary = run_manymodels(train, h, m, "manymodels_lag_only")
     lag["t"] = lag["t"].astype(int)
+    one, one_s, one_summary = run_manymodels(train, h, m, "manymodels_global_lgbm")
+    one["t"] = one["t"].astype(int)
     ml, ml_s = run_mlforecast(train, h, m)
     sf, sf_s = run_statsforecast(train, h, m)
     ours_columns = ["manymodels", *(f"manymodels-{side}-{level}" for level in LEVELS
@@ -210,6 +232,8 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
                                                                         how="left")
     merged = merged.merge(lag[["unique_id", "t", "manymodels_lag_only"]], on=["unique_id", "t"],
                           how="left")
+    merged = merged.merge(one[["unique_id", "t", "manymodels_global_lgbm"]],
+                          on=["unique_id", "t"], how="left")
     rows = []
     for column, seconds, what in (
             ("manymodels", ours_s, "train: backtests of every method + final fit + ONNX export"),
@@ -218,7 +242,9 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
             ("SeasonalNaive", sf_s["SeasonalNaive"], "forecast"),
             ("AutoETS", sf_s["AutoETS"], "forecast (one fit per series)"),
             ("manymodels_lag_only", lag_s, "train, lag models only: backtests + final fit + "
-                                           "ONNX export")):
+                                           "ONNX export"),
+            ("manymodels_global_lgbm", one_s, "train, one global LightGBM: backtests + final "
+                                              "fit + ONNX export")):
         rows.append((column, mase(train, test, merged, column, m), seconds, what))
     print("| method | MASE | seconds | timed |\n|---|---:|---:|---|")
     for column, value, seconds, what in rows:
@@ -235,6 +261,10 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
           f"(cross_validation + fit): {lag_s / ml_time:.2f}; / mlforecast LightGBM + Ridge: "
           f"{lag_s / ml_both:.2f}; stages (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in lag_summary.get("stage_seconds", {}).items()))
+    print(f"manymodels one global LightGBM (mlforecast's LightGBM row through manymodels): "
+          f"MASE {rows[6][1]:.3f}; time / mlforecast LightGBM (cross_validation + fit): "
+          f"{one_s / ml_time:.2f}; stages (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in one_summary.get("stage_seconds", {}).items()))
     print(f"workers: manymodels {default_jobs()}, statsforecast AutoETS {default_jobs()}, "
           f"mlforecast LightGBM its own threads")
     print("\n| intervals | coverage 80% | coverage 95% | MSIS 95% |\n|---|---:|---:|---:|")
