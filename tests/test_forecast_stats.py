@@ -392,3 +392,14 @@ def test_graphs_run_with_numpy_and_onnxruntime_alone(tmp_path: Path) -> None:
     for method, (native, scale) in natives.items():
         served = np.load(tmp_path / f"{method}.npy")
         assert np.max(np.abs(served - native)) / scale <= TOLERANCE, method
+
+
+def test_the_workers_fitting_statistical_models_do_not_import_onnx() -> None:
+    """Check that the module a worker imports to fit statistical models loads no ``onnx``
+    (each worker process pays its imports; only the training process writes graphs)."""
+    code = ("import sys, manymodels.forecast.methods; "
+            "sys.exit(1 if 'onnx' in sys.modules else 0)")
+    root = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from manymodels.errors import ExportError
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 __all__ = ["OPSET", "ClosedForm", "build_forecast_graph"]
 
@@ -90,6 +92,8 @@ def _damped_steps(k: np.ndarray, phi: float | None) -> np.ndarray:
 
 
 def _scalar(name: str, value: float) -> TensorProto:
+    from onnx import numpy_helper  # heavy: imported when a graph is written (see below)
+
     return numpy_helper.from_array(np.array(value, dtype=np.float64), name)
 
 
@@ -112,6 +116,11 @@ def build_forecast_graph(form: ClosedForm, metadata: Mapping[str, str]) -> bytes
     if not np.all(np.isfinite(values)):
         raise ExportError("statistical forecast graph: the fitted state holds a non-finite "
                           "value; refit the series or pick another method")
+    # onnx is heavy to import: the worker processes that fit statistical models import
+    # this module but never write a graph (the training process does)
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = [_scalar("level", form.level)]
     nodes.append(helper.make_node("Cast", [INPUT_NAME], ["k"], to=TensorProto.DOUBLE))
