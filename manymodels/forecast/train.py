@@ -69,6 +69,7 @@ from manymodels.forecast.methods import (
 )
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
+from manymodels.forecast.summary import run_report, run_summary
 from manymodels.io import atomic_write_bytes, finish_run_dir
 from manymodels.results import TrainResult
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, Predict, onnx_steps
@@ -201,8 +202,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                 if (exc.label, exc.series) in excluded:
                     raise ExportError(exc.reason) from exc
                 excluded[(exc.label, exc.series)] = exc.reason
-        report = _report(panel, choices, backtests.labels, errors)
-        summary = _summary(choices, backtests.labels, errors, tr_spec, panel, h,
+        report = run_report(panel, choices, backtests.labels, errors)
+        summary = run_summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
         # where the time went: each method's backtests, the exported statistical fits,
         # the lag models' final fits with their ONNX export and parity checks
@@ -561,45 +562,3 @@ def _plain_time(value: Any) -> Any:
     if isinstance(value, (np.integer, int)):
         return int(value)
     return pd.Timestamp(value).isoformat()
-
-
-def _report(panel: Panel, choices: list[Choice], labels: list[str], errors: np.ndarray
-            ) -> pd.DataFrame:
-    rows = []
-    for i, choice in enumerate(choices):
-        row: dict[str, Any] = {c: v for c, v in zip(panel.key_columns, panel.key_texts[i],
-                                                    strict=True)}
-        row.update(segment="__".join(f"{c}={v}" for c, v in row.items()), periods=len(panel.y[i]),
-                   method=choice.label, members=list(choice.members),
-                   weights=list(choice.weights), backtest_error=choice.error,
-                   reason=choice.reason, status="ok")
-        for j, label in enumerate(labels):
-            values = errors[i, j]
-            finite = values[np.isfinite(values)]
-            row[f"bt.{label}"] = float(finite.mean()) if finite.size else None
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _summary(choices: list[Choice], labels: list[str], errors: np.ndarray, trainer: TrainerSpec,
-             panel: Panel, h: int, seconds: float) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for c in choices:
-        counts[c.label if len(c.members) == 1 else f"blend of {len(c.members)}"] = \
-            counts.get(c.label if len(c.members) == 1 else f"blend of {len(c.members)}", 0) + 1
-    chosen = np.asarray([c.error for c in choices], dtype=float)
-    per_method = {}
-    for j, label in enumerate(labels):
-        values = errors[:, j]
-        means = [float(v[np.isfinite(v)].mean()) for v in values if np.isfinite(v).any()]
-        per_method[label] = float(np.mean(means)) if means else None
-    return {
-        "task": "forecast", "segments": len(choices), "trained": len(choices), "failed": 0,
-        "failed_fraction": 0.0, "horizon": h, "freq": panel.freq,
-        "season_length": panel.season_length, "metric": trainer.metric,
-        "windows": trainer.forecast.n_windows, "filled_periods": panel.filled,
-        "methods_chosen": counts,
-        "backtest": {"chosen": float(np.nanmean(chosen)) if np.isfinite(chosen).any() else None,
-                     **per_method},
-        "seconds": round(seconds, 2),
-    }
