@@ -247,28 +247,6 @@ def test_native_predict_array_path_equals_pipeline_predict(algorithm: str,
     np.testing.assert_allclose(native_predict(pipe)(feed), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("stats", "params", "threads"), [
-    ([], {}, 3), (["ets"], {}, 1), ([], {"n_jobs": 1}, 1)])
-def test_pooled_lightgbm_takes_every_core_only_without_statistical_methods(
-        stats: list[str], params: dict[str, object], threads: int) -> None:
-    """Check that a pooled LightGBM uses the run's cores when no statistical method keeps
-    the workers busy, one thread otherwise, and a candidate's own n_jobs wins."""
-    from manymodels.candidates import Candidate
-    from manymodels.forecast.features import series_scales
-    from manymodels.forecast.learners import fit_pipeline
-    from manymodels.forecast.methods import MethodSet, lag_threads
-
-    frame = _panel_frame(60, stores=2)
-    trainer = load_trainer(_trainer(4))
-    panel = build_panel(frame, ["store"], trainer)
-    spec = feature_spec(trainer, panel, [])
-    cut = np.asarray([len(y) for y in panel.y])
-    rows = training_rows(panel, spec, [0, 1], cut, series_scales(panel, spec, cut))
-    cand = Candidate("lightgbm", "lightgbm", {"n_estimators": 5, **params}, 1)
-    pipe = fit_pipeline(rows, cand, spec, 0, lag_threads(MethodSet([], stats, []), 3))
-    assert pipe.named_steps["model"].n_jobs == threads
-
-
 @pytest.mark.parametrize(("ets_search", "jobs"), [("once", 1), ("once", 2), ("every_fit", 1)])
 def test_ets_searches_its_form_once_or_at_every_fit(ets_search: str, jobs: int) -> None:
     """Check that ets_search=once searches each series once, on every period (that fit is

@@ -42,19 +42,16 @@ class LagMethod:
         return self.level == 0
 
 
-def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int,
-                 threads: int = 1) -> Any:
+def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int) -> Any:
     """A fitted pipeline on ``rows`` (numeric features scaled, static keys one-hot).
 
-    ``threads``: LightGBM's threads unless the candidate sets ``n_jobs`` itself; more than
-    one only where no worker process is busy beside this one (a trainer without
-    statistical methods), since a pooled model is fitted in the training process.
+    LightGBM keeps the candidates' one thread even where the worker processes are idle:
+    on a machine whose cores are busy, its threads waiting for each other slow a fit by
+    orders of magnitude (docs/design/performance.md, forecast training).
     """
     numeric = spec.numeric_names()
     categorical = [c for c in rows.frame.columns if c not in numeric]
     pipeline = build_pipeline(candidate, numeric, categorical, "regression", seed)
-    if candidate.algorithm == "lightgbm" and threads > 1 and "n_jobs" not in candidate.params:
-        pipeline.set_params(model__n_jobs=threads)
     if candidate.algorithm == "lightgbm":
         # trees need no scaling, and a scaler computed in float32 by ONNX moves lag values
         # across split thresholds, compounding over the horizon: keep the values as they are

@@ -32,8 +32,8 @@ from manymodels.forecast.panel import Panel
 from manymodels.forecast.stats import FittedStat, fit_stat, refit_form
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
-__all__ = ["Backtests", "MethodSet", "fit_final_stats", "lag_methods", "lag_threads",
-           "run_backtests", "stat_forecasts"]
+__all__ = ["Backtests", "MethodSet", "fit_final_stats", "lag_methods", "run_backtests",
+           "stat_forecasts"]
 
 
 @dataclass
@@ -103,12 +103,6 @@ def _level_names(levels: list[list[str]]) -> list[str]:
     return names
 
 
-def lag_threads(methods: MethodSet, jobs: int) -> int:
-    """Threads a pooled lag model may use in the training process: every core when no
-    statistical method keeps the worker processes busy beside it, one otherwise."""
-    return max(int(jobs), 1) if not methods.stats else 1
-
-
 def groups_of(panel: Panel, method: LagMethod, members: Sequence[int]) -> dict[tuple[str, ...], list[int]]:
     """Series of ``members`` by the method's level key."""
     pos = [panel.key_columns.index(c) for c in method.columns]
@@ -119,8 +113,7 @@ def groups_of(panel: Panel, method: LagMethod, members: Sequence[int]) -> dict[t
 
 
 def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.ndarray,
-                  members: list[int], h: int, seed: int, threads: int = 1
-                  ) -> tuple[np.ndarray, dict[Any, Any]]:
+                  members: list[int], h: int, seed: int) -> tuple[np.ndarray, dict[Any, Any]]:
     """Forecasts (len(members), h) of one lag method from cutoffs ``cut``, and its fits."""
     scales = series_scales(panel, spec, cut)
     out = np.full((len(members), h), np.nan)
@@ -147,7 +140,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
         rows = training_rows(panel, spec, group, cut, scales, h)
         if len(rows.target) < max(len(spec.numeric_names()) + 2, method.candidate.min_rows):
             continue
-        pipe = fit_pipeline(rows, method.candidate, spec, seed, threads)
+        pipe = fit_pipeline(rows, method.candidate, spec, seed)
         fitted[key] = pipe
         values = forecast_with(native_predict(pipe), panel, spec, group, cut, scales, h)
         for r, i in enumerate(group):
@@ -210,8 +203,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             seconds[label] += time.perf_counter() - started
         for method in methods.lag:
             started = time.perf_counter()
-            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed,
-                                      lag_threads(methods, jobs))
+            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed)
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
     final: dict[tuple[str, int], FittedStat | None] = {}

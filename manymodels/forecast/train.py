@@ -64,7 +64,6 @@ from manymodels.forecast.methods import (
     fit_final_stats,
     groups_of,
     lag_methods,
-    lag_threads,
     run_backtests,
 )
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
@@ -187,8 +186,7 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     staging = run_dir.parent / f".{run_dir.name}.{uuid.uuid4().hex[:6]}.tmp"
     (staging / "models").mkdir(parents=True)
     try:
-        final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id, jobs or default_jobs(),
-                       lag_threads(methods, jobs or default_jobs()))
+        final = _Final(panel, spec, tr_spec, seg_spec, staging, run_id, jobs or default_jobs())
         final.stat_fits.update(backtests.final)
         excluded: dict[tuple[str, int | None], str] = {}
         stage = time.perf_counter()
@@ -252,8 +250,7 @@ class _Final:
     """Refits the chosen lag models on every period and exports them, checked over ``h``."""
 
     def __init__(self, panel: Panel, spec: FeatureSpec, trainer: TrainerSpec,
-                 segmenter: SegmenterSpec, staging: Path, run_id: str, jobs: int = 1,
-                 threads: int = 1) -> None:
+                 segmenter: SegmenterSpec, staging: Path, run_id: str, jobs: int = 1) -> None:
         self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
         self.staging, self.run_id = staging, run_id
         self.cut = np.asarray([len(y) for y in panel.y])
@@ -262,8 +259,6 @@ class _Final:
         #: Exported statistical models by (method, series), fitted once when first chosen.
         self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
         self.jobs = jobs
-        #: LightGBM threads of the pooled lag models' final fits (see `lag_threads`).
-        self.threads = threads
         #: Seconds of the exported statistical fits (in workers, beside the lag exports),
         #: and of this process's refits, ONNX exports and parity checks.
         self.stat_seconds = 0.0
@@ -400,8 +395,7 @@ class _Final:
                                      tolerance=self.trainer.parity_tolerance, path=path)
             native = own_linear_predict([fit.folded()], spec)
         else:
-            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed,
-                                    self.threads)
+            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
             exported = export_model(
                 pipeline, name=name, numeric=numeric, categorical=categorical,
                 task="regression", check_frame=check, tolerance=self.trainer.parity_tolerance,
