@@ -193,8 +193,10 @@ def haproxy_config(replicas: Sequence[str], listen: str = "127.0.0.1:8080",
     header = f"req.fhdr({KEY_HEADER})"
     pairs = "url_dec,regsub(\\\\x2c,__,g)"  # \x2c: a comma, which would end the argument
     name = "url_dec,regsub(^.*?__,)"  # the target prefix dropped
-    servers = "\n".join(f"    server r{i} {r} check inter 2s fall 3 rise 2"
-                        for i, r in enumerate(replicas, 1))
+    # a replica that refuses a connection leaves the ring at once (not after three failed
+    # checks): its keys then go where the ring sends them, not where a retry was sent
+    servers = "\n".join(f"    server r{i} {r} check inter 2s fall 3 rise 2 observe layer4 "
+                        f"error-limit 1 on-error mark-down" for i, r in enumerate(replicas, 1))
     head = "" if runtime_dir is None else f"""\
 global
     pidfile {runtime_dir}/haproxy.pid
