@@ -7,8 +7,10 @@ backtest windows plus the competition's test window; every method is backtested 
 three windows, each rule picks per series from them, and the table gives the test-window
 MASE (mean over series) of every single method and every rule.
 
-Run: ``python benchmarks/forecast_tuning.py M3 quarterly [ets,theta] [forward|refit]``
-(the last: ``forecast.stat_windows``).
+Run: ``python benchmarks/forecast_tuning.py M3 quarterly [ets,theta] [forward|refit]
+[KEY=VALUE ...]`` (``forward|refit``: ``forecast.stat_windows``; each ``KEY=VALUE`` a
+``forecast`` setting over the defaults, a YAML value, e.g. ``scale_on=differences``; its
+page's name then ends in ``-KEY-VALUE``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,13 +110,23 @@ def final_fits(panel: Panel, cut: np.ndarray, stats: list[str], h: int
     return out
 
 
+def settings(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The positional arguments and the ``KEY=VALUE`` forecast settings among ``args``."""
+    import yaml
+
+    positional = [a for a in args if "=" not in a]
+    given = dict(a.partition("=")[::2] for a in args if "=" in a)
+    return positional, {k: yaml.safe_load(v) for k, v in given.items()}
+
+
 def main() -> None:
-    name, period = sys.argv[1], sys.argv[2]
-    stats = sys.argv[3].split(",") if len(sys.argv) > 3 else []
-    stat_windows = sys.argv[4] if len(sys.argv) > 4 else "forward"
+    args, overrides = settings(sys.argv[1:])
+    name, period = args[0], args[1]
+    stats = args[2].split(",") if len(args) > 2 else []
+    stat_windows = args[3] if len(args) > 3 else "forward"
     frame, h, m = panel_frame(name, period)
     trainer = load_trainer({"target": "y", "task": "forecast", "time_column": "t", "horizon": h,
-                            "season_length": m, "candidates": [
+                            "season_length": m, "forecast": overrides, "candidates": [
                                 {"algorithm": "lightgbm", "params": {
                                     "n_estimators": 100, "num_leaves": 31,
                                     "min_child_samples": 20}},
@@ -131,14 +144,17 @@ def main() -> None:
         # before it (the backtests carry the first window's ets/theta parameters on)
         bt.forecasts[label][:, WINDOWS] = refit
     print(f"{name} {period}: {len(panel)} series, h={h}, statistical backtest windows "
-          f"{stat_windows}, {time.perf_counter() - started:.0f} s")
+          f"{stat_windows}{f', forecast settings {overrides}' if overrides else ''}, "
+          f"{time.perf_counter() - started:.0f} s")
     print("\n| rule | test-window MASE |\n|---|---:|")
     for rule, value in rules(bt, methods.labels).items():
         print(f"| {rule} | {value:.3f} |")
 
 
 if __name__ == "__main__":
-    refit = "-refit" if sys.argv[4:5] == ["refit"] else ""
-    with record(f"forecast-tuning-{sys.argv[1].lower()}-{sys.argv[2]}{refit}",
-                f"Forecast choice rules on {sys.argv[1]} {sys.argv[2]} (tuning panel)"):
+    positional, given = settings(sys.argv[1:])
+    refit = "-refit" if positional[3:4] == ["refit"] else ""
+    refit += "".join(f"-{k}-{v}" for k, v in sorted(given.items()))
+    with record(f"forecast-tuning-{positional[0].lower()}-{positional[1]}{refit}",
+                f"Forecast choice rules on {positional[0]} {positional[1]} (tuning panel)"):
         main()

@@ -226,6 +226,13 @@ class ForecastSpec(_Spec):
     scale: bool = True
     """Standardise each series before the lag models see it, so one pooled or global model
     serves series of any size; undone after prediction."""
+    scale_on: Literal["levels", "differences"] = "levels"
+    """What ``scale`` standardises, per series on its periods before the cutoff:
+    ``levels`` (mean and standard deviation of the values, then differenced) or
+    ``differences`` (differenced first, then standardised by the mean and standard
+    deviation of the differences, mlforecast's ``Differences`` then ``LocalStandardScaler``,
+    so every series' changes are on one unit scale). With ``differences: 0`` both are the
+    levels' standardisation."""
     strategy: Literal["recursive", "direct"] = "recursive"
     """``recursive``: one model, each step's prediction fed back as the next lag (forecasts
     any number of steps up to ``max_horizon``). ``direct``: one model for all steps of the

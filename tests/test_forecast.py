@@ -294,6 +294,76 @@ def test_lag_features_and_recursion_share_one_definition() -> None:
             assert value == pytest.approx(train[name][position - 6])
 
 
+@pytest.mark.parametrize("scale_on", ["levels", "differences"])
+@pytest.mark.parametrize("differences", [0, 1])
+def test_transform_then_undo_gives_back_the_series(scale_on: str, differences: int) -> None:
+    """Check that the transformed series, undone from the tail's last value, is the series,
+    and that ``differences`` standardises the differences (mean 0, std 1 before the cut)."""
+    from manymodels.runtime.forecast import _transformed_grid, _undo, loc_scale, transform
+
+    spec = FeatureSpec((1, 2, 3), (2,), 1, (), differences, True, scale_on=scale_on)
+    y = 500.0 + np.cumsum(np.random.default_rng(3).normal(4.0, 9.0, 40))
+    loc, scale = loc_scale(y[:30], spec)
+    z = transform(y, spec, loc, scale)
+    grid, s, width = _transformed_grid(y[None, :30], np.asarray([loc]), np.asarray([scale]),
+                                       spec, 10)
+    np.testing.assert_allclose(grid[0, width - 30:width], z[:30], rtol=1e-12, equal_nan=True)
+    back = _undo(z[None, 30:], s, np.asarray([loc]), np.asarray([scale]), spec)
+    np.testing.assert_allclose(back[0], y[30:], rtol=1e-12)
+    if scale_on == "differences" or not differences:  # z itself is the standardised series
+        before = z[differences:30]
+        assert abs(before.mean()) < 1e-9 and before.std() == pytest.approx(1.0)
+    else:  # levels standardised, then differenced: a trend's small steps, not unit ones
+        assert z[1:30].std() < 0.5
+    raw = np.diff(y[:30]) if scale_on == "differences" and differences else y[:30]
+    assert (loc, scale) == (pytest.approx(raw.mean()), pytest.approx(raw.std()))
+
+
+def test_features_without_scale_on_read_as_levels() -> None:
+    """Check that a feature spec stored before scale_on existed reads as ``levels`` and
+    forecasts exactly as the spec that names it."""
+    spec = FeatureSpec((1, 2), (2,), 1, (), 1, True)
+    old = {k: v for k, v in spec.to_dict().items() if k != "scale_on"}
+    assert FeatureSpec.from_dict(old) == spec and spec.scale_on == "levels"
+    moved = FeatureSpec.from_dict({**old, "scale_on": "differences"})
+    tails = (100.0 + np.cumsum(np.arange(12.0)))[None, :]
+    loc, scale = np.asarray([30.0]), np.asarray([7.0])
+
+    def predict(feed: dict[str, np.ndarray]) -> np.ndarray:
+        return 0.4 * feed["lag1"] + 0.1
+
+    def run(s: FeatureSpec) -> np.ndarray:
+        return recursive_forecast(predict, tails, loc, scale, s, 5, {}, {}, {})
+
+    np.testing.assert_array_equal(run(FeatureSpec.from_dict(old)), run(spec))
+    assert not np.allclose(run(moved), run(spec))
+
+
+def test_differences_scaled_bundle_forecasts_the_same_with_history(tmp_path: Path) -> None:
+    """Check that a bundle trained with scale_on: differences stores the differences' mean
+    and std, and forecasts the same from its tails, from the history sent with the call, and
+    for a new series sent with that history (its scale computed from it)."""
+    frame = _panel_frame(60, trend=0.8)
+    trainer = _trainer(4)
+    # one global model without segment keys: a new series is served as a known one is
+    trainer["forecast"] = {"n_windows": 2, "methods": [], "own_models": False,
+                           "static_keys": False, "scale_on": "differences"}
+    bundle = _train(tmp_path, frame, trainer)
+    forecaster = bundle.forecaster
+    assert forecaster.spec.scale_on == "differences"
+    for i, (_, part) in enumerate(frame.groupby("store")):
+        steps = np.diff(part.sort_values("week")["sales"].to_numpy())
+        assert forecaster.loc[i] == pytest.approx(steps.mean())
+        assert forecaster.scale[i] == pytest.approx(steps.std())
+    stored = bundle.forecast(4)
+    np.testing.assert_allclose(bundle.forecast(4, history=frame)["forecast"], stored["forecast"],
+                               rtol=1e-9)
+    one = frame[frame["store"] == 1].assign(store=9)
+    new = bundle.forecast(4, keys=[{"store": 9}], history=one)
+    np.testing.assert_allclose(new["forecast"], stored[stored["store"] == "1"]["forecast"],
+                               rtol=1e-9)
+
+
 def test_backtest_windows_and_metrics() -> None:
     """Check the rolling-origin cutoffs and the MASE / sMAPE / WAPE / RMSE definitions."""
     cuts = cutoffs(np.asarray([30, 12]), h=4, windows=3, step=4, min_train=6)

@@ -24,7 +24,14 @@ from manymodels.export import export_model
 from manymodels.forecast.features import series_scales, training_rows
 from manymodels.forecast.learners import fit_pipeline, forecast_with, native_predict
 from manymodels.forecast.panel import build_panel, feature_spec
-from manymodels.runtime.forecast import lag_matrix, onnx_steps, transform
+from manymodels.runtime.forecast import (
+    FeatureSpec,
+    direct_forecast,
+    lag_matrix,
+    loc_scale,
+    onnx_steps,
+    transform,
+)
 from manymodels.runtime.manifest import _parse_model
 from manymodels.runtime.session import load_model
 from manymodels.serve.settings import ServeSettings
@@ -86,6 +93,26 @@ def test_direct_rows_pair_the_origin_features_with_every_step(tourism: pd.DataFr
         np.testing.assert_allclose(rows.columns["rolling_mean_4"][at],
                                    want["rolling_mean_4"].astype(np.float32), rtol=0)
         np.testing.assert_array_equal(rows.target[at], z[origins + step - 1])
+
+
+@pytest.mark.parametrize("scale_on", ["levels", "differences"])
+def test_direct_forecast_undoes_each_scaling(scale_on: str) -> None:
+    """Check that a direct model predicting each step's true transformed value gives back
+    the series' next values, with the levels or the differences standardised."""
+    spec = FeatureSpec((1, 2), (), 1, (), 1, True, strategy="direct", scale_on=scale_on)
+    rng = np.random.default_rng(5)
+    ys = [300.0 + np.cumsum(rng.normal(k + 1.0, 3.0, 24)) for k in range(3)]
+    scales = [loc_scale(y[:16], spec) for y in ys]
+    truth = np.stack([transform(y, spec, *ls)[16:] for y, ls in zip(ys, scales, strict=True)])
+
+    def predict(feed: dict[str, np.ndarray]) -> np.ndarray:
+        assert feed["step"].tolist() == list(range(1, H + 1)) * len(ys)
+        return truth.reshape(-1)
+
+    got = direct_forecast(predict, np.stack([y[:16] for y in ys]),
+                          np.asarray([ls[0] for ls in scales]),
+                          np.asarray([ls[1] for ls in scales]), spec, H, {}, {}, {})
+    np.testing.assert_allclose(got, np.stack([y[16:] for y in ys]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("algorithm", ["lightgbm", "ridge"])

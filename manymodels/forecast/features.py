@@ -18,7 +18,7 @@ from manymodels.runtime.forecast import (
     FeatureSpec,
     calendar_values,
     lag_matrix,
-    scale_of,
+    loc_scale,
     transform,
 )
 
@@ -32,12 +32,13 @@ class SeriesScale:
 
 
 def series_scales(panel: Panel, spec: FeatureSpec, cutoffs: np.ndarray) -> SeriesScale:
-    """Location and scale of each series from its values before its cutoff."""
+    """Location and scale of each series from its values before its cutoff
+    (:func:`~manymodels.runtime.forecast.loc_scale`: of the levels or the differences)."""
     loc = np.zeros(len(panel))
     scale = np.ones(len(panel))
     if spec.scale:
         for i, y in enumerate(panel.y):
-            loc[i], scale[i] = scale_of(y[: cutoffs[i]])
+            loc[i], scale[i] = loc_scale(y[: cutoffs[i]], spec)
     return SeriesScale(loc, scale)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -150,8 +150,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
 
 def _own_spec(spec: FeatureSpec) -> FeatureSpec:
     """Own models see no segment columns: they are constant within a series."""
-    return FeatureSpec(spec.lags, spec.rolling, spec.season_length, spec.calendar,
-                       spec.differences, spec.scale, spec.known_future, (), spec.strategy)
+    return replace(spec, static=())
 
 
 def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.ndarray, h: int

@@ -190,4 +190,4 @@ def feature_spec(trainer: TrainerSpec, panel: Panel, static: list[str]) -> Featu
         raise SpecError(f"known_future column(s) {clash} clash with feature names; rename them")
     return FeatureSpec(tuple(lags), tuple(rolling), m, default_calendar(panel.freq, m),
                        fc.differences, fc.scale, tuple(fc.known_future), tuple(static),
-                       fc.strategy)
+                       fc.strategy, fc.scale_on)

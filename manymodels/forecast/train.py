@@ -16,7 +16,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,9 +366,7 @@ class _Final:
     def _spec_for(self, method: LagMethod) -> FeatureSpec:
         if not method.own:
             return self.spec
-        s = self.spec
-        return FeatureSpec(s.lags, s.rolling, s.season_length, s.calendar, s.differences,
-                           s.scale, s.known_future, (), s.strategy)
+        return replace(self.spec, static=())
 
     def _export_one(self, method: LagMethod, spec: FeatureSpec, group: list[int],
                     key: Sequence[str]) -> str:

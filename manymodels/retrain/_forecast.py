@@ -366,7 +366,9 @@ def merge_forecast(plan: ForecastPlan, champion: Bundle, challenger_dir: Path | 
     if taken and challenger_dir is not None:
         new_raw = json.loads((challenger_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
         new_section = new_raw["forecast"]
-        if new_section["features"] != section["features"]:
+        # parsed: a field added since reads as its default in an older champion
+        if (FeatureSpec.from_dict(new_section["features"])
+                != FeatureSpec.from_dict(section["features"])):
             raise SpecError("the refitted models use other features than the champion's "
                             "(a spec or data change): retrain every series (--all)")
         new_models = new_raw["models"]

@@ -28,24 +28,10 @@ log = logging.getLogger("manymodels.runtime")
 #: A lag model's whole recursion: ``(window, extra, h)`` to the (n, h) float32 steps.
 Whole = Callable[[np.ndarray, "np.ndarray | None", int], np.ndarray]
 
-__all__ = [
-    "BUILTINS",
-    "FeatureSpec",
-    "Member",
-    "SeriesState",
-    "builtin_forecast",
-    "calendar_rows",
-    "calendar_values",
-    "direct_forecast",
-    "forecast_steps",
-    "future_periods",
-    "future_times",
-    "OnnxSteps",
-    "lag_matrix",
-    "onnx_predict",
-    "onnx_steps",
-    "recursive_forecast",
-]
+__all__ = ["BUILTINS", "FeatureSpec", "Member", "OnnxSteps", "SeriesState", "builtin_forecast",
+           "calendar_rows", "calendar_values", "direct_forecast", "forecast_steps",
+           "future_periods", "future_times", "lag_matrix", "loc_scale", "onnx_predict",
+           "onnx_steps", "recursive_forecast"]
 
 #: Methods without fitted parameters, computed from a series' tail.
 BUILTINS = ("naive", "seasonal_naive")
@@ -73,10 +59,18 @@ class FeatureSpec:
     #: ``recursive``: one step ahead, fed back; ``direct``: every step from the origin's
     #: features, the step number (1..horizon) a feature of its own.
     strategy: str = "recursive"
+    #: What ``scale`` standardises: ``levels`` (the values, then differenced) or
+    #: ``differences`` (the differenced values); the same without differences.
+    scale_on: str = "levels"
 
     @property
     def direct(self) -> bool:
         return self.strategy == "direct"
+
+    @property
+    def scales_differences(self) -> bool:
+        """Standardise after differencing (``scale_on: differences`` with differences)."""
+        return self.scale and self.differences > 0 and self.scale_on == "differences"
 
     @property
     def window(self) -> int:
@@ -98,7 +92,7 @@ class FeatureSpec:
                 "season_length": self.season_length, "calendar": list(self.calendar),
                 "differences": self.differences, "scale": self.scale,
                 "known_future": list(self.known_future), "static": list(self.static),
-                "strategy": self.strategy}
+                "strategy": self.strategy, "scale_on": self.scale_on}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FeatureSpec:
@@ -107,7 +101,8 @@ class FeatureSpec:
                    int(raw["differences"]), bool(raw["scale"]),
                    tuple(str(c) for c in raw.get("known_future", ())),
                    tuple(str(c) for c in raw.get("static", ())),
-                   str(raw.get("strategy", "recursive")))
+                   str(raw.get("strategy", "recursive")),
+                   str(raw.get("scale_on", "levels")))
 
 
 def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
@@ -170,7 +165,7 @@ def calendar_rows(lasts: Sequence[Any], freq: str, h: int, names: Sequence[str],
 # -- transforms --------------------------------------------------------------------------
 
 def scale_of(y: np.ndarray) -> tuple[float, float]:
-    """Per-series location and scale (the scaler is skipped for constant series)."""
+    """Location and scale of some values (the scaler is skipped for constant ones)."""
     finite = y[np.isfinite(y)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -178,12 +173,28 @@ def scale_of(y: np.ndarray) -> tuple[float, float]:
     return loc, spread if spread > 1e-12 else 1.0
 
 
+def loc_scale(y: np.ndarray, spec: FeatureSpec) -> tuple[float, float]:
+    """Location and scale of one series from its raw values ``y`` (those before its cutoff)
+    as ``spec`` standardises it: ``(0, 1)`` unscaled, else :func:`scale_of` of the levels or,
+    with ``scale_on: differences``, of the differenced values."""
+    if not spec.scale:
+        return 0.0, 1.0
+    if not spec.scales_differences:
+        return scale_of(y)
+    d = np.asarray(y, dtype=np.float64)
+    for _ in range(spec.differences):
+        d = np.diff(d)
+    return scale_of(d)
+
+
 def transform(y: np.ndarray, spec: FeatureSpec, loc: float, scale: float) -> np.ndarray:
-    """Raw values to the series the models learn (scaled, then differenced)."""
-    s = (y - loc) / scale if spec.scale else y.astype(np.float64)
+    """Raw values to the series the models learn: scaled, then differenced, or with
+    ``scale_on: differences`` differenced, then scaled."""
+    after = spec.scales_differences
+    s = (y - loc) / scale if spec.scale and not after else y.astype(np.float64)
     for _ in range(spec.differences):
         s = np.concatenate([[np.nan], np.diff(s)])
-    return s
+    return (s - loc) / scale if after else s
 
 
 def lag_matrix(z: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -417,13 +428,18 @@ def direct_forecast(predict: Predict | OnnxSteps, tails: np.ndarray, loc: np.nda
 
 def _transformed_grid(tails: np.ndarray, loc: np.ndarray, scale: np.ndarray, spec: FeatureSpec,
                       h: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The transformed tails with room for ``h`` steps (series × time), the scaled tails,
-    and the first future column; padded on the left to a full window of NaN."""
+    """The transformed tails with room for ``h`` steps (series × time), the tails before
+    differencing (scaled on levels, raw on differences), and the first future column;
+    padded on the left to a full window of NaN."""
     n = tails.shape[0]
-    s = (tails - loc[:, None]) / scale[:, None] if spec.scale else tails.astype(np.float64)
+    after = spec.scales_differences
+    s = ((tails - loc[:, None]) / scale[:, None] if spec.scale and not after
+         else tails.astype(np.float64))
     z = s
     for _ in range(spec.differences):
         z = np.concatenate([np.full((n, 1), np.nan), np.diff(z, axis=1)], axis=1)
+    if after:
+        z = (z - loc[:, None]) / scale[:, None]
     pad = max(spec.window - z.shape[1], 0)  # a lag before the first column is missing
     width = z.shape[1] + pad
     grid = np.empty((n, width + h))
@@ -434,7 +450,11 @@ def _transformed_grid(tails: np.ndarray, loc: np.ndarray, scale: np.ndarray, spe
 
 def _undo(z_hat: np.ndarray, s: np.ndarray, loc: np.ndarray, scale: np.ndarray,
           spec: FeatureSpec) -> np.ndarray:
-    """Transformed forecasts (n, h) back to the series' units."""
+    """Transformed forecasts (n, h) back to the series' units (``s`` as
+    :func:`_transformed_grid` gives it)."""
+    if spec.scales_differences:
+        return _last_finite(s)[:, None] + np.cumsum(z_hat * scale[:, None] + loc[:, None],
+                                                    axis=1)
     if spec.differences:
         s_hat = _last_finite(s)[:, None] + np.cumsum(z_hat, axis=1)
     else:

@@ -23,8 +23,8 @@ from .forecast import (
     forecast_steps,
     future_periods,
     future_times,
+    loc_scale,
     onnx_steps,
-    scale_of,
 )
 from .forecast_inputs import (
     _after,
@@ -326,7 +326,7 @@ class Forecaster:
             else:
                 joined = y
                 if rows[r] < 0:
-                    loc[r], scale[r] = scale_of(y) if self.spec.scale else (0.0, 1.0)
+                    loc[r], scale[r] = loc_scale(y, self.spec)
             tail = joined[-width:]
             tails[r] = np.nan
             tails[r, width - len(tail):] = tail
