@@ -329,6 +329,16 @@ def _regression_parity(native: np.ndarray, outputs: list[Any], tolerance: float,
     return diff
 
 
+def _check_frame(check_frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    """The parity check needs at least one row holding every input column."""
+    if len(check_frame) == 0:
+        raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
+                          "one row of training data as check_frame")
+    missing = [c for c in columns if c not in check_frame.columns]
+    if missing:
+        raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
+
+
 def _inputs(model: onnx.ModelProto) -> list[dict[str, str]]:
     result = []
     for item in model.graph.input:
@@ -388,12 +398,7 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
     started = time.perf_counter()
     path = Path(path)
     classifier = _is_classifier(task, name)
-    if len(check_frame) == 0:
-        raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
-                          "one row of training data as check_frame")
-    missing = [c for c in numeric + categorical if c not in check_frame.columns]
-    if missing:
-        raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
+    _check_frame(check_frame, numeric + categorical, name)
     ensure_registered()
     algorithm = type(pipeline.steps[-1][1]).__name__
     feed = _feed(check_frame, numeric, categorical)
@@ -458,12 +463,7 @@ def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, interce
     """
     started = time.perf_counter()
     path = Path(path)
-    if len(check_frame) == 0:
-        raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
-                          "one row of training data as check_frame")
-    missing = [c for c in numeric if c not in check_frame.columns]
-    if missing:
-        raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
+    _check_frame(check_frame, numeric, name)
     model = linear_graph(numeric, mean, scale, coef, intercept)
     inputs = _inputs(model)
     _stamp(model, name, inputs, metadata, algorithm, "regression")

@@ -7,7 +7,7 @@ LightGBM), so they export to ONNX like every other model; only the rows differ.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,11 @@ class LagMethod:
     @property
     def own(self) -> bool:
         return self.level == 0
+
+    def features(self, spec: FeatureSpec) -> FeatureSpec:
+        """The panel's feature spec as this method sees it: an own model sees no segment
+        columns (they are constant within a series)."""
+        return replace(spec, static=()) if self.own else spec
 
 
 def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -119,7 +119,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
     out = np.full((len(members), h), np.nan)
     where = {i: r for r, i in enumerate(members)}
     fitted: dict[Any, Any] = {}
-    own_spec = _own_spec(spec) if method.own else spec
+    own_spec = method.features(spec)
     if method.own:
         pipes, served = [], []
         for i in members:
@@ -146,11 +146,6 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
         for r, i in enumerate(group):
             out[where[i]] = values[r]
     return out, fitted
-
-
-def _own_spec(spec: FeatureSpec) -> FeatureSpec:
-    """Own models see no segment columns: they are constant within a series."""
-    return replace(spec, static=())
 
 
 def stat_forecasts(panel: Panel, method: str, members: Sequence[int], cut: np.ndarray, h: int

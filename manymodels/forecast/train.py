@@ -16,7 +16,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +350,7 @@ class _Final:
 
     def _export_method(self, method: LagMethod, series: list[int]) -> dict[int, str]:
         """Fit and export ``method`` for the series using it; their model names."""
-        spec = self._spec_for(method)
+        spec = method.features(self.spec)
         if method.own:
             return {i: self._export_one(method, spec, [i], self.panel.key_texts[i])
                     for i in series}
@@ -362,11 +362,6 @@ class _Final:
                 name = self._export_one(method, spec, group, key)
                 out.update({i: name for i in group})
         return out
-
-    def _spec_for(self, method: LagMethod) -> FeatureSpec:
-        if not method.own:
-            return self.spec
-        return replace(self.spec, static=())
 
     def _export_one(self, method: LagMethod, spec: FeatureSpec, group: list[int],
                     key: Sequence[str]) -> str:
