@@ -322,7 +322,8 @@ def _export_best(ranked: list[_Scored], job: FitJob, ctx: FitContext, result: Fi
                     pipe, name=job.name, numeric=job.features.numeric,
                     categorical=job.features.categorical, task=trainer.task,
                     check_frame=holdout_x, metadata=metadata,
-                    tolerance=trainer.parity_tolerance, path=Path(tmp) / f"{job.name}.onnx")
+                    tolerance=trainer.parity_tolerance, path=Path(tmp) / f"{job.name}.onnx",
+                    sync=False)  # a temp file, read back at once
             except ExportError as exc:
                 result.export_notes.append(f"{scored.candidate.label}: {exc}")
                 continue

@@ -5,8 +5,10 @@ JSON encoder of manifests, and the CSV delimiter sniffer (here, not in
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +22,10 @@ from manymodels.errors import SpecError
 from manymodels.runtime.manifest import MANIFEST_FILE
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "finish_run_dir", "json_ready", "link_or_copy",
-           "manifest_json", "swap_directory_into_place"]
+           "manifest_json", "swap_directory_into_place", "sync_tree"]
+
+#: The C library, for ``syncfs`` (:func:`sync_tree`); Linux only.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 _MANIFEST_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -43,8 +48,13 @@ def manifest_json(value: Any) -> bytes:
     return orjson.dumps(value, default=_json_default, option=_MANIFEST_OPTIONS)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None,
+                       sync: bool = True) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over.
+
+    ``sync=False`` leaves the flush to whoever renames the directory into place: a file
+    written into a run's private staging directory is flushed with all the others by
+    :func:`finish_run_dir`, in one call instead of one per file.
 
     The temp file is created with a fresh name rather than :func:`tempfile.mkstemp`, whose
     0600 mode would survive the rename and hide the file from other users (a server
@@ -60,8 +70,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)  # the umask cannot widen or narrow it
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -77,8 +88,10 @@ def finish_run_dir(staging: Path, final_dir: Path, manifest: Any, report: Any,
     """Write a staged run's specs, report and manifest, then rename it into place.
 
     Every run directory (regression, classification, forecasting) ends this way. Plain
-    writes suffice: the directory is private until the rename; with ``overwrite`` the
-    old run is moved aside first and deleted only once the new one is in place.
+    writes suffice: the directory is private until the rename, and everything in it is
+    flushed to disk (:func:`sync_tree`) before the rename, which is then flushed too;
+    with ``overwrite`` the old run is moved aside first and deleted only once the new
+    one is in place.
     ``specs`` maps a name (``segmenter``, ``trainer``) to its pydantic spec and
     ``report`` is a DataFrame.
     """
@@ -91,7 +104,44 @@ def finish_run_dir(staging: Path, final_dir: Path, manifest: Any, report: Any,
     if final_dir.exists() and not overwrite:
         raise SpecError(f"run directory {final_dir} already exists; choose another "
                         f"run id or pass overwrite")
+    sync_tree(staging)
     swap_directory_into_place(staging, final_dir)
+    _fsync_directory(final_dir.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk before it is renamed into place.
+
+    On Linux one ``syncfs`` flushes the file system ``root`` is on (a run's hundreds of
+    model files in one call); elsewhere each file is fsynced.
+    """
+    if _LIBC is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if _LIBC.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def swap_directory_into_place(tmp: Path, out: Path) -> None:

@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from manymodels.io import atomic_write_bytes, link_or_copy, manifest_json, swap_directory_into_place
+import manymodels.io as mio
+from manymodels.io import (
+    atomic_write_bytes,
+    link_or_copy,
+    manifest_json,
+    swap_directory_into_place,
+    sync_tree,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -92,3 +99,32 @@ def test_link_or_copy_links_on_one_file_system_and_copies_across(tmp_path: Path)
         assert copied.read_bytes() == b"model bytes"
         assert os.stat(copied).st_ino != os.stat(src).st_ino or \
             os.stat(copied).st_dev != os.stat(src).st_dev
+
+
+def test_sync_tree_flushes_every_file_where_there_is_no_syncfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check that without ``syncfs`` every file under the tree, nested ones too, is fsynced
+    (the files of a staging directory written with ``sync=False``)."""
+    files = {tmp_path / "manifest.json", tmp_path / "models" / "a.onnx",
+             tmp_path / "models" / "deep" / "b.onnx"}
+    for path in files:
+        atomic_write_bytes(path, b"x", sync=False)
+    seen: list[Path] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(mio, "_LIBC", None)
+    monkeypatch.setattr(mio.os, "fsync", spy)
+    sync_tree(tmp_path)
+    assert set(seen) == files and len(seen) == len(files)
+
+
+def test_sync_tree_with_syncfs_keeps_the_files(tmp_path: Path) -> None:
+    """Check that the one-call flush returns and leaves the tree as written."""
+    atomic_write_bytes(tmp_path / "models" / "a.onnx", b"abc", sync=False)
+    sync_tree(tmp_path)
+    assert (tmp_path / "models" / "a.onnx").read_bytes() == b"abc"
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -365,7 +365,7 @@ def _stamp(model: onnx.ModelProto, name: str, inputs: list[dict[str, str]],
 
 def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: list[str],
                  task: str, check_frame: pd.DataFrame, metadata: Mapping[str, str],
-                 tolerance: float, path: Path) -> ExportedModel:
+                 tolerance: float, path: Path, sync: bool = True) -> ExportedModel:
     """Convert a fitted pipeline to ONNX, check parity, stamp metadata, write atomically.
 
     Parameters
@@ -388,6 +388,9 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
         ``tolerance * max(1, std(native predictions))``, probabilities by ``tolerance``.
     path
         Destination file, written through a temp file in the same directory.
+    sync
+        Flush the file to disk (``False`` into a staging directory flushed as a whole,
+        see :func:`manymodels.io.atomic_write_bytes`).
 
     Raises
     ------
@@ -440,7 +443,7 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
         output = {"kind": "classification", "classes": [_json_label(c) for c in classes]}
     accepts = _accepts_missing(pipeline, ran[1] if probe is not None else None, probe,
                                numeric, categorical, classifier, tolerance, name)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, sync=sync)
     return ExportedModel(
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output=output, parity=parity,
@@ -451,7 +454,7 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
 def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, *,
                   name: str, numeric: list[str], check_frame: pd.DataFrame,
                   metadata: Mapping[str, str], tolerance: float, path: Path,
-                  algorithm: str = "Ridge") -> ExportedModel:
+                  algorithm: str = "Ridge", sync: bool = True) -> ExportedModel:
     """A standardised linear regression (``((x - mean) / scale) @ coef + intercept``)
     from its solved numbers to ONNX: the graph :func:`export_model` writes for a
     ``StandardScaler`` + linear pipeline, checked against the same numbers in float64
@@ -468,11 +471,14 @@ def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, interce
     inputs = _inputs(model)
     _stamp(model, name, inputs, metadata, algorithm, "regression")
     data = model.SerializeToString()
-    x = _native_frame(check_frame, numeric, []).to_numpy(dtype=np.float64)
+    feed = _feed(check_frame, numeric, [])
+    # the check rows as served (through float32), as _native_frame gives them
+    x = np.column_stack([feed[c][:, 0] for c in numeric]).astype(np.float64) if numeric \
+        else np.zeros((len(check_frame), 0))
     native = ((x - mean) / scale) @ np.asarray(coef, dtype=np.float64) + intercept
-    outputs = _run_onnx(data, [_feed(check_frame, numeric, [])], name)[0]
+    outputs = _run_onnx(data, [feed], name)[0]
     parity = _regression_parity(native, outputs, tolerance, name, algorithm)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, sync=sync)
     return ExportedModel(
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output={"kind": "regression"}, parity=parity,

@@ -9,13 +9,11 @@ features, each series' route (methods and weights) and tail.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
-import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ from manymodels.candidates import Candidate, build_candidates
 from manymodels.data import read_table
 from manymodels.engine import background, default_jobs
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
-from manymodels.export import export_linear, export_model
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import Choice, choose, chosen_forecasts, metric_summary
 from manymodels.forecast.evidence import (
@@ -38,7 +35,6 @@ from manymodels.forecast.evidence import (
     history_periods,
     history_table,
 )
-from manymodels.forecast.features import SeriesScale, series_scales, training_rows
 from manymodels.forecast.hierarchy import (
     Levels,
     add_aggregates,
@@ -52,36 +48,29 @@ from manymodels.forecast.hierarchy import (
 from manymodels.forecast.intervals import calibrate
 from manymodels.forecast.learners import (
     LagMethod,
-    fit_pipeline,
-    forecast_with,
-    native_predict,
-    own_linear_predict,
-    solve_own_linear,
 )
 from manymodels.forecast.methods import (
     Backtests,
     MethodSet,
     fit_final_stats,
-    groups_of,
     lag_methods,
     run_backtests,
 )
 from manymodels.forecast.panel import Panel, build_panel, feature_spec
 from manymodels.forecast.stats import FittedStat
 from manymodels.forecast.summary import run_report, run_summary
-from manymodels.io import atomic_write_bytes, finish_run_dir
+from manymodels.forecast.writer import ModelWriter, Unexportable, model_name
+from manymodels.io import finish_run_dir
 from manymodels.results import TrainResult
-from manymodels.runtime.forecast import BUILTINS, FeatureSpec, Predict, onnx_steps
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec
 from manymodels.runtime.intervals import is_nonnegative
-from manymodels.runtime.manifest import SCHEMA_VERSION, ModelEntry, _parse_model
-from manymodels.runtime.session import load_model, make_session_options
+from manymodels.runtime.manifest import SCHEMA_VERSION
 from manymodels.specs import (
     CandidateSpec,
     SegmenterSpec,
     TrainerSpec,
     load_segmenter,
     load_trainer,
-    spec_hash,
 )
 
 __all__ = ["DEFAULT_CANDIDATES", "TRACKED_METRICS", "ForecastResult", "train_forecast"]
@@ -101,20 +90,6 @@ TRACKED_METRICS = ("mase", "smape")
 @dataclass
 class ForecastResult(TrainResult):
     """Where the run went, and each series' choice (a run like any other to the tracker)."""
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9=._-]+", "_", text)
-
-
-def _model_name(target: str, method: LagMethod, key: Sequence[str], key_columns: Sequence[str]
-                ) -> str:
-    algo = _safe(method.candidate.label)
-    if not method.columns:
-        return f"{target}__global__{algo}"
-    cols = key_columns if method.own else method.columns
-    return f"{target}__" + "__".join(f"{c}={_safe(v)}" for c, v in zip(cols, key, strict=True)) \
-        + f"__{algo}"
 
 
 def _static_columns(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: TrainerSpec
@@ -196,10 +171,11 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
             try:
                 routes, fallback = final.export(choices, methods, backtests, errors, excluded)
                 break
-            except _Unexportable as exc:
-                if (exc.label, exc.series) in excluded:
-                    raise ExportError(exc.reason) from exc
-                excluded[(exc.label, exc.series)] = exc.reason
+            except Unexportable as exc:
+                again = {(exc.label, i): why for i, why in exc.reasons.items()}
+                if excluded.keys() & again.keys():
+                    raise ExportError(str(exc)) from exc
+                excluded.update(again)
         report = run_report(panel, choices, backtests.labels, errors)
         summary = run_summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
@@ -238,14 +214,6 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
     return ForecastResult(run_id, run_dir, report, summary)
 
 
-class _Unexportable(Exception):
-    """A method (for one series, or for all) failed to export; its series choose again."""
-
-    def __init__(self, label: str, series: int | None, reason: str) -> None:
-        super().__init__(reason)
-        self.label, self.series, self.reason = label, series, reason
-
-
 class _Final:
     """Refits the chosen lag models on every period and exports them, checked over ``h``."""
 
@@ -253,9 +221,7 @@ class _Final:
                  segmenter: SegmenterSpec, staging: Path, run_id: str, jobs: int = 1) -> None:
         self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
         self.staging, self.run_id = staging, run_id
-        self.cut = np.asarray([len(y) for y in panel.y])
-        self.scales: SeriesScale = series_scales(panel, spec, self.cut)
-        self.models: dict[str, dict[str, Any]] = {}
+        self.writer = ModelWriter(panel, spec, trainer, segmenter, staging, run_id)
         #: Exported statistical models by (method, series), fitted once when first chosen.
         self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
         self.jobs = jobs
@@ -289,9 +255,9 @@ class _Final:
                 if method is None:
                     continue
                 try:
-                    placed = self._export_method(method, series)
+                    placed = self.writer.lag(method, series)
                 except ExportError as exc:
-                    raise _Unexportable(label, None, str(exc)) from exc
+                    raise Unexportable(label, {None: str(exc)}) from exc
                 files.update({(label, i): name for i, name in placed.items()})
                 if label == fallback_label:
                     fallback_model = self._global_name(method)
@@ -300,11 +266,14 @@ class _Final:
             self.stat_fits.update(fitting.result())
         started = time.perf_counter()
         for label in methods.stats:
+            failed: dict[int | None, str] = {}
             for i in users.get(label, []):
                 try:
-                    files[(label, i)] = self._export_stat(label, i, self.stat_fits[(label, i)])
+                    files[(label, i)] = self.writer.stat(label, i, self.stat_fits[(label, i)])
                 except ManyModelsError as exc:
-                    raise _Unexportable(label, i, str(exc)) from exc
+                    failed[i] = str(exc)
+            if failed:
+                raise Unexportable(label, failed)
         self.export_seconds += time.perf_counter() - started
         routes = []
         for i, choice in enumerate(choices):
@@ -346,131 +315,7 @@ class _Final:
         return label
 
     def _global_name(self, method: LagMethod) -> str:
-        return _model_name(self.trainer.target, method, (), self.panel.key_columns)
-
-    def _export_method(self, method: LagMethod, series: list[int]) -> dict[int, str]:
-        """Fit and export ``method`` for the series using it; their model names."""
-        spec = method.features(self.spec)
-        if method.own:
-            return {i: self._export_one(method, spec, [i], self.panel.key_texts[i])
-                    for i in series}
-        out: dict[int, str] = {}
-        groups = groups_of(self.panel, method, range(len(self.panel)))
-        wanted = set(series)
-        for key, group in groups.items():
-            if not method.columns or wanted.intersection(group):
-                name = self._export_one(method, spec, group, key)
-                out.update({i: name for i in group})
-        return out
-
-    def _export_one(self, method: LagMethod, spec: FeatureSpec, group: list[int],
-                    key: Sequence[str]) -> str:
-        name = _model_name(self.trainer.target, method, key, self.panel.key_columns)
-        if name in self.models:
-            return name
-        rows = training_rows(self.panel, spec, group, self.cut, self.scales,
-                             int(self.trainer.horizon or 1))
-        if len(rows.target) < len(spec.numeric_names()) + 2:
-            raise ExportError(f"model '{name}': too few periods to fit its lag features")
-        numeric = spec.numeric_names()
-        categorical = [c for c in self.panel.key_columns if c in spec.static]
-        path = self.staging / "models" / f"{name}.onnx"
-        check = rows.frame.iloc[-min(len(rows.target), 256):]
-        metadata = {"manymodels_run_id": self.run_id, "method": method.label,
-                    "trainer_hash": spec_hash(self.trainer),
-                    "segmenter_hash": spec_hash(self.segmenter)}
-        native: Predict
-        if method.own:
-            # the closed form the backtests scored, written as its graph directly
-            fit = solve_own_linear(rows, method.candidate, spec)
-            exported = export_linear(fit.mean, fit.scale, fit.coef, fit.intercept, name=name,
-                                     numeric=numeric, check_frame=check, metadata=metadata,
-                                     tolerance=self.trainer.parity_tolerance, path=path)
-            native = own_linear_predict([fit.folded()], spec)
-        else:
-            pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
-            exported = export_model(
-                pipeline, name=name, numeric=numeric, categorical=categorical,
-                task="regression", check_frame=check, tolerance=self.trainer.parity_tolerance,
-                path=path, metadata=metadata)
-            native = native_predict(pipeline)
-        level_key = dict(zip(self.panel.key_columns if method.own else method.columns, key,
-                             strict=True))
-        entry: dict[str, Any] = {
-            "file": f"models/{name}.onnx", "sha256": exported.sha256, "bytes": exported.bytes,
-            "level": method.level, "key": level_key, "algorithm": method.candidate.algorithm,
-            "candidate": method.candidate.label, "inputs": exported.inputs,
-            "output": exported.output, "rows": int(len(rows.target)),
-            "metrics": {"parity_max_abs_diff": exported.parity},
-            "forecast": {"method": method.label, "series": len(group)},
-            "tags": {"algorithm": method.candidate.algorithm, "method": method.label,
-                     "level": str(method.level), **{f"key.{k}": v for k, v in level_key.items()}},
-        }
-        entry["metrics"]["horizon_parity_max_abs_diff"] = self._horizon_parity(
-            native, path, _parse_model(name, entry), spec, group, name)
-        self.models[name] = entry
-        return name
-
-    def _export_stat(self, method: str, i: int, fitted: FittedStat | None) -> str:
-        """Write series ``i``'s ``method``, estimated on every period, as its graph."""
-        key = self.panel.key_texts[i]
-        name = (f"{self.trainer.target}__"
-                + "__".join(f"{c}={_safe(v)}" for c, v in zip(self.panel.key_columns, key,
-                                                              strict=True)) + f"__{method}")
-        y = self.panel.y[i]
-        if fitted is None:
-            raise ExportError(f"{method} could not be fitted to series {key}")
-        data = fitted.to_onnx()
-        path = self.staging / "models" / f"{name}.onnx"
-        atomic_write_bytes(path, data)
-        h = int(self.trainer.horizon or 1)
-        entry: dict[str, Any] = {
-            "file": f"models/{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "level": 0,
-            "key": dict(zip(self.panel.key_columns, key, strict=True)),
-            "algorithm": method, "candidate": method,
-            "inputs": [{"name": "step", "dtype": "int64"}], "output": {"kind": "regression"},
-            "rows": len(y), "metrics": {},
-            "forecast": {"method": method, "form": fitted.fitted_form,
-                         "fallback": fitted.fallback, "series": 1},
-            "tags": {"algorithm": method, "method": method, "level": "0",
-                     **{f"key.{c}": v for c, v in zip(self.panel.key_columns, key, strict=True)}},
-        }
-        loaded = load_model(_parse_model(name, entry), path, make_session_options())
-        steps = np.arange(1, h + 1, dtype=np.int64)
-        served = np.asarray(loaded.outputs({"step": steps})[0], dtype=np.float64).ravel()
-        worst = float(np.max(np.abs(served - fitted.forecast(h)))) / max(1.0, float(np.std(y)))
-        if not np.isfinite(worst) or worst > self.trainer.parity_tolerance:
-            raise ExportError(f"model '{name}': its ONNX graph and statsforecast differ by "
-                              f"{worst:.3g} over {h} steps")
-        entry["metrics"]["horizon_parity_max_abs_diff"] = worst
-        self.models[name] = entry
-        return name
-
-    def _horizon_parity(self, native_model: Predict, path: Path, entry: ModelEntry,
-                        spec: FeatureSpec, group: list[int], name: str) -> float:
-        """Native and ONNX recursions over the whole horizon, on up to 64 of the series."""
-        need = spec.window + spec.differences
-        sample = [i for i in group if len(self.panel.y[i]) >= need][:64]
-        if not sample:
-            return 0.0
-        h = int(self.trainer.horizon or 1)
-        loaded = load_model(entry, path, make_session_options())
-        # known-future covariates exist only in the past: check from h periods back
-        cut = self.cut - h if spec.known_future else self.cut
-        sample = [i for i in sample if cut[i] >= need]
-        native = forecast_with(native_model, self.panel, spec, sample, cut,
-                               self.scales, h)
-        onnx = forecast_with(onnx_steps(loaded), self.panel, spec, sample, cut,
-                             self.scales, h)
-        spread = np.asarray([max(1.0, float(np.std(self.panel.y[i]))) for i in sample])
-        diff = np.abs(native - onnx) / spread[:, None]
-        worst = float(np.nanmax(diff)) if diff.size else 0.0
-        if not np.isfinite(worst) or worst > self.trainer.parity_tolerance:
-            raise ExportError(f"model '{name}': ONNX and native forecasts differ by {worst:.3g} "
-                              f"(relative to the series' spread) over {h} steps, over "
-                              f"parity_tolerance={self.trainer.parity_tolerance}")
-        return worst
+        return model_name(self.trainer.target, method, (), self.panel.key_columns)
 
     def manifest(self, routes: list[dict[str, Any]], fallback: list[dict[str, Any]],
                  summary: dict[str, Any], environment: dict[str, Any],
@@ -486,7 +331,7 @@ class _Final:
             # the period each series' route was fitted up to (update moves "last" only):
             # retrain's max_age counts from here
             "fitted": [_plain_time(t[-1]) for t in panel.times],
-            "loc": self.scales.loc.tolist(), "scale": self.scales.scale.tolist(),
+            "loc": self.writer.scales.loc.tolist(), "scale": self.writer.scales.scale.tolist(),
             "tail": [y[-length:].tolist() for y in panel.y],
             # no value below zero: the runtime clips forecasts and lower bounds at 0
             "nonnegative": [is_nonnegative(y) for y in panel.y],
@@ -500,7 +345,7 @@ class _Final:
             "run_id": self.run_id, "target": self.trainer.target, "task": "forecast",
             "segment_columns": list(panel.key_columns),
             "levels": [list(lv) for lv in self.segmenter.resolved_levels],
-            "routes": [], "models": {k: v for k, v in self.models.items() if k in used},
+            "routes": [], "models": {k: v for k, v in self.writer.models.items() if k in used},
             "failed": [],
             "data_window": {"column": panel.time_column, "min": _plain_time(times.min()),
                             "max": _plain_time(times.max())},
