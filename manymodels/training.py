@@ -21,7 +21,7 @@ import pandas as pd
 
 from manymodels._version import __version__
 from manymodels.candidates import build_candidates
-from manymodels.engine import check_parallelism, default_jobs
+from manymodels.engine import check_parallelism, default_jobs, start_workers
 from manymodels.errors import SpecError, TrainingError
 from manymodels.fit import FitContext, FitJob
 from manymodels.gate import compared_metric, decide_routes, evaluate_segments, summarise_run
@@ -37,6 +37,7 @@ from manymodels.rundir import (
     training_environment,
     write_run,
 )
+from manymodels.runtime.forecast import BUILTINS
 from manymodels.segment import Segmentation, model_name
 from manymodels.selection import choose_level
 from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer, spec_hash
@@ -112,6 +113,7 @@ def train(data: str | os.PathLike[str] | pd.DataFrame | PreparedData,
     if not isinstance(data, PreparedData):
         tr_forecast = load_trainer(trainer)
         if tr_forecast.task == "forecast":  # its own stages: lags, backtests, per-series choice
+            _start_stat_workers(tr_forecast, jobs)
             # export and statsforecast: only a forecasting run pays for them (retrain's
             # planning imports this module and must not import a training library)
             from manymodels.forecast.train import train_forecast
@@ -209,3 +211,14 @@ def _conclude(results: dict[str, FitResult], fit_jobs: list[FitJob], prepared: P
     return TrainResult(run_id, run_dir, report, summary, results,
                        {seg.name: ev.routed for seg, ev in pairs if ev.routed is not None},
                        {seg.name: ev.predictions for seg, ev in pairs if ev.predictions})
+
+
+def _start_stat_workers(trainer: TrainerSpec, jobs: int | None) -> None:
+    """Start the worker processes that fit the statistical methods now, importing
+    statsforecast while this process imports the forecasting stack (they are reused by
+    the backtests)."""
+    if not set(trainer.forecast.methods) - set(BUILTINS):
+        return
+    from manymodels.forecast.methods import warm_worker  # statsforecast loads in the worker
+
+    start_workers(jobs or default_jobs(), "loky", warm_worker)

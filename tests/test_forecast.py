@@ -438,3 +438,16 @@ def test_day_first_text_dates_with_date_format(tmp_path: Path) -> None:
     table = _train(tmp_path, frame, spec).forecast(3)
     # as text, "01/12/2025" would sort before "02/01/2023"; as dates the next month follows
     assert pd.Timestamp(table["week"].iloc[0]) == last + pd.offsets.MonthBegin(1)
+
+
+def test_a_warmed_worker_has_statsforecast_loaded() -> None:
+    """Check that the backtests' module loads statsforecast only when asked, and that the
+    warm-up run in each statistical worker (training.py starts them early) loads it."""
+    code = ("import sys\n"
+            "from manymodels.forecast.methods import warm_worker\n"
+            "assert 'statsforecast.models' not in sys.modules, 'loaded on import'\n"
+            "warm_worker()\n"
+            "assert 'statsforecast.models' in sys.modules, 'not loaded by the warm-up'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-500:]

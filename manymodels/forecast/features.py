@@ -36,9 +36,8 @@ def series_scales(panel: Panel, spec: FeatureSpec, cutoffs: np.ndarray) -> Serie
     (:func:`~manymodels.runtime.forecast.loc_scale`: of the levels or the differences)."""
     loc = np.zeros(len(panel))
     scale = np.ones(len(panel))
-    if spec.scale:
-        for i, y in enumerate(panel.y):
-            loc[i], scale[i] = loc_scale(y[: cutoffs[i]], spec)
+    for i, y in enumerate(panel.y):
+        loc[i], scale[i] = loc_scale(y[: cutoffs[i]], spec)
     return SeriesScale(loc, scale)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "backtest_stat",
     "fit_stat",
     "fit_stats_panel",
+    "preload",
     "refit_form",
 ]
 
@@ -49,6 +50,11 @@ FORWARD_KEEPS_PARAMETERS = frozenset({"ets", "theta"})
 # Smallest series each method accepts at all: statsforecast refuses ETS on 6 points or
 # fewer and Theta on 3 or fewer ("tiny datasets").
 _MIN_LENGTH = {"seasonal_naive": 1, "naive": 1, "drift": 1, "ets": 7, "theta": 4, "croston": 1}
+
+
+def preload() -> None:
+    """Import statsforecast now rather than at the first fit (a worker warming up)."""
+    _sf_models()
 
 
 def _sf_models() -> Any:

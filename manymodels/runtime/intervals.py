@@ -55,14 +55,7 @@ def floor_at_zero(values: np.ndarray, nonnegative: np.ndarray) -> np.ndarray:
 def series_scale(y: np.ndarray, season_length: int) -> float:
     """A series' error scale: its mean absolute seasonal difference (lag 1 when it has
     too few periods or its seasons repeat exactly), 0 for a constant series."""
-    y = np.asarray(y, dtype=np.float64)
-    y = y[np.isfinite(y)]
-    for lag in (season_length, 1):
-        if lag >= 1 and len(y) > lag:
-            value = float(np.mean(np.abs(y[lag:] - y[:-lag])))
-            if value > 0:
-                return value
-    return 0.0
+    return _scale_of_finite(_finite(y), season_length)
 
 
 def interval_scale(y: np.ndarray, season_length: int) -> float:
@@ -70,9 +63,23 @@ def interval_scale(y: np.ndarray, season_length: int) -> float:
     ``SCALE_SEASONS + 1`` seasons (periods without a season), so that a series whose
     changes grew or shrank over its history gets bands of its present size; chosen over
     the whole history on the tuning panels (``benchmarks/forecast_intervals.py``)."""
+    recent = _finite(y)[-(SCALE_SEASONS + 1) * max(int(season_length), 1):]
+    return _scale_of_finite(recent, season_length)
+
+
+def _finite(y: np.ndarray) -> np.ndarray:
+    """A series' values without the gaps (a stored tail is padded on the left)."""
     y = np.asarray(y, dtype=np.float64)
-    y = y[np.isfinite(y)]
-    return series_scale(y[-(SCALE_SEASONS + 1) * max(int(season_length), 1):], season_length)
+    return y[np.isfinite(y)]
+
+
+def _scale_of_finite(y: np.ndarray, season_length: int) -> float:
+    for lag in (season_length, 1):
+        if lag >= 1 and len(y) > lag:
+            value = float(np.mean(np.abs(y[lag:] - y[:-lag])))
+            if value > 0:
+                return value
+    return 0.0
 
 
 def band_names(levels: Sequence[int]) -> list[str]:
