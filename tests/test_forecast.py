@@ -451,3 +451,26 @@ def test_a_warmed_worker_has_statsforecast_loaded() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_window_errors_at_once_match_one_window_at_a_time() -> None:
+    """Check that the vectorised errors equal the one-window ones for every metric, a
+    missing scale included, and that a missing forecast is an error, not a perfect
+    score (sMAPE treated it as 0)."""
+    from manymodels.forecast.backtest import METRICS, scores
+
+    rng = np.random.default_rng(1)
+    actual = rng.normal(10, 3, (5, 3, 4))
+    actual[0, 1] = 0.0  # wape's zero total, smape's zero denominators
+    forecast = actual + rng.normal(0, 1, actual.shape)
+    forecast[0, 1] = 0.0
+    scale = rng.uniform(0.5, 2, (5, 3))
+    scale[2, 0] = np.nan
+    for metric in METRICS:
+        many = scores(metric, actual, forecast, scale)
+        one = np.asarray([[score(metric, actual[i, w], forecast[i, w], scale[i, w])
+                           for w in range(3)] for i in range(5)])
+        np.testing.assert_allclose(many, one, rtol=1e-12)
+    forecast[3, 2, 1] = np.nan
+    for metric in METRICS:
+        assert np.isnan(score(metric, actual[3, 2], forecast[3, 2], scale[3, 2])), metric

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METRICS", "cutoffs", "score", "seasonal_scale"]
+__all__ = ["METRICS", "cutoffs", "score", "scores", "seasonal_scale"]
 
 METRICS = ("mase", "smape", "wape", "rmse")
 
@@ -35,16 +35,32 @@ def seasonal_scale(y: np.ndarray, m: int) -> float:
 
 def score(metric: str, actual: np.ndarray, forecast: np.ndarray, scale: float) -> float:
     """One window's error for one series."""
-    err = actual - forecast
-    if metric == "mase":
-        return float(np.mean(np.abs(err)) / scale) if np.isfinite(scale) else float(np.mean(np.abs(err)))
-    if metric == "smape":
-        denom = np.abs(actual) + np.abs(forecast)
-        ratio = np.where(denom > 0, 2 * np.abs(err) / np.where(denom > 0, denom, 1), 0.0)
-        return float(100 * np.mean(ratio))
-    if metric == "wape":
-        total = float(np.sum(np.abs(actual)))
-        return float(np.sum(np.abs(err)) / total) if total > 0 else float(np.sum(np.abs(err)))
-    if metric == "rmse":
-        return float(np.sqrt(np.mean(err ** 2)))
+    return float(scores(metric, actual, forecast, scale))
+
+
+def scores(metric: str, actual: np.ndarray, forecast: np.ndarray, scale: np.ndarray | float
+           ) -> np.ndarray:
+    """Window errors for many series and windows at once: ``actual`` and ``forecast`` of
+    shape (..., h), ``scale`` of shape (...), the result (...). ``mase`` divides by the
+    in-sample scale where it is finite (:func:`seasonal_scale`), ``wape`` by the sum of
+    the actual values where it is positive; a missing value gives NaN."""
+    actual = np.asarray(actual, dtype=np.float64)
+    err = actual - np.asarray(forecast, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == "mase":
+            mae = np.mean(np.abs(err), axis=-1)
+            scale = np.asarray(scale, dtype=np.float64)
+            return np.where(np.isfinite(scale), mae / scale, mae)
+        if metric == "smape":
+            denom = np.abs(actual) + np.abs(actual - err)
+            ratio = np.where(denom > 0, 2 * np.abs(err) / np.where(denom > 0, denom, 1), 0.0)
+            # a missing value is no match for either side: NaN, as the mean of it gives
+            ratio = np.where(np.isnan(err), np.nan, ratio)
+            return 100 * np.mean(ratio, axis=-1)
+        if metric == "wape":
+            total = np.sum(np.abs(actual), axis=-1)
+            absolute = np.sum(np.abs(err), axis=-1)
+            return np.where(total > 0, absolute / np.where(total > 0, total, 1), absolute)
+        if metric == "rmse":
+            return np.sqrt(np.mean(err ** 2, axis=-1))
     raise ValueError(f"unknown forecast metric {metric!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from manymodels.forecast.backtest import score
+from manymodels.forecast.backtest import score, scores
 from manymodels.forecast.methods import Backtests
 
 __all__ = ["Choice", "choose", "chosen_forecasts", "explain", "metric_summary", "panel_leaders"]
@@ -53,7 +53,8 @@ def choose(bt: Backtests, metric: str, blend: int, fallback: str,
     """
     errors = bt.errors(metric)
     n = errors.shape[0]
-    means = np.asarray([[_mean(errors[i, j]) for j in range(len(bt.labels))] for i in range(n)])
+    means = np.stack([_means(errors[:, j]) for j in range(len(bt.labels))], axis=1) \
+        if bt.labels else np.zeros((n, 0))
     for (label, series), _ in (excluded or {}).items():  # methods that did not export
         j = bt.labels.index(label)
         if series is None:
@@ -153,15 +154,22 @@ def metric_summary(bt: Backtests, choices: Sequence[Choice], metrics: Sequence[s
     out: dict[str, dict[str, float | None]] = {}
     for metric in metrics:
         errors = bt.errors(metric)
-        n, _, windows = errors.shape
-        own = np.asarray([_mean(np.asarray([
-            score(metric, bt.actual[i, w], chosen[i, w], bt.scale[i, w])
-            for w in range(windows) if np.isfinite(bt.actual[i, w, 0])])) for i in range(n)])
+        present = np.isfinite(bt.actual[:, :, 0])
+        values = scores(metric, bt.actual, chosen, bt.scale)
+        own = _means(np.where(present, values, np.nan))
         row: dict[str, float | None] = {"chosen": _mean_of_series(own)}
         for j, label in enumerate(bt.labels):
-            row[label] = _mean_of_series(np.asarray([_mean(errors[i, j]) for i in range(n)]))
+            row[label] = _mean_of_series(_means(errors[:, j]))
         out[metric] = row
     return out
+
+
+def _means(values: np.ndarray) -> np.ndarray:
+    """:func:`_mean` of each row of a (series, windows) array."""
+    finite = np.isfinite(values)
+    count = finite.sum(axis=1)
+    total = np.where(finite, values, 0.0).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.inf)
 
 
 def _mean_of_series(values: np.ndarray) -> float | None:

@@ -19,7 +19,7 @@ from joblib import Parallel, delayed
 from manymodels.candidates import Candidate
 from manymodels.engine import background
 from manymodels.errors import ManyModelsError
-from manymodels.forecast.backtest import score, seasonal_scale
+from manymodels.forecast.backtest import scores, seasonal_scale
 from manymodels.forecast.features import series_scales, tails_at, training_rows
 from manymodels.forecast.learners import (
     LagMethod,
@@ -67,13 +67,12 @@ class Backtests:
         """(series, methods, windows) errors, NaN where the window is missing."""
         n, w, _ = self.actual.shape
         out = np.full((n, len(self.labels), w), np.nan)
+        present = np.isfinite(self.actual[:, :, 0])
         for j, label in enumerate(self.labels):
-            f = self.forecasts[label]
-            for i in range(n):
-                for k in range(w):
-                    if np.isfinite(self.actual[i, k, 0]):
-                        value = score(metric, self.actual[i, k], f[i, k], self.scale[i, k])
-                        out[i, j, k] = value if np.isfinite(value) else np.inf
+            values = scores(metric, self.actual, self.forecasts[label], self.scale)
+            # a method that gave no forecast in a window it had: never the best there
+            out[:, j, :] = np.where(present, np.where(np.isfinite(values), values, np.inf),
+                                    np.nan)
         return out
 
 

@@ -127,11 +127,10 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
     for (key, part), times in zip(groups, raw_times, strict=True):
         key_t = key if isinstance(key, tuple) else (key,)
         grid = _grid(times[0], times[-1], freq)
-        try:
-            values = part.set_index(time_col).reindex(grid)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"series {_name(key_columns, key_t)}: its {time_col} values do not "
-                            f"fit freq {freq!r}: {exc}") from None
+        if len(grid) == len(times) and np.array_equal(grid.to_numpy(), times.to_numpy()):
+            values = part  # already every period in order (the usual table): nothing to align
+        else:
+            values = _on_grid(part, time_col, grid, freq, _name(key_columns, key_t))
         if len(values) != len(part) or not grid.isin(times).all():
             off_grid = len(times) - int(times.isin(grid).sum())
             if off_grid:
@@ -151,6 +150,16 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
             panel.covariates[c].append(_fill(cov, "ffill", key_columns, key_t, 0, c)
                                        if np.isnan(cov).any() else cov)
     return panel
+
+
+def _on_grid(part: pd.DataFrame, time_col: str, grid: pd.Index, freq: str, name: str
+             ) -> pd.DataFrame:
+    """One series' rows at each period of ``grid`` (missing periods as NaN rows)."""
+    try:
+        return part.set_index(time_col).reindex(grid)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"series {name}: its {time_col} values do not fit freq {freq!r}: "
+                        f"{exc}") from None
 
 
 def _fill(y: np.ndarray, policy: str, key_columns: list[str], key: tuple[Any, ...], gaps: int,

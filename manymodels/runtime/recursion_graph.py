@@ -142,6 +142,7 @@ def _model_nodes(graph: bytes, features: Sequence[str]) -> tuple[bytes, str | No
             continue
         if field == 1:
             inputs, outputs, op, axis = [], [], "", None
+            attributes = []
             for f, _, value, _ in _fields(payload):
                 if f == 1:
                     inputs.append(value.decode())
@@ -150,9 +151,12 @@ def _model_nodes(graph: bytes, features: Sequence[str]) -> tuple[bytes, str | No
                 elif f == 4:
                     op = value.decode()
                 elif f == 5:
-                    attr = {a: v for a, _, v, _ in _fields(value)}
-                    if attr.get(1) == b"axis" and 3 in attr:
-                        axis = _read_varint(attr[3], 0)[0]
+                    attributes.append(value)
+            # only a Concat's axis matters: a tree ensemble's large attributes stay unread
+            for value in attributes if op == "Concat" else ():
+                attr = {a: v for a, _, v, _ in _fields(value)}
+                if attr.get(1) == b"axis" and 3 in attr:
+                    axis = _read_varint(attr[3], 0)[0]
             if (joined is None and op == "Concat" and inputs == list(features)
                     and axis in (1, (1 << 64) - 1) and len(outputs) == 1):
                 joined = outputs[0]
