@@ -474,3 +474,32 @@ def test_window_errors_at_once_match_one_window_at_a_time() -> None:
     forecast[3, 2, 1] = np.nan
     for metric in METRICS:
         assert np.isnan(score(metric, actual[3, 2], forecast[3, 2], scale[3, 2])), metric
+
+
+@pytest.mark.parametrize("strategy", ["recursive", "direct"])
+def test_shared_rows_equal_the_rows_of_each_group(strategy: str) -> None:
+    """Check that the rows built once per cutoff and handed out per group (a pooled
+    level, an own series, every series) equal the rows built for that group alone."""
+    from dataclasses import replace
+
+    from manymodels.forecast.features import RowsAtCut, series_scales
+
+    frame = _panel_frame(40, stores=5, freq="MS", season=12)
+    frame.loc[frame["store"] == 3, "sales"] = frame.loc[frame["store"] == 3, "sales"].iloc[0]
+    trainer = load_trainer(_trainer(3, forecast={"strategy": strategy}))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, ["store"])
+    cut = np.asarray([len(y) - 3 for y in panel.y])
+    cut[1] = 5  # too short for any row: left out of every group
+    shared = RowsAtCut(panel, spec, range(len(panel)), cut, 3)
+    scales = series_scales(panel, spec, cut)
+    own = replace(spec, static=())
+    for group, as_spec in (([0, 1, 2, 3, 4], spec), ([4, 2], spec), ([3], own), ([1], own),
+                           ([2, 0], own)):
+        got = shared.rows(group, as_spec)
+        want = training_rows(panel, as_spec, group, cut, scales, 3)
+        assert list(got.columns) == list(want.columns)
+        for name in want.columns:
+            np.testing.assert_array_equal(got.columns[name], want.columns[name])
+        np.testing.assert_array_equal(got.target, want.target)
+        np.testing.assert_array_equal(got.series, want.series)

@@ -22,7 +22,8 @@ from manymodels.runtime.forecast import (
     transform,
 )
 
-__all__ = ["SeriesScale", "TrainingRows", "series_scales", "tails_at", "training_rows"]
+__all__ = ["RowsAtCut", "SeriesScale", "TrainingRows", "series_scales", "tails_at",
+           "training_rows"]
 
 
 @dataclass
@@ -53,6 +54,55 @@ class TrainingRows:
 
     def numeric(self, names: Sequence[str]) -> np.ndarray:
         return np.column_stack([self.columns[n] for n in names])
+
+    def subset(self, members: Sequence[int], names: Sequence[str]) -> TrainingRows:
+        """The rows of ``members`` (in that order) and the columns ``names``: what
+        :func:`training_rows` gives for them, when these rows hold every one of them."""
+        blocks = _blocks(self.series)
+        parts = [blocks[i] for i in members if i in blocks]
+        if len(parts) == len(blocks) and all(
+                a.stop == b.start for a, b in zip(parts, parts[1:], strict=False)):
+            return TrainingRows({n: self.columns[n] for n in names}, self.target, self.series)
+        if len(parts) == 1:
+            (one,) = parts
+            return TrainingRows({n: self.columns[n][one] for n in names}, self.target[one],
+                                self.series[one])
+        at = (np.concatenate([np.arange(p.start, p.stop) for p in parts]) if parts
+              else np.empty(0, dtype=np.int64))
+        return TrainingRows({n: self.columns[n][at] for n in names}, self.target[at],
+                            self.series[at])
+
+
+def _blocks(series: np.ndarray) -> dict[int, slice]:
+    """Each series' run of rows (:func:`training_rows` keeps a series' rows together)."""
+    if not len(series):
+        return {}
+    edges = np.flatnonzero(np.diff(series)) + 1
+    starts = [0, *edges.tolist()]
+    ends = [*edges.tolist(), len(series)]
+    return {int(series[a]): slice(a, b) for a, b in zip(starts, ends, strict=True)}
+
+
+class RowsAtCut:
+    """Every series' scale and training rows at one set of cutoffs, built once and handed
+    out per group, so that the lag methods of a backtest window (own, pooled, global) and
+    the final refits share them instead of each building the same rows."""
+
+    def __init__(self, panel: Panel, spec: FeatureSpec, members: Sequence[int],
+                 cutoffs: np.ndarray, horizon: int) -> None:
+        self.panel, self.spec, self.members = panel, spec, list(members)
+        self.cutoffs, self.horizon = cutoffs, horizon
+        self.scales = series_scales(panel, spec, cutoffs)
+        self._rows: TrainingRows | None = None
+
+    def rows(self, group: Sequence[int], spec: FeatureSpec) -> TrainingRows:
+        """``training_rows(panel, spec, group, ...)`` at these cutoffs; ``spec`` is this
+        one or one with fewer segment keys (an own model's, without any)."""
+        if self._rows is None:
+            self._rows = training_rows(self.panel, self.spec, self.members, self.cutoffs,
+                                       self.scales, self.horizon)
+        names = spec.numeric_names() + [c for c in self.panel.key_columns if c in spec.static]
+        return self._rows.subset(group, names)
 
 
 def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutoffs: np.ndarray,

@@ -20,7 +20,7 @@ from manymodels.candidates import Candidate
 from manymodels.engine import background
 from manymodels.errors import ManyModelsError
 from manymodels.forecast.backtest import scores, seasonal_scale
-from manymodels.forecast.features import series_scales, tails_at, training_rows
+from manymodels.forecast.features import RowsAtCut, tails_at
 from manymodels.forecast.learners import (
     LagMethod,
     fit_own_linear,
@@ -113,9 +113,12 @@ def groups_of(panel: Panel, method: LagMethod, members: Sequence[int]) -> dict[t
 
 
 def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.ndarray,
-                  members: list[int], h: int, seed: int) -> tuple[np.ndarray, dict[Any, Any]]:
-    """Forecasts (len(members), h) of one lag method from cutoffs ``cut``, and its fits."""
-    scales = series_scales(panel, spec, cut)
+                  members: list[int], h: int, seed: int, shared: RowsAtCut | None = None
+                  ) -> tuple[np.ndarray, dict[Any, Any]]:
+    """Forecasts (len(members), h) of one lag method from cutoffs ``cut``, and its fits
+    (``shared``: the window's rows, built once for all its lag methods)."""
+    shared = shared or RowsAtCut(panel, spec, members, cut, h)
+    scales = shared.scales
     out = np.full((len(members), h), np.nan)
     where = {i: r for r, i in enumerate(members)}
     fitted: dict[Any, Any] = {}
@@ -123,7 +126,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
     if method.own:
         pipes, served = [], []
         for i in members:
-            rows = training_rows(panel, own_spec, [i], cut, scales, h)
+            rows = shared.rows([i], own_spec)
             if len(rows.target) < len(own_spec.numeric_names()) + 2:
                 continue
             linear = fit_own_linear(rows, method.candidate, own_spec)
@@ -137,7 +140,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
                 out[where[i]] = values[r]
         return out, fitted
     for key, group in groups_of(panel, method, members).items():
-        rows = training_rows(panel, spec, group, cut, scales, h)
+        rows = shared.rows(group, spec)
         if len(rows.target) < max(len(spec.numeric_names()) + 2, method.candidate.min_rows):
             continue
         pipe = fit_pipeline(rows, method.candidate, spec, seed)
@@ -195,9 +198,10 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
             started = time.perf_counter()
             forecasts[label][idx, w] = stat_forecasts(panel, label, members, cut, h)
             seconds[label] += time.perf_counter() - started
+        shared = RowsAtCut(panel, spec, members, cut, h)
         for method in methods.lag:
             started = time.perf_counter()
-            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed)
+            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed, shared)
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
     final: dict[tuple[str, int], FittedStat | None] = {}

@@ -16,12 +16,7 @@ import pandas as pd
 
 from manymodels.errors import ExportError
 from manymodels.export import ExportedModel, export_linear, export_model
-from manymodels.forecast.features import (
-    SeriesScale,
-    TrainingRows,
-    series_scales,
-    training_rows,
-)
+from manymodels.forecast.features import RowsAtCut, SeriesScale, TrainingRows
 from manymodels.forecast.learners import (
     LagMethod,
     fit_pipeline,
@@ -75,7 +70,9 @@ class ModelWriter:
         self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
         self.staging, self.run_id = staging, run_id
         self.cut = np.asarray([len(y) for y in panel.y])
-        self.scales: SeriesScale = series_scales(panel, spec, self.cut)
+        self._shared = RowsAtCut(panel, spec, range(len(panel)), self.cut,
+                                 int(trainer.horizon or 1))
+        self.scales: SeriesScale = self._shared.scales
         self.models: dict[str, dict[str, Any]] = {}
 
     def lag(self, method: LagMethod, series: list[int]) -> dict[int, str]:
@@ -161,7 +158,7 @@ class ModelWriter:
         return self.staging / "models" / f"{name}.onnx"
 
     def _rows(self, spec: FeatureSpec, group: list[int], name: str) -> TrainingRows:
-        rows = training_rows(self.panel, spec, group, self.cut, self.scales, self._h)
+        rows = self._shared.rows(group, spec)
         if len(rows.target) < len(spec.numeric_names()) + 2:
             raise ExportError(f"model '{name}': too few periods to fit its lag features")
         return rows
