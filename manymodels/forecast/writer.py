@@ -97,8 +97,7 @@ class ModelWriter:
                 out.update({i: name for i in group})
         return out
 
-    def _own(self, method: LagMethod, spec: FeatureSpec, series: list[int]
-                    ) -> dict[int, str]:
+    def _own(self, method: LagMethod, spec: FeatureSpec, series: list[int]) -> dict[int, str]:
         """Each series' own model: the closed form its backtests scored, written as its
         graph directly. One native recursion checks every closed form over the horizon;
         each file then runs the recursion step by step, and the first also as one run
@@ -131,13 +130,13 @@ class ModelWriter:
         native = forecast_with(own_linear_predict([f for i, *_, f in done if i in at], spec),
                                self.panel, spec, sample, cut, self.scales,
                                self._h) if sample else np.empty((0, self._h))
-        for k, (i, name, entry, _) in enumerate(done):
+        for i, name, entry, _ in done:
             worst = 0.0
             if i in at:
                 loaded = load_model(_parse_model(name, entry), self._path(name),
                                     make_session_options())
-                onnx = forecast_with(onnx_steps(loaded, whole=k == 0), self.panel, spec, [i],
-                                     cut, self.scales, self._h)
+                onnx = forecast_with(onnx_steps(loaded, whole=i == sample[0]), self.panel, spec,
+                                     [i], cut, self.scales, self._h)
                 try:
                     worst = self._parity_gap(native[at[i]][None], onnx, [i], name)
                 except ExportError as exc:
