@@ -21,8 +21,8 @@ import yaml
 from manymodels.errors import SpecError
 from manymodels.runtime.manifest import MANIFEST_FILE
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "finish_run_dir", "json_ready", "link_or_copy",
-           "manifest_json", "swap_directory_into_place", "sync_tree"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "finish_run_dir", "fsync_dir", "json_ready",
+           "link_or_copy", "manifest_json", "swap_directory_into_place", "sync_tree"]
 
 #: The C library, for ``syncfs`` (:func:`sync_tree`); Linux only.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -106,7 +106,7 @@ def finish_run_dir(staging: Path, final_dir: Path, manifest: Any, report: Any,
                         f"run id or pass overwrite")
     sync_tree(staging)
     swap_directory_into_place(staging, final_dir)
-    _fsync_directory(final_dir.parent)
+    fsync_dir(final_dir.parent)
 
 
 def sync_tree(root: Path) -> None:
@@ -130,8 +130,8 @@ def sync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _fsync_directory(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -219,6 +219,6 @@ def _start_stat_workers(trainer: TrainerSpec, jobs: int | None) -> None:
     the backtests)."""
     if not set(trainer.forecast.methods) - set(BUILTINS):
         return
-    from manymodels.forecast.methods import warm_worker  # statsforecast loads in the worker
+    from manymodels.forecast.stats import preload  # light: statsforecast loads in the worker
 
-    start_workers(jobs or default_jobs(), "loky", warm_worker)
+    start_workers(jobs or default_jobs(), "loky", preload)

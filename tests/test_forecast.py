@@ -441,12 +441,13 @@ def test_day_first_text_dates_with_date_format(tmp_path: Path) -> None:
 
 
 def test_a_warmed_worker_has_statsforecast_loaded() -> None:
-    """Check that the backtests' module loads statsforecast only when asked, and that the
-    warm-up run in each statistical worker (training.py starts them early) loads it."""
+    """Check that the statistical models' module loads statsforecast only when asked, and
+    that the warm-up run in each statistical worker (training.py starts them early)
+    loads it."""
     code = ("import sys\n"
-            "from manymodels.forecast.methods import warm_worker\n"
+            "from manymodels.forecast.stats import preload\n"
             "assert 'statsforecast.models' not in sys.modules, 'loaded on import'\n"
-            "warm_worker()\n"
+            "preload()\n"
             "assert 'statsforecast.models' in sys.modules, 'not loaded by the warm-up'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from manymodels.errors import SpecError
+from manymodels.io import fsync_dir
 
 try:  # flock keeps two runs from writing the same OUTPUT; absent on Windows
     # POSIX only
@@ -37,26 +38,12 @@ try:  # flock keeps two runs from writing the same OUTPUT; absent on Windows
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CommittedPiece", "PieceLog", "TxLog", "clean_abandoned", "fsync_dir"]
+__all__ = ["CommittedPiece", "PieceLog", "TxLog", "clean_abandoned"]
 
 STATE_DIR = "_manymodels_batch"
 PREDICTIONS_DIR = "predictions"
 REJECTED_DIR = "rejected"
 LOG_FILE = "txlog.jsonl"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass

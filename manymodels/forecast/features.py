@@ -55,23 +55,6 @@ class TrainingRows:
     def numeric(self, names: Sequence[str]) -> np.ndarray:
         return np.column_stack([self.columns[n] for n in names])
 
-    def subset(self, members: Sequence[int], names: Sequence[str]) -> TrainingRows:
-        """The rows of ``members`` (in that order) and the columns ``names``: what
-        :func:`training_rows` gives for them, when these rows hold every one of them."""
-        blocks = _blocks(self.series)
-        parts = [blocks[i] for i in members if i in blocks]
-        if len(parts) == len(blocks) and all(
-                a.stop == b.start for a, b in zip(parts, parts[1:], strict=False)):
-            return TrainingRows({n: self.columns[n] for n in names}, self.target, self.series)
-        if len(parts) == 1:
-            (one,) = parts
-            return TrainingRows({n: self.columns[n][one] for n in names}, self.target[one],
-                                self.series[one])
-        at = (np.concatenate([np.arange(p.start, p.stop) for p in parts]) if parts
-              else np.empty(0, dtype=np.int64))
-        return TrainingRows({n: self.columns[n][at] for n in names}, self.target[at],
-                            self.series[at])
-
 
 def _blocks(series: np.ndarray) -> dict[int, slice]:
     """Each series' run of rows (:func:`training_rows` keeps a series' rows together)."""
@@ -94,15 +77,30 @@ class RowsAtCut:
         self.cutoffs, self.horizon = cutoffs, horizon
         self.scales = series_scales(panel, spec, cutoffs)
         self._rows: TrainingRows | None = None
+        self._blocks: dict[int, slice] = {}
 
     def rows(self, group: Sequence[int], spec: FeatureSpec) -> TrainingRows:
-        """``training_rows(panel, spec, group, ...)`` at these cutoffs; ``spec`` is this
-        one or one with fewer segment keys (an own model's, without any)."""
+        """``training_rows(panel, spec, group, ...)`` at these cutoffs (the group's rows
+        in its order); ``spec`` is this one or one with fewer segment keys (an own
+        model's, without any)."""
         if self._rows is None:
             self._rows = training_rows(self.panel, self.spec, self.members, self.cutoffs,
                                        self.scales, self.horizon)
+            self._blocks = _blocks(self._rows.series)
+        rows, blocks = self._rows, self._blocks
         names = spec.numeric_names() + [c for c in self.panel.key_columns if c in spec.static]
-        return self._rows.subset(group, names)
+        parts = [blocks[i] for i in group if i in blocks]
+        if len(parts) == len(blocks) and all(
+                a.stop == b.start for a, b in zip(parts, parts[1:], strict=False)):
+            return TrainingRows({n: rows.columns[n] for n in names}, rows.target, rows.series)
+        if len(parts) == 1:
+            (one,) = parts
+            return TrainingRows({n: rows.columns[n][one] for n in names}, rows.target[one],
+                                rows.series[one])
+        at = (np.concatenate([np.arange(p.start, p.stop) for p in parts]) if parts
+              else np.empty(0, dtype=np.int64))
+        return TrainingRows({n: rows.columns[n][at] for n in names}, rows.target[at],
+                            rows.series[at])
 
 
 def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutoffs: np.ndarray,

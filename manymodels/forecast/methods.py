@@ -7,7 +7,6 @@ compared on the same windows; :func:`fit_final` refits the chosen ones on all pe
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,11 +29,11 @@ from manymodels.forecast.learners import (
     own_linear_predict,
 )
 from manymodels.forecast.panel import Panel
-from manymodels.forecast.stats import FittedStat, fit_stat, preload, refit_form
+from manymodels.forecast.stats import FittedStat, fit_stat, refit_form
 from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
 
 __all__ = ["Backtests", "MethodSet", "fit_final_stats", "lag_methods", "run_backtests",
-           "stat_forecasts", "warm_worker"]
+           "stat_forecasts"]
 
 
 @dataclass
@@ -223,14 +222,6 @@ def _stat_backtests(panel: Panel, labels: Sequence[str], cuts: np.ndarray, h: in
         values, fits = _stat_backtest(panel, label, cuts, h, jobs, search_once, refit)
         out[label] = (values, fits, time.perf_counter() - started)
     return out
-
-
-def warm_worker() -> int:
-    """Import statsforecast in a worker before its first chunk: a fresh worker takes
-    seconds to, time that then overlaps the main process's own imports instead of the lag
-    models' backtests (see :func:`manymodels.engine.start_workers`)."""
-    preload()
-    return os.getpid()
 
 
 def _stat_backtest(panel: Panel, method: str, cuts: np.ndarray, h: int, jobs: int,

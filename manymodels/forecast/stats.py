@@ -53,7 +53,9 @@ _MIN_LENGTH = {"seasonal_naive": 1, "naive": 1, "drift": 1, "ets": 7, "theta": 4
 
 
 def preload() -> None:
-    """Import statsforecast now rather than at the first fit (a worker warming up)."""
+    """Import statsforecast now rather than at the first fit: a statistical worker's
+    warm-up, so that its seconds of imports overlap the training process's own instead
+    of the lag models' backtests (see :func:`manymodels.engine.start_workers`)."""
     _sf_models()
 
 

@@ -215,12 +215,13 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
 
 
 class _Final:
-    """Refits the chosen lag models on every period and exports them, checked over ``h``."""
+    """Exports each series' chosen methods (their files by :class:`ModelWriter`) into
+    routes, and writes the run's manifest."""
 
     def __init__(self, panel: Panel, spec: FeatureSpec, trainer: TrainerSpec,
                  segmenter: SegmenterSpec, staging: Path, run_id: str, jobs: int = 1) -> None:
         self.panel, self.spec, self.trainer, self.segmenter = panel, spec, trainer, segmenter
-        self.staging, self.run_id = staging, run_id
+        self.run_id = run_id
         self.writer = ModelWriter(panel, spec, trainer, segmenter, staging, run_id)
         #: Exported statistical models by (method, series), fitted once when first chosen.
         self.stat_fits: dict[tuple[str, int], FittedStat | None] = {}
