@@ -14,6 +14,7 @@ import multiprocessing.forkserver
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -25,7 +26,7 @@ from joblib.parallel import LokyBackend
 from manymodels.errors import SpecError
 
 __all__ = ["BACKENDS", "SHARED_IMPORTS", "Pending", "background", "check_parallelism",
-           "chunk_jobs", "default_jobs", "run_chunks", "start_workers", "stop_workers"]
+           "chunk_jobs", "default_jobs", "free_threads", "run_chunks", "start_workers", "stop_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,6 +87,38 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def free_threads(wanted: int) -> int:
+    """Threads one compute-bound fit in this process may use now: ``wanted``, at most
+    the cores it may use less the other tasks running on them.
+
+    OpenMP threads that wait for each other on cores other work keeps busy slow a fit by
+    orders of magnitude (docs/design/performance.md), so a fit gets more than one
+    thread only when the cores are free at the moment it starts. The kernel's count of
+    runnable tasks (``/proc/loadavg``, this one included) is read three times and the
+    fewest kept, so a task that only wakes for a moment does not count; where it cannot
+    be read, one thread.
+    """
+    cores = default_jobs()
+    if min(wanted, cores) <= 1:
+        return 1
+    running = []
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.001)
+        try:
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                running.append(int(handle.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return 1
+    return threads_for(wanted, cores, min(running))
+
+
+def threads_for(wanted: int, cores: int, running: int) -> int:
+    """:func:`free_threads`' rule: of ``cores``, those not taken by the ``running`` tasks
+    other than this one, at least one and at most ``wanted``."""
+    return max(1, min(wanted, cores - max(running - 1, 0)))
 
 
 #: Backends :func:`run_chunks` runs on.

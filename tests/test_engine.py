@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -11,7 +12,16 @@ from dataclasses import dataclass
 import pytest
 from joblib.externals.loky.backend.context import set_start_method
 
-from manymodels.engine import SHARED_IMPORTS, background, chunk_jobs, run_chunks, stop_workers
+from manymodels.engine import (
+    SHARED_IMPORTS,
+    background,
+    chunk_jobs,
+    default_jobs,
+    free_threads,
+    run_chunks,
+    stop_workers,
+    threads_for,
+)
 from manymodels.errors import SpecError
 
 
@@ -154,3 +164,39 @@ def test_background_returns_the_value_or_raises_the_error_in_the_caller(run: boo
 
     with pytest.raises(SpecError, match="no such thing"):
         background(fail, run=run).result()
+
+
+def test_threads_for_leaves_the_cores_other_tasks_run_on() -> None:
+    assert threads_for(2, 2, 1) == 2  # only this task runs
+    assert threads_for(2, 2, 2) == 1  # one other task: one core left
+    assert threads_for(4, 8, 3) == 4  # enough free cores: what was asked
+    assert threads_for(8, 8, 5) == 4
+    assert threads_for(2, 2, 9) == 1  # never fewer than one
+    assert threads_for(2, 2, 0) == 2  # never more than asked
+
+
+def test_free_threads_gives_one_thread_while_other_processes_keep_the_cores_busy() -> None:
+    cores = default_jobs()
+    if cores < 2:
+        assert free_threads(4) == 1  # one core: never more than one thread
+        return
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass\n"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores)]
+    try:
+        deadline = time.monotonic() + 20
+        seen = cores
+        while time.monotonic() < deadline:  # until the kernel counts them as running
+            seen = free_threads(cores)
+            if seen == 1:
+                break
+            time.sleep(0.05)
+        assert seen == 1
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and seen == 1:  # the cores free again: all of them
+        seen = free_threads(cores)
+        time.sleep(0.05)
+    assert seen == cores

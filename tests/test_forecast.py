@@ -504,3 +504,31 @@ def test_shared_rows_equal_the_rows_of_each_group(strategy: str) -> None:
             np.testing.assert_array_equal(got.columns[name], want.columns[name])
         np.testing.assert_array_equal(got.target, want.target)
         np.testing.assert_array_equal(got.series, want.series)
+
+
+def test_a_lag_lightgbm_fits_the_same_trees_on_any_number_of_threads() -> None:
+    """The threads a global LightGBM gets depend on how busy the cores are when it
+    starts, so its forecasts must not: two threads fit what one fits, and a candidate's
+    own ``n_jobs`` is kept."""
+    from manymodels.candidates import Candidate
+    from manymodels.forecast.features import RowsAtCut
+    from manymodels.forecast.learners import fit_pipeline
+
+    frame = _panel_frame(60, stores=6, freq="MS", season=12)
+    trainer = load_trainer(_trainer(3))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, ["store"])
+    rows = RowsAtCut(panel, spec, range(len(panel)), np.asarray([len(y) for y in panel.y]),
+                     3).rows(list(range(len(panel))), spec)
+    fits = {}
+    for threads in (1, 2):
+        candidate = Candidate("lightgbm", "lightgbm", {"n_estimators": 30, "n_jobs": threads}, 1)
+        fits[threads] = fit_pipeline(rows, candidate, spec, 0, threads=4)
+        assert fits[threads].named_steps["model"].n_jobs == threads
+    np.testing.assert_array_equal(fits[1].predict(rows.frame), fits[2].predict(rows.frame))
+    chosen = fit_pipeline(rows, Candidate("lightgbm", "lightgbm", {"n_estimators": 5}, 1),
+                          spec, 0, threads=2).named_steps["model"].n_jobs
+    assert 1 <= chosen <= 2
+    single = fit_pipeline(rows, Candidate("lightgbm", "lightgbm", {"n_estimators": 5}, 1),
+                          spec, 0).named_steps["model"].n_jobs
+    assert single == 1

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from manymodels.candidates import Candidate, build_pipeline
+from manymodels.engine import free_threads
 from manymodels.forecast.features import SeriesScale, TrainingRows, tails_at, training_rows
 from manymodels.forecast.panel import Panel
 from manymodels.runtime.forecast import (
@@ -47,12 +48,15 @@ class LagMethod:
         return replace(spec, static=()) if self.own else spec
 
 
-def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int) -> Any:
+def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, seed: int,
+                 threads: int = 1) -> Any:
     """A fitted pipeline on ``rows`` (numeric features scaled, static keys one-hot).
 
-    LightGBM keeps the candidates' one thread even where the worker processes are idle:
-    on a machine whose cores are busy, its threads waiting for each other slow a fit by
-    orders of magnitude (docs/design/performance.md, forecast training).
+    A LightGBM whose candidate does not set ``n_jobs`` gets up to ``threads`` threads
+    (the caller's cores when no worker process runs beside it), as many as are free
+    when the fit starts (:func:`~manymodels.engine.free_threads`): on busy cores, threads
+    waiting for each other slow a fit by orders of magnitude. Fitted with any number of
+    threads, the trees are the same.
     """
     numeric = spec.numeric_names()
     categorical = [c for c in rows.frame.columns if c not in numeric]
@@ -63,6 +67,8 @@ def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, se
         from sklearn.preprocessing import StandardScaler
 
         pipeline.set_params(prep__num=StandardScaler(with_mean=False, with_std=False))
+        if threads > 1 and "n_jobs" not in candidate.params:
+            pipeline.set_params(model__n_jobs=free_threads(threads))
     pipeline.fit(rows.frame[numeric + categorical], rows.target)
     return pipeline
 

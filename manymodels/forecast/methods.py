@@ -112,10 +112,11 @@ def groups_of(panel: Panel, method: LagMethod, members: Sequence[int]) -> dict[t
 
 
 def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.ndarray,
-                  members: list[int], h: int, seed: int, shared: RowsAtCut | None = None
-                  ) -> tuple[np.ndarray, dict[Any, Any]]:
+                  members: list[int], h: int, seed: int, shared: RowsAtCut | None = None,
+                  threads: int = 1) -> tuple[np.ndarray, dict[Any, Any]]:
     """Forecasts (len(members), h) of one lag method from cutoffs ``cut``, and its fits
-    (``shared``: the window's rows, built once for all its lag methods)."""
+    (``shared``: the window's rows, built once for all its lag methods; ``threads``: for
+    a pooled or global fit, see :func:`fit_pipeline`)."""
     shared = shared or RowsAtCut(panel, spec, members, cut, h)
     scales = shared.scales
     out = np.full((len(members), h), np.nan)
@@ -142,7 +143,7 @@ def _forecast_lag(panel: Panel, spec: FeatureSpec, method: LagMethod, cut: np.nd
         rows = shared.rows(group, spec)
         if len(rows.target) < max(len(spec.numeric_names()) + 2, method.candidate.min_rows):
             continue
-        pipe = fit_pipeline(rows, method.candidate, spec, seed)
+        pipe = fit_pipeline(rows, method.candidate, spec, seed, threads)
         fitted[key] = pipe
         values = forecast_with(native_predict(pipe), panel, spec, group, cut, scales, h)
         for r, i in enumerate(group):
@@ -185,6 +186,8 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
     # the statistical fits run in the worker processes while this one runs the lag models
     stats = background(_stat_backtests, panel, methods.stats, cuts, h, jobs, ets_search,
                        stat_windows == "refit", run=jobs > 1)
+    # a lag model's fit may use the cores only when no statistical fit keeps them busy
+    threads = 1 if methods.stats else jobs
     for w in range(windows):
         members = [i for i in range(n) if cuts[w, i] > 0]
         cut = np.where(cuts[w] > 0, cuts[w], 0)
@@ -200,7 +203,8 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
         shared = RowsAtCut(panel, spec, members, cut, h)
         for method in methods.lag:
             started = time.perf_counter()
-            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed, shared)
+            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed, shared,
+                                      threads)
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
     final: dict[tuple[str, int], FittedStat | None] = {}

@@ -249,6 +249,7 @@ class _Final:
                   if (label, i) not in self.stat_fits]
         # the chosen statistical models are fitted in the worker processes meanwhile
         fitting = background(self._fit_stats, wanted, run=self.jobs > 1 and bool(wanted))
+        threads = 1 if wanted else self.jobs  # the cores, unless statistical fits run
         started = time.perf_counter()
         try:
             for label, series in users.items():
@@ -256,7 +257,7 @@ class _Final:
                 if method is None:
                     continue
                 try:
-                    placed = self.writer.lag(method, series)
+                    placed = self.writer.lag(method, series, threads)
                 except ExportError as exc:
                     raise Unexportable(label, {None: str(exc)}) from exc
                 files.update({(label, i): name for i, name in placed.items()})

@@ -75,8 +75,9 @@ class ModelWriter:
         self.scales: SeriesScale = self._shared.scales
         self.models: dict[str, dict[str, Any]] = {}
 
-    def lag(self, method: LagMethod, series: list[int]) -> dict[int, str]:
-        """Fit and export ``method`` for the series using it; their model names.
+    def lag(self, method: LagMethod, series: list[int], threads: int = 1) -> dict[int, str]:
+        """Fit and export ``method`` for the series using it; their model names
+        (``threads``: for a pooled or global fit, see :func:`fit_pipeline`).
 
         Raises
         ------
@@ -93,7 +94,7 @@ class ModelWriter:
         wanted = set(series)
         for key, group in groups.items():
             if not method.columns or wanted.intersection(group):
-                name = self._pooled(method, spec, group, key)
+                name = self._pooled(method, spec, group, key, threads)
                 out.update({i: name for i in group})
         return out
 
@@ -168,7 +169,7 @@ class ModelWriter:
                 "segmenter_hash": spec_hash(self.segmenter)}
 
     def _pooled(self, method: LagMethod, spec: FeatureSpec, group: list[int],
-                    key: Sequence[str]) -> str:
+                key: Sequence[str], threads: int = 1) -> str:
         """A pooled or global model: fitted on its group's rows, converted, checked over
         the horizon on up to 64 of its series."""
         name = model_name(self.trainer.target, method, key, self.panel.key_columns)
@@ -176,7 +177,7 @@ class ModelWriter:
             return name
         rows = self._rows(spec, group, name)
         categorical = [c for c in self.panel.key_columns if c in spec.static]
-        pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed)
+        pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed, threads)
         exported = export_model(
             pipeline, name=name, numeric=spec.numeric_names(), categorical=categorical,
             task="regression", check_frame=check_rows(rows),
