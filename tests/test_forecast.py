@@ -532,3 +532,30 @@ def test_a_lag_lightgbm_fits_the_same_trees_on_any_number_of_threads() -> None:
     single = fit_pipeline(rows, Candidate("lightgbm", "lightgbm", {"n_estimators": 5}, 1),
                           spec, 0).named_steps["model"].n_jobs
     assert single == 1
+
+
+@pytest.mark.parametrize("extra", [{}, {"strategy": "direct"}, {"differences": 1},
+                                   {"known_future": ["price"], "strategy": "direct"}])
+def test_rows_of_many_series_are_each_series_rows_in_turn(extra: dict[str, object]) -> None:
+    """The series are laid end to end to build their rows at once: a series' rows must be
+    those it has alone (no lag reaching into the series before it), series by series,
+    then step by step."""
+    from manymodels.forecast.features import series_scales
+
+    frame = _panel_frame(40, stores=4, freq="MS", season=12)
+    trainer = load_trainer(_trainer(3, forecast=extra))
+    panel = build_panel(frame, ["store"], trainer)
+    spec = feature_spec(trainer, panel, ["store"])
+    cut = np.asarray([len(y) - 3 for y in panel.y])
+    cut[2] = 20
+    scales = series_scales(panel, spec, cut)
+    members = [3, 0, 2, 1]
+    together = training_rows(panel, spec, members, cut, scales, 3)
+    alone = [training_rows(panel, spec, [i], cut, scales, 3) for i in members]
+    assert list(together.series) == [i for i, rows in zip(members, alone, strict=True)
+                                     for _ in rows.target]
+    np.testing.assert_array_equal(together.target, np.concatenate([r.target for r in alone]))
+    for name, values in together.columns.items():
+        np.testing.assert_array_equal(values, np.concatenate([r.columns[name] for r in alone]))
+    first = alone[0].columns["lag1"]
+    assert len(first) and np.isfinite(first).all()

@@ -471,10 +471,10 @@ def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, interce
     inputs = _inputs(model)
     _stamp(model, name, inputs, metadata, algorithm, "regression")
     data = model.SerializeToString()
-    feed = _feed(check_frame, numeric, [])
-    # the check rows as served (through float32), as _native_frame gives them
-    x = np.column_stack([feed[c][:, 0] for c in numeric]).astype(np.float64) if numeric \
-        else np.zeros((len(check_frame), 0))
+    # the check rows as served (through float32), as _feed and _native_frame give them
+    rows = check_frame[numeric].to_numpy(dtype=np.float32)
+    feed = {c: np.ascontiguousarray(rows[:, [j]]) for j, c in enumerate(numeric)}
+    x = rows.astype(np.float64)
     native = ((x - mean) / scale) @ np.asarray(coef, dtype=np.float64) + intercept
     outputs = _run_onnx(data, [feed], name)[0]
     parity = _regression_parity(native, outputs, tolerance, name, algorithm)

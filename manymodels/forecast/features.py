@@ -110,60 +110,72 @@ def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutof
     Recursive: one row per target position, its features those of the position itself.
     Direct (``spec.direct``): for every step ``1..horizon``, one row per origin whose
     step lands before the cutoff, with the origin's lag features, the target period's
-    calendar and known-future values, and the step number.
+    calendar and known-future values, and the step number. Rows come series by series
+    (then step, then origin).
+
+    The members' transformed series are laid end to end and every row's features taken
+    in one call of :func:`lag_matrix`: a row starts ``spec.window`` periods into its
+    series, so its lags never reach into the series before it.
     """
+    names = spec.numeric_names() + [c for c in panel.key_columns if c in spec.static]
+    start = spec.window + spec.differences
+    used = [i for i in members if int(cutoffs[i]) - start >= 1]
+    if not used:
+        return TrainingRows({n: np.empty(0) for n in names}, np.empty(0), np.empty(0, int))
+    lengths = np.asarray([int(cutoffs[i]) for i in used], dtype=np.int64)
+    z = np.concatenate([transform(panel.y[i][:c], spec, scales.loc[i], scales.scale[i])
+                        for i, c in zip(used, lengths.tolist(), strict=True)])
+    counts = lengths - start
+    owner = np.repeat(np.arange(len(used)), counts)  # each row's series, by its place in used
+    first_row = np.cumsum(counts) - counts
+    local = np.arange(int(counts.sum())) - first_row[owner] + start  # position in its series
+    origins = (np.cumsum(lengths) - lengths)[owner] + local  # position in z
+    at_origin = lag_matrix(z, spec, origins)
+    times = _joined_times(panel, used, lengths) if spec.calendar else None
+    covariates = {name: np.concatenate([panel.covariates[name][i][:c] for i, c in
+                                        zip(used, lengths.tolist(), strict=True)])
+                  for name in spec.known_future}
+    steps = range(1, horizon + 1) if spec.direct else range(1, 2)
     parts: list[dict[str, np.ndarray]] = []
     targets, owners = [], []
-    start = spec.window + spec.differences
-    steps = range(1, horizon + 1) if spec.direct else range(1, 2)
-    for i in members:
-        c = int(cutoffs[i])
-        if c - start < 1:
-            continue
-        z = transform(panel.y[i][:c], spec, scales.loc[i], scales.scale[i])
-        origins = np.arange(start, c)
-        at_origin = lag_matrix(z, spec, origins)
-        for step in steps:
-            part, target = _step_rows(panel, spec, i, z, origins, at_origin, step)
-            if part is None:
-                continue
-            parts.append(part)
-            targets.append(target)
-            owners.append(np.full(len(target), i))
-    names = spec.numeric_names() + [c for c in panel.key_columns if c in spec.static]
-    if not parts:
-        return TrainingRows({n: np.empty(0) for n in names}, np.empty(0), np.empty(0, int))
+    for step in steps:
+        fits = local + (step - 1) < lengths[owner]  # the step lands before the cutoff
+        rows = origins[fits] + (step - 1)  # the target positions, in z
+        cols = {k: v[fits] for k, v in at_origin.items()}
+        if times is not None:
+            cols.update(calendar_values(times[rows], spec.calendar, spec.season_length))
+        for name in spec.known_future:
+            cols[name] = covariates[name][rows]
+        if spec.direct:
+            cols["step"] = np.full(len(rows), float(step))
+        keep = np.isfinite(z[rows])
+        for values in cols.values():
+            keep &= np.isfinite(values)
+        # float32, as the ONNX models are fed: trees then split between values both see
+        parts.append({k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()})
+        targets.append(z[rows][keep])
+        owners.append(owner[fits][keep])
     if len(parts) == 1:
-        return TrainingRows({n: parts[0][n] for n in names}, targets[0], owners[0])
-    columns = {n: np.concatenate([p[n] for p in parts]) for n in names}
-    return TrainingRows(columns, np.concatenate(targets), np.concatenate(owners))
-
-
-def _step_rows(panel: Panel, spec: FeatureSpec, i: int, z: np.ndarray, origins: np.ndarray,
-               at_origin: dict[str, np.ndarray], step: int
-               ) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
-    """Series ``i``'s rows for one step ahead of each origin (step 1: the position itself)."""
-    usable = len(z) - (step - 1) - origins[0]
-    if usable < 1:
-        return None, np.empty(0)
-    rows = origins[:usable] + (step - 1)  # the target positions
-    cols = {k: v[:usable] for k, v in at_origin.items()}
-    cols.update(calendar_values(panel.times[i][rows], spec.calendar, spec.season_length))
-    for name in spec.known_future:
-        cols[name] = panel.covariates[name][i][rows]
-    if spec.direct:
-        cols["step"] = np.full(usable, float(step))
-    keep = np.isfinite(z[rows])
-    for values in cols.values():
-        keep &= np.isfinite(values)
-    if not keep.any():
-        return None, np.empty(0)
-    # float32, as the ONNX models are fed: trees then split between values both see
-    part = {k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()}
+        columns, target, series = parts[0], targets[0], owners[0]
+    else:  # series by series, then step: a stable sort keeps each step's origins in order
+        series = np.concatenate(owners)
+        order = np.argsort(series, kind="stable")
+        series = series[order]
+        columns = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+        target = np.concatenate(targets)[order]
     for j, column in enumerate(panel.key_columns):
         if column in spec.static:
-            part[column] = np.full(int(keep.sum()), panel.key_texts[i][j], dtype=object)
-    return part, z[rows][keep]
+            texts = np.asarray([panel.key_texts[i][j] for i in used], dtype=object)
+            columns[column] = texts[series]
+    return TrainingRows({n: columns[n] for n in names}, target,
+                        np.asarray(used, dtype=np.int64)[series])
+
+
+def _joined_times(panel: Panel, used: list[int], lengths: np.ndarray) -> pd.Index:
+    """The periods of the used series before their cutoffs, laid end to end as their
+    values are."""
+    pieces = [panel.times[i][:c] for i, c in zip(used, lengths.tolist(), strict=True)]
+    return pieces[0].append(pieces[1:]) if len(pieces) > 1 else pieces[0]
 
 
 def tails_at(panel: Panel, members: Sequence[int], cutoffs: np.ndarray, length: int) -> np.ndarray:

@@ -5,6 +5,7 @@ checked against its native forecast over the whole horizon, with its manifest en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -164,8 +165,12 @@ class ModelWriter:
         return rows
 
     def _metadata(self, method: LagMethod) -> dict[str, str]:
-        return {"manymodels_run_id": self.run_id, "method": method.label,
-                "trainer_hash": spec_hash(self.trainer),
+        return {"manymodels_run_id": self.run_id, "method": method.label, **self._hashes}
+
+    @functools.cached_property
+    def _hashes(self) -> dict[str, str]:
+        """The specs' hashes every model file is stamped with (the same for all)."""
+        return {"trainer_hash": spec_hash(self.trainer),
                 "segmenter_hash": spec_hash(self.segmenter)}
 
     def _pooled(self, method: LagMethod, spec: FeatureSpec, group: list[int],
@@ -280,4 +285,5 @@ class ModelWriter:
 
 def check_rows(rows: TrainingRows) -> pd.DataFrame:
     """The training rows an export checks its graph on: the latest 256."""
-    return rows.frame.iloc[-min(len(rows.target), 256):]
+    last = min(len(rows.target), 256)
+    return pd.DataFrame({n: v[len(v) - last:] for n, v in rows.columns.items()})
