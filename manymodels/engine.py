@@ -91,34 +91,51 @@ def default_jobs() -> int:
 
 def free_threads(wanted: int) -> int:
     """Threads one compute-bound fit in this process may use now: ``wanted``, at most
-    the cores it may use less the other tasks running on them.
+    the cores it may use less those other processes' tasks are running on.
 
     OpenMP threads that wait for each other on cores other work keeps busy slow a fit by
     orders of magnitude (docs/design/performance.md), so a fit gets more than one
     thread only when the cores are free at the moment it starts. The kernel's count of
-    runnable tasks (``/proc/loadavg``, this one included) is read three times and the
+    runnable tasks (``/proc/loadavg``) less this process's own (a BLAS thread still
+    spinning after a solve is not another process's work) is read three times and the
     fewest kept, so a task that only wakes for a moment does not count; where it cannot
     be read, one thread.
     """
     cores = default_jobs()
     if min(wanted, cores) <= 1:
         return 1
-    running = []
+    others = []
     for attempt in range(3):
         if attempt:
             time.sleep(0.001)
         try:
-            with open("/proc/loadavg", encoding="ascii") as handle:
-                running.append(int(handle.read().split()[3].split("/")[0]))
+            others.append(_others_running())
         except (OSError, ValueError, IndexError):
             return 1
-    return threads_for(wanted, cores, min(running))
+    return threads_for(wanted, cores, min(others))
 
 
-def threads_for(wanted: int, cores: int, running: int) -> int:
-    """:func:`free_threads`' rule: of ``cores``, those not taken by the ``running`` tasks
-    other than this one, at least one and at most ``wanted``."""
-    return max(1, min(wanted, cores - max(running - 1, 0)))
+def threads_for(wanted: int, cores: int, others: int) -> int:
+    """:func:`free_threads`' rule: of ``cores``, those not taken by ``others`` running
+    tasks, at least one and at most ``wanted``."""
+    return max(1, min(wanted, cores - others))
+
+
+def _others_running() -> int:
+    """Tasks running or runnable now in other processes than this one."""
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        running = int(handle.read().split()[3].split("/")[0])
+    own = 0
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(os.path.join(task.path, "stat"), "rb") as handle:
+                stat = handle.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        # "pid (name) S ...": the name may hold spaces and parentheses, the state follows it
+        if stat[stat.rindex(b")") + 2: stat.rindex(b")") + 3] == b"R":
+            own += 1
+    return max(running - own, 0)
 
 
 #: Backends :func:`run_chunks` runs on.
