@@ -47,6 +47,9 @@ def test_every_own_model_is_checked_over_the_horizon(tmp_path: Path) -> None:
         gap = entry["metrics"]["horizon_parity_max_abs_diff"]
         assert 0.0 <= gap <= 1e-3 and entry["forecast"]["series"] == 1
     assert np.isfinite(manymodels.Bundle(result.run_dir).forecast(4)["forecast"]).all()
+    # the final fits' own seconds are part of the stage that also exports and checks them
+    stages = result.summary["stage_seconds"]
+    assert 0.0 <= stages["lag_refits"] <= stages["lag_refit_export_parity"]
 
 
 def test_an_own_model_that_fails_export_drops_only_its_series(

@@ -180,12 +180,14 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
         summary = run_summary(choices, backtests.labels, errors, tr_spec, panel, h,
                            time.perf_counter() - started)
         # where the time went: each method's backtests, the exported statistical fits,
-        # the lag models' final fits with their ONNX export and parity checks
+        # the lag models' final fits with their ONNX export and parity checks, and of
+        # those the final fits alone (their rows and fits)
         summary["stage_seconds"] = {
             "backtests": round(backtest_seconds, 2),
             **{f"backtest.{k}": round(v, 2) for k, v in backtests.seconds.items()},
             "final_stat_fits": round(final.stat_seconds, 2),
-            "lag_refit_export_parity": round(final.export_seconds, 2)}
+            "lag_refit_export_parity": round(final.export_seconds, 2),
+            "lag_refits": round(final.writer.fit_seconds, 2)}
         hierarchy, reconcile = None, None
         if levels is not None:
             hierarchy, reconcile = _reconcile(levels, tr_spec, backtests, choices, report,

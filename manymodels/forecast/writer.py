@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,8 @@ class ModelWriter:
                                  int(trainer.horizon or 1))
         self.scales: SeriesScale = self._shared.scales
         self.models: dict[str, dict[str, Any]] = {}
+        #: Seconds spent building rows and fitting the lag models, apart from their export.
+        self.fit_seconds = 0.0
 
     def lag(self, method: LagMethod, series: list[int], threads: int = 1) -> dict[int, str]:
         """Fit and export ``method`` for the series using it; their model names
@@ -113,8 +116,10 @@ class ModelWriter:
                               self.panel.key_columns)
             if name not in self.models:
                 try:
+                    started = time.perf_counter()
                     rows = self._rows(spec, [i], name)
                     fit = solve_own_linear(rows, method.candidate, spec)
+                    self.fit_seconds += time.perf_counter() - started
                     exported = export_linear(
                         fit.mean, fit.scale, fit.coef, fit.intercept, name=name,
                         numeric=spec.numeric_names(), check_frame=check_rows(rows),
@@ -180,9 +185,11 @@ class ModelWriter:
         name = model_name(self.trainer.target, method, key, self.panel.key_columns)
         if name in self.models:
             return name
+        started = time.perf_counter()
         rows = self._rows(spec, group, name)
         categorical = [c for c in self.panel.key_columns if c in spec.static]
         pipeline = fit_pipeline(rows, method.candidate, spec, self.trainer.seed, threads)
+        self.fit_seconds += time.perf_counter() - started
         exported = export_model(
             pipeline, name=name, numeric=spec.numeric_names(), categorical=categorical,
             task="regression", check_frame=check_rows(rows),
