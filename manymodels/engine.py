@@ -133,7 +133,8 @@ def _others_running() -> int:
         except OSError:  # the thread ended meanwhile
             continue
         # "pid (name) S ...": the name may hold spaces and parentheses, the state follows it
-        if stat[stat.rindex(b")") + 2: stat.rindex(b")") + 3] == b"R":
+        state = stat.rindex(b")") + 2
+        if stat[state:state + 1] == b"R":
             own += 1
     return max(running - own, 0)
 

@@ -139,9 +139,9 @@ def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutof
     parts: list[dict[str, np.ndarray]] = []
     targets, owners = [], []
     for step in steps:
-        fits = local + (step - 1) < lengths[owner]  # the step lands before the cutoff
-        rows = origins[fits] + (step - 1)  # the target positions, in z
-        cols = {k: v[fits] for k, v in at_origin.items()}
+        lands = local + (step - 1) < lengths[owner]  # the step lands before the cutoff
+        rows = origins[lands] + (step - 1)  # the target positions, in z
+        cols = {k: v[lands] for k, v in at_origin.items()}
         if times is not None:
             cols.update(calendar_values(times[rows], spec.calendar, spec.season_length))
         for name in spec.known_future:
@@ -154,7 +154,7 @@ def training_rows(panel: Panel, spec: FeatureSpec, members: Sequence[int], cutof
         # float32, as the ONNX models are fed: trees then split between values both see
         parts.append({k: v[keep].astype(np.float32).astype(np.float64) for k, v in cols.items()})
         targets.append(z[rows][keep])
-        owners.append(owner[fits][keep])
+        owners.append(owner[lands][keep])
     if len(parts) == 1:
         columns, target, series = parts[0], targets[0], owners[0]
     else:  # series by series, then step: a stable sort keeps each step's origins in order
