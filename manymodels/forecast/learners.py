@@ -55,8 +55,8 @@ def fit_pipeline(rows: TrainingRows, candidate: Candidate, spec: FeatureSpec, se
     A LightGBM whose candidate does not set ``n_jobs`` gets up to ``threads`` threads
     (the caller's cores when no worker process runs beside it), as many as are free
     when the fit starts (:func:`~manymodels.engine.free_threads`): on busy cores, threads
-    waiting for each other slow a fit by orders of magnitude. Fitted with any number of
-    threads, the trees are the same.
+    waiting for each other slow a fit by orders of magnitude. The number of threads moves
+    a fit's histogram sums by rounding only (docs/design/performance.md).
     """
     numeric = spec.numeric_names()
     categorical = [c for c in rows.frame.columns if c not in numeric]
