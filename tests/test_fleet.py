@@ -287,7 +287,10 @@ def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
         assert "starting it again in 0.5 s" in again and "starting it again in 1 s" in again
         assert up.poll() is None
     finally:
-        up.send_signal(signal.SIGINT)
+        # SIGTERM, as a scheduler stops it: the command ends as on Ctrl-C, and a SIGINT
+        # would be ignored where the tests themselves run in the background (POSIX: a
+        # background job of a shell without job control ignores it, and so do its children)
+        up.send_signal(signal.SIGTERM)
         try:
             up.wait(timeout=60)
         except subprocess.TimeoutExpired:
