@@ -82,7 +82,7 @@ def run_export(pipeline: Pipeline, frame: pd.DataFrame, path: Path, task: str,
                         tolerance=TOLERANCE, path=path)
 
 
-def load_for_scoring(result: ExportedModel) -> Any:
+def load_for_scoring(result: ExportedModel, session: Any = None) -> Any:
     """Load the file the way bundles are scored, through manymodels.runtime."""
     entry = ModelEntry(
         name=result.name, file=result.path.name,
@@ -90,7 +90,7 @@ def load_for_scoring(result: ExportedModel) -> Any:
         kind=result.output["kind"], classes=tuple(result.output.get("classes", ())) or None,
         level=0, key={}, sha256=result.sha256, bytes=result.bytes, algorithm="x", raw={},
     )
-    return load_model(entry, result.path)
+    return load_model(entry, result.path, session=session)
 
 
 REGRESSORS: list[Callable[[], Any]] = [
@@ -471,6 +471,21 @@ def test_linear_export_scores_like_the_pipeline_export(tmp_path: Path) -> None:
     meta = read_metadata(linear.path)
     assert meta["method"] == "own:ridge"
     assert json.loads(meta["input_schema"]) == linear.inputs
+    # the session its check ran on, handed to the runtime, scores what the file does; and
+    # the check takes its rows by column as well as in a frame
+    assert linear.session is not None
+    handed = load_for_scoring(linear, session=linear.session)
+    assert handed.session is linear.session
+    np.testing.assert_array_equal(np.asarray(handed.outputs(feed)[0]).ravel(), ours)
+    by_column = export.export_linear(
+        *parts, name="own", numeric=NUMERIC,
+        check_frame={c: frame[c].to_numpy() for c in NUMERIC}, metadata={},
+        tolerance=TOLERANCE, path=tmp_path / "own2.onnx")
+    assert by_column.parity == linear.parity
+    with pytest.raises(ExportError, match="empty"):
+        export.export_linear(*parts, name="own", numeric=NUMERIC,
+                             check_frame={c: np.empty(0) for c in NUMERIC}, metadata={},
+                             tolerance=TOLERANCE, path=tmp_path / "own3.onnx")
 
 
 def test_linear_export_with_a_wrong_graph_fails_parity(tmp_path: Path,

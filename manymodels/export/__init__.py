@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,9 @@ class ExportedModel:
     #: The graph, fed NaN in each numeric input, answers finite values equal to the
     #: native model's (see :func:`_accepts_missing`): the runtime may then score nulls.
     accepts_missing: bool = False
+    #: The session the check ran on (:func:`export_linear`), for a caller that runs the
+    #: file next (a forecast's horizon check) instead of opening it again.
+    session: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
 
 
 def clear_template_cache() -> None:
@@ -215,10 +218,16 @@ def _native_features(prep: Any, frame: pd.DataFrame) -> Any:
 
 def _run_onnx(data: bytes, feeds: Sequence[Mapping[str, Any]], name: str) -> list[list[Any]]:
     """The graph's outputs for each feed, from one session."""
+    return _run_session(data, feeds, name)[1]
+
+
+def _run_session(data: bytes, feeds: Sequence[Mapping[str, Any]], name: str
+                 ) -> tuple[ort.InferenceSession, list[list[Any]]]:
+    """:func:`_run_onnx`, with the session it ran on."""
     try:
         session = ort.InferenceSession(data, sess_options=make_session_options(),
                                        providers=["CPUExecutionProvider"])
-        return [list(session.run(None, dict(feed))) for feed in feeds]
+        return session, [list(session.run(None, dict(feed))) for feed in feeds]
     except Exception as exc:  # onnxruntime raises its own non-exported exception types
         raise ExportError(f"model '{name}': the exported ONNX graph does not run in "
                           f"onnxruntime ({str(exc)[:300]})") from exc
@@ -329,12 +338,20 @@ def _regression_parity(native: np.ndarray, outputs: list[Any], tolerance: float,
     return diff
 
 
-def _check_frame(check_frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
-    """The parity check needs at least one row holding every input column."""
-    if len(check_frame) == 0:
+def _rows_in(check_frame: pd.DataFrame | Mapping[str, np.ndarray]) -> int:
+    if isinstance(check_frame, pd.DataFrame):
+        return len(check_frame)
+    return len(next(iter(check_frame.values()), ()))
+
+
+def _check_frame(check_frame: pd.DataFrame | Mapping[str, np.ndarray], columns: Sequence[str],
+                 name: str) -> None:
+    """The parity check needs at least one row holding every input column (a frame, or
+    columns by name)."""
+    if _rows_in(check_frame) == 0:
         raise ExportError(f"model '{name}': the parity check frame is empty; pass at least "
                           "one row of training data as check_frame")
-    missing = [c for c in columns if c not in check_frame.columns]
+    missing = [c for c in columns if c not in check_frame]
     if missing:
         raise ExportError(f"model '{name}': check_frame lacks column(s) {', '.join(missing)}")
 
@@ -452,7 +469,8 @@ def export_model(pipeline: Any, *, name: str, numeric: list[str], categorical: l
 
 
 def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, *,
-                  name: str, numeric: list[str], check_frame: pd.DataFrame,
+                  name: str, numeric: list[str],
+                  check_frame: pd.DataFrame | Mapping[str, np.ndarray],
                   metadata: Mapping[str, str], tolerance: float, path: Path,
                   algorithm: str = "Ridge", sync: bool = True) -> ExportedModel:
     """A standardised linear regression (``((x - mean) / scale) @ coef + intercept``)
@@ -472,17 +490,17 @@ def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, interce
     _stamp(model, name, inputs, metadata, algorithm, "regression")
     data = model.SerializeToString()
     # the check rows as served (through float32), as _feed and _native_frame give them
-    rows = check_frame[numeric].to_numpy(dtype=np.float32)
-    feed = {c: np.ascontiguousarray(rows[:, [j]]) for j, c in enumerate(numeric)}
-    x = rows.astype(np.float64)
+    feed = {c: np.asarray(check_frame[c], dtype=np.float32).reshape(-1, 1) for c in numeric}
+    x = (np.hstack([feed[c] for c in numeric]).astype(np.float64) if numeric
+         else np.zeros((_rows_in(check_frame), 0)))
     native = ((x - mean) / scale) @ np.asarray(coef, dtype=np.float64) + intercept
-    outputs = _run_onnx(data, [feed], name)[0]
-    parity = _regression_parity(native, outputs, tolerance, name, algorithm)
+    session, ran = _run_session(data, [feed], name)
+    parity = _regression_parity(native, ran[0], tolerance, name, algorithm)
     atomic_write_bytes(path, data, sync=sync)
     return ExportedModel(
         name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
         inputs=inputs, output={"kind": "regression"}, parity=parity,
-        seconds=time.perf_counter() - started, accepts_missing=not numeric,
+        seconds=time.perf_counter() - started, accepts_missing=not numeric, session=session,
     )
 
 

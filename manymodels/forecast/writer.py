@@ -21,6 +21,7 @@ from manymodels.export import ExportedModel, export_linear, export_model
 from manymodels.forecast.features import RowsAtCut, SeriesScale, TrainingRows
 from manymodels.forecast.learners import (
     LagMethod,
+    OwnLinear,
     fit_pipeline,
     forecast_with,
     native_predict,
@@ -104,52 +105,58 @@ class ModelWriter:
 
     def _own(self, method: LagMethod, spec: FeatureSpec, series: list[int]) -> dict[int, str]:
         """Each series' own model: the closed form its backtests scored, written as its
-        graph directly. One native recursion checks every closed form over the horizon;
-        each file then runs the recursion step by step, and the first also as one run
-        (:meth:`OnnxSteps.recursion`): the files differ only in their numbers, so the
-        one-run graph built around one of them is the one built around all."""
+        graph directly. One native recursion forecasts every closed form over the
+        horizon first; each file is then written, checked on its rows and run through the
+        recursion step by step on the same session (one per file), and the first also as
+        one run (:meth:`OnnxSteps.recursion`): the files differ only in their numbers, so
+        the one-run graph built around one of them is the one built around all."""
         out: dict[int, str] = {}
         failed: dict[int | None, str] = {}
-        done: list[tuple[int, str, dict[str, Any], tuple[np.ndarray, float]]] = []
+        solved: list[tuple[int, str, TrainingRows, OwnLinear]] = []
         for i in series:
             name = model_name(self.trainer.target, method, self.panel.key_texts[i],
                               self.panel.key_columns)
-            if name not in self.models:
-                try:
-                    started = time.perf_counter()
-                    rows = self._rows(spec, [i], name)
-                    fit = solve_own_linear(rows, method.candidate, spec)
-                    self.fit_seconds += time.perf_counter() - started
-                    exported = export_linear(
-                        fit.mean, fit.scale, fit.coef, fit.intercept, name=name,
-                        numeric=spec.numeric_names(), check_frame=check_rows(rows),
-                        metadata=self._metadata(method),
-                        tolerance=self.trainer.parity_tolerance, path=self._path(name),
-                        sync=False)
-                except ExportError as exc:
-                    failed[i] = str(exc)
-                    continue
-                entry = self._entry(method, name, exported, rows, [i], self.panel.key_texts[i])
-                done.append((i, name, entry, fit.folded()))
             out[i] = name
-        sample, cut = self._parity_sample(spec, [i for i, *_ in done], limit=None)
+            if name in self.models:
+                continue
+            started = time.perf_counter()
+            try:
+                rows = self._rows(spec, [i], name)
+                solved.append((i, name, rows, solve_own_linear(rows, method.candidate, spec)))
+            except ExportError as exc:
+                failed[i] = str(exc)
+                out.pop(i)
+                continue
+            finally:
+                self.fit_seconds += time.perf_counter() - started
+        sample, cut = self._parity_sample(spec, [i for i, *_ in solved], limit=None)
         at = {i: r for r, i in enumerate(sample)}
-        native = forecast_with(own_linear_predict([f for i, *_, f in done if i in at], spec),
+        native = forecast_with(own_linear_predict([f.folded() for i, *_, f in solved if i in at],
+                                                  spec),
                                self.panel, spec, sample, cut, self.scales,
                                self._h) if sample else np.empty((0, self._h))
-        for i, name, entry, _ in done:
-            worst = 0.0
-            if i in at:
-                loaded = load_model(_parse_model(name, entry), self._path(name),
-                                    make_session_options())
-                onnx = forecast_with(onnx_steps(loaded, whole=i == sample[0]), self.panel, spec,
-                                     [i], cut, self.scales, self._h)
-                try:
+        whole = True  # the first file checked also runs the recursion as one graph
+        for i, name, rows, fit in solved:
+            # written, checked on its rows, then over the horizon on the same session
+            try:
+                exported = export_linear(
+                    fit.mean, fit.scale, fit.coef, fit.intercept, name=name,
+                    numeric=spec.numeric_names(), check_frame=check_columns(rows),
+                    metadata=self._metadata(method), tolerance=self.trainer.parity_tolerance,
+                    path=self._path(name), sync=False)
+                entry = self._entry(method, name, exported, rows, [i], self.panel.key_texts[i])
+                worst = 0.0
+                if i in at:
+                    loaded = load_model(_parse_model(name, entry), self._path(name),
+                                        make_session_options(), exported.session)
+                    onnx = forecast_with(onnx_steps(loaded, whole=whole), self.panel,
+                                         spec, [i], cut, self.scales, self._h)
                     worst = self._parity_gap(native[at[i]][None], onnx, [i], name)
-                except ExportError as exc:
-                    failed[i] = str(exc)
-                    out.pop(i)
-                    continue
+                    whole = False
+            except ExportError as exc:
+                failed[i] = str(exc)
+                out.pop(i)
+                continue
             entry["metrics"]["horizon_parity_max_abs_diff"] = worst
             self.models[name] = entry
         if failed:  # those series choose again; the others keep their models
@@ -192,7 +199,7 @@ class ModelWriter:
         self.fit_seconds += time.perf_counter() - started
         exported = export_model(
             pipeline, name=name, numeric=spec.numeric_names(), categorical=categorical,
-            task="regression", check_frame=check_rows(rows),
+            task="regression", check_frame=pd.DataFrame(check_columns(rows)),
             tolerance=self.trainer.parity_tolerance, path=self._path(name),
             metadata=self._metadata(method), sync=False)
         entry = self._entry(method, name, exported, rows, group, key)
@@ -290,7 +297,7 @@ class ModelWriter:
         return worst
 
 
-def check_rows(rows: TrainingRows) -> pd.DataFrame:
-    """The training rows an export checks its graph on: the latest 256."""
+def check_columns(rows: TrainingRows) -> dict[str, np.ndarray]:
+    """The training rows an export checks its graph on: the latest 256, by column."""
     last = min(len(rows.target), 256)
-    return pd.DataFrame({n: v[len(v) - last:] for n, v in rows.columns.items()})
+    return {n: v[len(v) - last:] for n, v in rows.columns.items()}

@@ -280,14 +280,19 @@ def bound_run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], o
 
 
 def load_model(entry: ModelEntry, path: str | os.PathLike[str],
-               options: ort.SessionOptions | None = None) -> LoadedModel:
-    """Create the session for one manifest entry and resolve its inputs and outputs."""
+               options: ort.SessionOptions | None = None,
+               session: ort.InferenceSession | None = None) -> LoadedModel:
+    """Create the session for one manifest entry and resolve its inputs and outputs
+    (``session``: one already made from the file's bytes with ``options``, as an
+    export that has just checked the file hands it on)."""
     options = options or make_session_options()
-    try:
-        session = ort.InferenceSession(os.fspath(path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own non-exported exception types
-        raise ModelLoadError(f"model '{entry.name}' cannot be loaded from {path}: {exc}") from exc
+    if session is None:
+        try:
+            session = ort.InferenceSession(os.fspath(path), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own non-exported exception types
+            raise ModelLoadError(f"model '{entry.name}' cannot be loaded from {path}: "
+                                 f"{exc}") from exc
     onnx_inputs = {i.name: i.type for i in session.get_inputs()}
     for column in entry.inputs:
         if column.name not in onnx_inputs:
