@@ -8,6 +8,7 @@ and first so they never become the tail of the run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -26,7 +27,8 @@ from joblib.parallel import LokyBackend
 from manymodels.errors import SpecError
 
 __all__ = ["BACKENDS", "SHARED_IMPORTS", "Pending", "background", "check_parallelism",
-           "chunk_jobs", "default_jobs", "free_threads", "run_chunks", "start_workers", "stop_workers"]
+           "chunk_jobs", "default_jobs", "free_threads", "frozen_heap", "run_chunks",
+           "start_workers", "stop_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -137,6 +139,28 @@ def _others_running() -> int:
         if stat[state:state + 1] == b"R":
             own += 1
     return max(running - own, 0)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave the objects alive when a run starts out of the cyclic collector's passes
+    until it ends (``gc.freeze``, then ``gc.unfreeze``).
+
+    A process that has imported the training stack holds hundreds of thousands of
+    objects, and every full collection a run's allocations trigger walks them all again
+    (docs/design/performance.md). Objects made during the run are collected as usual,
+    and the old ones are handed back to the collector at the end, so nothing is kept
+    that would have been freed. Where something has frozen objects already (a server
+    before it forks), it is left as it is.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 #: Backends :func:`run_chunks` runs on.

@@ -217,3 +217,27 @@ def test_free_threads_gives_one_thread_while_other_processes_keep_the_cores_busy
         stop.set()
         spinner.join()
     assert seen == cores
+
+
+def test_frozen_heap_hands_every_object_back_to_the_collector() -> None:
+    """Objects alive at the start are left out of collections during the run and handed
+    back at its end; a freeze someone else made is left as it is."""
+    import gc
+
+    from manymodels.engine import frozen_heap
+
+    gc.unfreeze()  # whatever an earlier test froze: handed back, as the run would find it
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the test process's objects
+        made = [[] for _ in range(10)]
+        assert gc.get_freeze_count() == frozen  # new objects are collected as usual
+    assert gc.get_freeze_count() == 0 and made
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with frozen_heap():
+            assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()

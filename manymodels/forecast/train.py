@@ -24,7 +24,7 @@ import pandas as pd
 from manymodels._version import __version__
 from manymodels.candidates import Candidate, build_candidates
 from manymodels.data import read_table
-from manymodels.engine import background, default_jobs
+from manymodels.engine import background, default_jobs, frozen_heap
 from manymodels.errors import DataError, ExportError, ManyModelsError, SpecError
 from manymodels.forecast.backtest import cutoffs
 from manymodels.forecast.choice import Choice, choose, chosen_forecasts, metric_summary
@@ -118,6 +118,16 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    overwrite: bool = False, environment: dict[str, Any] | None = None,
                    jobs: int | None = None) -> ForecastResult:
     """Backtest every method on every series, choose per series, export, write the run."""
+    with frozen_heap():
+        return _train_forecast(data, segmenter, trainer, out, run_id, overwrite, environment,
+                               jobs)
+
+
+def _train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
+                    segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
+                    trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec,
+                    out: str | os.PathLike[str], run_id: str | None, overwrite: bool,
+                    environment: dict[str, Any] | None, jobs: int | None) -> ForecastResult:
     started = time.perf_counter()
     seg_spec, tr_spec = load_segmenter(segmenter), load_trainer(trainer)
     if tr_spec.task != "forecast":
