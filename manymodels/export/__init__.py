@@ -144,13 +144,15 @@ def _fast(template: onnx.ModelProto, pipeline: Any) -> onnx.ModelProto | None:
     return model
 
 
-def _feed(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> dict[str, Any]:
-    """Inputs as the scoring runtime builds them: float32 and string columns of shape (n, 1)."""
+def _feed(frame: pd.DataFrame | Mapping[str, np.ndarray], numeric: list[str],
+          categorical: list[str]) -> dict[str, Any]:
+    """Inputs as the scoring runtime builds them: float32 and string columns of shape (n, 1)
+    (from a frame, or from columns by name)."""
     feed: dict[str, Any] = {}
     for column in numeric:
         feed[column] = np.asarray(frame[column], dtype=np.float32).reshape(-1, 1)
     for column in categorical:
-        feed[column] = as_string_column(frame[column].to_numpy()).reshape(-1, 1)
+        feed[column] = as_string_column(np.asarray(frame[column])).reshape(-1, 1)
     return feed
 
 
@@ -490,7 +492,7 @@ def export_linear(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, interce
     _stamp(model, name, inputs, metadata, algorithm, "regression")
     data = model.SerializeToString()
     # the check rows as served (through float32), as _feed and _native_frame give them
-    feed = {c: np.asarray(check_frame[c], dtype=np.float32).reshape(-1, 1) for c in numeric}
+    feed = _feed(check_frame, numeric, [])
     x = (np.hstack([feed[c] for c in numeric]).astype(np.float64) if numeric
          else np.zeros((_rows_in(check_frame), 0)))
     native = ((x - mean) / scale) @ np.asarray(coef, dtype=np.float64) + intercept

@@ -111,23 +111,15 @@ def _method_set(trainer: TrainerSpec, segmenter: SegmenterSpec, candidates: list
     return MethodSet(builtins, stats, lag)
 
 
+@frozen_heap()
 def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
                    segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
                    trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec, *,
                    out: str | os.PathLike[str] = "runs", run_id: str | None = None,
                    overwrite: bool = False, environment: dict[str, Any] | None = None,
                    jobs: int | None = None) -> ForecastResult:
-    """Backtest every method on every series, choose per series, export, write the run."""
-    with frozen_heap():
-        return _train_forecast(data, segmenter, trainer, out, run_id, overwrite, environment,
-                               jobs)
-
-
-def _train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
-                    segmenter: str | os.PathLike[str] | dict[str, Any] | SegmenterSpec,
-                    trainer: str | os.PathLike[str] | dict[str, Any] | TrainerSpec,
-                    out: str | os.PathLike[str], run_id: str | None, overwrite: bool,
-                    environment: dict[str, Any] | None, jobs: int | None) -> ForecastResult:
+    """Backtest every method on every series, choose per series, export, write the run
+    (with the heap it found frozen: :func:`~manymodels.engine.frozen_heap`)."""
     started = time.perf_counter()
     seg_spec, tr_spec = load_segmenter(segmenter), load_trainer(trainer)
     if tr_spec.task != "forecast":
