@@ -105,6 +105,38 @@ def test_duplicate_periods_are_refused(tmp_path: Path) -> None:
         manymodels.train(doubled, SEGMENTER, _trainer(4), out=tmp_path, run_id="a", track=False)
 
 
+def test_panel_takes_each_series_as_its_own_rows_say() -> None:
+    """Check that a shuffled table of series on the grid, with a gap and off by a unit gives
+    each series its own periods and values, the same as the series read alone."""
+    frame = _panel_frame(30, stores=4).sample(frac=1.0, random_state=3)
+    frame = frame.drop(index=frame.index[frame["store"] == 2][[5]])  # one week missing
+    frame["week"] = frame["week"].astype("datetime64[s]")  # not nanoseconds
+    trainer = load_trainer(_trainer(4, forecast={"gaps": "interpolate"}))
+    panel = build_panel(frame, ["store"], trainer)
+    assert [k for (k,) in panel.keys] == [1, 2, 3, 4] and panel.filled == 1
+    assert panel.freq == "W-SAT"
+    weekly = load_trainer(_trainer(4, freq="W-SAT", forecast={"gaps": "interpolate"}))
+    for i, store in enumerate([1, 2, 3, 4]):
+        alone = build_panel(frame[frame["store"] == store], [], weekly)
+        pd.testing.assert_index_equal(panel.times[i], alone.times[0], exact=True)
+        assert panel.times[i].dtype == "datetime64[ns]"
+        np.testing.assert_array_equal(panel.y[i], alone.y[0])
+        rows = frame[frame["store"] == store].sort_values("week")
+        on_grid = pd.Series(panel.y[i], index=panel.times[i])
+        np.testing.assert_array_equal(on_grid[pd.DatetimeIndex(rows["week"])].to_numpy(),
+                                      rows["sales"].to_numpy())
+
+
+def test_categorical_keys_with_unused_categories_train(tmp_path: Path) -> None:
+    """Check that a categorical key column with a category no row holds forecasts the
+    series the table has (an empty series was a crash)."""
+    frame = _panel_frame(60)
+    frame["store"] = pd.Categorical(frame["store"].astype(str), categories=["1", "2", "3", "9"])
+    table = _train(tmp_path, frame, _trainer(4)).forecast()
+    assert sorted(table["store"].astype(str).unique()) == ["1", "2", "3"]
+    assert len(table) == 12 and np.isfinite(table["forecast"]).all()
+
+
 def test_series_shorter_than_its_lags_is_still_forecast(tmp_path: Path) -> None:
     """Check that a series too short for any window gets the simplest method, with the reason."""
     frame = _panel_frame(70)

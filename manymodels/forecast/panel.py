@@ -118,38 +118,124 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
         raise DataError(f"{int(dup.sum())} row(s) repeat a (series, {time_col}) pair already "
                         f"seen; aggregate them (sum or mean) before forecasting")
     data = data.sort_values([*key_columns, time_col], kind="stable")
-    groups = list(data.groupby(key_columns, sort=False, dropna=False)) if key_columns else [((), data)]
-    raw_times = [pd.Index(g[time_col].to_numpy()) for _, g in groups]
-    freq = trainer.freq or infer_freq(raw_times, time_col)
+    bounds = _runs(data, key_columns)
+    lengths = np.diff(bounds)
+    # one index of every row's period, sliced per series (a view, not a pandas groupby)
+    all_times = pd.Index(data[time_col].to_numpy())
+    longest = np.argsort(-lengths, kind="stable")[:5]
+    freq = trainer.freq or infer_freq(
+        [all_times[bounds[g]: bounds[g + 1]] for g in longest], time_col)
     season = trainer.season_length or season_length_of(freq)
     panel = Panel(list(key_columns), [], [], [], freq, season, time_col, target,
                   {c: [] for c in known})
-    for (key, part), times in zip(groups, raw_times, strict=True):
-        key_t = key if isinstance(key, tuple) else (key,)
-        grid = _grid(times[0], times[-1], freq)
-        if len(grid) == len(times) and np.array_equal(grid.to_numpy(), times.to_numpy()):
-            values = part  # already every period in order (the usual table): nothing to align
+    regular, grid_times = _regular(all_times, bounds, freq)
+    firsts = data.iloc[bounds[:-1]]
+    keys = list(zip(*(firsts[c].tolist() for c in key_columns), strict=True)) \
+        if key_columns else [()] * len(lengths)
+    texts: dict[Any, str] = {}
+    ys = data[target].to_numpy(dtype=np.float64)
+    covs = {c: pd.to_numeric(data[c], errors="coerce").to_numpy(dtype=np.float64)
+            for c in known}
+    for g, key_t in enumerate(keys):
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        if regular[g]:  # every period in order (the usual table): nothing to align
+            grid = grid_times[a:b]
+            y, cov_of = ys[a:b], {c: covs[c][a:b] for c in known}
         else:
-            values = _on_grid(part, time_col, grid, freq, _name(key_columns, key_t))
-        if len(values) != len(part) or not grid.isin(times).all():
-            off_grid = len(times) - int(times.isin(grid).sum())
-            if off_grid:
-                raise DataError(f"series {_name(key_columns, key_t)}: {off_grid} {time_col} "
-                                f"value(s) are not on the {freq} grid; set freq in the spec")
-        y = values[target].to_numpy(dtype=np.float64)
+            grid, y, cov_of = _aligned(data.iloc[a:b], all_times[a:b], freq,
+                                       _name(key_columns, key_t), trainer, known)
         gaps = int(np.isnan(y).sum())
         if gaps:
             y = _fill(y, trainer.forecast.gaps, key_columns, key_t, gaps, time_col)
             panel.filled += gaps
         panel.keys.append(key_t)
-        panel.key_texts.append(tuple(normalise_key_value(v) for v in key_t))
+        panel.key_texts.append(tuple(_key_text(v, texts) for v in key_t))
         panel.y.append(y)
         panel.times.append(grid)
         for c in known:
-            cov = pd.to_numeric(values[c], errors="coerce").to_numpy(dtype=np.float64)
+            cov = cov_of[c]
             panel.covariates[c].append(_fill(cov, "ffill", key_columns, key_t, 0, c)
                                        if np.isnan(cov).any() else cov)
     return panel
+
+
+def _runs(data: pd.DataFrame, key_columns: list[str]) -> np.ndarray:
+    """Row offsets where each series of ``data`` (sorted by its keys) starts, and its
+    end: a series is a run of equal keys, a null key being equal to another null."""
+    n = len(data)
+    starts = np.zeros(n, dtype=bool)
+    if n:
+        starts[0] = True
+    for c in key_columns:
+        codes = pd.factorize(data[c], use_na_sentinel=False)[0]
+        starts[1:] |= codes[1:] != codes[:-1]
+    return np.append(np.flatnonzero(starts), n)
+
+
+def _regular(times: pd.Index, bounds: np.ndarray, freq: str) -> tuple[np.ndarray, pd.Index]:
+    """Per series, whether its periods are already every period of ``freq`` from its
+    first to its last, in order; and ``times`` as :func:`_grid` gives periods (int64, or
+    dates in nanoseconds), for those series' grids."""
+    n = len(bounds) - 1
+    if n == 0:
+        return np.zeros(0, dtype=bool), times
+    inner = np.ones(len(times), dtype=bool)  # row k and row k + 1 in the same series
+    inner[bounds[1:] - 1] = False
+    inner = inner[:-1]
+    grid: pd.Index
+    try:
+        if freq == "int":
+            if not pd.api.types.is_integer_dtype(times):
+                raise TypeError("integer periods expected")
+            grid = pd.Index(np.asarray(times, dtype=np.int64))
+            values = grid.to_numpy()
+            steps = values[1:] - values[:-1] == 1
+            on_grid = np.ones(n, dtype=bool)
+        else:
+            if not isinstance(times, pd.DatetimeIndex):
+                raise TypeError("dates expected")
+            offset = pd.tseries.frequencies.to_offset(freq)
+            dates: pd.DatetimeIndex = times.as_unit("ns")
+            steps = np.asarray(dates[:-1] + offset == dates[1:])
+            firsts = dates[bounds[:-1]]
+            # a first period on the offset comes back to itself a period later and back
+            on_grid = np.asarray(firsts + offset - offset == firsts)
+            grid = dates
+    except (TypeError, ValueError, OverflowError):
+        # each series aligned on its own, which reports what does not fit
+        return np.zeros(n, dtype=bool), times
+    broken = np.add.reduceat(np.append(~steps & inner, False).astype(np.int64),
+                             bounds[:-1])
+    return on_grid & (broken == 0), grid
+
+
+def _aligned(part: pd.DataFrame, times: pd.Index, freq: str, name: str, trainer: TrainerSpec,
+             known: list[str]) -> tuple[pd.Index, np.ndarray, dict[str, np.ndarray]]:
+    """One series with periods missing or off the grid: its rows at every period of its
+    grid (a missing one as NaN), or a :class:`DataError` naming the series."""
+    time_col = trainer.time_column
+    assert time_col is not None
+    grid = _grid(times[0], times[-1], freq)
+    values = _on_grid(part, time_col, grid, freq, name)
+    if len(values) != len(part) or not grid.isin(times).all():
+        off_grid = len(times) - int(times.isin(grid).sum())
+        if off_grid:
+            raise DataError(f"series {name}: {off_grid} {time_col} value(s) are not on the "
+                            f"{freq} grid; set freq in the spec")
+    return (grid, values[trainer.target].to_numpy(dtype=np.float64),
+            {c: pd.to_numeric(values[c], errors="coerce").to_numpy(dtype=np.float64)
+             for c in known})
+
+
+def _key_text(value: Any, seen: dict[Any, str]) -> str:
+    """:func:`normalise_key_value`, once per distinct value of a panel's keys."""
+    try:
+        return seen[type(value), value]
+    except KeyError:
+        text = seen[type(value), value] = normalise_key_value(value)
+        return text
+    except TypeError:  # an unhashable value
+        return normalise_key_value(value)
 
 
 def _on_grid(part: pd.DataFrame, time_col: str, grid: pd.Index, freq: str, name: str
