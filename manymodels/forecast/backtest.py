@@ -29,7 +29,8 @@ def seasonal_scale(y: np.ndarray, m: int) -> float:
     if len(y) <= lag:
         return float("nan")
     diffs = np.abs(y[lag:] - y[:-lag])
-    value = float(np.nanmean(diffs))
+    # nanmean's own result where nothing is missing, without its copy and mask
+    value = float(np.nanmean(diffs) if np.isnan(diffs).any() else diffs.mean())
     return value if value > 0 else float("nan")
 
 

@@ -166,11 +166,17 @@ def calendar_rows(lasts: Sequence[Any], freq: str, h: int, names: Sequence[str],
 
 def scale_of(y: np.ndarray) -> tuple[float, float]:
     """Location and scale of some values (the scaler is skipped for constant ones)."""
-    finite = y[np.isfinite(y)]
-    if finite.size == 0:
+    finite = np.isfinite(y)
+    values = y if finite.all() else y[finite]
+    n = values.size
+    if n == 0:
         return 0.0, 1.0
-    loc, spread = float(finite.mean()), float(finite.std())
-    return loc, spread if spread > 1e-12 else 1.0
+    # ndarray.mean and .std to the bit, without their Python wrappers: a training run
+    # takes one per series and window
+    mean = np.add.reduce(values) / n
+    dev = values - mean
+    spread = float(np.sqrt(np.add.reduce(dev * dev) / n))
+    return float(mean), spread if spread > 1e-12 else 1.0
 
 
 def loc_scale(y: np.ndarray, spec: FeatureSpec) -> tuple[float, float]:
