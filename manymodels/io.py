@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import math
 import os
 import shutil
 import sys
@@ -179,12 +180,21 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         shutil.copy2(src, dst)
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def json_ready(value: Any) -> Any:
     """JSON-ready value: numpy scalars become Python ones, NaN and infinities null.
 
     ``json.dumps`` would write NaN as the bare token ``NaN``, which is not JSON and breaks
     readers other than Python's.
     """
+    kind = type(value)
+    # the plain types first: a forecasting manifest holds a few values per series
+    if kind is float or kind is np.float64:
+        return float(value) if math.isfinite(value) else None
+    if kind in _PLAIN:
+        return value
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -16,6 +16,7 @@ import pytest
 import manymodels.io as mio
 from manymodels.io import (
     atomic_write_bytes,
+    json_ready,
     link_or_copy,
     manifest_json,
     swap_directory_into_place,
@@ -80,6 +81,22 @@ def test_manifest_json_is_standard_json_without_nan() -> None:
         "at": "2026-12-01T10:00:00", "path": "runs/x", "levels": {"0": ["a"], "1": []},
         "values": [1.25, None, "s"]}
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) is not None
+
+
+def test_json_ready_gives_plain_values_and_null_for_non_finite() -> None:
+    """Check that json_ready turns numpy scalars into Python ones of the same value, every
+    NaN and infinity (Python or numpy) into None, dates into ISO text, tuples into lists,
+    and leaves plain values and text subclasses as they are."""
+    values = [1.25, float("nan"), float("-inf"), np.float64(2.5), np.float64("nan"),
+              np.float32(0.5), np.float32("inf"), np.int64(3), np.bool_(True), True, 7,
+              None, "s", np.str_("t"), (1, 2.0), pd.Timestamp("2026-12-01")]
+    out = json_ready({"v": values, "nested": [{"x": [np.float64("inf"), 4.0]}]})
+    assert out == {"v": [1.25, None, None, 2.5, None, 0.5, None, 3, True, True, 7, None,
+                         "s", "t", [1, 2.0], "2026-12-01T00:00:00"],
+                   "nested": [{"x": [None, 4.0]}]}
+    assert [type(v) for v in out["v"][:12]] == [float, type(None), type(None), float,
+                                                type(None), float, type(None), int, bool,
+                                                bool, int, type(None)]
 
 
 def test_link_or_copy_links_on_one_file_system_and_copies_across(tmp_path: Path) -> None:
