@@ -171,8 +171,7 @@ def scale_of(y: np.ndarray) -> tuple[float, float]:
     n = values.size
     if n == 0:
         return 0.0, 1.0
-    # ndarray.mean and .std to the bit, without their Python wrappers: a training run
-    # takes one per series and window
+    # ndarray.mean and .std to the bit without their wrappers: one per series and window
     mean = np.add.reduce(values) / n
     dev = values - mean
     spread = float(np.sqrt(np.add.reduce(dev * dev) / n))
@@ -198,8 +197,10 @@ def transform(y: np.ndarray, spec: FeatureSpec, loc: float, scale: float) -> np.
     ``scale_on: differences`` differenced, then scaled."""
     after = spec.scales_differences
     s = (y - loc) / scale if spec.scale and not after else y.astype(np.float64)
-    for _ in range(spec.differences):
-        s = np.concatenate([[np.nan], np.diff(s)])
+    for _ in range(spec.differences):  # np.diff's values after a NaN, without its wrapper
+        d = np.empty(max(s.size, 1))  # an empty series gives [NaN], as it always has
+        d[0], d[1:] = np.nan, s[1:] - s[:-1]
+        s = d
     return (s - loc) / scale if after else s
 
 
