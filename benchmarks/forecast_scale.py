@@ -30,7 +30,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import record  # noqa: E402
-from forecast import run_manymodels, run_mlforecast  # noqa: E402
+from forecast import fit_seconds, run_manymodels, run_mlforecast  # noqa: E402
 
 PERIODS, H, M = 48, 8, 12
 
@@ -67,9 +67,7 @@ def main() -> None:
         for k in range(args.repeat):
             _, ours, summary = run_manymodels(frame, H, M, "manymodels_global_lgbm")
             _, theirs = run_mlforecast(frame, H, M)
-            stages = summary.get("stage_seconds", {})
-            fit = ours - (stages.get("lag_refit_export_parity", 0.0)
-                          - stages.get("lag_refits", 0.0))
+            fit = fit_seconds(ours, summary)
             ml = theirs["mlforecast_lgbm"]
             print(f"| {n} | {k + 1} | {ours:.2f} | {ml:.2f} | {ours / ml:.2f} | {fit:.2f} | "
                   f"{fit / ml:.2f} |", flush=True)

@@ -132,7 +132,6 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
     firsts = data.iloc[bounds[:-1]]
     keys = list(zip(*(firsts[c].tolist() for c in key_columns), strict=True)) \
         if key_columns else [()] * len(lengths)
-    texts: dict[Any, str] = {}
     ys = data[target].to_numpy(dtype=np.float64)
     covs = {c: pd.to_numeric(data[c], errors="coerce").to_numpy(dtype=np.float64)
             for c in known}
@@ -149,7 +148,7 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
             y = _fill(y, trainer.forecast.gaps, key_columns, key_t, gaps, time_col)
             panel.filled += gaps
         panel.keys.append(key_t)
-        panel.key_texts.append(tuple(_key_text(v, texts) for v in key_t))
+        panel.key_texts.append(tuple(normalise_key_value(v) for v in key_t))
         panel.y.append(y)
         panel.times.append(grid)
         for c in known:
@@ -183,27 +182,27 @@ def _regular(times: pd.Index, bounds: np.ndarray, freq: str) -> tuple[np.ndarray
     inner[bounds[1:] - 1] = False
     inner = inner[:-1]
     grid: pd.Index
-    try:
-        if freq == "int":
-            if not pd.api.types.is_integer_dtype(times):
-                raise TypeError("integer periods expected")
-            grid = pd.Index(np.asarray(times, dtype=np.int64))
-            values = grid.to_numpy()
-            steps = values[1:] - values[:-1] == 1
-            on_grid = np.ones(n, dtype=bool)
-        else:
-            if not isinstance(times, pd.DatetimeIndex):
-                raise TypeError("dates expected")
+    if freq == "int":
+        if not pd.api.types.is_integer_dtype(times):
+            return np.zeros(n, dtype=bool), times  # each series aligned on its own
+        grid = pd.Index(np.asarray(times, dtype=np.int64))
+        values = grid.to_numpy()
+        steps = values[1:] - values[:-1] == 1
+        on_grid = np.ones(n, dtype=bool)
+    else:
+        if not isinstance(times, pd.DatetimeIndex):
+            return np.zeros(n, dtype=bool), times
+        try:
             offset = pd.tseries.frequencies.to_offset(freq)
             dates: pd.DatetimeIndex = times.as_unit("ns")
             steps = np.asarray(dates[:-1] + offset == dates[1:])
             firsts = dates[bounds[:-1]]
             # a first period on the offset comes back to itself a period later and back
             on_grid = np.asarray(firsts + offset - offset == firsts)
-            grid = dates
-    except (TypeError, ValueError, OverflowError):
-        # each series aligned on its own, which reports what does not fit
-        return np.zeros(n, dtype=bool), times
+        except (TypeError, ValueError, OverflowError):
+            # each series aligned on its own, which reports what does not fit
+            return np.zeros(n, dtype=bool), times
+        grid = dates
     broken = np.add.reduceat(np.append(~steps & inner, False).astype(np.int64),
                              bounds[:-1])
     return on_grid & (broken == 0), grid
@@ -225,17 +224,6 @@ def _aligned(part: pd.DataFrame, times: pd.Index, freq: str, name: str, trainer:
     return (grid, values[trainer.target].to_numpy(dtype=np.float64),
             {c: pd.to_numeric(values[c], errors="coerce").to_numpy(dtype=np.float64)
              for c in known})
-
-
-def _key_text(value: Any, seen: dict[Any, str]) -> str:
-    """:func:`normalise_key_value`, once per distinct value of a panel's keys."""
-    try:
-        return seen[type(value), value]
-    except KeyError:
-        text = seen[type(value), value] = normalise_key_value(value)
-        return text
-    except TypeError:  # an unhashable value
-        return normalise_key_value(value)
 
 
 def _on_grid(part: pd.DataFrame, time_col: str, grid: pd.Index, freq: str, name: str
