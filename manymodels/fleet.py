@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -239,10 +239,38 @@ backend replicas
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int, taken: Collection[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports, none of them in ``taken``: every socket stays
+    bound until all are picked, so the kernel cannot hand one port out twice (a replica
+    given the proxy's port answers the proxy's readiness check in its place)."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _check_free(listen: str) -> None:
+    """Refuse a proxy address something already listens on: the proxy would exit, and
+    whatever holds the port would answer the readiness check as if it were the fleet."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, int(port)), family=family):
+            pass
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"the fleet cannot listen on {listen}: {exc}; pick another "
+                        f"address (--listen)") from None
 
 
 def _wait_for(url: str, process: subprocess.Popen[Any], timeout: float) -> None:
@@ -343,16 +371,19 @@ class LocalFleet:
         binary = _proxy_binary(self.proxy_name)
         host, _, port = self.listen.rpartition(":")
         if port == "0":
-            self.listen = f"{host}:{_free_port()}"
+            port = str(_free_ports(1)[0])
+            self.listen = f"{host}:{port}"
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="manymodels-fleet-"))
         if os.geteuid() == 0:  # nginx's worker (nobody) must reach its temporary folders
             self.runtime_dir.chmod(0o711)
         try:
-            for _ in range(self.replicas):
-                address = f"127.0.0.1:{_free_port()}"
+            taken = {int(port)} if port.isdigit() else set()
+            for free in _free_ports(self.replicas, taken):
+                address = f"127.0.0.1:{free}"
                 self.members.append(Replica(address, self._spawn(address, len(self.members))))
             for replica in self.members:
                 _wait_for(replica.url + "/health", replica.process, self.start_timeout)
+            _check_free(self.listen)
             self.proxy = self._start_proxy(binary)
             _wait_for(self.url + "/health", self.proxy, self.start_timeout)
         except BaseException:

@@ -20,6 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +370,52 @@ def test_key_carrying_routes_check_their_key(fleet: LocalFleet,
     with Client(fleet.url) as client, pytest.raises(EndpointError, match="404"):
         client.score_model("no-such-model", pd.DataFrame({c: [1.0] for c in NUMERIC}))
     assert parse_segment_key(format_segment_key({"a,b": "x=y%"})) == {"a,b": "x=y%"}
+
+
+class _Answers200(BaseHTTPRequestHandler):
+    """Something else on the proxy's port that answers every GET, as a server would."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
+def test_fleet_up_refuses_a_listen_address_already_in_use(
+        bundle: tuple[Path, pd.DataFrame], proxy: str) -> None:
+    """Check that `manymodels fleet up` on an address another server holds (one that
+    answers /health with 200) exits with one line naming the address and leaves no
+    replica running, instead of calling that server the fleet (the proxy cannot bind)."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), _Answers200)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = int(other.server_address[1])
+    try:
+        done = subprocess.run([sys.executable, "-m", "manymodels", "fleet", "up",
+                               str(bundle[0]), "--replicas", "1", "--listen",
+                               f"127.0.0.1:{port}", "--proxy", proxy],
+                              capture_output=True, text=True, timeout=180)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and "fleet of" not in done.stderr
+
+
+def test_a_fleet_uses_distinct_ports() -> None:
+    """Check that the ports picked for a fleet are distinct and avoid the ones taken,
+    also when asked for more ports than the kernel hands out in a row without reuse."""
+    from manymodels.fleet import _free_ports
+
+    taken = set(_free_ports(1))
+    for _ in range(20):
+        ports = _free_ports(8, taken)
+        assert len(set(ports)) == 8 and not taken & set(ports)
 
 
 def test_fleet_config_nginx_is_valid(tmp_path: Path) -> None:
