@@ -10,12 +10,13 @@ outside printable ASCII) is percent-encoded, so any key survives a header.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from manymodels.errors import DataError
 from manymodels.runtime.manifest import normalise_key_value
 
-__all__ = ["KEY_HEADER", "format_segment_key", "parse_segment_key"]
+__all__ = ["KEY_HEADER", "format_segment_key", "normalised_keys", "parse_segment_key"]
 
 #: Header that carries a segment key (the ``?key=`` query parameter is the other way).
 KEY_HEADER = "x-manymodels-key"
@@ -41,3 +42,23 @@ def parse_segment_key(text: str) -> dict[str, str]:
             raise ValueError(f"segment key {text!r} names {column!r} twice")
         key[column] = urllib.parse.unquote(value.strip())
     return key
+
+
+def normalised_keys(columns: Sequence[str], keys: Sequence[tuple[Any, ...]]
+                    ) -> list[tuple[str, ...]]:
+    """Each key's values as the bundle stores them (`normalise_key_value`), refusing two
+    keys that differ in the table but read alike (``7`` and ``7.0``): they would share one
+    name in the bundle, and one segment would be served the other's model."""
+    texts = [tuple(normalise_key_value(v) for v in key) for key in keys]
+    if len(set(texts)) == len(texts):
+        return texts
+    first: dict[tuple[str, ...], tuple[Any, ...]] = {}
+    for raw, text in zip(keys, texts, strict=True):
+        if text in first:
+            both = " and ".join(", ".join(f"{c}={v!r}" for c, v in zip(columns, key, strict=True))
+                                for key in (first[text], raw))
+            shared = format_segment_key(dict(zip(columns, text, strict=True)))
+            raise DataError(f"segments {both} have the same key once read as text "
+                            f"({shared}); make their key values distinct")
+        first[text] = raw
+    return texts

@@ -17,7 +17,7 @@ import pandas as pd
 
 from manymodels.data import time_order
 from manymodels.errors import DataError, SegmentationError
-from manymodels.runtime.manifest import normalise_key_value
+from manymodels.keys import normalised_keys
 from manymodels.runtime.session import as_string_column
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
@@ -265,9 +265,10 @@ def partition(frame: pd.DataFrame, spec: SegmenterSpec, trainer: TrainerSpec) ->
     _guard_segment_count(frame, spec, len(indices))
     segments = []
     target = frame[trainer.target].to_numpy()
-    for raw_key, rows in indices.items():
-        values = raw_key if isinstance(raw_key, tuple) else (raw_key,)
-        key = {c: normalise_key_value(v) for c, v in zip(spec.columns, values, strict=True)}
+    raw_keys = [k if isinstance(k, tuple) else (k,) for k in indices]
+    texts = normalised_keys(spec.columns, raw_keys)
+    for text, rows in zip(texts, indices.values(), strict=True):
+        key = dict(zip(spec.columns, text, strict=True))
         rows = np.asarray(rows)
         removed = 0
         if spec.anomalies.method != "none" and trainer.task == "regression" and len(rows) > 4:

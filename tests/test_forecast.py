@@ -137,6 +137,15 @@ def test_categorical_keys_with_unused_categories_train(tmp_path: Path) -> None:
     assert len(table) == 12 and np.isfinite(table["forecast"]).all()
 
 
+def test_keys_that_read_alike_are_refused_naming_both(tmp_path: Path) -> None:
+    """Check that two series keyed "7" and "7.0" (one segment key once read as text) are
+    refused naming both, instead of one being served the other's forecast."""
+    frame = _panel_frame(40, stores=2)
+    frame["store"] = frame["store"].map({1: "7", 2: "7.0"})
+    with pytest.raises(DataError, match=r"store='7' and store='7\.0'"):
+        _train(tmp_path, frame, _trainer(4))
+
+
 def test_series_shorter_than_its_lags_is_still_forecast(tmp_path: Path) -> None:
     """Check that a series too short for any window gets the simplest method, with the reason."""
     frame = _panel_frame(70)
@@ -408,6 +417,25 @@ def test_backtest_windows_and_metrics() -> None:
     assert score("smape", actual, forecast, 1.0) == pytest.approx(100 * (2 / 3) / 2)
     assert season_length_of("W-SAT") == 52 and season_length_of("MS") == 12
     assert season_length_of("QS-OCT") == 4 and season_length_of("int") == 1
+
+
+@pytest.mark.parametrize(("freq", "season", "calendar"), [
+    ("2h", 12, ("hour", "dayofweek")), ("30min", 48, ("hour", "dayofweek")),
+    ("15min", 96, ("hour", "dayofweek")), ("2W-SUN", 26, ("week",)), ("3W", 1, ("week",)),
+    ("2D", 7, ("dayofweek", "month")), ("B", 5, ("dayofweek", "month")),
+    ("BME", 12, ("month",)), ("BMS", 12, ("month",)), ("BQE-DEC", 4, ("quarter",)),
+    ("SMS", 24, ("month",)), ("2MS", 6, ("month",)), ("YE-DEC", 1, ())])
+def test_multiplied_and_business_frequencies_get_their_season(
+        freq: str, season: int, calendar: tuple[str, ...]) -> None:
+    """Check that a multiple divides the family's season (two-hourly data repeats daily
+    every 12 periods, not 24) and business and semi-monthly dates get their calendar
+    family's season and features, from training to the feature spec."""
+    times = pd.date_range("2024-01-01", periods=200, freq=freq)
+    frame = pd.DataFrame({"store": 1, "week": times, "sales": np.arange(200.0) % 7})
+    trainer = load_trainer(_trainer(4, freq=freq))
+    panel = build_panel(frame, ["store"], trainer)
+    assert panel.season_length == season
+    assert feature_spec(trainer, panel, []).calendar == calendar
 
 
 def test_forecast_spec_errors_name_the_field() -> None:

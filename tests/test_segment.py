@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from manymodels.errors import DataError
 from manymodels.segment import assign_holdout, model_name, partition
 from manymodels.specs import load_segmenter, load_trainer
 
@@ -25,6 +27,14 @@ def test_colliding_sanitised_names_stay_distinct() -> None:
     seg = partition(frame, load_segmenter({"columns": ["k"], "min_rows": 2}), TRAINER)
     names = [s.name for s in seg.segments]
     assert len(set(names)) == 2
+
+
+def test_keys_that_read_alike_are_refused_naming_both() -> None:
+    """Check that segments keyed 7 (a number) and "7.0" (text), one key in the bundle, are
+    refused naming both instead of sharing one model name."""
+    frame = pd.DataFrame({"k": [7, "7.0"] * 20, "y": np.arange(40.0), "t": np.arange(40)})
+    with pytest.raises(DataError, match=r"k=7 and k='7\.0'"):
+        partition(frame, load_segmenter({"columns": ["k"], "min_rows": 2}), TRAINER)
 
 
 def test_small_segments_are_marked() -> None:

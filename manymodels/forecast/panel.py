@@ -7,6 +7,7 @@ any feature is computed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,14 +16,26 @@ import pandas as pd
 
 from manymodels.data import parse_time_column
 from manymodels.errors import DataError, SpecError
-from manymodels.runtime.forecast import FeatureSpec, default_calendar
-from manymodels.runtime.manifest import normalise_key_value
+from manymodels.keys import normalised_keys
+from manymodels.runtime.forecast import FeatureSpec
 from manymodels.specs import TrainerSpec
 
 __all__ = ["Panel", "build_panel", "feature_spec", "infer_freq", "season_length_of"]
 
-_SEASONS = {"W": 52, "M": 12, "Q": 4, "D": 7, "B": 5, "h": 24, "H": 24, "A": 1, "Y": 1,
-            "min": 60, "T": 60}
+#: Each frequency family's season in periods (a daily cycle for hourly data) and calendar
+#: features. Business and semi-monthly aliases join their calendar family: business month
+#: ends are still twelve a year.
+_SEASONS = {"W": 52, "M": 12, "SM": 24, "Q": 4, "D": 7, "B": 5, "h": 24, "min": 60,
+            "Y": 1}
+_CALENDAR = {"M": ("month",), "SM": ("month",), "Q": ("quarter",), "W": ("week",),
+             "D": ("dayofweek", "month"), "B": ("dayofweek", "month"),
+             "h": ("hour", "dayofweek"), "min": ("hour", "dayofweek")}
+_ALIASES = {"H": "h", "T": "min", "A": "Y", "BM": "M", "CBM": "M", "BQ": "Q", "BY": "Y",
+            "BA": "Y", "C": "B"}
+#: Seconds per unit of the intraday families, whose season is the periods of one day.
+_INTRADAY = {"h": 3600, "min": 60}
+#: Periods per day past which an intraday season falls back to its family's.
+_LONGEST_DAY = 288
 
 
 @dataclass
@@ -45,20 +58,48 @@ class Panel:
         return len(self.y)
 
 
-def _family(freq: str) -> str:
+def _family(freq: str) -> tuple[str, int]:
+    """A pandas alias's calendar family and multiple: ``"2h"`` -> ``("h", 2)``,
+    ``"BQE-DEC"`` -> ``("Q", 1)``, ``"W-SUN"`` -> ``("W", 1)``."""
     base = freq.split("-")[0]
-    base = base.lstrip("0123456789")
-    for suffix in ("S", "E"):
-        if base.endswith(suffix) and len(base) > 1:
-            base = base[:-1]
-    return base
+    digits = len(base) - len(base.lstrip("0123456789"))
+    multiple = int(base[:digits]) if digits else 1
+    base = base[digits:]
+    if base not in _SEASONS and base not in _ALIASES:
+        for suffix in ("S", "E"):
+            if base.endswith(suffix) and len(base) > 1:
+                base = base[:-1]
+                break
+    return _ALIASES.get(base, base), max(multiple, 1)
 
 
 def season_length_of(freq: str) -> int:
-    """Default season for a frequency: 52 weekly, 12 monthly, 4 quarterly, 7 daily."""
+    """Default season for a frequency: 52 weekly, 12 monthly, 4 quarterly, 7 daily, a
+    day's periods for hourly and finer data; a multiple divides it (``2W``: 26, ``2h``:
+    12, ``30min``: 48; days: the week still repeats, ``2D``: 7) and a multiple that does
+    not divide it has none."""
     if freq == "int":
         return 1
-    return _SEASONS.get(_family(freq), 1)
+    family, multiple = _family(freq)
+    if family in _INTRADAY and multiple > 1:
+        seconds = _INTRADAY[family] * multiple
+        if 86400 % seconds == 0 and 86400 // seconds <= _LONGEST_DAY:
+            return 86400 // seconds
+    season = _SEASONS.get(family, 1)
+    if family in ("D", "B"):  # the week repeats every 7 (5) steps of any other multiple
+        season //= math.gcd(season, multiple)
+    elif season % multiple:
+        return 1
+    else:
+        season //= multiple
+    return season if season > 1 else 1
+
+
+def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
+    """Calendar features for a frequency (``season`` position for integer periods)."""
+    if freq == "int":
+        return ("season",) if season_length > 1 else ()
+    return _CALENDAR.get(_family(freq)[0], ())
 
 
 def parse_times(values: pd.Series, column: str) -> pd.Series:
@@ -148,13 +189,13 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
             y = _fill(y, trainer.forecast.gaps, key_columns, key_t, gaps, time_col)
             panel.filled += gaps
         panel.keys.append(key_t)
-        panel.key_texts.append(tuple(normalise_key_value(v) for v in key_t))
         panel.y.append(y)
         panel.times.append(grid)
         for c in known:
             cov = cov_of[c]
             panel.covariates[c].append(_fill(cov, "ffill", key_columns, key_t, 0, c)
                                        if np.isnan(cov).any() else cov)
+    panel.key_texts = normalised_keys(panel.key_columns, panel.keys)
     return panel
 
 

@@ -36,10 +36,6 @@ __all__ = ["BUILTINS", "FeatureSpec", "Member", "OnnxSteps", "SeriesState", "bui
 #: Methods without fitted parameters, computed from a series' tail.
 BUILTINS = ("naive", "seasonal_naive")
 
-#: Calendar features by frequency family, computed from real dates.
-_CALENDAR = {"M": ("month",), "Q": ("quarter",), "W": ("week",), "D": ("dayofweek", "month"),
-             "B": ("dayofweek", "month"), "h": ("hour", "dayofweek"), "H": ("hour", "dayofweek")}
-
 #: A model-running function: feature columns in, one prediction per row out.
 Predict = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
@@ -103,14 +99,6 @@ class FeatureSpec:
                    tuple(str(c) for c in raw.get("static", ())),
                    str(raw.get("strategy", "recursive")),
                    str(raw.get("scale_on", "levels")))
-
-
-def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
-    """Calendar features for a frequency (``season`` position for integer periods)."""
-    if freq == "int":
-        return ("season",) if season_length > 1 else ()
-    family = freq.split("-")[0].rstrip("SE").lstrip("0123456789") or freq
-    return _CALENDAR.get(family, ())
 
 
 def future_times(last: Any, freq: str, steps: int) -> pd.Index:
