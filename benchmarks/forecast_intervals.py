@@ -283,7 +283,7 @@ def rule_current(sp: Split) -> tuple[np.ndarray, np.ndarray]:
     """manymodels' own calibration (``forecast.intervals.calibrate``) and scale."""
     from manymodels.forecast.intervals import calibrate
 
-    section, _ = calibrate(sp.panel, sp.past, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
+    section, *_ = calibrate(sp.panel, sp.past, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
     return np.asarray([section["quantiles"][str(v)] for v in LEVELS]), _product_scale(sp)
 
 
@@ -395,7 +395,7 @@ def rule_latest_refit(sp: Split) -> tuple[np.ndarray, np.ndarray]:
             forecasts[label][:, -1] = np.where(np.isfinite(values), values,
                                                forecasts[label][:, -1])
     bt = Backtests(sp.past.labels, forecasts, sp.past.actual, sp.past.scale)
-    section, _ = calibrate(sp.panel, bt, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
+    section, *_ = calibrate(sp.panel, bt, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
     return np.asarray([section["quantiles"][str(v)] for v in LEVELS]), _product_scale(sp)
 
 
@@ -623,7 +623,7 @@ def evaluate(data: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
 
     sp = Split(data)
     diagnose(sp)
-    section, _ = calibrate(sp.panel, sp.past, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
+    section, *_ = calibrate(sp.panel, sp.past, sp.errors, sp.cuts, sp.choices, 3, list(LEVELS))
     print("manymodels' backtest coverage (each window by bands calibrated on the windows "
           "before it): " + ", ".join(f"{k}%: {100 * v:.1f}"
                                      for k, v in section["backtest_coverage"].items()))

@@ -350,7 +350,10 @@ def stop_workers() -> None:
 
     At interpreter exit loky asks each worker to stop and waits while its interpreter
     winds down with scikit-learn and SciPy loaded. Every result has been collected by
-    then, so the workers are killed instead. loky keeps its reusable executor in a module global, read here
+    then, so the workers are killed instead, and the executor's manager thread is waited
+    for (a few tens of ms): cut off at exit between unlinking a semaphore and telling the
+    resource tracker, it left the tracker to print a "leaked semaphore" warning on the
+    user's terminal. loky keeps its reusable executor in a module global, read here
     without creating one.
     """
     # imported here: the command line reads "loky was used" from sys.modules
@@ -358,7 +361,7 @@ def stop_workers() -> None:
 
     executor = getattr(reusable_executor, "_executor", None)
     if executor is not None:
-        executor.shutdown(wait=False, kill_workers=True)
+        executor.shutdown(wait=True, kill_workers=True)
 
 
 def run_chunks(func: Callable[[list[T], Any], list[R]], chunks: list[list[T]], context: Any,

@@ -97,6 +97,26 @@ def test_gaps_are_refused_or_filled(tmp_path: Path) -> None:
     assert result.summary["filled_periods"] == 1
 
 
+def test_strided_integer_periods_and_dates_off_a_set_freq_say_what_to_do() -> None:
+    """Check that integer periods all stepping by 10 are refused naming the step (not as
+    nine missing periods between each, which a gap policy would fill), while one gap in
+    consecutive periods is still a gap; and that dates off the grid of a freq the spec
+    sets say so, instead of advising to set freq."""
+    trainer = load_trainer(_trainer(2, time_column="t"))
+    strided = pd.DataFrame({"store": [1] * 8 + [2] * 8, "t": list(range(0, 80, 10)) * 2,
+                            "sales": np.arange(16.0)})
+    with pytest.raises(DataError, match=r"step by 10.*t // 10"):
+        build_panel(strided, ["store"], trainer)
+    gapped = pd.DataFrame({"store": 1, "t": [0, 2, 3, 4], "sales": np.arange(4.0)})
+    with pytest.raises(DataError, match="1 missing period"):
+        build_panel(gapped, ["store"], trainer)
+    mid = pd.DataFrame({"store": 1, "week": pd.date_range("2024-01-15", periods=6, freq="30D"),
+                        "sales": np.arange(6.0)})
+    with pytest.raises(DataError, match="not on the MS grid the spec sets; align") as caught:
+        build_panel(mid, ["store"], load_trainer(_trainer(2, freq="MS")))
+    assert "set freq in the spec" not in str(caught.value)
+
+
 def test_duplicate_periods_are_refused(tmp_path: Path) -> None:
     """Check that a repeated (series, time) pair is refused with the count."""
     frame = _panel_frame(40)
@@ -475,6 +495,29 @@ def test_cli_forecast_and_update(tmp_path: Path) -> None:
                           str(out)], capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "shop" not in bad.stderr or "store" in bad.stderr
+
+
+def test_cli_keys_take_percent_encoded_values_and_refuse_junk(tmp_path: Path) -> None:
+    """Check that `manymodels forecast --keys` reads a key as the key header does (a value
+    holding ',' or '=' percent-encoded) and refuses a part that is not column=value or a
+    column that is not a segment column with one line, instead of ignoring it."""
+    frame = _panel_frame(40, stores=2)
+    frame["store"] = frame["store"].map({1: "a,b=c", 2: "50%"})
+    result = manymodels.train(frame, SEGMENTER, _trainer(2), out=tmp_path, run_id="r",
+                              track=False)
+    cli = [sys.executable, "-m", "manymodels", "forecast", str(result.run_dir)]
+    out = tmp_path / "f.csv"
+    for text, want in (("store=a%2Cb%3Dc", "a,b=c"), ("store=50%25", "50%"),
+                       ("store=a%2Cb=c", "a,b=c")):
+        done = subprocess.run([*cli, "--keys", text, "--out", str(out)], capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert set(pd.read_csv(out)["store"]) == {want}
+    for text, says in (("store=a%2Cb%3Dc,extra", "column=value"), ("shop=1", "shop")):
+        bad = subprocess.run([*cli, "--keys", text, "--out", str(out)], capture_output=True,
+                             text=True, check=False)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_a_method_that_fails_its_parity_check_is_dropped(tmp_path: Path) -> None:

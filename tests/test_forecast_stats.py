@@ -403,3 +403,16 @@ def test_the_workers_fitting_statistical_models_do_not_import_onnx() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_short_and_constant_series_fit_without_numerical_warnings() -> None:
+    """Check that ETS on series of 7-12 points and Theta on a constant series fit without
+    statsforecast's and statsmodels' RuntimeWarnings reaching the caller (worker processes
+    printed each one to the user's terminal), and still forecast finite values."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fits = [fit_stat(np.random.default_rng(n).normal(10, 1, n), "ets", 12)
+                for n in (7, 8, 9, 10, 12)]
+        fits.append(fit_stat(np.full(30, 5.0), "theta", 12))
+    assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert all(np.isfinite(f.forecast(4)).all() for f in fits)

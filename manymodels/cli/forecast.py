@@ -17,14 +17,25 @@ __all__ = ["register"]
 
 
 def _keys(values: list[str], columns: list[str], levels: bool = False) -> list[dict[str, str]]:
-    """``--keys store=2,brand=tropicana`` (repeatable) as key mappings; with ``levels`` a
-    column left out names the aggregate over it (``--keys store=2``: store 2's total)."""
+    """``--keys store=2,brand=tropicana`` (repeatable) as key mappings, read as the key
+    header and ``?key=`` are (a value holding ``,`` or ``%`` percent-encoded); with
+    ``levels`` a column left out names the aggregate over it (``--keys store=2``: store
+    2's total)."""
     from manymodels.errors import SpecError
+    from manymodels.keys import parse_segment_key
 
     out = []
     for text in values:
-        parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+        try:
+            parts = parse_segment_key(text)
+        except ValueError as exc:
+            raise SpecError(f"--keys: {exc}; percent-encode a ',' or '%' inside a value "
+                            f"(%2C, %25)") from None
+        unknown = [c for c in parts if c not in columns]
         missing = [c for c in columns if c not in parts]
+        if unknown:
+            raise SpecError(f"--keys {text!r} names {', '.join(unknown)}, not a segment "
+                            f"column (segment columns: {', '.join(columns)})")
         if missing and not levels:
             raise SpecError(f"--keys {text!r} does not name {', '.join(missing)} "
                             f"(segment columns: {', '.join(columns)})")

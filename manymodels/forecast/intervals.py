@@ -123,8 +123,9 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
               choices: Sequence[Choice], blend: int, levels: Sequence[int],
               excluded: Mapping[tuple[str, int | None], str] | None = None,
               reconcile: Callable[[np.ndarray], np.ndarray] | None = None
-              ) -> tuple[dict[str, Any], list[float]]:
-    """The manifest's ``intervals`` section and every series' scale.
+              ) -> tuple[dict[str, Any], list[float], list[bool] | None]:
+    """The manifest's ``intervals`` section, every series' scale, and which series take
+    the ``short`` quantiles (``None`` when there are none: every series had a window).
 
     ``reconcile`` maps backtest forecasts (series, windows, h) to their reconciled values
     when the levels are reconciled: the bands then cover the forecasts that are served.
@@ -170,7 +171,52 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(h)],
         "backtest_coverage": _held_out_coverage(scores, residual, scale, levels),
     }
-    return section, scales
+    short = np.asarray((cuts <= 0).all(axis=0), dtype=bool)
+    group = _short_group(panel, bt, cuts, choices, short, floor, levels) if short.any() else None
+    if group is None:
+        return section, scales, None
+    section["short"] = group
+    return section, scales, [bool(v) for v in short]
+
+
+def _short_group(panel: Panel, bt: Backtests, cuts: np.ndarray, choices: Sequence[Choice],
+                 short: np.ndarray, floor: np.ndarray, levels: Sequence[int]
+                 ) -> dict[str, Any] | None:
+    """Quantiles for the series too short for any backtest window, which none of the
+    pooled errors came from: they serve the simplest method with a scale from their few
+    periods, so they are calibrated on that method's backtest errors on the other series,
+    each scaled by the scale of only as many periods before the cutoff as a short series
+    has (the short series' lengths dealt out in turn, so the scales are as noisy as
+    theirs). ``None`` when no other series has such errors."""
+    label = choices[int(np.flatnonzero(short)[0])].members[0]
+    lengths = sorted(len(panel.y[i]) for i in np.flatnonzero(short) if len(panel.y[i]) > 1)
+    if label not in bt.forecasts or not lengths:
+        return None
+    forecasts = np.where(floor[:, None, None], np.maximum(bt.forecasts[label], 0.0),
+                         bt.forecasts[label])
+    residual = np.abs(bt.actual - forecasts)
+    windows = cuts.shape[0]
+    scale = np.zeros((len(panel.y), windows))
+    for k, i in enumerate(np.flatnonzero(~short)):
+        periods = lengths[k % len(lengths)]
+        for w in np.flatnonzero(cuts[:, i] > 0):
+            c = int(cuts[w, i])
+            scale[i, w] = interval_scale(panel.y[i][max(c - periods, 0): c],
+                                         panel.season_length)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
+    # every window: naive has no fit that more periods would improve, so no window is
+    # more like the short series' future than another
+    flat = scores.reshape(-1, scores.shape[2])
+    if not np.isfinite(flat).any():
+        return None
+    quantiles = _step_quantiles(flat, levels)
+    quantiles = np.where(np.isfinite(quantiles), quantiles, 0.0)
+    return {"method": f"{label}'s backtest errors on the other series, each scaled by as "
+                      f"few periods before its cutoff as a short series has",
+            "series": int(short.sum()), "periods": [lengths[0], lengths[-1]],
+            "quantiles": {str(v): quantiles[j].tolist() for j, v in enumerate(levels)},
+            "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(flat.shape[1])]}
 
 
 def _held_out_coverage(scores: np.ndarray, residual: np.ndarray, scale: np.ndarray,

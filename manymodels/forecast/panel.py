@@ -166,6 +166,8 @@ def build_panel(frame: pd.DataFrame, key_columns: list[str], trainer: TrainerSpe
     longest = np.argsort(-lengths, kind="stable")[:5]
     freq = trainer.freq or infer_freq(
         [all_times[bounds[g]: bounds[g + 1]] for g in longest], time_col)
+    if freq == "int":
+        _refuse_strided(all_times, bounds, time_col)
     season = trainer.season_length or season_length_of(freq)
     panel = Panel(list(key_columns), [], [], [], freq, season, time_col, target,
                   {c: [] for c in known})
@@ -249,6 +251,21 @@ def _regular(times: pd.Index, bounds: np.ndarray, freq: str) -> tuple[np.ndarray
     return on_grid & (broken == 0), grid
 
 
+def _refuse_strided(times: pd.Index, bounds: np.ndarray, time_col: str) -> None:
+    """Integer periods that all step by the same k > 1 (0, 10, 20, ...) are not missing
+    k - 1 periods between each: say so, instead of advising a gap policy that would fill
+    them."""
+    steps = np.diff(np.asarray(times, dtype=np.int64))
+    inner = np.ones(len(steps), dtype=bool)
+    inner[bounds[1:-1] - 1] = False  # a step from one series to the next is not a step
+    steps = np.abs(steps[inner])
+    stride = int(np.gcd.reduce(steps)) if steps.size else 1
+    if stride > 1:
+        raise DataError(f"time column '{time_col}' holds integer periods that all step by "
+                        f"{stride}; periods count one per step: number them consecutively "
+                        f"(e.g. {time_col} // {stride})")
+
+
 def _aligned(part: pd.DataFrame, times: pd.Index, freq: str, name: str, trainer: TrainerSpec,
              known: list[str]) -> tuple[pd.Index, np.ndarray, dict[str, np.ndarray]]:
     """One series with periods missing or off the grid: its rows at every period of its
@@ -260,8 +277,10 @@ def _aligned(part: pd.DataFrame, times: pd.Index, freq: str, name: str, trainer:
     if len(values) != len(part) or not grid.isin(times).all():
         off_grid = len(times) - int(times.isin(grid).sum())
         if off_grid:
+            advice = ("align them to it or set another freq" if trainer.freq else
+                      "set freq in the spec to their frequency")
             raise DataError(f"series {name}: {off_grid} {time_col} value(s) are not on the "
-                            f"{freq} grid; set freq in the spec")
+                            f"{freq} grid{' the spec sets' if trainer.freq else ''}; {advice}")
     return (grid, values[trainer.target].to_numpy(dtype=np.float64),
             {c: pd.to_numeric(values[c], errors="coerce").to_numpy(dtype=np.float64)
              for c in known})

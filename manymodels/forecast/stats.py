@@ -22,9 +22,11 @@ two (Theta's seasonality test needs them anyway).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -50,6 +52,23 @@ FORWARD_KEEPS_PARAMETERS = frozenset({"ets", "theta"})
 # Smallest series each method accepts at all: statsforecast refuses ETS on 6 points or
 # fewer and Theta on 3 or fewer ("tiny datasets").
 _MIN_LENGTH = {"seasonal_naive": 1, "naive": 1, "drift": 1, "ets": 7, "theta": 4, "croston": 1}
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _quiet(fit: _F) -> _F:
+    """Drop statsforecast's and statsmodels' RuntimeWarnings (a variance over no degrees of
+    freedom on a short series, the autocorrelation of a constant one) around a fit: they
+    concern estimates these fits do not use, and worker processes would print each to the
+    user's terminal; a fit that fails still raises."""
+    @functools.wraps(fit)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    module=r"(statsforecast|statsmodels)\.")
+            return fit(*args, **kwargs)
+    return quiet  # type: ignore[return-value]
 
 
 def preload() -> None:
@@ -126,6 +145,7 @@ class FittedStat:
         """
         return build_forecast_graph(self.closed_form(), self.metadata)
 
+    @_quiet
     def forward(self, y_new: np.ndarray) -> FittedStat:
         """The same model moved to the end of ``y_new``, the whole history (old and new
         points), without re-estimating its parameters.
@@ -196,6 +216,7 @@ def fit_stat(y: np.ndarray, method: str, season_length: int) -> FittedStat:
     return _fit(series, method, int(season_length))
 
 
+@_quiet
 def refit_form(fitted: FittedStat, y: np.ndarray) -> FittedStat:
     """``fitted``'s form (an ETS model's error, trend, season and damping) with its
     parameters estimated again on ``y``: one model fitted instead of AutoETS's search
@@ -226,6 +247,7 @@ def refit_form(fitted: FittedStat, y: np.ndarray) -> FittedStat:
                       fallback=short, n_obs=int(series.size), model=model)
 
 
+@_quiet
 def _fit(y: np.ndarray, method: str, m: int) -> FittedStat:
     n = int(y.size)
     if n < _MIN_LENGTH[method]:

@@ -325,7 +325,8 @@ class _Final:
 
     def manifest(self, routes: list[dict[str, Any]], fallback: list[dict[str, Any]],
                  summary: dict[str, Any], environment: dict[str, Any],
-                 intervals: tuple[dict[str, Any], list[float]] | None = None) -> dict[str, Any]:
+                 intervals: tuple[dict[str, Any], list[float], list[bool] | None] | None = None
+                 ) -> dict[str, Any]:
         panel, spec = self.panel, self.spec
         length = spec.tail_length
         used = {m["model"] for r in [*routes, {"members": fallback}] for m in r["members"]
@@ -344,6 +345,8 @@ class _Final:
         }
         if intervals is not None:
             series["interval_scale"] = intervals[1]
+            if intervals[2] is not None:
+                series["interval_short"] = intervals[2]
         times = pd.Index(np.concatenate([np.asarray(t) for t in panel.times]))
         return {
             "schema_version": SCHEMA_VERSION, "kind": "run", "name": None, "version": None,

@@ -157,7 +157,8 @@ class Forecaster:
         """Interval bounds (series, steps) around the point forecasts ``values``."""
         if self.bands is None:
             return {}
-        return self.bands.apply(values, self.bands.scales_of(rows, state.tails), nonnegative)
+        return self.bands.apply(values, self.bands.scales_of(rows, state.tails), nonnegative,
+                                self.bands.short_rows(rows))
 
     def _nonnegative(self, rows: list[int], state: SeriesState, history: pd.DataFrame | None
                      ) -> np.ndarray:

@@ -98,31 +98,52 @@ class Bands:
     quantiles: np.ndarray  # (levels, calibrated steps), in units of a series' scale
     scales: np.ndarray  # (series,), the bundle's series in manifest order
     season_length: int
+    #: Quantiles of the series too short for a backtest window (``short``), if any.
+    short_quantiles: np.ndarray | None = None
+    short: np.ndarray | None = None  # (series,) bool
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], season_length: int) -> Bands | None:
         """The bands of a manifest's ``forecast`` section (``None`` without intervals)."""
         raw = section.get("intervals")
-        scales = section.get("series", {}).get("interval_scale")
+        series = section.get("series", {})
+        scales = series.get("interval_scale")
         if not isinstance(raw, Mapping) or scales is None or not raw.get("levels"):
             return None
         levels = tuple(int(v) for v in raw["levels"])
         quantiles = np.asarray([raw["quantiles"][str(v)] for v in levels], dtype=np.float64)
-        return cls(levels, quantiles, np.asarray(scales, dtype=np.float64), season_length)
+        group, flags = raw.get("short"), series.get("interval_short")
+        short_quantiles = short = None
+        if isinstance(group, Mapping) and flags is not None:  # a retrain's kept series: None
+            short_quantiles = np.asarray([group["quantiles"][str(v)] for v in levels],
+                                         dtype=np.float64)
+            short = np.asarray([bool(f) for f in flags], dtype=bool)
+        return cls(levels, quantiles, np.asarray(scales, dtype=np.float64), season_length,
+                   short_quantiles, short)
 
     @property
     def names(self) -> list[str]:
         return band_names(self.levels)
 
-    def half_widths(self, h: int) -> np.ndarray:
-        """(levels, h) quantiles; steps past the calibrated horizon grow with the square
-        root of the step, as a random walk's errors do."""
-        calibrated = self.quantiles.shape[1]
+    def half_widths(self, h: int, quantiles: np.ndarray | None = None) -> np.ndarray:
+        """(levels, h) quantiles (the panel's unless others are given); steps past the
+        calibrated horizon grow with the square root of the step, as a random walk's
+        errors do."""
+        q = self.quantiles if quantiles is None else quantiles
+        calibrated = q.shape[1]
         if h <= calibrated:
-            return self.quantiles[:, :h]
+            return q[:, :h]
         steps = np.arange(calibrated + 1, h + 1, dtype=np.float64)
-        grown = self.quantiles[:, -1:] * np.sqrt(steps / calibrated)[None, :]
-        return np.concatenate([self.quantiles, grown], axis=1)
+        grown = q[:, -1:] * np.sqrt(steps / calibrated)[None, :]
+        return np.concatenate([q, grown], axis=1)
+
+    def short_rows(self, rows: Sequence[int]) -> np.ndarray | None:
+        """Which forecast rows are stored series that take the ``short`` quantiles (``None``
+        when none do); a new series sent with history takes the panel's."""
+        if self.short is None or self.short_quantiles is None:
+            return None
+        out = np.asarray([row >= 0 and bool(self.short[row]) for row in rows], dtype=bool)
+        return out if out.any() else None
 
     def scales_of(self, rows: Sequence[int], tails: np.ndarray) -> np.ndarray:
         """Scales of the forecast rows: stored for known series (``rows[r] >= 0``), from
@@ -134,17 +155,25 @@ class Bands:
         return np.where(np.isfinite(out) & (out > 0), out, 0.0)
 
     def apply(self, values: np.ndarray, scales: np.ndarray,
-              nonnegative: np.ndarray | None = None) -> dict[str, np.ndarray]:
+              nonnegative: np.ndarray | None = None, short: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
         """``lo_<level>``/``hi_<level>`` arrays shaped like ``values`` (series, steps);
         lower bounds of ``nonnegative`` series stop at 0 where their forecast is not below
-        it (a reconciled forecast may be, and its bounds must still hold it)."""
+        it (a reconciled forecast may be, and its bounds must still hold it); ``short``
+        rows (:meth:`short_rows`) take the ``short`` quantiles."""
         widths = self.half_widths(values.shape[1])
+        short_widths = (self.half_widths(values.shape[1], self.short_quantiles)
+                        if short is not None and self.short_quantiles is not None else None)
         floor = None
         if nonnegative is not None and nonnegative.any():
             floor = nonnegative[:, None] & (values >= 0)
         out: dict[str, np.ndarray] = {}
         for j, level in enumerate(self.levels):
-            half = scales[:, None] * widths[j][None, :]
+            if short_widths is None or short is None:
+                half = scales[:, None] * widths[j][None, :]
+            else:
+                half = scales[:, None] * np.where(short[:, None], short_widths[j][None, :],
+                                                  widths[j][None, :])
             lo = values - half
             out[f"lo_{level}"] = lo if floor is None else np.where(floor, np.maximum(lo, 0.0), lo)
             out[f"hi_{level}"] = values + half
