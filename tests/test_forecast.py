@@ -166,6 +166,15 @@ def test_keys_that_read_alike_are_refused_naming_both(tmp_path: Path) -> None:
         _train(tmp_path, frame, _trainer(4))
 
 
+def test_keys_given_as_text_are_refused_not_read_per_character(tmp_path: Path) -> None:
+    """Check that Bundle.forecast(keys="store=1") says to pass a list of keys instead of
+    reading each character as a key (and failing on 's'), and that a list still works."""
+    bundle = _train(tmp_path, _panel_frame(40), _trainer(2))
+    with pytest.raises(InputSchemaError, match="pass a list of keys"):
+        bundle.forecast(2, keys="store=1")
+    assert set(bundle.forecast(2, keys=[{"store": 1}])["store"].astype(str)) == {"1"}
+
+
 def test_series_shorter_than_its_lags_is_still_forecast(tmp_path: Path) -> None:
     """Check that a series too short for any window gets the simplest method, with the reason."""
     frame = _panel_frame(70)

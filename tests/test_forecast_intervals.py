@@ -295,6 +295,26 @@ def test_series_too_short_for_a_window_get_bands_calibrated_for_them(tmp_path: P
             assert abs(100 * inside.mean() - level) <= 5, (name, level, inside.mean())
 
 
+def test_a_series_of_one_period_borrows_the_panels_relative_scale(tmp_path: Path) -> None:
+    """Check that a series of one period, or of two equal ones, gets bands as wide
+    relative to its level as the panel's median series (not zero wide: one period says
+    nothing of its changes), while a long constant series keeps zero-wide bands."""
+    past, _ = _panel(series=30, periods=40, seed=5)
+    past.loc[past["item"] == "s0", "y"] = 5.0
+    extra = pd.DataFrame({"item": ["one", "two", "two"], "period": [39, 38, 39],
+                          "y": [80.0, 40.0, 40.0]})
+    run = manymodels.train(pd.concat([past, extra], ignore_index=True), SEGMENTER,
+                           _trainer(), out=tmp_path, run_id="thin", track=False, jobs=1)
+    opened = Bundle(run.run_dir)
+    section = opened.manifest.raw["forecast"]["series"]
+    scale = dict(zip((k[0] for k in section["keys"]), section["interval_scale"], strict=True))
+    assert scale["s0"] == 0.0
+    assert scale["one"] > 0 and scale["two"] == pytest.approx(scale["one"] / 2)
+    table = opened.forecast(H).set_index("item")
+    assert (table.loc["one", "hi_80"] > table.loc["one", "forecast"]).all()
+    assert (table.loc["s0", "hi_95"] == table.loc["s0", "forecast"]).all()
+
+
 def test_bands_give_short_rows_their_quantiles() -> None:
     """Check that rows of stored series marked short take the short quantiles, the others
     and a new series (row -1) the panel's."""

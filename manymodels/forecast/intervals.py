@@ -31,7 +31,7 @@ import numpy as np
 from manymodels.forecast.choice import Choice
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.intervals import interval_scale, is_nonnegative
+from manymodels.runtime.intervals import SCALE_SEASONS, interval_scale, is_nonnegative
 
 __all__ = ["LEAST", "calibrate", "conformal_quantile", "recent_scores"]
 
@@ -157,7 +157,7 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
     flat = recent_scores(scores)
-    scales = [interval_scale(y, m) for y in panel.y]
+    scales = _borrowed([interval_scale(y, m) for y in panel.y], panel.y, m)
     method = METHOD
     if not np.isfinite(flat).any():
         flat = _in_sample_scores(panel, scales, h)
@@ -177,6 +177,31 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         return section, scales, None
     section["short"] = group
     return section, scales, [bool(v) for v in short]
+
+
+def _borrowed(scales: list[float], ys: Sequence[np.ndarray], m: int) -> list[float]:
+    """Scales with those of series of one or two equal periods (0: no change to measure,
+    and too few periods to call them constant) borrowed from the panel: the median ratio
+    of a series' scale to its mean absolute value over the same recent periods, times
+    their mean absolute value. Zero-wide bands would
+    claim a certainty one period cannot give."""
+    thin = [i for i, (s, y) in enumerate(zip(scales, ys, strict=True))
+            if s == 0 and 0 < len(y) < 3 and np.any(y != 0)]
+    if not thin:
+        return scales
+    ratios = []
+    for s, y in zip(scales, ys, strict=True):
+        level = (float(np.mean(np.abs(y[-(SCALE_SEASONS + 1) * max(m, 1):])))
+                 if len(y) >= 3 else 0.0)
+        if s > 0 and level > 0:
+            ratios.append(s / level)
+    if not ratios:
+        return scales
+    ratio = float(np.median(ratios))
+    out = list(scales)
+    for i in thin:
+        out[i] = ratio * float(np.mean(np.abs(ys[i])))
+    return out
 
 
 def _short_group(panel: Panel, bt: Backtests, cuts: np.ndarray, choices: Sequence[Choice],

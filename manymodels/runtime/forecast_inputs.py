@@ -63,6 +63,9 @@ def _key_tuples(keys: Any, columns: Sequence[str], fill: str | None = None
                 for row in keys[present].astype(object).to_numpy()]
     if isinstance(keys, Mapping):
         return [_key_of(keys, columns, fill)]
+    if isinstance(keys, (str, bytes)):  # iterated, it would be one key per character
+        raise InputSchemaError(f"keys is the text {keys!r}: pass a list of keys, each a "
+                               f"mapping of {', '.join(columns)} to values (or a DataFrame)")
     out = []
     for key in keys:
         if isinstance(key, Mapping):
