@@ -142,7 +142,10 @@ class Bands:
         when none do); a new series sent with history takes the panel's."""
         if self.short is None or self.short_quantiles is None:
             return None
-        out = np.asarray([row >= 0 and bool(self.short[row]) for row in rows], dtype=bool)
+        index = np.asarray(rows, dtype=np.int64)
+        out = np.zeros(index.size, dtype=bool)
+        stored = index >= 0
+        out[stored] = self.short[index[stored]]
         return out if out.any() else None
 
     def scales_of(self, rows: Sequence[int], tails: np.ndarray) -> np.ndarray:
