@@ -10,6 +10,7 @@ from __future__ import annotations
 import decimal
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from manymodels.errors import DataError
 from manymodels.io import CSV_DELIMITERS, SNIFF_BYTES, sniff_delimiter
 
 __all__ = ["CSV_DELIMITERS", "normalise_types", "parse_time_column", "read_table",
-           "sniff_delimiter", "time_order"]
+           "may_hold_zero_padded", "sniff_delimiter", "time_order", "zero_padded_as_text"]
 
 #: Day-month and month-day layouts tried when a text time column is not ISO 8601.
 _DAY_FIRST = ("%d/%m/%Y", "%d-%m-%Y", "%d.%m.%Y", "%d/%m/%y", "%d/%m/%Y %H:%M",
@@ -52,12 +53,63 @@ def read_table(source: str | os.PathLike[str] | pd.DataFrame, *,
     try:
         if path.suffix.lower() == ".csv":
             sep = _csv_delimiter(path, csv_delimiter)
-            return normalise_types(pd.read_csv(path, sep=sep, encoding="utf-8-sig"))
+            frame = pd.read_csv(path, sep=sep, encoding="utf-8-sig")
+            return normalise_types(zero_padded_as_text(frame, lambda columns: pd.read_csv(
+                path, sep=sep, encoding="utf-8-sig", usecols=columns, dtype=str)))
         if path.suffix.lower() in (".parquet", ".pq") or path.is_dir():
             return normalise_types(pd.read_parquet(path))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .parquet or .csv)")
+
+
+def may_hold_zero_padded(body: bytes, sep: str) -> bool:
+    """Whether a CSV body has a field that starts like ``0042`` or ``"0042"`` (a few
+    vector passes over the bytes, no parse): a body without one needs no second read in
+    :func:`zero_padded_as_text`."""
+    data = np.frombuffer(b"\n\n" + body, dtype=np.uint8)  # two bytes: every field has a start
+    if data.size < 4:
+        return False
+    padded = (data[2:-1] == ord("0")) & (data[3:] >= ord("0")) & (data[3:] <= ord("9"))
+    if not padded.any():
+        return False
+    before = data[1:-2]
+    boundary = (before == ord(sep)) | (before == ord("\n"))
+    quoted = (before == ord('"')) & ((data[:-3] == ord(sep)) | (data[:-3] == ord("\n")))
+    return bool(np.any(padded & (boundary | quoted)))
+
+
+def zero_padded_as_text(frame: pd.DataFrame,
+                        reread: Callable[[list[str]], pd.DataFrame]) -> pd.DataFrame:
+    """A CSV's columns of whole numbers written with leading zeros (store ``0042``, SKU
+    ``000123``) as the text they were written as: codes, not quantities. Read as numbers
+    they become ``42``, a different segment key from the ``0042`` that batch scoring
+    (which reads key columns as text) looks up, so every row silently took a fallback.
+
+    ``reread(columns)`` reads those columns of the same CSV again as text; it is called
+    only when the CSV has a column of whole numbers.
+    """
+    candidates = [str(c) for c in frame.columns if _whole_numbers(frame[c])]
+    if not candidates:
+        return frame
+    text = reread(candidates)
+    padded = [c for c in candidates
+              if text[c].str.fullmatch(r"[+-]?0\d+", na=False).any()]
+    if not padded:
+        return frame
+    out = frame.copy(deep=False)
+    for column in padded:
+        out[column] = text[column].astype(object).where(text[column].notna(), np.nan)
+    return out
+
+
+def _whole_numbers(values: pd.Series) -> bool:
+    if values.dtype.kind in "iu":
+        return True
+    if values.dtype.kind != "f":
+        return False
+    finite = values.to_numpy()[np.isfinite(values.to_numpy())]
+    return bool(finite.size) and bool(np.all(finite == np.round(finite)))
 
 
 def _is_decimal_column(values: pd.Series) -> bool:

@@ -236,8 +236,10 @@ def test_frozen_heap_hands_every_object_back_to_the_collector() -> None:
     gc.freeze()
     try:
         before = gc.get_freeze_count()
+        unfrozen = [[] for _ in range(100)]  # a second freeze would take these in
+        # at most `before`: another thread of the test process may free frozen objects
         with frozen_heap():
-            assert gc.get_freeze_count() == before
-        assert gc.get_freeze_count() == before
+            assert 0 < gc.get_freeze_count() <= before
+        assert 0 < gc.get_freeze_count() <= before and unfrozen
     finally:
         gc.unfreeze()

@@ -8,6 +8,7 @@ spreadsheet. Everything is real: training, ONNX export, packing, the server over
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -250,6 +251,32 @@ def test_a_big_run_prints_no_worker_traceback_and_a_stopped_run_leaves_nothing(
     assert stopped.returncode == 130
     assert "Traceback" not in err and "stopped" in err, err
     assert list((tmp_path / "stopped").iterdir()) == []
+
+
+def test_zero_padded_codes_in_a_csv_stay_the_codes_on_every_path(tmp_path: Path) -> None:
+    """Check that store codes written 0001, 0002 in a CSV train, batch-score and parse from
+    a server's CSV body as those codes: read as numbers they were key 1 in the bundle, and
+    batch (which reads keys as text) sent every row of the same file to a fallback."""
+    from manymodels.batch import score_batch
+    from manymodels.serve.dataplane import parse_csv
+
+    frame = sales(weeks=20)
+    frame["store"] = frame["store"].map(lambda s: f"{int(s):04d}")
+    frame["units"] = np.arange(len(frame)) % 7  # whole numbers, no padding: stay numbers
+    path = tmp_path / "sales.csv"
+    frame.to_csv(path, index=False)
+    run = train(str(path), SEGMENTER, TRAINER, out=tmp_path / "runs", run_id="r",
+                track=False)
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    assert {seg["key"][0] for seg in manifest["segments"]} == {"0001", "0002", "0003", "0099"}
+    summary = score_batch(run.run_dir, path, tmp_path / "out")
+    scored = pd.read_parquet(tmp_path / "out")
+    assert summary.rows_scored == len(frame) and len(scored) == len(frame)
+    own = scored["model"].str.contains("store=0001__brand=alpha", regex=False)
+    assert own.sum() == 20, scored["model"].value_counts().head()
+    table = parse_csv(path.read_bytes())
+    assert table.columns["store"][:2] == ["0001", "0001"]
+    assert isinstance(table.columns["units"][1], int)
 
 
 def test_a_threaded_run_prints_no_library_warnings(tmp_path: Path) -> None:

@@ -195,11 +195,15 @@ def parse_csv(body: bytes) -> Table:
     values is one pass over the whole frame (not one pandas call per column)."""
     import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
 
+    from manymodels.data import may_hold_zero_padded, zero_padded_as_text
     from manymodels.io import sniff_delimiter
 
+    sep = sniff_delimiter(body[:1 << 16])
     try:
-        frame = pd.read_csv(io.BytesIO(body), sep=sniff_delimiter(body[:1 << 16]),
-                            encoding="utf-8-sig")
+        frame = pd.read_csv(io.BytesIO(body), sep=sep, encoding="utf-8-sig")
+        if may_hold_zero_padded(body, sep):  # codes such as 0042 stay text, as in training
+            frame = zero_padded_as_text(frame, lambda columns: pd.read_csv(
+                io.BytesIO(body), sep=sep, encoding="utf-8-sig", usecols=columns, dtype=str))
     except (ValueError, pd.errors.ParserError) as exc:
         raise MalformedBody(f"the CSV body cannot be parsed: {exc}") from None
     if frame.empty:
