@@ -240,6 +240,28 @@ def test_fresher_history_and_update_give_the_same_forecast(tmp_path: Path) -> No
         update_bundle(packed.path, new, out=tmp_path / "again")
 
 
+def test_zero_padded_keys_and_periods_in_csvs_train_forecast_and_update(tmp_path: Path) -> None:
+    """Check that a CSV with store codes 01, 02 and periods 001, 002, ... trains series
+    keyed by the codes (not 1, 2) on integer periods, and that an update CSV written the
+    same way moves their origin."""
+    frame = _panel_frame(30, stores=2, freq=None)
+    frame["store"] = frame["store"].map(lambda s: f"{s:02d}")
+    frame["period"] = frame["week"].map(lambda t: f"{t:03d}")
+    frame = frame.drop(columns="week")
+    old, new = frame[frame["period"] < "125"], frame[frame["period"] >= "125"]
+    old.to_csv(tmp_path / "old.csv", index=False)
+    new.to_csv(tmp_path / "new.csv", index=False)
+    result = manymodels.train(str(tmp_path / "old.csv"), SEGMENTER,
+                              _trainer(2, time_column="period"), out=tmp_path, run_id="r",
+                              track=False)
+    table = manymodels.Bundle(result.run_dir).forecast(2)
+    assert set(table["store"]) == {"01", "02"} and list(table["period"][:2]) == [125, 126]
+    from manymodels.forecast.update import update_bundle
+
+    packed = update_bundle(result.run_dir, tmp_path / "new.csv", out=tmp_path / "updated")
+    assert list(manymodels.Bundle(packed.path).forecast(1)["period"]) == [130, 130]
+
+
 def test_onnx_matches_native_over_the_whole_horizon(tmp_path: Path) -> None:
     """Check that every exported lag model records its full-horizon parity, within tolerance."""
     spec = _trainer(8)

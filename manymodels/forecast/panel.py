@@ -103,9 +103,14 @@ def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
 
 
 def parse_times(values: pd.Series, column: str) -> pd.Series:
-    """Integer periods stay integers; dates (or ISO date text) become timestamps."""
+    """Integer periods stay integers (also written as text, ``007``, as a CSV's
+    zero-padded column is read); dates (or ISO date text) become timestamps."""
     if pd.api.types.is_integer_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
         return values
+    if values.dtype == object or pd.api.types.is_string_dtype(values):
+        numbers = pd.to_numeric(values, errors="coerce")
+        if values.notna().any() and numbers.notna().sum() == values.notna().sum():
+            values = numbers
     if pd.api.types.is_float_dtype(values):
         finite = values.dropna()
         if (finite == finite.round()).all():
