@@ -201,3 +201,19 @@ def test_monitor_imports_no_training_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_actuals_with_zero_padded_ids_join_their_logged_rows(tmp_path: Path) -> None:
+    """Check that actuals whose ids are written 000123 in a CSV join the logged rows of
+    id "000123" (read as the number 123 they joined nothing, and the accuracy silently
+    covered fewer rows)."""
+    from manymodels.monitor.accuracy import join_actuals, read_actuals
+
+    path = tmp_path / "actuals.csv"
+    pd.DataFrame({"order": ["000123", "000124", "125"], "quantity": [1.0, 2.0, 3.0]}) \
+        .to_csv(path, index=False)
+    log = pd.DataFrame({"model": ["m"] * 3, "prediction": [1.5, 2.5, 3.5],
+                        "order": ["000123", "000124", "125"]})
+    joined = join_actuals(log, read_actuals(path), "order", "quantity")
+    assert sorted(joined["order"]) == ["000123", "000124", "125"]
+    assert joined.set_index("order").loc["000124", "actual"] == 2.0
