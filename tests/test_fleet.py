@@ -278,8 +278,12 @@ def test_fleet_up_restarts_a_killed_replica_and_loses_no_request(
             if owner != victim:  # a survivor's models stayed where they were, loaded once
                 assert survivors[owner].get(name) == 1, (name, owner)
                 assert all(survivors[k].get(name, 0) == 0 for k in survivors if k != owner)
-            else:  # the dead replica's models: loaded on one survivor at most
+            elif proxy == "nginx":  # the dead replica's models: on one survivor at most
                 assert sum(s.get(name, 0) for s in survivors.values()) <= 1, name
+            else:  # HAProxy may send a redispatched retry to a ring neighbour of its own
+                # choosing before the ring drops the dead replica (docs/guide/fleet.md), so
+                # such a model may also load where the ring then sends it: once on each
+                assert all(s.get(name, 0) <= 1 for s in survivors.values()), name
         assert _mixed_traffic(url, names, rows) == []  # and the fleet serves on
         # dying again soon after its start doubles the pause before the next start
         os.kill(_stats(members[victim])["pid"], signal.SIGKILL)
