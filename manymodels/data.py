@@ -8,10 +8,11 @@ so a column means the same thing to all of them.
 from __future__ import annotations
 
 import decimal
+import io
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from manymodels.errors import DataError
 from manymodels.io import CSV_DELIMITERS, SNIFF_BYTES, sniff_delimiter
 
 __all__ = ["CSV_DELIMITERS", "normalise_types", "parse_time_column", "read_table",
-           "may_hold_zero_padded", "sniff_delimiter", "time_order", "zero_padded_as_text"]
+           "read_csv_keeping_codes", "sniff_delimiter", "time_order"]
 
 #: Day-month and month-day layouts tried when a text time column is not ISO 8601.
 _DAY_FIRST = ("%d/%m/%Y", "%d-%m-%Y", "%d.%m.%Y", "%d/%m/%y", "%d/%m/%Y %H:%M",
@@ -53,9 +54,8 @@ def read_table(source: str | os.PathLike[str] | pd.DataFrame, *,
     try:
         if path.suffix.lower() == ".csv":
             sep = _csv_delimiter(path, csv_delimiter)
-            frame = pd.read_csv(path, sep=sep, encoding="utf-8-sig")
-            return normalise_types(zero_padded_as_text(frame, lambda columns: pd.read_csv(
-                path, sep=sep, encoding="utf-8-sig", usecols=columns, dtype=str)))
+            return normalise_types(read_csv_keeping_codes(path, sep=sep,
+                                                          encoding="utf-8-sig"))
         if path.suffix.lower() in (".parquet", ".pq") or path.is_dir():
             return normalise_types(pd.read_parquet(path))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -63,10 +63,43 @@ def read_table(source: str | os.PathLike[str] | pd.DataFrame, *,
     raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .parquet or .csv)")
 
 
-def may_hold_zero_padded(body: bytes, sep: str) -> bool:
+def read_csv_keeping_codes(source: str | os.PathLike[str] | bytes, **options: Any
+                           ) -> pd.DataFrame:
+    """``pd.read_csv(source, **options)`` (a path, or a body's bytes), with columns of
+    whole numbers written with leading zeros (store ``0042``, SKU ``000123``) as the text
+    they were written as: codes, not quantities. Read as numbers they become ``42``, a
+    different segment key from the ``0042`` that batch scoring (which reads key columns
+    as text) looks up, so every row silently took a fallback.
+
+    Such columns are read a second time, as text, only when the table has a column of
+    whole numbers, and for a body only when a scan of its bytes finds a field that starts
+    like ``0042``.
+    """
+    def read(**extra: Any) -> pd.DataFrame:
+        return pd.read_csv(io.BytesIO(source) if isinstance(source, bytes) else source,
+                           **options, **extra)
+
+    frame = read()
+    if isinstance(source, bytes) and not _may_hold_zero_padded(source,
+                                                               options.get("sep", ",")):
+        return frame
+    candidates = [str(c) for c in frame.columns if _whole_numbers(frame[c])]
+    if not candidates:
+        return frame
+    text = read(usecols=candidates, dtype=str)
+    padded = [c for c in candidates
+              if text[c].str.fullmatch(r"[+-]?0\d+", na=False).any()]
+    if not padded:
+        return frame
+    out = frame.copy(deep=False)
+    for column in padded:
+        out[column] = text[column].astype(object).where(text[column].notna(), np.nan)
+    return out
+
+
+def _may_hold_zero_padded(body: bytes, sep: str) -> bool:
     """Whether a CSV body has a field that starts like ``0042`` or ``"0042"`` (a few
-    vector passes over the bytes, no parse): a body without one needs no second read in
-    :func:`zero_padded_as_text`."""
+    vector passes over the bytes, no parse)."""
     data = np.frombuffer(b"\n\n" + body, dtype=np.uint8)  # two bytes: every field has a start
     if data.size < 4:
         return False
@@ -79,36 +112,13 @@ def may_hold_zero_padded(body: bytes, sep: str) -> bool:
     return bool(np.any(padded & (boundary | quoted)))
 
 
-def zero_padded_as_text(frame: pd.DataFrame,
-                        reread: Callable[[list[str]], pd.DataFrame]) -> pd.DataFrame:
-    """A CSV's columns of whole numbers written with leading zeros (store ``0042``, SKU
-    ``000123``) as the text they were written as: codes, not quantities. Read as numbers
-    they become ``42``, a different segment key from the ``0042`` that batch scoring
-    (which reads key columns as text) looks up, so every row silently took a fallback.
-
-    ``reread(columns)`` reads those columns of the same CSV again as text; it is called
-    only when the CSV has a column of whole numbers.
-    """
-    candidates = [str(c) for c in frame.columns if _whole_numbers(frame[c])]
-    if not candidates:
-        return frame
-    text = reread(candidates)
-    padded = [c for c in candidates
-              if text[c].str.fullmatch(r"[+-]?0\d+", na=False).any()]
-    if not padded:
-        return frame
-    out = frame.copy(deep=False)
-    for column in padded:
-        out[column] = text[column].astype(object).where(text[column].notna(), np.nan)
-    return out
-
-
 def _whole_numbers(values: pd.Series) -> bool:
     if values.dtype.kind in "iu":
         return True
     if values.dtype.kind != "f":
         return False
-    finite = values.to_numpy()[np.isfinite(values.to_numpy())]
+    array = values.to_numpy()
+    finite = array[np.isfinite(array)]
     return bool(finite.size) and bool(np.all(finite == np.round(finite)))
 
 

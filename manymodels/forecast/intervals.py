@@ -31,7 +31,7 @@ import numpy as np
 from manymodels.forecast.choice import Choice
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.intervals import SCALE_SEASONS, interval_scale, is_nonnegative
+from manymodels.runtime.intervals import interval_scale, is_nonnegative, recent_periods
 
 __all__ = ["LEAST", "calibrate", "conformal_quantile", "recent_scores"]
 
@@ -183,16 +183,15 @@ def _borrowed(scales: list[float], ys: Sequence[np.ndarray], m: int) -> list[flo
     """Scales with those of series of one or two equal periods (0: no change to measure,
     and too few periods to call them constant) borrowed from the panel: the median ratio
     of a series' scale to its mean absolute value over the same recent periods, times
-    their mean absolute value. Zero-wide bands would
-    claim a certainty one period cannot give."""
+    their mean absolute value. Zero-wide bands would claim a certainty one period cannot
+    give."""
     thin = [i for i, (s, y) in enumerate(zip(scales, ys, strict=True))
             if s == 0 and 0 < len(y) < 3 and np.any(y != 0)]
     if not thin:
         return scales
     ratios = []
     for s, y in zip(scales, ys, strict=True):
-        level = (float(np.mean(np.abs(y[-(SCALE_SEASONS + 1) * max(m, 1):])))
-                 if len(y) >= 3 else 0.0)
+        level = float(np.mean(np.abs(recent_periods(y, m)))) if len(y) >= 3 else 0.0
         if s > 0 and level > 0:
             ratios.append(s / level)
     if not ratios:

@@ -92,7 +92,7 @@ def season_length_of(freq: str) -> int:
         return 1
     else:
         season //= multiple
-    return season if season > 1 else 1
+    return season
 
 
 def default_calendar(freq: str, season_length: int) -> tuple[str, ...]:
@@ -226,9 +226,7 @@ def _regular(times: pd.Index, bounds: np.ndarray, freq: str) -> tuple[np.ndarray
     n = len(bounds) - 1
     if n == 0:
         return np.zeros(0, dtype=bool), times
-    inner = np.ones(len(times), dtype=bool)  # row k and row k + 1 in the same series
-    inner[bounds[1:] - 1] = False
-    inner = inner[:-1]
+    inner = _within_series(bounds)
     grid: pd.Index
     if freq == "int":
         if not pd.api.types.is_integer_dtype(times):
@@ -256,14 +254,19 @@ def _regular(times: pd.Index, bounds: np.ndarray, freq: str) -> tuple[np.ndarray
     return on_grid & (broken == 0), grid
 
 
+def _within_series(bounds: np.ndarray) -> np.ndarray:
+    """Per pair of neighbouring rows (k, k + 1) of a panel sorted by series, whether both
+    are in the same series: a step from one series to the next is not a step."""
+    inner = np.ones(int(bounds[-1]), dtype=bool)
+    inner[bounds[1:] - 1] = False
+    return inner[:-1]
+
+
 def _refuse_strided(times: pd.Index, bounds: np.ndarray, time_col: str) -> None:
     """Integer periods that all step by the same k > 1 (0, 10, 20, ...) are not missing
     k - 1 periods between each: say so, instead of advising a gap policy that would fill
     them."""
-    steps = np.diff(np.asarray(times, dtype=np.int64))
-    inner = np.ones(len(steps), dtype=bool)
-    inner[bounds[1:-1] - 1] = False  # a step from one series to the next is not a step
-    steps = np.abs(steps[inner])
+    steps = np.abs(np.diff(np.asarray(times, dtype=np.int64))[_within_series(bounds)])
     stride = int(np.gcd.reduce(steps)) if steps.size else 1
     if stride > 1:
         raise DataError(f"time column '{time_col}' holds integer periods that all step by "

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from manymodels.data import zero_padded_as_text
+from manymodels.data import read_csv_keeping_codes
 from manymodels.errors import DataError
 
 __all__ = ["AccuracyVerdict", "LABEL_METRICS", "higher_is_better", "join_actuals",
@@ -62,8 +62,7 @@ def read_actuals(path: str | os.PathLike[str]) -> pd.DataFrame:
         if file.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(file)
         # ids written 000123 stay that text, as the logged ids they are joined with
-        return zero_padded_as_text(pd.read_csv(file), lambda columns: pd.read_csv(
-            file, usecols=columns, dtype=str))
+        return read_csv_keeping_codes(file)
     except (OSError, ValueError) as exc:
         raise DataError(f"actuals file {file} cannot be read: {exc}") from exc
 

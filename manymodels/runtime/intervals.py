@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["SCALE_SEASONS", "Bands", "band_names", "floor_at_zero", "interval_scale",
-           "is_nonnegative", "nonnegative_rows", "series_scale"]
+           "is_nonnegative", "nonnegative_rows", "recent_periods", "series_scale"]
 
 #: Seasons of seasonal differences (one period each without a season) a series' interval
 #: scale is taken over: its recent changes, not its whole history's.
@@ -63,8 +63,13 @@ def interval_scale(y: np.ndarray, season_length: int) -> float:
     ``SCALE_SEASONS + 1`` seasons (periods without a season), so that a series whose
     changes grew or shrank over its history gets bands of its present size; chosen over
     the whole history on the tuning panels (``benchmarks/forecast_intervals.py``)."""
-    recent = _finite(y)[-(SCALE_SEASONS + 1) * max(int(season_length), 1):]
-    return _scale_of_finite(recent, season_length)
+    return _scale_of_finite(recent_periods(_finite(y), season_length), season_length)
+
+
+def recent_periods(y: np.ndarray, season_length: int) -> np.ndarray:
+    """The last ``SCALE_SEASONS + 1`` seasons of ``y`` (periods without a season): what
+    :func:`interval_scale` measures a series' changes over."""
+    return y[-(SCALE_SEASONS + 1) * max(int(season_length), 1):]
 
 
 def _finite(y: np.ndarray) -> np.ndarray:
@@ -164,19 +169,17 @@ class Bands:
         lower bounds of ``nonnegative`` series stop at 0 where their forecast is not below
         it (a reconciled forecast may be, and its bounds must still hold it); ``short``
         rows (:meth:`short_rows`) take the ``short`` quantiles."""
-        widths = self.half_widths(values.shape[1])
-        short_widths = (self.half_widths(values.shape[1], self.short_quantiles)
-                        if short is not None and self.short_quantiles is not None else None)
+        widths = self.half_widths(values.shape[1])[:, None, :]  # levels, rows, steps
+        if short is not None and self.short_quantiles is not None:
+            widths = np.where(short[None, :, None],
+                              self.half_widths(values.shape[1], self.short_quantiles)[:, None, :],
+                              widths)
         floor = None
         if nonnegative is not None and nonnegative.any():
             floor = nonnegative[:, None] & (values >= 0)
         out: dict[str, np.ndarray] = {}
         for j, level in enumerate(self.levels):
-            if short_widths is None or short is None:
-                half = scales[:, None] * widths[j][None, :]
-            else:
-                half = scales[:, None] * np.where(short[:, None], short_widths[j][None, :],
-                                                  widths[j][None, :])
+            half = scales[:, None] * widths[j]
             lo = values - half
             out[f"lo_{level}"] = lo if floor is None else np.where(floor, np.maximum(lo, 0.0), lo)
             out[f"hi_{level}"] = values + half

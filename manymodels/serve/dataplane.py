@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -195,15 +194,12 @@ def parse_csv(body: bytes) -> Table:
     values is one pass over the whole frame (not one pandas call per column)."""
     import pandas as pd  # the CSV path only (scoring runtimes already depend on it)
 
-    from manymodels.data import may_hold_zero_padded, zero_padded_as_text
+    from manymodels.data import read_csv_keeping_codes
     from manymodels.io import sniff_delimiter
 
-    sep = sniff_delimiter(body[:1 << 16])
-    try:
-        frame = pd.read_csv(io.BytesIO(body), sep=sep, encoding="utf-8-sig")
-        if may_hold_zero_padded(body, sep):  # codes such as 0042 stay text, as in training
-            frame = zero_padded_as_text(frame, lambda columns: pd.read_csv(
-                io.BytesIO(body), sep=sep, encoding="utf-8-sig", usecols=columns, dtype=str))
+    try:  # codes such as 0042 stay text, as in training
+        frame = read_csv_keeping_codes(body, sep=sniff_delimiter(body[:1 << 16]),
+                                       encoding="utf-8-sig")
     except (ValueError, pd.errors.ParserError) as exc:
         raise MalformedBody(f"the CSV body cannot be parsed: {exc}") from None
     if frame.empty:
