@@ -22,13 +22,19 @@ import manymodels
 from manymodels.batch import score_batch
 from manymodels.bundle import package_run
 from manymodels.errors import SpecError
-from manymodels.forecast.intervals import _step_quantiles, conformal_quantile, recent_scores
+from manymodels.forecast.intervals import (
+    _step_quantiles,
+    conformal_quantile,
+    new_lengths,
+    recent_scores,
+)
 from manymodels.runtime import Bundle
 from manymodels.runtime.intervals import (
     SCALE_SEASONS,
     Bands,
     floor_at_zero,
     interval_scale,
+    length_bucket,
     series_scale,
 )
 from manymodels.serve.settings import ServeSettings
@@ -114,9 +120,12 @@ def test_intervals_are_ordered_and_finite(bundle: Path, expected: pd.DataFrame,
     assert all(w[-1] > w[H - 1] for w in width)  # steps past the horizon widen
     section = opened.manifest.raw["forecast"]
     assert fresh["method"].iloc[0] == "fallback"
-    s = interval_scale(new["y"].to_numpy()[-len(section["series"]["tail"][0]):], 12)
-    q = section["intervals"]["quantiles"]["80"][0]
-    assert fresh["hi_80"].iloc[0] - fresh["forecast"].iloc[0] == pytest.approx(q * s)
+    # its 72 periods: the new series' quantiles of the longest length (52), and the scale
+    # of its recent seasons, as a stored series'
+    assert section["intervals"]["new"]["lengths"][-1] < len(new)
+    q = section["intervals"]["new"]["quantiles"]["80"][-1][0]
+    assert fresh["hi_80"].iloc[0] - fresh["forecast"].iloc[0] == pytest.approx(
+        q * interval_scale(new["y"].to_numpy(), 12))
 
 
 def test_interval_scale_is_the_recent_seasons_scale(bundle: Path,
@@ -326,6 +335,70 @@ def test_bands_give_short_rows_their_quantiles() -> None:
     out = bands.apply(np.zeros((3, 2)), np.ones(3), None, short)
     assert out["hi_80"].tolist() == [[1.0, 2.0], [5.0, 6.0], [1.0, 2.0]]
     assert bands.short_rows([0, -1]) is None
+
+
+def test_new_series_sent_with_history_get_bands_calibrated_for_their_length(
+        tmp_path: Path) -> None:
+    """Check that new series sent with 2-30 periods of history (forecast by the fallback
+    global model from those alone, with a scale from them) cover their future within 5
+    points of nominal, with quantiles by length in the manifest: with the panel's
+    quantiles they covered about two thirds at 80%."""
+    past, _ = _panel(series=120, periods=72, seed=21)
+    run = manymodels.train(past, SEGMENTER, _trainer(), out=tmp_path, run_id="new",
+                           track=False, jobs=1)
+    opened = Bundle(run.run_dir)
+    section = opened.manifest.raw["forecast"]
+    group = section["intervals"]["new"]
+    tail = max(len(t) for t in section["series"]["tail"])  # the bundle keeps this many
+    assert group["lengths"] == new_lengths(tail, 12) and group["lengths"][0] == 1
+    rng = np.random.default_rng(23)
+    parts = [_panel(series=1, periods=int(rng.integers(40, 60)), seed=23_000 + s)
+             for s in range(200)]
+    history, future = [], []
+    for s, (p, f) in enumerate(parts):
+        keep = int(rng.integers(2, 31))
+        history.append(p.iloc[-keep:].assign(item=f"new-{s}"))
+        future.append(f.assign(item=f"new-{s}"))
+    table = opened.forecast(H, history=pd.concat(history, ignore_index=True))
+    joined = table.merge(pd.concat(future, ignore_index=True), on=["item", "period"])
+    assert len(joined) == 200 * H and np.isfinite(joined[["forecast", *BANDS]]).all().all()
+    # the ridge fallback takes no missing lag: a history shorter than its window is naive
+    window = tail  # the lags and the difference (13 periods) here
+    sent = joined["item"].map(pd.concat(history).groupby("item").size())
+    assert ((joined["method"] == "naive") == (sent < window)).all()
+    for level in (80, 95):
+        inside = (joined["y"] >= joined[f"lo_{level}"]) & (joined["y"] <= joined[f"hi_{level}"])
+        assert abs(100 * inside.mean() - level) <= 5, (level, inside.mean())
+    one = opened.forecast(H, history=pd.DataFrame({"item": ["solo"], "period": [71],
+                                                   "y": [120.0]}))
+    assert (one["hi_80"] > one["forecast"]).all()  # one period: the panel's relative scale
+
+
+def test_bands_give_new_rows_the_quantiles_of_their_length() -> None:
+    """Check that a new series (row < 0) takes the ``new`` quantiles of the longest
+    calibrated length its tail reaches, a stored series the panel's."""
+    new_q = np.asarray([[[3.0, 3.0]], [[2.0, 2.0]], [[1.5, 1.5]]])  # lengths, levels, steps
+    bands = Bands((80,), np.asarray([[1.0, 1.0]]), np.asarray([1.0]), 1, None, None,
+                  np.asarray([1, 2, 4]), new_q, 0.1)
+    tails = np.full((4, 5), np.nan)
+    tails[1, -1:] = 7.0
+    tails[2, -3:] = [1.0, 2.0, 3.0]
+    tails[3, :] = np.arange(5.0)
+    rows = [0, -1, -2, -3]
+    new = bands.new_rows(rows, tails)
+    assert new is not None and new.tolist() == [-1, 0, 1, 2]
+    out = bands.apply(np.zeros((4, 2)), np.ones(4), None, None, new)
+    assert out["hi_80"][:, 0].tolist() == [1.0, 3.0, 2.0, 1.5]
+    assert bands.new_rows([0], tails[:1]) is None
+    assert bands.scales_of([-1], tails[1:2])[0] == pytest.approx(0.7)  # 0.1 x |7|
+    # the whole history sent, not the tail kept: its length and its scale
+    sent = {0: np.asarray([0.0, 2.0, 4.0, 6.0, 8.0])}
+    assert bands.new_rows([-1], tails[1:2], sent).tolist() == [2]
+    assert bands.scales_of([-1], tails[1:2], sent)[0] == pytest.approx(2.0)
+    assert length_bucket(np.asarray([1, 2, 4]), np.asarray([0, 1, 3, 9])).tolist() == [
+        -1, 0, 1, 2]
+    assert new_lengths(13, 12) == [1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 28, 37, 49, 52]
+    assert new_lengths(2, 1) == [1, 2, 3, 4, 5, 7, 8]
 
 
 def test_conformal_quantile_and_steps_short_of_scores() -> None:

@@ -29,9 +29,18 @@ from typing import Any
 import numpy as np
 
 from manymodels.forecast.choice import Choice
+from manymodels.forecast.features import series_scales, tails_at
+from manymodels.forecast.learners import forecast_with, native_predict
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.intervals import interval_scale, is_nonnegative, recent_periods
+from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
+from manymodels.runtime.intervals import (
+    SCALE_SEASONS,
+    interval_scale,
+    is_nonnegative,
+    recent_periods,
+    thin_scale,
+)
 
 __all__ = ["LEAST", "calibrate", "conformal_quantile", "recent_scores"]
 
@@ -42,6 +51,10 @@ METHOD = ("split conformal on backtest errors, scaled per series, pooled across 
 #: Scaled errors per step the latest window must hold to calibrate alone (one window of
 #: a panel of at least this many series); older windows join a smaller panel's.
 LEAST = 100
+
+#: Series cut to each length for a new series' quantiles: enough for a 95% quantile per
+#: step within about 1.5 points, in a fraction of a second on any panel.
+NEW_SERIES = 200
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
@@ -122,13 +135,16 @@ def _honest_forecasts(bt: Backtests, errors: np.ndarray, choices: Sequence[Choic
 def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
               choices: Sequence[Choice], blend: int, levels: Sequence[int],
               excluded: Mapping[tuple[str, int | None], str] | None = None,
-              reconcile: Callable[[np.ndarray], np.ndarray] | None = None
+              reconcile: Callable[[np.ndarray], np.ndarray] | None = None,
+              fallback: tuple[str, FeatureSpec] | None = None
               ) -> tuple[dict[str, Any], list[float], list[bool] | None]:
     """The manifest's ``intervals`` section, every series' scale, and which series take
     the ``short`` quantiles (``None`` when there are none: every series had a window).
 
     ``reconcile`` maps backtest forecasts (series, windows, h) to their reconciled values
     when the levels are reconciled: the bands then cover the forecasts that are served.
+    ``fallback`` (the global lag method serving new series, and the panel's feature spec)
+    adds the quantiles of a new series sent with history (see `_new_group`).
 
     The section holds the levels, a quantile per level and step (in units of a series'
     scale), the scaled errors each step was calibrated on, and the backtest coverage of
@@ -171,6 +187,11 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(h)],
         "backtest_coverage": _held_out_coverage(scores, residual, scale, levels),
     }
+    ratio = _level_ratio(panel.y, m)
+    if fallback is not None:
+        new = _new_group(panel, bt, cuts, *fallback, levels, ratio)
+        if new is not None:
+            section["new"] = new
     short = np.asarray((cuts <= 0).all(axis=0), dtype=bool)
     group = _short_group(panel, bt, cuts, choices, short, floor, levels) if short.any() else None
     if group is None:
@@ -179,28 +200,128 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     return section, scales, [bool(v) for v in short]
 
 
-def _borrowed(scales: list[float], ys: Sequence[np.ndarray], m: int) -> list[float]:
-    """Scales with those of series of one or two equal periods (0: no change to measure,
-    and too few periods to call them constant) borrowed from the panel: the median ratio
-    of a series' scale to its mean absolute value over the same recent periods, times
-    their mean absolute value. Zero-wide bands would claim a certainty one period cannot
-    give."""
-    thin = [i for i, (s, y) in enumerate(zip(scales, ys, strict=True))
-            if s == 0 and 0 < len(y) < 3 and np.any(y != 0)]
-    if not thin:
-        return scales
+def _level_ratio(ys: Sequence[np.ndarray], m: int) -> float | None:
+    """The panel's median ratio of a series' interval scale to its mean absolute value
+    over the same recent periods (``None`` when no series has both)."""
     ratios = []
-    for s, y in zip(scales, ys, strict=True):
-        level = float(np.mean(np.abs(recent_periods(y, m)))) if len(y) >= 3 else 0.0
+    for y in ys:
+        if len(y) < 3:
+            continue
+        s = interval_scale(y, m)
+        level = float(np.mean(np.abs(recent_periods(y, m))))
         if s > 0 and level > 0:
             ratios.append(s / level)
-    if not ratios:
+    return float(np.median(ratios)) if ratios else None
+
+
+def _borrowed(scales: list[float], ys: Sequence[np.ndarray], m: int) -> list[float]:
+    """Scales with those of series of one or two equal periods borrowed from the panel
+    (:func:`~manymodels.runtime.intervals.thin_scale`)."""
+    thin = [i for i, (s, y) in enumerate(zip(scales, ys, strict=True))
+            if s == 0 and 0 < len(y) < 3]
+    if not thin:
         return scales
-    ratio = float(np.median(ratios))
+    ratio = _level_ratio(ys, m)
     out = list(scales)
     for i in thin:
-        out[i] = ratio * float(np.mean(np.abs(ys[i])))
+        out[i] = thin_scale(ys[i], scales[i], ratio)
     return out
+
+
+def new_lengths(tail_length: int, season_length: int) -> list[int]:
+    """The history lengths a new series' quantiles are calibrated for: 1-4 periods, then
+    about a third more each, up to four tails or the periods of a stored series' interval
+    scale (:data:`~manymodels.runtime.intervals.SCALE_SEASONS` + 1 seasons and one),
+    whichever is longer; a longer history takes the longest's."""
+    longest = max(4 * tail_length, (SCALE_SEASONS + 1) * max(season_length, 1) + 1)
+    out, k = [], 1
+    while k < longest:
+        out.append(k)
+        k = k + 1 if k < 4 else max(k + 1, round(k * 4 / 3))
+    return [*out, longest]
+
+
+def _new_group(panel: Panel, bt: Backtests, cuts: np.ndarray, label: str, spec: FeatureSpec,
+               levels: Sequence[int], ratio: float | None) -> dict[str, Any] | None:
+    """Quantiles for a new series sent with history, by its length (`new_lengths`): it is
+    forecast by the fallback global lag model from only the periods it sent, with a scale
+    from them, and none of the pooled errors came from such a forecast (from 2-20
+    periods they covered about two thirds of the values the panel's quantiles promised
+    80% of). So at the latest window each series is cut to its last few periods before
+    the cutoff, as if it were new, and the window's fallback model forecasts it from those
+    alone; the errors, scaled by the scale of those periods, give each length its
+    quantiles. ``None`` without the window's fallback model, or with known-future
+    covariates (a new series needs its own)."""
+    pipe = bt.latest.get(label)
+    if (pipe is None and label not in BUILTINS) or spec.known_future or not len(cuts):
+        return None
+    w = cuts.shape[0] - 1
+    members = np.flatnonzero(cuts[w] > 0)
+    lengths = new_lengths(spec.tail_length, panel.season_length)
+    pairs = []
+    for n in lengths:  # at most NEW_SERIES of them each, spread over the panel
+        long_enough = members[cuts[w, members] >= n]
+        if len(long_enough) > NEW_SERIES:
+            long_enough = long_enough[np.linspace(0, len(long_enough) - 1,
+                                                  NEW_SERIES).round().astype(np.int64)]
+        pairs.extend((int(i), n) for i in long_enough)
+    if not pairs:
+        return None
+    cut = np.asarray([n for _, n in pairs], dtype=np.int64)
+    ys = [panel.y[i][int(cuts[w, i]) - n: int(cuts[w, i])] for i, n in pairs]
+    unseen = tuple("\x00new" for _ in panel.key_columns)  # a key no model was fitted on
+    cut_panel = Panel(panel.key_columns, [unseen] * len(pairs), ys,
+                      [panel.times[i][int(cuts[w, i]) - n: int(cuts[w, i])] for i, n in pairs],
+                      panel.freq, panel.season_length, panel.time_column, panel.target,
+                      key_texts=[unseen] * len(pairs))
+    h = bt.actual.shape[2]
+    tails = tails_at(cut_panel, range(len(pairs)), cut, spec.tail_length)
+    if pipe is None:  # a builtin, from the same tails the runtime keeps
+        values = builtin_forecast(tails, label, panel.season_length, h)
+    else:
+        values = _fallback_forecasts(pipe, cut_panel, spec, cut, h)
+        # as served: what the model cannot forecast (missing lags it takes no NaN for) naive
+        bad = ~np.isfinite(values).all(axis=1)
+        values[bad] = builtin_forecast(tails[bad], "naive", 1, h)
+    floor = np.asarray([is_nonnegative(y) for y in ys], dtype=bool)
+    values = np.where(floor[:, None], np.maximum(values, 0.0), values)
+    m = panel.season_length
+    scale = np.asarray([thin_scale(y, interval_scale(y, m), ratio) for y in ys])
+    actual = bt.actual[[i for i, _ in pairs], w]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(scale[:, None] > 0, np.abs(actual - values) / scale[:, None], np.nan)
+    quantiles = np.zeros((len(lengths), len(levels), h))
+    for k, n in enumerate(lengths):
+        at = cut == n
+        if np.isfinite(scores[at]).any():
+            q = _step_quantiles(scores[at], levels)
+            quantiles[k] = np.where(np.isfinite(q), q, 0.0)
+        elif k:  # too few series this long: the shorter length's, wider if anything
+            quantiles[k] = quantiles[k - 1]
+    return {"method": f"{label} at the latest window, each series cut to its last few "
+                      f"periods before the cutoff and forecast from them alone",
+            "lengths": lengths, "level_ratio": ratio,
+            "quantiles": {str(v): quantiles[:, j].tolist() for j, v in enumerate(levels)},
+            "series": [int((cut == n).sum()) for n in lengths]}
+
+
+def _fallback_forecasts(pipe: Any, cut_panel: Panel, spec: FeatureSpec, cut: np.ndarray,
+                        h: int) -> np.ndarray:
+    """The fallback model's forecasts of the cut series (NaN where it cannot make them:
+    a scikit-learn estimator refuses the missing lags of a history shorter than its
+    window, which its ONNX graph turns into NaN)."""
+    scales = series_scales(cut_panel, spec, cut)
+    try:
+        return forecast_with(native_predict(pipe), cut_panel, spec, range(len(cut)), cut,
+                             scales, h)
+    except ValueError:
+        pass
+    values = np.full((len(cut), h), np.nan)
+    full = np.flatnonzero(cut >= spec.window + spec.differences)  # no missing lag
+    if full.size:
+        values[full] = forecast_with(native_predict(pipe), cut_panel, spec, full.tolist(), cut,
+                                     scales, h)
+    return values
 
 
 def _short_group(panel: Panel, bt: Backtests, cuts: np.ndarray, choices: Sequence[Choice],

@@ -61,6 +61,9 @@ class Backtests:
     #: Statistical models already estimated on every period, by (method, series): the
     #: exported models when those series choose the method.
     final: dict[tuple[str, int], FittedStat | None] = field(default_factory=dict)
+    #: The global lag methods' models fitted at the latest window, by label: what a new
+    #: series' intervals are calibrated with (:func:`~manymodels.forecast.intervals.calibrate`).
+    latest: dict[str, Any] = field(default_factory=dict)
 
     def errors(self, metric: str) -> np.ndarray:
         """(series, methods, windows) errors, NaN where the window is missing."""
@@ -183,6 +186,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
     scale = np.full((n, windows), np.nan)
     forecasts = {label: np.full((n, windows, h), np.nan) for label in methods.labels}
     seconds: dict[str, float] = {label: 0.0 for label in methods.labels}
+    latest: dict[str, Any] = {}
     # the statistical fits run in the worker processes while this one runs the lag models
     stats = background(_stat_backtests, panel, methods.stats, cuts, h, jobs, ets_search,
                        stat_windows == "refit", run=jobs > 1)
@@ -203,8 +207,10 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
         shared = RowsAtCut(panel, spec, members, cut, h)
         for method in methods.lag:
             started = time.perf_counter()
-            values, _ = _forecast_lag(panel, spec, method, cut, members, h, seed, shared,
-                                      threads)
+            values, fits = _forecast_lag(panel, spec, method, cut, members, h, seed, shared,
+                                         threads)
+            if w == windows - 1 and not method.columns and () in fits:
+                latest[method.label] = fits[()]
             forecasts[method.label][idx, w] = values
             seconds[method.label] += time.perf_counter() - started
     final: dict[tuple[str, int], FittedStat | None] = {}
@@ -212,7 +218,7 @@ def run_backtests(panel: Panel, spec: FeatureSpec, methods: MethodSet, cuts: np.
         forecasts[label] = values
         final.update({(label, i): f for i, f in fits.items()})
         seconds[label] += spent
-    return Backtests(methods.labels, forecasts, actual, scale, seconds, final)
+    return Backtests(methods.labels, forecasts, actual, scale, seconds, final, latest)
 
 
 def _stat_backtests(panel: Panel, labels: Sequence[str], cuts: np.ndarray, h: int, jobs: int,

@@ -198,8 +198,12 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
             backtests, choices, list(dict.fromkeys([tr_spec.metric, *TRACKED_METRICS])))
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
+        # new series sent with history are forecast by the fallback (none: refused)
+        serving = fallback[0].get("builtin") or final.fallback_label(
+            methods, backtests.labels, errors, excluded)
         intervals = (calibrate(panel, backtests, errors, cuts, choices, fc.blend, fc.levels,
-                               excluded, reconcile) if fc.levels else None)
+                               excluded, reconcile, (serving, spec))
+                     if fc.levels else None)
         if intervals is not None:
             summary["interval_coverage"] = intervals[0]["backtest_coverage"]
         manifest = final.manifest(routes, fallback, summary, environment or {}, intervals)
@@ -244,7 +248,7 @@ class _Final:
         for i, choice in enumerate(choices):
             for member in choice.members:
                 users.setdefault(member, []).append(i)
-        fallback_label = self._fallback_label(methods, labels, errors, excluded)
+        fallback_label = self.fallback_label(methods, labels, errors, excluded)
         if fallback_label in by_label:
             users.setdefault(fallback_label, [])
         files: dict[tuple[str, int], str] = {}
@@ -306,7 +310,7 @@ class _Final:
         self.stat_seconds += time.perf_counter() - started
         return fits
 
-    def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
+    def fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
                         excluded: Mapping[tuple[str, int | None], str]) -> str:
         """The global lag method with the lowest mean backtest error: serves new series."""
         best, label = np.inf, ""

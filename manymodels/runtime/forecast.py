@@ -283,6 +283,10 @@ class SeriesState:
     loc: np.ndarray
     scale: np.ndarray
     keys: list[tuple[str, ...]] = field(default_factory=list)  # normalised segment keys
+    #: Rows of new series served naive: the fallback could not forecast their history.
+    naive: set[int] = field(default_factory=set)
+    #: The whole history each new series was sent with, by row (its bands' scale and length).
+    sent: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,9 @@ class Forecaster:
         """Interval bounds (series, steps) around the point forecasts ``values``."""
         if self.bands is None:
             return {}
-        return self.bands.apply(values, self.bands.scales_of(rows, state.tails), nonnegative,
-                                self.bands.short_rows(rows))
+        return self.bands.apply(values, self.bands.scales_of(rows, state.tails, state.sent),
+                                nonnegative, self.bands.short_rows(rows),
+                                self.bands.new_rows(rows, state.tails, state.sent))
 
     def _nonnegative(self, rows: list[int], state: SeriesState, history: pd.DataFrame | None
                      ) -> np.ndarray:
@@ -328,6 +329,7 @@ class Forecaster:
                 joined = y
                 if rows[r] < 0:
                     loc[r], scale[r] = loc_scale(y, self.spec)
+                    state.sent[r] = y
             tail = joined[-width:]
             tails[r] = np.nan
             tails[r, width - len(tail):] = tail
@@ -447,6 +449,19 @@ class Forecaster:
 
     def _run(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
              ) -> np.ndarray:
+        """:meth:`_routed`, with a new series the fallback model cannot forecast (a
+        history shorter than its lags, for a model that takes no missing lag) served
+        naive, as a stored series too short for a backtest window is: never NaN."""
+        out = self._routed(rows, state, h, future)
+        if min(rows, default=0) < 0:
+            fresh = np.flatnonzero((np.asarray(rows) < 0) & ~np.isfinite(out).all(axis=1))
+            if fresh.size:
+                out[fresh] = builtin_forecast(state.tails[fresh], "naive", 1, h)
+                state.naive.update(fresh.tolist())
+        return out
+
+    def _routed(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
+                ) -> np.ndarray:
         """Each series' weighted sum of its members' forecasts, in route order; a model
         that several series use runs once for all of them (one ONNX run per step)."""
         n = len(rows)
@@ -543,6 +558,7 @@ class Forecaster:
             if found is None:
                 found = memo[last] = future_periods(last, self.freq, h)
             times.append(found)
-        methods = [self.routes[r].method if r >= 0 else "fallback" for r in rows]
+        methods = [self.routes[r].method if r >= 0 else
+                   "naive" if k in state.naive else "fallback" for k, r in enumerate(rows)]
         return ForecastTable(self.key_columns, self.time_column, list(state.keys), times,
                              values, methods, dict(bands))

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["SCALE_SEASONS", "Bands", "band_names", "floor_at_zero", "interval_scale",
-           "is_nonnegative", "nonnegative_rows", "recent_periods", "series_scale"]
+           "is_nonnegative", "length_bucket", "nonnegative_rows", "recent_periods",
+           "series_scale", "thin_scale"]
 
 #: Seasons of seasonal differences (one period each without a season) a series' interval
 #: scale is taken over: its recent changes, not its whole history's.
@@ -72,6 +73,23 @@ def recent_periods(y: np.ndarray, season_length: int) -> np.ndarray:
     return y[-(SCALE_SEASONS + 1) * max(int(season_length), 1):]
 
 
+def thin_scale(y: np.ndarray, scale: float, ratio: float | None) -> float:
+    """``scale``, or for a series of one or two equal periods (no change to measure, and
+    too few periods to call it constant) ``ratio`` (the panel's median scale over mean
+    absolute value) times its mean absolute value: zero-wide bands would claim a
+    certainty one period cannot give."""
+    y = _finite(y)
+    if scale == 0 and ratio and 0 < len(y) < 3 and np.any(y != 0):
+        return float(ratio) * float(np.mean(np.abs(y)))
+    return scale
+
+
+def length_bucket(lengths: np.ndarray, periods: np.ndarray) -> np.ndarray:
+    """Index of the largest of the ascending ``lengths`` at most each of ``periods``
+    (-1 below the first)."""
+    return np.searchsorted(np.asarray(lengths), np.asarray(periods), side="right") - 1
+
+
 def _finite(y: np.ndarray) -> np.ndarray:
     """A series' values without the gaps (a stored tail is padded on the left)."""
     y = np.asarray(y, dtype=np.float64)
@@ -106,6 +124,12 @@ class Bands:
     #: Quantiles of the series too short for a backtest window (``short``), if any.
     short_quantiles: np.ndarray | None = None
     short: np.ndarray | None = None  # (series,) bool
+    #: Quantiles of a new series sent with history (``new``), by how many periods it sent:
+    #: (lengths, levels, steps) for the ascending ``new_lengths``.
+    new_lengths: np.ndarray | None = None
+    new_quantiles: np.ndarray | None = None
+    #: The panel's median scale over mean absolute value (:func:`thin_scale`).
+    level_ratio: float | None = None
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], season_length: int) -> Bands | None:
@@ -123,8 +147,14 @@ class Bands:
             short_quantiles = np.asarray([group["quantiles"][str(v)] for v in levels],
                                          dtype=np.float64)
             short = np.asarray([bool(f) for f in flags], dtype=bool)
+        new, new_lengths, new_quantiles, ratio = raw.get("new"), None, None, None
+        if isinstance(new, Mapping):  # bundles trained before it: the panel's quantiles
+            new_lengths = np.asarray(new["lengths"], dtype=np.int64)
+            new_quantiles = np.asarray([new["quantiles"][str(v)] for v in levels],
+                                       dtype=np.float64).transpose(1, 0, 2)
+            ratio = new.get("level_ratio")
         return cls(levels, quantiles, np.asarray(scales, dtype=np.float64), season_length,
-                   short_quantiles, short)
+                   short_quantiles, short, new_lengths, new_quantiles, ratio)
 
     @property
     def names(self) -> list[str]:
@@ -153,27 +183,56 @@ class Bands:
         out[stored] = self.short[index[stored]]
         return out if out.any() else None
 
-    def scales_of(self, rows: Sequence[int], tails: np.ndarray) -> np.ndarray:
+    def new_rows(self, rows: Sequence[int], tails: np.ndarray,
+                 sent: Mapping[int, np.ndarray] | None = None) -> np.ndarray | None:
+        """Per forecast row, which of the ``new`` quantiles a new series takes (by the
+        periods it was ``sent``, by row; else those of its tail), -1 for a stored series;
+        ``None`` when no row takes them."""
+        if self.new_lengths is None or self.new_quantiles is None:
+            return None
+        index = np.asarray(rows, dtype=np.int64)
+        fresh = np.flatnonzero(index < 0)
+        if not fresh.size:
+            return None
+        sent = sent or {}
+        periods = np.asarray([len(sent[r]) if r in sent else int(np.isfinite(tails[r]).sum())
+                              for r in fresh.tolist()], dtype=np.int64)
+        out = np.full(index.size, -1, dtype=np.int64)
+        out[fresh] = np.maximum(length_bucket(self.new_lengths, periods), 0)
+        return out
+
+    def scales_of(self, rows: Sequence[int], tails: np.ndarray,
+                  sent: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
         """Scales of the forecast rows: stored for known series (``rows[r] >= 0``), from
-        the tail a new series was sent with otherwise."""
+        the history a new series was ``sent`` with (by row; else its tail) otherwise, as
+        a stored series' from its training periods."""
         out = np.empty(len(rows))
+        sent = sent or {}
         for r, row in enumerate(rows):
-            out[r] = (self.scales[row] if row >= 0
-                      else interval_scale(tails[r], self.season_length))
+            if row >= 0:
+                out[r] = self.scales[row]
+                continue
+            y = sent.get(r, tails[r])
+            out[r] = thin_scale(y, interval_scale(y, self.season_length), self.level_ratio)
         return np.where(np.isfinite(out) & (out > 0), out, 0.0)
 
     def apply(self, values: np.ndarray, scales: np.ndarray,
-              nonnegative: np.ndarray | None = None, short: np.ndarray | None = None
-              ) -> dict[str, np.ndarray]:
+              nonnegative: np.ndarray | None = None, short: np.ndarray | None = None,
+              new: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``lo_<level>``/``hi_<level>`` arrays shaped like ``values`` (series, steps);
         lower bounds of ``nonnegative`` series stop at 0 where their forecast is not below
         it (a reconciled forecast may be, and its bounds must still hold it); ``short``
-        rows (:meth:`short_rows`) take the ``short`` quantiles."""
-        widths = self.half_widths(values.shape[1])[:, None, :]  # levels, rows, steps
+        rows (:meth:`short_rows`) take the ``short`` quantiles, ``new`` rows
+        (:meth:`new_rows`) the ``new`` quantiles of their length."""
+        h = values.shape[1]
+        widths = self.half_widths(h)[:, None, :]  # levels, rows, steps
         if short is not None and self.short_quantiles is not None:
             widths = np.where(short[None, :, None],
-                              self.half_widths(values.shape[1], self.short_quantiles)[:, None, :],
-                              widths)
+                              self.half_widths(h, self.short_quantiles)[:, None, :], widths)
+        if new is not None and self.new_quantiles is not None:
+            by_length = np.stack([self.half_widths(h, q) for q in self.new_quantiles])
+            picked = by_length[np.maximum(new, 0)].transpose(1, 0, 2)  # levels, rows, steps
+            widths = np.where((new >= 0)[None, :, None], picked, widths)
         floor = None
         if nonnegative is not None and nonnegative.any():
             floor = nonnegative[:, None] & (values >= 0)
