@@ -258,7 +258,7 @@ def _new_group(panel: Panel, bt: Backtests, cuts: np.ndarray, label: str, spec: 
     w = cuts.shape[0] - 1
     members = np.flatnonzero(cuts[w] > 0)
     lengths = new_lengths(spec.tail_length, panel.season_length)
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for n in lengths:  # at most NEW_SERIES of them each, spread over the panel
         long_enough = members[cuts[w, members] >= n]
         if len(long_enough) > NEW_SERIES:
@@ -287,7 +287,7 @@ def _new_group(panel: Panel, bt: Backtests, cuts: np.ndarray, label: str, spec: 
     values = np.where(floor[:, None], np.maximum(values, 0.0), values)
     m = panel.season_length
     scale = np.asarray([thin_scale(y, interval_scale(y, m), ratio) for y in ys])
-    actual = bt.actual[[i for i, _ in pairs], w]
+    actual = bt.actual[np.asarray([i for i, _ in pairs], dtype=np.int64), w]
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(scale[:, None] > 0, np.abs(actual - values) / scale[:, None], np.nan)
     quantiles = np.zeros((len(lengths), len(levels), h))

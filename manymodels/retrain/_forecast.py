@@ -34,7 +34,7 @@ from manymodels.forecast.panel import Panel, build_panel
 from manymodels.forecast.update import move_origins
 from manymodels.runtime import MANIFEST_FILE, Bundle
 from manymodels.runtime.forecast import FeatureSpec
-from manymodels.runtime.intervals import interval_scale
+from manymodels.runtime.intervals import interval_scale, thin_scale
 from manymodels.specs import SegmenterSpec, TrainerSpec
 
 from ._merge import is_worse, relative_gain
@@ -408,7 +408,8 @@ def merge_forecast(plan: ForecastPlan, champion: Bundle, challenger_dir: Path | 
         if "intervals" in new_section:  # calibrated on the newest backtests
             section = {**section, "intervals": new_section["intervals"]}
         if "intervals" in section:
-            _fill_interval_scales(series, plan.panel)
+            _fill_interval_scales(series, plan.panel,
+                                  section["intervals"].get("new", {}).get("level_ratio"))
         report = _by_segment(report, pd.read_parquet(challenger_dir / "report.parquet"), taken)
         for name in tables:
             if (challenger_dir / name).is_file():
@@ -440,15 +441,17 @@ def merge_forecast(plan: ForecastPlan, champion: Bundle, challenger_dir: Path | 
     return MergedForecast(raw, sources, report, tables)
 
 
-def _fill_interval_scales(series: dict[str, Any], panel: Panel) -> None:
-    """Interval scales the side a series came from lacked, from its periods (as training
-    computes them)."""
+def _fill_interval_scales(series: dict[str, Any], panel: Panel, ratio: float | None) -> None:
+    """Interval scales the side a series came from lacked, from its periods as training
+    computes them (one or two equal periods borrow the panel's ``ratio``)."""
     scales = series.setdefault("interval_scale", [None] * len(series["keys"]))
     where = {tuple(k): i for i, k in enumerate(panel.key_texts)}
+    m = panel.season_length
     for j, key in enumerate(series["keys"]):
         if scales[j] is None:
             i = where.get(tuple(str(v) for v in key))
-            scales[j] = 0.0 if i is None else interval_scale(panel.y[i], panel.season_length)
+            scales[j] = 0.0 if i is None else thin_scale(
+                panel.y[i], interval_scale(panel.y[i], m), ratio)
 
 
 def _regular_rows(panel: Panel) -> pd.DataFrame:
