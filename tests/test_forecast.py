@@ -431,6 +431,35 @@ def test_features_without_scale_on_read_as_levels() -> None:
     assert not np.allclose(run(moved), run(spec))
 
 
+def test_history_overlapping_the_stored_tail_is_written_over_it(tmp_path: Path) -> None:
+    """Check that history sent for a stored series that overlaps its tail (a nightly
+    extract of the last weeks, or corrected values) is written over the periods they
+    share, the stored ones around it kept: resending the last 3 stored weeks gives the
+    stored forecast (it replaced the tail and forecast NaN, 3 weeks being fewer than the
+    ridge's lags); a corrected week inside the tail keeps the origin and moves the
+    forecast; a history after a gap replaces the tail and, shorter than the lags, is
+    served naive and says so."""
+    frame = _panel_frame(80)
+    bundle = _train(tmp_path, frame, _trainer(4))
+    stored = bundle.forecast(4, keys=[{"store": 1}])
+    one = frame[frame["store"] == 1]
+    again = bundle.forecast(4, history=one.iloc[-3:])
+    np.testing.assert_allclose(again["forecast"], stored["forecast"], rtol=1e-9)
+    assert list(again["method"]) == list(stored["method"])
+    corrected = one.iloc[-6:-4].assign(sales=one["sales"].iloc[-6:-4] + 5.0)
+    moved = bundle.forecast(4, history=corrected)
+    assert list(moved["week"]) == list(stored["week"])
+    assert np.isfinite(moved["forecast"]).all()
+    assert not np.allclose(moved["forecast"], stored["forecast"])
+    later = pd.DataFrame({"store": 1, "week": pd.date_range(one["week"].max(), periods=4,
+                                                            freq="W-SAT")[2:],
+                          "sales": [60.0, 61.0], "price": 2.0})
+    after_gap = bundle.forecast(4, history=later)
+    assert (after_gap["method"] == "naive").all()
+    assert (after_gap["forecast"] == 61.0).all()
+    assert pd.Timestamp(after_gap["week"].min()) > pd.Timestamp(later["week"].max())
+
+
 def test_differences_scaled_bundle_forecasts_the_same_with_history(tmp_path: Path) -> None:
     """Check that a bundle trained with scale_on: differences stores the differences' mean
     and std, and forecasts the same from its tails, from the history sent with the call, and

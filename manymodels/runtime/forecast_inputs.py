@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputSchemaError
-from .forecast import future_times
 from .manifest import normalise_key_value
 
 
@@ -112,11 +111,30 @@ def _as_timestamp(value: Any, column: str) -> pd.Timestamp:
         raise InputSchemaError(f"column '{column}' holds {value!r}, not a date") from None
 
 
-def _after(start: Any, last: Any, freq: str, max_gap: int) -> bool:
-    """``start`` is the period right after ``last`` (or overlaps it by ``max_gap``)."""
+def _offset(start: Any, last: Any, freq: str) -> int | None:
+    """Periods from ``last`` to ``start`` (negative when ``start`` is before it), ``None``
+    when ``start`` is not on ``last``'s grid."""
     if freq == "int":
-        return bool(start == last + 1)
-    return bool(future_times(last, freq, 1)[0] == pd.Timestamp(start))
+        return int(start) - int(last)
+    a, b = pd.Timestamp(start), pd.Timestamp(last)
+    low, high = min(a, b), max(a, b)
+    grid = pd.date_range(low, high, freq=freq)
+    if len(grid) == 0 or grid[0] != low or grid[-1] != high:
+        return None
+    return (len(grid) - 1) * (1 if a > b else -1)
+
+
+def _spliced(kept: np.ndarray, off: int | None, sent: np.ndarray) -> np.ndarray | None:
+    """A stored tail (``kept``, ending at offset 0) with ``sent`` values from offset
+    ``off`` on written over the periods they share and after it: the periods of the
+    tail before and after the sent ones kept. ``None`` when ``sent`` leaves a gap after
+    the tail or before it (it then replaces the tail)."""
+    k, n = len(kept), len(sent)
+    if off is None or off > 1 or off + n < -(k - 1):
+        return None
+    before = kept[: min(max(off + k - 1, 0), k)]
+    after = kept[min(max(off + n + k - 1, 0), k):]
+    return np.concatenate([before, sent, after])
 
 
 def _check_regular(times: np.ndarray, freq: str, key: tuple[str, ...], columns: Sequence[str]

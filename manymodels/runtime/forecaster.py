@@ -27,14 +27,15 @@ from .forecast import (
     onnx_steps,
 )
 from .forecast_inputs import (
-    _after,
     _as_timestamp,
     _check_regular,
     _float_or_nan,
     _key_text,
     _key_tuples,
+    _offset,
     _periods_between,
     _positions_by_key,
+    _spliced,
     _time_value,
 )
 from .forecast_table import ForecastTable
@@ -320,12 +321,20 @@ class Forecaster:
                                        f"holds missing or non-finite {target} values")
             times = all_times[at]
             _check_regular(times, self.freq, key, self.key_columns)
-            start = _time_value(times[0], self.freq)
             prior_last = last[r]
-            if prior_last is not None and rows[r] >= 0 and _after(start, prior_last, self.freq, 1):
-                # fresher rows continue the stored tail: append them
-                joined = np.concatenate([tails[r][np.isfinite(tails[r])], y])
-            else:
+            end = _time_value(times[-1], self.freq)
+            joined = None
+            if prior_last is not None and rows[r] >= 0:
+                # rows that continue the stored tail or overlap it are written over the
+                # periods they share, the stored periods around them kept; counted from
+                # the history's end, usually a few periods from the stored one (its
+                # periods are regular, checked above)
+                to_end = _offset(end, prior_last, self.freq)
+                off = None if to_end is None else to_end - (len(y) - 1)
+                joined = _spliced(tails[r][np.isfinite(tails[r])], off, y)
+                if joined is not None and to_end is not None and to_end < 0:
+                    end = prior_last  # corrections inside the tail: the origin stays
+            if joined is None:
                 joined = y
                 if rows[r] < 0:
                     loc[r], scale[r] = loc_scale(y, self.spec)
@@ -333,7 +342,7 @@ class Forecaster:
             tail = joined[-width:]
             tails[r] = np.nan
             tails[r, width - len(tail):] = tail
-            last[r] = _time_value(times[-1], self.freq)
+            last[r] = end
         for r, value in enumerate(last):
             if value is None:
                 raise SegmentNotFound(dict(zip(self.key_columns, state.keys[r], strict=True)))
@@ -449,15 +458,15 @@ class Forecaster:
 
     def _run(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
              ) -> np.ndarray:
-        """:meth:`_routed`, with a new series the fallback model cannot forecast (a
-        history shorter than its lags, for a model that takes no missing lag) served
-        naive, as a stored series too short for a backtest window is: never NaN."""
+        """:meth:`_routed`, with a series its route cannot forecast served naive, as a
+        stored series too short for a backtest window is: never NaN. That is a history
+        sent with the call shorter than a model's lags, for a model that takes no
+        missing lag (a ridge): a new series' own, or one that replaced a stored tail."""
         out = self._routed(rows, state, h, future)
-        if min(rows, default=0) < 0:
-            fresh = np.flatnonzero((np.asarray(rows) < 0) & ~np.isfinite(out).all(axis=1))
-            if fresh.size:
-                out[fresh] = builtin_forecast(state.tails[fresh], "naive", 1, h)
-                state.naive.update(fresh.tolist())
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if bad.size:
+            out[bad] = builtin_forecast(state.tails[bad], "naive", 1, h)
+            state.naive.update(bad.tolist())
         return out
 
     def _routed(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
@@ -558,7 +567,7 @@ class Forecaster:
             if found is None:
                 found = memo[last] = future_periods(last, self.freq, h)
             times.append(found)
-        methods = [self.routes[r].method if r >= 0 else
-                   "naive" if k in state.naive else "fallback" for k, r in enumerate(rows)]
+        methods = ["naive" if k in state.naive else self.routes[r].method if r >= 0
+                   else "fallback" for k, r in enumerate(rows)]
         return ForecastTable(self.key_columns, self.time_column, list(state.keys), times,
                              values, methods, dict(bands))
