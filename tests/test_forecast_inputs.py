@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from manymodels.runtime.forecast_inputs import _offset, _spliced
+from manymodels.runtime.errors import InputSchemaError
+from manymodels.runtime.forecast_inputs import _check_regular, _offset, _spliced
 
 
 def test_offset_counts_periods_on_the_grid_or_says_none() -> None:
@@ -34,3 +36,18 @@ def test_spliced_writes_history_over_the_tail_and_keeps_the_rest() -> None:
     assert _spliced(kept, 2, sent) is None  # a gap after: replaces
     assert _spliced(kept, -6, sent) is None  # a gap before
     assert _spliced(kept, None, sent) is None  # off the grid
+
+
+def test_a_history_off_the_bundles_grid_is_refused_naming_it() -> None:
+    """Check that a history starting off the bundle's grid is refused as such, one row
+    or several (several were called gappy; one was taken, its lags days off), while
+    consecutive periods on the grid pass."""
+    saturdays = pd.date_range("2024-03-02", periods=3, freq="W-SAT").to_numpy()
+    _check_regular(saturdays, "W-SAT", ("1",), ["store"])
+    _check_regular(saturdays[:1], "W-SAT", ("1",), ["store"])
+    for times in (np.asarray([np.datetime64("2024-03-04")]), saturdays + np.timedelta64(2, "D")):
+        with pytest.raises(InputSchemaError, match="not a W-SAT period"):
+            _check_regular(times, "W-SAT", ("1",), ["store"])
+    with pytest.raises(InputSchemaError, match="gaps or duplicate"):
+        _check_regular(saturdays[[0, 2]], "W-SAT", ("1",), ["store"])
+    _check_regular(np.asarray([3, 4, 5]), "int", ("1",), ["store"])

@@ -5,11 +5,13 @@ Split from :mod:`.forecaster`, which calls them for every request.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 
 from .errors import InputSchemaError
 from .manifest import normalise_key_value
@@ -137,8 +139,27 @@ def _spliced(kept: np.ndarray, off: int | None, sent: np.ndarray) -> np.ndarray 
     return np.concatenate([before, sent, after])
 
 
+@functools.lru_cache(maxsize=64)
+def _grid(freq: str) -> Any:
+    """The pandas offset of a bundle's ``freq`` (``None`` if pandas cannot read it: the
+    periods' own check below still applies)."""
+    try:
+        return to_offset(freq)
+    except ValueError:
+        return None
+
+
 def _check_regular(times: np.ndarray, freq: str, key: tuple[str, ...], columns: Sequence[str]
                    ) -> None:
+    """Refuse a history whose periods are off the bundle's grid (a Monday sent to a
+    Saturday-weekly bundle: its lags would be days off) or not consecutive."""
+    if len(times) and freq != "int":
+        first = pd.Timestamp(times[0])
+        grid = _grid(freq)
+        if grid is not None and not grid.is_on_offset(first):
+            raise InputSchemaError(
+                f"history of series {_key_text(columns, key)} starts at {first}, which is "
+                f"not a {freq} period (the bundle's); send periods on that grid")
     if len(times) < 2:
         return
     if freq == "int":
