@@ -283,7 +283,7 @@ class SeriesState:
     loc: np.ndarray
     scale: np.ndarray
     keys: list[tuple[str, ...]] = field(default_factory=list)  # normalised segment keys
-    #: Rows of new series served naive: the fallback could not forecast their history.
+    #: Rows served naive: their route could not forecast the history sent (too short).
     naive: set[int] = field(default_factory=set)
     #: The whole history each new series was sent with, by row (its bands' scale and length).
     sent: dict[int, np.ndarray] = field(default_factory=dict)
