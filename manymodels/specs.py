@@ -47,6 +47,10 @@ REGRESSION_METRICS = ("rmse", "mae", "wape", "mape")
 FORECAST_METRICS = ("mase", "smape", "wape", "rmse")
 #: Statistical methods a forecasting trainer may add to its lag models.
 FORECAST_METHODS = ("naive", "seasonal_naive", "drift", "ets", "theta", "croston")
+#: ``forecast.methods`` by default, simplest first; without a season (season length 1)
+#: drift takes seasonal naive's place.
+DEFAULT_METHODS = ("naive", "seasonal_naive", "ets", "theta")
+NO_SEASON_METHODS = ("naive", "drift", "ets", "theta")
 CLASSIFICATION_METRICS = ("logloss", "auc", "accuracy")
 ALGORITHMS = ("lightgbm", "ridge", "logistic", "decision_tree", "random_forest", "mean",
               "hist_gradient_boosting")
@@ -246,11 +250,12 @@ class ForecastSpec(_Spec):
     """Missing periods inside a series: refused with the series named, or filled."""
     known_future: list[str] = Field(default_factory=list)
     """Covariates known ahead (price, promotion): a forecast needs them for every step."""
-    methods: list[str] = Field(
-        default_factory=lambda: ["naive", "seasonal_naive", "ets", "theta"])
+    methods: list[str] | None = None
     """Statistical methods compared with the lag models for every series: naive,
     seasonal_naive, drift, ets (AutoETS picks the form), theta, croston (intermittent
-    demand). The fitted ones are fitted by statsforecast and served as ONNX graphs."""
+    demand). The fitted ones are fitted by statsforecast and served as ONNX graphs.
+    Default: naive, seasonal_naive, ets, theta; without a season (season length 1)
+    drift takes seasonal naive's place (see :meth:`methods_for`)."""
     ets_search: Literal["once", "every_fit"] = "once"
     """How often ``ets`` runs AutoETS's search over forms (error, trend, damping,
     season), most of its fit time. ``once``: per series, on every period (the model
@@ -304,9 +309,20 @@ class ForecastSpec(_Spec):
             raise ValueError(f"interval levels are percentages from 1 to 99, got {bad}")
         return sorted(set(value))
 
+    def methods_for(self, season_length: int) -> list[str]:
+        """The methods of a panel with this season: ``methods`` as given, else the
+        defaults. Without a season, seasonal naive is naive again, and a random walk
+        with drift is the benchmark a trend without a season needs (on M3 and M1 yearly
+        it was the best single method)."""
+        if self.methods is not None:
+            return list(self.methods)
+        return list(DEFAULT_METHODS if season_length > 1 else NO_SEASON_METHODS)
+
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, value: list[str]) -> list[str]:
+    def _known_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
         bad = [m for m in value if m not in FORECAST_METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(FORECAST_METHODS)}")

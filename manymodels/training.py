@@ -217,7 +217,7 @@ def _start_stat_workers(trainer: TrainerSpec, jobs: int | None) -> None:
     """Start the worker processes that fit the statistical methods now, importing
     statsforecast while this process imports the forecasting stack (they are reused by
     the backtests)."""
-    if not set(trainer.forecast.methods) - set(BUILTINS):
+    if not {*trainer.forecast.methods_for(1), *trainer.forecast.methods_for(2)} - set(BUILTINS):
         return
     from manymodels.forecast.stats import preload  # light: statsforecast loads in the worker
 

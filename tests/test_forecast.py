@@ -431,6 +431,27 @@ def test_features_without_scale_on_read_as_levels() -> None:
     assert not np.allclose(run(moved), run(spec))
 
 
+def test_default_methods_take_drift_without_a_season(tmp_path: Path) -> None:
+    """Check that a trainer leaving ``forecast.methods`` to its default compares drift,
+    not seasonal naive (naive again), on trending series without a season, that the
+    series choosing it are served with it, and that a seasonal panel still compares
+    seasonal naive and no drift."""
+    trainer = {"target": "sales", "task": "forecast", "time_column": "week", "horizon": 4,
+               "candidates": [{"algorithm": "ridge"}], "forecast": {"n_windows": 2}}
+    plain = manymodels.train(_panel_frame(30, freq=None, season=1, trend=0.8), SEGMENTER,
+                             {**trainer, "season_length": 1}, out=tmp_path, run_id="plain",
+                             track=False, jobs=1)
+    compared = plain.summary["backtest_metrics"]["mase"]
+    assert "drift" in compared and "seasonal_naive" not in compared
+    served = manymodels.Bundle(plain.run_dir).forecast(4)
+    assert served["method"].str.contains("drift").any()
+    assert np.isfinite(served["forecast"]).all()
+    seasonal = manymodels.train(_panel_frame(60, freq="MS", season=12), SEGMENTER,
+                                trainer, out=tmp_path, run_id="seasonal", track=False, jobs=1)
+    compared = seasonal.summary["backtest_metrics"]["mase"]
+    assert "seasonal_naive" in compared and "drift" not in compared
+
+
 def test_history_overlapping_the_stored_tail_is_written_over_it(tmp_path: Path) -> None:
     """Check that history sent for a stored series that overlaps its tail (a nightly
     extract of the last weeks, or corrected values) is written over the periods they

@@ -31,7 +31,9 @@ from manymodels.errors import LockError
 from manymodels.promotions import read_promotions, state_dir
 from manymodels.registry import list_models, register_bundle, resolve_version
 from manymodels.retrain import Outcome, hold_lock, read_holder, recorded_models, retrain
+from manymodels.retrain._plan import spec_changes
 from manymodels.runtime import Bundle, read_manifest
+from manymodels.specs import load_segmenter, load_trainer
 from manymodels.training import train
 
 SEGMENTER = {"name": "mixed", "columns": ["group", "segment"], "min_rows": 10,
@@ -521,3 +523,18 @@ def test_planning_a_retrain_imports_no_training_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=120)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_old_default_forecast_methods_are_no_spec_change() -> None:
+    """Check that a champion recorded with the list of forecast methods that was the
+    default (before it depended on the season) is not a changed spec for a trainer that
+    leaves the default, while another list is."""
+    segmenter = load_segmenter({"columns": ["store"], "min_rows": 2})
+    base = {"target": "y", "task": "forecast", "time_column": "t", "horizon": 4}
+    trainer = load_trainer(base)
+    recorded = trainer.model_dump(mode="json")
+    recorded["forecast"]["methods"] = ["naive", "seasonal_naive", "ets", "theta"]
+    champion = {"specs": {"segmenter": segmenter.model_dump(mode="json"), "trainer": recorded}}
+    assert spec_changes(champion, segmenter, trainer) == []
+    recorded["forecast"]["methods"] = ["naive", "ets"]
+    assert spec_changes(champion, segmenter, trainer) == ["trainer forecast"]

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from manymodels.errors import SpecError
-from manymodels.specs import load_segmenter, load_trainer, spec_hash
+from manymodels.specs import (
+    DEFAULT_METHODS,
+    NO_SEASON_METHODS,
+    load_segmenter,
+    load_trainer,
+    spec_hash,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +88,22 @@ def test_grid_expands_and_hash_is_stable() -> None:
     labels = [label for label, _ in spec.candidates[0].expand()]
     assert len(labels) == 4 and len(set(labels)) == 4
     assert spec_hash(spec) == spec_hash(load_trainer(spec.model_dump()))
+
+
+def test_forecast_methods_default_by_season_and_as_given_otherwise() -> None:
+    """Check that a trainer without ``forecast.methods`` compares naive, seasonal naive,
+    ETS and Theta on a seasonal panel and drift in seasonal naive's place without a
+    season, while a list that is given is kept on any panel, and that the dumped spec
+    keeps the default a default (a retrain reads it back the same)."""
+    base = {"target": "y", "task": "forecast", "time_column": "t", "horizon": 4}
+    default = load_trainer(base).forecast
+    assert default.methods is None
+    assert default.methods_for(12) == list(DEFAULT_METHODS) == [
+        "naive", "seasonal_naive", "ets", "theta"]
+    assert default.methods_for(1) == list(NO_SEASON_METHODS) == ["naive", "drift", "ets",
+                                                                   "theta"]
+    given = load_trainer({**base, "forecast": {"methods": ["naive", "seasonal_naive"]}})
+    assert given.forecast.methods_for(1) == given.forecast.methods_for(12) == [
+        "naive", "seasonal_naive"]
+    again = load_trainer(load_trainer(base).model_dump(mode="json"))
+    assert again.forecast.methods is None

@@ -102,10 +102,11 @@ def _static_columns(frame: pd.DataFrame, segmenter: SegmenterSpec, trainer: Trai
 
 def _method_set(trainer: TrainerSpec, segmenter: SegmenterSpec, candidates: list[Candidate],
                 season_length: int) -> MethodSet:
-    builtins = [m for m in trainer.forecast.methods if m in BUILTINS]
+    methods = trainer.forecast.methods_for(season_length)
+    builtins = [m for m in methods if m in BUILTINS]
     if season_length <= 1 and "naive" in builtins and "seasonal_naive" in builtins:
         builtins.remove("seasonal_naive")  # without a season it is the naive method again
-    stats = [m for m in trainer.forecast.methods if m not in BUILTINS]
+    stats = [m for m in methods if m not in BUILTINS]
     levels = [list(lv) for lv in segmenter.resolved_levels]
     lag = lag_methods(candidates, levels, trainer.forecast.own_models)
     return MethodSet(builtins, stats, lag)

@@ -22,7 +22,13 @@ from manymodels.errors import SpecError
 from manymodels.jobs import coarser_models
 from manymodels.prepare import PreparedData
 from manymodels.segment import model_name
-from manymodels.specs import SegmenterSpec, TrainerSpec, load_segmenter, load_trainer
+from manymodels.specs import (
+    DEFAULT_METHODS,
+    SegmenterSpec,
+    TrainerSpec,
+    load_segmenter,
+    load_trainer,
+)
 
 __all__ = ["Plan", "SegmentChange", "SharedChange", "make_plan", "spec_changes"]
 
@@ -105,6 +111,10 @@ def _shaping_fields(kind: str, dump: Any) -> dict[str, Any] | None:
     fields = spec.model_dump(mode="json")
     fields.pop("name", None)
     fields.pop("retrain", None)
+    forecast = fields.get("forecast")
+    if isinstance(forecast, dict) and forecast.get("methods") == list(DEFAULT_METHODS):
+        # what bundles recorded when the default did not yet depend on the season
+        forecast["methods"] = None
     return fields
 
 
