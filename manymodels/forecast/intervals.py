@@ -33,7 +33,12 @@ from manymodels.forecast.features import series_scales, tails_at
 from manymodels.forecast.learners import forecast_with, native_predict
 from manymodels.forecast.methods import Backtests
 from manymodels.forecast.panel import Panel
-from manymodels.runtime.forecast import BUILTINS, FeatureSpec, builtin_forecast
+from manymodels.runtime.forecast import (
+    BUILTINS,
+    FeatureSpec,
+    builtin_forecast,
+    naive_where_missing,
+)
 from manymodels.runtime.intervals import (
     SCALE_SEASONS,
     interval_scale,
@@ -173,7 +178,9 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(scale[:, :, None] > 0, residual / scale[:, :, None], np.nan)
     flat = recent_scores(scores)
-    scales = _borrowed([interval_scale(y, m) for y in panel.y], panel.y, m)
+    own = [interval_scale(y, m) for y in panel.y]
+    ratio = _level_ratio(own, panel.y, m)
+    scales = _borrowed(own, panel.y, ratio)
     method = METHOD
     if not np.isfinite(flat).any():
         flat = _in_sample_scores(panel, scales, h)
@@ -187,7 +194,6 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
         "scores": [int(np.isfinite(flat[:, k]).sum()) for k in range(h)],
         "backtest_coverage": _held_out_coverage(scores, residual, scale, levels),
     }
-    ratio = _level_ratio(panel.y, m)
     if fallback is not None:
         new = _new_group(panel, bt, cuts, *fallback, levels, ratio)
         if new is not None:
@@ -200,32 +206,24 @@ def calibrate(panel: Panel, bt: Backtests, errors: np.ndarray, cuts: np.ndarray,
     return section, scales, [bool(v) for v in short]
 
 
-def _level_ratio(ys: Sequence[np.ndarray], m: int) -> float | None:
-    """The panel's median ratio of a series' interval scale to its mean absolute value
-    over the same recent periods (``None`` when no series has both)."""
+def _level_ratio(scales: Sequence[float], ys: Sequence[np.ndarray], m: int) -> float | None:
+    """The panel's median ratio of a series' interval scale (``scales``) to its mean
+    absolute value over the same recent periods (``None`` when no series has both)."""
     ratios = []
-    for y in ys:
-        if len(y) < 3:
+    for s, y in zip(scales, ys, strict=True):
+        if len(y) < 3 or s <= 0:
             continue
-        s = interval_scale(y, m)
         level = float(np.mean(np.abs(recent_periods(y, m))))
-        if s > 0 and level > 0:
+        if level > 0:
             ratios.append(s / level)
     return float(np.median(ratios)) if ratios else None
 
 
-def _borrowed(scales: list[float], ys: Sequence[np.ndarray], m: int) -> list[float]:
+def _borrowed(scales: list[float], ys: Sequence[np.ndarray], ratio: float | None
+              ) -> list[float]:
     """Scales with those of series of one or two equal periods borrowed from the panel
     (:func:`~manymodels.runtime.intervals.thin_scale`)."""
-    thin = [i for i, (s, y) in enumerate(zip(scales, ys, strict=True))
-            if s == 0 and 0 < len(y) < 3]
-    if not thin:
-        return scales
-    ratio = _level_ratio(ys, m)
-    out = list(scales)
-    for i in thin:
-        out[i] = thin_scale(ys[i], scales[i], ratio)
-    return out
+    return [thin_scale(y, s, ratio) for s, y in zip(scales, ys, strict=True)]
 
 
 def new_lengths(tail_length: int, season_length: int) -> list[int]:
@@ -280,9 +278,7 @@ def _new_group(panel: Panel, bt: Backtests, cuts: np.ndarray, label: str, spec: 
         values = builtin_forecast(tails, label, panel.season_length, h)
     else:
         values = _fallback_forecasts(pipe, cut_panel, spec, cut, h)
-        # as served: what the model cannot forecast (missing lags it takes no NaN for) naive
-        bad = ~np.isfinite(values).all(axis=1)
-        values[bad] = builtin_forecast(tails[bad], "naive", 1, h)
+        naive_where_missing(values, tails)  # as served
     floor = np.asarray([is_nonnegative(y) for y in ys], dtype=bool)
     values = np.where(floor[:, None], np.maximum(values, 0.0), values)
     m = panel.season_length

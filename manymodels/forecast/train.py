@@ -199,11 +199,8 @@ def train_forecast(data: str | os.PathLike[str] | pd.DataFrame,
             backtests, choices, list(dict.fromkeys([tr_spec.metric, *TRACKED_METRICS])))
         summary["not_exported"] = {f"{label}" + ("" if i is None else f" ({panel.key_texts[i]})"):
                                    reason for (label, i), reason in excluded.items()}
-        # new series sent with history are forecast by the fallback (none: refused)
-        serving = fallback[0].get("builtin") or final.fallback_label(
-            methods, backtests.labels, errors, excluded)
         intervals = (calibrate(panel, backtests, errors, cuts, choices, fc.blend, fc.levels,
-                               excluded, reconcile, (serving, spec))
+                               excluded, reconcile, (final.serving, spec))
                      if fc.levels else None)
         if intervals is not None:
             summary["interval_coverage"] = intervals[0]["backtest_coverage"]
@@ -239,6 +236,9 @@ class _Final:
         #: and of this process's refits, ONNX exports and parity checks.
         self.stat_seconds = 0.0
         self.export_seconds = 0.0
+        #: The method that forecasts a new series sent with history (the fallback's
+        #: global lag method, or its builtin), set by :meth:`export`.
+        self.serving = ""
 
     def export(self, choices: list[Choice], methods: MethodSet, backtests: Backtests,
                errors: np.ndarray, excluded: Mapping[tuple[str, int | None], str]
@@ -249,7 +249,7 @@ class _Final:
         for i, choice in enumerate(choices):
             for member in choice.members:
                 users.setdefault(member, []).append(i)
-        fallback_label = self.fallback_label(methods, labels, errors, excluded)
+        fallback_label = self._fallback_label(methods, labels, errors, excluded)
         if fallback_label in by_label:
             users.setdefault(fallback_label, [])
         files: dict[tuple[str, int], str] = {}
@@ -299,9 +299,10 @@ class _Final:
                                     "origin": _plain_time(self.panel.times[i][-1])})
             routes.append({"key": list(self.panel.key_texts[i]), "members": members,
                            "method": choice.label})
+        builtin = "seasonal_naive" if self.panel.season_length > 1 else "naive"
+        self.serving = fallback_label if fallback_model else builtin
         fallback = ([{"model": fallback_model, "weight": 1.0, "kind": "lag"}] if fallback_model
-                    else [{"builtin": "seasonal_naive" if self.panel.season_length > 1 else "naive",
-                           "weight": 1.0, "kind": "builtin"}])
+                    else [{"builtin": builtin, "weight": 1.0, "kind": "builtin"}])
         return routes, fallback
 
     def _fit_stats(self, wanted: list[tuple[str, int]]
@@ -311,7 +312,7 @@ class _Final:
         self.stat_seconds += time.perf_counter() - started
         return fits
 
-    def fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
+    def _fallback_label(self, methods: MethodSet, labels: list[str], errors: np.ndarray,
                         excluded: Mapping[tuple[str, int | None], str]) -> str:
         """The global lag method with the lowest mean backtest error: serves new series."""
         best, label = np.inf, ""

@@ -30,8 +30,8 @@ Whole = Callable[[np.ndarray, "np.ndarray | None", int], np.ndarray]
 
 __all__ = ["BUILTINS", "FeatureSpec", "Member", "OnnxSteps", "SeriesState", "builtin_forecast",
            "calendar_rows", "calendar_values", "direct_forecast", "forecast_steps",
-           "future_periods", "future_times", "lag_matrix", "loc_scale", "onnx_predict",
-           "onnx_steps", "recursive_forecast"]
+           "future_periods", "future_times", "lag_matrix", "loc_scale", "naive_where_missing",
+           "onnx_predict", "onnx_steps", "recursive_forecast"]
 
 #: Methods without fitted parameters, computed from a series' tail.
 BUILTINS = ("naive", "seasonal_naive")
@@ -312,6 +312,17 @@ def builtin_forecast(tails: np.ndarray, method: str, season_length: int, h: int)
     out = season[:, np.arange(h) % m]
     # a series shorter than one season repeats its last value where the season is missing
     return np.where(np.isnan(out), np.repeat(last[:, None], h, axis=1), out).reshape(n, h)
+
+
+def naive_where_missing(values: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """Replace in place the rows of forecasts ``values`` (n, h) that are not all finite by
+    the naive forecast of their ``tails``, and return those rows: a route that cannot
+    forecast a history (shorter than a model's lags, for a model that takes no missing
+    lag) is served naive, as a series too short for a backtest window is, never NaN."""
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad.size:
+        values[bad] = builtin_forecast(tails[bad], "naive", 1, values.shape[1])
+    return bad
 
 
 def _last_finite(tails: np.ndarray) -> np.ndarray:

@@ -113,12 +113,12 @@ def _as_timestamp(value: Any, column: str) -> pd.Timestamp:
         raise InputSchemaError(f"column '{column}' holds {value!r}, not a date") from None
 
 
-def _offset(start: Any, last: Any, freq: str) -> int | None:
-    """Periods from ``last`` to ``start`` (negative when ``start`` is before it), ``None``
-    when ``start`` is not on ``last``'s grid."""
+def _offset(period: Any, last: Any, freq: str) -> int | None:
+    """Periods from ``last`` to ``period`` (negative when ``period`` is before it),
+    ``None`` when ``period`` is not on ``last``'s grid."""
     if freq == "int":
-        return int(start) - int(last)
-    a, b = pd.Timestamp(start), pd.Timestamp(last)
+        return int(period) - int(last)
+    a, b = pd.Timestamp(period), pd.Timestamp(last)
     low, high = min(a, b), max(a, b)
     grid = pd.date_range(low, high, freq=freq)
     if len(grid) == 0 or grid[0] != low or grid[-1] != high:

@@ -24,6 +24,7 @@ from .forecast import (
     future_periods,
     future_times,
     loc_scale,
+    naive_where_missing,
     onnx_steps,
 )
 from .forecast_inputs import (
@@ -458,15 +459,11 @@ class Forecaster:
 
     def _run(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None
              ) -> np.ndarray:
-        """:meth:`_routed`, with a series its route cannot forecast served naive, as a
-        stored series too short for a backtest window is: never NaN. That is a history
-        sent with the call shorter than a model's lags, for a model that takes no
-        missing lag (a ridge): a new series' own, or one that replaced a stored tail."""
+        """:meth:`_routed`, with a series its route cannot forecast served naive
+        (:func:`.forecast.naive_where_missing`): a history sent with the call shorter than
+        a model's lags, a new series' own or one that replaced a stored tail."""
         out = self._routed(rows, state, h, future)
-        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
-        if bad.size:
-            out[bad] = builtin_forecast(state.tails[bad], "naive", 1, h)
-            state.naive.update(bad.tolist())
+        state.naive.update(naive_where_missing(out, state.tails).tolist())
         return out
 
     def _routed(self, rows: list[int], state: SeriesState, h: int, future: pd.DataFrame | None

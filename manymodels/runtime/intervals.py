@@ -174,7 +174,8 @@ class Bands:
 
     def short_rows(self, rows: Sequence[int]) -> np.ndarray | None:
         """Which forecast rows are stored series that take the ``short`` quantiles (``None``
-        when none do); a new series sent with history takes the panel's."""
+        when none do); a new series sent with history takes the ``new`` ones
+        (:meth:`new_rows`)."""
         if self.short is None or self.short_quantiles is None:
             return None
         index = np.asarray(rows, dtype=np.int64)
