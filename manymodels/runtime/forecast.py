@@ -283,8 +283,7 @@ class SeriesState:
     loc: np.ndarray
     scale: np.ndarray
     keys: list[tuple[str, ...]] = field(default_factory=list)  # normalised segment keys
-    #: Rows served naive: their route could not forecast the history sent (too short).
-    naive: set[int] = field(default_factory=set)
+    naive: set[int] = field(default_factory=set)  # rows served naive_where_missing
     #: The whole history each new series was sent with, by row (its bands' scale and length).
     sent: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -315,10 +314,8 @@ def builtin_forecast(tails: np.ndarray, method: str, season_length: int, h: int)
 
 
 def naive_where_missing(values: np.ndarray, tails: np.ndarray) -> np.ndarray:
-    """Replace in place the rows of forecasts ``values`` (n, h) that are not all finite by
-    the naive forecast of their ``tails``, and return those rows: a route that cannot
-    forecast a history (shorter than a model's lags, for a model that takes no missing
-    lag) is served naive, as a series too short for a backtest window is, never NaN."""
+    """Rows of ``values`` (n, h) a route could not forecast (a history shorter than lags a
+    model takes no NaN for), set in place to their ``tails``' naive forecast: never NaN."""
     bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
     if bad.size:
         values[bad] = builtin_forecast(tails[bad], "naive", 1, values.shape[1])
